@@ -110,7 +110,19 @@ impl Credentials {
                 return Err(Rejection::unavailable("secret_unavailable", f.1.clone()));
             }
         }
-        match entry.spec.fetch().await {
+        let fetched = entry.spec.fetch().await;
+        self.keep(name, entry, fetched)
+    }
+
+    /// Records the outcome of a fetch: a value is cached and taught to the redactor and the
+    /// scanner; a failure is remembered for [`FAILURE_BACKOFF`].
+    fn keep(
+        &self,
+        name: &str,
+        entry: &Entry,
+        fetched: Result<Option<Secret>, crate::secret::FetchError>,
+    ) -> Result<Option<Arc<Secret>>, Rejection> {
+        match fetched {
             Ok(Some(secret)) => {
                 let secret = Arc::new(secret);
                 entry.cached.store(Some(Arc::new(Cached {
@@ -131,6 +143,40 @@ impl Credentials {
                 Err(Rejection::unavailable("secret_unavailable", msg))
             }
         }
+    }
+
+    /// Fetches every secret whose source can be fetched (env, file, command) at once, so that
+    /// the request scan knows every held value before the first request: a key of one route
+    /// sent in another route's request is refused from the start. Returns the failures, as
+    /// (secret name, message naming the source, never a value). Sources this build cannot fetch
+    /// (OpenBao, AWS Secrets Manager) are left to their first use.
+    pub async fn prefetch(&self) -> Vec<(String, String)> {
+        let mut set = tokio::task::JoinSet::new();
+        for (name, entry) in &self.entries {
+            if !entry.spec.source.prefetchable() {
+                continue;
+            }
+            let spec = entry.spec.clone();
+            let name = name.clone();
+            set.spawn(async move {
+                let fetched = spec.fetch().await;
+                (name, fetched)
+            });
+        }
+        let mut failures = Vec::new();
+        while let Some(joined) = set.join_next().await {
+            let Ok((name, fetched)) = joined else {
+                failures.push(("?".to_string(), "a secret fetch task failed".to_string()));
+                continue;
+            };
+            if let Some(entry) = self.entries.get(&name) {
+                if let Err(r) = self.keep(&name, entry, fetched) {
+                    failures.push((name, r.message));
+                }
+            }
+        }
+        failures.sort();
+        failures
     }
 
     /// An upstream refused the credential: fetch afresh next time, unless it rotated meanwhile.

@@ -22,5 +22,6 @@ pub mod listen;
 pub mod pipeline;
 pub mod redact;
 pub mod route;
+pub mod scan;
 pub mod secret;
 pub mod serve;

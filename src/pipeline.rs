@@ -234,11 +234,7 @@ async fn process(
     let scanner = (scan != RequestScan::Off).then(|| state.credentials.scanner());
     let mut request_redacted = false;
     if let Some(scanner) = &scanner {
-        // The URL cannot be redacted without changing what was authorized: refused in both modes.
-        if let Some(pq) = head.uri.path_and_query() {
-            refuse_findings(scanner, pq.as_str().as_bytes(), "URL")?;
-        }
-        request_redacted |= scan_headers(scanner, scan, &mut head.headers)?;
+        request_redacted |= crate::scan::head(scanner, scan, &mut head, pending)?;
         // A compressed body would hide what it carries from the scan.
         if let Some(enc) = head.headers.get(header::CONTENT_ENCODING) {
             if !enc.as_bytes().eq_ignore_ascii_case(b"identity") {
@@ -254,8 +250,7 @@ async fn process(
     // chunked when redaction may change it).
     head.headers.remove(header::CONTENT_LENGTH);
 
-    let needs_whole_body =
-        route.require_json || config.mode == Mode::DryRun || scan == RequestScan::Refuse;
+    let needs_whole_body = route.require_json || config.mode == Mode::DryRun || scan.refuses();
     let (body, whole): (Body, Option<Bytes>) = if needs_whole_body {
         let mut bytes = collect_limited(body, limit).await?;
         *body_read = true;
@@ -270,12 +265,9 @@ async fn process(
             ));
         }
         if let Some(scanner) = &scanner {
-            if scan == RequestScan::Refuse {
-                refuse_findings(scanner, &bytes, "body")?;
-            } else if let std::borrow::Cow::Owned(clean) = scanner.redact(&bytes) {
-                bytes = Bytes::from(clean);
-                request_redacted = true;
-            }
+            let (scanned, redacted) = crate::scan::body(scanner, scan, bytes, pending).await?;
+            bytes = scanned;
+            request_redacted |= redacted;
         }
         (full(bytes.clone()), Some(bytes))
     } else {
@@ -570,46 +562,6 @@ impl UsageScan {
         let t = self.total.max(self.input + self.output);
         (t > 0).then_some(t)
     }
-}
-
-/// Refuses when the scanner finds anything, naming what was found (labels, never values).
-fn refuse_findings(scanner: &Redactor, bytes: &[u8], place: &str) -> Result<(), Rejection> {
-    let found = scanner.find(bytes);
-    if found.is_empty() {
-        return Ok(());
-    }
-    let mut labels: Vec<&str> = found.iter().map(|f| f.label.as_str()).collect();
-    labels.sort_unstable();
-    labels.dedup();
-    Err(Rejection::forbidden(
-        "secret_in_request",
-        format!(
-            "the request {place} holds a credential ({}); keygate attaches credentials itself, so remove it from the request",
-            labels.join(", ")
-        ),
-    ))
-}
-
-/// Scans header values; returns whether any was redacted.
-fn scan_headers(
-    scanner: &Redactor,
-    scan: RequestScan,
-    headers: &mut http::HeaderMap,
-) -> Result<bool, Rejection> {
-    let mut redacted = false;
-    for name in headers.keys() {
-        refuse_findings(scanner, name.as_str().as_bytes(), "header name")?;
-    }
-    for (name, value) in headers.iter_mut() {
-        if scan == RequestScan::Refuse {
-            refuse_findings(scanner, value.as_bytes(), &format!("header {name}"))?;
-        } else if let std::borrow::Cow::Owned(clean) = scanner.redact(value.as_bytes()) {
-            *value = HeaderValue::from_bytes(&clean)
-                .unwrap_or_else(|_| HeaderValue::from_static("[REDACTED]"));
-            redacted = true;
-        }
-    }
-    Ok(redacted)
 }
 
 /// The request body with a running size limit (exceeding it aborts the upstream request) and,

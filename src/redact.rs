@@ -30,6 +30,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+pub use detectors::{Class, DetectorSet};
 use engine::{Engine, Span};
 /// The percent-encode set keygate uses for query credentials; the redactor knows its spelling.
 pub use known::COMPONENT as QUERY_COMPONENT;
@@ -60,7 +61,7 @@ impl std::fmt::Debug for Redactor {
 #[derive(Default)]
 pub struct RedactorBuilder {
     known: Vec<(String, Vec<u8>)>,
-    detectors: bool,
+    detectors: Option<DetectorSet>,
 }
 
 /// Where something would be redacted: byte offset, length and the label (key id or detector
@@ -84,13 +85,19 @@ impl RedactorBuilder {
 
     /// Turns the credential-format detectors on or off.
     pub fn detectors(mut self, on: bool) -> Self {
-        self.detectors = on;
+        self.detectors = on.then_some(DetectorSet::ALL);
+        self
+    }
+
+    /// Runs only these detectors (the request scan splits strong from generic ones).
+    pub fn detector_set(mut self, set: DetectorSet) -> Self {
+        self.detectors = Some(set);
         self
     }
 
     pub fn build(self) -> Redactor {
         Redactor {
-            engine: Engine::new(self.known, self.detectors),
+            engine: Engine::new(self.known, self.detectors.unwrap_or(DetectorSet::NONE)),
         }
     }
 }
@@ -201,6 +208,9 @@ pub(crate) struct Scanner {
     pending: Vec<u8>,
     /// The byte before `pending[0]`, for detectors' word-boundary check.
     prev: Option<u8>,
+    /// What the last scan's pending verdict waits for; until it arrives a rescan would emit
+    /// nothing, so chunks are only appended (a held window is scanned once, not per chunk).
+    wake: Option<detectors::Wake>,
 }
 
 impl Scanner {
@@ -209,6 +219,7 @@ impl Scanner {
             engine,
             pending: Vec::new(),
             prev: None,
+            wake: None,
         }
     }
 
@@ -219,6 +230,12 @@ impl Scanner {
             emit(chunk, &[]);
             return;
         }
+        if let Some(w) = self.wake {
+            if !eof && !w.woken_by(chunk) && self.pending.len() + chunk.len() < w.bound {
+                self.pending.extend_from_slice(chunk);
+                return;
+            }
+        }
         // The common case, nothing held back: scan the chunk in place and copy only its tail.
         let held = !self.pending.is_empty();
         if held {
@@ -226,6 +243,11 @@ impl Scanner {
         }
         let buf: &[u8] = if held { &self.pending } else { chunk };
         let scan = self.engine.engine.scan(buf, self.prev, eof);
+        // The pending anchor is where the held bytes will start: its bound becomes relative.
+        self.wake = scan.wake.map(|w| detectors::Wake {
+            on: w.on,
+            bound: w.bound.saturating_sub(scan.safe),
+        });
         emit(&buf[..scan.safe], &scan.spans);
         if scan.safe > 0 {
             self.prev = Some(buf[scan.safe - 1]);

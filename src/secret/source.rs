@@ -156,6 +156,14 @@ impl SecretSource {
     pub fn is_none(&self) -> bool {
         matches!(self, SecretSource::None)
     }
+
+    /// Whether keygate fetches this source at start-up (see `Credentials::prefetch`).
+    pub fn prefetchable(&self) -> bool {
+        matches!(
+            self,
+            SecretSource::Env { .. } | SecretSource::File { .. } | SecretSource::Command { .. }
+        )
+    }
 }
 
 impl SecretSpec {
