@@ -34,7 +34,8 @@ pub struct Credentials {
     entries: HashMap<String, Entry>,
     /// Held values only: what is scrubbed from responses.
     redactor: ArcSwap<Redactor>,
-    /// Held values and credential-format detectors: what a request from an agent must not carry.
+    /// Held values and the strong credential-format detectors: what a request from an agent must
+    /// not carry.
     scanner: ArcSwap<Redactor>,
     held: Mutex<Vec<Arc<Secret>>>,
 }
@@ -69,7 +70,7 @@ impl Credentials {
         Credentials {
             entries,
             redactor: ArcSwap::from_pointee(Redactor::builder().build()),
-            scanner: ArcSwap::from_pointee(Redactor::builder().detectors(true).build()),
+            scanner: ArcSwap::from_pointee(scan_builder().build()),
             held: Mutex::new(Vec::new()),
         }
     }
@@ -218,7 +219,7 @@ impl Credentials {
             held.remove(same[0]);
         }
         let mut b = Redactor::builder();
-        let mut scan = Redactor::builder().detectors(true);
+        let mut scan = scan_builder();
         for s in held.iter() {
             b = b.known(s.key_id().as_str(), s.expose());
             scan = scan.known(s.key_id().as_str(), s.expose());
@@ -226,6 +227,14 @@ impl Credentials {
         self.redactor.store(Arc::new(b.build()));
         self.scanner.store(Arc::new(scan.build()));
     }
+}
+
+/// The request scan's strong half: held values are added to it; generic detectors run apart
+/// (`scan::labels`).
+fn scan_builder() -> crate::redact::RedactorBuilder {
+    Redactor::builder().detector_set(crate::redact::DetectorSet::class(
+        crate::redact::Class::Strong,
+    ))
 }
 
 impl Entry {

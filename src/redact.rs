@@ -118,7 +118,7 @@ impl Redactor {
             return Vec::new();
         }
         self.engine
-            .scan(input, None, true)
+            .scan(input, [None; 2], true)
             .spans
             .iter()
             .map(|s| Finding {
@@ -135,7 +135,7 @@ impl Redactor {
         if self.is_empty() {
             return Cow::Borrowed(input);
         }
-        let spans = self.engine.scan(input, None, true).spans;
+        let spans = self.engine.scan(input, [None; 2], true).spans;
         if spans.is_empty() {
             return Cow::Borrowed(input);
         }
@@ -206,8 +206,8 @@ impl StreamRedactor {
 pub(crate) struct Scanner {
     engine: Arc<Redactor>,
     pending: Vec<u8>,
-    /// The byte before `pending[0]`, for detectors' word-boundary check.
-    prev: Option<u8>,
+    /// The two bytes before `pending[0]` (nearest first), for detectors' word-boundary check.
+    prev: [Option<u8>; 2],
     /// What the last scan's pending verdict waits for; until it arrives a rescan would emit
     /// nothing, so chunks are only appended (a held window is scanned once, not per chunk).
     wake: Option<detectors::Wake>,
@@ -218,7 +218,7 @@ impl Scanner {
         Scanner {
             engine,
             pending: Vec::new(),
-            prev: None,
+            prev: [None; 2],
             wake: None,
         }
     }
@@ -250,7 +250,10 @@ impl Scanner {
         });
         emit(&buf[..scan.safe], &scan.spans);
         if scan.safe > 0 {
-            self.prev = Some(buf[scan.safe - 1]);
+            self.prev = [
+                Some(buf[scan.safe - 1]),
+                scan.safe.checked_sub(2).map(|i| buf[i]).or(self.prev[0]),
+            ];
         }
         if held {
             self.pending.drain(..scan.safe);

@@ -313,7 +313,7 @@ static SPECS: &[Spec] = &[
         anchors: &["AKIA", "ASIA"],
         keyword: false,
         shape: Shape::Run {
-            head: r#"^A[KS]IA[A-Z0-9]{16}["']?[ \t]{0,16}[,:;|=\t][ \t]{0,16}["']?"#,
+            head: r#"^A[KS]IA[A-Z0-9]{16}(?:\\?["'])?[ \t]{0,16}[,:;|=\t][ \t]{0,16}(?:\\?["'])?"#,
             head_max: 60,
             value: &BASE64_BODY,
             min: 40,
@@ -331,7 +331,7 @@ static SPECS: &[Spec] = &[
         anchors: &["secret"],
         keyword: true,
         shape: Shape::Run {
-            head: r#"(?i)^secret[_-]?access[_-]?key["']?[ \t]{0,16}(?::=|=>|=|:)[ \t]{0,16}["']?"#,
+            head: r#"(?i)^secret[_-]?access[_-]?key(?:\\?["'])?[ \t]{0,16}(?::=|=>|=|:)[ \t]{0,16}(?:\\?["'])?"#,
             head_max: 60,
             value: &BASE64_BODY,
             min: 40,
@@ -416,7 +416,7 @@ static SPECS: &[Spec] = &[
         anchors: &["authorization"],
         keyword: true,
         shape: Shape::Run {
-            head: r#"(?i)^authorization["']?[ \t]{0,64}[:=][ \t]{0,64}["']?(?:(?:bearer|basic|token|bot|apikey|sso-key)[ \t]{1,64})?"#,
+            head: r#"(?i)^authorization(?:\\?["'])?[ \t]{0,64}[:=][ \t]{0,64}(?:\\?["'])?(?:(?:bearer|basic|token|bot|apikey|sso-key)[ \t]{1,64})?"#,
             head_max: 220,
             value: &AUTH_VALUE,
             min: 8,
@@ -436,7 +436,7 @@ static SPECS: &[Spec] = &[
         ],
         keyword: true,
         shape: Shape::Run {
-            head: r#"(?i)^(?:password|passwd|pwd|secret|token|api[_-]?key)[A-Za-z0-9_.-]{0,32}["']?[ \t]{0,64}(?::=|=>|=|:)[ \t]{0,64}["'`]?"#,
+            head: r#"(?i)^(?:password|passwd|pwd|secret|token|api[_-]?key)[A-Za-z0-9_.-]{0,32}(?:\\?["'])?[ \t]{0,64}(?::=|=>|=|:)[ \t]{0,64}(?:\\?["'`])?"#,
             head_max: 180,
             value: &PASSWORD_VALUE,
             min: 10,
@@ -468,6 +468,8 @@ const DOCUMENTED_EXAMPLES: &[&str] = &[
     "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4gRG9lIiwiYWRtaW4iOnRydWUsImlhdCI6MTUxNjIzOTAyMn0.KMUFsIDTnFmyG3nMiGM6H9FNFUROf3wh7SmqJp-QV30",
     "sk_test_4eC39HqLyjWDarjtT1zdp7dc",
     "pk_test_TYooMQauvdEDq54NiTphI7jx",
+    "AKIAIOSFODNN7EXAMPLE",
+    "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
     "sk_test_BQokikJOvBiI2HlWgH4olfQ2",
 ];
 
@@ -670,13 +672,19 @@ impl Detectors {
         det: usize,
         buf: &[u8],
         at: usize,
-        prev: Option<u8>,
+        prev: [Option<u8>; 2],
         eof: bool,
     ) -> Eval {
         let spec = &SPECS[det];
         if !spec.keyword {
-            let before = if at == 0 { prev } else { Some(buf[at - 1]) };
-            if before.is_some_and(|b| b.is_ascii_alphanumeric()) {
+            let byte = |back: usize| match at.checked_sub(back) {
+                Some(i) => Some(buf[i]),
+                None => prev[back - at - 1],
+            };
+            let before = byte(1);
+            // `\n` before a token is a JSON-escaped line break, not the end of a word.
+            let escaped = matches!(before, Some(b'n' | b't' | b'r')) && byte(2) == Some(b'\\');
+            if before.is_some_and(|b| b.is_ascii_alphanumeric()) && !escaped {
                 return Eval::Miss;
             }
         }
@@ -978,7 +986,7 @@ fn is_pagination_key(buf: &[u8], at: usize, value_start: usize) -> bool {
 }
 
 /// Whether `w` (starting at a keyword) goes on like an assignment: the rest of an identifier,
-/// an optional quote, blanks, `:` or `=`, then a run of 8 value bytes, with only blanks and
+/// an optional quote (JSON-escaped or not), blanks, `:` or `=`, then a run of 8 value bytes, with only blanks and
 /// quotes (a scheme word at most) in between. `None` when `w` ends before that is decided.
 /// It is a necessary condition for every keyword regex, so it never changes a verdict; it only
 /// rules out prose (`tokens are counted`) and short JSON values (`"prompt_tokens":12`) before
@@ -993,6 +1001,9 @@ fn assignment_follows(w: &[u8]) -> Option<bool> {
         if i > 48 {
             return Some(false);
         }
+    }
+    if at(i)? == b'\\' {
+        i += 1;
     }
     if matches!(at(i)?, b'"' | b'\'') {
         i += 1;
@@ -1015,7 +1026,7 @@ fn assignment_follows(w: &[u8]) -> Option<bool> {
             if run >= 8 {
                 return Some(true);
             }
-        } else if matches!(b, b' ' | b'\t' | b'"' | b'\'' | b'`') {
+        } else if matches!(b, b' ' | b'\t' | b'"' | b'\'' | b'`' | b'\\') {
             run = 0;
         } else {
             return Some(false);
@@ -1110,5 +1121,122 @@ mod tests {
         assert_eq!(assignment_follows(b"tokens\":12,\"x\":1"), Some(false));
         assert_eq!(assignment_follows(b"token = Bearer abcdefgh1"), Some(true));
         assert_eq!(assignment_follows(b"token = "), None);
+    }
+
+    fn found(text: &str, set: DetectorSet) -> Vec<&'static str> {
+        let d = get();
+        let buf = text.as_bytes();
+        let mut st = d.state();
+        let mut out = Vec::new();
+        for (at, dets) in d.anchors(buf) {
+            for &det in dets {
+                if set.has(det) {
+                    if let Eval::Hit(..) = d.eval(&mut st, det, buf, at, [None; 2], true) {
+                        out.push(d.name(det));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn base62_crc(body: &str) -> String {
+        const B62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+        let mut n = crc32fast::hash(body.as_bytes());
+        let mut out = vec![b'0'; 6];
+        for slot in out.iter_mut().rev() {
+            *slot = B62[(n % 62) as usize];
+            n /= 62;
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn github_token_is_strong_only_with_its_checksum() {
+        let body = "Zq9xK2mP7vL4wR8tY3nB6cJ1hG5dF0";
+        let good = format!("ghp_{body}{}", base62_crc(body));
+        let bad = format!("ghp_{body}000000");
+        let strong = DetectorSet::class(Class::Strong);
+        let generic = DetectorSet::class(Class::Generic);
+        assert_eq!(found(&good, strong), vec!["github_token"]);
+        assert!(found(&bad, strong).is_empty());
+        assert_eq!(found(&bad, generic), vec!["github_token"]);
+    }
+
+    #[test]
+    fn documented_example_keys_are_not_findings() {
+        let id = ["AKIA", "IOSFODNN7", "EXAMPLE"].concat();
+        let secret = ["wJalrXUtnFEMI/K7MDENG/", "bPxRfiCYEXAMPLEKEY"].concat();
+        let text = format!(
+            "AWS_ACCESS_KEY_ID={id}\naws_secret_access_key = {secret}\n{id},{secret}\njwt: {}\nstripe.api_key = \"{}\"\n",
+            DOCUMENTED_EXAMPLES[0], DOCUMENTED_EXAMPLES[2]
+        );
+        assert_eq!(found(&text, DetectorSet::ALL), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn code_reading_a_secret_and_pagination_parameters_are_not_findings() {
+        for text in [
+            "const apiKey = process.env.OPENAI_API_KEY;",
+            "secret_key = settings.SECRET_KEY_FROM_ENV",
+            "GET /v1/files?page_token=CAUQAAabc&limit=10",
+            "GET /v1/x?tokens=40&limit=10&after=abc123",
+            "nextPageToken: CAUQAAabcDEF123xyz",
+        ] {
+            assert_eq!(found(text, DetectorSet::ALL), Vec::<&str>::new(), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_token_after_a_json_escaped_line_break_is_found() {
+        let key = format!("sk-proj-{}", "Zq9xK2mP7vL4wR8tY3nB6cJ1hG5dF0aa");
+        let json = format!(r#"{{"content":"config:\n{key}\n"}}"#);
+        assert_eq!(found(&json, DetectorSet::ALL), vec!["openai_key"]);
+        let escaped = r#"{"content":"db_password = \"Xk9#mP2!vL7qR4w\""}"#;
+        assert_eq!(
+            found(escaped, DetectorSet::ALL),
+            vec!["password_assignment"]
+        );
+    }
+
+    #[test]
+    fn strong_and_generic_sets_split_every_detector() {
+        let strong = DetectorSet::class(Class::Strong);
+        let generic = DetectorSet::class(Class::Generic);
+        for det in 0..SPECS.len() {
+            assert!(strong.has(det) != generic.has(det), "{}", SPECS[det].name);
+        }
+        for name in ["password_assignment", "authorization_header", "jwt"] {
+            assert!(SPECS
+                .iter()
+                .filter(|s| s.name == name)
+                .all(|s| s.class == Class::Generic));
+        }
+    }
+
+    proptest::proptest! {
+        /// A detector's verdict depends on its window only: the same credential is found at the
+        /// same place after any amount of filler, and filler alone is never a finding.
+        #[test]
+        fn findings_do_not_depend_on_input_size(
+            filler in proptest::collection::vec(proptest::sample::select(&b"ab =:-_\n.xyz0123"[..]), 0..3000),
+            which in 0usize..4,
+        ) {
+            let samples = [
+                format!("sk-proj-{}", "Zq9xK2mP7vL4wR8tY3nB6cJ1hG5dF0aa"),
+                "-----BEGIN EC PRIVATE KEY-----\nQ7xZq9\n-----END EC PRIVATE KEY-----".to_string(),
+                format!("Authorization: Bearer {}", "Zq9xK2mP7vL4wR8t"),
+                format!("kg_{}", "Zq9xK2mP7vL4wR8tY3nB6cJ1hG5dF0aa12"),
+            ];
+            let filler = String::from_utf8(filler).unwrap();
+            let text = format!("{filler}\n{}\n{filler}", samples[which]);
+            let r = crate::redact::Redactor::builder().detectors(true).build();
+            let alone = r.find(format!("\n{}\n", samples[which]).as_bytes());
+            let inside = r.find(text.as_bytes());
+            proptest::prop_assert!(!alone.is_empty());
+            let shifted: Vec<_> = alone.iter().map(|f| (f.offset + filler.len(), f.len, f.label.clone())).collect();
+            let got: Vec<_> = inside.iter().map(|f| (f.offset, f.len, f.label.clone())).collect();
+            proptest::prop_assert_eq!(got, shifted);
+        }
     }
 }

@@ -153,8 +153,9 @@ impl Engine {
             .map_or(0, |k| k.automaton.max_pattern_len())
     }
 
-    /// Scans `buf`, whose first byte follows `prev` in the input. See the module doc.
-    pub(crate) fn scan(&self, buf: &[u8], prev: Option<u8>, eof: bool) -> Scan {
+    /// Scans `buf`, whose first byte follows `prev` (nearest first) in the input. See the
+    /// module doc.
+    pub(crate) fn scan(&self, buf: &[u8], prev: [Option<u8>; 2], eof: bool) -> Scan {
         let mut safe = buf.len();
         let mut hits = Vec::new();
         if let Some(k) = &self.known {
