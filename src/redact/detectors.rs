@@ -205,6 +205,7 @@ struct Spec {
     stop: Stop,
 }
 
+#[allow(clippy::too_many_arguments)] // a table row: one argument per column
 const fn token(
     name: &'static str,
     class: Class,
@@ -1203,8 +1204,8 @@ mod tests {
     fn strong_and_generic_sets_split_every_detector() {
         let strong = DetectorSet::class(Class::Strong);
         let generic = DetectorSet::class(Class::Generic);
-        for det in 0..SPECS.len() {
-            assert!(strong.has(det) != generic.has(det), "{}", SPECS[det].name);
+        for (det, spec) in SPECS.iter().enumerate() {
+            assert!(strong.has(det) != generic.has(det), "{}", spec.name);
         }
         for name in ["password_assignment", "authorization_header", "jwt"] {
             assert!(SPECS

@@ -247,6 +247,29 @@ fn uncrossed(hits: &mut [Hit], safe: usize) -> usize {
     best
 }
 
+/// Overlapping findings become one span (a secret must not leak through the gap between two
+/// partial redactions), labelled by the earliest, then longest, then highest-priority finding.
+fn merge(mut hits: Vec<Hit>) -> Vec<Span> {
+    hits.sort_by(|a, b| {
+        a.start
+            .cmp(&b.start)
+            .then(b.end.cmp(&a.end))
+            .then(a.priority.cmp(&b.priority))
+    });
+    let mut spans: Vec<Span> = Vec::with_capacity(hits.len());
+    for h in hits {
+        match spans.last_mut() {
+            Some(last) if h.start < last.end => last.end = last.end.max(h.end),
+            _ => spans.push(Span {
+                start: h.start,
+                end: h.end,
+                label: h.label,
+            }),
+        }
+    }
+    spans
+}
+
 #[cfg(test)]
 mod uncrossed_tests {
     use super::*;
@@ -296,27 +319,4 @@ mod uncrossed_tests {
             assert_eq!(uncrossed(&mut hits, safe), want);
         }
     }
-}
-
-/// Overlapping findings become one span (a secret must not leak through the gap between two
-/// partial redactions), labelled by the earliest, then longest, then highest-priority finding.
-fn merge(mut hits: Vec<Hit>) -> Vec<Span> {
-    hits.sort_by(|a, b| {
-        a.start
-            .cmp(&b.start)
-            .then(b.end.cmp(&a.end))
-            .then(a.priority.cmp(&b.priority))
-    });
-    let mut spans: Vec<Span> = Vec::with_capacity(hits.len());
-    for h in hits {
-        match spans.last_mut() {
-            Some(last) if h.start < last.end => last.end = last.end.max(h.end),
-            _ => spans.push(Span {
-                start: h.start,
-                end: h.end,
-                label: h.label,
-            }),
-        }
-    }
-    spans
 }
