@@ -1,5 +1,5 @@
 //! Throughput of the request exfiltration scan on adversarial and ordinary bodies, in MiB/s:
-//! `cargo run --release --example scan_bench [MiB]`.
+//! `cargo run --release --example scan_bench [KiB]` (default 1024).
 //!
 //! "refuse" is what a refusing route does with a body read whole (strong and generic finds);
 //! "stream/64" is what a redacting route does: the body pushed through the stream redactor in
@@ -73,11 +73,11 @@ fn mibs(len: usize, mut f: impl FnMut() -> usize) -> f64 {
 }
 
 fn main() {
-    let mib: usize = std::env::args()
+    let kib: usize = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())
-        .unwrap_or(1);
-    let len = mib << 20;
+        .unwrap_or(1024);
+    let len = kib << 10;
     let mut b = Redactor::builder().detectors(true);
     for i in 0..4 {
         let value = format!("held-secret-{i:02}-{}", "Zq9".repeat(12));
@@ -94,7 +94,7 @@ fn main() {
         }
         Arc::new(b.build())
     };
-    println!("input ({mib} MiB each)                refuse MiB/s   stream/64 MiB/s");
+    println!("input ({kib} KiB each)               refuse MiB/s   stream/64 MiB/s");
     for (name, input) in inputs(len) {
         let refuse = mibs(len, || {
             let (s, g) = keygate::scan::labels(&strong, &input);

@@ -211,7 +211,14 @@ pub(crate) struct Scanner {
     /// What the last scan's pending verdict waits for; until it arrives a rescan would emit
     /// nothing, so chunks are only appended (a held window is scanned once, not per chunk).
     wake: Option<detectors::Wake>,
+    /// Bytes appended to `pending` since it was last scanned.
+    since: usize,
 }
+
+/// Held bytes from which a rescan waits for an eighth as many new ones: dense anchors whose
+/// windows overlap can hold a long run back, and rescanning it per small chunk would be
+/// quadratic. Only delays output that is held anyway; never changes it.
+const BATCH_FROM: usize = 4096;
 
 impl Scanner {
     pub(crate) fn new(engine: Arc<Redactor>) -> Self {
@@ -220,6 +227,7 @@ impl Scanner {
             pending: Vec::new(),
             prev: [None; 2],
             wake: None,
+            since: 0,
         }
     }
 
@@ -230,12 +238,19 @@ impl Scanner {
             emit(chunk, &[]);
             return;
         }
-        if let Some(w) = self.wake {
-            if !eof && !w.woken_by(chunk) && self.pending.len() + chunk.len() < w.bound {
+        if !eof && !self.pending.is_empty() {
+            let asleep = self
+                .wake
+                .is_some_and(|w| !w.woken_by(chunk) && self.pending.len() + chunk.len() < w.bound);
+            let batching = self.pending.len() >= BATCH_FROM
+                && (self.since + chunk.len()) * 8 < self.pending.len();
+            if asleep || batching {
                 self.pending.extend_from_slice(chunk);
+                self.since += chunk.len();
                 return;
             }
         }
+        self.since = 0;
         // The common case, nothing held back: scan the chunk in place and copy only its tail.
         let held = !self.pending.is_empty();
         if held {

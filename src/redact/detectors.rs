@@ -163,6 +163,9 @@ enum Shape {
     /// bytes of `min..=max` (the longest run, cut at `max`).
     Run {
         head: &'static str,
+        /// Instead of `head`: the first of these literals the window starts with (longest
+        /// first). A literal compare per anchor instead of a regex call.
+        literal_heads: &'static [&'static str],
         head_max: usize,
         value: &'static ByteSet,
         min: usize,
@@ -210,7 +213,7 @@ const fn token(
     name: &'static str,
     class: Class,
     anchors: &'static [&'static str],
-    head: &'static str,
+    heads: &'static [&'static str],
     value: &'static ByteSet,
     min: usize,
     max: usize,
@@ -223,7 +226,8 @@ const fn token(
         anchors,
         keyword: false,
         shape: Shape::Run {
-            head,
+            head: "",
+            literal_heads: heads,
             head_max: 16,
             value,
             min,
@@ -243,7 +247,7 @@ static SPECS: &[Spec] = &[
         "anthropic_key",
         Class::Strong,
         &["sk-"],
-        r"^sk-ant-",
+        &["sk-ant-"],
         &URLSAFE,
         32,
         300,
@@ -254,7 +258,7 @@ static SPECS: &[Spec] = &[
         "openai_key",
         Class::Strong,
         &["sk-"],
-        r"^sk-(?:proj-|svcacct-|admin-)?",
+        &["sk-proj-", "sk-svcacct-", "sk-admin-", "sk-"],
         &URLSAFE,
         20,
         300,
@@ -266,7 +270,7 @@ static SPECS: &[Spec] = &[
         "github_token",
         Class::Strong,
         &["ghp_", "gho_", "ghs_", "ghu_", "ghr_"],
-        r"^gh[pousr]_",
+        &["ghp_", "gho_", "ghs_", "ghu_", "ghr_"],
         &ALNUM_SET,
         36,
         36,
@@ -277,7 +281,7 @@ static SPECS: &[Spec] = &[
         "github_token",
         Class::Strong,
         &["github_pat_"],
-        r"^github_pat_",
+        &["github_pat_"],
         &ALNUM_UNDERSCORE,
         22,
         244,
@@ -289,7 +293,7 @@ static SPECS: &[Spec] = &[
         "github_token",
         Class::Generic,
         &["ghp_", "gho_", "ghs_", "ghu_", "ghr_"],
-        r"^gh[pousr]_",
+        &["ghp_", "gho_", "ghs_", "ghu_", "ghr_"],
         &ALNUM_SET,
         36,
         251,
@@ -300,7 +304,7 @@ static SPECS: &[Spec] = &[
         "aws_access_key_id",
         Class::Strong,
         &["AKIA", "ASIA"],
-        r"^A[KS]IA",
+        &["AKIA", "ASIA"],
         &UPPER_DIGIT,
         16,
         16,
@@ -315,6 +319,7 @@ static SPECS: &[Spec] = &[
         keyword: false,
         shape: Shape::Run {
             head: r#"^A[KS]IA[A-Z0-9]{16}(?:\\?["'])?[ \t]{0,16}[,:;|=\t][ \t]{0,16}(?:\\?["'])?"#,
+            literal_heads: &[],
             head_max: 60,
             value: &BASE64_BODY,
             min: 40,
@@ -333,6 +338,7 @@ static SPECS: &[Spec] = &[
         keyword: true,
         shape: Shape::Run {
             head: r#"(?i)^secret[_-]?access[_-]?key(?:\\?["'])?[ \t]{0,16}(?::=|=>|=|:)[ \t]{0,16}(?:\\?["'])?"#,
+            literal_heads: &[],
             head_max: 60,
             value: &BASE64_BODY,
             min: 40,
@@ -350,7 +356,9 @@ static SPECS: &[Spec] = &[
         &[
             "xoxb-", "xoxp-", "xoxa-", "xoxr-", "xoxs-", "xoxe-", "xapp-",
         ],
-        r"^(?:xox[bpares]|xapp)-",
+        &[
+            "xoxb-", "xoxp-", "xoxa-", "xoxr-", "xoxs-", "xoxe-", "xapp-",
+        ],
         &ALNUM_DASH,
         10,
         250,
@@ -361,7 +369,7 @@ static SPECS: &[Spec] = &[
         "google_api_key",
         Class::Strong,
         &["AIza"],
-        r"^AIza",
+        &["AIza"],
         &URLSAFE,
         35,
         35,
@@ -372,7 +380,7 @@ static SPECS: &[Spec] = &[
         "stripe_live_key",
         Class::Strong,
         &["sk_live_", "rk_live_"],
-        r"^[sr]k_live_",
+        &["sk_live_", "rk_live_"],
         &ALNUM_SET,
         20,
         247,
@@ -383,7 +391,7 @@ static SPECS: &[Spec] = &[
         "keygate_token",
         Class::Strong,
         &["kg_"],
-        r"^kg_",
+        &["kg_"],
         &ALNUM_SET,
         32,
         250,
@@ -418,6 +426,7 @@ static SPECS: &[Spec] = &[
         keyword: true,
         shape: Shape::Run {
             head: r#"(?i)^authorization(?:\\?["'])?[ \t]{0,64}[:=][ \t]{0,64}(?:\\?["'])?(?:(?:bearer|basic|token|bot|apikey|sso-key)[ \t]{1,64})?"#,
+            literal_heads: &[],
             head_max: 220,
             value: &AUTH_VALUE,
             min: 8,
@@ -438,6 +447,7 @@ static SPECS: &[Spec] = &[
         keyword: true,
         shape: Shape::Run {
             head: r#"(?i)^(?:password|passwd|pwd|secret|token|api[_-]?key)[A-Za-z0-9_.-]{0,32}(?:\\?["'])?[ \t]{0,64}(?::=|=>|=|:)[ \t]{0,64}(?:\\?["'`])?"#,
+            literal_heads: &[],
             head_max: 180,
             value: &PASSWORD_VALUE,
             min: 10,
@@ -606,7 +616,7 @@ impl Detectors {
         let heads = SPECS
             .iter()
             .map(|s| match s.shape {
-                Shape::Run { head, .. } => Some(compile(head)),
+                Shape::Run { head, .. } if !head.is_empty() => Some(compile(head)),
                 _ => None,
             })
             .collect();
@@ -725,6 +735,7 @@ impl Detectors {
         match &spec.shape {
             Shape::Jwt => self.eval_jwt(st, buf, at, end),
             Shape::Run {
+                literal_heads,
                 head_max,
                 value,
                 min,
@@ -734,13 +745,18 @@ impl Detectors {
                 plausible,
                 ..
             } => {
-                let Some(head) = &self.heads[det] else {
+                let window = &buf[at..end.min(at + head_max)];
+                let head_len = match &self.heads[det] {
+                    Some(head) => head.find(window).map(|h| h.end()),
+                    None => literal_heads
+                        .iter()
+                        .find(|l| window.starts_with(l.as_bytes()))
+                        .map(|l| l.len()),
+                };
+                let Some(head_len) = head_len else {
                     return Eval::Miss;
                 };
-                let Some(h) = head.find(&buf[at..end.min(at + head_max)]) else {
-                    return Eval::Miss;
-                };
-                let vs = at + h.end();
+                let vs = at + head_len;
                 let memo = &mut st.memo[det];
                 let run_end = memo.run_end.find(buf, vs, |b| !value[usize::from(b)]);
                 let run = run_end.min(end) - vs;

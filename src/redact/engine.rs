@@ -209,9 +209,13 @@ impl Engine {
                 }
             }
         }
+        // Where a pending verdict stopped the anchors: if only it (not a trailing prefix)
+        // limited `safe`, a rescan cannot move `safe` until that verdict can change, whatever
+        // earlier hits crossing it pulled `safe` back to.
+        let limited_by_pending = pending.filter(|(at, _)| *at == safe);
         safe = uncrossed(&mut hits, safe);
         hits.retain(|h| h.key < safe);
-        let wake = pending.filter(|(at, _)| *at == safe).map(|(_, w)| w);
+        let wake = limited_by_pending.map(|(_, w)| w);
         Scan {
             spans: merge(hits),
             safe,
