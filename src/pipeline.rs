@@ -67,7 +67,6 @@ pub async fn handle(
         time: audit::now_rfc3339(),
         request_id: request_id.clone(),
         method: head.method.to_string(),
-        path: head.uri.path().chars().take(2048).collect(),
         policy_version: state.policy_version.clone(),
         listener: listener.to_string(),
         peer: match &*peer {
@@ -80,6 +79,9 @@ pub async fn handle(
         person: state.default_person.clone(),
         ..Record::default()
     });
+    pending
+        .record()
+        .set_target(&head.uri, || state.credentials.scanner());
 
     // An HTTP/1 request refused before its body was read leaves that body on the connection;
     // hyper then closes it, and a pooled client must be told so rather than find out on reuse.
@@ -343,7 +345,8 @@ async fn process(
             ));
         }
     }
-    let tokens_agent = config.agents[agent].budget.as_ref().map(|_| agent);
+    // Usage is recorded for every agent; `record_tokens` charges only those with a budget.
+    let tokens_agent = Some(agent);
     Ok(Answer::Upstream {
         request_redacted,
         resp,
