@@ -207,7 +207,7 @@ const BATCH_WINDOW: Duration = Duration::from_millis(1);
 /// How long the writer waits before retrying a failed write.
 const RETRY_AFTER: Duration = Duration::from_millis(250);
 /// Failed writes retried at exit before records are given up (and said to be).
-const RETRIES_AT_EXIT: usize = 12;
+const RETRIES_AT_EXIT: usize = 8;
 
 /// The audit log could not be opened at start-up.
 #[derive(Debug, thiserror::Error)]
