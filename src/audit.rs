@@ -81,35 +81,35 @@ const MAX_QUERY_NAME: usize = 128;
 
 impl Record {
     /// Fills `path`, `path_truncated`, `target_sha256` and `query_params` from the request
-    /// target. `scanner` (held secrets and credential shapes) is asked only when there is a
-    /// query: a bare `?sk-…` has a secret for a name, and the record must not carry it.
-    pub fn set_target(
-        &mut self,
-        uri: &http::Uri,
-        scanner: impl FnOnce() -> Arc<crate::redact::Redactor>,
-    ) {
-        let path = uri.path();
+    /// target, through `scanner` (held secrets and credential shapes): a request refused for
+    /// carrying a key in its URL is still recorded, and its record must not carry the key.
+    /// `scanner` is the request scan's own engine and the path is short, so this costs about
+    /// what the scan of the URL does.
+    pub fn set_target(&mut self, uri: &http::Uri, scanner: &crate::redact::Redactor) {
+        let raw = uri.path();
+        let redacted = scanner.redact(raw.as_bytes());
+        let path = String::from_utf8_lossy(&redacted);
+        // Cut after redaction, so a long secret is found whole before any of it is kept.
         match path.char_indices().nth(MAX_PATH) {
-            None => path.clone_into(&mut self.path),
+            None => path.as_ref().clone_into(&mut self.path),
             Some((cut, _)) => {
                 self.path = path[..cut].to_string();
                 self.path_truncated = true;
-                let target = uri.path_and_query().map_or(path, |pq| pq.as_str());
+                let target = uri.path_and_query().map_or(raw, |pq| pq.as_str());
                 self.target_sha256 = Some(hex::encode(Sha256::digest(target.as_bytes())));
             }
         }
         let Some(query) = uri.query().filter(|q| !q.is_empty()) else {
             return;
         };
-        let scanner = scanner();
         let names = query
             .split('&')
             .filter(|p| !p.is_empty())
             .map(|p| p.split_once('=').map_or(p, |(name, _)| name));
         for name in names.take(MAX_QUERY_PARAMS) {
+            // A bare `?sk-…` has a secret for a name.
             let name = scanner.redact(name.as_bytes());
             let name = String::from_utf8_lossy(&name);
-            // Cut after redaction, so a long secret is found whole before any of it is kept.
             self.query_params
                 .push(name.chars().take(MAX_QUERY_NAME).collect());
         }
@@ -1015,11 +1015,11 @@ mod tests {
 
     #[test]
     fn long_path_is_marked_cut_with_a_hash_and_query_keeps_names_only() {
-        let scanner = || Arc::new(crate::redact::Redactor::builder().build());
+        let scanner = crate::redact::Redactor::builder().build();
         let long = format!("/v1/{}", "a".repeat(3000));
         let uri: http::Uri = format!("{long}?limit=5&after=tok_9&flag").parse().unwrap();
         let mut r = Record::default();
-        r.set_target(&uri, scanner);
+        r.set_target(&uri, &scanner);
         assert_eq!(r.path.len(), MAX_PATH);
         assert!(r.path_truncated);
         let want = hex::encode(Sha256::digest(format!("{long}?limit=5&after=tok_9&flag")));
@@ -1031,27 +1031,24 @@ mod tests {
         // A bare `?<secret>` makes the secret a name: it is redacted before it is recorded.
         let held = format!("held-{}", "x7Q".repeat(10));
         let shaped = format!("sk-proj-{}", "Ab3dE".repeat(9));
-        let scanner = || {
-            Arc::new(
-                crate::redact::Redactor::builder()
-                    .known("openai#1234", held.as_bytes())
-                    .detectors(true)
-                    .build(),
-            )
-        };
-        let uri: http::Uri = format!("/v1/x?{held}&{shaped}=1&api_key_name=2")
+        let scanner = crate::redact::Redactor::builder()
+            .known("openai#1234", held.as_bytes())
+            .detectors(true)
+            .build();
+        let uri: http::Uri = format!("/v1/{held}/x?{held}&{shaped}=1&api_key_name=2")
             .parse()
             .unwrap();
         let mut r = Record::default();
-        r.set_target(&uri, scanner);
+        r.set_target(&uri, &scanner);
         let json = serde_json::to_string(&r).unwrap();
         assert!(!json.contains(&held) && !json.contains(&shaped), "{json}");
         assert_eq!(r.query_params.len(), 3);
         assert_eq!(r.query_params[2], "api_key_name");
+        assert_eq!(r.path, "/v1/[REDACTED:openai#1234]/x");
         assert!(!r.path_truncated && r.target_sha256.is_none());
 
         let mut short = Record::default();
-        short.set_target(&"/v1/models".parse().unwrap(), || unreachable!());
+        short.set_target(&"/v1/models".parse().unwrap(), &scanner);
         let json = serde_json::to_string(&short).unwrap();
         assert!(
             !json.contains("path_truncated") && !json.contains("query_params"),

@@ -81,7 +81,7 @@ pub async fn handle(
     });
     pending
         .record()
-        .set_target(&head.uri, || state.credentials.scanner());
+        .set_target(&head.uri, &state.credentials.scanner());
 
     // An HTTP/1 request refused before its body was read leaves that body on the connection;
     // hyper then closes it, and a pooled client must be told so rather than find out on reuse.

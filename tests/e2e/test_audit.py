@@ -253,8 +253,10 @@ def test_signed_log_verifies_with_the_printed_key_and_an_edit_with_recomputed_ha
 
 def test_audit_key_readable_by_others_is_refused_by_serve_and_audit_key(keygate, keygate_bin, fake_upstream, tmp_path):
     kg, token, state = signed_keygate(keygate, fake_upstream, tmp_path)
-    assert kg.stop() == 0
-    (state / "audit.key").chmod(0o644)
+    kg.stop()
+    key = state / "audit.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    key.chmod(0o644)
 
     printed = run_keygate(keygate_bin, ["audit", "key", "--config", str(kg.config_path)], tmp_path)
     assert printed.returncode == 2 and "readable by other users" in printed.stderr, printed.stderr
@@ -381,3 +383,21 @@ def test_sigterm_after_many_requests_loses_no_record_of_an_answered_request(keyg
     assert log[-1]["event"] == "stop"
     result = verify(keygate_bin, kg.audit_path, "--strict")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_held_secret_in_the_url_is_refused_and_kept_out_of_the_audit_log(keygate, fake_upstream):
+    """An exfiltration attempt through the URL is refused and recorded, but its record carries
+    neither the path's nor the query's copy of the key."""
+    kg = start_proxy(keygate, fake_upstream)
+    with kg.client() as c:
+        ordinary = c.post("/v1/chat/completions", json=CHAT_BODY, headers=AUTH)
+        in_path = c.post(f"/v1/chat/completions/{KEY}", json=CHAT_BODY, headers=AUTH)
+        as_name = c.post(f"/v1/chat/completions?{KEY}", json=CHAT_BODY, headers=AUTH)
+        as_value = c.post(f"/v1/chat/completions?key={KEY}", json=CHAT_BODY, headers=AUTH)
+    assert ordinary.status_code == 200
+    for r in (in_path, as_name, as_value):
+        assert r.status_code in (403, 404), r.text
+        assert kg.audit_record(r.headers["x-request-id"])["decision"] == "deny"
+    assert KEY not in kg.audit_path.read_text()
+    assert kg.audit_record(in_path.headers["x-request-id"])["path"].startswith("/v1/chat/completions/[REDACTED")
+    assert kg.audit_record(as_value.headers["x-request-id"])["query_params"] == ["key"]
