@@ -358,6 +358,7 @@ impl Drop for Pending {
     }
 }
 
+#[allow(clippy::disallowed_methods)] // the writer's own thread waits, never a runtime worker
 fn write_loop(mut file: File, shared: &Shared) {
     // Bytes taken from the batch but not yet on file; retried until they are.
     let mut unwritten: Vec<u8> = Vec::new();
@@ -522,6 +523,7 @@ pub fn now_rfc3339() -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests wait on plain threads
 mod tests {
     use super::*;
 

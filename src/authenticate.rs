@@ -224,6 +224,7 @@ pub fn strip_caller_credentials(headers: &mut HeaderMap) {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests wait on plain threads
 mod tests {
     use super::*;
     use std::path::Path;
