@@ -20,7 +20,17 @@ use crate::route::Routed;
 
 pub mod usage;
 
-/// A request that passed every policy check. Only [`Policy::authorize`] makes one.
+/// A request that passed every policy check. Only [`Policy::authorize`] makes one: its fields
+/// are private, so no other code can forge one.
+///
+/// ```compile_fail,E0451
+/// let forged = keygate::authorize::Authorized {
+///     route: 0,
+///     agent: 0,
+///     raw_path: String::from("/v1/anything"),
+///     _private: (),
+/// };
+/// ```
 #[derive(Debug)]
 pub struct Authorized {
     route: usize,

@@ -298,20 +298,17 @@ mod tests {
         Config::from_text(Path::new("c.toml"), &text).unwrap()
     }
 
+    async fn fetch(creds: &Credentials, c: &Config) -> Arc<Secret> {
+        let authorized = Authorized::for_test(0, 0);
+        creds.get(c, &authorized).await.unwrap().unwrap()
+    }
+
     #[tokio::test]
     async fn value_is_cached_and_taught_to_the_redactor() {
         let c = config("");
         let creds = Credentials::new(&c);
-        let a = creds
-            .get(&c, &Authorized::for_test(0, 0))
-            .await
-            .unwrap()
-            .unwrap();
-        let b = creds
-            .get(&c, &Authorized::for_test(0, 0))
-            .await
-            .unwrap()
-            .unwrap();
+        let a = fetch(&creds, &c).await;
+        let b = fetch(&creds, &c).await;
         assert_eq!(
             a.key_id(),
             b.key_id(),
@@ -326,17 +323,9 @@ mod tests {
     async fn ttl_and_invalidation_fetch_a_new_value() {
         let c = config("ttl = \"1ms\"");
         let creds = Credentials::new(&c);
-        let a = creds
-            .get(&c, &Authorized::for_test(0, 0))
-            .await
-            .unwrap()
-            .unwrap();
+        let a = fetch(&creds, &c).await;
         tokio::time::sleep(Duration::from_millis(5)).await;
-        let b = creds
-            .get(&c, &Authorized::for_test(0, 0))
-            .await
-            .unwrap()
-            .unwrap();
+        let b = fetch(&creds, &c).await;
         assert_ne!(
             a.key_id(),
             b.key_id(),
