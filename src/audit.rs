@@ -35,6 +35,11 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use crate::error::{Code, Rejection};
+
+mod request;
+pub use request::{ms, Finishing, MAX_PATH};
+
 /// What happened to a request. Field names are the interface scripts read.
 #[derive(Debug, Default, Serialize, Clone)]
 pub struct Record {
@@ -57,8 +62,8 @@ pub struct Record {
     pub query_params: Vec<String>,
     pub classification: Option<String>,
     pub policy_version: String,
-    pub decision: &'static str,
-    pub reason: String,
+    pub decision: Decision,
+    pub reason: Reason,
     pub status: u16,
     pub key_id: Option<String>,
     pub latency_ms: f64,
@@ -73,45 +78,71 @@ pub struct Record {
     pub blame: Option<crate::error::Blame>,
 }
 
-/// Characters of a request path kept in its record.
-pub const MAX_PATH: usize = 2048;
-/// Query parameter names kept in a record, and characters kept of each.
-const MAX_QUERY_PARAMS: usize = 64;
-const MAX_QUERY_NAME: usize = 128;
+/// What keygate decided. `Error` is also the value of a record nobody finished.
+#[derive(Debug, Default, Serialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    /// Forwarded, or answered locally.
+    Allow,
+    /// Refused; the reason is the refusal's code.
+    Deny,
+    /// Answered by dry-run mode; nothing was sent upstream.
+    DryRun,
+    /// The request ended before keygate decided.
+    #[default]
+    Error,
+}
 
-impl Record {
-    /// Fills `path`, `path_truncated`, `target_sha256` and `query_params` from the request
-    /// target, through `scanner` (held secrets and credential shapes): a request refused for
-    /// carrying a key in its URL is still recorded, and its record must not carry the key.
-    /// `scanner` is the request scan's own engine and the path is short, so this costs about
-    /// what the scan of the URL does.
-    pub fn set_target(&mut self, uri: &http::Uri, scanner: &crate::redact::Redactor) {
-        let raw = uri.path();
-        let redacted = scanner.redact(raw.as_bytes());
-        let path = String::from_utf8_lossy(&redacted);
-        // Cut after redaction, so a long secret is found whole before any of it is kept.
-        match path.char_indices().nth(MAX_PATH) {
-            None => path.as_ref().clone_into(&mut self.path),
-            Some((cut, _)) => {
-                self.path = path[..cut].to_string();
-                self.path_truncated = true;
-                let target = uri.path_and_query().map_or(raw, |pq| pq.as_str());
-                self.target_sha256 = Some(hex::encode(Sha256::digest(target.as_bytes())));
-            }
+/// Why a request ended the way it did: a refusal code, or how an allowed exchange finished.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub enum Reason {
+    /// Not set yet.
+    #[default]
+    Unset,
+    /// Forwarded and answered in full.
+    Allowed,
+    /// Forwarded with credentials in the request redacted by the scan.
+    AllowedRequestRedacted,
+    /// `/healthz`.
+    Healthz,
+    /// Answered by dry-run mode.
+    DryRun,
+    /// The upstream went quiet mid-body.
+    UpstreamIdleTimeout,
+    /// The upstream broke the body.
+    UpstreamBodyError,
+    /// The client went away before the answer ended.
+    ClientDisconnected,
+    /// Refused with this code.
+    Refused(crate::error::Code),
+    /// The record was dropped unfinished; the reason it had so far.
+    Aborted(Box<Reason>),
+}
+
+impl Reason {
+    fn as_str(&self) -> &'static str {
+        match self {
+            Reason::Unset => "",
+            Reason::Allowed => "allowed",
+            Reason::AllowedRequestRedacted => "allowed_request_redacted",
+            Reason::Healthz => "healthz",
+            Reason::DryRun => "dry_run",
+            Reason::UpstreamIdleTimeout => "upstream_idle_timeout",
+            Reason::UpstreamBodyError => "upstream_body_error",
+            Reason::ClientDisconnected => "client_disconnected",
+            Reason::Refused(code) => code.as_str(),
+            Reason::Aborted(_) => "aborted",
         }
-        let Some(query) = uri.query().filter(|q| !q.is_empty()) else {
-            return;
-        };
-        let names = query
-            .split('&')
-            .filter(|p| !p.is_empty())
-            .map(|p| p.split_once('=').map_or(p, |(name, _)| name));
-        for name in names.take(MAX_QUERY_PARAMS) {
-            // A bare `?sk-…` has a secret for a name.
-            let name = scanner.redact(name.as_bytes());
-            let name = String::from_utf8_lossy(&name);
-            self.query_params
-                .push(name.chars().take(MAX_QUERY_NAME).collect());
+    }
+}
+
+impl Serialize for Reason {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Reason::Aborted(before) if **before != Reason::Unset => {
+                s.collect_str(&format_args!("{} (aborted)", before.as_str()))
+            }
+            other => s.serialize_str(other.as_str()),
         }
     }
 }
@@ -273,6 +304,18 @@ impl AuditLog {
         }))
     }
 
+    /// Refuses while the log cannot be written, so nothing is served unaudited (when the config
+    /// fails closed, the default).
+    pub fn check_writable(&self, fail_closed: bool) -> Result<(), Rejection> {
+        if fail_closed && !self.healthy() {
+            return Err(Rejection::new(
+                Code::AuditUnavailable,
+                "the audit log cannot be written; requests are refused until it can",
+            ));
+        }
+        Ok(())
+    }
+
     pub fn healthy(&self) -> bool {
         self.shared.healthy.load(Ordering::Relaxed)
     }
@@ -420,11 +463,18 @@ pub struct Pending {
 
 impl Pending {
     pub fn record(&mut self) -> &mut Record {
-        // `record` is Some until finish() consumes self, so this cannot fail.
+        // `record` is Some until it is sent, and nothing writes to a sent record (its owner is
+        // done with the request), so the default is never used.
         self.record.get_or_insert_with(Record::default)
     }
 
+    /// Sends the record as it is now.
     pub fn finish(mut self) {
+        self.send();
+    }
+
+    /// Sends the record now, for an owner that cannot give up `self`; later calls do nothing.
+    pub fn send(&mut self) {
         if let Some(r) = self.record.take() {
             self.log.send(r);
         }
@@ -434,19 +484,16 @@ impl Pending {
 impl Drop for Pending {
     fn drop(&mut self) {
         if let Some(mut r) = self.record.take() {
-            if r.decision.is_empty() || r.status == 0 {
-                r.decision = "error";
+            if r.status == 0 {
+                r.decision = Decision::Error;
             }
-            r.reason = if r.reason.is_empty() {
-                "aborted".into()
-            } else {
-                format!("{} (aborted)", r.reason)
-            };
+            r.reason = Reason::Aborted(Box::new(std::mem::take(&mut r.reason)));
             self.log.send(r);
         }
     }
 }
 
+#[allow(clippy::disallowed_methods)] // the writer's own thread waits, never a runtime worker
 fn write_loop(mut file: File, shared: &Shared) {
     // Bytes taken from the batch but not yet on file; retried until they are.
     let mut unwritten: Vec<u8> = Vec::new();
@@ -635,13 +682,14 @@ pub fn now_rfc3339() -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests wait on plain threads
 mod tests {
     use super::*;
 
     fn rec(id: &str) -> Record {
         Record {
             request_id: id.into(),
-            decision: "allow",
+            decision: Decision::Allow,
             status: 200,
             time: now_rfc3339(),
             ..Default::default()
