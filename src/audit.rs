@@ -871,10 +871,21 @@ mod tests {
         );
 
         // keygate reopening that log starts its records on a new line and the chain goes on
-        // from the last intact line; the torn line is then in the middle and is reported.
+        // from the last intact line: the torn line is reported, and only --strict fails on it.
         run(&path, Options::new(true), 9..10);
-        let err = check(&path).unwrap_err();
-        assert_eq!(err.line, 5);
+        let r = check(&path).unwrap();
+        assert_eq!((r.torn.clone(), r.closed), (vec![5], true));
+        assert!(!r.complete());
+
+        // A damaged line that no restart follows is a broken log.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let damaged: Vec<&str> = text.lines().filter(|l| !l.contains("\"start\"")).collect();
+        std::fs::write(
+            &path,
+            whole[0].to_string() + "\n" + &damaged.join("\n") + "\n",
+        )
+        .unwrap();
+        assert_eq!(check(&path).unwrap_err().line, 5);
     }
 
     #[test]

@@ -244,6 +244,11 @@ fn print_report(file: &std::path::Path, r: &crate::audit::Report, signed: bool) 
             r.before_anchor, r.anchor_line
         );
     }
+    for line in &r.torn {
+        println!(
+            "{f}:{line}: cut mid-write by a crash; the next run's start record continues the chain"
+        );
+    }
     if let Some((line, hash)) = &r.last_checkpoint {
         println!("{f}:{line}: last checkpoint, hash {hash}");
     }

@@ -49,12 +49,15 @@ pub struct Report {
     pub closed: bool,
     /// What is not covered at the end, in words; `None` when the end is covered.
     pub tail: Option<String>,
+    /// Lines cut mid-write by a crash, each followed by the `start` record of the next run,
+    /// which continues the chain from the line before it.
+    pub torn: Vec<usize>,
 }
 
 impl Report {
     /// Whether the log is whole at both ends (what `--strict` asks).
     pub fn complete(&self) -> bool {
-        self.before_anchor == 0 && self.tail.is_none()
+        self.before_anchor == 0 && self.tail.is_none() && self.torn.is_empty()
     }
 }
 
@@ -87,6 +90,8 @@ pub fn verify(path: &Path, opts: &VerifyOptions) -> io::Result<Result<Report, Br
     let mut last_event: Option<String> = None;
     let mut lineno = 0usize;
     let mut cut_line = None;
+    // A line that did not hold, waiting to see whether a restart follows it.
+    let mut torn: Option<usize> = None;
     loop {
         raw.clear();
         let n = (&mut reader)
@@ -108,7 +113,14 @@ pub fn verify(path: &Path, opts: &VerifyOptions) -> io::Result<Result<Report, Br
                 cut_line = Some(lineno);
                 break;
             }
-            return Ok(broken(lineno, "hash does not match the line's content"));
+            if torn.is_some() || prev.is_none() {
+                return Ok(broken(
+                    torn.unwrap_or(lineno),
+                    "hash does not match the line's content",
+                ));
+            }
+            torn = Some(lineno);
+            continue;
         };
         let v: serde_json::Value = match serde_json::from_str(line) {
             Ok(v) => v,
@@ -116,6 +128,14 @@ pub fn verify(path: &Path, opts: &VerifyOptions) -> io::Result<Result<Report, Br
         };
         let claimed = v.get("prev_hash").and_then(|p| p.as_str()).unwrap_or("");
         let event = v.get("event").and_then(|e| e.as_str());
+        if let Some(t) = torn.take() {
+            // keygate reopening a log whose last write was cut begins a new line and chains its
+            // start record to the last intact one; anything else is a broken line.
+            if event != Some("start") || prev.as_deref() != Some(claimed) {
+                return Ok(broken(t, "hash does not match the line's content"));
+            }
+            report.torn.push(t);
+        }
         if !anchored {
             anchored = match &opts.from_hash {
                 Some(h) => h == hash || h == claimed,
@@ -184,6 +204,9 @@ pub fn verify(path: &Path, opts: &VerifyOptions) -> io::Result<Result<Report, Br
         }
         last_event = event.map(str::to_string);
         prev = Some(hash.to_string());
+    }
+    if let Some(t) = torn {
+        return Ok(broken(t, "hash does not match the line's content"));
     }
     if !anchored && lineno > 0 && cut_line != Some(1) {
         return Ok(match &opts.from_hash {

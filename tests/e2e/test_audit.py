@@ -295,6 +295,17 @@ def test_verify_reports_a_cut_tail_and_needs_an_anchor_for_a_cut_head(keygate, k
     cut = verify(keygate_bin, mid_line)
     assert cut.returncode == 0 and "line 5 is incomplete" in cut.stdout, cut.stdout
 
+    # keygate restarted on that log begins a new line and goes on from the last intact record.
+    restarted = start_proxy(keygate, fake_upstream, audit_log=mid_line)
+    with restarted.client() as c:
+        r = c.post("/v1/chat/completions", json=CHAT_BODY, headers=AUTH)
+    assert r.status_code == 200
+    poll(lambda: r.headers["x-request-id"] in mid_line.read_text(), "the new run's record")
+    assert restarted.stop() == 0
+    resumed = verify(keygate_bin, mid_line)
+    assert resumed.returncode == 0 and ":5: cut mid-write by a crash" in resumed.stdout, resumed.stdout
+    assert verify(keygate_bin, mid_line, "--strict").returncode == 1
+
     head_cut = tmp_path / "head-cut.jsonl"
     head_cut.write_text("\n".join(lines[2:]) + "\n")
     unanchored = verify(keygate_bin, head_cut)
