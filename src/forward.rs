@@ -6,6 +6,10 @@
 //! 413). One pooled hyper client serves every route: HTTP/1.1 and HTTP/2 (ALPN) over rustls
 //! with the webpki and native roots. Redirects are never followed: a 3xx goes back to the agent,
 //! and the credential is never sent to a second host.
+//!
+//! Range requests are not sent unless the route allows them (`allow_range`): an upstream that
+//! echoes its request could otherwise hand a key back in two halves, each too short for the
+//! redactor to know. A 206 to a request that asked for no range is refused for the same reason.
 
 use std::error::Error as StdError;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,7 +19,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::request::Parts;
-use http::{Request, Response, Uri};
+use http::{HeaderMap, Request, Response, StatusCode, Uri};
 use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -25,6 +29,9 @@ use hyper_util::rt::TokioExecutor;
 use crate::authorize::Authorized;
 use crate::config::Route;
 use crate::error::Rejection;
+
+/// The request headers that ask for part of a body.
+const RANGE_HEADERS: [&str; 3] = ["range", "if-range", "request-range"];
 
 pub type BoxError = Box<dyn StdError + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
@@ -106,11 +113,27 @@ impl Forwarder {
             header::ACCEPT_ENCODING,
             HeaderValue::from_static("identity"),
         );
+        if !route.allow_range {
+            for name in RANGE_HEADERS {
+                head.headers.remove(name);
+            }
+        }
+        let ranged = head.headers.contains_key(header::RANGE);
         for (k, v) in &route.extra_headers {
             head.headers.insert(k.clone(), v.clone());
         }
         let req = Request::from_parts(head, body);
         match tokio::time::timeout(route.timeout, self.client.request(req)).await {
+            Ok(Ok(resp)) if resp.status() == StatusCode::PARTIAL_CONTENT && !ranged => {
+                Err(Rejection::new(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_unexpected_partial",
+                    format!(
+                        "upstream {} answered 206 Partial Content to a request for the whole body; a part cannot be checked for secrets",
+                        route.upstream.host
+                    ),
+                ))
+            }
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => {
                 if limit.exceeded.load(Ordering::Relaxed) {
@@ -128,6 +151,67 @@ impl Forwarder {
             )),
         }
     }
+}
+
+/// Refuses an answer whose body keygate would pass on without being able to read it: a
+/// `Content-Encoding` other than `identity` in any instance or list place (when there is anything
+/// to redact), or a `Transfer-Encoding` other than plain `chunked`. hyper decodes only `chunked`
+/// and the header is dropped as hop-by-hop, so a gzip transfer coding would reach the agent as
+/// unlabelled compressed bytes the redactor never saw as text.
+pub fn check_codings(headers: &HeaderMap, host: &str, redacting: bool) -> Result<(), Rejection> {
+    let tokens = |name: header::HeaderName| -> Vec<String> {
+        headers
+            .get_all(name)
+            .into_iter()
+            .flat_map(|v| match v.to_str() {
+                Ok(s) => s
+                    .split(',')
+                    .map(|t| t.trim().to_ascii_lowercase())
+                    .filter(|t| !t.is_empty())
+                    .collect(),
+                Err(_) => vec!["(not text)".to_string()],
+            })
+            .collect()
+    };
+    let bad_te = tokens(header::TRANSFER_ENCODING)
+        .into_iter()
+        .find(|t| t != "chunked");
+    let bad_ce = if redacting {
+        tokens(header::CONTENT_ENCODING)
+            .into_iter()
+            .find(|t| t != "identity")
+    } else {
+        None
+    };
+    let Some(coding) = bad_te.or(bad_ce) else {
+        return Ok(());
+    };
+    // The header is the upstream's to fill, with anything, a key included: only a registered
+    // coding's name is repeated.
+    let named = [
+        "gzip",
+        "x-gzip",
+        "deflate",
+        "br",
+        "zstd",
+        "compress",
+        "x-compress",
+        "dcb",
+        "dcz",
+        "aes128gcm",
+        "exi",
+        "pack200-gzip",
+    ]
+    .into_iter()
+    .find(|n| *n == coding)
+    .unwrap_or("unknown");
+    Err(Rejection::new(
+        StatusCode::BAD_GATEWAY,
+        "upstream_unredactable",
+        format!(
+            "upstream {host} answered with a body in the {named} coding, which keygate cannot scan for secrets"
+        ),
+    ))
 }
 
 /// A 502 that says what went wrong without echoing the request (whose URL may hold a query

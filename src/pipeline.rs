@@ -30,7 +30,7 @@ use crate::authorize::Policy;
 use crate::config::{Config, Format, Mode, RequestScan, Route};
 use crate::credential::{self, Credentials};
 use crate::error::{json_response, Rejection};
-use crate::forward::{Body, BodyLimit, BoxError, Forwarder};
+use crate::forward::{self, Body, BodyLimit, BoxError, Forwarder};
 use crate::guard::{self, Guard, Peer};
 use crate::redact::{Redactor, StreamRedactor};
 use crate::route;
@@ -172,7 +172,7 @@ async fn process(
 
     // guard
     state.guard.check(&head, peer)?;
-    guard::strip_hop_by_hop(&mut head.headers);
+    guard::strip_request(&mut head.headers);
     if !state.audit.healthy() && config.audit_fail_closed {
         return Err(Rejection::unavailable(
             "audit_unavailable",
@@ -240,15 +240,7 @@ async fn process(
         }
         request_redacted |= scan_headers(scanner, scan, &mut head.headers)?;
         // A compressed body would hide what it carries from the scan.
-        if let Some(enc) = head.headers.get(header::CONTENT_ENCODING) {
-            if !enc.as_bytes().eq_ignore_ascii_case(b"identity") {
-                return Err(Rejection::new(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    "request_encoding_not_scannable",
-                    "a Content-Encoding'd request body cannot be scanned for credentials; send it uncompressed",
-                ));
-            }
-        }
+        guard::check_content_encoding(&head.headers)?;
     }
     // The body is re-framed below, so its length is hyper's to set (from an exact size, or
     // chunked when redaction may change it).
@@ -330,19 +322,7 @@ async fn process(
     // keygate asks for `identity`; an upstream (or a proxy before it) that compresses anyway
     // would hide a secret from the redactor, so its answer is not passed on.
     let redactor = state.credentials.redactor();
-    if let Some(enc) = resp.headers().get(header::CONTENT_ENCODING) {
-        if !redactor.is_empty() && !enc.as_bytes().eq_ignore_ascii_case(b"identity") {
-            return Err(Rejection::new(
-                StatusCode::BAD_GATEWAY,
-                "upstream_unredactable",
-                format!(
-                    "upstream {} answered with a {}-encoded body, which keygate cannot scan for secrets",
-                    route.upstream.host,
-                    enc.to_str().unwrap_or("compressed")
-                ),
-            ));
-        }
-    }
+    forward::check_codings(resp.headers(), &route.upstream.host, !redactor.is_empty())?;
     let tokens_agent = config.agents[agent].budget.as_ref().map(|_| agent);
     Ok(Answer::Upstream {
         request_redacted,
