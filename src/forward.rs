@@ -244,3 +244,65 @@ fn upstream_error(host: &str, e: &hyper_util::client::legacy::Error) -> Rejectio
         format!("upstream {host}: {what}"),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(pairs: &[(&str, &str)], redacting: bool) -> Result<(), Rejection> {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        check_codings(&h, "up.example", redacting)
+    }
+
+    #[test]
+    fn answer_codings_are_checked_in_every_instance_and_list_place() {
+        for ok in [
+            &[][..],
+            &[("content-encoding", "identity")],
+            &[
+                ("content-encoding", "identity"),
+                ("content-encoding", "Identity"),
+            ],
+            &[("transfer-encoding", "chunked")],
+        ] {
+            assert!(check(ok, true).is_ok(), "{ok:?}");
+        }
+        for bad in [
+            &[
+                ("content-encoding", "identity"),
+                ("content-encoding", "gzip"),
+            ][..],
+            &[("content-encoding", "identity, br")],
+            &[("transfer-encoding", "gzip, chunked")],
+            &[
+                ("transfer-encoding", "gzip"),
+                ("transfer-encoding", "chunked"),
+            ],
+        ] {
+            assert_eq!(
+                check(bad, true).unwrap_err().code,
+                "upstream_unredactable",
+                "{bad:?}"
+            );
+        }
+        // With nothing held there is nothing to hide; a transfer coding is still refused, as its
+        // header is dropped and the agent would get bytes it cannot decode.
+        assert!(check(&[("content-encoding", "gzip")], false).is_ok());
+        assert!(check(&[("transfer-encoding", "gzip, chunked")], false).is_err());
+    }
+
+    #[test]
+    fn the_upstream_coding_header_is_never_echoed_unless_it_names_a_registered_coding() {
+        let e = check(&[("content-encoding", "sk-proj-abcdefgh12345678")], true).unwrap_err();
+        assert!(!e.message.contains("sk-proj"), "{}", e.message);
+        assert!(e.message.contains("unknown"), "{}", e.message);
+        let e = check(&[("content-encoding", "GZIP")], true).unwrap_err();
+        assert!(e.message.contains("gzip"), "{}", e.message);
+    }
+}

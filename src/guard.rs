@@ -343,6 +343,84 @@ mod tests {
     }
 
     #[test]
+    fn only_plain_chunked_transfer_encoding_is_accepted() {
+        let te = |vals: &[&str]| {
+            let mut h: Vec<(&str, &str)> = vec![("host", "localhost")];
+            h.extend(vals.iter().map(|v| ("transfer-encoding", *v)));
+            code(parts("POST", "/x", &h))
+        };
+        // `chunked,` lists one coding once the empty list element is dropped (RFC 9110 §5.6.1).
+        for ok in [&[][..], &["chunked"], &["Chunked "], &["chunked,"]] {
+            assert_eq!(te(ok), "ok", "{ok:?}");
+        }
+        for bad in [
+            &["gzip, chunked"][..],
+            &["identity, chunked"],
+            &["gzip", "chunked"],
+            &["chunked", "chunked"],
+            &["gzip"],
+        ] {
+            assert_eq!(te(bad), "invalid_transfer_encoding", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn any_content_coding_but_identity_in_any_instance_is_refused() {
+        let ce = |vals: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in vals {
+                h.append(header::CONTENT_ENCODING, v.parse().unwrap());
+            }
+            check_content_encoding(&h)
+                .map(|_| "ok")
+                .unwrap_or_else(|e| e.code)
+        };
+        for ok in [
+            &[][..],
+            &["identity"],
+            &["IDENTITY", " identity"],
+            &["identity, identity"],
+        ] {
+            assert_eq!(ce(ok), "ok", "{ok:?}");
+        }
+        for bad in [
+            &["identity", "gzip"][..],
+            &["identity, gzip"],
+            &["br"],
+            &["gzip, identity"],
+        ] {
+            assert_eq!(ce(bad), "request_encoding_not_scannable", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn method_override_is_refused_unless_it_names_the_request_method_then_dropped() {
+        let with = |method: &str, hdrs: &[(&str, &str)]| {
+            let mut h = vec![("host", "localhost")];
+            h.extend_from_slice(hdrs);
+            code(parts(method, "/x", &h))
+        };
+        for name in METHOD_OVERRIDE_HEADERS {
+            assert_eq!(
+                with("POST", &[(name, "DELETE")]),
+                "method_override_not_allowed"
+            );
+            assert_eq!(with("POST", &[(name, "post")]), "ok");
+            assert_eq!(
+                with("POST", &[(name, "POST"), (name, "PUT")]),
+                "method_override_not_allowed"
+            );
+        }
+        let mut p = parts(
+            "POST",
+            "/x",
+            &[("x-http-method-override", "POST"), ("accept", "a")],
+        );
+        strip_request(&mut p.headers);
+        assert_eq!(p.headers.len(), 1, "{:?}", p.headers);
+    }
+
+    #[test]
     fn hop_by_hop_and_connection_named_headers_are_dropped() {
         let mut p = parts(
             "POST",

@@ -290,10 +290,7 @@ def test_request_transfer_coding_other_than_chunked_is_refused(wire, fake_upstre
     payload = json.dumps({"model": "gpt-fake", "messages": [{"role": "user", "content": key}]}).encode()
     body = gzip.compress(payload) if "gzip" in framing else payload
     r = wire.raw("POST /openai/v1/chat/completions HTTP/1.1", body=chunked(body), framing=framing)
-    # hyper itself answers some of these (a doubled `chunked`) with a bare 400 before keygate sees them.
-    assert r.status == 400, r.body
-    if r.body:
-        assert_refused(wire, r, 400, "invalid_transfer_encoding")
+    assert_refused(wire, r, 400, "invalid_transfer_encoding")
     assert fake_upstream.requests == []
 
 
@@ -471,7 +468,7 @@ def test_agent_copy_of_the_injected_query_parameter_is_dropped(wire, fake_upstre
 
 
 def test_other_query_parameters_are_forwarded_unchanged(wire, fake_upstream):
-    query = "keyword=x&monkey=1&key_id=3&apikey=4&pageToken=abc%3D%3D&q=a+b"
+    query = "keyword=x&monkey=1&key_id=3&page=2&q=a+b&x=%41&a=1&&b=2"
     with wire.client() as c:
         r = c.get(f"/gemini/v1/echo?{query}")
     assert r.status_code == 200, r.text
