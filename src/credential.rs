@@ -275,8 +275,9 @@ fn inject(
 
 /// The query without any parameter an upstream could read as `name`: the exact name, any
 /// percent-encoded or `+` spelling of it, any ASCII case of it, and `name[]` / `name[x]` (the
-/// PHP and Rails array forms). `;` is treated as a separator too, as some servers do. Everything
-/// else is kept byte for byte, separators included.
+/// PHP and Rails array forms), and for a name with `_`, PHP's `.` or ` ` in its place. `;` is
+/// treated as a separator too, as some servers do. Everything else is kept byte for byte,
+/// separators included.
 fn without_param(query: &str, name: &str) -> String {
     let mut out = String::with_capacity(query.len());
     let mut kept_any = false;
@@ -305,7 +306,14 @@ fn names_param(segment: &str, name: &str) -> bool {
     let plus = raw.replace('+', " ");
     let decoded = percent_encoding::percent_decode_str(&plus).decode_utf8_lossy();
     let base = decoded.split_once('[').map_or(&*decoded, |(b, _)| b);
-    base.eq_ignore_ascii_case(name)
+    // PHP reads `.` and ` ` in a parameter name as `_`.
+    let php = |c: char| if c == '.' || c == ' ' { '_' } else { c };
+    base.len() == name.len()
+        && base
+            .chars()
+            .map(php)
+            .zip(name.chars().map(php))
+            .all(|(a, b)| a.eq_ignore_ascii_case(&b))
 }
 
 #[cfg(test)]
@@ -372,6 +380,15 @@ mod tests {
             ("a=%ZZ&key+=1", "a=%ZZ&key+=1"),
         ] {
             assert_eq!(without_param(q, "key"), want, "{q}");
+        }
+        for (q, want) in [
+            (
+                "api.key=a&api+key=b&api%20key=c&API_KEY[x]=d&apikey=e",
+                "apikey=e",
+            ),
+            ("api_keys=a", "api_keys=a"),
+        ] {
+            assert_eq!(without_param(q, "api_key"), want, "{q}");
         }
     }
 
