@@ -118,10 +118,10 @@ impl Forwarder {
                 head.headers.remove(name);
             }
         }
-        let ranged = head.headers.contains_key(header::RANGE);
         for (k, v) in &route.extra_headers {
             head.headers.insert(k.clone(), v.clone());
         }
+        let ranged = head.headers.contains_key(header::RANGE);
         let req = Request::from_parts(head, body);
         match tokio::time::timeout(route.timeout, self.client.request(req)).await {
             Ok(Ok(resp)) if resp.status() == StatusCode::PARTIAL_CONTENT && !ranged => {
@@ -159,31 +159,14 @@ impl Forwarder {
 /// and the header is dropped as hop-by-hop, so a gzip transfer coding would reach the agent as
 /// unlabelled compressed bytes the redactor never saw as text.
 pub fn check_codings(headers: &HeaderMap, host: &str, redacting: bool) -> Result<(), Rejection> {
-    let tokens = |name: header::HeaderName| -> Vec<String> {
-        headers
-            .get_all(name)
-            .into_iter()
-            .flat_map(|v| match v.to_str() {
-                Ok(s) => s
-                    .split(',')
-                    .map(|t| t.trim().to_ascii_lowercase())
-                    .filter(|t| !t.is_empty())
-                    .collect(),
-                Err(_) => vec!["(not text)".to_string()],
-            })
-            .collect()
-    };
-    let bad_te = tokens(header::TRANSFER_ENCODING)
-        .into_iter()
-        .find(|t| t != "chunked");
+    let tokens = |name| crate::guard::codings(headers, name);
+    let mut bad_te = tokens(header::TRANSFER_ENCODING).filter(|t| t != "chunked");
     let bad_ce = if redacting {
-        tokens(header::CONTENT_ENCODING)
-            .into_iter()
-            .find(|t| t != "identity")
+        tokens(header::CONTENT_ENCODING).find(|t| t != "identity")
     } else {
         None
     };
-    let Some(coding) = bad_te.or(bad_ce) else {
+    let Some(coding) = bad_te.next().or(bad_ce) else {
         return Ok(());
     };
     // The header is the upstream's to fill, with anything, a key included: only a registered

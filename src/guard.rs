@@ -104,7 +104,7 @@ const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
 
 /// Every coding named in every instance of a coding header, trimmed and lower-cased; a value that
 /// is not text yields one token no check accepts.
-fn codings<'a>(headers: &'a HeaderMap, name: HeaderName) -> impl Iterator<Item = String> + 'a {
+pub fn codings(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = String> + '_ {
     headers.get_all(name).into_iter().flat_map(|v| {
         let tokens: Vec<String> = match v.to_str() {
             Ok(s) => s

@@ -16,7 +16,7 @@ from typing import Callable
 
 import pytest
 
-from conftest import DEADLINE, fake_secret, new_token, raw_request
+from conftest import DEADLINE, b64, fake_secret, new_token, raw_request
 
 BODY = json.dumps({"model": "gpt-fake", "messages": []}).encode()
 
@@ -504,14 +504,15 @@ def test_two_different_tokens_are_refused_as_ambiguous(wire, fake_upstream, head
         "Authorization: Bearer {token}\nx-api-key: {token}\n",
         "X-Broker-Token: {token}\nAuthorization: Bearer {token}\n",
         "X-Broker-Token: {token}\nX-Broker-Token: {token}\n",
-        "Authorization: Basic dXNlcjpwYXNz\nX-Broker-Token: {token}\n",
+        "Authorization: Basic {basic}\nX-Broker-Token: {token}\n",
     ],
     ids=["anthropic-sdk-style", "broker-and-bearer-same", "broker-twice-same", "basic-is-not-a-token"],
 )
 def test_the_same_token_in_several_headers_is_accepted(wire, fake_upstream, headers):
-    auth = headers.format(token=wire.token).rstrip("\n")
+    auth = headers.format(token=wire.token, basic=b64("user:" + fake_secret("pw"))).rstrip("\n")
     r = wire.raw("POST /openai/v1/chat/completions HTTP/1.1", auth=auth)
     assert r.status == 200, r.body
     [seen] = fake_upstream.requests
     assert seen.header("authorization") == f"Bearer {wire.openai_key}"
     assert seen.header("x-api-key") is None and seen.header("x-broker-token") is None
+
