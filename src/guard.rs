@@ -12,7 +12,7 @@ use http::header::{self, HeaderMap, HeaderName};
 use http::request::Parts;
 use http::{Method, Version};
 
-use crate::error::Rejection;
+use crate::error::{Code, Rejection};
 
 pub struct Guard {
     pub allowed_origins: Vec<String>,
@@ -29,8 +29,8 @@ pub enum Peer {
 impl Guard {
     pub fn check(&self, head: &Parts, peer: &Peer) -> Result<(), Rejection> {
         if head.method == Method::CONNECT {
-            return Err(Rejection::bad_request(
-                "invalid_request_target",
+            return Err(Rejection::new(
+                Code::InvalidRequestTarget,
                 "CONNECT is not served here; use the route's base URL",
             ));
         }
@@ -40,8 +40,8 @@ impl Guard {
         let authority_in_target =
             head.version < Version::HTTP_2 && (uri.scheme().is_some() || uri.authority().is_some());
         if authority_in_target || !uri.path().starts_with('/') {
-            return Err(Rejection::bad_request(
-                "invalid_request_target",
+            return Err(Rejection::new(
+                Code::InvalidRequestTarget,
                 "the request-target must be a path (origin-form), not a URL or authority",
             ));
         }
@@ -54,14 +54,14 @@ impl Guard {
             match host {
                 Some(h) if is_loopback_host(&h) => {}
                 Some(h) => {
-                    return Err(Rejection::forbidden(
-                        "host_not_allowed",
+                    return Err(Rejection::new(
+                        Code::HostNotAllowed,
                         format!("Host {h:?} does not name this local listener"),
                     ))
                 }
                 None => {
-                    return Err(Rejection::bad_request(
-                        "host_not_allowed",
+                    return Err(Rejection::new(
+                        Code::HostRequired,
                         "a Host header is required",
                     ))
                 }
@@ -70,8 +70,8 @@ impl Guard {
         if let Some(origin) = head.headers.get(header::ORIGIN) {
             let o = origin.to_str().unwrap_or("");
             if !self.allowed_origins.iter().any(|a| a == o) {
-                return Err(Rejection::forbidden(
-                    "origin_not_allowed",
+                return Err(Rejection::new(
+                    Code::OriginNotAllowed,
                     format!("browser origin {o:?} may not call keygate"),
                 ));
             }
@@ -82,7 +82,7 @@ impl Guard {
                 .ok()
                 .and_then(|s| s.parse().ok())
                 .ok_or_else(|| {
-                    Rejection::bad_request("bad_request", "Content-Length is not a number")
+                    Rejection::new(Code::BadRequest, "Content-Length is not a number")
                 })?;
             if len > self.max_request_bytes {
                 return Err(Rejection::too_large(self.max_request_bytes));
@@ -129,8 +129,8 @@ fn check_transfer_encoding(headers: &HeaderMap) -> Result<(), Rejection> {
     if all.len() == 1 && all[0] == "chunked" {
         return Ok(());
     }
-    Err(Rejection::bad_request(
-        "invalid_transfer_encoding",
+    Err(Rejection::new(
+        Code::InvalidTransferEncoding,
         "Transfer-Encoding may only be `chunked`; send the body uncompressed",
     ))
 }
@@ -140,8 +140,7 @@ fn check_transfer_encoding(headers: &HeaderMap) -> Result<(), Rejection> {
 pub fn check_content_encoding(headers: &HeaderMap) -> Result<(), Rejection> {
     if codings(headers, header::CONTENT_ENCODING).any(|c| c != "identity") {
         return Err(Rejection::new(
-            http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "request_encoding_not_scannable",
+            Code::RequestEncodingNotScannable,
             "a Content-Encoding'd request body cannot be scanned for credentials; send it uncompressed",
         ));
     }
@@ -157,8 +156,8 @@ fn check_method_override(headers: &HeaderMap, method: &Method) -> Result<(), Rej
                 .to_str()
                 .is_ok_and(|s| s.trim().eq_ignore_ascii_case(method.as_str()));
             if !same {
-                return Err(Rejection::bad_request(
-                    "method_override_not_allowed",
+                return Err(Rejection::new(
+                    Code::MethodOverrideNotAllowed,
                     format!(
                         "{name} may not change the method: policy is checked for {method}, so send the request with the method you mean"
                     ),
@@ -225,6 +224,31 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove("proxy-connection");
 }
 
+/// Reads a whole request body, refusing one over `limit` (413) or one that breaks (400).
+pub async fn read_body(body: hyper::body::Incoming, limit: u64) -> Result<bytes::Bytes, Rejection> {
+    use http_body_util::BodyExt;
+    let limited = http_body_util::Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
+    match limited.collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Rejection::too_large(limit)),
+        Err(_) => Err(Rejection::new(
+            Code::BadRequest,
+            "the request body could not be read",
+        )),
+    }
+}
+
+/// The lab broker's rule: a route that takes JSON refuses a body that does not parse.
+pub fn check_json(body: &[u8]) -> Result<(), Rejection> {
+    if body.is_empty() || serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok() {
+        return Ok(());
+    }
+    Err(Rejection::new(
+        Code::InvalidJson,
+        "the request body is not valid JSON",
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,7 +276,7 @@ mod tests {
         guard()
             .check(&p, &tcp())
             .map(|_| "ok")
-            .unwrap_or_else(|e| e.code)
+            .unwrap_or_else(|e| e.code.as_str())
     }
 
     #[test]
@@ -373,7 +397,7 @@ mod tests {
             }
             check_content_encoding(&h)
                 .map(|_| "ok")
-                .unwrap_or_else(|e| e.code)
+                .unwrap_or_else(|e| e.code.as_str())
         };
         for ok in [
             &[][..],
