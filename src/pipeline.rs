@@ -35,18 +35,27 @@ use crate::{local, route, scan};
 
 /// Everything a request needs, built once at start-up.
 pub struct State {
+    /// The validated config.
     pub config: Arc<Config>,
+    /// A short hash of the effective policy, in every audit record.
     pub policy_version: String,
+    /// The request-shape checks.
     pub guard: Guard,
+    /// Who may call: configured and issued tokens.
     pub tokens: Tokens,
+    /// Rules, rates and budgets.
     pub policy: Policy,
+    /// The held secrets and the redactors built from them.
     pub credentials: Credentials,
+    /// The upstream client.
     pub forwarder: Forwarder,
+    /// The audit log.
     pub audit: Arc<AuditLog>,
     /// The person behind agents that name none: the user keygate runs as.
     pub default_person: Option<String>,
     /// Listener URLs, for `/healthz`.
     pub listen_urls: Vec<String>,
+    /// The first TCP listener's port, for the lab's `/healthz`.
     pub listen_port: u16,
 }
 
