@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::Config;
-use crate::error::Rejection;
+use crate::error::{Code, Rejection};
 
 /// Headers that may carry the caller's credential; all are removed before forwarding.
 pub const CALLER_CREDENTIAL_HEADERS: [&str; 4] =
@@ -145,6 +145,22 @@ impl Tokens {
     }
 
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<usize, Rejection> {
+        // Two different tokens: which one is the caller? Taking whichever is valid would let a
+        // request ride on a token found anywhere next to its own (and leave the audit guessing).
+        // The same token twice is what SDKs do (Anthropic's sends `Authorization` and `x-api-key`).
+        let mut first: Option<&[u8]> = None;
+        for value in candidates(headers) {
+            match first {
+                None => first = Some(value),
+                Some(f) if f != value => {
+                    return Err(Rejection::new(
+                        Code::AmbiguousCredentials,
+                        "the request carries different tokens in its credential headers (X-Broker-Token, Authorization, x-api-key, api-key); send one token",
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
         let mut presented = false;
         let mut expired = false;
         let issued = self.issued.load();
@@ -168,8 +184,8 @@ impl Tokens {
             }
         }
         if expired {
-            return Err(Rejection::unauthorized(
-                "token_expired",
+            return Err(Rejection::new(
+                Code::TokenExpired,
                 "the keygate token has expired; ask for a new one",
             ));
         }
@@ -177,13 +193,13 @@ impl Tokens {
             return Ok(agent);
         }
         if presented {
-            Err(Rejection::unauthorized(
-                "invalid_token",
+            Err(Rejection::new(
+                Code::InvalidToken,
                 "the keygate token is not valid",
             ))
         } else {
-            Err(Rejection::unauthorized(
-                "missing_token",
+            Err(Rejection::new(
+                Code::MissingToken,
                 "a keygate token is required: send it as the SDK api key (Authorization: Bearer, x-api-key) or in X-Broker-Token",
             ))
         }
@@ -224,6 +240,7 @@ pub fn strip_caller_credentials(headers: &mut HeaderMap) {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests wait on plain threads
 mod tests {
     use super::*;
     use std::path::Path;
@@ -261,10 +278,32 @@ mod tests {
             headers(&[("authorization", "bearer  kg_abc")]),
             headers(&[("x-api-key", "kg_abc")]),
             headers(&[("api-key", "kg_abc")]),
-            // Anthropic SDKs may send both; either may hold the token.
-            headers(&[("authorization", "Bearer other"), ("x-api-key", "kg_abc")]),
+            // Anthropic SDKs may send the same key in both.
+            headers(&[("authorization", "Bearer kg_abc"), ("x-api-key", "kg_abc")]),
+            headers(&[("x-broker-token", "kg_abc"), ("x-broker-token", " kg_abc")]),
+            headers(&[("authorization", "Basic eDp5"), ("x-api-key", "kg_abc")]),
         ] {
             assert_eq!(t.authenticate(&h).unwrap(), 0, "{h:?}");
+        }
+    }
+
+    #[test]
+    fn different_tokens_in_one_request_are_ambiguous_even_when_one_is_valid() {
+        let t = tokens("kg_abc");
+        for h in [
+            headers(&[("x-broker-token", "kg_abc"), ("x-broker-token", "kg_x")]),
+            headers(&[
+                ("x-broker-token", "kg_x"),
+                ("authorization", "Bearer kg_abc"),
+            ]),
+            headers(&[("authorization", "Bearer other"), ("x-api-key", "kg_abc")]),
+            headers(&[("api-key", "kg_abc"), ("x-api-key", "kg_abd")]),
+        ] {
+            assert_eq!(
+                t.authenticate(&h).unwrap_err().code,
+                Code::AmbiguousCredentials,
+                "{h:?}"
+            );
         }
     }
 
@@ -272,19 +311,21 @@ mod tests {
     fn missing_and_wrong_tokens_are_told_apart() {
         let t = tokens("kg_abc");
         assert_eq!(
-            t.authenticate(&headers(&[])).unwrap_err().code,
+            t.authenticate(&headers(&[])).unwrap_err().code.as_str(),
             "missing_token"
         );
         assert_eq!(
             t.authenticate(&headers(&[("x-api-key", "kg_abd")]))
                 .unwrap_err()
-                .code,
+                .code
+                .as_str(),
             "invalid_token"
         );
         assert_eq!(
             t.authenticate(&headers(&[("authorization", "Basic kg_abc")]))
                 .unwrap_err()
-                .code,
+                .code
+                .as_str(),
             "missing_token"
         );
     }
@@ -314,7 +355,10 @@ mod tests {
         assert_eq!(t.authenticate(&h).unwrap(), 0);
         store::revoke(dir.path(), Some(&rec.id), None).unwrap();
         t.refresh();
-        assert_eq!(t.authenticate(&h).unwrap_err().code, "invalid_token");
+        assert_eq!(
+            t.authenticate(&h).unwrap_err().code.as_str(),
+            "invalid_token"
+        );
         let (old, _) =
             store::issue(dir.path(), "coder", std::time::Duration::from_secs(1)).unwrap();
         t.refresh();
@@ -322,7 +366,8 @@ mod tests {
         assert_eq!(
             t.authenticate(&headers(&[("x-api-key", &old)]))
                 .unwrap_err()
-                .code,
+                .code
+                .as_str(),
             "token_expired"
         );
     }

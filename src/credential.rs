@@ -19,8 +19,8 @@ use http::{header, HeaderMap, HeaderValue};
 
 use crate::authorize::Authorized;
 use crate::config::{Config, Inject, Route};
-use crate::error::Rejection;
-use crate::redact::Redactor;
+use crate::error::{Code, Rejection};
+use crate::redact::{Redactor, RedactorBuilder};
 use crate::secret::{KeyId, Secret, SecretSpec};
 
 /// After a failed fetch, callers within this window get the same error instead of each running the
@@ -85,14 +85,20 @@ impl Credentials {
         self.scanner.load_full()
     }
 
-    /// The secret named by the route, or `None` when the route attaches none.
-    pub async fn get(&self, route: &Route) -> Result<Option<Arc<Secret>>, Rejection> {
+    /// The secret of the route `authorized` names, or `None` when the route attaches none.
+    /// Only an [`Authorized`] request gets a credential.
+    pub async fn get(
+        &self,
+        config: &Config,
+        authorized: &Authorized,
+    ) -> Result<Option<Arc<Secret>>, Rejection> {
+        let route = &config.routes[authorized.route()];
         let Some(name) = &route.secret else {
             return Ok(None);
         };
         let Some(entry) = self.entries.get(name) else {
-            return Err(Rejection::unavailable(
-                "secret_unavailable",
+            return Err(Rejection::new(
+                Code::SecretUnavailable,
                 format!("secret {name} is not configured"),
             ));
         };
@@ -108,7 +114,7 @@ impl Credentials {
         }
         if let Some(f) = entry.failed.load().as_ref() {
             if f.0.elapsed() < FAILURE_BACKOFF {
-                return Err(Rejection::unavailable("secret_unavailable", f.1.clone()));
+                return Err(Rejection::new(Code::SecretUnavailable, f.1.clone()));
             }
         }
         let fetched = entry.spec.fetch().await;
@@ -141,7 +147,7 @@ impl Credentials {
                 entry
                     .failed
                     .store(Some(Arc::new((Instant::now(), msg.clone()))));
-                Err(Rejection::unavailable("secret_unavailable", msg))
+                Err(Rejection::new(Code::SecretUnavailable, msg))
             }
         }
     }
@@ -178,6 +184,17 @@ impl Credentials {
         }
         failures.sort();
         failures
+    }
+
+    /// Looks at the upstream's answer: a 401 means the key may have been rotated at its source,
+    /// so the next request fetches afresh.
+    pub fn after_answer(&self, status: http::StatusCode, route: &Route, secret: Option<&Secret>) {
+        if status != http::StatusCode::UNAUTHORIZED {
+            return;
+        }
+        if let (Some(name), Some(secret)) = (&route.secret, secret) {
+            self.invalidate(name, secret.key_id());
+        }
     }
 
     /// An upstream refused the credential: fetch afresh next time, unless it rotated meanwhile.
@@ -221,8 +238,8 @@ impl Credentials {
         let mut b = Redactor::builder();
         let mut scan = scan_builder();
         for s in held.iter() {
-            b = b.known(s.key_id().as_str(), s.expose());
-            scan = scan.known(s.key_id().as_str(), s.expose());
+            b = teach(b, s);
+            scan = teach(scan, s);
         }
         self.redactor.store(Arc::new(b.build()));
         self.scanner.store(Arc::new(scan.build()));
@@ -248,18 +265,27 @@ impl Entry {
     }
 }
 
+/// Teaches a redactor a held value, labelled by its key id.
+pub fn teach(builder: RedactorBuilder, secret: &Secret) -> RedactorBuilder {
+    #[allow(clippy::disallowed_methods)] // credential stage: the redactor must know the value
+    let value = secret.expose();
+    builder.known(secret.key_id().as_str(), value)
+}
+
 /// Attaches the credential as the route says. `query` is the request's query string, extended
 /// for `query:NAME` injection.
 pub fn attach(
-    _authorized: &Authorized,
-    route: &Route,
+    config: &Config,
+    authorized: &Authorized,
     secret: &Secret,
     headers: &mut HeaderMap,
     query: &mut Option<String>,
 ) -> Result<(), Rejection> {
-    inject(route, secret, headers, query)
+    inject(&config.routes[authorized.route()], secret, headers, query)
 }
 
+// credential stage: the one place a value goes on the wire.
+#[allow(clippy::disallowed_methods)]
 fn inject(
     route: &Route,
     secret: &Secret,
@@ -267,8 +293,8 @@ fn inject(
     query: &mut Option<String>,
 ) -> Result<(), Rejection> {
     let bad = || {
-        Rejection::unavailable(
-            "secret_unavailable",
+        Rejection::new(
+            Code::SecretUnavailable,
             format!(
                 "secret {} cannot be sent in a header (it holds bytes a header may not)",
                 secret.key_id()
@@ -316,7 +342,10 @@ fn inject(
                 percent_encoding::percent_encode(s, crate::redact::QUERY_COMPONENT).to_string()
             };
             let pair = format!("{}={}", enc(name.as_bytes()), enc(secret.expose()));
-            *query = Some(match query.take() {
+            // The agent's own `NAME=` would otherwise travel next to the real one, and an upstream
+            // that reads the first (or all) of them would act on the agent's value.
+            let kept = query.take().map(|q| without_param(&q, name));
+            *query = Some(match kept {
                 Some(q) if !q.is_empty() => format!("{q}&{pair}"),
                 _ => pair,
             });
@@ -325,7 +354,51 @@ fn inject(
     Ok(())
 }
 
+/// The query without any parameter an upstream could read as `name`: the exact name, any
+/// percent-encoded or `+` spelling of it, any ASCII case of it, and `name[]` / `name[x]` (the
+/// PHP and Rails array forms), and for a name with `_`, PHP's `.` or ` ` in its place. `;` is
+/// treated as a separator too, as some servers do. Everything else is kept byte for byte,
+/// separators included.
+fn without_param(query: &str, name: &str) -> String {
+    let mut out = String::with_capacity(query.len());
+    let mut kept_any = false;
+    let mut sep = "";
+    let mut rest = query;
+    loop {
+        let end = rest.find(['&', ';']).unwrap_or(rest.len());
+        let segment = &rest[..end];
+        if !names_param(segment, name) {
+            if kept_any {
+                out.push_str(sep);
+            }
+            out.push_str(segment);
+            kept_any = true;
+        }
+        if end == rest.len() {
+            return out;
+        }
+        sep = &rest[end..=end];
+        rest = &rest[end + 1..];
+    }
+}
+
+fn names_param(segment: &str, name: &str) -> bool {
+    let raw = segment.split_once('=').map_or(segment, |(k, _)| k);
+    let plus = raw.replace('+', " ");
+    let decoded = percent_encoding::percent_decode_str(&plus).decode_utf8_lossy();
+    let base = decoded.split_once('[').map_or(&*decoded, |(b, _)| b);
+    // PHP reads `.` and ` ` in a parameter name as `_`.
+    let php = |c: char| if c == '.' || c == ' ' { '_' } else { c };
+    base.len() == name.len()
+        && base
+            .chars()
+            .map(php)
+            .zip(name.chars().map(php))
+            .all(|(a, b)| a.eq_ignore_ascii_case(&b))
+}
+
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests compare held values
 mod tests {
     use super::*;
     use std::path::Path;
@@ -337,12 +410,17 @@ mod tests {
         Config::from_text(Path::new("c.toml"), &text).unwrap()
     }
 
+    async fn fetch(creds: &Credentials, c: &Config) -> Arc<Secret> {
+        let authorized = Authorized::for_test(0, 0);
+        creds.get(c, &authorized).await.unwrap().unwrap()
+    }
+
     #[tokio::test]
     async fn value_is_cached_and_taught_to_the_redactor() {
         let c = config("");
         let creds = Credentials::new(&c);
-        let a = creds.get(&c.routes[0]).await.unwrap().unwrap();
-        let b = creds.get(&c.routes[0]).await.unwrap().unwrap();
+        let a = fetch(&creds, &c).await;
+        let b = fetch(&creds, &c).await;
         assert_eq!(
             a.key_id(),
             b.key_id(),
@@ -357,9 +435,9 @@ mod tests {
     async fn ttl_and_invalidation_fetch_a_new_value() {
         let c = config("ttl = \"1ms\"");
         let creds = Credentials::new(&c);
-        let a = creds.get(&c.routes[0]).await.unwrap().unwrap();
+        let a = fetch(&creds, &c).await;
         tokio::time::sleep(Duration::from_millis(5)).await;
-        let b = creds.get(&c.routes[0]).await.unwrap().unwrap();
+        let b = fetch(&creds, &c).await;
         assert_ne!(
             a.key_id(),
             b.key_id(),
@@ -368,6 +446,37 @@ mod tests {
         // the old value stays known to the redactor after rotation
         let red = creds.redactor().redact(a.expose()).into_owned();
         assert_ne!(red, a.expose());
+    }
+
+    #[test]
+    fn agent_spellings_of_the_injected_parameter_are_dropped_and_others_kept() {
+        for (q, want) in [
+            ("key=a", ""),
+            ("a=1&key=a&b=2", "a=1&b=2"),
+            ("key=a&a=1", "a=1"),
+            ("k%65y=a&x", "x"),
+            ("%6B%65%79=a", ""),
+            ("key[]=a&key[0]=b&key%5B%5D=c", ""),
+            ("KEY=a&Key", ""),
+            ("a=1;key=a;b=2", "a=1;b=2"),
+            (
+                "keyword=x&monkey=1&key_id=3&apikey=4&q=a+b",
+                "keyword=x&monkey=1&key_id=3&apikey=4&q=a+b",
+            ),
+            ("a=1&&b=2", "a=1&&b=2"),
+            ("a=%ZZ&key+=1", "a=%ZZ&key+=1"),
+        ] {
+            assert_eq!(without_param(q, "key"), want, "{q}");
+        }
+        for (q, want) in [
+            (
+                "api.key=a&api+key=b&api%20key=c&API_KEY[x]=d&apikey=e",
+                "apikey=e",
+            ),
+            ("api_keys=a", "api_keys=a"),
+        ] {
+            assert_eq!(without_param(q, "api_key"), want, "{q}");
+        }
     }
 
     // Whatever bytes `attach` puts on the wire, the response redactor must know them: an

@@ -19,6 +19,7 @@ pub mod forward;
 pub mod guard;
 pub mod hook;
 pub mod listen;
+pub mod local;
 pub mod pipeline;
 pub mod redact;
 pub mod route;

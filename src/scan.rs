@@ -12,6 +12,8 @@
 //!
 //! A finding is named by its label (a key id or a detector name), never by its value.
 //!
+//! A compressed body would hide what it carries: 415 `request_encoding_not_scannable`.
+//!
 //! Bounded work: the engine is linear (see `redact/detectors.rs`), and a body of
 //! [`BLOCKING_FROM`] bytes or more is scanned on the blocking pool so that a large body never
 //! holds a runtime worker.
@@ -20,11 +22,10 @@ use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use http::header::HeaderValue;
-use http::StatusCode;
 
 use crate::audit::Pending;
 use crate::config::RequestScan;
-use crate::error::Rejection;
+use crate::error::{Code, Rejection};
 use crate::redact::{Class, DetectorSet, Redactor};
 
 /// Bodies this large are scanned with `spawn_blocking`.
@@ -76,8 +77,8 @@ fn judge(
     let mut refused = refused;
     refused.sort_unstable();
     refused.dedup();
-    Err(Rejection::forbidden(
-        "secret_in_request",
+    Err(Rejection::new(
+        Code::SecretInRequest,
         format!(
             "the request {place} holds a credential ({}); keygate attaches credentials itself, so remove it from the request",
             refused.join(", ")
@@ -133,6 +134,8 @@ pub fn head(
             )?;
         }
     }
+    // A compressed body would hide what it carries from the scan.
+    crate::guard::check_content_encoding(&head.headers)?;
     Ok(redacted)
 }
 
@@ -163,8 +166,7 @@ pub async fn body(
     let (found, clean) = if bytes.len() >= BLOCKING_FROM {
         tokio::task::spawn_blocking(work).await.map_err(|_| {
             Rejection::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "request_scan_failed",
+                Code::RequestScanFailed,
                 "the request body could not be scanned for credentials",
             )
         })?
