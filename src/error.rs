@@ -27,6 +27,8 @@ pub struct Rejection {
     pub code: &'static str,
     pub message: String,
     pub blame: Blame,
+    /// Seconds after which the same request may succeed (`Retry-After`); every 429 has one.
+    pub retry_after: Option<u64>,
 }
 
 impl Rejection {
@@ -45,7 +47,19 @@ impl Rejection {
             code,
             message: message.into(),
             blame,
+            retry_after: None,
         }
+    }
+
+    /// 429: the agent is over a limit that frees up after `retry_after` seconds.
+    pub fn too_many_requests(
+        code: &'static str,
+        message: impl Into<String>,
+        retry_after: u64,
+    ) -> Self {
+        let mut r = Self::new(StatusCode::TOO_MANY_REQUESTS, code, message);
+        r.retry_after = Some(retry_after.max(1));
+        r
     }
 
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
@@ -103,7 +117,12 @@ impl Rejection {
         };
         // Serializing a struct of strings cannot fail; fall back to a fixed body rather than panic.
         let bytes = serde_json::to_vec(&body).unwrap_or_else(|_| br#"{"ok":false}"#.to_vec());
-        json_response(self.status, Bytes::from(bytes))
+        let mut resp = json_response(self.status, Bytes::from(bytes));
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
     }
 }
 
@@ -143,6 +162,15 @@ mod tests {
         assert_eq!(v["error"]["code"], "path_not_allowed");
         assert_eq!(v["error"]["type"], "keygate_error");
         assert_eq!(v["error"]["request_id"], "req1");
+    }
+
+    #[test]
+    fn a_429_says_when_to_retry() {
+        let resp = Rejection::too_many_requests("rate_limited", "slow down", 7).to_response("r");
+        assert_eq!(resp.status(), 429);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "7");
+        let other = Rejection::forbidden("path_not_allowed", "no").to_response("r");
+        assert!(other.headers().get(header::RETRY_AFTER).is_none());
     }
 
     #[test]

@@ -26,6 +26,7 @@ use hyper::body::Incoming;
 
 use crate::audit::{self, AuditLog, PeerRecord, Pending, Record};
 use crate::authenticate::{self, Tokens};
+use crate::authorize::usage::{self, Meter};
 use crate::authorize::Policy;
 use crate::config::{Config, Format, Mode, RequestScan, Route};
 use crate::credential::{self, Credentials};
@@ -101,7 +102,7 @@ pub async fn handle(
             resp,
             redactor,
             idle,
-            tokens_agent,
+            mut meter,
         }) => {
             let r = pending.record();
             r.decision = "allow";
@@ -114,6 +115,7 @@ pub async fn handle(
             r.status = resp.status().as_u16();
             if is_head || matches!(r.status, 204 | 304) {
                 // No body will be polled: the record is complete now.
+                r.tokens = meter.finish(true);
                 r.latency_ms = ms(start);
                 pending.finish();
                 let (mut parts, _) = resp.into_parts();
@@ -121,7 +123,7 @@ pub async fn handle(
                 redact_headers(&redactor, &mut parts.headers);
                 Response::from_parts(parts, full(Bytes::new()))
             } else {
-                returning(&state, resp, redactor, idle, pending, start, tokens_agent)
+                returning(resp, redactor, idle, pending, start, meter)
             }
         }
         Err(rejection) => {
@@ -156,7 +158,7 @@ enum Answer {
         resp: Response<Incoming>,
         redactor: Arc<Redactor>,
         idle: Duration,
-        tokens_agent: Option<usize>,
+        meter: Meter,
     },
 }
 
@@ -218,6 +220,9 @@ async fn process(
     let authorized = state
         .policy
         .authorize(config, agent, &head.method, routed)?;
+    // A budgeted request books what it may cost, which its body says.
+    let budgeted = state.policy.budgeted(agent) && !body.is_end_stream();
+    let mut plan = usage::RequestPlan::default();
 
     // The body: buffered only where policy needs all of it (the lab's JSON check, dry-run's
     // echo); otherwise streamed with a running limit.
@@ -254,8 +259,10 @@ async fn process(
     // chunked when redaction may change it).
     head.headers.remove(header::CONTENT_LENGTH);
 
-    let needs_whole_body =
-        route.require_json || config.mode == Mode::DryRun || scan == RequestScan::Refuse;
+    let needs_whole_body = route.require_json
+        || config.mode == Mode::DryRun
+        || scan == RequestScan::Refuse
+        || budgeted;
     let (body, whole): (Body, Option<Bytes>) = if needs_whole_body {
         let mut bytes = collect_limited(body, limit).await?;
         *body_read = true;
@@ -275,6 +282,13 @@ async fn process(
             } else if let std::borrow::Cow::Owned(clean) = scanner.redact(&bytes) {
                 bytes = Bytes::from(clean);
                 request_redacted = true;
+            }
+        }
+        if budgeted {
+            let reserve = Policy::default_reserve(config, agent, authorized.route());
+            plan = usage::plan_request(head.uri.path(), &bytes, reserve);
+            if let Some(asks_for_usage) = plan.body.take() {
+                bytes = asks_for_usage;
             }
         }
         (full(bytes.clone()), Some(bytes))
@@ -311,6 +325,7 @@ async fn process(
         pending.record().key_id = Some(secret.key_id().to_string());
         credential::attach(&authorized, route, secret, &mut head.headers, &mut query)?;
     }
+    let reservation = state.policy.reserve(config, agent, plan.reserve)?;
 
     // forward
     let resp = state
@@ -343,13 +358,18 @@ async fn process(
             ));
         }
     }
-    let tokens_agent = config.agents[agent].budget.as_ref().map(|_| agent);
+    let meter = Meter::new(
+        resp.status(),
+        resp.headers(),
+        reservation,
+        plan.strip_usage_chunk,
+    );
     Ok(Answer::Upstream {
         request_redacted,
         resp,
         redactor,
         idle: route.timeout,
-        tokens_agent,
+        meter,
     })
 }
 
@@ -368,16 +388,18 @@ fn redact_headers(redactor: &Redactor, headers: &mut http::HeaderMap) {
 /// redact + audit on the way back: headers are redacted now, the body chunk by chunk as it
 /// streams, and the audit record is written when the body ends (or is abandoned).
 fn returning(
-    state: &Arc<State>,
     resp: Response<Incoming>,
     redactor: Arc<Redactor>,
     idle: Duration,
     pending: Pending,
     start: Instant,
-    tokens_agent: Option<usize>,
+    meter: Meter,
 ) -> Response<Body> {
     let (mut head, body) = resp.into_parts();
     guard::strip_hop_by_hop(&mut head.headers);
+    if meter.rewrites() {
+        head.headers.remove(header::CONTENT_LENGTH);
+    }
     let stream = if redactor.is_empty() {
         None
     } else {
@@ -394,8 +416,7 @@ fn returning(
         pending: Some(pending),
         bytes_out: 0,
         start,
-        usage: tokens_agent.map(|a| (a, UsageScan::default())),
-        state: state.clone(),
+        meter,
         done: false,
     };
     Response::from_parts(head, body.boxed())
@@ -409,24 +430,19 @@ struct Returning {
     pending: Option<Pending>,
     bytes_out: u64,
     start: Instant,
-    usage: Option<(usize, UsageScan)>,
-    state: Arc<State>,
+    meter: Meter,
     done: bool,
 }
 
 impl Returning {
+    /// `reason` is `None` when the upstream's body ended normally.
     fn finish(&mut self, reason: Option<&'static str>) {
         self.done = true;
         if let Some(mut p) = self.pending.take() {
             let r = p.record();
             r.bytes_out = self.bytes_out;
             r.latency_ms = ms(self.start);
-            if let Some((agent, scan)) = &self.usage {
-                if let Some(t) = scan.total() {
-                    r.tokens = Some(t);
-                    self.state.policy.record_tokens(*agent, t);
-                }
-            }
+            r.tokens = self.meter.finish(reason.is_none());
             if let Some(reason) = reason {
                 r.reason = reason.into();
                 r.decision = "allow";
@@ -465,9 +481,7 @@ impl HttpBody for Returning {
                     let Ok(data) = frame.into_data() else {
                         continue;
                     }; // trailers are not forwarded
-                    if let Some((_, scan)) = &mut this.usage {
-                        scan.feed(&data);
-                    }
+                    let data = this.meter.feed(data);
                     let Some(out) = through(&mut this.redactor, data) else {
                         continue;
                     };
@@ -479,7 +493,11 @@ impl HttpBody for Returning {
                     return Poll::Ready(Some(Err(Box::new(e))));
                 }
                 Poll::Ready(None) => {
-                    let rest = rest(&mut this.redactor);
+                    let held = through(&mut this.redactor, this.meter.end());
+                    let rest = match (held, rest(&mut this.redactor)) {
+                        (Some(a), Some(b)) => Some(Bytes::from([a, b].concat())),
+                        (a, b) => a.or(b),
+                    };
                     this.bytes_out += rest.as_ref().map_or(0, |r| r.len() as u64);
                     this.finish(None);
                     return Poll::Ready(rest.map(|r| Ok(Frame::data(r))));
@@ -493,7 +511,7 @@ impl HttpBody for Returning {
     }
 
     fn size_hint(&self) -> SizeHint {
-        if self.redactor.is_some() {
+        if self.redactor.is_some() || self.meter.rewrites() {
             SizeHint::default()
         } else {
             self.inner.size_hint()
@@ -525,51 +543,6 @@ fn rest(redactor: &mut Option<StreamRedactor>) -> Option<Bytes> {
         .take()
         .map(|r| r.finish())
         .filter(|b| !b.is_empty())
-}
-
-/// Finds the token usage an upstream reports (`total_tokens`, or `input_tokens` +
-/// `output_tokens`), in JSON or SSE, without parsing the body: the largest value seen of each.
-#[derive(Default)]
-struct UsageScan {
-    total: u64,
-    input: u64,
-    output: u64,
-    tail: Vec<u8>,
-}
-
-impl UsageScan {
-    fn feed(&mut self, data: &[u8]) {
-        let mut buf = std::mem::take(&mut self.tail);
-        buf.extend_from_slice(data);
-        for (key, slot) in [
-            (&b"\"total_tokens\":"[..], 0),
-            (b"\"input_tokens\":", 1),
-            (b"\"output_tokens\":", 2),
-        ] {
-            for at in memchr::memmem::find_iter(&buf, key) {
-                let digits = buf[at + key.len()..]
-                    .iter()
-                    .skip_while(|b| **b == b' ')
-                    .take_while(|b| b.is_ascii_digit());
-                let n = digits.fold(0u64, |n, d| {
-                    n.saturating_mul(10).saturating_add((d - b'0') as u64)
-                });
-                let s = match slot {
-                    0 => &mut self.total,
-                    1 => &mut self.input,
-                    _ => &mut self.output,
-                };
-                *s = (*s).max(n);
-            }
-        }
-        let keep = buf.len().saturating_sub(32);
-        self.tail = buf.split_off(keep);
-    }
-
-    fn total(&self) -> Option<u64> {
-        let t = self.total.max(self.input + self.output);
-        (t > 0).then_some(t)
-    }
 }
 
 /// Refuses when the scanner finds anything, naming what was found (labels, never values).
@@ -804,21 +777,4 @@ fn new_request_id() -> String {
     use rand::Rng;
     let n: u128 = rand::rng().random();
     format!("req_{:024x}", n >> 32)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn usage_is_found_across_chunks_in_json_and_sse() {
-        let mut s = UsageScan::default();
-        s.feed(b"data: {\"usage\":{\"prompt_tokens\":5,\"total_to");
-        s.feed(b"kens\": 42}}\n\n");
-        assert_eq!(s.total(), Some(42));
-        let mut a = UsageScan::default();
-        a.feed(br#"event: message_start\ndata: {"usage":{"input_tokens":10,"output_tokens":1}}"#);
-        a.feed(br#"event: message_delta\ndata: {"usage":{"output_tokens":15}}"#);
-        assert_eq!(a.total(), Some(25));
-    }
 }

@@ -157,6 +157,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         timeout,
         require_json: true,
         request_scan: raw.request_scan.unwrap_or(RequestScan::Refuse),
+        budget_reserve: None,
     };
     let agent = Agent {
         name: if raw.client_token_env.is_some() {
@@ -170,6 +171,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         routes: None,
         rate: None,
         budget: None,
+        budget_reserve: None,
     };
 
     Ok(Config {
