@@ -240,13 +240,16 @@ impl UsageScan {
     pub fn feed(&mut self, data: &[u8]) {
         // Each chunk is scanned in place, and the seam with the previous one separately; the
         // seam overlaps both, which is harmless because only the largest value counts.
-        if !self.tail.is_empty() {
-            let mut seam = std::mem::take(&mut self.tail);
+        let mut seam = std::mem::take(&mut self.tail);
+        if !seam.is_empty() {
             seam.extend_from_slice(&data[..data.len().min(SEAM)]);
             self.scan(&seam);
         }
         self.scan(data);
-        self.tail = data[data.len().saturating_sub(SEAM)..].to_vec();
+        // The buffer is reused: this runs for every chunk of every API answer.
+        seam.clear();
+        seam.extend_from_slice(&data[data.len().saturating_sub(SEAM)..]);
+        self.tail = seam;
     }
 
     fn scan(&mut self, buf: &[u8]) {
