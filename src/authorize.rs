@@ -21,10 +21,20 @@ use http::Method;
 use serde::Serialize;
 
 use crate::config::{Agent, Approval, Config, Route};
-use crate::error::Rejection;
+use crate::error::{Code, Rejection};
 use crate::route::Routed;
 
-/// A request that passed every policy check. Only [`Policy::authorize`] makes one.
+/// A request that passed every policy check. Only [`Policy::authorize`] makes one: its fields
+/// are private, so no other code can forge one.
+///
+/// ```compile_fail,E0451
+/// let forged = keygate::authorize::Authorized {
+///     route: 0,
+///     agent: 0,
+///     raw_path: String::from("/v1/anything"),
+///     _private: (),
+/// };
+/// ```
 #[derive(Debug)]
 pub struct Authorized {
     route: usize,
@@ -40,6 +50,17 @@ impl Authorized {
     pub fn agent(&self) -> usize {
         self.agent
     }
+    /// A request authorized by fiat, for tests of the stages after `authorize`.
+    #[cfg(test)]
+    pub(crate) fn for_test(route: usize, agent: usize) -> Authorized {
+        Authorized {
+            route,
+            agent,
+            raw_path: "/".into(),
+            _private: (),
+        }
+    }
+
     /// The raw route-relative path to append to the upstream's base path.
     pub fn raw_path(&self) -> &str {
         &self.raw_path
@@ -245,8 +266,8 @@ impl Policy {
         let r: &Route = &config.routes[routed.route];
         if let Some(allowed) = &a.routes {
             if !allowed.iter().any(|n| n == &r.name) {
-                return Err(Rejection::forbidden(
-                    "route_not_allowed",
+                return Err(Rejection::new(
+                    Code::RouteNotAllowed,
                     format!("agent {} may not use route {}", a.name, r.name),
                 ));
             }
@@ -256,8 +277,8 @@ impl Policy {
             .iter()
             .any(|rule| rule.matches(method, &routed.path))
         {
-            return Err(Rejection::forbidden(
-                "path_not_allowed",
+            return Err(Rejection::new(
+                Code::PathNotAllowed,
                 format!(
                     "{method} {} is not allowed on route {}",
                     routed.path, r.name
@@ -266,31 +287,31 @@ impl Policy {
         }
         if let Some(Some(bucket)) = self.buckets.get(agent) {
             if let Err(wait) = take(bucket) {
-                return Err(Rejection::too_many_requests(
-                    "rate_limited",
+                return Err(Rejection::new(
+                    Code::RateLimited,
                     format!("agent {} is over its rate limit", a.name),
-                    RetryAfter(wait).secs(),
-                ));
+                )
+                .with_retry_after(RetryAfter(wait).secs()));
             }
         }
         if let Some(Some(b)) = self.budgets.get(agent) {
             if let Err(wait) = b.spent() {
-                return Err(Rejection::too_many_requests(
-                    "budget_exceeded",
+                return Err(Rejection::new(
+                    Code::BudgetExceeded,
                     format!(
                         "agent {} has used its token budget of {} for this period",
                         a.name,
                         b.limit()
                     ),
-                    wait.secs(),
-                ));
+                )
+                .with_retry_after(wait.secs()));
             }
         }
         if let Approval::Each { .. } = r.approval {
             // Approvals are answered over the admin socket; until this build has one, a route that
             // needs a person's approval is refused rather than silently allowed.
-            return Err(Rejection::unavailable(
-                "approval_unavailable",
+            return Err(Rejection::new(
+                Code::ApprovalUnavailable,
                 format!(
                     "route {} needs a person's approval, and this keygate has no approval channel",
                     r.name
@@ -334,22 +355,22 @@ impl Policy {
         let name = &config.agents[agent].name;
         match b.try_reserve(tokens) {
             Ok(r) => Ok(Some(r)),
-            Err(wait) if tokens > b.limit() => Err(Rejection::too_many_requests(
-                "budget_exceeded",
+            Err(wait) if tokens > b.limit() => Err(Rejection::new(
+                Code::BudgetExceeded,
                 format!(
                     "this request may use up to {tokens} tokens, more than agent {name}'s whole budget of {} per period; lower max_tokens",
                     b.limit()
                 ),
-                wait.secs(),
-            )),
-            Err(wait) => Err(Rejection::too_many_requests(
-                "budget_exceeded",
+            )
+            .with_retry_after(wait.secs())),
+            Err(wait) => Err(Rejection::new(
+                Code::BudgetExceeded,
                 format!(
                     "this request may use up to {tokens} tokens, more than is left of agent {name}'s budget of {} for this period (requests in flight count until they finish)",
                     b.limit()
                 ),
-                wait.secs(),
-            )),
+            )
+            .with_retry_after(wait.secs())),
         }
     }
 }

@@ -4,14 +4,19 @@
 //! - [`plan_request`] reads a budgeted request's JSON body for the most it can cost (its
 //!   `max_tokens` and an estimate of its input) and, for an OpenAI chat completions stream, asks
 //!   the upstream to report usage (`stream_options.include_usage`), which it does not by default.
-//! - [`Meter`] travels with the response body: it finds the usage the upstream reports
-//!   ([`UsageScan`]), removes the usage-only chunk keygate asked for when the client did not, and
-//!   settles the request's [`Reservation`] when the body ends.
+//! - [`Meter`] observes the response body: it finds the usage the upstream reports
+//!   ([`UsageScan`]) for the audit record and settles the request's [`Reservation`] when the
+//!   body ends.
+//! - [`StripUsageChunk`] removes the usage-only chunk keygate asked for from what the client
+//!   sees, when the client did not ask for it.
 
+use std::pin::Pin;
 use std::sync::LazyLock;
+use std::task::{ready, Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderMap, StatusCode};
+use http_body::{Body as HttpBody, Frame, SizeHint};
 use memchr::memmem::Finder;
 use serde_json::Value;
 
@@ -135,20 +140,13 @@ fn object_text_bytes(o: &serde_json::Map<String, Value>) -> u64 {
 /// Usage accounting for one response body, and the settling of its reservation.
 pub struct Meter {
     scan: Option<UsageScan>,
-    strip: Option<UsageChunkFilter>,
     reservation: Option<Reservation>,
     success: bool,
 }
 
 impl Meter {
-    /// `reservation` is the request's booking (budgeted agents only); `strip_usage_chunk` from
-    /// its [`RequestPlan`].
-    pub fn new(
-        status: StatusCode,
-        headers: &HeaderMap,
-        reservation: Option<Reservation>,
-        strip_usage_chunk: bool,
-    ) -> Meter {
+    /// `reservation` is the request's booking (budgeted agents only).
+    pub fn new(status: StatusCode, headers: &HeaderMap, reservation: Option<Reservation>) -> Meter {
         // Usage is only looked for in API answers: a downloaded file that happens to hold
         // `"total_tokens":` must not be charged or audited as usage.
         let api_answer = headers
@@ -161,31 +159,16 @@ impl Meter {
             });
         Meter {
             scan: api_answer.then(UsageScan::default),
-            strip: (strip_usage_chunk && status.is_success()).then(UsageChunkFilter::default),
             reservation,
             success: status.is_success(),
         }
     }
 
-    /// Whether the body the client sees may differ from the upstream's (so its length does).
-    pub fn rewrites(&self) -> bool {
-        self.strip.is_some()
-    }
-
-    /// One chunk of the upstream's body; returns what goes on towards the client.
-    pub fn feed(&mut self, data: Bytes) -> Bytes {
+    /// The next bytes of the upstream's body, as they arrived.
+    pub fn feed(&mut self, data: &[u8]) {
         if let Some(scan) = &mut self.scan {
-            scan.feed(&data);
+            scan.feed(data);
         }
-        match &mut self.strip {
-            Some(f) => f.push(data),
-            None => data,
-        }
-    }
-
-    /// The upstream's body ended: what is still held back.
-    pub fn end(&mut self) -> Bytes {
-        self.strip.as_mut().map(|f| f.finish()).unwrap_or_default()
     }
 
     /// Settles the reservation and returns the tokens the upstream reported, if it did.
@@ -195,7 +178,7 @@ impl Meter {
     /// A completed answer is charged what it reported; an upstream error what it reported or
     /// nothing (it generated nothing); anything else, including a stream dropped before its
     /// usage event, the whole reservation (or the reported usage, if more).
-    pub fn finish(&mut self, completed: bool) -> Option<u64> {
+    pub fn settle(mut self, completed: bool) -> Option<u64> {
         let reported = self.scan.as_ref().and_then(UsageScan::total);
         if let Some(r) = self.reservation.take() {
             match reported {
@@ -280,6 +263,71 @@ impl UsageScan {
     pub fn total(&self) -> Option<u64> {
         self.seen
             .then(|| self.total.max(self.input.saturating_add(self.output)))
+    }
+}
+
+/// A response body without the usage-only chunk of an OpenAI chat completions stream, for a
+/// client that did not ask for it (keygate did). Wraps the body on its way to the client, after
+/// the [`Meter`] has seen the usage.
+pub struct StripUsageChunk<B> {
+    inner: B,
+    filter: UsageChunkFilter,
+    done: bool,
+}
+
+impl<B> StripUsageChunk<B> {
+    pub fn new(inner: B) -> Self {
+        StripUsageChunk {
+            inner,
+            filter: UsageChunkFilter::default(),
+            done: false,
+        }
+    }
+}
+
+impl<B> HttpBody for StripUsageChunk<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        let out = this.filter.push(data);
+                        if !out.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(out))));
+                        }
+                    }
+                    Err(other) => return Poll::Ready(Some(Ok(other))),
+                },
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => {
+                    this.done = true;
+                    let rest = this.filter.finish();
+                    return Poll::Ready((!rest.is_empty()).then(|| Ok(Frame::data(rest))));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        // Removing the chunk changes the length.
+        SizeHint::default()
     }
 }
 
@@ -508,28 +556,18 @@ mod tests {
     #[test]
     fn a_completed_answer_settles_to_its_reported_usage() {
         let b = TokenBudget::new(150, Duration::from_secs(3600));
-        let mut m = Meter::new(
-            StatusCode::OK,
-            &sse_headers(),
-            b.try_reserve(100).ok(),
-            true,
-        );
-        assert!(m.feed(Bytes::from_static(USAGE_CHUNK)).is_empty());
-        assert_eq!(m.finish(true), Some(14));
+        let mut m = Meter::new(StatusCode::OK, &sse_headers(), b.try_reserve(100).ok());
+        m.feed(USAGE_CHUNK);
+        assert_eq!(m.settle(true), Some(14));
         assert!(b.try_reserve(136).is_ok());
     }
 
     #[test]
     fn a_stream_dropped_before_its_usage_is_charged_the_whole_reservation() {
         let b = TokenBudget::new(150, Duration::from_secs(3600));
-        let mut m = Meter::new(
-            StatusCode::OK,
-            &sse_headers(),
-            b.try_reserve(100).ok(),
-            true,
-        );
-        m.feed(Bytes::from_static(b"data: {\"choices\":[{}]}\n\n"));
-        assert_eq!(m.finish(false), None);
+        let mut m = Meter::new(StatusCode::OK, &sse_headers(), b.try_reserve(100).ok());
+        m.feed(b"data: {\"choices\":[{}]}\n\n");
+        assert_eq!(m.settle(false), None);
         assert!(b.try_reserve(51).is_err());
         assert!(b.try_reserve(50).is_ok());
     }
@@ -537,13 +575,12 @@ mod tests {
     #[test]
     fn an_upstream_error_costs_nothing() {
         let b = TokenBudget::new(150, Duration::from_secs(3600));
-        let mut m = Meter::new(
+        let m = Meter::new(
             StatusCode::TOO_MANY_REQUESTS,
             &sse_headers(),
             b.try_reserve(100).ok(),
-            true,
         );
-        assert_eq!(m.finish(true), None);
+        assert_eq!(m.settle(true), None);
         assert!(b.try_reserve(150).is_ok());
     }
 
@@ -551,8 +588,38 @@ mod tests {
     fn usage_in_a_downloaded_file_is_not_usage() {
         let mut h = HeaderMap::new();
         h.insert(header::CONTENT_TYPE, "application/jsonl".parse().unwrap());
-        let mut m = Meter::new(StatusCode::OK, &h, None, false);
-        m.feed(Bytes::from_static(b"{\"total_tokens\": 5}\n"));
-        assert_eq!(m.finish(true), None);
+        let mut m = Meter::new(StatusCode::OK, &h, None);
+        m.feed(b"{\"total_tokens\": 5}\n");
+        assert_eq!(m.settle(true), None);
+    }
+
+    /// A body that yields the given chunks, one frame each.
+    struct Chunks(std::collections::VecDeque<Bytes>);
+
+    impl HttpBody for Chunks {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    #[tokio::test]
+    async fn the_stripped_body_is_the_stream_without_its_usage_chunk() {
+        use http_body_util::BodyExt;
+        let content: &[u8] = b"data: {\"choices\":[{\"delta\":{}}],\"usage\":null}\n\n";
+        let done: &[u8] = b"data: [DONE]\n\n";
+        let chunks = [&content[..10], &content[10..], USAGE_CHUNK, done];
+        let body = Chunks(chunks.iter().map(|c| Bytes::copy_from_slice(c)).collect());
+        let out = StripUsageChunk::new(body)
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(&out[..], [content, done].concat());
     }
 }
