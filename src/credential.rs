@@ -139,6 +139,17 @@ impl Credentials {
         }
     }
 
+    /// Looks at the upstream's answer: a 401 means the key may have been rotated at its source,
+    /// so the next request fetches afresh.
+    pub fn after_answer(&self, status: http::StatusCode, route: &Route, secret: Option<&Secret>) {
+        if status != http::StatusCode::UNAUTHORIZED {
+            return;
+        }
+        if let (Some(name), Some(secret)) = (&route.secret, secret) {
+            self.invalidate(name, secret.key_id());
+        }
+    }
+
     /// An upstream refused the credential: fetch afresh next time, unless it rotated meanwhile.
     pub fn invalidate(&self, name: &str, key_id: &KeyId) {
         if let Some(entry) = self.entries.get(name) {
