@@ -101,6 +101,8 @@ pub struct Route {
     /// `max_tokens`; overrides the agent's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub budget_reserve: Option<u64>,
+    /// Whether `Range` (and `If-Range`, `Request-Range`) go upstream; off, they are dropped.
+    pub allow_range: bool,
 }
 
 /// The request exfiltration scan: a request from an agent whose headers or body hold a secret

@@ -69,7 +69,15 @@ pub async fn handle(
     let start = Instant::now();
     let request_id = new_request_id();
     let (head, body) = req.into_parts();
-    let mut record = Record::request(&head, &request_id, &peer, &listener, &state.policy_version);
+    let scanner = state.credentials.scanner();
+    let mut record = Record::request(
+        &head,
+        &request_id,
+        &peer,
+        &listener,
+        &state.policy_version,
+        &scanner,
+    );
     record.person = state.default_person.clone();
     let mut pending = state.audit.begin(record);
 
@@ -142,7 +150,7 @@ async fn process(
 
     // guard
     state.guard.check(&head, peer)?;
-    guard::strip_hop_by_hop(&mut head.headers);
+    guard::strip_request(&mut head.headers);
     state.audit.check_writable(config.audit_fail_closed)?;
     if local::is_healthz(&head) {
         let resp = local::healthz(

@@ -79,6 +79,7 @@ struct RawRoute {
     require_json: Option<bool>,
     request_scan: Option<RequestScan>,
     budget_reserve: Option<u64>,
+    allow_range: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -428,6 +429,7 @@ fn route(
         require_json: r.require_json.unwrap_or(false),
         request_scan: r.request_scan.unwrap_or(default_scan),
         budget_reserve: r.budget_reserve,
+        allow_range: r.allow_range.unwrap_or(false),
     })
 }
 
