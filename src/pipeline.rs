@@ -182,11 +182,10 @@ async fn process(
 
     // scan (and read the body where policy needs all of it)
     let (body, request_redacted) =
-        request_body(state, route, pending, &mut head, body, budgeted).await?;
+        request_body(state, route, pending, &mut head, body, budgeted, body_read).await?;
     let mut plan = usage::RequestPlan::default();
     let (body, streamed) = match body {
         RequestBody::Whole(mut bytes) => {
-            *body_read = true;
             if budgeted {
                 let reserve = Policy::default_reserve(config, agent, authorized.route());
                 plan = usage::plan_request(head.uri.path(), &bytes, reserve);
@@ -254,6 +253,7 @@ async fn request_body(
     head: &mut Parts,
     body: Incoming,
     whole: bool,
+    body_read: &mut bool,
 ) -> Result<(RequestBody, bool), Rejection> {
     let config = &*state.config;
     let mode = route.request_scan;
@@ -266,6 +266,8 @@ async fn request_body(
     let limit = config.max_request_bytes;
     if whole || route.require_json || config.mode == Mode::DryRun || mode == RequestScan::Refuse {
         let mut bytes = guard::read_body(body, limit).await?;
+        // Read whole: a refusal from here on leaves the connection reusable.
+        *body_read = true;
         pending.record().bytes_in = bytes.len() as u64;
         if route.require_json {
             guard::check_json(&bytes)?;
