@@ -32,7 +32,7 @@ use crate::credential::{self, Credentials};
 use crate::error::{json_response, Rejection};
 use crate::forward::{Body, BodyLimit, BoxError, Forwarder};
 use crate::guard::{self, Guard, Peer};
-use crate::redact::{Redactor, StreamRedactor};
+use crate::redact::{self, Redactor, StreamRedactor};
 use crate::route;
 
 /// Everything a request needs, built once at start-up.
@@ -118,7 +118,7 @@ pub async fn handle(
                 pending.finish();
                 let (mut parts, _) = resp.into_parts();
                 guard::strip_hop_by_hop(&mut parts.headers);
-                redact_headers(&redactor, &mut parts.headers);
+                redact::response_head(&redactor, &mut parts);
                 Response::from_parts(parts, full(Bytes::new()))
             } else {
                 returning(&state, resp, redactor, idle, pending, start, tokens_agent)
@@ -353,18 +353,6 @@ async fn process(
     })
 }
 
-fn redact_headers(redactor: &Redactor, headers: &mut http::HeaderMap) {
-    if redactor.is_empty() {
-        return;
-    }
-    for v in headers.values_mut() {
-        if let std::borrow::Cow::Owned(clean) = redactor.redact(v.as_bytes()) {
-            *v = HeaderValue::from_bytes(&clean)
-                .unwrap_or_else(|_| HeaderValue::from_static("[REDACTED]"));
-        }
-    }
-}
-
 /// redact + audit on the way back: headers are redacted now, the body chunk by chunk as it
 /// streams, and the audit record is written when the body ends (or is abandoned).
 fn returning(
@@ -378,13 +366,13 @@ fn returning(
 ) -> Response<Body> {
     let (mut head, body) = resp.into_parts();
     guard::strip_hop_by_hop(&mut head.headers);
+    redact::response_head(&redactor, &mut head);
     let stream = if redactor.is_empty() {
         None
     } else {
-        redact_headers(&redactor, &mut head.headers);
         // Redaction may change the length; the body goes out chunked instead.
         head.headers.remove(header::CONTENT_LENGTH);
-        Some(redactor.stream())
+        Some(redactor.response_stream(&head.headers))
     };
     let body = Returning {
         inner: body,

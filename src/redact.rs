@@ -23,7 +23,10 @@
 pub mod cli;
 mod detectors;
 mod engine;
+mod headers;
+mod json_view;
 mod known;
+mod sse;
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -31,6 +34,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use engine::{Engine, Span};
+pub use headers::{response_head, response_headers};
 /// The percent-encode set keygate uses for query credentials; the redactor knows its spelling.
 pub use known::COMPONENT as QUERY_COMPONENT;
 pub use known::MIN_KNOWN_LEN;
@@ -45,6 +49,8 @@ pub const HOLD_BACK_MAX: usize = detectors::PEM_MAX;
 /// patterns are the secrets and their encodings.
 pub struct Redactor {
     engine: Engine,
+    /// For decoded text: the joined deltas of SSE events (`sse.rs`).
+    text: Engine,
 }
 
 impl std::fmt::Debug for Redactor {
@@ -90,6 +96,7 @@ impl RedactorBuilder {
 
     pub fn build(self) -> Redactor {
         Redactor {
+            text: Engine::decoded(self.known.clone(), self.detectors),
             engine: Engine::new(self.known, self.detectors),
         }
     }
@@ -141,7 +148,29 @@ impl Redactor {
     pub fn stream(self: Arc<Self>) -> StreamRedactor {
         StreamRedactor {
             scanner: Scanner::new(self),
+            sse: None,
         }
+    }
+
+    /// Whether `name` (a header name) holds a held secret in any case or spelling, or anything
+    /// a detector finds.
+    pub fn holds_in_name(&self, name: &[u8]) -> bool {
+        !self.is_empty() && (self.engine.holds_ignoring_case(name) || !self.find(name).is_empty())
+    }
+
+    /// A redactor for a response body with these headers: an SSE stream (`text/event-stream`)
+    /// also has the text deltas of its events joined and scanned (see `sse.rs`).
+    pub fn response_stream(self: Arc<Self>, headers: &http::HeaderMap) -> StreamRedactor {
+        let is_sse = headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("text/event-stream"));
+        let mut s = Arc::clone(&self).stream();
+        if is_sse {
+            s.sse = Some(sse::Events::new(self));
+        }
+        s
     }
 
     /// The most a stream of this redactor holds back, in bytes.
@@ -170,6 +199,8 @@ pub fn detector_names() -> Vec<&'static str> {
 /// Redacts a body that arrives in chunks, holding back only what could still change.
 pub struct StreamRedactor {
     scanner: Scanner,
+    /// For an SSE response: joins the text deltas of its events (after byte redaction).
+    sse: Option<sse::Events>,
 }
 
 impl StreamRedactor {
@@ -180,6 +211,11 @@ impl StreamRedactor {
         self.scanner.push(chunk, false, |bytes, spans| {
             engine.render(bytes, spans, &mut out)
         });
+        if let Some(sse) = &mut self.sse {
+            let mut events = Vec::with_capacity(out.len());
+            sse.push(&out, &mut events);
+            out = events;
+        }
         Bytes::from(out)
     }
 
@@ -190,6 +226,12 @@ impl StreamRedactor {
         self.scanner.push(&[], true, |bytes, spans| {
             engine.render(bytes, spans, &mut out)
         });
+        if let Some(sse) = &mut self.sse {
+            let mut events = Vec::with_capacity(out.len());
+            sse.push(&out, &mut events);
+            sse.finish(&mut events);
+            out = events;
+        }
         Bytes::from(out)
     }
 }
