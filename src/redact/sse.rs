@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use super::engine::{Engine, Label};
+use super::engine::Label;
 use super::Redactor;
 
 /// The longest event assembled whole; the longest delta events of the three APIs are far
@@ -174,15 +174,11 @@ impl Events {
         self.texts.len() - 1
     }
 
-    fn engine(&self) -> &Engine {
-        &self.redactor.text
-    }
-
     /// Scans text `t`'s pending bytes; what is final moves into `spans`.
     fn scan(&mut self, t: usize, eof: bool) {
         let scan = {
             let text = &self.texts[t];
-            self.engine().scan(&text.pending, text.prev, eof)
+            self.redactor.text.scan(&text.pending, text.prev, eof)
         };
         let text = &mut self.texts[t];
         for s in &scan.spans {
@@ -383,7 +379,7 @@ mod tests {
     use super::*;
 
     /// Starts like no word of the filler text, so ordinary deltas are never held.
-    const SECRET: &str = "Q7xSseSecret/0123456789+abcdefZ";
+    const HELD: &str = "Q7xSseSecret/0123456789+abcdefZ";
 
     fn sse_headers() -> http::HeaderMap {
         let mut h = http::HeaderMap::new();
@@ -395,7 +391,7 @@ mod tests {
     }
 
     fn redactor() -> Arc<Redactor> {
-        Arc::new(Redactor::builder().known("k#s", SECRET.as_bytes()).build())
+        Arc::new(Redactor::builder().known("k#s", HELD.as_bytes()).build())
     }
 
     fn chat(delta: &str) -> String {
@@ -461,14 +457,14 @@ mod tests {
             let first = event("The key is ");
             // Nothing in it can start the secret: it goes out at once.
             assert_eq!(&s.push(first.as_bytes())[..], first.as_bytes());
-            for piece in pieces(SECRET, 3) {
+            for piece in pieces(HELD, 3) {
                 out.extend_from_slice(&s.push(event(&piece).as_bytes()));
             }
             let last = event(", use it.");
             out.extend_from_slice(&s.push(last.as_bytes()));
             out.extend_from_slice(&s.finish());
             assert_eq!(joined(&out), "[REDACTED:k#s], use it.");
-            assert!(!String::from_utf8_lossy(&out).contains(&SECRET[..4]));
+            assert!(!String::from_utf8_lossy(&out).contains(&HELD[..4]));
         }
     }
 
@@ -490,7 +486,7 @@ mod tests {
     #[test]
     fn texts_of_different_choices_and_blocks_are_not_joined() {
         let mut s = redactor().response_stream(&sse_headers());
-        let (a, b) = SECRET.split_at(10);
+        let (a, b) = HELD.split_at(10);
         let one = json!({"choices": [{"index": 0, "delta": {"content": a}}]});
         let two = json!({"choices": [{"index": 1, "delta": {"content": b}}]});
         let input = format!("data: {one}\n\ndata: {two}\n\n");
@@ -502,7 +498,7 @@ mod tests {
     #[test]
     fn a_non_sse_body_is_not_parsed_as_events() {
         let r = redactor();
-        let input = chat(&SECRET[..10]) + &chat(&SECRET[10..]);
+        let input = chat(&HELD[..10]) + &chat(&HELD[10..]);
         let mut s = Arc::clone(&r).response_stream(&http::HeaderMap::new());
         let mut out = s.push(input.as_bytes()).to_vec();
         out.extend_from_slice(&s.finish());
@@ -535,7 +531,7 @@ mod tests {
         ) {
             let event: fn(&str) -> String = [chat, responses, anthropic, tool_args][format];
             let mut body = event(&prefix);
-            let chars: Vec<char> = SECRET.chars().collect();
+            let chars: Vec<char> = HELD.chars().collect();
             let mut at = 0;
             for n in sizes.iter().cycle() {
                 if at >= chars.len() {
@@ -563,7 +559,7 @@ mod tests {
             out.extend_from_slice(&s.finish());
             prop_assert_eq!(&out, &expected);
             let text = joined(&out);
-            prop_assert!(!text.contains(SECRET), "{}", text);
+            prop_assert!(!text.contains(HELD), "{}", text);
             prop_assert_eq!(text, format!("{prefix}[REDACTED:k#s] done"));
         }
     }
