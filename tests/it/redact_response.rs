@@ -2,14 +2,11 @@
 //! reason phrase and response header names. Each attack has a benign neighbour that must pass
 //! through unchanged.
 
-#![allow(clippy::unwrap_used)]
-
-mod support;
-
 use std::sync::Arc;
 
 use hyper::ext::ReasonPhrase;
-use support::*;
+
+use crate::support::*;
 
 /// Mixed case, as provider keys are: a header name reaches keygate lower-cased.
 const KEY: &str = concat!("sk", "-test-Response-Key-0123456789abc");
