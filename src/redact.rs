@@ -6,7 +6,9 @@
 //! What is looked for:
 //! - *known values*: each held secret of at least [`MIN_KNOWN_LEN`] bytes, raw and in the
 //!   encodings listed in `known.rs` (base64 at any alignment, percent-encoding, JSON escaping,
-//!   hex), with one leftmost-longest Aho-Corasick automaton;
+//!   hex), with one leftmost-longest Aho-Corasick automaton, run also over a JSON- and
+//!   HTML-unescaped view of the buffer when it holds `\/`, `\u…` or `&…;` (`json_view.rs`), so
+//!   every escape spelling matches;
 //! - *detectors* (optional): credential formats keygate does not hold, named in
 //!   [`detector_names`]; see `detectors.rs`.
 //!

@@ -1,12 +1,14 @@
 //! A JSON-unescaped view of a buffer, so that every JSON spelling of a held value is found
 //! without enumerating spellings: `\/`, `\u002B`, `\u002b`, `\u00e9`, surrogate pairs, in any
-//! mix.
+//! mix. HTML character references (`&#45;`, `&#x2D;`, `&sol;`, `&amp;`…, with their `;`) are
+//! decoded in the same pass: an HTML error page may echo a key that way.
 //!
 //! The buffer is cut into tokens from left to right: a backslash starts an escape (`\"`, `\\`,
 //! `\/`, `\b`, `\f`, `\n`, `\r`, `\t`, `\uXXXX`, or a `\uD8xx\uDCxx` pair); every other byte is a
 //! token of its own. The view rewrites each escape into the spelling `serde_json` writes (the
 //! character itself, or `\"`, `\\`, `\n`…, `\u00xx` for other control characters; lone
-//! surrogates stay as they are), so one pattern set, the raw value and its `serde_json`
+//! surrogates stay as they are), and each HTML reference into its character, so one pattern
+//! set, the raw value and its `serde_json`
 //! spelling, matches them all. A match in the view maps back to whole escapes in the buffer.
 //!
 //! For the stream redactor a cut must fall between tokens: tokenizing from a token boundary
@@ -36,9 +38,9 @@ enum Token {
 }
 
 impl Escapes {
-    /// `None` when `buf` holds no backslash (the common case, one `memchr`).
+    /// `None` when `buf` holds no backslash or ampersand (the common case, one `memchr2`).
     pub(crate) fn of(buf: &[u8], eof: bool) -> Option<Escapes> {
-        let first = memchr::memchr(b'\\', buf)?;
+        let first = memchr::memchr2(b'\\', b'&', buf)?;
         let mut esc = Escapes {
             tokens: Vec::new(),
             incomplete: None,
@@ -59,7 +61,7 @@ impl Escapes {
                     at += n;
                 }
             }
-            match memchr::memchr(b'\\', &buf[at..]) {
+            match memchr::memchr2(b'\\', b'&', &buf[at..]) {
                 Some(i) => at += i,
                 None => break,
             }
@@ -144,6 +146,9 @@ fn hex4(buf: &[u8], at: usize, eof: bool) -> Result<u32, Token> {
 }
 
 fn token_at(buf: &[u8], at: usize, eof: bool) -> Token {
+    if buf[at] == b'&' {
+        return html_reference(buf, at, eof);
+    }
     let Some(&next) = buf.get(at + 1) else {
         return if eof {
             Token::Len(1, None)
@@ -203,6 +208,65 @@ fn surrogate_pair(buf: &[u8], at: usize, high: u32, eof: bool) -> Token {
     }
 }
 
+/// Named references for the characters a key or its encodings may hold.
+const NAMED: &[(&[u8], char)] = &[
+    (b"amp", '&'),
+    (b"lt", '<'),
+    (b"gt", '>'),
+    (b"quot", '"'),
+    (b"apos", '\''),
+    (b"sol", '/'),
+    (b"plus", '+'),
+    (b"equals", '='),
+    (b"period", '.'),
+    (b"lowbar", '_'),
+    (b"colon", ':'),
+    (b"num", '#'),
+    (b"excl", '!'),
+    (b"percnt", '%'),
+    (b"dollar", '$'),
+    (b"ast", '*'),
+    (b"commat", '@'),
+    (b"tilde", '~'),
+];
+
+/// The longest reference looked for: `&#x10FFFF;` and `&#1114111;` are 10 bytes.
+const MAX_REFERENCE: usize = 10;
+
+/// `&#DDD;`, `&#xHHH;` or `&name;` at `at`; a lone `&` otherwise.
+fn html_reference(buf: &[u8], at: usize, eof: bool) -> Token {
+    let end = buf.len().min(at + MAX_REFERENCE);
+    let semi = memchr::memchr(b';', &buf[at..end]).map(|i| at + i);
+    let Some(semi) = semi else {
+        // Cut off by the end of a prefix while it still looks like a reference: wait for more.
+        let body = &buf[at + 1..end];
+        let plausible = body.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'#');
+        return if !eof && end == buf.len() && plausible {
+            Token::Incomplete
+        } else {
+            Token::Len(1, None)
+        };
+    };
+    let body = &buf[at + 1..semi];
+    let c = match body {
+        [b'#', b'x' | b'X', hex @ ..] if !hex.is_empty() => std::str::from_utf8(hex)
+            .ok()
+            .filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .and_then(|h| u32::from_str_radix(h, 16).ok())
+            .and_then(char::from_u32),
+        [b'#', dec @ ..] if !dec.is_empty() => std::str::from_utf8(dec)
+            .ok()
+            .filter(|d| d.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|d| d.parse::<u32>().ok())
+            .and_then(char::from_u32),
+        name => NAMED.iter().find(|(n, _)| *n == name).map(|(_, c)| *c),
+    };
+    match c {
+        Some(c) => Token::Len(semi + 1 - at, Some(c.to_string().into_bytes())),
+        None => Token::Len(1, None),
+    }
+}
+
 /// How `serde_json` writes `c`, when that differs from `original`.
 fn canonical(c: char, original: &[u8]) -> Option<Vec<u8>> {
     let out: Vec<u8> = match c {
@@ -259,6 +323,20 @@ mod tests {
         assert_eq!(v.start_of(4), 9);
         assert_eq!(v.end_of(5), 11);
         assert_eq!(v.start_of(6), 12);
+    }
+
+    #[test]
+    fn html_character_references_become_their_characters() {
+        assert_eq!(view("sk&#45;a&#x2d;b&#X2F;c&sol;d&amp;e"), "sk-a-b/c/d&e");
+        // Unknown names, no `;`, too long, or not a character: left as they are.
+        assert_eq!(
+            view("a&nbsp;b &#45 c &#xD800; & d&#99999999;"),
+            "a&nbsp;b &#45 c &#xD800; & d&#99999999;"
+        );
+        let e = Escapes::of(b"x &#4", false).expect("escapes");
+        assert_eq!(e.incomplete, Some(2));
+        let e = Escapes::of(b"x & y", false).expect("escapes");
+        assert_eq!(e.incomplete, None);
     }
 
     #[test]

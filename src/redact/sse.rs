@@ -131,7 +131,10 @@ impl Events {
             data: None,
             deltas: Vec::new(),
         };
-        if let Some(range) = data_line(&held.raw) {
+        // Only events that name a delta are parsed; the rest pass as they are.
+        let range = data_line(&held.raw)
+            .filter(|r| memchr::memmem::find(&held.raw[r.clone()], b"\"delta\"").is_some());
+        if let Some(range) = range {
             if let Ok(value) = serde_json::from_slice::<Value>(&held.raw[range.clone()]) {
                 for (key, pointer) in delta_fields(&value) {
                     let Some(text) = value.pointer(&pointer).and_then(Value::as_str) else {
