@@ -259,8 +259,8 @@ impl Events {
             let mut new = Vec::with_capacity(piece.len());
             let mut at = 0usize;
             for (a, b, label) in touching {
-                let from = (a.max(d.start) - d.start) as usize;
-                let to = (b.min(d.end) - d.start) as usize;
+                let from = ((a.max(d.start) - d.start) as usize).min(piece.len());
+                let to = ((b.min(d.end) - d.start) as usize).min(piece.len());
                 new.extend_from_slice(&piece[at.min(from)..from]);
                 if a >= d.start {
                     new.extend_from_slice(b"[REDACTED:");
