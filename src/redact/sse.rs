@@ -83,11 +83,16 @@ impl Events {
     /// Takes redacted bytes of the stream; returns the events that are final now.
     pub(crate) fn push(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
         self.partial.extend_from_slice(bytes);
-        while let Some(end) = self.event_end() {
-            let raw: Vec<u8> = self.partial.drain(..end).collect();
-            self.searched = 0;
+        // Events are cut from the front; the consumed part is dropped once, at the end.
+        let mut start = 0;
+        while let Some(end) = self.event_end(start) {
+            let raw = self.partial[start..end].to_vec();
+            start = end;
+            self.searched = end;
             self.event(raw, out);
         }
+        self.partial.drain(..start);
+        self.searched = self.searched.saturating_sub(start);
         if self.partial.len() > MAX_EVENT {
             self.flush_texts();
             self.drain(out);
@@ -107,10 +112,10 @@ impl Events {
         self.drain(out);
     }
 
-    /// The end (exclusive) of the first complete event: after a blank line (`\n\n`,
-    /// `\n\r\n`).
-    fn event_end(&mut self) -> Option<usize> {
-        let from = self.searched;
+    /// The end (exclusive) of the first complete event from `start`: after a blank line
+    /// (`\n\n`, `\n\r\n`).
+    fn event_end(&mut self, start: usize) -> Option<usize> {
+        let from = self.searched.max(start);
         let found = memchr::memchr_iter(b'\n', &self.partial[from..])
             .map(|i| from + i)
             .find_map(|i| match self.partial.get(i + 1..) {
@@ -120,7 +125,7 @@ impl Events {
             });
         if found.is_none() {
             // A `\n` or `\n\r` at the very end may still become a boundary.
-            self.searched = self.partial.len().saturating_sub(2);
+            self.searched = self.partial.len().saturating_sub(2).max(start);
         }
         found
     }
