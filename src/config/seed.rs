@@ -157,6 +157,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         timeout,
         require_json: true,
         request_scan: raw.request_scan.unwrap_or(RequestScan::Refuse),
+        budget_reserve: None,
         allow_range: false,
     };
     let agent = Agent {
@@ -171,6 +172,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         routes: None,
         rate: None,
         budget: None,
+        budget_reserve: None,
     };
 
     Ok(Config {
