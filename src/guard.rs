@@ -6,6 +6,8 @@
 //! origin-form (absolute-form, authority-form/CONNECT, `*`), and a declared body over the limit.
 //! Also drops hop-by-hop headers, which describe the agent's connection, not the upstream's.
 
+pub mod timeout;
+
 use http::header::{self, HeaderMap, HeaderName};
 use http::request::Parts;
 use http::{Method, Version};

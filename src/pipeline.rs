@@ -31,7 +31,7 @@ use crate::config::{Config, Format, Mode, RequestScan, Route};
 use crate::credential::{self, Credentials};
 use crate::error::{json_response, Rejection};
 use crate::forward::{Body, BodyLimit, BoxError, Forwarder};
-use crate::guard::{self, Guard, Peer};
+use crate::guard::{self, timeout, Guard, Peer};
 use crate::redact::{Redactor, StreamRedactor};
 use crate::route;
 
@@ -62,6 +62,7 @@ pub async fn handle(
     let start = Instant::now();
     let request_id = new_request_id();
     let (head, body) = req.into_parts();
+    let closer = head.extensions.get::<timeout::Closer>().cloned();
     let is_head = head.method == Method::HEAD;
     let mut pending = state.audit.begin(Record {
         time: audit::now_rfc3339(),
@@ -101,6 +102,7 @@ pub async fn handle(
             resp,
             redactor,
             idle,
+            max_response_time,
             tokens_agent,
         }) => {
             let r = pending.record();
@@ -121,7 +123,8 @@ pub async fn handle(
                 redact_headers(&redactor, &mut parts.headers);
                 Response::from_parts(parts, full(Bytes::new()))
             } else {
-                returning(&state, resp, redactor, idle, pending, start, tokens_agent)
+                let watch = timeout::ResponseWatch::start(idle, max_response_time, closer);
+                returning(&state, resp, redactor, (idle, watch), pending, start, tokens_agent)
             }
         }
         Err(rejection) => {
@@ -156,6 +159,7 @@ enum Answer {
         resp: Response<Incoming>,
         redactor: Arc<Redactor>,
         idle: Duration,
+        max_response_time: Option<Duration>,
         tokens_agent: Option<usize>,
     },
 }
@@ -169,6 +173,8 @@ async fn process(
     body_read: &mut bool,
 ) -> Result<Answer, Rejection> {
     let config = &*state.config;
+    let body = timeout::ReadTimeout::new(body, config.connections.request_body_timeout);
+    let body_timeout = body.probe();
 
     // guard
     state.guard.check(&head, peer)?;
@@ -320,7 +326,7 @@ async fn process(
     if whole.is_none() {
         pending.record().bytes_in = bytes_in.load(Ordering::Relaxed);
     }
-    let resp = resp?;
+    let resp = resp.map_err(|e| body_timeout.explain(e))?;
     if resp.status() == StatusCode::UNAUTHORIZED {
         if let (Some(name), Some(secret)) = (&route.secret, &secret) {
             // The key may have been rotated at its source: fetch afresh for the next request.
@@ -349,6 +355,7 @@ async fn process(
         resp,
         redactor,
         idle: route.timeout,
+        max_response_time: route.max_response_time,
         tokens_agent,
     })
 }
@@ -371,7 +378,7 @@ fn returning(
     state: &Arc<State>,
     resp: Response<Incoming>,
     redactor: Arc<Redactor>,
-    idle: Duration,
+    (idle, watch): (Duration, timeout::ResponseWatch),
     pending: Pending,
     start: Instant,
     tokens_agent: Option<usize>,
@@ -397,6 +404,7 @@ fn returning(
         usage: tokens_agent.map(|a| (a, UsageScan::default())),
         state: state.clone(),
         done: false,
+        watch,
     };
     Response::from_parts(head, body.boxed())
 }
@@ -412,11 +420,13 @@ struct Returning {
     usage: Option<(usize, UsageScan)>,
     state: Arc<State>,
     done: bool,
+    watch: timeout::ResponseWatch,
 }
 
 impl Returning {
     fn finish(&mut self, reason: Option<&'static str>) {
         self.done = true;
+        self.watch.done();
         if let Some(mut p) = self.pending.take() {
             let r = p.record();
             r.bytes_out = self.bytes_out;
@@ -448,6 +458,10 @@ impl HttpBody for Returning {
         if this.done {
             return Poll::Ready(None);
         }
+        if let Some(reason) = this.watch.polled(cx) {
+            this.finish(Some(reason));
+            return Poll::Ready(Some(Err(reason.into())));
+        }
         loop {
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Pending => {
@@ -472,6 +486,7 @@ impl HttpBody for Returning {
                         continue;
                     };
                     this.bytes_out += out.len() as u64;
+                    this.watch.handed();
                     return Poll::Ready(Some(Ok(Frame::data(out))));
                 }
                 Poll::Ready(Some(Err(e))) => {
@@ -504,7 +519,8 @@ impl HttpBody for Returning {
 impl Drop for Returning {
     fn drop(&mut self) {
         if self.pending.is_some() {
-            self.finish(Some("client_disconnected"));
+            let reason = self.watch.verdict().unwrap_or("client_disconnected");
+            self.finish(Some(reason));
         }
     }
 }
@@ -615,7 +631,7 @@ fn scan_headers(
 /// The request body with a running size limit (exceeding it aborts the upstream request) and,
 /// when the route redacts requests, the stream redactor.
 struct Limited {
-    inner: Incoming,
+    inner: timeout::ReadTimeout<Incoming>,
     seen: u64,
     limit: u64,
     too_large: Arc<AtomicBool>,
@@ -653,7 +669,7 @@ impl HttpBody for Limited {
                     };
                     Poll::Ready(Some(Ok(Frame::data(out))))
                 }
-                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
                 Poll::Ready(None) => {
                     this.ended = true;
                     Poll::Ready(rest(&mut this.redactor).map(|r| Ok(Frame::data(r))))
@@ -676,15 +692,17 @@ impl HttpBody for Limited {
     }
 }
 
-async fn collect_limited(body: Incoming, limit: u64) -> Result<Bytes, Rejection> {
+async fn collect_limited(
+    body: timeout::ReadTimeout<Incoming>,
+    limit: u64,
+) -> Result<Bytes, Rejection> {
     let limited = http_body_util::Limited::new(body, limit as usize);
     match limited.collect().await {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Rejection::too_large(limit)),
-        Err(_) => Err(Rejection::bad_request(
-            "bad_request",
-            "the request body could not be read",
-        )),
+        Err(e) => Err(timeout::read_error(&e).unwrap_or_else(|| {
+            Rejection::bad_request("bad_request", "the request body could not be read")
+        })),
     }
 }
 
