@@ -169,9 +169,7 @@ fn effective_max(configured: usize, listeners: usize) -> usize {
         .map(|(soft, _)| soft)
         .unwrap_or(1024);
     let budget = usize::try_from(nofile.saturating_sub(128) / 2).unwrap_or(usize::MAX);
-    configured
-        .min(budget / listeners.max(1))
-        .max(1)
+    configured.min(budget / listeners.max(1)).max(1)
 }
 
 /// Connections answered with 503 while a listener is full and none is idle; past this they are

@@ -124,7 +124,15 @@ pub async fn handle(
                 Response::from_parts(parts, full(Bytes::new()))
             } else {
                 let watch = timeout::ResponseWatch::start(idle, max_response_time, closer);
-                returning(&state, resp, redactor, (idle, watch), pending, start, tokens_agent)
+                returning(
+                    &state,
+                    resp,
+                    redactor,
+                    (idle, watch),
+                    pending,
+                    start,
+                    tokens_agent,
+                )
             }
         }
         Err(rejection) => {

@@ -213,9 +213,7 @@ impl Signals {
 }
 
 /// The first of several signal streams to fire.
-async fn first_of(
-    signals: &mut [(&'static str, tokio::signal::unix::Signal)],
-) -> &'static str {
+async fn first_of(signals: &mut [(&'static str, tokio::signal::unix::Signal)]) -> &'static str {
     std::future::poll_fn(|cx| {
         for (name, s) in signals.iter_mut() {
             if s.poll_recv(cx).is_ready() {

@@ -84,19 +84,23 @@ fn upstream_handler(release: Arc<tokio::sync::Notify>) -> Handler {
             let (tx, rx) = tokio::sync::mpsc::channel(1);
             let release = release.clone();
             tokio::spawn(async move {
-                let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"data: first\n\n")))).await;
+                let _ = tx
+                    .send(Ok(Frame::data(Bytes::from_static(b"data: first\n\n"))))
+                    .await;
                 tokio::select! {
                     _ = release.notified() => {}
                     _ = tokio::time::sleep(Duration::from_secs(25)) => {}
                 }
-                let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"data: last\n\n")))).await;
+                let _ = tx
+                    .send(Ok(Frame::data(Bytes::from_static(b"data: last\n\n"))))
+                    .await;
             });
             stream_of(from_rx(rx))
         } else if path.ends_with("/v1/endless") {
             let chunk = Bytes::from(vec![b'a'; 64 * 1024]);
-            stream_of(futures_util::stream::iter(
-                std::iter::repeat_with(move || Ok(Frame::data(chunk.clone()))),
-            ))
+            stream_of(futures_util::stream::iter(std::iter::repeat_with(
+                move || Ok(Frame::data(chunk.clone())),
+            )))
         } else if path.ends_with("/v1/big") {
             let chunk = Bytes::from(vec![b'b'; 64 * 1024]);
             stream_of(futures_util::stream::iter(
@@ -106,7 +110,11 @@ fn upstream_handler(release: Arc<tokio::sync::Notify>) -> Handler {
             let (tx, rx) = tokio::sync::mpsc::channel(1);
             tokio::spawn(async move {
                 for _ in 0..250 {
-                    if tx.send(Ok(Frame::data(Bytes::from_static(b"data: drip\n\n")))).await.is_err() {
+                    if tx
+                        .send(Ok(Frame::data(Bytes::from_static(b"data: drip\n\n"))))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -186,14 +194,19 @@ fn raise_own_nofile() -> u64 {
 async fn dos_idle_connections_past_the_open_files_limit_do_not_stop_an_agent_request() {
     const IDLE: usize = 1_100;
     let ours = raise_own_nofile();
-    assert!(ours > IDLE as u64 + 64, "the test itself needs {IDLE} descriptors");
+    assert!(
+        ours > IDLE as u64 + 64,
+        "the test itself needs {IDLE} descriptors"
+    );
     let up = upstream(upstream_handler(Default::default())).await;
     let dir = tempfile::tempdir().unwrap();
     let audit = dir.path().join("audit.jsonl");
     // The usual limit, soft and hard, so raising it at start cannot help: only the connection
     // cap and eviction can.
+    // Timeouts longer than the test, so only the cap and its eviction can keep keygate answering.
+    let top = "[connections]\nfirst_request_timeout = \"60s\"\nidle_timeout = \"60s\"";
     let kg = Keygate::start_wrapped(
-        &config(up.addr, "", ""),
+        &config(up.addr, top, ""),
         &env(),
         dir,
         audit,
@@ -220,8 +233,15 @@ async fn dos_idle_connections_past_the_open_files_limit_do_not_stop_an_agent_req
         let open = idle
             .iter()
             .filter(|s| {
-                let mut b = [0u8; 1];
-                matches!(s.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                // Drain what keygate sent (an h2 peer gets its SETTINGS); open means no EOF yet.
+                let mut b = [0u8; 256];
+                loop {
+                    match s.try_read(&mut b) {
+                        Ok(0) => return false,
+                        Ok(_) => continue,
+                        Err(e) => return e.kind() == std::io::ErrorKind::WouldBlock,
+                    }
+                }
             })
             .count();
         eprintln!("measured: {IDLE} idle connections opened, {open} still held open by keygate, agent request answered 200");
@@ -291,7 +311,10 @@ async fn dos_listener_full_of_busy_connections_answers_503_too_many_connections(
         let answer = String::from_utf8_lossy(&read_to_close(&mut s, Duration::from_secs(10)).await)
             .to_string();
         assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
-        assert!(answer.contains(r#""code":"too_many_connections""#), "{answer}");
+        assert!(
+            answer.contains(r#""code":"too_many_connections""#),
+            "{answer}"
+        );
         // Benign neighbour: once the streams end, a new connection is served.
         for _ in 0..2 {
             release.notify_one();
@@ -304,7 +327,10 @@ async fn dos_listener_full_of_busy_connections_answers_503_too_many_connections(
         let mut served = false;
         for _ in 0..50 {
             let resp = client()
-                .request(post(&format!("{}/r/v1/chat/completions", kg.url), full("{}")))
+                .request(post(
+                    &format!("{}/r/v1/chat/completions", kg.url),
+                    full("{}"),
+                ))
                 .await
                 .unwrap();
             if resp.status() == 200 {
@@ -330,7 +356,11 @@ async fn dos_request_body_that_stalls_gets_408_and_is_audited() {
     for scan in ["", "request_scan = \"off\""] {
         let up = upstream(upstream_handler(Default::default())).await;
         let kg = Keygate::start(
-            &config(up.addr, "[connections]\nrequest_body_timeout = \"1s\"", scan),
+            &config(
+                up.addr,
+                "[connections]\nrequest_body_timeout = \"1s\"",
+                scan,
+            ),
             &env(),
         );
         let a = addr(&kg);
@@ -352,7 +382,10 @@ async fn dos_request_body_that_stalls_gets_408_and_is_audited() {
             .unwrap();
         let answer = String::from_utf8_lossy(&read_to_close(&mut s, Duration::from_secs(15)).await)
             .to_string();
-        assert!(answer.starts_with("HTTP/1.1 408"), "scan {scan:?}: {answer}");
+        assert!(
+            answer.starts_with("HTTP/1.1 408"),
+            "scan {scan:?}: {answer}"
+        );
         assert!(answer.contains("request_body_timeout"), "{answer}");
         let r = wait_for_record(&kg, Duration::from_secs(10), |r| r["status"] == 408)
             .expect("the 408 is audited");
@@ -391,8 +424,8 @@ async fn dos_http1_client_that_stops_reading_is_closed_and_audited_as_client_sta
         .expect("the stalled request is audited");
         assert_eq!(r["reason"], "client_stalled");
         assert!(closed_by_peer(&mut s, Duration::from_secs(10)).await);
-        let big = wait_for_record(&kg, Duration::from_secs(5), |r| r["path"] == "/r/v1/big")
-            .unwrap();
+        let big =
+            wait_for_record(&kg, Duration::from_secs(5), |r| r["path"] == "/r/v1/big").unwrap();
         assert_eq!(big["reason"], "allowed");
     })
     .await
@@ -440,7 +473,10 @@ async fn dos_response_past_max_response_time_is_ended_and_audited() {
     tokio::time::timeout(Duration::from_secs(25), async {
         // Benign neighbour: an answer that ends is passed whole.
         let resp = client()
-            .request(post(&format!("{}/r/v1/chat/completions", kg.url), full("{}")))
+            .request(post(
+                &format!("{}/r/v1/chat/completions", kg.url),
+                full("{}"),
+            ))
             .await
             .unwrap();
         assert_eq!(body_json(resp).await["ok"], true);
@@ -458,7 +494,10 @@ async fn dos_response_past_max_response_time_is_ended_and_audited() {
                 break;
             }
         }
-        assert!(ended_with_error, "a drip of 25 s must be cut at max_response_time");
+        assert!(
+            ended_with_error,
+            "a drip of 25 s must be cut at max_response_time"
+        );
     })
     .await
     .expect("bounded");
@@ -524,7 +563,10 @@ async fn dos_secret_command_gets_none_of_keygates_tokens_or_secrets() {
         ],
     );
     let resp = client()
-        .request(post(&format!("{}/cmd/v1/chat/completions", kg.url), full("{}")))
+        .request(post(
+            &format!("{}/cmd/v1/chat/completions", kg.url),
+            full("{}"),
+        ))
         .await
         .unwrap();
     assert_eq!(resp.status(), 200, "{}", body_json(resp).await);
@@ -534,7 +576,10 @@ async fn dos_secret_command_gets_none_of_keygates_tokens_or_secrets() {
         "Bearer sk-from-command-0123456789"
     );
     let env_txt = std::fs::read_to_string(out.path().join("env.txt")).unwrap();
-    assert!(!env_txt.contains(TOKEN), "the agent token leaked: {env_txt}");
+    assert!(
+        !env_txt.contains(TOKEN),
+        "the agent token leaked: {env_txt}"
+    );
     assert!(!env_txt.contains(KEY), "an env secret leaked: {env_txt}");
     assert!(!env_txt.contains("DOS_"), "{env_txt}");
     assert!(!env_txt.contains("UNRELATED_SETTING"), "{env_txt}");
@@ -551,7 +596,10 @@ async fn dos_secret_command_that_times_out_leaves_no_process_behind() {
     let out = tempfile::tempdir().unwrap();
     let kg = Keygate::start(&command_config(up.addr, out.path()), &env());
     let resp = client()
-        .request(post(&format!("{}/hang/v1/chat/completions", kg.url), full("{}")))
+        .request(post(
+            &format!("{}/hang/v1/chat/completions", kg.url),
+            full("{}"),
+        ))
         .await
         .unwrap();
     assert!(resp.status().is_server_error(), "{}", resp.status());
@@ -573,10 +621,16 @@ async fn dos_secret_command_that_times_out_leaves_no_process_behind() {
     while running() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(!running(), "the secret command's grandchild {pid} is still running");
+    assert!(
+        !running(),
+        "the secret command's grandchild {pid} is still running"
+    );
     // Benign neighbour: keygate is unharmed and serves the next request.
     let resp = client()
-        .request(post(&format!("{}/r/v1/chat/completions", kg.url), full("{}")))
+        .request(post(
+            &format!("{}/r/v1/chat/completions", kg.url),
+            full("{}"),
+        ))
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
@@ -607,11 +661,15 @@ fn dos_token_file_others_can_write_is_refused_by_serve_and_token_commands() {
     let cfg = cfg.to_str().unwrap();
     // Lifetimes under a second are refused; a second is fine.
     for ttl in ["0s", "500ms"] {
-        let o = keygate_cmd(&["token", "issue", "--config", cfg, "--agent", "coder", "--ttl", ttl]);
+        let o = keygate_cmd(&[
+            "token", "issue", "--config", cfg, "--agent", "coder", "--ttl", ttl,
+        ]);
         assert_eq!(o.status.code(), Some(2), "--ttl {ttl}");
         assert!(String::from_utf8_lossy(&o.stderr).contains("at least 1s"));
     }
-    let o = keygate_cmd(&["token", "issue", "--config", cfg, "--agent", "coder", "--ttl", "1s"]);
+    let o = keygate_cmd(&[
+        "token", "issue", "--config", cfg, "--agent", "coder", "--ttl", "1s",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
     let tokens = state.join("tokens.json");
@@ -624,7 +682,10 @@ fn dos_token_file_others_can_write_is_refused_by_serve_and_token_commands() {
         let o = keygate_cmd(args);
         assert!(!o.status.success(), "{args:?}");
         let err = String::from_utf8_lossy(&o.stderr);
-        assert!(err.contains("writable by group or others"), "{args:?}: {err}");
+        assert!(
+            err.contains("writable by group or others"),
+            "{args:?}: {err}"
+        );
     }
     let o = keygate_cmd(&["serve", "--config", cfg]);
     assert_eq!(o.status.code(), Some(2));
@@ -677,7 +738,10 @@ async fn signal_drains(sig: nix::sys::signal::Signal, then_term: bool) {
     let a = addr(&kg);
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(&a).await.is_ok() {
-        assert!(Instant::now() < deadline, "keygate kept accepting after {sig}");
+        assert!(
+            Instant::now() < deadline,
+            "keygate kept accepting after {sig}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // ...and the stream still finishes.
@@ -695,7 +759,11 @@ async fn signal_drains(sig: nix::sys::signal::Signal, then_term: bool) {
     assert_eq!(requests, expected, "{sig}: {all:?}");
     assert_eq!(all.last().unwrap()["event"], "stop", "{sig}");
     let v = keygate_cmd(&["audit", "verify", kg.audit.to_str().unwrap()]);
-    assert!(v.status.success(), "{sig}: {}", String::from_utf8_lossy(&v.stdout));
+    assert!(
+        v.status.success(),
+        "{sig}: {}",
+        String::from_utf8_lossy(&v.stdout)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

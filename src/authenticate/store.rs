@@ -68,7 +68,10 @@ fn check_trusted(path: &Path, meta: &fs::Metadata, fix: &'static str) -> Result<
     let why = if meta.uid() != me {
         format!("owned by uid {}, not by keygate's uid {me}", meta.uid())
     } else if meta.mode() & 0o022 != 0 {
-        format!("writable by group or others (mode {:o})", meta.mode() & 0o777)
+        format!(
+            "writable by group or others (mode {:o})",
+            meta.mode() & 0o777
+        )
     } else {
         return Ok(());
     };

@@ -251,16 +251,28 @@ fn connections(cx: &Ctx, c: &RawConnections) -> Result<Connections, ConfigError>
     };
     let max_per_listener = match &c.max_per_listener {
         Some(m) if *m.get_ref() == 0 => {
-            return cx.err(m.span(), "connections.max_per_listener", "must be at least 1")
+            return cx.err(
+                m.span(),
+                "connections.max_per_listener",
+                "must be at least 1",
+            )
         }
         Some(m) => *m.get_ref(),
         None => d.max_per_listener,
     };
     Ok(Connections {
-        first_request_timeout: dur(&c.first_request_timeout, "first_request_timeout", d.first_request_timeout)?,
+        first_request_timeout: dur(
+            &c.first_request_timeout,
+            "first_request_timeout",
+            d.first_request_timeout,
+        )?,
         idle_timeout: dur(&c.idle_timeout, "idle_timeout", d.idle_timeout)?,
         max_per_listener,
-        request_body_timeout: dur(&c.request_body_timeout, "request_body_timeout", d.request_body_timeout)?,
+        request_body_timeout: dur(
+            &c.request_body_timeout,
+            "request_body_timeout",
+            d.request_body_timeout,
+        )?,
     })
 }
 
