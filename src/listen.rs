@@ -28,7 +28,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, watch};
 
 use crate::audit::Record;
 use crate::config::{Connections, Listen};
@@ -191,10 +191,9 @@ struct Slots {
 
 /// What the listener knows of one open connection.
 struct Tracked {
-    /// Drops the connection at once (a stalled client).
+    /// Drops the connection at once: a stalled client, or evicted to make room (it is idle, so
+    /// nothing is lost, and a graceful close would hold its descriptor while a flood goes on).
     close: Closer,
-    /// Asks it to close gracefully (evicted to make room).
-    evict: Notify,
     in_flight: AtomicUsize,
     /// Milliseconds after `Slots::epoch` when the connection last became idle.
     idle_since: AtomicU64,
@@ -230,13 +229,12 @@ impl Slots {
                 .min_by_key(|(_, t)| t.idle_since.load(Ordering::Relaxed))
                 .map(|(id, _)| *id)?;
             if let Some(t) = open.remove(&victim) {
-                t.evict.notify_one();
+                t.close.close();
             }
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let t = Arc::new(Tracked {
             close: Closer::default(),
-            evict: Notify::new(),
             in_flight: AtomicUsize::new(0),
             idle_since: AtomicU64::new(self.now_ms()),
             served: AtomicBool::new(false),
@@ -428,10 +426,6 @@ impl Accepted {
                     _ = conn.as_mut() => break,
                     _ = tracked.close.closed() => break,
                     _ = tokio::time::sleep_until(bound), if closing.flatten().is_some() => break,
-                    _ = tracked.evict.notified(), if closing.is_none() => {
-                        conn.as_mut().graceful_shutdown();
-                        closing = Some(Some(tokio::time::Instant::now() + CLOSE_WITHIN));
-                    }
                     _ = stop.changed(), if closing.is_none() => {
                         conn.as_mut().graceful_shutdown();
                         closing = Some(None);
