@@ -1,5 +1,6 @@
 //! `keygate serve` and `keygate check`: load the config, build the pipeline's state, start the
-//! listeners, and run until a terminating signal (TERM, INT, QUIT, USR1, USR2), then drain and
+//! listeners, and run until a terminating signal (TERM, INT, QUIT, USR1, USR2, ALRM, VTALRM,
+//! PROF, XCPU, IO, PWR), then drain and
 //! write the `stop` record. SIGHUP is logged and ignored until reload exists; SIGPIPE is ignored
 //! (Rust's runtime already does so).
 
@@ -177,6 +178,7 @@ async fn serve(
 struct Signals {
     stop: Vec<(&'static str, tokio::signal::unix::Signal)>,
     hangup: tokio::signal::unix::Signal,
+    _file_size: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -189,12 +191,21 @@ impl Signals {
             ("SIGQUIT", SignalKind::quit()),
             ("SIGUSR1", SignalKind::user_defined1()),
             ("SIGUSR2", SignalKind::user_defined2()),
+            ("SIGALRM", SignalKind::alarm()),
+            ("SIGVTALRM", SignalKind::from_raw(nix::libc::SIGVTALRM)),
+            ("SIGPROF", SignalKind::from_raw(nix::libc::SIGPROF)),
+            ("SIGXCPU", SignalKind::from_raw(nix::libc::SIGXCPU)),
+            ("SIGIO", SignalKind::io()),
+            ("SIGPWR", SignalKind::from_raw(nix::libc::SIGPWR)),
         ] {
             stop.push((name, signal(kind)?));
         }
         Ok(Signals {
             stop,
             hangup: signal(SignalKind::hangup())?,
+            // Over the file-size limit a write fails (EFBIG, reported by the audit log) instead
+            // of the process dying with records unwritten.
+            _file_size: signal(SignalKind::from_raw(nix::libc::SIGXFSZ))?,
         })
     }
 

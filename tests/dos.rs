@@ -775,9 +775,14 @@ async fn dos_sigterm_and_sigint_drain_and_write_every_record() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dos_sigquit_sigusr1_and_sigusr2_drain_and_write_every_record() {
+async fn dos_sigquit_sigusr1_sigusr2_and_sigalrm_drain_and_write_every_record() {
     use nix::sys::signal::Signal;
-    for sig in [Signal::SIGQUIT, Signal::SIGUSR1, Signal::SIGUSR2] {
+    for sig in [
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGALRM,
+    ] {
         signal_drains(sig, false).await;
     }
 }
