@@ -30,9 +30,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, watch};
 
-use crate::audit::Record;
+use crate::audit::{Decision, Reason, Record};
 use crate::config::{Connections, Listen};
-use crate::error::Rejection;
+use crate::error::{Code, Rejection};
 use crate::forward::{Body, BoxError};
 use crate::guard::timeout::Closer;
 use crate::guard::Peer;
@@ -461,7 +461,7 @@ impl Accepted {
         } = self;
         let max = slots.max;
         let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-            let resp = refuse_overloaded(&state, &peer, &listener, &req, max);
+            let resp = refuse_overloaded(&state, &peer, &listener, req, max);
             async move { Ok::<_, std::convert::Infallible>(resp) }
         });
         let mut b = builder();
@@ -496,16 +496,16 @@ impl Tracked {
 }
 
 /// 503 `too_many_connections`, with its audit record.
-fn refuse_overloaded<B>(
+fn refuse_overloaded(
     state: &State,
     peer: &Peer,
     listener: &str,
-    req: &http::Request<B>,
+    req: http::Request<hyper::body::Incoming>,
     max: usize,
 ) -> http::Response<Body> {
     use http_body_util::BodyExt;
-    let rejection = Rejection::unavailable(
-        "too_many_connections",
+    let rejection = Rejection::new(
+        Code::TooManyConnections,
         format!("keygate has {max} busy connections on this listener; retry shortly"),
     );
     let request_id = {
@@ -513,30 +513,16 @@ fn refuse_overloaded<B>(
         let n: u128 = rand::rng().random();
         format!("req_{:024x}", n >> 32)
     };
+    let (head, _) = req.into_parts();
     let mut resp = rejection.to_response(&request_id);
-    let pending = state.audit.begin(Record {
-        time: crate::audit::now_rfc3339(),
-        request_id: request_id.clone(),
-        method: req.method().to_string(),
-        path: req.uri().path().chars().take(2048).collect(),
-        policy_version: state.policy_version.clone(),
-        listener: listener.to_string(),
-        peer: match peer {
-            Peer::Unix { uid, pid } => Some(crate::audit::PeerRecord {
-                uid: *uid,
-                pid: *pid,
-            }),
-            Peer::Tcp(_) => None,
-        },
-        person: state.default_person.clone(),
-        decision: "deny",
-        reason: rejection.code.into(),
-        status: rejection.status.as_u16(),
-        blame: Some(rejection.blame),
-        bytes_out: resp.body().len() as u64,
-        ..Record::default()
-    });
-    pending.finish();
+    let mut record = Record::request(&head, &request_id, peer, listener, &state.policy_version);
+    record.person = state.default_person.clone();
+    record.decision = Decision::Deny;
+    record.reason = Reason::Refused(rejection.code);
+    record.status = rejection.status().as_u16();
+    record.blame = Some(rejection.blame());
+    record.bytes_out = resp.body().len() as u64;
+    state.audit.begin(record).finish();
     resp.headers_mut().insert(
         http::header::CONNECTION,
         http::HeaderValue::from_static("close"),

@@ -16,6 +16,13 @@ use std::fmt;
 use zeroize::Zeroizing;
 
 /// A credential value. Cloning copies the bytes into another zeroizing buffer.
+///
+/// Its bytes are out of reach outside the crate, and inside it only `credential` may read them:
+///
+/// ```compile_fail,E0624
+/// let s = keygate::secret::Secret::new("openai", b"sk-not-a-real-key-0000".to_vec());
+/// let leaked = s.expose();
+/// ```
 #[derive(Clone)]
 pub struct Secret {
     value: Zeroizing<Vec<u8>>,
@@ -39,9 +46,15 @@ impl Secret {
         Secret { value, key_id }
     }
 
-    /// The raw bytes. Call only to attach the credential upstream or to teach the redactor.
-    pub fn expose(&self) -> &[u8] {
+    /// The raw bytes. Only the `credential` stage calls this, to attach the credential upstream
+    /// or to teach the redactor; clippy's `disallowed-methods` refuses every other call site.
+    pub(crate) fn expose(&self) -> &[u8] {
         &self.value
+    }
+
+    /// The value's length in bytes, for bounds checks that need no more.
+    pub fn len(&self) -> usize {
+        self.value.len()
     }
 
     pub fn key_id(&self) -> &KeyId {
@@ -88,6 +101,7 @@ impl fmt::Display for KeyId {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests compare held values
 mod tests {
     use super::*;
 

@@ -3,10 +3,11 @@
 //!
 //! - [`ReadTimeout`]: the request body must deliver a frame within the idle time once it is
 //!   polled; otherwise it fails with [`BodyTimedOut`] (408 `request_body_timeout`).
-//! - [`ResponseWatch`]: the response body tells it when it hands hyper a frame and when hyper
-//!   asks for the next; a watchdog task notices when hyper does not come back (the client stopped
-//!   reading, so the socket or the HTTP/2 window is full) and closes the connection through its
-//!   [`Closer`]. It also enforces a route's `max_response_time`.
+//! - [`ResponseWatch`]: wraps the response body ([`Watched`]) to see when it hands hyper a frame
+//!   and when hyper asks for the next; a watchdog task notices when hyper does not come back (the
+//!   client stopped reading, so the socket or the HTTP/2 window is full) and closes the
+//!   connection through its [`Closer`]. It also enforces a route's `max_response_time`. The
+//!   [`Verdict`] tells the audit record why the body ended.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -16,12 +17,12 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::StatusCode;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
-use crate::error::Rejection;
+use crate::audit::Reason;
+use crate::error::{Code, Rejection};
 use crate::forward::BoxError;
 
 /// The request body sent nothing within the body timeout.
@@ -32,16 +33,9 @@ pub struct BodyTimedOut(pub Duration);
 /// 408 `request_body_timeout`.
 pub fn body_timeout_rejection(idle: Duration) -> Rejection {
     Rejection::new(
-        StatusCode::REQUEST_TIMEOUT,
-        "request_body_timeout",
+        Code::RequestBodyTimeout,
         format!("the request body sent nothing for {idle:?}; send the body without pauses"),
     )
-}
-
-/// The refusal for a body read error that was a timeout, if it was one.
-pub fn read_error(e: &BoxError) -> Option<Rejection> {
-    e.downcast_ref::<BodyTimedOut>()
-        .map(|t| body_timeout_rejection(t.0))
 }
 
 /// A request body that fails when a frame takes longer than `idle` to arrive. The clock runs
@@ -152,16 +146,12 @@ impl Closer {
     }
 }
 
-/// Why a [`ResponseWatch`] ended a response; the audit record's `reason`.
-pub const CLIENT_STALLED: &str = "client_stalled";
-pub const RESPONSE_TIME_EXCEEDED: &str = "max_response_time_exceeded";
-
 #[derive(Default)]
 struct WatchState {
     /// Set when a frame was handed to hyper and it has not asked for the next one yet.
     handed_at: Option<Instant>,
     waker: Option<Waker>,
-    verdict: Option<&'static str>,
+    verdict: Option<Reason>,
     done: bool,
 }
 
@@ -193,14 +183,14 @@ impl ResponseWatch {
     }
 
     /// hyper asks for the next frame; `Some(reason)` when the response must end now.
-    pub fn polled(&self, cx: &Context<'_>) -> Option<&'static str> {
+    pub fn polled(&self, cx: &Context<'_>) -> Option<Reason> {
         let mut s = lock(&self.shared.state);
         s.handed_at = None;
         match &s.waker {
             Some(w) if w.will_wake(cx.waker()) => {}
             _ => s.waker = Some(cx.waker().clone()),
         }
-        s.verdict
+        s.verdict.clone()
     }
 
     /// A frame was handed to hyper.
@@ -209,8 +199,21 @@ impl ResponseWatch {
     }
 
     /// Why the watchdog ended the response, if it did.
-    pub fn verdict(&self) -> Option<&'static str> {
-        lock(&self.shared.state).verdict
+    pub fn verdict(&self) -> Option<Reason> {
+        lock(&self.shared.state).verdict.clone()
+    }
+
+    /// A handle the audit record reads the verdict from when the body ends.
+    pub fn verdict_handle(&self) -> Verdict {
+        Verdict(self.shared.clone())
+    }
+
+    /// `body`, watched: see the module docs.
+    pub fn wrap<B>(self, body: B) -> Watched<B> {
+        Watched {
+            inner: body,
+            watch: self,
+        }
     }
 
     /// The response ended; the watchdog stops.
@@ -223,6 +226,65 @@ impl ResponseWatch {
 impl Drop for ResponseWatch {
     fn drop(&mut self) {
         self.done();
+    }
+}
+
+/// Why a [`ResponseWatch`] ended its response, read when the body ends.
+pub struct Verdict(Arc<Shared>);
+
+impl Verdict {
+    pub fn get(&self) -> Option<Reason> {
+        lock(&self.0.state).verdict.clone()
+    }
+}
+
+/// A response body under a [`ResponseWatch`].
+pub struct Watched<B> {
+    inner: B,
+    watch: ResponseWatch,
+}
+
+/// The response ended early by the watch.
+#[derive(Debug, thiserror::Error)]
+#[error("response ended: {0:?}")]
+pub struct Ended(pub Reason);
+
+impl<B> HttpBody for Watched<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if let Some(reason) = this.watch.polled(cx) {
+            return Poll::Ready(Some(Err(Box::new(Ended(reason)))));
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(f))) => {
+                this.watch.handed();
+                Poll::Ready(Some(Ok(f)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => {
+                this.watch.done();
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -250,9 +312,9 @@ async fn watchdog(
             let expired = deadline.is_some_and(|d| now >= d);
             if stalled || expired {
                 s.verdict = Some(if stalled {
-                    CLIENT_STALLED
+                    Reason::ClientStalled
                 } else {
-                    RESPONSE_TIME_EXCEEDED
+                    Reason::MaxResponseTimeExceeded
                 });
                 if s.handed_at.is_some() {
                     // hyper is blocked writing and will not poll the body again: only closing
@@ -302,8 +364,11 @@ mod tests {
         let probe = body.probe();
         let e = body.collect().await.err().unwrap();
         assert!(e.is::<BodyTimedOut>(), "{e}");
-        let r = probe.explain(Rejection::bad_request("x", "y"));
-        assert_eq!((r.status.as_u16(), r.code), (408, "request_body_timeout"));
+        let r = probe.explain(Rejection::new(Code::BadRequest, "y"));
+        assert_eq!(
+            (r.status().as_u16(), r.code),
+            (408, Code::RequestBodyTimeout)
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -312,8 +377,8 @@ mod tests {
         let body = ReadTimeout::new(body, Duration::from_secs(5));
         let probe = body.probe();
         assert_eq!(body.collect().await.unwrap().to_bytes(), "hello");
-        let r = probe.explain(Rejection::bad_request("x", "y"));
-        assert_eq!(r.code, "x");
+        let r = probe.explain(Rejection::new(Code::BadRequest, "y"));
+        assert_eq!(r.code, Code::BadRequest);
     }
 
     #[tokio::test(start_paused = true)]
@@ -324,7 +389,7 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(6), closer.closed())
             .await
             .unwrap();
-        assert_eq!(watch.verdict(), Some(CLIENT_STALLED));
+        assert_eq!(watch.verdict(), Some(Reason::ClientStalled));
     }
 
     #[tokio::test(start_paused = true)]
