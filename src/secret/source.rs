@@ -328,8 +328,8 @@ async fn run_command(
             reason: e.to_string(),
         })?;
 
-    // The group id is the child's pid, reserved until the child is reaped, so the kill below
-    // cannot reach an unrelated group.
+    // The group id is the child's pid: on timeout it is killed before the child is reaped, so
+    // the id cannot have been reused.
     let mut group = GroupKiller(
         child
             .id()
@@ -359,10 +359,11 @@ async fn run_command(
             }
         };
         tokio::join!(read_out, read_err);
-        // Whatever the command left running in its group goes with it; the child is not yet
-        // reaped here, so its group id is still its own.
-        group.kill();
+        // The command may still be exiting after closing its output: reap it first, so the kill
+        // below cannot turn a success into a failure. Then whatever it left running in its group
+        // goes too (a group with members keeps its id from being reused).
         let status = child.wait().await;
+        group.kill();
         (out, err.len(), status)
     };
     let (out, stderr_bytes, status) = match tokio::time::timeout(timeout, work).await {
