@@ -393,7 +393,7 @@ async fn dos_request_body_that_stalls_gets_408_and_is_audited() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dos_http1_client_that_stops_reading_is_closed_and_audited_as_client_stalled() {
     let up = upstream(upstream_handler(Default::default())).await;
-    let kg = Keygate::start(&config(up.addr, "", "timeout = \"1s\""), &env());
+    let kg = Keygate::start(&config(up.addr, "", "timeout = \"2s\""), &env());
     let a = addr(&kg);
     tokio::time::timeout(Duration::from_secs(28), async {
         // Benign neighbour: a large answer read to the end completes and is audited as allowed.
@@ -431,7 +431,7 @@ async fn dos_http1_client_that_stops_reading_is_closed_and_audited_as_client_sta
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dos_h2_client_that_stops_reading_is_closed_and_audited_as_client_stalled() {
     let up = upstream(upstream_handler(Default::default())).await;
-    let kg = Keygate::start(&config(up.addr, "", "timeout = \"1s\""), &env());
+    let kg = Keygate::start(&config(up.addr, "", "timeout = \"2s\""), &env());
     tokio::time::timeout(Duration::from_secs(28), async {
         let c = h2c_client();
         // Benign neighbour on the same kind of connection.
@@ -465,7 +465,7 @@ async fn dos_h2_client_that_stops_reading_is_closed_and_audited_as_client_stalle
 #[tokio::test]
 async fn dos_response_past_max_response_time_is_ended_and_audited() {
     let up = upstream(upstream_handler(Default::default())).await;
-    let kg = Keygate::start(&config(up.addr, "", "max_response_time = \"1s\""), &env());
+    let kg = Keygate::start(&config(up.addr, "", "max_response_time = \"3s\""), &env());
     tokio::time::timeout(Duration::from_secs(25), async {
         // Benign neighbour: an answer that ends is passed whole.
         let resp = client()
