@@ -102,6 +102,8 @@ pub struct Route {
     /// it keeps moving.
     #[serde(skip_serializing_if = "Option::is_none", with = "humantime_serde_opt")]
     pub max_response_time: Option<Duration>,
+    /// Whether `Range` (and `If-Range`, `Request-Range`) go upstream; off, they are dropped.
+    pub allow_range: bool,
 }
 
 /// Bounds on every connection a listener accepts (`[connections]`), so idle or stalled peers

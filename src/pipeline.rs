@@ -143,7 +143,7 @@ async fn process(
 
     // guard
     state.guard.check(&head, peer)?;
-    guard::strip_hop_by_hop(&mut head.headers);
+    guard::strip_request(&mut head.headers);
     state.audit.check_writable(config.audit_fail_closed)?;
     if local::is_healthz(&head) {
         let resp = local::healthz(

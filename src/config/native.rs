@@ -91,6 +91,7 @@ struct RawRoute {
     require_json: Option<bool>,
     request_scan: Option<RequestScan>,
     max_response_time: Option<Spanned<String>>,
+    allow_range: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -486,6 +487,7 @@ fn route(
         timeout,
         require_json: r.require_json.unwrap_or(false),
         request_scan: r.request_scan.unwrap_or(default_scan),
+        allow_range: r.allow_range.unwrap_or(false),
     })
 }
 

@@ -160,6 +160,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         require_json: true,
         request_scan: raw.request_scan.unwrap_or(RequestScan::Refuse),
         max_response_time: None,
+        allow_range: false,
     };
     let agent = Agent {
         name: if raw.client_token_env.is_some() {
