@@ -515,7 +515,16 @@ fn refuse_overloaded(
     };
     let (head, _) = req.into_parts();
     let mut resp = rejection.to_response(&request_id);
-    let mut record = Record::request(&head, &request_id, peer, listener, &state.policy_version);
+    // The path is redacted like every other record's: it is the agent's to write.
+    let scanner = state.credentials.scanner();
+    let mut record = Record::request(
+        &head,
+        &request_id,
+        peer,
+        listener,
+        &state.policy_version,
+        &scanner,
+    );
     record.person = state.default_person.clone();
     record.decision = Decision::Deny;
     record.reason = Reason::Refused(rejection.code);

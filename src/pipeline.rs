@@ -70,7 +70,15 @@ pub async fn handle(
     let request_id = new_request_id();
     let (head, body) = req.into_parts();
     let closer = head.extensions.get::<timeout::Closer>().cloned();
-    let mut record = Record::request(&head, &request_id, &peer, &listener, &state.policy_version);
+    let scanner = state.credentials.scanner();
+    let mut record = Record::request(
+        &head,
+        &request_id,
+        &peer,
+        &listener,
+        &state.policy_version,
+        &scanner,
+    );
     record.person = state.default_person.clone();
     let mut pending = state.audit.begin(record);
 
@@ -125,8 +133,8 @@ struct Upstream {
     resp: Response<Incoming>,
     request_redacted: bool,
     route: usize,
-    /// The agent whose budget the answer's usage is charged to.
-    budgeted: Option<usize>,
+    /// The agent the answer's usage is recorded for (and charged to, if it has a budget).
+    metered: usize,
 }
 
 async fn process(
@@ -211,7 +219,7 @@ async fn process(
         resp,
         request_redacted,
         route: route_id,
-        budgeted: config.agents[agent].budget.as_ref().map(|_| agent),
+        metered: agent,
     }))
 }
 
@@ -299,10 +307,11 @@ fn returning(
         head.headers.remove(header::CONTENT_LENGTH);
         redactor.stream()
     });
-    let meter = up.budgeted.map(|agent| {
-        let state = state.clone();
-        Meter::new(move |tokens| state.policy.record_tokens(agent, tokens))
-    });
+    // Usage is recorded for every agent; `record_tokens` charges only those with a budget.
+    let meter = {
+        let (state, agent) = (state.clone(), up.metered);
+        Some(Meter::new(move |t| state.policy.record_tokens(agent, t)))
+    };
     let route = &state.config.routes[up.route];
     let watch = timeout::ResponseWatch::start(route.timeout, route.max_response_time, closer);
     let finishing = Finishing::new(pending, start, meter).watched(watch.verdict_handle());
