@@ -102,6 +102,10 @@ pub struct Route {
     /// it keeps moving.
     #[serde(skip_serializing_if = "Option::is_none", with = "humantime_serde_opt")]
     pub max_response_time: Option<Duration>,
+    /// Output tokens a budgeted agent's request on this route books when its body names no
+    /// `max_tokens`; overrides the agent's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget_reserve: Option<u64>,
     /// Whether `Range` (and `If-Range`, `Request-Range`) go upstream; off, they are dropped.
     pub allow_range: bool,
 }
@@ -204,6 +208,9 @@ pub struct Agent {
     pub routes: Option<Vec<String>>,
     pub rate: Option<Rate>,
     pub budget: Option<Budget>,
+    /// Output tokens this agent's request books when its body names no `max_tokens`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget_reserve: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

@@ -160,6 +160,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         require_json: true,
         request_scan: raw.request_scan.unwrap_or(RequestScan::Refuse),
         max_response_time: None,
+        budget_reserve: None,
         allow_range: false,
     };
     let agent = Agent {
@@ -174,6 +175,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         routes: None,
         rate: None,
         budget: None,
+        budget_reserve: None,
     };
 
     Ok(Config {
