@@ -12,3 +12,4 @@ mod dos;
 mod hook_claude_code;
 mod proxy;
 mod redact_cli;
+mod redact_response;
