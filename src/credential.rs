@@ -160,7 +160,7 @@ impl Credentials {
     pub async fn prefetch(&self) -> Vec<(String, String)> {
         let mut set = tokio::task::JoinSet::new();
         for (name, entry) in &self.entries {
-            if !entry.spec.source.prefetchable() {
+            if entry.spec.lazy || !entry.spec.source.prefetchable() {
                 continue;
             }
             let spec = entry.spec.clone();
