@@ -60,6 +60,10 @@ impl DetectorSet {
         self.0 == 0
     }
 
+    pub(crate) fn union(self, other: DetectorSet) -> DetectorSet {
+        DetectorSet(self.0 | other.0)
+    }
+
     pub(crate) fn has(self, det: usize) -> bool {
         self.0 & (1 << det) != 0
     }
@@ -162,7 +166,11 @@ enum Shape {
     /// `head` (a regex anchored at the anchor, at most `head_max` bytes), then a run of `value`
     /// bytes of `min..=max` (the longest run, cut at `max`).
     Run {
+        #[cfg_attr(not(test), allow(dead_code))]
         head: &'static str,
+        /// `head` matched by hand, byte by byte: a regex call per anchor was most of the cost
+        /// when anchors are dense. `head` stays the definition (a test compares the two).
+        parse: Option<fn(&[u8]) -> Option<usize>>,
         /// Instead of `head`: the first of these literals the window starts with (longest
         /// first). A literal compare per anchor instead of a regex call.
         literal_heads: &'static [&'static str],
@@ -227,6 +235,7 @@ const fn token(
         keyword: false,
         shape: Shape::Run {
             head: "",
+            parse: None,
             literal_heads: heads,
             head_max: 16,
             value,
@@ -319,6 +328,7 @@ static SPECS: &[Spec] = &[
         keyword: false,
         shape: Shape::Run {
             head: r#"^A[KS]IA[A-Z0-9]{16}(?:\\?["'])?[ \t]{0,16}[,:;|=\t][ \t]{0,16}(?:\\?["'])?"#,
+            parse: Some(head_aws_id_pair),
             literal_heads: &[],
             head_max: 60,
             value: &BASE64_BODY,
@@ -338,6 +348,7 @@ static SPECS: &[Spec] = &[
         keyword: true,
         shape: Shape::Run {
             head: r#"(?i)^secret[_-]?access[_-]?key(?:\\?["'])?[ \t]{0,16}(?::=|=>|=|:)[ \t]{0,16}(?:\\?["'])?"#,
+            parse: Some(head_aws_secret_keyword),
             literal_heads: &[],
             head_max: 60,
             value: &BASE64_BODY,
@@ -426,6 +437,7 @@ static SPECS: &[Spec] = &[
         keyword: true,
         shape: Shape::Run {
             head: r#"(?i)^authorization(?:\\?["'])?[ \t]{0,64}[:=][ \t]{0,64}(?:\\?["'])?(?:(?:bearer|basic|token|bot|apikey|sso-key)[ \t]{1,64})?"#,
+            parse: Some(head_authorization),
             literal_heads: &[],
             head_max: 220,
             value: &AUTH_VALUE,
@@ -447,6 +459,7 @@ static SPECS: &[Spec] = &[
         keyword: true,
         shape: Shape::Run {
             head: r#"(?i)^(?:password|passwd|pwd|secret|token|api[_-]?key)[A-Za-z0-9_.-]{0,32}(?:\\?["'])?[ \t]{0,64}(?::=|=>|=|:)[ \t]{0,64}(?:\\?["'`])?"#,
+            parse: Some(head_password),
             literal_heads: &[],
             head_max: 180,
             value: &PASSWORD_VALUE,
@@ -501,8 +514,6 @@ pub(crate) struct Detectors {
     by_anchor: Vec<Vec<usize>>,
     /// Anchor literals, for the stream's "could this tail still start an anchor" question.
     pub(crate) literals: Vec<Vec<u8>>,
-    /// `SPECS[i]`'s head pattern (`None` for JWT and PEM, which are parsed by hand).
-    heads: Vec<Option<Regex>>,
     pem_header: Regex,
     pem_end: Regex,
 }
@@ -613,18 +624,10 @@ impl Detectors {
             .kind(Some(AhoCorasickKind::DFA))
             .build(&literals)
             .expect("anchor automaton from constant literals");
-        let heads = SPECS
-            .iter()
-            .map(|s| match s.shape {
-                Shape::Run { head, .. } if !head.is_empty() => Some(compile(head)),
-                _ => None,
-            })
-            .collect();
         Detectors {
             anchors,
             by_anchor,
             literals,
-            heads,
             pem_header: compile(r"^-{5}BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-{5}"),
             pem_end: compile(r"-{5}END[A-Z0-9 ]{0,40}-{5}"),
         }
@@ -735,6 +738,7 @@ impl Detectors {
         match &spec.shape {
             Shape::Jwt => self.eval_jwt(st, buf, at, end),
             Shape::Run {
+                parse,
                 literal_heads,
                 head_max,
                 value,
@@ -746,8 +750,8 @@ impl Detectors {
                 ..
             } => {
                 let window = &buf[at..end.min(at + head_max)];
-                let head_len = match &self.heads[det] {
-                    Some(head) => head.find(window).map(|h| h.end()),
+                let head_len = match parse {
+                    Some(parse) => parse(window),
                     None => literal_heads
                         .iter()
                         .find(|l| window.starts_with(l.as_bytes()))
@@ -959,6 +963,135 @@ fn query_cut(buf: &[u8], vs: usize, ve: usize) -> usize {
         from = amp + 1;
     }
     ve
+}
+
+/// `\\?["']` (or with `quotes`): an optional quote, JSON-escaped or not; where it ends.
+fn opt_quote(w: &[u8], i: usize, quotes: &[u8]) -> usize {
+    match (w.get(i), w.get(i + 1)) {
+        (Some(b'\\'), Some(q)) if quotes.contains(q) => i + 2,
+        (Some(q), _) if quotes.contains(q) => i + 1,
+        _ => i,
+    }
+}
+
+/// The length of the run of blanks (`[ \t]`) at `i`.
+fn blank_run(w: &[u8], i: usize) -> usize {
+    w.get(i..).map_or(0, |t| {
+        t.iter().take_while(|b| matches!(b, b' ' | b'\t')).count()
+    })
+}
+
+/// `lit` at `i`, ignoring ASCII case; where it ends.
+fn lit_ci(w: &[u8], i: usize, lit: &[u8]) -> Option<usize> {
+    let e = i + lit.len();
+    w.get(i..e)?.eq_ignore_ascii_case(lit).then_some(e)
+}
+
+/// `(?:\\?["'])?[ \t]{0,B}(?::=|=>|=|:)[ \t]{0,B}(?:\\?[Q])?` at `i`: the assignment after a
+/// keyword. Every part but the operator is optional and the parts cannot start with one
+/// another's bytes, so the greedy choice at each step is the regex's.
+fn assignment(w: &[u8], i: usize, blanks: usize, quotes: &[u8]) -> Option<usize> {
+    let i = opt_quote(w, i, b"\"'");
+    let r = blank_run(w, i);
+    if r > blanks {
+        return None;
+    }
+    let i = i + r;
+    let i = match (w.get(i)?, w.get(i + 1)) {
+        (b':', Some(b'=')) | (b'=', Some(b'>')) => i + 2,
+        (b':' | b'=', _) => i + 1,
+        _ => return None,
+    };
+    let i = i + blank_run(w, i).min(blanks);
+    Some(opt_quote(w, i, quotes))
+}
+
+/// `^A[KS]IA[A-Z0-9]{16}(?:\\?["'])?[ \t]{0,16}[,:;|=\t][ \t]{0,16}(?:\\?["'])?`
+fn head_aws_id_pair(w: &[u8]) -> Option<usize> {
+    let id = w.get(..20)?;
+    if !(id[0] == b'A'
+        && matches!(id[1], b'K' | b'S')
+        && &id[2..4] == b"IA"
+        && id[4..].iter().all(|b| UPPER_DIGIT[usize::from(*b)]))
+    {
+        return None;
+    }
+    let i = opt_quote(w, 20, b"\"'");
+    // A tab is a blank and a separator: the regex gives blanks back until a separator follows.
+    let r = blank_run(w, i);
+    let k = (0..=r.min(16))
+        .rev()
+        .find(|&k| w.get(i + k).is_some_and(|b| b",:;|=\t".contains(b)))?;
+    let i = i + k + 1;
+    let i = i + blank_run(w, i).min(16);
+    Some(opt_quote(w, i, b"\"'"))
+}
+
+/// `(?i)^secret[_-]?access[_-]?key` and an assignment (blanks up to 16, quotes `"'`).
+fn head_aws_secret_keyword(w: &[u8]) -> Option<usize> {
+    let sep = |i: usize| i + usize::from(matches!(w.get(i), Some(b'_' | b'-')));
+    let i = lit_ci(w, 0, b"secret")?;
+    let i = lit_ci(w, sep(i), b"access")?;
+    let i = lit_ci(w, sep(i), b"key")?;
+    assignment(w, i, 16, b"\"'")
+}
+
+/// `(?i)^authorization(?:\\?["'])?[ \t]{0,64}[:=][ \t]{0,64}(?:\\?["'])?` and an optional
+/// scheme word followed by 1 to 64 blanks.
+fn head_authorization(w: &[u8]) -> Option<usize> {
+    let i = lit_ci(w, 0, b"authorization")?;
+    let i = opt_quote(w, i, b"\"'");
+    let r = blank_run(w, i);
+    if r > 64 {
+        return None;
+    }
+    let i = i + r;
+    if !matches!(w.get(i)?, b':' | b'=') {
+        return None;
+    }
+    let i = i + 1;
+    let i = i + blank_run(w, i).min(64);
+    let i = opt_quote(w, i, b"\"'");
+    // No scheme word is a prefix of another, so at most one matches here.
+    let scheme = [
+        &b"bearer"[..],
+        b"basic",
+        b"token",
+        b"bot",
+        b"apikey",
+        b"sso-key",
+    ]
+    .iter()
+    .find_map(|s| lit_ci(w, i, s));
+    Some(match scheme {
+        Some(j) if blank_run(w, j) > 0 => j + blank_run(w, j).min(64),
+        _ => i,
+    })
+}
+
+/// `(?i)^(?:password|passwd|pwd|secret|token|api[_-]?key)[A-Za-z0-9_.-]{0,32}` and an
+/// assignment (blanks up to 64, quotes ``"'` ``).
+fn head_password(w: &[u8]) -> Option<usize> {
+    let i = [&b"password"[..], b"passwd", b"pwd", b"secret", b"token"]
+        .iter()
+        .find_map(|k| lit_ci(w, 0, k))
+        .or_else(|| {
+            let i = lit_ci(w, 0, b"api")?;
+            lit_ci(
+                w,
+                i + usize::from(matches!(w.get(i), Some(b'_' | b'-'))),
+                b"key",
+            )
+        })?;
+    // An identifier longer than 32 leaves an identifier byte where the assignment must start.
+    let n = w[i..]
+        .iter()
+        .take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        .count();
+    if n > 32 {
+        return None;
+    }
+    assignment(w, i + n, 64, b"\"'`")
 }
 
 /// Whether the head (`Authorization: Basic `) names the Basic scheme.
@@ -1228,6 +1361,35 @@ mod tests {
                 .iter()
                 .filter(|s| s.name == name)
                 .all(|s| s.class == Class::Generic));
+        }
+    }
+
+    proptest::proptest! {
+        /// Each hand-written head matches exactly what its regex matches (the definition), on
+        /// windows made of the bytes the heads care about.
+        #[test]
+        fn hand_written_heads_agree_with_their_regexes(
+            start in proptest::sample::select(vec![
+                "password", "PassWd", "PWD", "secret", "Token", "api_key", "API-KEY", "apikey",
+                "secret_access_key", "SECRET-ACCESSKEY", "secretaccess_key", "authorization",
+                "Authorization", "AKIAABCDEFGHIJKLMNOP", "ASIA0123456789ABCDEF", "AKIAabc",
+            ]),
+            tail in proptest::collection::vec(proptest::sample::select(
+                &b" \t\t:=>,;|\"'`\\_-.aAzZ09kKbearsicotpyBEAR-\n&"[..]), 0..90),
+            scheme in proptest::sample::select(vec!["", "", "bearer", "Basic", "TOKEN", "bot", "apikey", "sso-key"]),
+            split in 0usize..90,
+        ) {
+            let mut w = start.as_bytes().to_vec();
+            let cut = split.min(tail.len());
+            w.extend_from_slice(&tail[..cut]);
+            w.extend_from_slice(scheme.as_bytes());
+            w.extend_from_slice(&tail[cut..]);
+            for spec in SPECS {
+                if let Shape::Run { head, parse: Some(parse), .. } = spec.shape {
+                    let want = compile(head).find(&w).map(|m| m.end());
+                    proptest::prop_assert_eq!(parse(&w), want, "{} on {:?}", spec.name, String::from_utf8_lossy(&w));
+                }
+            }
         }
     }
 
