@@ -594,6 +594,112 @@ pub(crate) struct ScanState {
     jwt: [Next; 3],
     /// The first END line at or after `.0`, if any.
     pem_end: Option<(usize, Option<(usize, usize)>)>,
+    entropy: Window,
+}
+
+/// The byte counts of the last value judged by `high_entropy`, moved along with the anchors:
+/// dense `password=` anchors judge overlapping values of up to 128 bytes each, and counting
+/// each afresh cost more than everything else in a scan.
+struct Window {
+    lo: usize,
+    hi: usize,
+    counts: [u16; 256],
+    /// Bytes that are lower-case, upper-case, digits, other.
+    classes: [u16; 4],
+    /// The sum of `c * log2(c)` over `counts`, in fixed point (see [`clogc`]).
+    sum: i64,
+}
+
+impl Default for Window {
+    fn default() -> Self {
+        Window {
+            lo: 0,
+            hi: 0,
+            counts: [0; 256],
+            classes: [0; 4],
+            sum: 0,
+        }
+    }
+}
+
+fn class_of(b: u8) -> usize {
+    match b {
+        b'a'..=b'z' => 0,
+        b'A'..=b'Z' => 1,
+        b'0'..=b'9' => 2,
+        _ => 3,
+    }
+}
+
+/// `c * log2(c)` scaled by 2^32 and rounded: a fixed-point sum of these has no drift however
+/// often the window moves.
+fn clogc(c: u16) -> i64 {
+    static TABLE: OnceLock<Vec<i64>> = OnceLock::new();
+    let fixed = |c: u16| {
+        let c = f64::from(c);
+        (c * c.log2() * 4_294_967_296.0).round() as i64
+    };
+    TABLE
+        .get_or_init(|| {
+            (0..=256)
+                .map(|c| if c == 0 { 0 } else { fixed(c) })
+                .collect()
+        })
+        .get(usize::from(c))
+        .copied()
+        .unwrap_or_else(|| fixed(c))
+}
+
+impl Window {
+    fn add(&mut self, b: u8) {
+        let c = &mut self.counts[usize::from(b)];
+        self.sum += clogc(*c + 1) - clogc(*c);
+        *c += 1;
+        self.classes[class_of(b)] += 1;
+    }
+
+    fn remove(&mut self, b: u8) {
+        let c = &mut self.counts[usize::from(b)];
+        self.sum += clogc(*c - 1) - clogc(*c);
+        *c -= 1;
+        self.classes[class_of(b)] -= 1;
+    }
+
+    /// Moves the window to `buf[vs..ve]` (the same `buf` on every call).
+    fn set(&mut self, buf: &[u8], vs: usize, ve: usize) {
+        if vs < self.lo || ve < self.hi || vs > self.hi || ve - vs > usize::from(u16::MAX) {
+            for i in self.lo..self.hi {
+                self.remove(buf[i]);
+            }
+            self.lo = vs;
+            self.hi = vs;
+        }
+        while self.lo < vs {
+            self.remove(buf[self.lo]);
+            self.lo += 1;
+        }
+        while self.hi < ve {
+            self.add(buf[self.hi]);
+            self.hi += 1;
+        }
+    }
+
+    /// `high_entropy(v)` for the window's bytes `v`, from the counts.
+    fn high_entropy(&self, v: &[u8]) -> bool {
+        let classes = self.classes.iter().filter(|&&c| c > 0).count();
+        let digits = self.classes[2] > 0;
+        if classes < 2 || (classes == 2 && (v.len() < 20 || !digits)) {
+            return false;
+        }
+        let n = v.len() as f64;
+        let bits = n.log2() - self.sum as f64 / 4_294_967_296.0 / n;
+        // Within rounding of the threshold the direct count decides, so that the verdict is
+        // exactly `high_entropy`'s.
+        if (bits - 3.0).abs() < 1e-6 {
+            return shannon_bits(v) >= 3.0;
+        }
+        bits >= 3.0
+    }
 }
 
 impl Detectors {
@@ -641,6 +747,7 @@ impl Detectors {
             memo: vec![Memo::default(); SPECS.len()],
             jwt: [Next::default(); 3],
             pem_end: None,
+            entropy: Window::default(),
         }
     }
 
@@ -802,7 +909,10 @@ impl Detectors {
                     }
                     Plausible::HighEntropy => {
                         let v = &buf[vs..ve];
-                        high_entropy(v) && !is_code_reference(v) && !is_pagination_key(buf, at, vs)
+                        st.entropy.set(buf, vs, ve);
+                        st.entropy.high_entropy(v)
+                            && !is_code_reference(v)
+                            && !is_pagination_key(buf, at, vs)
                     }
                 };
                 if !ok {
@@ -1118,21 +1228,21 @@ fn is_pagination_key(buf: &[u8], at: usize, value_start: usize) -> bool {
     while s > 0 && at - s < 64 && (buf[s - 1].is_ascii_alphanumeric() || buf[s - 1] == b'_') {
         s -= 1;
     }
-    let name: Vec<u8> = buf[s..value_start]
+    let len = buf[s..value_start]
         .iter()
         .take_while(|b| b.is_ascii_alphanumeric() || **b == b'_' || **b == b'-')
-        .map(u8::to_ascii_lowercase)
-        .collect();
+        .count();
+    let name = &buf[s..s + len];
     [
-        "page",
-        "cursor",
-        "continuation",
-        "max_",
-        "next_token",
-        "nexttoken",
+        &b"page"[..],
+        b"cursor",
+        b"continuation",
+        b"max_",
+        b"next_token",
+        b"nexttoken",
     ]
     .iter()
-    .any(|w| memchr::memmem::find(&name, w.as_bytes()).is_some())
+    .any(|w| name.windows(w.len()).any(|x| x.eq_ignore_ascii_case(w)))
 }
 
 /// Whether `w` (starting at a keyword) goes on like an assignment: the rest of an identifier,
@@ -1210,6 +1320,7 @@ fn spellings(anchor: &str, keyword: bool) -> Vec<Vec<u8>> {
 /// long), and at least
 /// 3 bits of Shannon entropy per byte. Rejects `changeme`, `hunter2`, `${DB_PASSWORD}`,
 /// `config.password_file` and most identifiers.
+#[cfg(test)] // the definition `Window::high_entropy` keeps, checked by a test
 fn high_entropy(v: &[u8]) -> bool {
     let classes = [
         v.iter().any(u8::is_ascii_lowercase),
@@ -1362,6 +1473,34 @@ mod tests {
                 .filter(|s| s.name == name)
                 .all(|s| s.class == Class::Generic));
         }
+    }
+
+    proptest::proptest! {
+        /// The moving window judges every value as `high_entropy` does on the value alone,
+        /// whichever way the window moves.
+        #[test]
+        fn moving_entropy_window_agrees_with_a_fresh_count(
+            buf in proptest::collection::vec(proptest::sample::select(&b"aB3!cD4?aaZ9._"[..]), 0..400),
+            moves in proptest::collection::vec((0usize..400, 0usize..140), 1..40),
+        ) {
+            let mut w = Window::default();
+            for (vs, len) in moves {
+                let vs = vs.min(buf.len());
+                let ve = (vs + len).min(buf.len());
+                w.set(&buf, vs, ve);
+                let v = &buf[vs..ve];
+                proptest::prop_assert_eq!(w.high_entropy(v), high_entropy(v), "{:?}", v);
+            }
+        }
+    }
+
+    #[test]
+    fn entropy_exactly_at_the_threshold_is_decided_as_by_a_fresh_count() {
+        let buf = b"aB3!cD4?".repeat(3);
+        let mut w = Window::default();
+        w.set(&buf, 0, buf.len());
+        assert!(high_entropy(&buf));
+        assert!(w.high_entropy(&buf));
     }
 
     proptest::proptest! {
