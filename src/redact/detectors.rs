@@ -510,6 +510,9 @@ pub fn names() -> Vec<&'static str> {
 
 pub(crate) struct Detectors {
     anchors: AhoCorasick,
+    /// The same automaton without its prefilter, for where anchors are dense: starting the
+    /// prefilter costs more than walking the few bytes to the next anchor.
+    dense: AhoCorasick,
     /// Anchor pattern id -> indices into `SPECS`.
     by_anchor: Vec<Vec<usize>>,
     /// Anchor literals, for the stream's "could this tail still start an anchor" question.
@@ -606,8 +609,9 @@ struct Window {
     counts: [u16; 256],
     /// Bytes that are lower-case, upper-case, digits, other.
     classes: [u16; 4],
-    /// The sum of `c * log2(c)` over `counts`, in fixed point (see [`clogc`]).
+    /// The sum of `c * log2(c)` over `counts`, in fixed point (see [`clogc_table`]).
     sum: i64,
+    clogc: &'static [i64; 257],
 }
 
 impl Default for Window {
@@ -618,6 +622,7 @@ impl Default for Window {
             counts: [0; 256],
             classes: [0; 4],
             sum: 0,
+            clogc: clogc_table(),
         }
     }
 }
@@ -631,43 +636,38 @@ fn class_of(b: u8) -> usize {
     }
 }
 
-/// `c * log2(c)` scaled by 2^32 and rounded: a fixed-point sum of these has no drift however
-/// often the window moves.
-fn clogc(c: u16) -> i64 {
-    static TABLE: OnceLock<Vec<i64>> = OnceLock::new();
-    let fixed = |c: u16| {
-        let c = f64::from(c);
-        (c * c.log2() * 4_294_967_296.0).round() as i64
-    };
-    TABLE
-        .get_or_init(|| {
-            (0..=256)
-                .map(|c| if c == 0 { 0 } else { fixed(c) })
-                .collect()
-        })
-        .get(usize::from(c))
-        .copied()
-        .unwrap_or_else(|| fixed(c))
+/// `c * log2(c)` scaled by 2^32 and rounded, for `c` up to 256: a fixed-point sum of these
+/// has no drift however often the window moves.
+fn clogc_table() -> &'static [i64; 257] {
+    static TABLE: OnceLock<[i64; 257]> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut t = [0; 257];
+        for (c, slot) in t.iter_mut().enumerate().skip(1) {
+            let c = c as f64;
+            *slot = (c * c.log2() * 4_294_967_296.0).round() as i64;
+        }
+        t
+    })
 }
 
 impl Window {
     fn add(&mut self, b: u8) {
         let c = &mut self.counts[usize::from(b)];
-        self.sum += clogc(*c + 1) - clogc(*c);
+        self.sum += self.clogc[usize::from(*c) + 1] - self.clogc[usize::from(*c)];
         *c += 1;
         self.classes[class_of(b)] += 1;
     }
 
     fn remove(&mut self, b: u8) {
         let c = &mut self.counts[usize::from(b)];
-        self.sum += clogc(*c - 1) - clogc(*c);
+        self.sum += self.clogc[usize::from(*c) - 1] - self.clogc[usize::from(*c)];
         *c -= 1;
         self.classes[class_of(b)] -= 1;
     }
 
     /// Moves the window to `buf[vs..ve]` (the same `buf` on every call).
     fn set(&mut self, buf: &[u8], vs: usize, ve: usize) {
-        if vs < self.lo || ve < self.hi || vs > self.hi || ve - vs > usize::from(u16::MAX) {
+        if vs < self.lo || ve < self.hi || vs > self.hi || ve - vs > 256 {
             for i in self.lo..self.hi {
                 self.remove(buf[i]);
             }
@@ -682,6 +682,12 @@ impl Window {
             self.add(buf[self.hi]);
             self.hi += 1;
         }
+    }
+
+    /// Whether the counts hold the values they can (at most 256 bytes, `password_assignment`
+    /// judges at most 128).
+    fn fits(vs: usize, ve: usize) -> bool {
+        ve - vs <= 256
     }
 
     /// `high_entropy(v)` for the window's bytes `v`, from the counts.
@@ -725,13 +731,19 @@ impl Detectors {
         // Leftmost-first, restarted one byte after each hit (see `anchors`): overlapping search
         // would find the same anchors but cannot use the SIMD prefilter, which is what keeps
         // the no-match path at several GiB/s.
-        let anchors = AhoCorasick::builder()
-            .match_kind(MatchKind::LeftmostFirst)
-            .kind(Some(AhoCorasickKind::DFA))
-            .build(&literals)
-            .expect("anchor automaton from constant literals");
+        let build = |prefilter| {
+            AhoCorasick::builder()
+                .match_kind(MatchKind::LeftmostFirst)
+                .kind(Some(AhoCorasickKind::DFA))
+                .prefilter(prefilter)
+                .build(&literals)
+                .expect("anchor automaton from constant literals")
+        };
+        let anchors = build(true);
+        let dense = build(false);
         Detectors {
             anchors,
+            dense,
             by_anchor,
             literals,
             pem_header: compile(r"^-{5}BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-{5}"),
@@ -760,11 +772,15 @@ impl Detectors {
         buf: &'a [u8],
     ) -> impl Iterator<Item = (usize, &'a [usize])> + 'a {
         let mut from = 0;
+        let mut near = false;
         std::iter::from_fn(move || {
             if from >= buf.len() {
                 return None;
             }
-            let m = self.anchors.find(Input::new(buf).range(from..))?;
+            let ac = if near { &self.dense } else { &self.anchors };
+            let m = ac.find(Input::new(buf).range(from..))?;
+            // Same matches either way; only the speed differs.
+            near = m.start() - from < 32;
             from = m.start() + 1;
             Some((m.start(), self.by_anchor[m.pattern().as_usize()].as_slice()))
         })
@@ -909,10 +925,15 @@ impl Detectors {
                     }
                     Plausible::HighEntropy => {
                         let v = &buf[vs..ve];
-                        st.entropy.set(buf, vs, ve);
-                        st.entropy.high_entropy(v)
-                            && !is_code_reference(v)
-                            && !is_pagination_key(buf, at, vs)
+                        // The window counts up to 256 bytes; this detector's values are
+                        // at most 128.
+                        let high = if Window::fits(vs, ve) {
+                            st.entropy.set(buf, vs, ve);
+                            st.entropy.high_entropy(v)
+                        } else {
+                            high_entropy(v)
+                        };
+                        high && !is_code_reference(v) && !is_pagination_key(buf, at, vs)
                     }
                 };
                 if !ok {
@@ -1320,7 +1341,6 @@ fn spellings(anchor: &str, keyword: bool) -> Vec<Vec<u8>> {
 /// long), and at least
 /// 3 bits of Shannon entropy per byte. Rejects `changeme`, `hunter2`, `${DB_PASSWORD}`,
 /// `config.password_file` and most identifiers.
-#[cfg(test)] // the definition `Window::high_entropy` keeps, checked by a test
 fn high_entropy(v: &[u8]) -> bool {
     let classes = [
         v.iter().any(u8::is_ascii_lowercase),
