@@ -130,6 +130,9 @@ enum Stop {
 
 type ByteSet = [bool; 256];
 
+/// Where a detector's head ends in a window, if it matches there.
+type HeadParser = fn(&[u8]) -> Option<usize>;
+
 const fn byte_set(ranges: &[(u8, u8)], extra: &[u8]) -> ByteSet {
     let mut set = [false; 256];
     let mut i = 0;
@@ -170,7 +173,7 @@ enum Shape {
         head: &'static str,
         /// `head` matched by hand, byte by byte: a regex call per anchor was most of the cost
         /// when anchors are dense. `head` stays the definition (a test compares the two).
-        parse: Option<fn(&[u8]) -> Option<usize>>,
+        parse: Option<HeadParser>,
         /// Instead of `head`: the first of these literals the window starts with (longest
         /// first). A literal compare per anchor instead of a regex call.
         literal_heads: &'static [&'static str],
@@ -668,8 +671,8 @@ impl Window {
     /// Moves the window to `buf[vs..ve]` (the same `buf` on every call).
     fn set(&mut self, buf: &[u8], vs: usize, ve: usize) {
         if vs < self.lo || ve < self.hi || vs > self.hi || ve - vs > 256 {
-            for i in self.lo..self.hi {
-                self.remove(buf[i]);
+            for &b in &buf[self.lo..self.hi] {
+                self.remove(b);
             }
             self.lo = vs;
             self.hi = vs;
