@@ -10,6 +10,7 @@
 //! Architecture invariant: [`strip_caller_credentials`] runs on every forwarded request, so the
 //! agent's token never reaches an upstream.
 
+pub mod caller;
 pub mod store;
 
 use std::collections::HashMap;
@@ -26,9 +27,7 @@ use subtle::ConstantTimeEq;
 use crate::config::Config;
 use crate::error::Rejection;
 
-/// Headers that may carry the caller's credential; all are removed before forwarding.
-pub const CALLER_CREDENTIAL_HEADERS: [&str; 4] =
-    ["x-broker-token", "authorization", "x-api-key", "api-key"];
+pub use caller::CALLER_CREDENTIAL_HEADERS;
 
 pub struct Tokens {
     /// Tokens from the environment (`token_env`), for the life of the process.

@@ -10,6 +10,8 @@
 
 mod native;
 mod seed;
+mod spec;
+mod validate;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -17,8 +19,41 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue};
 use serde::Serialize;
 
-use crate::authorize::{Rate, Rule};
+use crate::authorize::rule::{Rate, Rule};
 use crate::secret::SecretSpec;
+
+/// A route, by its place in [`Config::routes`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RouteId(pub usize);
+
+/// An agent, by its place in [`Config::agents`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AgentId(pub usize);
+
+/// A secret, by its place in [`Config::secrets`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SecretId(pub usize);
+
+impl std::ops::Index<RouteId> for Vec<Route> {
+    type Output = Route;
+    fn index(&self, id: RouteId) -> &Route {
+        &self[id.0]
+    }
+}
+
+impl std::ops::Index<AgentId> for Vec<Agent> {
+    type Output = Agent;
+    fn index(&self, id: AgentId) -> &Agent {
+        &self[id.0]
+    }
+}
+
+impl std::ops::Index<SecretId> for Vec<SecretSpec> {
+    type Output = SecretSpec;
+    fn index(&self, id: SecretId) -> &SecretSpec {
+        &self[id.0]
+    }
+}
 
 /// A config that could not be loaded: `file:line: key: what is wrong`.
 #[derive(Debug, thiserror::Error)]
@@ -82,8 +117,9 @@ pub struct Route {
     /// `/openai`; `/` for the lab's single route.
     pub prefix: String,
     pub upstream: Upstream,
-    /// Name of the secret attached to requests, if any.
-    pub secret: Option<String>,
+    /// The secret attached to requests, if any (`effective_policy` shows its name).
+    #[serde(skip)]
+    pub secret: Option<SecretId>,
     pub inject: Inject,
     pub allow: Vec<Rule>,
     pub classification: String,
@@ -91,7 +127,7 @@ pub struct Route {
     pub extra_headers: Vec<(HeaderName, HeaderValue)>,
     pub approval: Approval,
     /// Time allowed for the upstream's response headers, and between body chunks after that.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     /// The lab broker refused bodies that are not JSON (400); its routes keep doing so.
     pub require_json: bool,
@@ -149,7 +185,7 @@ pub enum Approval {
     Never,
     /// A person approves each request.
     Each {
-        #[serde(with = "humantime_serde_compat")]
+        #[serde(with = "humantime_serde")]
         timeout: Duration,
     },
 }
@@ -164,8 +200,9 @@ pub struct Agent {
     /// The lab broker without `client_token_env` let anyone on loopback call it; only its
     /// config can produce such an agent.
     pub open: bool,
-    /// Routes this agent may use; `None` means every route.
-    pub routes: Option<Vec<String>>,
+    /// Routes this agent may use; `None` means every route (`effective_policy` shows names).
+    #[serde(skip)]
+    pub routes: Option<Vec<RouteId>>,
     pub rate: Option<Rate>,
     pub budget: Option<Budget>,
 }
@@ -173,7 +210,7 @@ pub struct Agent {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Budget {
     pub limit: u64,
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "humantime_serde")]
     pub per: Duration,
 }
 
@@ -200,7 +237,7 @@ impl Config {
     }
 
     pub fn from_text(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let mut config = match path.extension().and_then(|e| e.to_str()) {
+        let spec = match path.extension().and_then(|e| e.to_str()) {
             Some("json") => seed::parse(path, text)?,
             Some("toml") => native::parse(path, text)?,
             _ => {
@@ -212,14 +249,12 @@ impl Config {
                 })
             }
         };
-        config
-            .routes
-            .sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
-        Ok(config)
+        validate::validate(path, spec)
     }
 
-    pub fn secret(&self, name: &str) -> Option<&SecretSpec> {
-        self.secrets.iter().find(|s| s.name == name)
+    /// The secret a route attaches, if any.
+    pub fn secret_of(&self, route: &Route) -> Option<&SecretSpec> {
+        route.secret.map(|id| &self.secrets[id])
     }
 
     /// The policy as `check` prints it and as `policy_version` hashes it: everything that decides
@@ -246,9 +281,30 @@ impl Config {
             "max_request_bytes": self.max_request_bytes,
             "allowed_origins": self.allowed_origins,
             "secrets": secrets,
-            "routes": self.routes,
-            "agents": self.agents,
+            "routes": self.routes.iter().map(|r| self.route_policy(r)).collect::<Vec<_>>(),
+            "agents": self.agents.iter().map(|a| self.agent_policy(a)).collect::<Vec<_>>(),
         })
+    }
+
+    /// A route as the policy shows it: ids by name, as written in config.
+    fn route_policy(&self, r: &Route) -> serde_json::Value {
+        let mut v = serde_json::to_value(r).unwrap_or_default();
+        v["secret"] = self.secret_of(r).map(|s| s.name.as_str()).into();
+        v
+    }
+
+    fn agent_policy(&self, a: &Agent) -> serde_json::Value {
+        let mut v = serde_json::to_value(a).unwrap_or_default();
+        v["routes"] = a
+            .routes
+            .as_ref()
+            .map(|ids| {
+                ids.iter()
+                    .map(|&id| self.routes[id].name.as_str())
+                    .collect::<Vec<_>>()
+            })
+            .into();
+        v
     }
 
     /// A short hash of the effective policy, recorded in every audit record so a decision can be
@@ -369,15 +425,6 @@ fn ser_headers<S: serde::Serializer>(
 
 fn ser_header_name<S: serde::Serializer>(h: &HeaderName, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(h.as_str())
-}
-
-mod humantime_serde_compat {
-    pub fn serialize<S: serde::Serializer>(
-        d: &std::time::Duration,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(*d).to_string())
-    }
 }
 
 /// 1-based line of a byte offset.

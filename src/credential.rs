@@ -9,7 +9,6 @@
 //! [`Secret::expose`]. Every value ever held (current and the one before a rotation) is taught to
 //! the response redactor.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,7 +17,7 @@ use base64::Engine;
 use http::{header, HeaderMap, HeaderValue};
 
 use crate::authorize::Authorized;
-use crate::config::{Config, Inject, Route};
+use crate::config::{Config, Inject, Route, SecretId};
 use crate::error::Rejection;
 use crate::redact::Redactor;
 use crate::secret::{KeyId, Secret, SecretSpec};
@@ -31,7 +30,8 @@ const FAILURE_BACKOFF: Duration = Duration::from_secs(1);
 const REMEMBERED_VALUES: usize = 2;
 
 pub struct Credentials {
-    entries: HashMap<String, Entry>,
+    /// One per configured secret, indexed by [`SecretId`].
+    entries: Vec<Entry>,
     /// Held values only: what is scrubbed from responses.
     redactor: ArcSwap<Redactor>,
     /// Held values and credential-format detectors: what a request from an agent must not carry.
@@ -56,14 +56,11 @@ impl Credentials {
         let entries = config
             .secrets
             .iter()
-            .map(|s| {
-                let e = Entry {
-                    spec: s.clone(),
-                    cached: ArcSwapOption::empty(),
-                    failed: ArcSwapOption::empty(),
-                    fetch: tokio::sync::Mutex::new(()),
-                };
-                (s.name.clone(), e)
+            .map(|s| Entry {
+                spec: s.clone(),
+                cached: ArcSwapOption::empty(),
+                failed: ArcSwapOption::empty(),
+                fetch: tokio::sync::Mutex::new(()),
             })
             .collect();
         Credentials {
@@ -84,17 +81,19 @@ impl Credentials {
         self.scanner.load_full()
     }
 
-    /// The secret named by the route, or `None` when the route attaches none.
+    /// The secret the route attaches, or `None` when it attaches none.
     pub async fn get(&self, route: &Route) -> Result<Option<Arc<Secret>>, Rejection> {
-        let Some(name) = &route.secret else {
+        let Some(id) = route.secret else {
             return Ok(None);
         };
-        let Some(entry) = self.entries.get(name) else {
+        let Some(entry) = self.entries.get(id.0) else {
+            // Unreachable: config resolved the id against the same list.
             return Err(Rejection::unavailable(
                 "secret_unavailable",
-                format!("secret {name} is not configured"),
+                "the route's secret is not configured",
             ));
         };
+        let name = &entry.spec.name;
         if entry.spec.source.is_none() {
             return Ok(None);
         }
@@ -134,8 +133,8 @@ impl Credentials {
     }
 
     /// An upstream refused the credential: fetch afresh next time, unless it rotated meanwhile.
-    pub fn invalidate(&self, name: &str, key_id: &KeyId) {
-        if let Some(entry) = self.entries.get(name) {
+    pub fn invalidate(&self, secret: SecretId, key_id: &KeyId) {
+        if let Some(entry) = self.entries.get(secret.0) {
             let current = entry.cached.load();
             if current
                 .as_ref()

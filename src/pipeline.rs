@@ -204,7 +204,7 @@ async fn process(
         r.route = Some(route.name.clone());
         r.destination = Some(route.upstream.host.clone());
         r.classification = Some(route.classification.clone());
-        r.key_id = route.secret.clone();
+        r.key_id = config.secret_of(route).map(|s| s.name.clone());
     }
     if config.format == Format::Seed && head.method != Method::POST {
         // The lab broker answered only POST (and GET /healthz); keep its 403 for other methods.
@@ -322,9 +322,9 @@ async fn process(
     }
     let resp = resp?;
     if resp.status() == StatusCode::UNAUTHORIZED {
-        if let (Some(name), Some(secret)) = (&route.secret, &secret) {
+        if let (Some(id), Some(secret)) = (route.secret, &secret) {
             // The key may have been rotated at its source: fetch afresh for the next request.
-            state.credentials.invalidate(name, secret.key_id());
+            state.credentials.invalidate(id, secret.key_id());
         }
     }
     // keygate asks for `identity`; an upstream (or a proxy before it) that compresses anyway
@@ -707,7 +707,7 @@ fn healthz(state: &State) -> Response<Bytes> {
                 .routes
                 .iter()
                 .map(|r| {
-                    let source = r.secret.as_deref().and_then(|n| c.secret(n)).map(|s| s.source.label()).unwrap_or_else(|| "none".into());
+                    let source = c.secret_of(r).map(|s| s.source.label()).unwrap_or_else(|| "none".into());
                     (r.name.clone(), serde_json::json!({"prefix": r.prefix, "upstream": r.upstream.url, "secret_source": source, "allow": r.allow}))
                 })
                 .collect();
@@ -741,11 +741,8 @@ fn dry_run(
         url.push('?');
         url.push_str(q);
     }
-    let source = route
-        .secret
-        .as_deref()
-        .and_then(|n| c.secret(n))
-        .map(|s| s.source.clone());
+    let secret = c.secret_of(route);
+    let source = secret.map(|s| s.source.clone());
     let label = source
         .as_ref()
         .map(|s| s.label())
@@ -767,7 +764,7 @@ fn dry_run(
             "path": authorized.raw_path(),
             "route": route.name,
             "secret_source": label,
-            "key_id": route.secret,
+            "key_id": secret.map(|s| &s.name),
             "inject": if attaches { serde_json::to_value(&route.inject).unwrap_or_default() } else { serde_json::Value::Null },
             "would_attach_bearer_token": attaches && route.inject == crate::config::Inject::Bearer,
             "would_attach_credential": attaches,
