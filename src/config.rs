@@ -11,6 +11,8 @@
 mod native;
 mod seed;
 mod spec;
+#[cfg(test)]
+mod tests;
 mod validate;
 
 use std::path::{Path, PathBuf};
