@@ -24,6 +24,11 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use crate::error::{Code, Rejection};
+
+mod request;
+pub use request::{ms, Finishing};
+
 /// What happened to a request. Field names are the interface scripts read.
 #[derive(Debug, Default, Serialize, Clone)]
 pub struct Record {
@@ -37,8 +42,8 @@ pub struct Record {
     pub path: String,
     pub classification: Option<String>,
     pub policy_version: String,
-    pub decision: &'static str,
-    pub reason: String,
+    pub decision: Decision,
+    pub reason: Reason,
     pub status: u16,
     pub key_id: Option<String>,
     pub latency_ms: f64,
@@ -51,6 +56,75 @@ pub struct Record {
     pub peer: Option<PeerRecord>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub blame: Option<crate::error::Blame>,
+}
+
+/// What keygate decided. `Error` is also the value of a record nobody finished.
+#[derive(Debug, Default, Serialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    /// Forwarded, or answered locally.
+    Allow,
+    /// Refused; the reason is the refusal's code.
+    Deny,
+    /// Answered by dry-run mode; nothing was sent upstream.
+    DryRun,
+    /// The request ended before keygate decided.
+    #[default]
+    Error,
+}
+
+/// Why a request ended the way it did: a refusal code, or how an allowed exchange finished.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub enum Reason {
+    /// Not set yet.
+    #[default]
+    Unset,
+    /// Forwarded and answered in full.
+    Allowed,
+    /// Forwarded with credentials in the request redacted by the scan.
+    AllowedRequestRedacted,
+    /// `/healthz`.
+    Healthz,
+    /// Answered by dry-run mode.
+    DryRun,
+    /// The upstream went quiet mid-body.
+    UpstreamIdleTimeout,
+    /// The upstream broke the body.
+    UpstreamBodyError,
+    /// The client went away before the answer ended.
+    ClientDisconnected,
+    /// Refused with this code.
+    Refused(crate::error::Code),
+    /// The record was dropped unfinished; the reason it had so far.
+    Aborted(Box<Reason>),
+}
+
+impl Reason {
+    fn as_str(&self) -> &'static str {
+        match self {
+            Reason::Unset => "",
+            Reason::Allowed => "allowed",
+            Reason::AllowedRequestRedacted => "allowed_request_redacted",
+            Reason::Healthz => "healthz",
+            Reason::DryRun => "dry_run",
+            Reason::UpstreamIdleTimeout => "upstream_idle_timeout",
+            Reason::UpstreamBodyError => "upstream_body_error",
+            Reason::ClientDisconnected => "client_disconnected",
+            Reason::Refused(code) => code.as_str(),
+            Reason::Aborted(_) => "aborted",
+        }
+    }
+}
+
+impl Serialize for Reason {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Reason::Aborted(before) if **before != Reason::Unset => {
+                s.collect_str(&format_args!("{} (aborted)", before.as_str()))
+            }
+            other => s.serialize_str(other.as_str()),
+        }
+    }
 }
 
 /// A record of keygate itself (`event: "start"` / `"stop"`), chained with the request records.
@@ -151,6 +225,18 @@ impl AuditLog {
         }))
     }
 
+    /// Refuses while the log cannot be written, so nothing is served unaudited (when the config
+    /// fails closed, the default).
+    pub fn check_writable(&self, fail_closed: bool) -> Result<(), Rejection> {
+        if fail_closed && !self.healthy() {
+            return Err(Rejection::new(
+                Code::AuditUnavailable,
+                "the audit log cannot be written; requests are refused until it can",
+            ));
+        }
+        Ok(())
+    }
+
     pub fn healthy(&self) -> bool {
         self.shared.healthy.load(Ordering::Relaxed)
     }
@@ -242,11 +328,18 @@ pub struct Pending {
 
 impl Pending {
     pub fn record(&mut self) -> &mut Record {
-        // `record` is Some until finish() consumes self, so this cannot fail.
+        // `record` is Some until it is sent, and nothing writes to a sent record (its owner is
+        // done with the request), so the default is never used.
         self.record.get_or_insert_with(Record::default)
     }
 
+    /// Sends the record as it is now.
     pub fn finish(mut self) {
+        self.send();
+    }
+
+    /// Sends the record now, for an owner that cannot give up `self`; later calls do nothing.
+    pub fn send(&mut self) {
         if let Some(r) = self.record.take() {
             self.log.send(r);
         }
@@ -256,19 +349,16 @@ impl Pending {
 impl Drop for Pending {
     fn drop(&mut self) {
         if let Some(mut r) = self.record.take() {
-            if r.decision.is_empty() || r.status == 0 {
-                r.decision = "error";
+            if r.status == 0 {
+                r.decision = Decision::Error;
             }
-            r.reason = if r.reason.is_empty() {
-                "aborted".into()
-            } else {
-                format!("{} (aborted)", r.reason)
-            };
+            r.reason = Reason::Aborted(Box::new(std::mem::take(&mut r.reason)));
             self.log.send(r);
         }
     }
 }
 
+#[allow(clippy::disallowed_methods)] // the writer's own thread waits, never a runtime worker
 fn write_loop(mut file: File, shared: &Shared) {
     // Bytes taken from the batch but not yet on file; retried until they are.
     let mut unwritten: Vec<u8> = Vec::new();
@@ -433,13 +523,14 @@ pub fn now_rfc3339() -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests wait on plain threads
 mod tests {
     use super::*;
 
     fn rec(id: &str) -> Record {
         Record {
             request_id: id.into(),
-            decision: "allow",
+            decision: Decision::Allow,
             status: 200,
             time: now_rfc3339(),
             ..Default::default()

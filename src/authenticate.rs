@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::Config;
-use crate::error::Rejection;
+use crate::error::{Code, Rejection};
 
 pub use caller::CALLER_CREDENTIAL_HEADERS;
 
@@ -167,8 +167,8 @@ impl Tokens {
             }
         }
         if expired {
-            return Err(Rejection::unauthorized(
-                "token_expired",
+            return Err(Rejection::new(
+                Code::TokenExpired,
                 "the keygate token has expired; ask for a new one",
             ));
         }
@@ -176,13 +176,13 @@ impl Tokens {
             return Ok(agent);
         }
         if presented {
-            Err(Rejection::unauthorized(
-                "invalid_token",
+            Err(Rejection::new(
+                Code::InvalidToken,
                 "the keygate token is not valid",
             ))
         } else {
-            Err(Rejection::unauthorized(
-                "missing_token",
+            Err(Rejection::new(
+                Code::MissingToken,
                 "a keygate token is required: send it as the SDK api key (Authorization: Bearer, x-api-key) or in X-Broker-Token",
             ))
         }
@@ -223,6 +223,7 @@ pub fn strip_caller_credentials(headers: &mut HeaderMap) {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests wait on plain threads
 mod tests {
     use super::*;
     use std::path::Path;
@@ -271,19 +272,21 @@ mod tests {
     fn missing_and_wrong_tokens_are_told_apart() {
         let t = tokens("kg_abc");
         assert_eq!(
-            t.authenticate(&headers(&[])).unwrap_err().code,
+            t.authenticate(&headers(&[])).unwrap_err().code.as_str(),
             "missing_token"
         );
         assert_eq!(
             t.authenticate(&headers(&[("x-api-key", "kg_abd")]))
                 .unwrap_err()
-                .code,
+                .code
+                .as_str(),
             "invalid_token"
         );
         assert_eq!(
             t.authenticate(&headers(&[("authorization", "Basic kg_abc")]))
                 .unwrap_err()
-                .code,
+                .code
+                .as_str(),
             "missing_token"
         );
     }
@@ -313,7 +316,10 @@ mod tests {
         assert_eq!(t.authenticate(&h).unwrap(), 0);
         store::revoke(dir.path(), Some(&rec.id), None).unwrap();
         t.refresh();
-        assert_eq!(t.authenticate(&h).unwrap_err().code, "invalid_token");
+        assert_eq!(
+            t.authenticate(&h).unwrap_err().code.as_str(),
+            "invalid_token"
+        );
         let (old, _) =
             store::issue(dir.path(), "coder", std::time::Duration::from_secs(1)).unwrap();
         t.refresh();
@@ -321,7 +327,8 @@ mod tests {
         assert_eq!(
             t.authenticate(&headers(&[("x-api-key", &old)]))
                 .unwrap_err()
-                .code,
+                .code
+                .as_str(),
             "token_expired"
         );
     }

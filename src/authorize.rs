@@ -13,13 +13,14 @@ use std::time::{Duration, Instant};
 
 use http::Method;
 
+use crate::config::{Agent, Approval, Config, Route, RouteId};
+use crate::error::{Code, Rejection};
+use crate::route::Routed;
+
 pub mod rule;
+pub mod usage;
 
 pub use rule::{Rate, Rule};
-
-use crate::config::{Agent, Approval, Config, Route, RouteId};
-use crate::error::Rejection;
-use crate::route::Routed;
 
 /// A request that passed every policy check. Only [`Policy::authorize`] makes one.
 #[derive(Debug)]
@@ -37,6 +38,17 @@ impl Authorized {
     pub fn agent(&self) -> usize {
         self.agent
     }
+    /// A request authorized by fiat, for tests of the stages after `authorize`.
+    #[cfg(test)]
+    pub(crate) fn for_test(route: usize, agent: usize) -> Authorized {
+        Authorized {
+            route: RouteId(route),
+            agent,
+            raw_path: "/".into(),
+            _private: (),
+        }
+    }
+
     /// The raw route-relative path to append to the upstream's base path.
     pub fn raw_path(&self) -> &str {
         &self.raw_path
@@ -108,8 +120,8 @@ impl Policy {
         let r: &Route = &config.routes[routed.route];
         if let Some(allowed) = &a.routes {
             if !allowed.contains(&routed.route) {
-                return Err(Rejection::forbidden(
-                    "route_not_allowed",
+                return Err(Rejection::new(
+                    Code::RouteNotAllowed,
                     format!("agent {} may not use route {}", a.name, r.name),
                 ));
             }
@@ -119,8 +131,8 @@ impl Policy {
             .iter()
             .any(|rule| rule.matches(method, &routed.path))
         {
-            return Err(Rejection::forbidden(
-                "path_not_allowed",
+            return Err(Rejection::new(
+                Code::PathNotAllowed,
                 format!(
                     "{method} {} is not allowed on route {}",
                     routed.path, r.name
@@ -130,8 +142,7 @@ impl Policy {
         if let Some(Some(bucket)) = self.buckets.get(agent) {
             if !take(bucket) {
                 return Err(Rejection::new(
-                    http::StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limited",
+                    Code::RateLimited,
                     format!("agent {} is over its rate limit", a.name),
                 ));
             }
@@ -140,8 +151,7 @@ impl Policy {
             b.roll();
             if b.used.load(Ordering::Relaxed) >= b.limit {
                 return Err(Rejection::new(
-                    http::StatusCode::TOO_MANY_REQUESTS,
-                    "budget_exhausted",
+                    Code::BudgetExhausted,
                     format!(
                         "agent {} has used its token budget of {} for this period",
                         a.name, b.limit
@@ -152,8 +162,8 @@ impl Policy {
         if let Approval::Each { .. } = r.approval {
             // Approvals are answered over the admin socket; until this build has one, a route that
             // needs a person's approval is refused rather than silently allowed.
-            return Err(Rejection::unavailable(
-                "approval_unavailable",
+            return Err(Rejection::new(
+                Code::ApprovalUnavailable,
                 format!(
                     "route {} needs a person's approval, and this keygate has no approval channel",
                     r.name

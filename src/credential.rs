@@ -18,8 +18,8 @@ use http::{header, HeaderMap, HeaderValue};
 
 use crate::authorize::Authorized;
 use crate::config::{Config, Inject, Route, SecretId};
-use crate::error::Rejection;
-use crate::redact::Redactor;
+use crate::error::{Code, Rejection};
+use crate::redact::{Redactor, RedactorBuilder};
 use crate::secret::{KeyId, Secret, SecretSpec};
 
 /// After a failed fetch, callers within this window get the same error instead of each running the
@@ -81,15 +81,21 @@ impl Credentials {
         self.scanner.load_full()
     }
 
-    /// The secret the route attaches, or `None` when it attaches none.
-    pub async fn get(&self, route: &Route) -> Result<Option<Arc<Secret>>, Rejection> {
+    /// The secret of the route `authorized` names, or `None` when the route attaches none.
+    /// Only an [`Authorized`] request gets a credential.
+    pub async fn get(
+        &self,
+        config: &Config,
+        authorized: &Authorized,
+    ) -> Result<Option<Arc<Secret>>, Rejection> {
+        let route = &config.routes[authorized.route()];
         let Some(id) = route.secret else {
             return Ok(None);
         };
         let Some(entry) = self.entries.get(id.0) else {
             // Unreachable: config resolved the id against the same list.
-            return Err(Rejection::unavailable(
-                "secret_unavailable",
+            return Err(Rejection::new(
+                Code::SecretUnavailable,
                 "the route's secret is not configured",
             ));
         };
@@ -106,7 +112,7 @@ impl Credentials {
         }
         if let Some(f) = entry.failed.load().as_ref() {
             if f.0.elapsed() < FAILURE_BACKOFF {
-                return Err(Rejection::unavailable("secret_unavailable", f.1.clone()));
+                return Err(Rejection::new(Code::SecretUnavailable, f.1.clone()));
             }
         }
         match entry.spec.fetch().await {
@@ -127,7 +133,7 @@ impl Credentials {
                 entry
                     .failed
                     .store(Some(Arc::new((Instant::now(), msg.clone()))));
-                Err(Rejection::unavailable("secret_unavailable", msg))
+                Err(Rejection::new(Code::SecretUnavailable, msg))
             }
         }
     }
@@ -173,8 +179,8 @@ impl Credentials {
         let mut b = Redactor::builder();
         let mut scan = Redactor::builder().detectors(true);
         for s in held.iter() {
-            b = b.known(s.key_id().as_str(), s.expose());
-            scan = scan.known(s.key_id().as_str(), s.expose());
+            b = teach(b, s);
+            scan = teach(scan, s);
         }
         self.redactor.store(Arc::new(b.build()));
         self.scanner.store(Arc::new(scan.build()));
@@ -192,18 +198,27 @@ impl Entry {
     }
 }
 
+/// Teaches a redactor a held value, labelled by its key id.
+pub fn teach(builder: RedactorBuilder, secret: &Secret) -> RedactorBuilder {
+    #[allow(clippy::disallowed_methods)] // credential stage: the redactor must know the value
+    let value = secret.expose();
+    builder.known(secret.key_id().as_str(), value)
+}
+
 /// Attaches the credential as the route says. `query` is the request's query string, extended
 /// for `query:NAME` injection.
 pub fn attach(
-    _authorized: &Authorized,
-    route: &Route,
+    config: &Config,
+    authorized: &Authorized,
     secret: &Secret,
     headers: &mut HeaderMap,
     query: &mut Option<String>,
 ) -> Result<(), Rejection> {
-    inject(route, secret, headers, query)
+    inject(&config.routes[authorized.route()], secret, headers, query)
 }
 
+// credential stage: the one place a value goes on the wire.
+#[allow(clippy::disallowed_methods)]
 fn inject(
     route: &Route,
     secret: &Secret,
@@ -211,8 +226,8 @@ fn inject(
     query: &mut Option<String>,
 ) -> Result<(), Rejection> {
     let bad = || {
-        Rejection::unavailable(
-            "secret_unavailable",
+        Rejection::new(
+            Code::SecretUnavailable,
             format!(
                 "secret {} cannot be sent in a header (it holds bytes a header may not)",
                 secret.key_id()
@@ -270,6 +285,7 @@ fn inject(
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests compare held values
 mod tests {
     use super::*;
     use std::path::Path;
@@ -285,8 +301,16 @@ mod tests {
     async fn value_is_cached_and_taught_to_the_redactor() {
         let c = config("");
         let creds = Credentials::new(&c);
-        let a = creds.get(&c.routes[0]).await.unwrap().unwrap();
-        let b = creds.get(&c.routes[0]).await.unwrap().unwrap();
+        let a = creds
+            .get(&c, &Authorized::for_test(0, 0))
+            .await
+            .unwrap()
+            .unwrap();
+        let b = creds
+            .get(&c, &Authorized::for_test(0, 0))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(
             a.key_id(),
             b.key_id(),
@@ -301,9 +325,17 @@ mod tests {
     async fn ttl_and_invalidation_fetch_a_new_value() {
         let c = config("ttl = \"1ms\"");
         let creds = Credentials::new(&c);
-        let a = creds.get(&c.routes[0]).await.unwrap().unwrap();
+        let a = creds
+            .get(&c, &Authorized::for_test(0, 0))
+            .await
+            .unwrap()
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(5)).await;
-        let b = creds.get(&c.routes[0]).await.unwrap().unwrap();
+        let b = creds
+            .get(&c, &Authorized::for_test(0, 0))
+            .await
+            .unwrap()
+            .unwrap();
         assert_ne!(
             a.key_id(),
             b.key_id(),

@@ -1,8 +1,8 @@
-//! Every refusal keygate gives, mapped to an HTTP status and a JSON body in one place.
+//! Every refusal keygate gives, in one catalogue: a stable code, the HTTP status that says why,
+//! and who is to blame.
 //!
-//! Stages return their own small error types; they convert into [`Rejection`], whose `code` is
-//! stable (scripts and tests match on it), whose `status` says why, and whose `message` tells the
-//! caller what was wrong. Architecture invariant: no `Rejection` carries a secret value; a secret
+//! Stages return a [`Rejection`] built from a [`Code`] and a message; nothing else chooses a
+//! status or a blame. Architecture invariant: no `Rejection` carries a secret value; a secret
 //! source is named by its label (`command:op read`), never by what it printed.
 
 use bytes::Bytes;
@@ -21,59 +21,135 @@ pub enum Blame {
     Keygate,
 }
 
+/// Declares [`Code`] with its wire name, status and blame side by side, so a code's meaning is
+/// written once.
+macro_rules! catalogue {
+    ($( $(#[$doc:meta])* $variant:ident = $code:literal, $status:ident, $blame:ident; )*) => {
+        /// A refusal code. Its string form is stable: scripts, SDK users and the audit match on it.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum Code {
+            $( $(#[$doc])* $variant, )*
+        }
+
+        impl Code {
+            /// Every code, in catalogue order.
+            pub const ALL: &'static [Code] = &[$(Code::$variant),*];
+
+            /// The code as it appears in `error.code` and the audit's `reason`.
+            pub fn as_str(self) -> &'static str {
+                match self { $(Code::$variant => $code,)* }
+            }
+
+            /// The HTTP status this refusal is answered with.
+            pub fn status(self) -> StatusCode {
+                match self { $(Code::$variant => StatusCode::$status,)* }
+            }
+
+            /// Who is to blame.
+            pub fn blame(self) -> Blame {
+                match self { $(Code::$variant => Blame::$blame,)* }
+            }
+        }
+    };
+}
+
+catalogue! {
+    /// The path holds an ambiguous encoding or cannot be sent upstream.
+    InvalidPath = "invalid_path", BAD_REQUEST, Agent;
+    /// Absolute-form, authority-form or CONNECT request-targets.
+    InvalidRequestTarget = "invalid_request_target", BAD_REQUEST, Agent;
+    /// The route requires a JSON body and this one does not parse.
+    InvalidJson = "invalid_json", BAD_REQUEST, Agent;
+    /// The request is malformed in a way no other code names.
+    BadRequest = "bad_request", BAD_REQUEST, Agent;
+    /// A TCP request without a `Host` header.
+    HostRequired = "host_required", BAD_REQUEST, Agent;
+    /// No keygate token in any accepted header.
+    MissingToken = "missing_token", UNAUTHORIZED, Agent;
+    /// The token is unknown or revoked.
+    InvalidToken = "invalid_token", UNAUTHORIZED, Agent;
+    /// The token's lifetime is over.
+    TokenExpired = "token_expired", UNAUTHORIZED, Agent;
+    /// No allow rule of the route matches the method and path.
+    PathNotAllowed = "path_not_allowed", FORBIDDEN, Agent;
+    /// The agent may not use this route.
+    RouteNotAllowed = "route_not_allowed", FORBIDDEN, Agent;
+    /// `Host` does not name a loopback listener (DNS rebinding).
+    HostNotAllowed = "host_not_allowed", FORBIDDEN, Agent;
+    /// A browser origin that is not allowed.
+    OriginNotAllowed = "origin_not_allowed", FORBIDDEN, Agent;
+    /// The request carries a held secret or a credential (exfiltration scan).
+    SecretInRequest = "secret_in_request", FORBIDDEN, Agent;
+    /// No route prefix matches the path.
+    RouteNotFound = "route_not_found", NOT_FOUND, Agent;
+    /// The body is larger than `max_request_bytes`.
+    RequestTooLarge = "request_too_large", PAYLOAD_TOO_LARGE, Agent;
+    /// A compressed request body, which the scan cannot read.
+    RequestEncodingNotScannable = "request_encoding_not_scannable", UNSUPPORTED_MEDIA_TYPE, Agent;
+    /// The agent is over its request rate.
+    RateLimited = "rate_limited", TOO_MANY_REQUESTS, Agent;
+    /// The agent has spent its token budget for the period.
+    BudgetExhausted = "budget_exhausted", TOO_MANY_REQUESTS, Agent;
+    /// The upstream could not be reached or broke the connection.
+    UpstreamUnreachable = "upstream_unreachable", BAD_GATEWAY, Upstream;
+    /// The upstream answered in a form the redactor cannot read (compressed).
+    UpstreamUnredactable = "upstream_unredactable", BAD_GATEWAY, Upstream;
+    /// The route's secret could not be fetched.
+    SecretUnavailable = "secret_unavailable", SERVICE_UNAVAILABLE, Keygate;
+    /// The audit log cannot be written, so nothing is forwarded.
+    AuditUnavailable = "audit_unavailable", SERVICE_UNAVAILABLE, Keygate;
+    /// The route needs a person's approval and there is no channel to ask.
+    ApprovalUnavailable = "approval_unavailable", SERVICE_UNAVAILABLE, Keygate;
+    /// The upstream sent no response head within the route's timeout.
+    UpstreamTimeout = "upstream_timeout", GATEWAY_TIMEOUT, Upstream;
+}
+
+impl Serialize for Code {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl std::fmt::Display for Code {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A refusal: a catalogued code and a message for the caller (never a secret).
 #[derive(Debug, Clone)]
 pub struct Rejection {
-    pub status: StatusCode,
-    pub code: &'static str,
+    /// What went wrong; fixes the status and the blame.
+    pub code: Code,
+    /// What the caller should know, in a sentence.
     pub message: String,
-    pub blame: Blame,
 }
 
 impl Rejection {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        let blame = if status.is_server_error() {
-            if matches!(status.as_u16(), 502 | 504) {
-                Blame::Upstream
-            } else {
-                Blame::Keygate
-            }
-        } else {
-            Blame::Agent
-        };
+    /// A refusal with its catalogued status and blame.
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
         Rejection {
-            status,
             code,
             message: message.into(),
-            blame,
         }
     }
 
-    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, code, message)
+    /// The status the refusal is answered with.
+    pub fn status(&self) -> StatusCode {
+        self.code.status()
     }
 
-    pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::FORBIDDEN, code, message)
+    /// Who is to blame, for the audit record.
+    pub fn blame(&self) -> Blame {
+        self.code.blame()
     }
 
-    pub fn unauthorized(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, code, message)
-    }
-
-    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, code, message)
-    }
-
+    /// A body over `limit` bytes.
     pub fn too_large(limit: u64) -> Self {
         Self::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "request_too_large",
+            Code::RequestTooLarge,
             format!("request body is larger than the limit of {limit} bytes"),
         )
-    }
-
-    pub fn unavailable(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
     }
 
     /// The JSON answer, in the shape the OpenAI and Anthropic SDKs show their users
@@ -95,7 +171,7 @@ impl Rejection {
         let body = Body {
             ok: false,
             error: Inner {
-                code: self.code,
+                code: self.code.as_str(),
                 kind: "keygate_error",
                 message: &self.message,
                 request_id,
@@ -103,7 +179,7 @@ impl Rejection {
         };
         // Serializing a struct of strings cannot fail; fall back to a fixed body rather than panic.
         let bytes = serde_json::to_vec(&body).unwrap_or_else(|_| br#"{"ok":false}"#.to_vec());
-        json_response(self.status, Bytes::from(bytes))
+        json_response(self.status(), Bytes::from(bytes))
     }
 }
 
@@ -122,7 +198,7 @@ impl std::fmt::Display for Rejection {
         write!(
             f,
             "{} {}: {}",
-            self.status.as_u16(),
+            self.status().as_u16(),
             self.code,
             self.message
         )
@@ -135,7 +211,7 @@ mod tests {
 
     #[test]
     fn body_has_the_sdk_error_shape() {
-        let r = Rejection::forbidden("path_not_allowed", "POST /v1/x is not allowed");
+        let r = Rejection::new(Code::PathNotAllowed, "POST /v1/x is not allowed");
         let resp = r.to_response("req1");
         assert_eq!(resp.status(), 403);
         let v: serde_json::Value = serde_json::from_slice(resp.body()).unwrap();
@@ -146,12 +222,28 @@ mod tests {
     }
 
     #[test]
-    fn blame_follows_the_status() {
-        assert_eq!(
-            Rejection::new(StatusCode::BAD_GATEWAY, "x", "").blame,
-            Blame::Upstream
-        );
-        assert_eq!(Rejection::unavailable("x", "").blame, Blame::Keygate);
-        assert_eq!(Rejection::forbidden("x", "").blame, Blame::Agent);
+    fn codes_are_unique_and_their_status_says_who_is_to_blame() {
+        let mut seen = std::collections::HashSet::new();
+        for code in Code::ALL {
+            assert!(seen.insert(code.as_str()), "{code} twice");
+            let status = code.status();
+            assert!(status.is_client_error() || status.is_server_error());
+            match code.blame() {
+                Blame::Agent => assert!(status.is_client_error(), "{code}"),
+                Blame::Upstream => assert!(matches!(status.as_u16(), 502 | 504), "{code}"),
+                Blame::Keygate => assert_eq!(status.as_u16(), 503, "{code}"),
+            }
+        }
+    }
+
+    #[test]
+    fn readme_documents_every_code() {
+        let readme = include_str!("../README.md");
+        for code in Code::ALL {
+            assert!(
+                readme.contains(&format!("`{code}`")),
+                "README.md does not document `{code}`"
+            );
+        }
     }
 }

@@ -8,7 +8,6 @@
 //! and the credential is never sent to a second host.
 
 use std::error::Error as StdError;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,18 +22,13 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use crate::authorize::Authorized;
-use crate::config::Route;
-use crate::error::Rejection;
+use crate::config::Config;
+use crate::error::{Code, Rejection};
+use crate::redact::body::{find_body_error, BodyError};
+use crate::redact::Redactor;
 
 pub type BoxError = Box<dyn StdError + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
-
-/// The request body's size limit, shared with the body's limiter, which sets `exceeded` when the
-/// agent streams more than `max` and so aborts the upstream request.
-pub struct BodyLimit {
-    pub max: u64,
-    pub exceeded: Arc<AtomicBool>,
-}
 
 pub struct Forwarder {
     client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>,
@@ -69,16 +63,17 @@ impl Forwarder {
         Ok(Forwarder { client })
     }
 
-    /// Sends the request; a body over `limit` is reported as 413.
+    /// Sends the request to the route `authorized` names; a request body that broke its limit
+    /// on the way is reported as 413.
     pub async fn send(
         &self,
+        config: &Config,
         authorized: Authorized,
-        route: &Route,
         mut head: Parts,
         query: Option<&str>,
         body: Body,
-        limit: &BodyLimit,
     ) -> Result<Response<Incoming>, Rejection> {
+        let route = &config.routes[authorized.route()];
         let up = &route.upstream;
         let mut path_and_query =
             String::with_capacity(up.base_path.len() + authorized.raw_path().len() + 1);
@@ -93,9 +88,7 @@ impl Forwarder {
             .authority(up.authority.clone())
             .path_and_query(path_and_query)
             .build()
-            .map_err(|_| {
-                Rejection::bad_request("invalid_path", "the path cannot be sent upstream")
-            })?;
+            .map_err(|_| Rejection::new(Code::InvalidPath, "the path cannot be sent upstream"))?;
         // hyper's client speaks HTTP/1.1 or negotiates h2 itself; the agent's version is its own.
         head.version = http::Version::HTTP_11;
         if let Ok(v) = HeaderValue::from_str(up.authority.as_str()) {
@@ -112,15 +105,12 @@ impl Forwarder {
         let req = Request::from_parts(head, body);
         match tokio::time::timeout(route.timeout, self.client.request(req)).await {
             Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => {
-                if limit.exceeded.load(Ordering::Relaxed) {
-                    return Err(Rejection::too_large(limit.max));
-                }
-                Err(upstream_error(&route.upstream.host, &e))
-            }
+            Ok(Err(e)) => match find_body_error(&e) {
+                Some(BodyError::TooLarge(max)) => Err(Rejection::too_large(*max)),
+                _ => Err(upstream_error(&route.upstream.host, &e)),
+            },
             Err(_) => Err(Rejection::new(
-                http::StatusCode::GATEWAY_TIMEOUT,
-                "upstream_timeout",
+                Code::UpstreamTimeout,
                 format!(
                     "upstream {} did not answer within {:?}",
                     route.upstream.host, route.timeout
@@ -128,6 +118,28 @@ impl Forwarder {
             )),
         }
     }
+}
+
+/// Refuses an answer the redactor could not read: keygate asks for `identity`, so an upstream
+/// (or a proxy before it) that compresses anyway would hide a secret from the redactor.
+pub fn passable(
+    resp: &Response<Incoming>,
+    redactor: &Redactor,
+    host: &str,
+) -> Result<(), Rejection> {
+    let Some(enc) = resp.headers().get(header::CONTENT_ENCODING) else {
+        return Ok(());
+    };
+    if redactor.is_empty() || enc.as_bytes().eq_ignore_ascii_case(b"identity") {
+        return Ok(());
+    }
+    Err(Rejection::new(
+        Code::UpstreamUnredactable,
+        format!(
+            "upstream {host} answered with a {}-encoded body, which keygate cannot scan for secrets",
+            enc.to_str().unwrap_or("compressed")
+        ),
+    ))
 }
 
 /// A 502 that says what went wrong without echoing the request (whose URL may hold a query
@@ -155,8 +167,7 @@ fn upstream_error(host: &str, e: &hyper_util::client::legacy::Error) -> Rejectio
         }
     };
     Rejection::new(
-        http::StatusCode::BAD_GATEWAY,
-        "upstream_unreachable",
+        Code::UpstreamUnreachable,
         format!("upstream {host}: {what}"),
     )
 }

@@ -10,7 +10,7 @@ use http::header::{self, HeaderMap, HeaderName};
 use http::request::Parts;
 use http::{Method, Version};
 
-use crate::error::Rejection;
+use crate::error::{Code, Rejection};
 
 pub struct Guard {
     pub allowed_origins: Vec<String>,
@@ -27,8 +27,8 @@ pub enum Peer {
 impl Guard {
     pub fn check(&self, head: &Parts, peer: &Peer) -> Result<(), Rejection> {
         if head.method == Method::CONNECT {
-            return Err(Rejection::bad_request(
-                "invalid_request_target",
+            return Err(Rejection::new(
+                Code::InvalidRequestTarget,
                 "CONNECT is not served here; use the route's base URL",
             ));
         }
@@ -38,8 +38,8 @@ impl Guard {
         let authority_in_target =
             head.version < Version::HTTP_2 && (uri.scheme().is_some() || uri.authority().is_some());
         if authority_in_target || !uri.path().starts_with('/') {
-            return Err(Rejection::bad_request(
-                "invalid_request_target",
+            return Err(Rejection::new(
+                Code::InvalidRequestTarget,
                 "the request-target must be a path (origin-form), not a URL or authority",
             ));
         }
@@ -52,14 +52,14 @@ impl Guard {
             match host {
                 Some(h) if is_loopback_host(&h) => {}
                 Some(h) => {
-                    return Err(Rejection::forbidden(
-                        "host_not_allowed",
+                    return Err(Rejection::new(
+                        Code::HostNotAllowed,
                         format!("Host {h:?} does not name this local listener"),
                     ))
                 }
                 None => {
-                    return Err(Rejection::bad_request(
-                        "host_not_allowed",
+                    return Err(Rejection::new(
+                        Code::HostRequired,
                         "a Host header is required",
                     ))
                 }
@@ -68,8 +68,8 @@ impl Guard {
         if let Some(origin) = head.headers.get(header::ORIGIN) {
             let o = origin.to_str().unwrap_or("");
             if !self.allowed_origins.iter().any(|a| a == o) {
-                return Err(Rejection::forbidden(
-                    "origin_not_allowed",
+                return Err(Rejection::new(
+                    Code::OriginNotAllowed,
                     format!("browser origin {o:?} may not call keygate"),
                 ));
             }
@@ -80,7 +80,7 @@ impl Guard {
                 .ok()
                 .and_then(|s| s.parse().ok())
                 .ok_or_else(|| {
-                    Rejection::bad_request("bad_request", "Content-Length is not a number")
+                    Rejection::new(Code::BadRequest, "Content-Length is not a number")
                 })?;
             if len > self.max_request_bytes {
                 return Err(Rejection::too_large(self.max_request_bytes));
@@ -138,6 +138,31 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove("proxy-connection");
 }
 
+/// Reads a whole request body, refusing one over `limit` (413) or one that breaks (400).
+pub async fn read_body(body: hyper::body::Incoming, limit: u64) -> Result<bytes::Bytes, Rejection> {
+    use http_body_util::BodyExt;
+    let limited = http_body_util::Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
+    match limited.collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Rejection::too_large(limit)),
+        Err(_) => Err(Rejection::new(
+            Code::BadRequest,
+            "the request body could not be read",
+        )),
+    }
+}
+
+/// The lab broker's rule: a route that takes JSON refuses a body that does not parse.
+pub fn check_json(body: &[u8]) -> Result<(), Rejection> {
+    if body.is_empty() || serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok() {
+        return Ok(());
+    }
+    Err(Rejection::new(
+        Code::InvalidJson,
+        "the request body is not valid JSON",
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,7 +190,7 @@ mod tests {
         guard()
             .check(&p, &tcp())
             .map(|_| "ok")
-            .unwrap_or_else(|e| e.code)
+            .unwrap_or_else(|e| e.code.as_str())
     }
 
     #[test]

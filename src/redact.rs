@@ -20,6 +20,7 @@
 //! a PEM private key block at its END line or [`HOLD_BACK_MAX`], after which the held part is
 //! redacted whole.
 
+pub mod body;
 pub mod cli;
 mod detectors;
 mod engine;

@@ -14,7 +14,7 @@ pub mod path;
 pub use path::check_path;
 
 use crate::config::{Route, RouteId};
-use crate::error::Rejection;
+use crate::error::{Code, Rejection};
 
 /// A request matched to a route.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,7 +29,7 @@ pub struct Routed {
 /// Picks the route with the longest prefix that matches (routes are sorted longest first).
 pub fn select(routes: &[Route], raw_path: &str) -> Result<Routed, Rejection> {
     let decoded = check_path(raw_path)
-        .map_err(|why| Rejection::bad_request("invalid_path", format!("path refused: {why}")))?;
+        .map_err(|why| Rejection::new(Code::InvalidPath, format!("path refused: {why}")))?;
     for (i, r) in routes.iter().enumerate() {
         let Some(rel) = strip_prefix(&decoded, &r.prefix) else {
             continue;
@@ -39,8 +39,8 @@ pub fn select(routes: &[Route], raw_path: &str) -> Result<Routed, Rejection> {
         let Some(raw_rel) = strip_prefix(raw_path, &r.prefix) else {
             // Unreachable with prefixes config accepts; refuse rather than forward a path that
             // differs from the one authorized.
-            return Err(Rejection::bad_request(
-                "invalid_path",
+            return Err(Rejection::new(
+                Code::InvalidPath,
                 "path refused: non-canonical route prefix",
             ));
         };
@@ -50,8 +50,8 @@ pub fn select(routes: &[Route], raw_path: &str) -> Result<Routed, Rejection> {
             raw_path: raw_rel.to_string(),
         });
     }
-    Err(Rejection::not_found(
-        "route_not_found",
+    Err(Rejection::new(
+        Code::RouteNotFound,
         format!("no route serves {decoded}"),
     ))
 }

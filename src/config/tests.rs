@@ -25,35 +25,211 @@ fn config_mistakes_in_either_format_name_file_line_and_key() {
     let cases: Vec<(&str, String, usize, &str, &str)> = vec![
         // (file, text, line, key, part of the message)
         ("k.toml", route("alow = []\n"), 4, "alow", "unknown field"),
-        ("k.toml", route("allow = [\"FETCH\"]\n"), 4, "routes.a.allow", "not a rule"),
-        ("k.toml", route("secret = \"nope\"\n"), 4, "routes.a.secret", "no [secrets.nope]"),
-        ("k.toml", route("timeout = \"0s\"\n"), 4, "routes.a.timeout", "longer than 0s"),
-        ("k.toml", route("timeout = \"soon\"\n"), 4, "routes.a.timeout", "30s"),
-        ("k.toml", route("extra_headers = { Authorization = \"x\" }\n"), 4, "routes.a.extra_headers", "cannot be overridden"),
-        ("k.toml", route("extra_headers = { x-broker-token = \"x\" }\n"), 4, "routes.a.extra_headers", "cannot be overridden"),
-        ("k.toml", route("inject = \"header:x-goog-api-key\"\nextra_headers = { X-Goog-Api-Key = \"x\" }\n"), 5, "routes.a.extra_headers", "cannot be overridden"),
-        ("k.toml", route("extra_headers = { Transfer-Encoding = \"chunked\" }\n"), 4, "routes.a.extra_headers", "cannot be overridden"),
-        ("k.toml", route("[routes.b]\nprefix = \"/a/\"\nupstream = \"http://127.0.0.1:1\"\n"), 5, "routes.b.prefix", "already used by route a"),
-        ("k.toml", route("[agents.x]\nroutes = [\"a\", \"b\"]\n"), 5, "agents.x.routes", "no [routes.b]"),
-        ("k.toml", route("[agents.x]\nbudget_tokens = { per = \"0s\", limit = 5 }\n"), 5, "agents.x.budget_tokens", "per must be"),
-        ("k.toml", "\n[secrets.x]\nsource = \"env\"\n".into(), 2, "secrets.x.name", "needs name"),
-        ("k.toml", "listen = [\"0.0.0.0:8791\"]\n".into(), 1, "listen", "not a loopback"),
-        ("b.json", lab("  \"listen_prot\": 8791,\n"), 4, "listen_prot", "unknown field"),
-        ("b.json", lab("  \"listen_port\": \"8791\",\n"), 4, "listen_port", "invalid type"),
-        ("b.json", lab("").replace("\"dry_run\"", "\"yolo\""), 2, "mode", "unknown variant"),
-        ("b.json", lab("").replace("  \"mode\": \"dry_run\",\n", ""), 1, "mode", "missing field"),
-        ("b.json", lab("  \"extra_headers\": {\"Authorization\": \"Bearer x\"},\n"), 4, "Authorization", "cannot be overridden"),
-        ("b.json", lab("  \"extra_headers\": {\n    \"x-api-key\": \"x\"},\n"), 5, "x-api-key", "cannot be overridden"),
-        ("b.json", lab("  \"extra_headers\": {\"Host\": \"evil.example\"},\n"), 4, "Host", "cannot be overridden"),
-        ("b.json", lab("  \"upstream_timeout_seconds\": 0,\n"), 4, "upstream_timeout_seconds", "between 0 and 86400"),
-        ("b.json", lab("  \"listen_host\": \"0.0.0.0\",\n"), 4, "listen_host", "not a loopback"),
-        ("b.json", lab("  \"listen_host\": \"example.com\",\n"), 4, "listen_host", "not an IP address"),
-        ("b.json", lab("").replace("\"/v1/chat/completions\"", "\"v1/chat\""), 4, "allowed_paths", "must start with /"),
-        ("b.json", lab("").replace("https://api.example", "https://u:p@api.example"), 3, "upstream_base_url", "credentials in the URL"),
-        ("b.json", lab("  \"secret_source\": {\"kind\": \"env\", \"name\": \"\"},\n"), 4, "secret_source.name", "needs name"),
-        ("b.json", lab("  \"secret_source\": {\"kind\": \"command\", \"argv\": []},\n"), 4, "secret_source.argv", "needs argv"),
-        ("b.json", lab("  \"secret_source\": {\"kind\": \"vault\"},\n"), 4, "secret_source.kind", "unknown variant"),
-        ("b.json", format!("{}x", lab("")), 6, "(syntax)", "trailing characters"),
+        (
+            "k.toml",
+            route("allow = [\"FETCH\"]\n"),
+            4,
+            "routes.a.allow",
+            "not a rule",
+        ),
+        (
+            "k.toml",
+            route("secret = \"nope\"\n"),
+            4,
+            "routes.a.secret",
+            "no [secrets.nope]",
+        ),
+        (
+            "k.toml",
+            route("timeout = \"0s\"\n"),
+            4,
+            "routes.a.timeout",
+            "longer than 0s",
+        ),
+        (
+            "k.toml",
+            route("timeout = \"soon\"\n"),
+            4,
+            "routes.a.timeout",
+            "30s",
+        ),
+        (
+            "k.toml",
+            route("extra_headers = { Authorization = \"x\" }\n"),
+            4,
+            "routes.a.extra_headers",
+            "cannot be overridden",
+        ),
+        (
+            "k.toml",
+            route("extra_headers = { x-broker-token = \"x\" }\n"),
+            4,
+            "routes.a.extra_headers",
+            "cannot be overridden",
+        ),
+        (
+            "k.toml",
+            route(
+                "inject = \"header:x-goog-api-key\"\nextra_headers = { X-Goog-Api-Key = \"x\" }\n",
+            ),
+            5,
+            "routes.a.extra_headers",
+            "cannot be overridden",
+        ),
+        (
+            "k.toml",
+            route("extra_headers = { Transfer-Encoding = \"chunked\" }\n"),
+            4,
+            "routes.a.extra_headers",
+            "cannot be overridden",
+        ),
+        (
+            "k.toml",
+            route("[routes.b]\nprefix = \"/a/\"\nupstream = \"http://127.0.0.1:1\"\n"),
+            5,
+            "routes.b.prefix",
+            "already used by route a",
+        ),
+        (
+            "k.toml",
+            route("[agents.x]\nroutes = [\"a\", \"b\"]\n"),
+            5,
+            "agents.x.routes",
+            "no [routes.b]",
+        ),
+        (
+            "k.toml",
+            route("[agents.x]\nbudget_tokens = { per = \"0s\", limit = 5 }\n"),
+            5,
+            "agents.x.budget_tokens",
+            "per must be",
+        ),
+        (
+            "k.toml",
+            "\n[secrets.x]\nsource = \"env\"\n".into(),
+            2,
+            "secrets.x.name",
+            "needs name",
+        ),
+        (
+            "k.toml",
+            "listen = [\"0.0.0.0:8791\"]\n".into(),
+            1,
+            "listen",
+            "not a loopback",
+        ),
+        (
+            "b.json",
+            lab("  \"listen_prot\": 8791,\n"),
+            4,
+            "listen_prot",
+            "unknown field",
+        ),
+        (
+            "b.json",
+            lab("  \"listen_port\": \"8791\",\n"),
+            4,
+            "listen_port",
+            "invalid type",
+        ),
+        (
+            "b.json",
+            lab("").replace("\"dry_run\"", "\"yolo\""),
+            2,
+            "mode",
+            "unknown variant",
+        ),
+        (
+            "b.json",
+            lab("").replace("  \"mode\": \"dry_run\",\n", ""),
+            1,
+            "mode",
+            "missing field",
+        ),
+        (
+            "b.json",
+            lab("  \"extra_headers\": {\"Authorization\": \"Bearer x\"},\n"),
+            4,
+            "Authorization",
+            "cannot be overridden",
+        ),
+        (
+            "b.json",
+            lab("  \"extra_headers\": {\n    \"x-api-key\": \"x\"},\n"),
+            5,
+            "x-api-key",
+            "cannot be overridden",
+        ),
+        (
+            "b.json",
+            lab("  \"extra_headers\": {\"Host\": \"evil.example\"},\n"),
+            4,
+            "Host",
+            "cannot be overridden",
+        ),
+        (
+            "b.json",
+            lab("  \"upstream_timeout_seconds\": 0,\n"),
+            4,
+            "upstream_timeout_seconds",
+            "between 0 and 86400",
+        ),
+        (
+            "b.json",
+            lab("  \"listen_host\": \"0.0.0.0\",\n"),
+            4,
+            "listen_host",
+            "not a loopback",
+        ),
+        (
+            "b.json",
+            lab("  \"listen_host\": \"example.com\",\n"),
+            4,
+            "listen_host",
+            "not an IP address",
+        ),
+        (
+            "b.json",
+            lab("").replace("\"/v1/chat/completions\"", "\"v1/chat\""),
+            4,
+            "allowed_paths",
+            "must start with /",
+        ),
+        (
+            "b.json",
+            lab("").replace("https://api.example", "https://u:p@api.example"),
+            3,
+            "upstream_base_url",
+            "credentials in the URL",
+        ),
+        (
+            "b.json",
+            lab("  \"secret_source\": {\"kind\": \"env\", \"name\": \"\"},\n"),
+            4,
+            "secret_source.name",
+            "needs name",
+        ),
+        (
+            "b.json",
+            lab("  \"secret_source\": {\"kind\": \"command\", \"argv\": []},\n"),
+            4,
+            "secret_source.argv",
+            "needs argv",
+        ),
+        (
+            "b.json",
+            lab("  \"secret_source\": {\"kind\": \"vault\"},\n"),
+            4,
+            "secret_source.kind",
+            "unknown variant",
+        ),
+        (
+            "b.json",
+            format!("{}x", lab("")),
+            6,
+            "(syntax)",
+            "trailing characters",
+        ),
     ];
     for (file, text, line, key, message) in cases {
         let e = load(file, &text)
@@ -62,7 +238,8 @@ fn config_mistakes_in_either_format_name_file_line_and_key() {
         assert_eq!((e.line, e.key.as_str()), (line, key), "{e}\n{text}");
         assert!(e.message.contains(message), "{e}\n{text}");
         assert!(
-            e.to_string().starts_with(&format!("{file}:{line}: {key}: ")),
+            e.to_string()
+                .starts_with(&format!("{file}:{line}: {key}: ")),
             "{e}"
         );
     }
@@ -98,7 +275,10 @@ fn names_are_resolved_to_ids_into_the_sorted_routes() {
     assert_eq!(c.routes[0].name, "b");
     let ids = c.agents[0].routes.clone().unwrap();
     assert_eq!(c.routes[ids[0]].name, "a");
-    assert_eq!(c.secret_of(&c.routes[0]).map(|s| s.name.as_str()), Some("s"));
+    assert_eq!(
+        c.secret_of(&c.routes[0]).map(|s| s.name.as_str()),
+        Some("s")
+    );
     assert!(c.secret_of(&c.routes[1]).is_none());
     let policy = c.effective_policy();
     assert_eq!(policy["agents"][0]["routes"], serde_json::json!(["a"]));

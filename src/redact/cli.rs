@@ -99,7 +99,7 @@ fn with_config_secrets(
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     for spec in &config.secrets {
         match rt.block_on(spec.fetch()) {
-            Ok(Some(secret)) => builder = builder.known(secret.key_id().as_str(), secret.expose()),
+            Ok(Some(secret)) => builder = crate::credential::teach(builder, &secret),
             Ok(None) => {}
             Err(e) => return Err(e.to_string()),
         }

@@ -197,7 +197,7 @@ impl SecretSpec {
         }
         // Bounded for every source, not only commands: the redactor builds an automaton from every
         // spelling of every held value, and that must stay small enough never to fail.
-        if value.expose().len() > MAX_COMMAND_OUTPUT {
+        if value.len() > MAX_COMMAND_OUTPUT {
             return Err(FetchError::ValueTooLarge {
                 secret,
                 origin: self.source.label(),
@@ -206,7 +206,7 @@ impl SecretSpec {
         }
         // The redactor ignores values this short (they would match everywhere); a credential
         // keygate cannot keep out of responses is refused rather than used.
-        if value.expose().len() < crate::redact::MIN_KNOWN_LEN {
+        if value.len() < crate::redact::MIN_KNOWN_LEN {
             return Err(FetchError::TooShort {
                 secret,
                 origin: self.source.label(),
@@ -327,6 +327,7 @@ async fn run_command(
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests compare held values
 mod tests {
     use super::*;
 

@@ -2,17 +2,13 @@
 //! request bodies that grow past the limit while streaming, an upstream that stalls mid-body, and
 //! refusing to serve when the audit log cannot be written.
 
-#![allow(clippy::unwrap_used)]
-
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::*;
 use bytes::Bytes;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
-use support::*;
 
 const KEY: &str = "sk-test-integration-key-0123456789";
 /// Built at run time so the repository's own `keygate redact --check` finds no token literal.

@@ -5,9 +5,10 @@
 //! Read, Write, Edit and an MCP tool. Credentials in them are `{{PLACEHOLDERS}}` filled in
 //! here at run time, so the fixtures themselves pass `keygate redact --check`.
 
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
+
+use crate::support;
 
 use serde_json::Value;
 
@@ -25,21 +26,13 @@ impl Env {
     }
 
     fn run(&self, args: &[&str], stdin: &[u8]) -> Output {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
-            .args(args)
+        let mut cmd = support::keygate();
+        cmd.args(args)
             .current_dir(self.cwd.path())
             .env("HOME", self.home.path())
             .env_remove("KEYGATE_CONFIG")
-            .env_remove("KEYGATE_STATE_DIR")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn keygate");
-        if let Some(mut s) = child.stdin.take() {
-            s.write_all(stdin).expect("write stdin");
-        }
-        child.wait_with_output().expect("keygate runs")
+            .env_remove("KEYGATE_STATE_DIR");
+        support::run(cmd, stdin)
     }
 
     fn hook(&self, event: &str, fixture: &str) -> Output {
@@ -299,23 +292,16 @@ fn post_known_env_value_is_redacted_with_its_name() {
         "tool_response": {"stdout": format!("value={held}\n"), "stderr": "", "interrupted": false, "isImage": false},
         "tool_use_id": "toolu_2"
     });
-    let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
-        .args([
-            "hook",
-            "claude-code",
-            "post-tool-use",
-            "--known-env",
-            "MY_HELD_KEY",
-        ])
-        .env("MY_HELD_KEY", &held)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    if let Some(mut s) = child.stdin.take() {
-        s.write_all(event.to_string().as_bytes()).expect("stdin");
-    }
-    let out = child.wait_with_output().expect("run");
+    let mut cmd = support::keygate();
+    cmd.args([
+        "hook",
+        "claude-code",
+        "post-tool-use",
+        "--known-env",
+        "MY_HELD_KEY",
+    ])
+    .env("MY_HELD_KEY", &held);
+    let out = support::run(cmd, event.to_string().as_bytes());
     let v = stdout_json(&out);
     assert_eq!(
         v["hookSpecificOutput"]["updatedToolOutput"]["stdout"],

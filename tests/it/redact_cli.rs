@@ -2,28 +2,17 @@
 //! `--check` on this repository, which must come out clean.
 
 use std::collections::BTreeSet;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
+
+use crate::support;
 
 use base64::Engine as _;
 
 fn keygate(args: &[&str], stdin: &[u8], envs: &[(&str, &str)]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
-        .args(args)
-        .envs(envs.iter().copied())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn keygate");
-    let mut input = child.stdin.take().expect("stdin");
-    let data = stdin.to_vec();
-    // Written from a thread so a large input cannot deadlock against a full stdout pipe.
-    let writer = std::thread::spawn(move || input.write_all(&data));
-    let out = child.wait_with_output().expect("keygate runs");
-    writer.join().expect("writer").expect("stdin written");
-    out
+    let mut cmd = support::keygate();
+    cmd.args(args).envs(envs.iter().copied());
+    support::run(cmd, stdin)
 }
 
 fn fake(len: usize, salt: u8) -> String {

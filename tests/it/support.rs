@@ -83,6 +83,30 @@ pub async fn upstream(handler: Handler) -> Upstream {
     Upstream { addr, seen, task }
 }
 
+/// The keygate binary under test.
+pub fn keygate() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_keygate"))
+}
+
+/// Runs a one-shot keygate command to its end with `stdin`, written from a thread so a large
+/// input cannot deadlock against a full stdout pipe.
+pub fn run(mut cmd: Command, stdin: &[u8]) -> std::process::Output {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn keygate");
+    let mut input = child.stdin.take().expect("stdin");
+    let data = stdin.to_vec();
+    let writer = std::thread::spawn(move || input.write_all(&data));
+    let out = child.wait_with_output().expect("keygate runs");
+    // A command that exits before reading all of stdin breaks the pipe; its output still counts.
+    let _ = writer.join();
+    out
+}
+
 pub fn full(s: impl Into<Bytes>) -> BoxBody<Bytes, std::io::Error> {
     Full::new(s.into()).map_err(|never| match never {}).boxed()
 }
@@ -117,7 +141,7 @@ impl Keygate {
     ) -> Keygate {
         let path = dir.path().join("keygate.toml");
         std::fs::write(&path, config.replace("AUDIT", audit.to_str().unwrap())).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keygate"));
+        let mut cmd = keygate();
         cmd.args(["serve", "--config"])
             .arg(&path)
             .stdout(Stdio::piped())
