@@ -24,7 +24,7 @@ use http::{HeaderMap, HeaderName};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::Config;
+use crate::config::{AgentId, Config};
 use crate::error::{Code, Rejection};
 
 pub use caller::CALLER_CREDENTIAL_HEADERS;
@@ -143,7 +143,7 @@ impl Tokens {
         self.state_dir.is_some()
     }
 
-    pub fn authenticate(&self, headers: &HeaderMap) -> Result<usize, Rejection> {
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<AgentId, Rejection> {
         let mut presented = false;
         let mut expired = false;
         let issued = self.issued.load();
@@ -154,13 +154,13 @@ impl Tokens {
                 // The map lookup found the entry by hash; confirming in constant time keeps the
                 // comparison itself from being a timing oracle should the lookup ever change.
                 if bool::from(stored.ct_eq(&h)) {
-                    return Ok(agent);
+                    return Ok(AgentId(agent));
                 }
             }
             if let Some((stored, &(agent, expires))) = issued.get_key_value(&h) {
                 if bool::from(stored.ct_eq(&h)) {
                     if store::now() < expires {
-                        return Ok(agent);
+                        return Ok(AgentId(agent));
                     }
                     expired = true;
                 }
@@ -173,7 +173,7 @@ impl Tokens {
             ));
         }
         if let Some(agent) = self.open_agent {
-            return Ok(agent);
+            return Ok(AgentId(agent));
         }
         if presented {
             Err(Rejection::new(
@@ -264,7 +264,7 @@ mod tests {
             // Anthropic SDKs may send both; either may hold the token.
             headers(&[("authorization", "Bearer other"), ("x-api-key", "kg_abc")]),
         ] {
-            assert_eq!(t.authenticate(&h).unwrap(), 0, "{h:?}");
+            assert_eq!(t.authenticate(&h).unwrap(), AgentId(0), "{h:?}");
         }
     }
 
@@ -313,7 +313,7 @@ mod tests {
             store::issue(dir.path(), "coder", std::time::Duration::from_secs(60)).unwrap();
         let t = Tokens::from_config(&c).unwrap();
         let h = headers(&[("x-api-key", &token)]);
-        assert_eq!(t.authenticate(&h).unwrap(), 0);
+        assert_eq!(t.authenticate(&h).unwrap(), AgentId(0));
         store::revoke(dir.path(), Some(&rec.id), None).unwrap();
         t.refresh();
         assert_eq!(

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use http::Method;
 
-use crate::config::{Agent, Approval, Config, Route, RouteId};
+use crate::config::{Agent, AgentId, Approval, Config, Route, RouteId};
 use crate::error::{Code, Rejection};
 use crate::route::Routed;
 
@@ -26,7 +26,7 @@ pub use rule::{Rate, Rule};
 #[derive(Debug)]
 pub struct Authorized {
     route: RouteId,
-    agent: usize,
+    agent: AgentId,
     raw_path: String,
     _private: (),
 }
@@ -35,7 +35,7 @@ impl Authorized {
     pub fn route(&self) -> RouteId {
         self.route
     }
-    pub fn agent(&self) -> usize {
+    pub fn agent(&self) -> AgentId {
         self.agent
     }
     /// A request authorized by fiat, for tests of the stages after `authorize`.
@@ -43,7 +43,7 @@ impl Authorized {
     pub(crate) fn for_test(route: usize, agent: usize) -> Authorized {
         Authorized {
             route: RouteId(route),
-            agent,
+            agent: AgentId(agent),
             raw_path: "/".into(),
             _private: (),
         }
@@ -112,7 +112,7 @@ impl Policy {
     pub fn authorize(
         &self,
         config: &Config,
-        agent: usize,
+        agent: AgentId,
         method: &Method,
         routed: Routed,
     ) -> Result<Authorized, Rejection> {
@@ -139,7 +139,7 @@ impl Policy {
                 ),
             ));
         }
-        if let Some(Some(bucket)) = self.buckets.get(agent) {
+        if let Some(Some(bucket)) = self.buckets.get(agent.0) {
             if !take(bucket) {
                 return Err(Rejection::new(
                     Code::RateLimited,
@@ -147,7 +147,7 @@ impl Policy {
                 ));
             }
         }
-        if let Some(Some(b)) = self.budgets.get(agent) {
+        if let Some(Some(b)) = self.budgets.get(agent.0) {
             b.roll();
             if b.used.load(Ordering::Relaxed) >= b.limit {
                 return Err(Rejection::new(
@@ -179,8 +179,8 @@ impl Policy {
     }
 
     /// Counts tokens an upstream reported as used, against the agent's budget.
-    pub fn record_tokens(&self, agent: usize, tokens: u64) {
-        if let Some(Some(b)) = self.budgets.get(agent) {
+    pub fn record_tokens(&self, agent: AgentId, tokens: u64) {
+        if let Some(Some(b)) = self.budgets.get(agent.0) {
             b.roll();
             b.used.fetch_add(tokens, Ordering::Relaxed);
         }

@@ -25,7 +25,7 @@ use crate::audit::{self, AuditLog, Decision, Finishing, Pending, Reason, Record}
 use crate::authenticate::{self, Tokens};
 use crate::authorize::usage::Meter;
 use crate::authorize::Policy;
-use crate::config::{Config, Format, Mode, RequestScan, RouteId};
+use crate::config::{AgentId, Config, Format, Mode, RequestScan, RouteId};
 use crate::credential::{self, Credentials};
 use crate::error::{Code, Rejection};
 use crate::forward::{self, Body, Forwarder};
@@ -116,7 +116,7 @@ struct Upstream {
     request_redacted: bool,
     route: RouteId,
     /// The agent whose budget the answer's usage is charged to.
-    budgeted: Option<usize>,
+    budgeted: Option<AgentId>,
 }
 
 async fn process(
