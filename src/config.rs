@@ -2,8 +2,10 @@
 //! program uses.
 //!
 //! Input: a `.toml` (native, [`native`]) or `.json` (the lab broker's format, [`seed`]) file.
-//! Output: a [`Config`], checked once at load ("parse, don't validate"), so no other module
-//! re-checks a value or meets an unknown key.
+//! Each format lowers its text into the same [`spec::Spec`]; [`validate`] checks it once and
+//! builds a [`Config`] ("parse, don't validate"), so no other module re-checks a value, meets an
+//! unknown key, or looks a name up: cross-references are ids ([`RouteId`], [`AgentId`],
+//! [`SecretId`]).
 //!
 //! Architecture invariant: config holds *where* secrets live, never their values. Agent tokens are
 //! resolved from the environment by `serve` at start-up and kept only as hashes.
