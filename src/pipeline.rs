@@ -16,7 +16,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::request::Parts;
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -25,9 +25,9 @@ use crate::audit::{self, AuditLog, Decision, Finishing, Pending, Reason, Record}
 use crate::authenticate::{self, Tokens};
 use crate::authorize::usage::Meter;
 use crate::authorize::Policy;
-use crate::config::{AgentId, Config, Format, Mode, RequestScan, RouteId};
+use crate::config::{AgentId, Config, Mode, RequestScan, Route, RouteId};
 use crate::credential::{self, Credentials};
-use crate::error::{Code, Rejection};
+use crate::error::Rejection;
 use crate::forward::{self, Body, Forwarder};
 use crate::guard::{self, Guard, Peer};
 use crate::redact::body::{self as redacting, End, Observer, RedactingBody};
@@ -35,18 +35,27 @@ use crate::{local, route, scan};
 
 /// Everything a request needs, built once at start-up.
 pub struct State {
+    /// The validated config.
     pub config: Arc<Config>,
+    /// A short hash of the effective policy, in every audit record.
     pub policy_version: String,
+    /// The request-shape checks.
     pub guard: Guard,
+    /// Who may call: configured and issued tokens.
     pub tokens: Tokens,
+    /// Rules, rates and budgets.
     pub policy: Policy,
+    /// The held secrets and the redactors built from them.
     pub credentials: Credentials,
+    /// The upstream client.
     pub forwarder: Forwarder,
+    /// The audit log.
     pub audit: Arc<AuditLog>,
     /// The person behind agents that name none: the user keygate runs as.
     pub default_person: Option<String>,
     /// Listener URLs, for `/healthz`.
     pub listen_urls: Vec<String>,
+    /// The first TCP listener's port, for the lab's `/healthz`.
     pub listen_port: u16,
 }
 
@@ -133,8 +142,7 @@ async fn process(
     state.guard.check(&head, peer)?;
     guard::strip_hop_by_hop(&mut head.headers);
     state.audit.check_writable(config.audit_fail_closed)?;
-    if head.uri.path() == "/healthz" && (head.method == Method::GET || head.method == Method::HEAD)
-    {
+    if local::is_healthz(&head) {
         let resp = local::healthz(
             config,
             &state.policy_version,
@@ -148,69 +156,30 @@ async fn process(
     // authenticate
     let agent = state.tokens.authenticate(&head.headers)?;
     authenticate::strip_caller_credentials(&mut head.headers);
-    let a = &config.agents[agent];
-    let r = pending.record();
-    r.agent = Some(a.name.clone());
-    if a.person.is_some() {
-        r.person = a.person.clone();
-    }
+    pending.record().agent(&config.agents[agent]);
 
     // route
     let routed = route::select(&config.routes, head.uri.path())?;
     let route = &config.routes[routed.route];
-    r.route = Some(route.name.clone());
-    r.destination = Some(route.upstream.host.clone());
-    r.classification = Some(route.classification.clone());
-    r.key_id = config.secret_of(route).map(|s| s.name.clone());
-    if config.format == Format::Seed && head.method != Method::POST {
-        // The lab broker answered only POST (and GET /healthz); keep its 403 for other methods.
-        return Err(Rejection::new(
-            Code::PathNotAllowed,
-            format!("{} {} is not allowed", head.method, routed.path),
-        ));
-    }
+    pending.record().route(route, config.secret_of(route));
 
     // authorize
     let authorized = state
         .policy
         .authorize(config, agent, &head.method, routed)?;
 
-    // scan: the URL and headers now; the body whole where policy needs all of it, else as it
-    // streams. The body is re-framed, so its length is hyper's to set.
-    let mode = route.request_scan;
-    let scanner = (mode != RequestScan::Off).then(|| state.credentials.scanner());
-    let mut request_redacted = match &scanner {
-        Some(scanner) => scan::head(scanner, mode, &mut head)?,
-        None => false,
-    };
-    head.headers.remove(header::CONTENT_LENGTH);
-    let limit = config.max_request_bytes;
-    let whole_body =
-        route.require_json || config.mode == Mode::DryRun || mode == RequestScan::Refuse;
-    let bytes_in = Arc::new(AtomicU64::new(0));
-    let body: Body = if whole_body {
-        let mut bytes = guard::read_body(body, limit).await?;
-        *body_read = true;
-        pending.record().bytes_in = bytes.len() as u64;
-        if route.require_json {
-            guard::check_json(&bytes)?;
+    // scan (and read the body where policy needs all of it)
+    let (body, request_redacted) = request_body(state, route, pending, &mut head, body).await?;
+    let (body, streamed) = match body {
+        RequestBody::Whole(bytes) => {
+            *body_read = true;
+            if config.mode == Mode::DryRun {
+                let resp = local::dry_run(config, &authorized, &head, &bytes);
+                return Ok(Answer::Local(resp, Decision::DryRun, Reason::DryRun));
+            }
+            (full(bytes), None)
         }
-        if let Some(scanner) = &scanner {
-            let redacted;
-            (bytes, redacted) = scan::body(scanner, mode, bytes)?;
-            request_redacted |= redacted;
-        }
-        if config.mode == Mode::DryRun {
-            let resp = local::dry_run(config, &authorized, &head, &bytes);
-            return Ok(Answer::Local(resp, Decision::DryRun, Reason::DryRun));
-        }
-        full(bytes)
-    } else {
-        let counted = CountIn(bytes_in.clone());
-        RedactingBody::new(body, scanner.map(|s| s.stream()), counted)
-            .limit(limit)
-            .map_err(Into::into)
-            .boxed()
+        RequestBody::Streamed(body, count) => (body, Some(count)),
     };
 
     // credential
@@ -227,24 +196,68 @@ async fn process(
         .forwarder
         .send(config, authorized, head, query.as_deref(), body)
         .await;
-    if !whole_body {
-        pending.record().bytes_in = bytes_in.load(Ordering::Relaxed);
+    if let Some(count) = streamed {
+        pending.record().bytes_in = count.load(Ordering::Relaxed);
     }
     let resp = resp?;
-    if resp.status() == StatusCode::UNAUTHORIZED {
-        if let (Some(id), Some(secret)) = (route.secret, &secret) {
-            // The key may have been rotated at its source: fetch afresh for the next request.
-            state.credentials.invalidate(id, secret.key_id());
-        }
-    }
-    let redactor = state.credentials.redactor();
-    forward::passable(&resp, &redactor, &route.upstream.host)?;
+    state
+        .credentials
+        .after_answer(resp.status(), route, secret.as_deref());
+    forward::passable(&resp, &state.credentials.redactor(), &route.upstream.host)?;
     Ok(Answer::Upstream(Upstream {
         resp,
         request_redacted,
         route: route_id,
-        budgeted: a.budget.as_ref().map(|_| agent),
+        budgeted: config.agents[agent].budget.as_ref().map(|_| agent),
     }))
+}
+
+/// The request body as it goes upstream.
+enum RequestBody {
+    /// Read whole: the lab's JSON check, dry-run, or a scan that refuses.
+    Whole(Bytes),
+    /// Streamed through the scan's redactor, counting the bytes that passed.
+    Streamed(Body, Arc<AtomicU64>),
+}
+
+/// The scan stage: the URL and headers now; the body whole where policy needs all of it, else
+/// as it streams. The body is re-framed, so its length is hyper's to set. Also says whether
+/// anything was redacted.
+async fn request_body(
+    state: &State,
+    route: &Route,
+    pending: &mut Pending,
+    head: &mut Parts,
+    body: Incoming,
+) -> Result<(RequestBody, bool), Rejection> {
+    let config = &*state.config;
+    let mode = route.request_scan;
+    let scanner = (mode != RequestScan::Off).then(|| state.credentials.scanner());
+    let mut redacted = match &scanner {
+        Some(scanner) => scan::head(scanner, mode, head)?,
+        None => false,
+    };
+    head.headers.remove(header::CONTENT_LENGTH);
+    let limit = config.max_request_bytes;
+    if route.require_json || config.mode == Mode::DryRun || mode == RequestScan::Refuse {
+        let mut bytes = guard::read_body(body, limit).await?;
+        pending.record().bytes_in = bytes.len() as u64;
+        if route.require_json {
+            guard::check_json(&bytes)?;
+        }
+        if let Some(scanner) = &scanner {
+            let body_redacted;
+            (bytes, body_redacted) = scan::body(scanner, mode, bytes)?;
+            redacted |= body_redacted;
+        }
+        return Ok((RequestBody::Whole(bytes), redacted));
+    }
+    let count = Arc::new(AtomicU64::new(0));
+    let body = RedactingBody::new(body, scanner.map(|s| s.stream()), CountIn(count.clone()))
+        .limit(limit)
+        .map_err(Into::into)
+        .boxed();
+    Ok((RequestBody::Streamed(body, count), redacted))
 }
 
 /// redact + audit on the way back: headers are redacted now, the body chunk by chunk as it

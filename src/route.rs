@@ -19,6 +19,7 @@ use crate::error::{Code, Rejection};
 /// A request matched to a route.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Routed {
+    /// The route's index in the config.
     pub route: RouteId,
     /// Decoded path relative to the route prefix, always starting with `/`; allow rules match it.
     pub path: String,

@@ -7,8 +7,10 @@ use http::request::Parts;
 
 use super::{Decision, PeerRecord, Pending, Reason, Record};
 use crate::authorize::usage::Meter;
+use crate::config::{Agent, Route};
 use crate::guard::Peer;
 use crate::redact::body::{End, Observer};
+use crate::secret::SecretSpec;
 
 /// The longest path kept in a record.
 const MAX_PATH: usize = 2048;
@@ -38,6 +40,24 @@ impl Record {
             },
             ..Record::default()
         }
+    }
+}
+
+impl Record {
+    /// Names the authenticated agent and the person behind it.
+    pub fn agent(&mut self, agent: &Agent) {
+        self.agent = Some(agent.name.clone());
+        if agent.person.is_some() {
+            self.person = agent.person.clone();
+        }
+    }
+
+    /// Names the route, its upstream host and classification, and its secret.
+    pub fn route(&mut self, route: &Route, secret: Option<&SecretSpec>) {
+        self.route = Some(route.name.clone());
+        self.destination = Some(route.upstream.host.clone());
+        self.classification = Some(route.classification.clone());
+        self.key_id = secret.map(|s| s.name.clone());
     }
 }
 
