@@ -320,78 +320,9 @@ impl Config {
     }
 }
 
-/// Parses an upstream base URL: `http` or `https`, a host, an optional path, no query, no
-/// credentials in the URL.
-pub(crate) fn parse_upstream(url: &str) -> Result<Upstream, String> {
-    let uri: http::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
-    let scheme = uri.scheme().cloned().ok_or("needs http:// or https://")?;
-    if scheme != http::uri::Scheme::HTTP && scheme != http::uri::Scheme::HTTPS {
-        return Err(format!(
-            "scheme {scheme} is not supported; use http or https"
-        ));
-    }
-    let authority = uri.authority().cloned().ok_or("needs a host")?;
-    if authority.as_str().contains('@') {
-        return Err("credentials in the URL are not allowed; use a secret".into());
-    }
-    if uri.query().is_some() {
-        return Err("a query string is not allowed in an upstream URL".into());
-    }
-    let base_path = uri.path().trim_end_matches('/').to_string();
-    Ok(Upstream {
-        url: url.to_string(),
-        scheme,
-        host: authority.host().to_string(),
-        authority,
-        base_path,
-    })
-}
-
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
         .map_err(|e| format!("{e}; write a duration such as 30s, 15m or 1h"))
-}
-
-/// `NAME:` style inject spec, e.g. `bearer`, `header:x-api-key`, `basic`, `query:key`.
-pub(crate) fn parse_inject(
-    s: &str,
-    format: Option<String>,
-    username: Option<String>,
-) -> Result<Inject, String> {
-    let (kind, arg) = match s.split_once(':') {
-        Some((k, a)) => (k, Some(a)),
-        None => (s, None),
-    };
-    match (kind, arg) {
-        ("bearer", None) => Ok(Inject::Bearer),
-        ("basic", None) => Ok(Inject::Basic { username }),
-        ("header", Some(name)) => {
-            let name = HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| format!("{name:?} is not a header name"))?;
-            let format = format.unwrap_or_else(|| "{secret}".into());
-            if !format.contains("{secret}") {
-                return Err("inject_format must contain {secret}".into());
-            }
-            Ok(Inject::Header { name, format })
-        }
-        ("query", Some(name)) if !name.is_empty() => Ok(Inject::Query { name: name.into() }),
-        ("aws-sigv4", _) => Err("aws-sigv4 injection is not supported by this build yet".into()),
-        _ => Err(format!(
-            "{s:?} is not one of bearer, header:NAME, basic, query:NAME"
-        )),
-    }
-}
-
-pub(crate) fn parse_listen(s: &str) -> Result<Listen, String> {
-    if let Some(path) = s.strip_prefix("unix:") {
-        if path.is_empty() {
-            return Err("unix: needs a socket path".into());
-        }
-        return Ok(Listen::Unix(expand_home(path)));
-    }
-    s.parse::<std::net::SocketAddr>()
-        .map(Listen::Tcp)
-        .map_err(|_| format!("{s:?} is neither IP:PORT (e.g. 127.0.0.1:8791) nor unix:/path"))
 }
 
 pub(crate) fn expand_home(p: &str) -> PathBuf {
@@ -399,20 +330,6 @@ pub(crate) fn expand_home(p: &str) -> PathBuf {
         (Some(rest), Some(home)) => PathBuf::from(home).join(rest),
         _ => PathBuf::from(p),
     }
-}
-
-/// Refuses a listener a browser or another machine could reach unless config allows it.
-pub(crate) fn check_loopback(listen: &[Listen], allow_non_loopback: bool) -> Result<(), String> {
-    for l in listen {
-        if let Listen::Tcp(addr) = l {
-            if !addr.ip().is_loopback() && !allow_non_loopback {
-                return Err(format!(
-                    "{addr} is not a loopback address; keygate listens on 127.0.0.1 or ::1 unless allow_non_loopback = true"
-                ));
-            }
-        }
-    }
-    Ok(())
 }
 
 fn ser_headers<S: serde::Serializer>(
