@@ -5,6 +5,10 @@
 //! spec and builds the [`super::Config`]. So a rule (a reserved header, a default, a duration's
 //! lower bound) is written once and holds for both formats.
 //!
+//! A new key: add it to the format's raw serde type (`native.rs`, and `seed.rs` if the lab format
+//! has it), lower it into a field here (`Option`, with an [`At`] when it can be wrong), and check
+//! it and define its default in `validate.rs`.
+//!
 //! Every value that can be wrong carries a [`Pos`]: the line it was written on and the key to
 //! name in the error, in the spelling of its own format (`routes.openai.timeout`,
 //! `upstream_timeout_seconds`).
