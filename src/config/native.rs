@@ -75,6 +75,7 @@ struct RawRoute {
     timeout: Option<Spanned<String>>,
     require_json: Option<bool>,
     request_scan: Option<RequestScan>,
+    allow_range: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -204,6 +205,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
                 timeout: lines.dur(&r.timeout, key("timeout")),
                 require_json: r.require_json,
                 request_scan: r.request_scan,
+                allow_range: r.allow_range,
             }
         })
         .collect();

@@ -143,6 +143,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
         timeout: None,
         require_json: Some(true),
         request_scan: None,
+        allow_range: None,
     };
     let agent = AgentSpec {
         name: if raw.client_token_env.is_some() {

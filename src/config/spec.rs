@@ -154,6 +154,7 @@ pub struct RouteSpec {
     pub timeout: Option<At<Dur>>,
     pub require_json: Option<bool>,
     pub request_scan: Option<RequestScan>,
+    pub allow_range: Option<bool>,
 }
 
 #[derive(Debug)]

@@ -337,6 +337,7 @@ fn route(
         timeout,
         require_json: r.require_json.unwrap_or(false),
         request_scan: r.request_scan.unwrap_or(default_scan),
+        allow_range: r.allow_range.unwrap_or(false),
     })
 }
 
