@@ -6,20 +6,25 @@
 //!
 //! Architecture invariant: [`Authorized`] can be constructed only in this module, and `forward`
 //! takes one by value, so no request reaches an upstream without passing every check here.
+//!
+//! The token budget is checked twice: here, cheaply, whether anything is left at all; and once
+//! the body is known, by [`Policy::reserve`], which books what the request may cost
+//! ([`budget`], [`usage`]).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
-
-use crate::config::{Agent, AgentId, Approval, Config, Format, Route, RouteId};
-use crate::error::{Code, Rejection};
-use crate::route::Routed;
-use http::Method;
-
+mod budget;
 pub mod rule;
 pub mod usage;
 
 pub use rule::{Rate, Rule};
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http::Method;
+
+use crate::config::{Agent, AgentId, Approval, Config, Format, Route, RouteId};
+use crate::error::{Code, Rejection};
+use crate::route::Routed;
 
 /// A request that passed every policy check. Only [`Policy::authorize`] makes one: its fields
 /// are private, so no other code can forge one.
@@ -64,11 +69,13 @@ impl Authorized {
     }
 }
 
+pub use budget::{Reservation, RetryAfter, TokenBudget};
+
 /// Per-agent counters. Agents are fixed at start-up, so each has its own slot and requests from
 /// different agents never contend.
 pub struct Policy {
     buckets: Vec<Option<Mutex<Bucket>>>,
-    budgets: Vec<Option<BudgetWindow>>,
+    budgets: Vec<Option<Arc<TokenBudget>>>,
 }
 
 struct Bucket {
@@ -76,13 +83,6 @@ struct Bucket {
     last: Instant,
     capacity: f64,
     per_sec: f64,
-}
-
-struct BudgetWindow {
-    limit: u64,
-    per: Duration,
-    used: AtomicU64,
-    window_start: Mutex<Instant>,
 }
 
 impl Policy {
@@ -106,14 +106,7 @@ impl Policy {
             budgets: config
                 .agents
                 .iter()
-                .map(|a| {
-                    a.budget.as_ref().map(|b| BudgetWindow {
-                        limit: b.limit,
-                        per: b.per,
-                        used: AtomicU64::new(0),
-                        window_start: Mutex::new(now),
-                    })
-                })
+                .map(|a| a.budget.as_ref().map(|b| TokenBudget::new(b.limit, b.per)))
                 .collect(),
         }
     }
@@ -152,23 +145,25 @@ impl Policy {
             ));
         }
         if let Some(Some(bucket)) = self.buckets.get(agent.0) {
-            if !take(bucket) {
+            if let Err(wait) = take(bucket) {
                 return Err(Rejection::new(
                     Code::RateLimited,
                     format!("agent {} is over its rate limit", a.name),
-                ));
+                )
+                .with_retry_after(RetryAfter(wait).secs()));
             }
         }
         if let Some(Some(b)) = self.budgets.get(agent.0) {
-            b.roll();
-            if b.used.load(Ordering::Relaxed) >= b.limit {
+            if let Err(wait) = b.spent() {
                 return Err(Rejection::new(
                     Code::BudgetExhausted,
                     format!(
                         "agent {} has used its token budget of {} for this period",
-                        a.name, b.limit
+                        a.name,
+                        b.limit()
                     ),
-                ));
+                )
+                .with_retry_after(wait.secs()));
             }
         }
         if let Approval::Each { .. } = r.approval {
@@ -190,16 +185,57 @@ impl Policy {
         })
     }
 
-    /// Counts tokens an upstream reported as used, against the agent's budget.
-    pub fn record_tokens(&self, agent: AgentId, tokens: u64) {
-        if let Some(Some(b)) = self.budgets.get(agent.0) {
-            b.roll();
-            b.used.fetch_add(tokens, Ordering::Relaxed);
+    /// Whether the agent has a token budget, so its requests are reserved for and metered.
+    pub fn budgeted(&self, agent: AgentId) -> bool {
+        matches!(self.budgets.get(agent.0), Some(Some(_)))
+    }
+
+    /// Output tokens to book for a request whose body names no maximum: the route's
+    /// `budget_reserve` (it knows its API), else the agent's, else [`usage::DEFAULT_RESERVE`].
+    pub fn default_reserve(config: &Config, agent: AgentId, route: RouteId) -> u64 {
+        config.routes[route]
+            .budget_reserve
+            .or(config.agents[agent].budget_reserve)
+            .unwrap_or(usage::DEFAULT_RESERVE)
+    }
+
+    /// Books `tokens` against the agent's budget (check and charge in one step), or refuses
+    /// with 429 `budget_exhausted` and the time until the period resets. `None` for an agent
+    /// without a budget.
+    pub fn reserve(
+        &self,
+        config: &Config,
+        agent: AgentId,
+        tokens: u64,
+    ) -> Result<Option<Reservation>, Rejection> {
+        let Some(Some(b)) = self.budgets.get(agent.0) else {
+            return Ok(None);
+        };
+        let name = &config.agents[agent].name;
+        match b.try_reserve(tokens) {
+            Ok(r) => Ok(Some(r)),
+            Err(wait) if tokens > b.limit() => Err(Rejection::new(
+                Code::BudgetExhausted,
+                format!(
+                    "this request may use up to {tokens} tokens, more than agent {name}'s whole budget of {} per period; lower max_tokens",
+                    b.limit()
+                ),
+            )
+            .with_retry_after(wait.secs())),
+            Err(wait) => Err(Rejection::new(
+                Code::BudgetExhausted,
+                format!(
+                    "this request may use up to {tokens} tokens, more than is left of agent {name}'s budget of {} for this period (requests in flight count until they finish)",
+                    b.limit()
+                ),
+            )
+            .with_retry_after(wait.secs())),
         }
     }
 }
 
-fn take(bucket: &Mutex<Bucket>) -> bool {
+/// Takes one request from the bucket, or says how long until one is there.
+fn take(bucket: &Mutex<Bucket>) -> Result<(), Duration> {
     let mut b = match bucket.lock() {
         Ok(b) => b,
         Err(poisoned) => poisoned.into_inner(),
@@ -210,22 +246,11 @@ fn take(bucket: &Mutex<Bucket>) -> bool {
     b.tokens = (b.tokens + elapsed * b.per_sec).min(b.capacity);
     if b.tokens >= 1.0 {
         b.tokens -= 1.0;
-        true
+        Ok(())
     } else {
-        false
-    }
-}
-
-impl BudgetWindow {
-    fn roll(&self) {
-        let mut start = match self.window_start.lock() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
-        if start.elapsed() >= self.per {
-            *start = Instant::now();
-            self.used.store(0, Ordering::Relaxed);
-        }
+        Err(Duration::from_secs_f64(
+            ((1.0 - b.tokens) / b.per_sec).clamp(0.0, 86_400.0),
+        ))
     }
 }
 
@@ -241,7 +266,20 @@ mod tests {
             capacity: 2.0,
             per_sec: 0.0001,
         });
-        assert!(take(&b) && take(&b));
-        assert!(!take(&b));
+        assert!(take(&b).is_ok() && take(&b).is_ok());
+        assert!(take(&b).is_err());
+    }
+
+    #[test]
+    fn an_empty_bucket_says_when_the_next_request_is_allowed() {
+        let b = Mutex::new(Bucket {
+            tokens: 0.0,
+            last: Instant::now(),
+            capacity: 1.0,
+            per_sec: 1.0 / 60.0,
+        });
+        let wait = take(&b).unwrap_err();
+        assert!(wait > Duration::from_secs(50) && wait <= Duration::from_secs(60));
+        assert_eq!(RetryAfter(Duration::from_secs(60)).secs(), 60);
     }
 }

@@ -137,6 +137,9 @@ async fn serve(
         "audit_log": config.audit_log,
         "policy_version": policy_version,
     });
+    // Registered before the line is printed: a script that signals keygate as soon as it saw the
+    // line must get a drained shutdown, not the default action of an unhandled SIGTERM.
+    let signals = stop_signals();
     println!("{line}");
     tracing::info!(listeners = ?urls, "keygate serving");
 
@@ -154,7 +157,7 @@ async fn serve(
     }
     let (tx, rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(listen::run(bound, state, rx, Duration::from_secs(10)));
-    wait_for_signal().await;
+    wait_for_signal(signals).await;
     tracing::info!("shutting down");
     let _ = tx.send(true);
     let _ = server.await;
@@ -162,16 +165,29 @@ async fn serve(
     (ExitCode::SUCCESS, Some((audit, stop_record)))
 }
 
-async fn wait_for_signal() {
+type StopSignals = (
+    std::io::Result<tokio::signal::unix::Signal>,
+    std::io::Result<tokio::signal::unix::Signal>,
+);
+
+/// SIGTERM and SIGINT, handled from the moment this returns.
+fn stop_signals() -> StopSignals {
     use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
+    (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    )
+}
+
+async fn wait_for_signal(signals: StopSignals) {
+    match signals {
+        (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+                _ = int.recv() => {}
             }
         }
-        Err(_) => {
+        _ => {
             let _ = tokio::signal::ctrl_c().await;
         }
     }

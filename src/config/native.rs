@@ -75,6 +75,7 @@ struct RawRoute {
     timeout: Option<Spanned<String>>,
     require_json: Option<bool>,
     request_scan: Option<RequestScan>,
+    budget_reserve: Option<u64>,
     allow_range: Option<bool>,
 }
 
@@ -86,6 +87,7 @@ struct RawAgent {
     routes: Option<Spanned<Vec<String>>>,
     rate: Option<Spanned<String>>,
     budget_tokens: Option<Spanned<RawBudget>>,
+    budget_reserve: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -206,6 +208,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
                 require_json: r.require_json,
                 request_scan: r.request_scan,
                 allow_range: r.allow_range,
+                budget_reserve: r.budget_reserve,
             }
         })
         .collect();
@@ -221,6 +224,10 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
                 open: false,
                 routes: a.routes.as_ref().map(|r| lines.spanned(r, key("routes"))),
                 rate: a.rate.as_ref().map(|r| lines.spanned(r, key("rate"))),
+                budget_reserve: a
+                    .budget_reserve
+                    .as_ref()
+                    .map(|r| lines.spanned(r, key("budget_reserve"))),
                 budget: a.budget_tokens.as_ref().map(|b| {
                     let v = b.get_ref();
                     At::new((v.per.clone(), v.limit), lines.at(b, key("budget_tokens")))
@@ -379,5 +386,18 @@ mod tests {
         ))
         .unwrap_err();
         assert_eq!(e.key, "agents.x.budget_tokens", "{e}");
+    }
+
+    #[test]
+    fn budget_reserve_is_read_for_routes_and_budgeted_agents_only() {
+        let c = load(&format!(
+            "{ROUTE}budget_reserve = 16\n[agents.x]\nbudget_tokens = {{ per = \"day\", limit = 5000 }}\nbudget_reserve = 512\n"
+        ))
+        .unwrap();
+        assert_eq!(c.routes[0].budget_reserve, Some(16));
+        assert_eq!(c.agents[0].budget_reserve, Some(512));
+        let e = load(&format!("{ROUTE}[agents.x]\nbudget_reserve = 512\n")).unwrap_err();
+        assert_eq!(e.key, "agents.x.budget_reserve", "{e}");
+        assert_eq!(e.line, 5, "{e}");
     }
 }

@@ -144,6 +144,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
         require_json: Some(true),
         request_scan: None,
         allow_range: None,
+        budget_reserve: None,
     };
     let agent = AgentSpec {
         name: if raw.client_token_env.is_some() {
@@ -157,6 +158,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
         routes: None,
         rate: None,
         budget: None,
+        budget_reserve: None,
     };
 
     Ok(Spec {

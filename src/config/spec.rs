@@ -155,6 +155,7 @@ pub struct RouteSpec {
     pub require_json: Option<bool>,
     pub request_scan: Option<RequestScan>,
     pub allow_range: Option<bool>,
+    pub budget_reserve: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -168,6 +169,7 @@ pub struct AgentSpec {
     pub rate: Option<At<String>>,
     /// `(per, limit)`.
     pub budget: Option<At<(String, u64)>>,
+    pub budget_reserve: Option<At<u64>>,
 }
 
 /// The lab broker's own fields, echoed by `/healthz`.

@@ -338,6 +338,7 @@ fn route(
         require_json: r.require_json.unwrap_or(false),
         request_scan: r.request_scan.unwrap_or(default_scan),
         allow_range: r.allow_range.unwrap_or(false),
+        budget_reserve: r.budget_reserve,
     })
 }
 
@@ -390,6 +391,12 @@ fn agent(cx: &Cx, a: &AgentSpec, routes: &[Route]) -> Result<Agent, ConfigError>
         }
         None => None,
     };
+    if let (Some(r), None) = (&a.budget_reserve, &budget) {
+        return cx.err(
+            &r.pos,
+            "budget_reserve applies to a token budget; set budget_tokens too",
+        );
+    }
     Ok(Agent {
         name: a.name.clone(),
         person: a.person.clone(),
@@ -398,6 +405,7 @@ fn agent(cx: &Cx, a: &AgentSpec, routes: &[Route]) -> Result<Agent, ConfigError>
         routes: agent_routes,
         rate,
         budget,
+        budget_reserve: a.budget_reserve.as_ref().map(|r| r.value),
     })
 }
 
