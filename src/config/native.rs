@@ -8,7 +8,9 @@ use std::path::Path;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::spec::{AgentSpec, At, Dur, ListenSpec, Pos, RouteSpec, RuleSpec, SecretSpecRaw, Spec};
+use super::spec::{
+    AgentSpec, At, ConnectionsSpec, Dur, ListenSpec, Pos, RouteSpec, RuleSpec, SecretSpecRaw, Spec,
+};
 use super::*;
 
 #[derive(Deserialize)]
@@ -27,12 +29,22 @@ struct Raw {
     connect_timeout: Option<Spanned<String>>,
     allowed_origins: Option<Vec<String>>,
     request_scan: Option<RequestScan>,
+    connections: Option<RawConnections>,
     #[serde(default)]
     secrets: BTreeMap<String, RawSecret>,
     #[serde(default)]
     routes: BTreeMap<String, RawRoute>,
     #[serde(default)]
     agents: BTreeMap<String, RawAgent>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConnections {
+    first_request_timeout: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
+    max_per_listener: Option<Spanned<usize>>,
+    request_body_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -44,6 +56,8 @@ struct RawSecret {
     argv: Option<Vec<String>>,
     timeout: Option<Spanned<String>>,
     ttl: Option<Spanned<String>>,
+    /// Environment variables passed to a `command` source (its environment is otherwise cleared).
+    env: Option<Vec<String>>,
     // openbao
     address: Option<String>,
     token_env: Option<String>,
@@ -75,6 +89,7 @@ struct RawRoute {
     timeout: Option<Spanned<String>>,
     require_json: Option<bool>,
     request_scan: Option<RequestScan>,
+    max_response_time: Option<Spanned<String>>,
     budget_reserve: Option<u64>,
     allow_range: Option<bool>,
 }
@@ -152,6 +167,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
                 var: s.name.clone(),
                 path: s.path.clone(),
                 argv: s.argv.clone(),
+                env: s.env.clone(),
                 timeout: lines.dur(&s.timeout, key("timeout")),
                 ttl: lines.dur(&s.ttl, key("ttl")),
                 address: s.address.clone(),
@@ -209,6 +225,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
                 request_scan: r.request_scan,
                 allow_range: r.allow_range,
                 budget_reserve: r.budget_reserve,
+                max_response_time: lines.dur(&r.max_response_time, key("max_response_time")),
             }
         })
         .collect();
@@ -252,6 +269,20 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
         connect_timeout: lines.dur(&raw.connect_timeout, "connect_timeout"),
         allowed_origins: raw.allowed_origins.unwrap_or_default(),
         request_scan: raw.request_scan,
+        connections: raw.connections.as_ref().map(|c| {
+            let key = |k: &str| format!("connections.{k}");
+            ConnectionsSpec {
+                first_request_timeout: lines
+                    .dur(&c.first_request_timeout, key("first_request_timeout")),
+                idle_timeout: lines.dur(&c.idle_timeout, key("idle_timeout")),
+                max_per_listener: c
+                    .max_per_listener
+                    .as_ref()
+                    .map(|m| lines.spanned(m, key("max_per_listener"))),
+                request_body_timeout: lines
+                    .dur(&c.request_body_timeout, key("request_body_timeout")),
+            }
+        }),
         secrets,
         routes,
         agents,

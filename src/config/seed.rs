@@ -145,6 +145,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
         request_scan: None,
         allow_range: None,
         budget_reserve: None,
+        max_response_time: None,
     };
     let agent = AgentSpec {
         name: if raw.client_token_env.is_some() {
@@ -183,6 +184,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
         connect_timeout: None,
         allowed_origins: raw.allowed_origins,
         request_scan: raw.request_scan,
+        connections: None,
         secrets: vec![secret],
         routes: vec![route],
         agents: vec![agent],

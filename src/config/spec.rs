@@ -94,6 +94,8 @@ pub struct Spec {
     pub allowed_origins: Vec<String>,
     /// Default for every route's `request_scan`.
     pub request_scan: Option<RequestScan>,
+    /// `[connections]`; the lab format has none.
+    pub connections: Option<ConnectionsSpec>,
     pub secrets: Vec<SecretSpecRaw>,
     pub routes: Vec<RouteSpec>,
     pub agents: Vec<AgentSpec>,
@@ -112,6 +114,8 @@ pub struct SecretSpecRaw {
     /// `file`: the file (`~/` is expanded); openbao: the path inside the mount.
     pub path: Option<String>,
     pub argv: Option<Vec<String>>,
+    /// `command`: variables passed through to it (its environment is otherwise cleared).
+    pub env: Option<Vec<String>>,
     pub timeout: Option<At<Dur>>,
     pub ttl: Option<At<Dur>>,
     pub address: Option<String>,
@@ -156,6 +160,7 @@ pub struct RouteSpec {
     pub request_scan: Option<RequestScan>,
     pub allow_range: Option<bool>,
     pub budget_reserve: Option<u64>,
+    pub max_response_time: Option<At<Dur>>,
 }
 
 #[derive(Debug)]
@@ -170,6 +175,15 @@ pub struct AgentSpec {
     /// `(per, limit)`.
     pub budget: Option<At<(String, u64)>>,
     pub budget_reserve: Option<At<u64>>,
+}
+
+/// `[connections]`: bounds on every accepted connection.
+#[derive(Debug)]
+pub struct ConnectionsSpec {
+    pub first_request_timeout: Option<At<Dur>>,
+    pub idle_timeout: Option<At<Dur>>,
+    pub max_per_listener: Option<At<usize>>,
+    pub request_body_timeout: Option<At<Dur>>,
 }
 
 /// The lab broker's own fields, echoed by `/healthz`.

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
 
-use super::spec::{AgentSpec, At, Dur, ListenSpec, Pos, RouteSpec, RuleSpec, SecretSpecRaw, Spec};
+use super::spec::{
+    AgentSpec, At, ConnectionsSpec, Dur, ListenSpec, Pos, RouteSpec, RuleSpec, SecretSpecRaw, Spec,
+};
 use super::*;
 use crate::authorize::rule::{Rate, Rule};
 use crate::secret::{BaoToken, SecretSource, SecretSpec};
@@ -90,6 +92,11 @@ pub(super) fn validate(file: &Path, spec: Spec) -> Result<Config, ConfigError> {
         connect_timeout = connect_timeout.min(upstream_timeout);
     }
 
+    let connections = match &spec.connections {
+        Some(c) => connections(&cx, c)?,
+        None => Connections::default(),
+    };
+
     let scan = spec.request_scan.unwrap_or(DEFAULT_REQUEST_SCAN);
     let mut routes = Vec::new();
     for r in &spec.routes {
@@ -138,11 +145,27 @@ pub(super) fn validate(file: &Path, spec: Spec) -> Result<Config, ConfigError> {
         state_dir: spec.state_dir,
         max_request_bytes: spec.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES),
         connect_timeout,
+        connections,
         allowed_origins: spec.allowed_origins,
         secrets,
         routes,
         agents,
         seed,
+    })
+}
+
+fn connections(cx: &Cx, c: &ConnectionsSpec) -> Result<Connections, ConfigError> {
+    let d = Connections::default();
+    let max_per_listener = match &c.max_per_listener {
+        Some(m) if m.value == 0 => return cx.err(&m.pos, "must be at least 1"),
+        Some(m) => m.value,
+        None => d.max_per_listener,
+    };
+    Ok(Connections {
+        first_request_timeout: cx.duration_or(&c.first_request_timeout, d.first_request_timeout)?,
+        idle_timeout: cx.duration_or(&c.idle_timeout, d.idle_timeout)?,
+        max_per_listener,
+        request_body_timeout: cx.duration_or(&c.request_body_timeout, d.request_body_timeout)?,
     })
 }
 
@@ -200,7 +223,14 @@ fn secret(cx: &Cx, s: &SecretSpecRaw) -> Result<SecretSpec, ConfigError> {
                 );
             }
             let timeout = cx.duration_or(&s.timeout, DEFAULT_COMMAND_TIMEOUT)?;
-            SecretSource::Command { argv, timeout }
+            let env = s.env.clone().unwrap_or_default();
+            if let Some(bad) = env.iter().find(|v| v.is_empty() || v.contains('=')) {
+                return cx.err(
+                    &s.table.child("env"),
+                    format!("{bad:?} is not an environment variable name"),
+                );
+            }
+            SecretSource::Command { argv, timeout, env }
         }
         "openbao" | "vault" => {
             let token = match (&s.token_env, &s.token_file) {
@@ -339,6 +369,10 @@ fn route(
         request_scan: r.request_scan.unwrap_or(default_scan),
         allow_range: r.allow_range.unwrap_or(false),
         budget_reserve: r.budget_reserve,
+        max_response_time: match &r.max_response_time {
+            Some(t) => Some(cx.duration(t)?),
+            None => None,
+        },
     })
 }
 
