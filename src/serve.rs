@@ -12,7 +12,7 @@ use std::time::Duration;
 use crate::audit::AuditLog;
 use crate::authenticate::Tokens;
 use crate::authorize::Policy;
-use crate::config::{Config, Listen};
+use crate::config::{Config, Format, Listen, Mode};
 use crate::credential::Credentials;
 use crate::forward::Forwarder;
 use crate::guard::Guard;
@@ -70,6 +70,27 @@ async fn serve(
         Ok(t) => t,
         Err(e) => return (fail(2, &format!("{}: {e}", config.file.display())), None),
     };
+    let credentials = Credentials::new(&config);
+    if config.mode != Mode::DryRun {
+        // Every secret is fetched before the ready line, so the request scan knows all of them
+        // from the first request (a key of one route sent to another is refused at once).
+        for (name, msg) in credentials.prefetch().await {
+            if config.format == Format::Seed {
+                // The lab broker fetched per request and answered 5xx while its source failed;
+                // its configs keep that: the secret is fetched again at first use, and until
+                // then the scan does not know its value.
+                tracing::warn!(secret = %name, error = %msg, "secret not fetched at start-up; fetching it at first use");
+            } else {
+                return (
+                    fail(
+                        2,
+                        &format!("{msg} (every secret is fetched at start-up, so that the request scan knows it)"),
+                    ),
+                    None,
+                );
+            }
+        }
+    }
     if let Some(dir) = &config.state_dir {
         // A token file someone else could have written would let them mint tokens.
         if let Err(e @ crate::authenticate::store::StoreError::Untrusted { .. }) =
@@ -127,7 +148,7 @@ async fn serve(
             max_request_bytes: config.max_request_bytes,
         },
         policy: Policy::new(&config),
-        credentials: Credentials::new(&config),
+        credentials,
         tokens,
         forwarder,
         audit: audit.clone(),

@@ -56,6 +56,8 @@ struct RawSecret {
     argv: Option<Vec<String>>,
     timeout: Option<Spanned<String>>,
     ttl: Option<Spanned<String>>,
+    /// `startup` (default) or `first-use`.
+    fetch: Option<Spanned<String>>,
     /// Environment variables passed to a `command` source (its environment is otherwise cleared).
     env: Option<Vec<String>>,
     // openbao
@@ -170,6 +172,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
                 env: s.env.clone(),
                 timeout: lines.dur(&s.timeout, key("timeout")),
                 ttl: lines.dur(&s.ttl, key("ttl")),
+                fetch: s.fetch.as_ref().map(|f| lines.spanned(f, key("fetch"))),
                 address: s.address.clone(),
                 token_env: s.token_env.clone(),
                 token_file: s.token_file.clone(),

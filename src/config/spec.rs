@@ -118,6 +118,8 @@ pub struct SecretSpecRaw {
     pub env: Option<Vec<String>>,
     pub timeout: Option<At<Dur>>,
     pub ttl: Option<At<Dur>>,
+    /// `startup` (the default) or `first-use`.
+    pub fetch: Option<At<String>>,
     pub address: Option<String>,
     pub token_env: Option<String>,
     pub token_file: Option<String>,

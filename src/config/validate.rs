@@ -274,10 +274,24 @@ fn secret(cx: &Cx, s: &SecretSpecRaw) -> Result<SecretSpec, ConfigError> {
         Some(t) => Some(cx.duration(t)?),
         None => None,
     };
+    let lazy = match &s.fetch {
+        None => false,
+        Some(f) => match f.value.as_str() {
+            "startup" => false,
+            "first-use" => true,
+            other => {
+                return cx.err(
+                    &f.pos,
+                    format!("unknown fetch {other:?}; use startup or first-use"),
+                )
+            }
+        },
+    };
     Ok(SecretSpec {
         name: s.name.clone(),
         source,
         ttl,
+        lazy,
     })
 }
 
