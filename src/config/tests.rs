@@ -154,6 +154,13 @@ fn config_mistakes_in_either_format_name_file_line_and_key() {
             "set budget_tokens too",
         ),
         (
+            "k.toml",
+            "\n[secrets.x]\nsource = \"env\"\nname = \"X\"\nfetch = \"later\"\n".into(),
+            5,
+            "secrets.x.fetch",
+            "use startup or first-use",
+        ),
+        (
             "b.json",
             lab("  \"listen_prot\": 8791,\n"),
             4,
