@@ -44,9 +44,11 @@ pub struct Authorized {
 }
 
 impl Authorized {
+    /// The matched route's index in `config.routes`.
     pub fn route(&self) -> usize {
         self.route
     }
+    /// The authenticated agent's index in `config.agents`.
     pub fn agent(&self) -> usize {
         self.agent
     }
@@ -91,6 +93,8 @@ impl Serialize for Rule {
 }
 
 impl Rule {
+    /// Parses `METHOD /path` (`*` for one segment, `**` last for the rest); the error says how to
+    /// write it.
     pub fn parse(s: &str) -> Result<Rule, String> {
         let (method, path) = s.trim().split_once(' ').ok_or_else(|| {
             format!("{s:?} is not a rule; write METHOD /path, e.g. \"POST /v1/chat/completions\"")
@@ -153,6 +157,7 @@ impl Rule {
         })
     }
 
+    /// Whether the rule allows this method on this path.
     pub fn matches(&self, method: &Method, path: &str) -> bool {
         if self.method.as_ref().is_some_and(|m| m != method) {
             return false;
@@ -181,7 +186,9 @@ impl Rule {
 /// `60/min`: at most `count` requests per `per`, refilled continuously.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Rate {
+    /// Requests allowed per period; also the burst size.
     pub count: u32,
+    /// The period, e.g. one minute for `/min`.
     #[serde(serialize_with = "ser_dur")]
     pub per: Duration,
 }
@@ -191,6 +198,7 @@ fn ser_dur<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> 
 }
 
 impl Rate {
+    /// Parses `COUNT/UNIT` (unit: second, minute, hour or day); a count of 0 is refused.
     pub fn parse(s: &str) -> Result<Rate, String> {
         let bad = || {
             format!("{s:?} is not a rate; write COUNT/UNIT, e.g. 60/min (units: s, min, h, day)")
@@ -230,6 +238,7 @@ struct Bucket {
 }
 
 impl Policy {
+    /// A rate bucket and a token budget for each agent that configures one, each starting full.
     pub fn new(config: &Config) -> Policy {
         let now = Instant::now();
         Policy {
@@ -255,6 +264,8 @@ impl Policy {
         }
     }
 
+    /// Checks the agent may use the route, the method and path, its rate and token budget; the
+    /// proof it returns is what the credential stage requires.
     pub fn authorize(
         &self,
         config: &Config,
