@@ -361,7 +361,8 @@ impl AuditLog {
         Ok(())
     }
 
-    /// False once a write has failed; with `fail_closed`, requests are then refused.
+    /// False while the log cannot be written; [`check_writable`](AuditLog::check_writable) then
+    /// refuses requests when the config fails closed.
     pub fn healthy(&self) -> bool {
         self.shared.healthy.load(Ordering::Relaxed)
     }

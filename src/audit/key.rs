@@ -128,7 +128,7 @@ impl AuditKey {
         self.0.verifying_key()
     }
 
-    /// The public key in hex, as printed for `audit verify --key`.
+    /// The public key in hex, as `keygate audit key` prints it for `audit verify --key`.
     pub fn public_hex(&self) -> String {
         hex::encode(self.public().as_bytes())
     }

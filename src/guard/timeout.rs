@@ -139,12 +139,12 @@ where
 pub struct Closer(Arc<Notify>);
 
 impl Closer {
-    /// Asks `listen` to close the connection once the current response is done.
+    /// Tells `listen` to drop the connection now, without waiting for a graceful close.
     pub fn close(&self) {
         self.0.notify_one();
     }
 
-    /// Resolves when [`close`](Closer::close) was called.
+    /// Resolves once [`close`](Closer::close) is called; the connection's task waits on it.
     pub async fn closed(&self) {
         self.0.notified().await
     }
