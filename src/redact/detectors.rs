@@ -6,11 +6,13 @@
 //! because a verdict depends only on bytes inside a bounded window, it is what lets the stream
 //! redactor decide when a verdict is final (see [`Detectors::eval`]).
 //!
-//! Linear time: a shape is a short head regex and then the longest run of value bytes; runs,
-//! line ends and character classes are looked up through [`Next`], which remembers its answer
-//! across the anchors of one scan. So the cost per anchor is constant (plus an entropy count
-//! over at most 128 bytes for `password_assignment`), however dense the anchors and however far
-//! their windows reach: no regex ever runs over a value.
+//! Linear time: a shape is a short head and then the longest run of value bytes; runs, line
+//! ends and character classes are looked up through [`Next`], which remembers its answer across
+//! the anchors of one scan, and `password_assignment`'s entropy comes from byte counts that move
+//! with the anchors ([`Window`]). So the cost per anchor is constant (amortized), however dense
+//! the anchors and however far their windows reach. Heads are matched byte by byte (a regex call
+//! per anchor was most of a dense scan's cost); each one's regex stays in `SPECS` as its
+//! definition, and a proptest checks that the two agree.
 //!
 //! Patterns are written as regexes, never as example keys, so this file does not trip
 //! `keygate redact --check` on itself.
