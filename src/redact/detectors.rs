@@ -20,7 +20,8 @@
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
-use aho_corasick::{AhoCorasick, AhoCorasickKind, Input, MatchKind};
+use aho_corasick::automaton::{Automaton, StateID};
+use aho_corasick::{dfa, AhoCorasick, AhoCorasickKind, Anchored, Input, MatchKind, PatternID};
 use base64::Engine as _;
 use regex::bytes::{Regex, RegexBuilder};
 
@@ -517,9 +518,11 @@ pub(crate) fn names() -> Vec<&'static str> {
 
 pub(crate) struct Detectors {
     anchors: AhoCorasick,
-    /// The same automaton without its prefilter, for where anchors are dense: starting the
-    /// prefilter costs more than walking the few bytes to the next anchor.
-    dense: AhoCorasick,
+    /// The same literals as an overlapping DFA walked byte by byte where anchors are dense:
+    /// restarting a search one byte past each anchor cost more than the anchors' verdicts.
+    dense: dfa::DFA,
+    /// The longest anchor literal.
+    longest: usize,
     /// Anchor pattern id -> indices into `SPECS`.
     by_anchor: Vec<Vec<usize>>,
     /// Anchor literals, for the stream's "could this tail still start an anchor" question.
@@ -605,6 +608,8 @@ pub(crate) struct ScanState {
     /// The first END line at or after `.0`, if any.
     pem_end: Option<(usize, Option<(usize, usize)>)>,
     entropy: Window,
+    /// `assignment_reads` at the last keyword anchor: (anchor, verdict, extent).
+    assignment: Option<(usize, Option<bool>, usize)>,
 }
 
 /// The byte counts of the last value judged by `high_entropy`, moved along with the anchors:
@@ -715,6 +720,82 @@ impl Window {
     }
 }
 
+/// The anchor iterator of [`Detectors::anchors`].
+struct Anchors<'a> {
+    d: &'a Detectors,
+    buf: &'a [u8],
+    /// One past the last anchor handed out: every anchor before it has been.
+    from: usize,
+    /// Dense mode: the DFA state, the next byte to read, and the end of the last hit.
+    walk: Option<(StateID, usize, usize)>,
+    /// Anchors the walk found and has not handed out, in order of their starts.
+    found: std::collections::VecDeque<(usize, PatternID)>,
+}
+
+/// Bytes the walk goes without a hit before it hands back to the prefiltered search.
+const DENSE_GAP: usize = 64;
+
+impl Iterator for Anchors<'_> {
+    type Item = (usize, PatternID);
+
+    fn next(&mut self) -> Option<(usize, PatternID)> {
+        let buf = self.buf;
+        let longest = self.d.longest;
+        let Some((mut sid, mut pos, mut last_end)) = self.walk else {
+            if self.from >= buf.len() {
+                return None;
+            }
+            let m = self.d.anchors.find(Input::new(buf).range(self.from..))?;
+            if m.start() - self.from < 32 {
+                // Every anchor starting after this one is still to be found: walk from here.
+                let start = self.d.dense.start_state(Anchored::No).ok()?;
+                self.walk = Some((start, m.start() + 1, m.start() + 1));
+            }
+            self.from = m.start() + 1;
+            return Some((m.start(), m.pattern()));
+        };
+        let dense = &self.d.dense;
+        loop {
+            // An anchor is final once no anchor still unfound can start at or before it:
+            // those end after `pos`, so start at or after `pos + 1 - longest`.
+            if let Some(&(at, pid)) = self.found.front() {
+                if at + longest <= pos || pos >= buf.len() {
+                    self.found.pop_front();
+                    self.walk = Some((sid, pos, last_end));
+                    self.from = at + 1;
+                    return Some((at, pid));
+                }
+            } else if pos >= buf.len() {
+                self.walk = Some((sid, pos, last_end));
+                self.from = buf.len();
+                return None;
+            } else if pos - last_end > DENSE_GAP {
+                // Every anchor ending by `pos` is handed out, so one starting at or after
+                // this `from` is still to be found.
+                self.walk = None;
+                self.from = self.from.max(pos + 1 - longest);
+                return self.next();
+            }
+            sid = dense.next_state(Anchored::No, sid, buf[pos]);
+            pos += 1;
+            if dense.is_match(sid) {
+                last_end = pos;
+                for i in 0..dense.match_len(sid) {
+                    let pid = dense.match_pattern(sid, i);
+                    let at = pos - dense.pattern_len(pid);
+                    // Few anchors are pending at once (they all end within `longest` bytes).
+                    let slot = self
+                        .found
+                        .iter()
+                        .rposition(|&(a, _)| a < at)
+                        .map_or(0, |k| k + 1);
+                    self.found.insert(slot, (at, pid));
+                }
+            }
+        }
+    }
+}
+
 impl Detectors {
     fn new() -> Self {
         let mut map: BTreeMap<Vec<u8>, Vec<usize>> = BTreeMap::new();
@@ -738,19 +819,20 @@ impl Detectors {
         // Leftmost-first, restarted one byte after each hit (see `anchors`): overlapping search
         // would find the same anchors but cannot use the SIMD prefilter, which is what keeps
         // the no-match path at several GiB/s.
-        let build = |prefilter| {
-            AhoCorasick::builder()
-                .match_kind(MatchKind::LeftmostFirst)
-                .kind(Some(AhoCorasickKind::DFA))
-                .prefilter(prefilter)
-                .build(&literals)
-                .expect("anchor automaton from constant literals")
-        };
-        let anchors = build(true);
-        let dense = build(false);
+        let anchors = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostFirst)
+            .kind(Some(AhoCorasickKind::DFA))
+            .build(&literals)
+            .expect("anchor automaton from constant literals");
+        let dense = dfa::DFA::builder()
+            .match_kind(MatchKind::Standard)
+            .build(&literals)
+            .expect("anchor automaton from constant literals");
+        let longest = literals.iter().map(Vec::len).max().unwrap_or(0);
         Detectors {
             anchors,
             dense,
+            longest,
             by_anchor,
             literals,
             pem_header: compile(r"^-{5}BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-{5}"),
@@ -767,30 +849,29 @@ impl Detectors {
             jwt: [Next::default(); 3],
             pem_end: None,
             entropy: Window::default(),
+            assignment: None,
         }
     }
 
     /// Every anchor occurrence in `buf`, in order, with the detectors to run there.
     ///
-    /// No literal is a prefix of another (checked by a test), so a leftmost-first search
-    /// restarted one byte past each hit reports every anchor position exactly once.
+    /// No literal is a prefix of another (checked by a test), so at most one anchor starts at
+    /// each position. Where anchors are sparse a leftmost-first search (with its SIMD
+    /// prefilter, which keeps the no-match path at several GiB/s) is restarted one byte past
+    /// each hit; where they are dense an overlapping DFA walks on without restarting, and its
+    /// hits (found in order of their ends) are handed out in order of their starts.
     pub(crate) fn anchors<'a>(
         &'a self,
         buf: &'a [u8],
     ) -> impl Iterator<Item = (usize, &'a [usize])> + 'a {
-        let mut from = 0;
-        let mut near = false;
-        std::iter::from_fn(move || {
-            if from >= buf.len() {
-                return None;
-            }
-            let ac = if near { &self.dense } else { &self.anchors };
-            let m = ac.find(Input::new(buf).range(from..))?;
-            // Same matches either way; only the speed differs.
-            near = m.start() - from < 32;
-            from = m.start() + 1;
-            Some((m.start(), self.by_anchor[m.pattern().as_usize()].as_slice()))
-        })
+        Anchors {
+            d: self,
+            buf,
+            from: 0,
+            walk: None,
+            found: std::collections::VecDeque::new(),
+        }
+        .map(move |(at, pid)| (at, self.by_anchor[pid.as_usize()].as_slice()))
     }
 
     pub(crate) fn name(&self, det: usize) -> &'static str {
@@ -841,7 +922,15 @@ impl Detectors {
         if spec.keyword {
             // Most keyword hits are prose (`tokens are counted`) or JSON keys with short values
             // (`"prompt_tokens":12`); rule them out before looking for the end of the line.
-            match assignment_follows(&buf[at..limit]) {
+            let (verdict, read) = match st.assignment {
+                Some((a, verdict, read)) if a == at => (verdict, read),
+                _ => {
+                    let (verdict, read) = assignment_reads(&buf[at..]);
+                    st.assignment = Some((at, verdict, read));
+                    (verdict, read)
+                }
+            };
+            match verdict.filter(|_| at + read <= limit) {
                 Some(false) => return Eval::Miss,
                 None if !complete => {
                     return Eval::Pending(Wake {
@@ -1280,7 +1369,23 @@ fn is_pagination_key(buf: &[u8], at: usize, value_start: usize) -> bool {
 /// rules out prose (`tokens are counted`) and short JSON values (`"prompt_tokens":12`) before
 /// the line end is looked for.
 fn assignment_follows(w: &[u8]) -> Option<bool> {
-    let at = |i: usize| w.get(i).copied();
+    assignment_reads(w).0
+}
+
+/// `assignment_follows(w)` and one past the last index it read. Indices are read in
+/// non-decreasing order, so on `w[..n]` the answer is the same when `n` is at least that
+/// extent and `None` otherwise: detectors with different windows at one anchor share one call.
+fn assignment_reads(w: &[u8]) -> (Option<bool>, usize) {
+    let read = std::cell::Cell::new(0);
+    let verdict = assignment_verdict(w, &read);
+    (verdict, read.get())
+}
+
+fn assignment_verdict(w: &[u8], read: &std::cell::Cell<usize>) -> Option<bool> {
+    let at = |i: usize| {
+        read.set(read.get().max(i + 1));
+        w.get(i).copied()
+    };
     let mut i = 0;
     while at(i)?.is_ascii_alphanumeric() || b"_.-".contains(&at(i)?) {
         i += 1;
@@ -1411,6 +1516,25 @@ mod tests {
         assert_eq!(assignment_follows(b"token = "), None);
     }
 
+    #[test]
+    fn assignment_verdict_on_a_cut_window_follows_from_its_extent() {
+        let samples: [&[u8]; 6] = [
+            b"tokens are counted per request",
+            b"tokens\":12,\"x\":1",
+            b"token = Bearer abcdefgh1",
+            b"secret_access_key = 'Zx9Zx9Zx9Zx9'",
+            b"password:    \"  a b c d e f g h i j k l m n o p q r s t u v w x y z",
+            b"token: Zx9!token: Zx9!token: Zx9!",
+        ];
+        for w in samples {
+            let (verdict, read) = assignment_reads(w);
+            for n in 0..=w.len() {
+                let want = if n >= read { verdict } else { None };
+                assert_eq!(assignment_follows(&w[..n]), want, "{w:?} cut at {n}");
+            }
+        }
+    }
+
     fn found(text: &str, set: DetectorSet) -> Vec<&'static str> {
         let d = get();
         let buf = text.as_bytes();
@@ -1528,6 +1652,31 @@ mod tests {
         w.set(&buf, 0, buf.len());
         assert!(high_entropy(&buf));
         assert!(w.high_entropy(&buf));
+    }
+
+    proptest::proptest! {
+        /// The anchor iterator, switching between its prefiltered search and its walk, reports
+        /// exactly the positions where an anchor literal starts, in order.
+        #[test]
+        fn anchors_are_every_literal_occurrence_in_order(
+            pieces in proptest::collection::vec((0usize..64, 0usize..100), 0..60),
+        ) {
+            let d = get();
+            let mut buf = Vec::new();
+            for (lit, gap) in pieces {
+                let fill = if gap >= 80 { 100 } else { gap % 4 };
+                buf.extend(std::iter::repeat_n(b'x', fill));
+                let l = &d.literals[lit % d.literals.len()];
+                // Sometimes only part of a literal, so that near misses are walked too.
+                let cut = if gap % 5 == 0 { l.len() - 1 } else { l.len() };
+                buf.extend_from_slice(&l[..cut]);
+            }
+            let got: Vec<usize> = d.anchors(&buf).map(|(at, _)| at).collect();
+            let want: Vec<usize> = (0..buf.len())
+                .filter(|&i| d.literals.iter().any(|l| buf[i..].starts_with(l)))
+                .collect();
+            proptest::prop_assert_eq!(got, want);
+        }
     }
 
     proptest::proptest! {
