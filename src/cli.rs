@@ -88,6 +88,19 @@ pub enum AuditCommand {
         /// (`keygate audit key` prints it).
         #[arg(long, value_name = "PUBLIC_KEY")]
         key: Option<String>,
+        /// Require the log to reach the last signed record keygate wrote, as the head file
+        /// (`state_dir/audit.head`, signed; needs --key) names it: a log cut at a checkpoint or
+        /// stop record is found only this way.
+        #[arg(
+            long,
+            value_name = "FILE",
+            requires = "key",
+            conflicts_with = "to_hash"
+        )]
+        head: Option<PathBuf>,
+        /// Require the log to reach the line carrying this hash (a checkpoint's, noted earlier).
+        #[arg(long, value_name = "HASH")]
+        to_hash: Option<String>,
     },
     /// Print the public key that signs this keygate's audit checkpoints (creating the key pair
     /// in the config's state_dir on first use).
@@ -140,7 +153,16 @@ pub fn main() -> ExitCode {
             strict,
             from_hash,
             key,
-        }) => audit_verify(&file, json, strict, from_hash, key.as_deref()),
+            head,
+            to_hash,
+        }) => audit_verify(
+            &file,
+            json,
+            strict,
+            from_hash,
+            key.as_deref(),
+            End { head, to_hash },
+        ),
         Command::Audit(AuditCommand::Key { config }) => audit_key(&config),
     }
 }
@@ -170,18 +192,48 @@ fn usage(msg: &str) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// Where the log must reach: the head file's record, or a hash.
+struct End {
+    head: Option<PathBuf>,
+    to_hash: Option<String>,
+}
+
 fn audit_verify(
     file: &std::path::Path,
     json: bool,
     strict: bool,
     from_hash: Option<String>,
     key: Option<&str>,
+    end: End,
 ) -> ExitCode {
     let key = match key.map(read_public_key).transpose() {
         Ok(k) => k,
         Err(e) => return usage(&format!("--key: {e}")),
     };
-    let opts = crate::audit::VerifyOptions { from_hash, key };
+    let (to_hash, to_line) = match (&end.head, &key) {
+        (Some(path), Some(pk)) => match crate::audit::Head::read(path, pk) {
+            Ok(h) => (Some(h.hash), Some(h.line)),
+            Err(e) => {
+                // A head that does not hold is a failed check, not a usage error.
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"ok": false, "line": 0, "reason": e})
+                    );
+                } else {
+                    println!("{e}");
+                }
+                return ExitCode::from(1);
+            }
+        },
+        _ => (end.to_hash, None),
+    };
+    let opts = crate::audit::VerifyOptions {
+        from_hash,
+        key,
+        to_hash,
+        to_line,
+    };
     match crate::audit::verify(file, &opts) {
         Ok(Ok(report)) => {
             let ok = !strict || report.complete();
@@ -251,6 +303,9 @@ fn print_report(file: &std::path::Path, r: &crate::audit::Report, signed: bool) 
     }
     if let Some((line, hash)) = &r.last_checkpoint {
         println!("{f}:{line}: last checkpoint, hash {hash}");
+    }
+    if let Some(line) = r.reached {
+        println!("{f}:{line}: reaches the end anchor (the head's record)");
     }
     match &r.tail {
         Some(tail) => println!("{f}: not closed: {tail}"),
