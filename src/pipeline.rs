@@ -264,7 +264,13 @@ async fn request_body(
     };
     head.headers.remove(header::CONTENT_LENGTH);
     let limit = config.max_request_bytes;
-    if whole || route.require_json || config.mode == Mode::DryRun || mode == RequestScan::Refuse {
+    let form = guard::is_form(&head.headers);
+    if whole
+        || form
+        || route.require_json
+        || config.mode == Mode::DryRun
+        || mode == RequestScan::Refuse
+    {
         let mut bytes = guard::read_body(body, limit).await?;
         // Read whole: a refusal from here on leaves the connection reusable.
         *body_read = true;
@@ -272,6 +278,7 @@ async fn request_body(
         if route.require_json {
             guard::check_json(&bytes)?;
         }
+        guard::check_form_override(head, &bytes)?;
         if let Some(scanner) = &scanner {
             let body_redacted;
             (bytes, body_redacted) = scan::body(scanner, mode, bytes)?;
