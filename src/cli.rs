@@ -101,6 +101,9 @@ pub enum AuditCommand {
         /// Require the log to reach the line carrying this hash (a checkpoint's, noted earlier).
         #[arg(long, value_name = "HASH")]
         to_hash: Option<String>,
+        /// Use the head file in this config's state_dir (as --head STATE_DIR/audit.head).
+        #[arg(long, value_name = "FILE", requires = "key", conflicts_with_all = ["head", "to_hash"])]
+        config: Option<PathBuf>,
     },
     /// Print the public key that signs this keygate's audit checkpoints (creating the key pair
     /// in the config's state_dir on first use).
@@ -155,14 +158,24 @@ pub fn main() -> ExitCode {
             key,
             head,
             to_hash,
-        }) => audit_verify(
-            &file,
-            json,
-            strict,
-            from_hash,
-            key.as_deref(),
-            End { head, to_hash },
-        ),
+            config,
+        }) => {
+            let head = match (head, config) {
+                (None, Some(c)) => match head_of(&c) {
+                    Ok(h) => Some(h),
+                    Err(code) => return code,
+                },
+                (head, _) => head,
+            };
+            audit_verify(
+                &file,
+                json,
+                strict,
+                from_hash,
+                key.as_deref(),
+                End { head, to_hash },
+            )
+        }
         Command::Audit(AuditCommand::Key { config }) => audit_key(&config),
     }
 }
@@ -184,6 +197,18 @@ fn audit_key(config: &std::path::Path) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => usage(&e.to_string()),
+    }
+}
+
+/// The head file of a config's state_dir.
+fn head_of(config: &std::path::Path) -> Result<PathBuf, ExitCode> {
+    let config = crate::config::Config::load(config).map_err(|e| usage(&e.to_string()))?;
+    match &config.state_dir {
+        Some(dir) => Ok(dir.join(crate::audit::HEAD_FILE)),
+        None => Err(usage(&format!(
+            "{}: no state_dir is configured, so keygate keeps no audit head file",
+            config.file.display()
+        ))),
     }
 }
 
@@ -210,9 +235,15 @@ fn audit_verify(
         Ok(k) => k,
         Err(e) => return usage(&format!("--key: {e}")),
     };
+    // The head names the log it was written for; a different file failing to reach it is worth
+    // saying so (a rotated log, a copy).
+    let mut head_log = None;
     let (to_hash, to_line) = match (&end.head, &key) {
         (Some(path), Some(pk)) => match crate::audit::Head::read(path, pk) {
-            Ok(h) => (Some(h.hash), Some(h.line)),
+            Ok(h) => {
+                head_log = Some(h.log);
+                (Some(h.hash), Some(h.line))
+            }
             Err(e) => {
                 // A head that does not hold is a failed check, not a usage error.
                 if json {
@@ -258,6 +289,14 @@ fn audit_verify(
                 );
             } else {
                 println!("{}:{}: {}", file.display(), b.line, b.reason);
+                let here = std::fs::canonicalize(file).ok();
+                if let Some(log) = head_log.filter(|l| Some(l) != here.as_ref()) {
+                    println!(
+                        "{}: note: the head file was written for {}",
+                        file.display(),
+                        log.display()
+                    );
+                }
             }
             ExitCode::from(1)
         }

@@ -416,7 +416,7 @@ def test_held_secret_in_the_url_is_refused_and_kept_out_of_the_audit_log(keygate
 
 def two_signed_runs(keygate, keygate_bin, fake_upstream, tmp_path):
     """Two keygate runs, two answered requests each, on one signed log: returns the log's lines,
-    the log, the head file and the public key."""
+    the log, the head file, the public key and the config."""
     token = new_token()
     state = tmp_path / "state"
     config = f'state_dir = "{state}"\n' + native_config(fake_upstream.url, agent_routes=("openai",))
@@ -432,13 +432,13 @@ def two_signed_runs(keygate, keygate_bin, fake_upstream, tmp_path):
         assert kg.stop() == 0
     printed = run_keygate(keygate_bin, ["audit", "key", "--config", str(kg.config_path)], tmp_path)
     assert printed.returncode == 0, printed.stderr
-    return audit.read_text().splitlines(), audit, state / "audit.head", printed.stdout.strip()
+    return audit.read_text().splitlines(), audit, state / "audit.head", printed.stdout.strip(), kg.config_path
 
 
 def test_log_cut_at_a_run_boundary_verifies_alone_but_fails_against_the_head_file(
     keygate, keygate_bin, fake_upstream, tmp_path
 ):
-    lines, audit, head, public = two_signed_runs(keygate, keygate_bin, fake_upstream, tmp_path)
+    lines, audit, head, public, config = two_signed_runs(keygate, keygate_bin, fake_upstream, tmp_path)
     assert stat.S_IMODE(head.stat().st_mode) == 0o600
     assert [p.name for p in head.parent.iterdir() if p.name.endswith(".tmp")] == []
     events = [json.loads(line).get("event") for line in lines]
@@ -461,6 +461,11 @@ def test_log_cut_at_a_run_boundary_verifies_alone_but_fails_against_the_head_fil
     assert f"lines {end_of_run_1 + 1}..{len(lines)} are missing" in caught.stdout, caught.stdout
     as_json = verify(keygate_bin, cut, "--key", public, "--head", head, "--json")
     assert as_json.returncode == 1 and json.loads(as_json.stdout)["line"] == end_of_run_1 + 1, as_json.stdout
+    # --config finds the head file in the config's state_dir.
+    via_config = verify(keygate_bin, cut, "--key", public, "--config", config)
+    assert via_config.returncode == 1 and "are missing" in via_config.stdout, via_config.stdout
+    assert "head file was written for" in via_config.stdout, via_config.stdout
+    assert verify(keygate_bin, audit, "--key", public, "--config", config).returncode == 0
     by_hash = verify(keygate_bin, cut, "--to-hash", json.loads(lines[-1])["hash"])
     assert by_hash.returncode == 1, by_hash.stdout
 
@@ -478,7 +483,7 @@ def test_log_cut_at_a_run_boundary_verifies_alone_but_fails_against_the_head_fil
 def test_well_formed_record_with_a_wrong_hash_before_a_start_record_is_broken_not_a_crash_cut(
     keygate, keygate_bin, fake_upstream, tmp_path
 ):
-    lines, audit, head, public = two_signed_runs(keygate, keygate_bin, fake_upstream, tmp_path)
+    lines, audit, head, public, config = two_signed_runs(keygate, keygate_bin, fake_upstream, tmp_path)
     second_start = [n for n, line in enumerate(lines) if json.loads(line).get("event") == "start"][1]
     forged_record = dict(json.loads(lines[1]), request_id="forged", status=200, hash="11" * 32)
     forged = tmp_path / "forged.jsonl"
