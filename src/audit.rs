@@ -78,6 +78,10 @@ pub struct Record {
     pub peer: Option<PeerRecord>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub blame: Option<crate::error::Blame>,
+    /// What the request exfiltration scan found (labels: detector names and key ids, never
+    /// values), refused or only reported.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub scan_findings: Vec<String>,
 }
 
 /// What keygate decided. `Error` is also the value of a record nobody finished.
@@ -115,6 +119,10 @@ pub enum Reason {
     UpstreamBodyError,
     /// The client went away before the answer ended.
     ClientDisconnected,
+    /// The client stopped reading the answer for the route's idle time and was disconnected.
+    ClientStalled,
+    /// The answer ran past the route's `max_response_time`.
+    MaxResponseTimeExceeded,
     /// Refused with this code.
     Refused(crate::error::Code),
     /// The record was dropped unfinished; the reason it had so far.
@@ -132,6 +140,8 @@ impl Reason {
             Reason::UpstreamIdleTimeout => "upstream_idle_timeout",
             Reason::UpstreamBodyError => "upstream_body_error",
             Reason::ClientDisconnected => "client_disconnected",
+            Reason::ClientStalled => "client_stalled",
+            Reason::MaxResponseTimeExceeded => "max_response_time_exceeded",
             Reason::Refused(code) => code.as_str(),
             Reason::Aborted(_) => "aborted",
         }

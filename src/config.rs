@@ -45,6 +45,7 @@ pub struct Config {
     pub state_dir: Option<PathBuf>,
     pub max_request_bytes: u64,
     pub connect_timeout: Duration,
+    pub connections: Connections,
     /// Browser origins allowed to call keygate; none by default, so a web page cannot.
     pub allowed_origins: Vec<String>,
     pub secrets: Vec<SecretSpec>,
@@ -97,6 +98,10 @@ pub struct Route {
     pub require_json: bool,
     /// What to do with a request that carries a secret or a credential.
     pub request_scan: RequestScan,
+    /// A bound on the whole response, headers to last byte; `None` lets a stream run as long as
+    /// it keeps moving.
+    #[serde(skip_serializing_if = "Option::is_none", with = "humantime_serde_opt")]
+    pub max_response_time: Option<Duration>,
     /// Output tokens a budgeted agent's request on this route books when its body names no
     /// `max_tokens`; overrides the agent's.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -105,16 +110,57 @@ pub struct Route {
     pub allow_range: bool,
 }
 
+/// Bounds on every connection a listener accepts (`[connections]`), so idle or stalled peers
+/// cannot hold keygate's file descriptors.
+#[derive(Clone, Debug, Serialize)]
+pub struct Connections {
+    /// Time from accept to the first request head; a silent peer is closed after it.
+    #[serde(with = "humantime_serde_compat")]
+    pub first_request_timeout: Duration,
+    /// Time a connection may sit with no request in flight (HTTP/1 keep-alive and HTTP/2).
+    #[serde(with = "humantime_serde_compat")]
+    pub idle_timeout: Duration,
+    /// Open connections per listener; when full the longest-idle one is closed, or the newcomer
+    /// gets 503 `too_many_connections` when none is idle.
+    pub max_per_listener: usize,
+    /// Time allowed between request body chunks (408 `request_body_timeout`).
+    #[serde(with = "humantime_serde_compat")]
+    pub request_body_timeout: Duration,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Connections {
+            first_request_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(90),
+            max_per_listener: 1024,
+            request_body_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
 /// The request exfiltration scan: a request from an agent whose headers or body hold a secret
 /// keygate holds, or something shaped like a credential, is refused or redacted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RequestScan {
-    /// 403 `secret_in_request`; the body is read whole before anything is forwarded.
+    /// 403 `secret_in_request` for a held secret or a high-confidence credential format;
+    /// generic findings (`password = …`, JWTs) are only reported in the audit record. The body
+    /// is read whole before anything is forwarded.
     Refuse,
-    /// Forward with every finding replaced by `[REDACTED:label]`; the body streams.
+    /// As `Refuse`, and generic findings are refused too.
+    #[serde(rename = "refuse-strict", alias = "refuse_strict")]
+    RefuseStrict,
+    /// Forward with every strong finding replaced by `[REDACTED:label]`; the body streams.
     Redact,
     Off,
+}
+
+impl RequestScan {
+    /// Whether a finding refuses the request (the body is then read whole first).
+    pub fn refuses(self) -> bool {
+        matches!(self, RequestScan::Refuse | RequestScan::RefuseStrict)
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -386,6 +432,18 @@ mod humantime_serde_compat {
         s: S,
     ) -> Result<S::Ok, S::Error> {
         s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}
+
+mod humantime_serde_opt {
+    pub fn serialize<S: serde::Serializer>(
+        d: &Option<std::time::Duration>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::humantime_serde_compat::serialize(d, s),
+            None => s.serialize_none(),
+        }
     }
 }
 

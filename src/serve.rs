@@ -1,5 +1,8 @@
 //! `keygate serve` and `keygate check`: load the config, build the pipeline's state, start the
-//! listeners, and run until SIGINT or SIGTERM.
+//! listeners, and run until a terminating signal (TERM, INT, QUIT, USR1, USR2, ALRM, VTALRM,
+//! PROF, XCPU, IO, PWR), then drain and
+//! write the `stop` record. SIGHUP is logged and ignored until reload exists; SIGPIPE is ignored
+//! (Rust's runtime already does so).
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -10,7 +13,7 @@ use crate::audit::AuditLog;
 use crate::authenticate::Tokens;
 use crate::authorize::Policy;
 use crate::cli::{CheckArgs, ServeArgs};
-use crate::config::{Config, Listen};
+use crate::config::{Config, Format, Listen, Mode};
 use crate::credential::Credentials;
 use crate::forward::Forwarder;
 use crate::guard::Guard;
@@ -36,7 +39,13 @@ pub fn serve_main(args: ServeArgs) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(1, &format!("cannot start the runtime: {e}")),
     };
-    let (code, audit) = rt.block_on(serve(config, args.audit_log.as_deref()));
+    // Registered before anything is served, so no terminating signal can kill keygate between
+    // the first request and the drain that writes its record.
+    let signals = match rt.block_on(async { Signals::new() }) {
+        Ok(s) => s,
+        Err(e) => return fail(1, &format!("cannot handle signals: {e}")),
+    };
+    let (code, audit) = rt.block_on(serve(config, args.audit_log.as_deref(), signals));
     // Dropping the runtime drops every connection still open after the grace period; each
     // request's `audit::Pending` then writes its record (`aborted`) into the still-open log.
     rt.shutdown_timeout(Duration::from_secs(2));
@@ -53,6 +62,7 @@ pub fn serve_main(args: ServeArgs) -> ExitCode {
 async fn serve(
     mut config: Config,
     audit_override: Option<&Path>,
+    mut signals: Signals,
 ) -> (ExitCode, Option<(Arc<AuditLog>, crate::audit::Lifecycle)>) {
     if let Some(p) = audit_override {
         config.audit_log = p.to_path_buf();
@@ -61,6 +71,35 @@ async fn serve(
         Ok(t) => t,
         Err(e) => return (fail(2, &format!("{}: {e}", config.file.display())), None),
     };
+    let credentials = Credentials::new(&config);
+    if config.mode != Mode::DryRun {
+        // Every secret is fetched before the ready line, so the request scan knows all of them
+        // from the first request (a key of one route sent to another is refused at once).
+        for (name, msg) in credentials.prefetch().await {
+            if config.format == Format::Seed {
+                // The lab broker fetched per request and answered 5xx while its source failed;
+                // its configs keep that: the secret is fetched again at first use, and until
+                // then the scan does not know its value.
+                tracing::warn!(secret = %name, error = %msg, "secret not fetched at start-up; fetching it at first use");
+            } else {
+                return (
+                    fail(
+                        2,
+                        &format!("{msg} (every secret is fetched at start-up, so that the request scan knows it)"),
+                    ),
+                    None,
+                );
+            }
+        }
+    }
+    if let Some(dir) = &config.state_dir {
+        // A token file someone else could have written would let them mint tokens.
+        if let Err(e @ crate::authenticate::store::StoreError::Untrusted { .. }) =
+            crate::authenticate::store::read(dir)
+        {
+            return (fail(2, &e.to_string()), None);
+        }
+    }
     let mut audit_options = crate::audit::Options::new(config.audit_chain);
     if let Some(dir) = config.state_dir.as_deref().filter(|_| config.audit_chain) {
         match crate::audit::AuditKey::load_or_create(dir) {
@@ -113,7 +152,7 @@ async fn serve(
             max_request_bytes: config.max_request_bytes,
         },
         policy: Policy::new(&config),
-        credentials: Credentials::new(&config),
+        credentials,
         tokens,
         forwarder,
         audit: audit.clone(),
@@ -141,9 +180,6 @@ async fn serve(
         "audit_log": config.audit_log,
         "policy_version": policy_version,
     });
-    // Registered before the line is printed: a script that signals keygate as soon as it saw the
-    // line must get a drained shutdown, not the default action of an unhandled SIGTERM.
-    let signals = stop_signals();
     println!("{line}");
     tracing::info!(listeners = ?urls, "keygate serving");
 
@@ -161,40 +197,74 @@ async fn serve(
     }
     let (tx, rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(listen::run(bound, state, rx, Duration::from_secs(10)));
-    wait_for_signal(signals).await;
-    tracing::info!("shutting down");
+    let name = signals.wait().await;
+    tracing::info!(signal = name, "shutting down");
     let _ = tx.send(true);
     let _ = server.await;
     // Every record queued by a finished request is on disk before exit.
     (ExitCode::SUCCESS, Some((audit, stop_record)))
 }
 
-type StopSignals = (
-    std::io::Result<tokio::signal::unix::Signal>,
-    std::io::Result<tokio::signal::unix::Signal>,
-);
-
-/// SIGTERM and SIGINT, handled from the moment this returns.
-fn stop_signals() -> StopSignals {
-    use tokio::signal::unix::{signal, SignalKind};
-    (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    )
+/// Every catchable signal whose default action would end keygate without draining.
+struct Signals {
+    stop: Vec<(&'static str, tokio::signal::unix::Signal)>,
+    hangup: tokio::signal::unix::Signal,
+    _file_size: tokio::signal::unix::Signal,
 }
 
-async fn wait_for_signal(signals: StopSignals) {
-    match signals {
-        (Ok(mut term), Ok(mut int)) => {
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut stop = Vec::new();
+        for (name, kind) in [
+            ("SIGTERM", SignalKind::terminate()),
+            ("SIGINT", SignalKind::interrupt()),
+            ("SIGQUIT", SignalKind::quit()),
+            ("SIGUSR1", SignalKind::user_defined1()),
+            ("SIGUSR2", SignalKind::user_defined2()),
+            ("SIGALRM", SignalKind::alarm()),
+            ("SIGVTALRM", SignalKind::from_raw(nix::libc::SIGVTALRM)),
+            ("SIGPROF", SignalKind::from_raw(nix::libc::SIGPROF)),
+            ("SIGXCPU", SignalKind::from_raw(nix::libc::SIGXCPU)),
+            ("SIGIO", SignalKind::io()),
+            ("SIGPWR", SignalKind::from_raw(nix::libc::SIGPWR)),
+        ] {
+            stop.push((name, signal(kind)?));
+        }
+        Ok(Signals {
+            stop,
+            hangup: signal(SignalKind::hangup())?,
+            // Over the file-size limit a write fails (EFBIG, reported by the audit log) instead
+            // of the process dying with records unwritten.
+            _file_size: signal(SignalKind::from_raw(nix::libc::SIGXFSZ))?,
+        })
+    }
+
+    /// Waits for a terminating signal and names it; SIGHUP is logged and waited past.
+    async fn wait(&mut self) -> &'static str {
+        loop {
+            let stop = first_of(&mut self.stop);
             tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+                name = stop => return name,
+                _ = self.hangup.recv() => {
+                    tracing::warn!("SIGHUP received and ignored: keygate does not reload its config yet; restart it to apply changes");
+                }
             }
         }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
     }
+}
+
+/// The first of several signal streams to fire.
+async fn first_of(signals: &mut [(&'static str, tokio::signal::unix::Signal)]) -> &'static str {
+    std::future::poll_fn(|cx| {
+        for (name, s) in signals.iter_mut() {
+            if s.poll_recv(cx).is_ready() {
+                return std::task::Poll::Ready(*name);
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 fn fail(code: u8, msg: &str) -> ExitCode {
@@ -255,9 +325,18 @@ fn init_tracing() {
         .try_init();
 }
 
-/// Keeps secrets out of core dumps and away from same-user ptrace (invariant 1).
+/// Keeps secrets out of core dumps and away from same-user ptrace (invariant 1), and raises the
+/// open-files limit to its hard limit, so the usual soft 1,024 does not cap connections.
 fn harden_process() {
-    let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0);
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let _ = setrlimit(Resource::RLIMIT_CORE, 0, 0);
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(soft, hard, error = %e, "could not raise the open-files limit");
+            }
+        }
+    }
     if let Err(e) = nix::sys::prctl::set_dumpable(false) {
         tracing::warn!(error = %e, "could not mark the process non-dumpable");
     }
@@ -288,6 +367,9 @@ pub fn token_main(cmd: crate::cli::TokenCommand) -> ExitCode {
                 );
             }
             let ttl = match crate::config::parse_duration(&ttl) {
+                Ok(t) if t < Duration::from_secs(1) => {
+                    return fail(2, &format!("--ttl: {}", store::StoreError::TtlTooShort(t)))
+                }
                 Ok(t) => t,
                 Err(e) => return fail(2, &format!("--ttl: {e}")),
             };

@@ -49,6 +49,52 @@ pub enum StoreError {
     },
     #[error("{}: not a keygate token file: {reason}", path.display())]
     Corrupt { path: PathBuf, reason: String },
+    /// Anyone who can write the token file (or replace it in its directory) can mint tokens.
+    #[error("{}: {why}; keygate does not trust it (fix: chown to yourself and chmod {fix})", path.display())]
+    Untrusted {
+        path: PathBuf,
+        why: String,
+        fix: &'static str,
+    },
+    #[error("a token's lifetime must be at least 1s (got {0:?})")]
+    TtlTooShort(Duration),
+}
+
+/// Refuses a state dir or token file that another user could have written: owned by another
+/// uid, or writable by group or others.
+fn check_trusted(path: &Path, meta: &fs::Metadata, fix: &'static str) -> Result<(), StoreError> {
+    use std::os::unix::fs::MetadataExt;
+    let me = nix::unistd::geteuid().as_raw();
+    let why = if meta.uid() != me {
+        format!("owned by uid {}, not by keygate's uid {me}", meta.uid())
+    } else if meta.mode() & 0o022 != 0 {
+        format!(
+            "writable by group or others (mode {:o})",
+            meta.mode() & 0o777
+        )
+    } else {
+        return Ok(());
+    };
+    Err(StoreError::Untrusted {
+        path: path.to_path_buf(),
+        why,
+        fix,
+    })
+}
+
+/// Checks the state dir and token file, where they exist.
+fn check_store(dir: &Path) -> Result<(), StoreError> {
+    match fs::metadata(dir) {
+        Ok(m) => check_trusted(dir, &m, "700")?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(dir)(e)),
+    }
+    let path = tokens_path(dir);
+    match fs::symlink_metadata(&path) {
+        Ok(m) => check_trusted(&path, &m, "600"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io(&path)(e)),
+    }
 }
 
 const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
@@ -86,8 +132,10 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     }
 }
 
-/// Reads the issued tokens; a missing file is an empty store.
+/// Reads the issued tokens; a missing file is an empty store, one another user could have
+/// written is refused.
 pub fn read(dir: &Path) -> Result<Vec<Issued>, StoreError> {
+    check_store(dir)?;
     let path = tokens_path(dir);
     match fs::read(&path) {
         Ok(bytes) => serde_json::from_slice::<File>(&bytes)
@@ -103,6 +151,9 @@ pub fn read(dir: &Path) -> Result<Vec<Issued>, StoreError> {
 
 /// Runs `change` on the token list under the writers' lock and saves the result atomically.
 fn update<T>(dir: &Path, change: impl FnOnce(&mut Vec<Issued>) -> T) -> Result<T, StoreError> {
+    // Checked before the chmod below, which would otherwise quietly bless a dir someone else
+    // could have written into.
+    check_store(dir)?;
     fs::create_dir_all(dir).map_err(io(dir))?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
     let lock_path = dir.join("tokens.lock");
@@ -141,6 +192,9 @@ fn update<T>(dir: &Path, change: impl FnOnce(&mut Vec<Issued>) -> T) -> Result<T
 
 /// Issues a token for `agent`, valid for `ttl`; returns the token (shown once) and its record.
 pub fn issue(dir: &Path, agent: &str, ttl: Duration) -> Result<(String, Issued), StoreError> {
+    if ttl < Duration::from_secs(1) {
+        return Err(StoreError::TtlTooShort(ttl));
+    }
     let token = mint();
     let created = now();
     let rec = Issued {
@@ -148,7 +202,7 @@ pub fn issue(dir: &Path, agent: &str, ttl: Duration) -> Result<(String, Issued),
         agent: agent.to_string(),
         sha256: hash_hex(token.as_bytes()),
         created,
-        expires: created.saturating_add(ttl.as_secs().max(1)),
+        expires: created.saturating_add(ttl.as_secs()),
         revoked: false,
     };
     let stored = rec.clone();
@@ -207,5 +261,32 @@ mod tests {
             0,
             "already revoked"
         );
+    }
+
+    #[test]
+    fn a_token_file_or_dir_others_can_write_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        issue(dir.path(), "coder", Duration::from_secs(60)).unwrap();
+        let file = dir.path().join("tokens.json");
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o620)).unwrap();
+        let e = read(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("writable by group or others"), "{e}");
+        assert!(issue(dir.path(), "coder", Duration::from_secs(60)).is_err());
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
+        let e = read(dir.path()).unwrap_err();
+        assert!(matches!(e, StoreError::Untrusted { .. }), "{e}");
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).unwrap();
+        assert_eq!(read(dir.path()).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_lifetime_under_one_second_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for ttl in [Duration::ZERO, Duration::from_millis(999)] {
+            let e = issue(dir.path(), "coder", ttl).unwrap_err();
+            assert!(matches!(e, StoreError::TtlTooShort(_)), "{e}");
+        }
+        assert!(issue(dir.path(), "coder", Duration::from_secs(1)).is_ok());
     }
 }
