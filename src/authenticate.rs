@@ -10,6 +10,7 @@
 //! Architecture invariant: [`strip_caller_credentials`] runs on every forwarded request, so the
 //! agent's token never reaches an upstream.
 
+pub mod caller;
 pub mod store;
 
 use std::collections::HashMap;
@@ -23,12 +24,10 @@ use http::{HeaderMap, HeaderName};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::Config;
+use crate::config::{AgentId, Config};
 use crate::error::{Code, Rejection};
 
-/// Headers that may carry the caller's credential; all are removed before forwarding.
-pub const CALLER_CREDENTIAL_HEADERS: [&str; 4] =
-    ["x-broker-token", "authorization", "x-api-key", "api-key"];
+pub use caller::CALLER_CREDENTIAL_HEADERS;
 
 pub struct Tokens {
     /// Tokens from the environment (`token_env`), for the life of the process.
@@ -144,7 +143,7 @@ impl Tokens {
         self.state_dir.is_some()
     }
 
-    pub fn authenticate(&self, headers: &HeaderMap) -> Result<usize, Rejection> {
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<AgentId, Rejection> {
         // Two different tokens: which one is the caller? Taking whichever is valid would let a
         // request ride on a token found anywhere next to its own (and leave the audit guessing).
         // The same token twice is what SDKs do (Anthropic's sends `Authorization` and `x-api-key`).
@@ -173,13 +172,13 @@ impl Tokens {
                 // The map lookup found the entry by hash; confirming in constant time keeps the
                 // comparison itself from being a timing oracle should the lookup ever change.
                 if bool::from(stored.ct_eq(&h)) {
-                    return Ok(agent);
+                    return Ok(AgentId(agent));
                 }
             }
             if let Some((stored, &(agent, expires))) = issued.get_key_value(&h) {
                 if bool::from(stored.ct_eq(&h)) {
                     if store::now() < expires {
-                        return Ok(agent);
+                        return Ok(AgentId(agent));
                     }
                     expired = true;
                 }
@@ -192,7 +191,7 @@ impl Tokens {
             ));
         }
         if let Some(agent) = self.open_agent {
-            return Ok(agent);
+            return Ok(AgentId(agent));
         }
         if presented {
             Err(Rejection::new(
@@ -285,7 +284,7 @@ mod tests {
             headers(&[("x-broker-token", "kg_abc"), ("x-broker-token", " kg_abc")]),
             headers(&[("authorization", "Basic eDp5"), ("x-api-key", "kg_abc")]),
         ] {
-            assert_eq!(t.authenticate(&h).unwrap(), 0, "{h:?}");
+            assert_eq!(t.authenticate(&h).unwrap(), AgentId(0), "{h:?}");
         }
     }
 
@@ -354,7 +353,7 @@ mod tests {
             store::issue(dir.path(), "coder", std::time::Duration::from_secs(60)).unwrap();
         let t = Tokens::from_config(&c).unwrap();
         let h = headers(&[("x-api-key", &token)]);
-        assert_eq!(t.authenticate(&h).unwrap(), 0);
+        assert_eq!(t.authenticate(&h).unwrap(), AgentId(0));
         store::revoke(dir.path(), Some(&rec.id), None).unwrap();
         t.refresh();
         assert_eq!(

@@ -25,7 +25,7 @@ use crate::audit::{self, AuditLog, Decision, Finishing, Pending, Reason, Record}
 use crate::authenticate::{self, Tokens};
 use crate::authorize::usage::{self, Meter, StripUsageChunk};
 use crate::authorize::{Policy, Reservation};
-use crate::config::{Config, Mode, RequestScan, Route};
+use crate::config::{Config, Mode, RequestScan, Route, RouteId};
 use crate::credential::{self, Credentials};
 use crate::error::Rejection;
 use crate::forward::{self, Body, Forwarder};
@@ -133,7 +133,7 @@ enum Answer {
 struct Upstream {
     resp: Response<Incoming>,
     request_redacted: bool,
-    route: usize,
+    route: RouteId,
     /// The tokens booked against the agent's budget, settled when the answer ends.
     reservation: Option<Reservation>,
     /// keygate asked for the usage chunk the client did not: it is removed on the way back.
@@ -175,7 +175,7 @@ async fn process(
     // route
     let routed = route::select(&config.routes, head.uri.path())?;
     let route = &config.routes[routed.route];
-    pending.record().route(route);
+    pending.record().route(route, config.secret_of(route));
 
     // authorize
     let authorized = state
