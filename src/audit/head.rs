@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::key::{self, AuditKey};
 
+/// The head file's name in `state_dir`.
 pub const HEAD_FILE: &str = "audit.head";
 
 /// What is signed: the label, then the log path, the record's hash and its line, one per line.
@@ -25,6 +26,7 @@ const DOMAIN: &[u8] = b"keygate audit head v1\n";
 /// Larger than this is not a head file.
 const MAX_HEAD: u64 = 64 * 1024;
 
+/// The end anchor as written: which record of which log keygate signed last.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Head {
     /// The log the record is in, as keygate opened it.
@@ -33,6 +35,7 @@ pub struct Head {
     pub hash: String,
     /// Its line number in the log.
     pub line: u64,
+    /// When it was written (not signed: for the reader only).
     pub time: String,
     /// The key's signature over `log`, `hash` and `line`.
     pub sig: String,
@@ -49,6 +52,7 @@ fn message(log: &Path, hash: &str, line: u64) -> Vec<u8> {
 }
 
 impl Head {
+    /// A head naming `hash` at `line` of `log`, signed with `key`.
     pub fn new(key: &AuditKey, log: &Path, hash: &str, line: u64) -> Head {
         Head {
             log: log.to_path_buf(),

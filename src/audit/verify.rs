@@ -24,6 +24,7 @@ use super::{key, split_line, CHECKPOINT_EVERY};
 /// at 2,048 characters).
 const MAX_LINE: u64 = 1 << 20;
 
+/// How [`verify`] checks a log: where the chain starts and which key signs it.
 #[derive(Default)]
 pub struct VerifyOptions {
     /// Anchor the chain at this hash: the line carrying it, or the line continuing from it.
@@ -72,7 +73,9 @@ impl Report {
 /// The first line that does not verify, and why.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Broken {
+    /// The line number, counting from 1.
     pub line: usize,
+    /// What is wrong with it, for a person to read.
     pub reason: String,
 }
 
@@ -90,6 +93,8 @@ fn could_be_cut(line: &str) -> bool {
     !line.trim_end().ends_with('}') && serde_json::from_str::<serde::de::IgnoredAny>(line).is_err()
 }
 
+/// Checks a log's hash chain and checkpoint signatures. The outer error is a failure to read
+/// the file; the inner one the first line that does not verify.
 pub fn verify(path: &Path, opts: &VerifyOptions) -> io::Result<Result<Report, Broken>> {
     let mut reader = io::BufReader::new(File::open(path)?);
     let mut report = Report::default();
