@@ -56,6 +56,14 @@ pub struct Record {
     pub peer: Option<PeerRecord>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub blame: Option<crate::error::Blame>,
+    /// The id of the token the agent presented (`tok_…`), never the token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_id: Option<String>,
+    /// The approval this request waited for, and who decided it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approved_by: Option<String>,
 }
 
 /// What keygate decided. `Error` is also the value of a record nobody finished.
@@ -145,7 +153,11 @@ pub struct PeerRecord {
     pub pid: Option<i32>,
 }
 
+/// Sees every request record as it is sent (metrics).
+pub type Observer = Box<dyn Fn(&Record) + Send + Sync>;
+
 pub struct AuditLog {
+    observer: std::sync::OnceLock<Observer>,
     shared: Arc<Shared>,
     writer: Mutex<Option<JoinHandle<()>>>,
     path: PathBuf,
@@ -219,6 +231,7 @@ impl AuditLog {
             .spawn(move || write_loop(file, &s))
             .map_err(err)?;
         Ok(Arc::new(AuditLog {
+            observer: std::sync::OnceLock::new(),
             shared,
             writer: Mutex::new(Some(writer)),
             path: path.to_path_buf(),
@@ -252,7 +265,15 @@ impl AuditLog {
         }
     }
 
+    /// Shows every request record to `f` as it is sent; the first observer set stays.
+    pub fn observe(&self, f: Observer) {
+        let _ = self.observer.set(f);
+    }
+
     fn send(&self, record: Record) {
+        if let Some(o) = self.observer.get() {
+            o(&record);
+        }
         let body = serialize(&record, &record.request_id);
         if let Err(()) = self.append(body, None) {
             // After close (shutdown): say so where an operator sees it, with the id only.
@@ -295,6 +316,17 @@ impl AuditLog {
     pub fn lifecycle(&self, record: Lifecycle) -> Result<(), String> {
         let (ack, done) = mpsc::channel();
         let body = serialize(&record, record.event);
+        self.append(body, Some(ack))
+            .map_err(|()| "audit log closed".to_string())?;
+        done.recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| Err("audit writer did not answer".into()))
+    }
+
+    /// Writes a control-plane record (reload, freeze, a person's decision) and waits until it
+    /// is on file. Like lifecycle records it has no `request_id`.
+    pub fn event<T: Serialize>(&self, record: &T) -> Result<(), String> {
+        let (ack, done) = mpsc::channel();
+        let body = serialize(record, "event");
         self.append(body, Some(ack))
             .map_err(|()| "audit log closed".to_string())?;
         done.recv_timeout(Duration::from_secs(10))

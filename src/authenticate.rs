@@ -41,6 +41,16 @@ pub struct Tokens {
     agent_names: Vec<String>,
     /// The lab broker without `client_token_env` admits every local caller as this agent.
     open_agent: Option<usize>,
+    /// Unix-socket peers known by uid (`[agents.A] unix_uids`).
+    by_uid: HashMap<u32, usize>,
+}
+
+/// Who is calling: the agent, and the id of the token it presented (never the token).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub agent: usize,
+    /// `tok_` + the first 12 hex digits of the token's SHA-256, as `token list` shows it.
+    pub token_id: Option<String>,
 }
 
 /// (mtime, size, inode): what tells a changed token file from an unchanged one.
@@ -61,7 +71,11 @@ impl Tokens {
     pub fn from_config(config: &Config) -> Result<Tokens, TokenError> {
         let mut by_hash = HashMap::new();
         let mut open_agent = None;
+        let mut by_uid = HashMap::new();
         for (i, agent) in config.agents.iter().enumerate() {
+            for uid in &agent.unix_uids {
+                by_uid.insert(*uid, i);
+            }
             if agent.open {
                 open_agent = Some(i);
             }
@@ -89,6 +103,7 @@ impl Tokens {
             seen: Mutex::new((None, None)),
             agent_names: config.agents.iter().map(|a| a.name.clone()).collect(),
             open_agent,
+            by_uid,
         };
         tokens.refresh();
         Ok(tokens)
@@ -145,6 +160,35 @@ impl Tokens {
     }
 
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<usize, Rejection> {
+        self.by_token(headers).map(|(agent, _)| agent)
+    }
+
+    /// The caller's identity: a valid token, else a Unix-socket peer uid mapped to an agent (no
+    /// token needed; whatever the SDK sent as its key is stripped like any caller credential).
+    pub fn identify(
+        &self,
+        headers: &HeaderMap,
+        peer: &crate::guard::Peer,
+    ) -> Result<Identity, Rejection> {
+        match self.by_token(headers) {
+            Ok((agent, hash)) => Ok(Identity {
+                agent,
+                token_id: hash.map(|h| format!("tok_{}", &hex::encode(h)[..12])),
+            }),
+            Err(e) => match peer {
+                crate::guard::Peer::Unix { uid, .. } => match self.by_uid.get(uid) {
+                    Some(&agent) => Ok(Identity {
+                        agent,
+                        token_id: None,
+                    }),
+                    None => Err(e),
+                },
+                _ => Err(e),
+            },
+        }
+    }
+
+    fn by_token(&self, headers: &HeaderMap) -> Result<(usize, Option<[u8; 32]>), Rejection> {
         let mut presented = false;
         let mut expired = false;
         let issued = self.issued.load();
@@ -155,13 +199,13 @@ impl Tokens {
                 // The map lookup found the entry by hash; confirming in constant time keeps the
                 // comparison itself from being a timing oracle should the lookup ever change.
                 if bool::from(stored.ct_eq(&h)) {
-                    return Ok(agent);
+                    return Ok((agent, Some(h)));
                 }
             }
             if let Some((stored, &(agent, expires))) = issued.get_key_value(&h) {
                 if bool::from(stored.ct_eq(&h)) {
                     if store::now() < expires {
-                        return Ok(agent);
+                        return Ok((agent, Some(h)));
                     }
                     expired = true;
                 }
@@ -174,7 +218,7 @@ impl Tokens {
             ));
         }
         if let Some(agent) = self.open_agent {
-            return Ok(agent);
+            return Ok((agent, None));
         }
         if presented {
             Err(Rejection::new(
@@ -239,6 +283,7 @@ mod tests {
             seen: Mutex::new((None, None)),
             agent_names: vec!["a".into()],
             open_agent: None,
+            by_uid: HashMap::from([(4242, 0)]),
         }
     }
 
@@ -290,6 +335,36 @@ mod tests {
                 .as_str(),
             "missing_token"
         );
+    }
+
+    #[test]
+    fn a_mapped_unix_uid_needs_no_token_and_an_unmapped_one_does() {
+        let t = tokens("kg_abc");
+        let mapped = crate::guard::Peer::Unix {
+            uid: 4242,
+            pid: None,
+        };
+        let other = crate::guard::Peer::Unix {
+            uid: 4243,
+            pid: None,
+        };
+        let id = t
+            .identify(&headers(&[("x-api-key", "dummy")]), &mapped)
+            .unwrap();
+        assert_eq!(
+            id,
+            Identity {
+                agent: 0,
+                token_id: None
+            }
+        );
+        let e = t.identify(&headers(&[]), &other).unwrap_err();
+        assert_eq!(e.code.as_str(), "missing_token");
+        let id = t
+            .identify(&headers(&[("x-api-key", "kg_abc")]), &other)
+            .unwrap();
+        let want = format!("tok_{}", &store::hash_hex(b"kg_abc")[..12]);
+        assert_eq!(id.token_id.as_deref(), Some(want.as_str()));
     }
 
     #[test]

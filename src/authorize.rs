@@ -14,10 +14,11 @@ use std::time::{Duration, Instant};
 use http::Method;
 use serde::Serialize;
 
-use crate::config::{Agent, Approval, Config, Route};
+use crate::config::{Agent, Config, Route};
 use crate::error::{Code, Rejection};
 use crate::route::Routed;
 
+pub mod approval;
 pub mod usage;
 
 /// A request that passed every policy check. Only [`Policy::authorize`] makes one.
@@ -303,17 +304,8 @@ impl Policy {
                 ));
             }
         }
-        if let Approval::Each { .. } = r.approval {
-            // Approvals are answered over the admin socket; until this build has one, a route that
-            // needs a person's approval is refused rather than silently allowed.
-            return Err(Rejection::new(
-                Code::ApprovalUnavailable,
-                format!(
-                    "route {} needs a person's approval, and this keygate has no approval channel",
-                    r.name
-                ),
-            ));
-        }
+        // Approval (`r.approval`) is the last check, made by `approval::Approvals::gate` once the
+        // request is known well enough to show a person; it waits, so it cannot be made here.
         Ok(Authorized {
             route: routed.route,
             agent,
@@ -329,6 +321,64 @@ impl Policy {
             b.used.fetch_add(tokens, Ordering::Relaxed);
         }
     }
+}
+
+impl Policy {
+    /// Each budgeted agent's spending in its current window, to persist (write-behind) or to
+    /// carry into a reloaded policy.
+    pub fn budget_spent(&self, config: &Config) -> Vec<crate::state::Spent> {
+        let now = crate::state::now();
+        self.budgets
+            .iter()
+            .zip(&config.agents)
+            .filter_map(|(b, a)| {
+                let b = b.as_ref()?;
+                b.roll();
+                let age = lock(&b.window_start).elapsed().as_secs();
+                Some(crate::state::Spent {
+                    agent: a.name.clone(),
+                    window_start: now.saturating_sub(age),
+                    tokens: b.used.load(Ordering::Relaxed),
+                })
+            })
+            .collect()
+    }
+
+    /// Takes over spending saved earlier (a restart or a reload) where its window still runs.
+    pub fn restore_budgets(&self, config: &Config, spent: &[crate::state::Spent]) {
+        let now = crate::state::now();
+        for (b, a) in self.budgets.iter().zip(&config.agents) {
+            let Some(b) = b else { continue };
+            let Some(s) = spent.iter().find(|s| s.agent == a.name) else {
+                continue;
+            };
+            let age = Duration::from_secs(now.saturating_sub(s.window_start));
+            if age >= b.per {
+                continue;
+            }
+            if let Some(start) = Instant::now().checked_sub(age) {
+                *lock(&b.window_start) = start;
+                b.used.store(s.tokens, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// (spent, limit) of each budgeted agent, for metrics.
+    pub fn budget_usage(&self) -> Vec<Option<(u64, u64)>> {
+        self.budgets
+            .iter()
+            .map(|b| {
+                b.as_ref().map(|b| {
+                    b.roll();
+                    (b.used.load(Ordering::Relaxed), b.limit)
+                })
+            })
+            .collect()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn take(bucket: &Mutex<Bucket>) -> bool {

@@ -86,6 +86,10 @@ catalogue! {
     RequestTooLarge = "request_too_large", PAYLOAD_TOO_LARGE, Agent;
     /// A compressed request body, which the scan cannot read.
     RequestEncodingNotScannable = "request_encoding_not_scannable", UNSUPPORTED_MEDIA_TYPE, Agent;
+    /// A person denied the request (`keygate deny`).
+    ApprovalDenied = "approval_denied", FORBIDDEN, Agent;
+    /// Nobody approved the request within the route's `approval_timeout`.
+    ApprovalTimeout = "approval_timeout", FORBIDDEN, Agent;
     /// The agent is over its request rate.
     RateLimited = "rate_limited", TOO_MANY_REQUESTS, Agent;
     /// The agent has spent its token budget for the period.
@@ -100,6 +104,8 @@ catalogue! {
     AuditUnavailable = "audit_unavailable", SERVICE_UNAVAILABLE, Keygate;
     /// The route needs a person's approval and there is no channel to ask.
     ApprovalUnavailable = "approval_unavailable", SERVICE_UNAVAILABLE, Keygate;
+    /// keygate, or this agent, is frozen (`keygate freeze`).
+    Frozen = "frozen", SERVICE_UNAVAILABLE, Keygate;
     /// The upstream sent no response head within the route's timeout.
     UpstreamTimeout = "upstream_timeout", GATEWAY_TIMEOUT, Upstream;
 }

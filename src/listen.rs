@@ -21,7 +21,8 @@ use tokio::sync::watch;
 
 use crate::config::Listen;
 use crate::guard::Peer;
-use crate::pipeline::{self, State};
+use crate::pipeline;
+use crate::reload::Live;
 
 /// Largest request head accepted (HTTP/1 buffer, HTTP/2 header list).
 const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -89,7 +90,7 @@ fn bind_unix(path: &PathBuf) -> Result<Bound, String> {
 /// their requests (up to `grace`).
 pub async fn run(
     bound: Vec<Bound>,
-    state: Arc<State>,
+    state: Arc<Live>,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
@@ -159,11 +160,14 @@ fn serve_conn(
     io: Io,
     peer: Arc<Peer>,
     listener: Arc<str>,
-    state: Arc<State>,
+    live: Arc<Live>,
     graceful: &hyper_util::server::graceful::GracefulShutdown,
 ) {
-    let svc =
-        service_fn(move |req| pipeline::handle(state.clone(), peer.clone(), listener.clone(), req));
+    // Each request takes the state of the moment it arrives and keeps it to its end, so a
+    // reload never changes the policy under a request or stream already running.
+    let svc = service_fn(move |req| {
+        pipeline::handle(live.state.load_full(), peer.clone(), listener.clone(), req)
+    });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

@@ -23,9 +23,10 @@ use hyper::body::Incoming;
 
 use crate::audit::{self, AuditLog, Decision, Finishing, Pending, Reason, Record};
 use crate::authenticate::{self, Tokens};
+use crate::authorize::approval;
 use crate::authorize::usage::Meter;
 use crate::authorize::Policy;
-use crate::config::{Config, Format, Mode, RequestScan};
+use crate::config::{Approval, Config, Format, Mode, RequestScan};
 use crate::credential::{self, Credentials};
 use crate::error::{Code, Rejection};
 use crate::forward::{self, Body, Forwarder};
@@ -48,6 +49,8 @@ pub struct State {
     /// Listener URLs, for `/healthz`.
     pub listen_urls: Vec<String>,
     pub listen_port: u16,
+    /// Freezes, approvals, metrics: what outlives a reload.
+    pub control: Arc<crate::admin::Control>,
 }
 
 /// Serves one request. Never fails: every outcome is an HTTP answer with one audit record.
@@ -145,15 +148,20 @@ async fn process(
         return Ok(Answer::Local(resp, Decision::Allow, Reason::Healthz));
     }
 
+    state.control.check_frozen(None)?;
+
     // authenticate
-    let agent = state.tokens.authenticate(&head.headers)?;
+    let who = state.tokens.identify(&head.headers, peer)?;
+    let agent = who.agent;
     authenticate::strip_caller_credentials(&mut head.headers);
     let a = &config.agents[agent];
     let r = pending.record();
     r.agent = Some(a.name.clone());
+    r.token_id = who.token_id.clone();
     if a.person.is_some() {
         r.person = a.person.clone();
     }
+    state.control.check_frozen(Some(&a.name))?;
 
     // route
     let routed = route::select(&config.routes, head.uri.path())?;
@@ -183,11 +191,14 @@ async fn process(
         Some(scanner) => scan::head(scanner, mode, &mut head)?,
         None => false,
     };
+    let declared = head.headers.get(header::CONTENT_LENGTH);
+    let declared: Option<u64> = declared.and_then(|v| v.to_str().ok()?.parse().ok());
     head.headers.remove(header::CONTENT_LENGTH);
     let limit = config.max_request_bytes;
     let whole_body =
         route.require_json || config.mode == Mode::DryRun || mode == RequestScan::Refuse;
     let bytes_in = Arc::new(AtomicU64::new(0));
+    let mut model = None;
     let body: Body = if whole_body {
         let mut bytes = guard::read_body(body, limit).await?;
         *body_read = true;
@@ -204,6 +215,7 @@ async fn process(
             let resp = local::dry_run(config, &authorized, &head, &bytes);
             return Ok(Answer::Local(resp, Decision::DryRun, Reason::DryRun));
         }
+        model = approval::model_of(&bytes);
         full(bytes)
     } else {
         let counted = CountIn(bytes_in.clone());
@@ -212,6 +224,32 @@ async fn process(
             .map_err(Into::into)
             .boxed()
     };
+
+    // authorize, last: a person's approval where the route asks for one (waits, blocking nothing)
+    if route.approval != Approval::Never {
+        let info = approval::PendingApproval {
+            id: approval::new_id(),
+            agent: a.name.clone(),
+            person: pending.record().person.clone(),
+            route: route.name.clone(),
+            method: head.method.to_string(),
+            path: pending.record().path.clone(),
+            model,
+            body_bytes: whole_body.then(|| pending.record().bytes_in).or(declared),
+            token_id: who.token_id,
+            request_id: pending.record().request_id.clone(),
+            created: audit::now_rfc3339(),
+        };
+        let approvals = state.control.approvals.clone();
+        approvals
+            .gate(
+                &route.approval,
+                &config.approval_notify,
+                info,
+                pending.record(),
+            )
+            .await?;
+    }
 
     // credential
     let secret = state.credentials.get(config, &authorized).await?;

@@ -6,16 +6,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::admin::Control;
 use crate::audit::AuditLog;
-use crate::authenticate::Tokens;
-use crate::authorize::Policy;
 use crate::cli::{CheckArgs, ServeArgs};
 use crate::config::{Config, Listen};
-use crate::credential::Credentials;
-use crate::forward::Forwarder;
-use crate::guard::Guard;
 use crate::listen;
-use crate::pipeline::State;
+use crate::reload::{Fixed, Live};
 
 pub fn serve_main(args: ServeArgs) -> ExitCode {
     init_tracing();
@@ -57,18 +53,37 @@ async fn serve(
     if let Some(p) = audit_override {
         config.audit_log = p.to_path_buf();
     }
-    let tokens = match Tokens::from_config(&config) {
-        Ok(t) => t,
-        Err(e) => return (fail(2, &format!("{}: {e}", config.file.display())), None),
+    // Registered before anything else, so a SIGHUP that arrives during start-up is a reload
+    // request, never the default action (exit).
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot handle SIGHUP; reload with `keygate reload`");
+            None
+        }
+    };
+    let store = match crate::state::dir(&config) {
+        Some(dir) => match crate::state::open(&dir) {
+            Ok(s) => Some(s),
+            // A configured state_dir that cannot be used is an error; the default location
+            // falling through leaves keygate running with state in memory only.
+            Err(e) if config.state_dir.is_some() => return (fail(2, &e.to_string()), None),
+            Err(e) => {
+                tracing::warn!(error = %e, "no durable state; freezes and budgets last until keygate stops");
+                None
+            }
+        },
+        None => None,
     };
     let audit = match AuditLog::open(&config.audit_log, config.audit_chain) {
         Ok(a) => a,
         Err(e) => return (fail(2, &e.to_string()), None),
     };
-    let forwarder = match Forwarder::new(config.connect_timeout) {
-        Ok(f) => f,
-        Err(e) => return (fail(1, &format!("cannot set up TLS: {e}")), None),
-    };
+    let control = Arc::new(Control::new(store.clone()));
+    {
+        let c = control.clone();
+        audit.observe(Box::new(move |r| c.metrics.observe(r)));
+    }
     let bound = match listen::bind(&config.listen).await {
         Ok(b) => b,
         Err(e) => return (fail(2, &e), None),
@@ -81,38 +96,64 @@ async fn serve(
             _ => None,
         })
         .unwrap_or(0);
-    let policy_version = config.policy_version();
+    let config_path = config.file.clone();
+    let fixed = Fixed {
+        audit: audit.clone(),
+        control: control.clone(),
+        default_person: current_user(),
+        listen_urls: urls.clone(),
+        listen_port: port,
+    };
+    let admin_path = crate::admin::socket_path(&config);
+    let audit_log_path = config.audit_log.clone();
+    let state = match crate::reload::build(config, &fixed) {
+        Ok(s) => s,
+        Err(e) => return (fail(2, &e), None),
+    };
+    if let Some(s) = &store {
+        match s.spent() {
+            Ok(spent) => state.policy.restore_budgets(&state.config, &spent),
+            Err(e) => tracing::error!(error = %e, "cannot read saved budgets"),
+        }
+    }
+    let policy_version = state.policy_version.clone();
     let lifecycle = |event| crate::audit::Lifecycle {
         time: crate::audit::now_rfc3339(),
         event,
         pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION"),
-        config: config.file.display().to_string(),
+        config: config_path.display().to_string(),
         policy_version: policy_version.clone(),
     };
     // Written and confirmed before the first request, so a log that cannot be written is known
     // (and every request refused with 503) before anything could be forwarded unaudited.
     if let Err(e) = audit.lifecycle(lifecycle("start")) {
-        tracing::error!(audit_log = %config.audit_log.display(), error = %e, "audit log cannot be written; refusing requests until it can");
+        tracing::error!(audit_log = %audit_log_path.display(), error = %e, "audit log cannot be written; refusing requests until it can");
     }
     let stop_record = lifecycle("stop");
-    let config = Arc::new(config);
-    let state = Arc::new(State {
-        guard: Guard {
-            allowed_origins: config.allowed_origins.clone(),
-            max_request_bytes: config.max_request_bytes,
+    let live = Arc::new(Live::new(state, &config_path, audit_override));
+    let config = live.state.load().config.clone();
+
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let admin = match &admin_path {
+        Some(path) => match crate::admin::server::bind(path) {
+            Ok(l) => {
+                let _ = control.admin_socket.set(path.clone());
+                control.approvals.set_channel(true);
+                Some(tokio::spawn(crate::admin::server::run(
+                    l,
+                    path.clone(),
+                    live.clone(),
+                    rx.clone(),
+                )))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no admin socket: admin commands cannot reach this keygate, and routes that need approval refuse");
+                None
+            }
         },
-        policy: Policy::new(&config),
-        credentials: Credentials::new(&config),
-        tokens,
-        forwarder,
-        audit: audit.clone(),
-        default_person: current_user(),
-        listen_urls: urls.clone(),
-        listen_port: port,
-        policy_version: policy_version.clone(),
-        config: config.clone(),
-    });
+        None => None,
+    };
 
     // The one line scripts wait for: where keygate listens, in the lab broker's shape.
     let first = urls
@@ -130,42 +171,93 @@ async fn serve(
         "allowed_paths": config.seed.as_ref().map(|s| &s.allowed_paths),
         "audit_log": config.audit_log,
         "policy_version": policy_version,
+        "admin_socket": control.admin_socket.get(),
     });
     println!("{line}");
     tracing::info!(listeners = ?urls, "keygate serving");
 
-    if state.tokens.has_store() {
+    {
         // Issued and revoked tokens take effect without a restart: the token file is checked
         // twice a second (one stat when nothing changed).
-        let state = state.clone();
+        let live = live.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(500));
             loop {
                 tick.tick().await;
-                state.tokens.refresh();
+                let state = live.state.load_full();
+                if state.tokens.has_store() {
+                    state.tokens.refresh();
+                }
             }
         });
     }
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(listen::run(bound, state, rx, Duration::from_secs(10)));
-    wait_for_signal().await;
+    if let Some(s) = &store {
+        // Budgets are counted in memory and written behind, once a second when they changed,
+        // so the request path never waits on the disk.
+        let (live, s) = (live.clone(), s.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut last = Vec::new();
+            loop {
+                tick.tick().await;
+                let state = live.state.load_full();
+                let spent = state.policy.budget_spent(&state.config);
+                if spent != last {
+                    let (s, save) = (s.clone(), spent.clone());
+                    match tokio::task::spawn_blocking(move || s.save_spent(&save)).await {
+                        Ok(Ok(())) => last = spent,
+                        Ok(Err(e)) => tracing::error!(error = %e, "cannot save budgets"),
+                        Err(_) => {}
+                    }
+                }
+            }
+        });
+    }
+    let server = tokio::spawn(listen::run(
+        bound,
+        live.clone(),
+        rx,
+        Duration::from_secs(10),
+    ));
+    let mut stop = Box::pin(wait_for_signal());
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => None } } => {
+                let _ = live.reload("SIGHUP").await;
+            }
+        }
+    }
     tracing::info!("shutting down");
     let _ = tx.send(true);
     let _ = server.await;
+    if let Some(a) = admin {
+        let _ = a.await;
+    }
+    if let Some(s) = &store {
+        let state = live.state.load_full();
+        if let Err(e) = s.save_spent(&state.policy.budget_spent(&state.config)) {
+            tracing::error!(error = %e, "cannot save budgets at exit");
+        }
+    }
     // Every record queued by a finished request is on disk before exit.
     (ExitCode::SUCCESS, Some((audit, stop_record)))
 }
 
+/// Resolves at the first SIGTERM or SIGINT.
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+                _ = int.recv() => {}
             }
         }
-        Err(_) => {
+        _ => {
             let _ = tokio::signal::ctrl_c().await;
         }
     }

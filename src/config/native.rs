@@ -30,6 +30,7 @@ struct Raw {
     connect_timeout: Option<Spanned<String>>,
     allowed_origins: Option<Vec<String>>,
     request_scan: Option<RequestScan>,
+    approval_notify: Option<Spanned<Vec<String>>>,
     #[serde(default)]
     secrets: BTreeMap<String, RawSecret>,
     #[serde(default)]
@@ -88,6 +89,8 @@ struct RawAgent {
     routes: Option<Spanned<Vec<String>>>,
     rate: Option<Spanned<String>>,
     budget_tokens: Option<Spanned<RawBudget>>,
+    #[serde(default)]
+    unix_uids: Vec<u32>,
 }
 
 #[derive(Deserialize)]
@@ -200,7 +203,17 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
     }
 
     let state_dir = raw.state_dir.as_deref().map(expand_home);
-    let _ = raw.admin_socket; // the admin socket arrives with the admin module; accepted so configs stay valid
+    let approval_notify = match &raw.approval_notify {
+        Some(argv) if argv.get_ref().first().is_none_or(|p| p.is_empty()) => {
+            return cx.err(
+                argv.span(),
+                "approval_notify",
+                "write the command as [\"program\", \"arg\", ...]; it runs without a shell",
+            )
+        }
+        Some(argv) => argv.get_ref().clone(),
+        None => Vec::new(),
+    };
     Ok(Config {
         file: file.to_path_buf(),
         format: Format::Native,
@@ -214,6 +227,8 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         audit_chain: raw.audit_chain.unwrap_or(true),
         audit_fail_closed: raw.audit_fail_closed.unwrap_or(true),
         state_dir,
+        admin_socket: raw.admin_socket.as_deref().map(expand_home),
+        approval_notify,
         max_request_bytes: raw.max_request_bytes.unwrap_or(262_144),
         connect_timeout,
         allowed_origins: raw.allowed_origins.unwrap_or_default(),
@@ -390,18 +405,22 @@ fn route(
     let approval = match &r.approval {
         None => Approval::Never,
         Some(a) if a.get_ref() == "never" => Approval::Never,
-        Some(a) if a.get_ref() == "each" => {
+        Some(a) if a.get_ref() == "each" || a.get_ref() == "once-per-token" => {
             let timeout = match &r.approval_timeout {
                 Some(t) => cx.duration(t, &key("approval_timeout"))?,
                 None => Duration::from_secs(120),
             };
-            Approval::Each { timeout }
+            if a.get_ref() == "each" {
+                Approval::Each { timeout }
+            } else {
+                Approval::OncePerToken { timeout }
+            }
         }
         Some(a) => {
             return cx.err(
                 a.span(),
                 &key("approval"),
-                "approval must be \"each\" or \"never\"",
+                "approval must be \"each\", \"once-per-token\" or \"never\"",
             )
         }
     };
@@ -482,6 +501,7 @@ fn agent(cx: &Ctx, name: &str, a: &RawAgent, routes: &[Route]) -> Result<Agent, 
         routes: agent_routes,
         rate,
         budget,
+        unix_uids: a.unix_uids.clone(),
     })
 }
 

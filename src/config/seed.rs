@@ -170,6 +170,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         routes: None,
         rate: None,
         budget: None,
+        unix_uids: Vec::new(),
     };
 
     Ok(Config {
@@ -181,6 +182,8 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         audit_chain: true,
         audit_fail_closed: true,
         state_dir: None,
+        admin_socket: None,
+        approval_notify: Vec::new(),
         max_request_bytes: raw.max_request_bytes,
         connect_timeout: Duration::from_secs(10).min(timeout),
         allowed_origins: raw.allowed_origins,

@@ -1,0 +1,158 @@
+//! Durable control-plane state: freezes, budgets spent, approvals (pending and decided) and the
+//! tokens approved once, behind one [`StateStore`] trait.
+//!
+//! The embedded store is SQLite in `state_dir` ([`sqlite`]). The request path never waits on it:
+//! freezes and approvals live in memory and are written through on the (rare) admin action,
+//! budgets are kept in memory by `authorize` and written behind once a second. The trait is
+//! shaped so a shared store (Redis/Valkey) can follow: [`StateStore::charge`] checks and charges
+//! in one atomic step, never a read then a write.
+
+pub mod sqlite;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+
+/// What a store operation could not do.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state store {}: {message}", path.display())]
+    Store { path: PathBuf, message: String },
+}
+
+/// What is frozen: everything, or one agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Freeze {
+    /// `None`: every agent.
+    pub agent: Option<String>,
+    /// The person who froze it.
+    pub by: String,
+    /// Unix seconds.
+    pub at: u64,
+}
+
+/// Tokens an agent spent in one budget window.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Spent {
+    pub agent: String,
+    /// Unix seconds at which the window started.
+    pub window_start: u64,
+    pub tokens: u64,
+}
+
+/// The outcome of an atomic check-and-charge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Charge {
+    /// Charged; the window's total is now this.
+    Charged(u64),
+    /// Refused: charging would pass the limit; the window's total stays this.
+    Over(u64),
+}
+
+/// An approval as stored: the pending request's description plus, once decided, the decision.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalRow {
+    pub id: String,
+    pub state: ApprovalState,
+    /// The pending request, as `approvals list` shows it.
+    pub request: serde_json::Value,
+    pub decided_by: Option<String>,
+    pub reason: Option<String>,
+    /// Unix seconds.
+    pub created: u64,
+    pub decided: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApprovalState {
+    Pending,
+    Approved,
+    Denied,
+    TimedOut,
+    /// The request went away (client gone, keygate restarted) before anyone decided.
+    Abandoned,
+}
+
+impl ApprovalState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApprovalState::Pending => "pending",
+            ApprovalState::Approved => "approved",
+            ApprovalState::Denied => "denied",
+            ApprovalState::TimedOut => "timed_out",
+            ApprovalState::Abandoned => "abandoned",
+        }
+    }
+
+    fn parse(s: &str) -> ApprovalState {
+        match s {
+            "pending" => ApprovalState::Pending,
+            "approved" => ApprovalState::Approved,
+            "denied" => ApprovalState::Denied,
+            "timed_out" => ApprovalState::TimedOut,
+            _ => ApprovalState::Abandoned,
+        }
+    }
+}
+
+/// Durable control-plane state. Every method is a short synchronous operation; callers on the
+/// async runtime run them off the request path (admin actions, write-behind).
+pub trait StateStore: Send + Sync {
+    /// Where the state lives, for `status`.
+    fn location(&self) -> String;
+
+    fn freezes(&self) -> Result<Vec<Freeze>, StateError>;
+    /// Freezes (`on`) or unfreezes one scope; unfreezing everything (`agent: None`, `on: false`)
+    /// lifts every freeze.
+    fn set_freeze(&self, agent: Option<&str>, on: bool, by: &str) -> Result<(), StateError>;
+
+    /// What each agent spent in its current window, as last saved.
+    fn spent(&self) -> Result<Vec<Spent>, StateError>;
+    /// Saves the in-memory counters (write-behind).
+    fn save_spent(&self, spent: &[Spent]) -> Result<(), StateError>;
+    /// Adds `tokens` to the agent's window unless that would pass `limit`, in one atomic step; a
+    /// new window starts from zero. For stores shared by several keygates.
+    fn charge(
+        &self,
+        agent: &str,
+        window_start: u64,
+        limit: u64,
+        tokens: u64,
+    ) -> Result<Charge, StateError>;
+
+    fn put_approval(&self, row: &ApprovalRow) -> Result<(), StateError>;
+    fn approvals(&self, limit: usize) -> Result<Vec<ApprovalRow>, StateError>;
+    /// Remembers that `token_id` was approved for `route` (`approval = "once-per-token"`).
+    fn approve_token(&self, route: &str, token_id: &str) -> Result<(), StateError>;
+    fn approved_tokens(&self) -> Result<Vec<(String, String)>, StateError>;
+}
+
+/// The state directory: `state_dir` from the config, else `$XDG_STATE_HOME/keygate`, else
+/// `~/.local/state/keygate`.
+pub fn dir(config: &Config) -> Option<PathBuf> {
+    if let Some(d) = &config.state_dir {
+        return Some(d.clone());
+    }
+    if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|x| !x.is_empty()) {
+        return Some(PathBuf::from(x).join("keygate"));
+    }
+    std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(|h| PathBuf::from(h).join(".local/state/keygate"))
+}
+
+/// Opens the embedded store in `dir`, creating it (mode 0700) if needed.
+pub fn open(dir: &Path) -> Result<Arc<dyn StateStore>, StateError> {
+    Ok(Arc::new(sqlite::Sqlite::open(dir)?))
+}
+
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
