@@ -143,6 +143,22 @@ pub fn socket_path(config: &Config) -> Option<PathBuf> {
         .or_else(|| crate::state::dir(config).map(|d| d.join("admin.sock")))
 }
 
+/// The admin socket named by a config file that may not load (a reload must reach keygate to be
+/// refused there, with the error in the audit): `admin_socket` or `state_dir` read leniently.
+pub fn socket_path_lenient(path: &std::path::Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let table: toml::Table = toml::from_str(&text).unwrap_or_default();
+    let key = |k: &str| {
+        table
+            .get(k)
+            .and_then(|v| v.as_str())
+            .map(crate::config::expand_home)
+    };
+    key("admin_socket")
+        .or_else(|| key("state_dir").map(|d| d.join("admin.sock")))
+        .or_else(|| crate::state::default_dir().map(|d| d.join("admin.sock")))
+}
+
 /// The person behind a uid: the user name, else `uid:N`.
 pub fn person(uid: u32) -> String {
     match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {

@@ -134,9 +134,14 @@ pub trait StateStore: Send + Sync {
 /// The state directory: `state_dir` from the config, else `$XDG_STATE_HOME/keygate`, else
 /// `~/.local/state/keygate`.
 pub fn dir(config: &Config) -> Option<PathBuf> {
-    if let Some(d) = &config.state_dir {
-        return Some(d.clone());
+    match &config.state_dir {
+        Some(d) => Some(d.clone()),
+        None => default_dir(),
     }
+}
+
+/// `$XDG_STATE_HOME/keygate`, else `~/.local/state/keygate`.
+pub fn default_dir() -> Option<PathBuf> {
     if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|x| !x.is_empty()) {
         return Some(PathBuf::from(x).join("keygate"));
     }

@@ -79,16 +79,12 @@ pub enum CallError {
 
 /// Sends one admin request to the keygate running with `config`; returns its status and JSON.
 pub fn call(
-    config: &Config,
+    sock: &Path,
     method: &str,
     path: &str,
     body: Option<Value>,
 ) -> Result<(u16, Bytes), CallError> {
-    let Some(sock) = super::socket_path(config) else {
-        return Err(CallError::Other(
-            "no state directory: set state_dir or admin_socket in the config".into(),
-        ));
-    };
+    let sock = sock.to_path_buf();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -158,11 +154,22 @@ pub fn run(
     json_out: bool,
     show: impl FnOnce(&Value),
 ) -> ExitCode {
-    let config = match Config::load(config_path) {
-        Ok(c) => c,
-        Err(e) => return fail(2, &e.to_string()),
+    let sock = match Config::load(config_path) {
+        Ok(c) => super::socket_path(&c),
+        // A config being edited may not load; the running keygate is still reachable (and a
+        // `reload` of it reaches keygate, which refuses it there and audits that).
+        Err(e) => match super::socket_path_lenient(config_path) {
+            Some(s) => Some(s),
+            None => return fail(2, &e.to_string()),
+        },
     };
-    match call(&config, method, path, body) {
+    let Some(sock) = sock else {
+        return fail(
+            2,
+            "no state directory: set state_dir or admin_socket in the config",
+        );
+    };
+    match call(&sock, method, path, body) {
         Ok((status, bytes)) => {
             let v: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
                 json!({"ok": (200..300).contains(&status), "text": String::from_utf8_lossy(&bytes)})
