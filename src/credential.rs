@@ -179,6 +179,17 @@ impl Credentials {
         }
     }
 
+    /// Looks at the upstream's answer: a 401 means the key may have been rotated at its source,
+    /// so the next request fetches afresh.
+    pub fn after_answer(&self, status: http::StatusCode, route: &Route, secret: Option<&Secret>) {
+        if status != http::StatusCode::UNAUTHORIZED {
+            return;
+        }
+        if let (Some(name), Some(secret)) = (&route.secret, secret) {
+            self.invalidate(name, secret.key_id());
+        }
+    }
+
     /// An upstream refused the credential: fetch afresh next time, unless it rotated meanwhile.
     pub fn invalidate(&self, name: &str, key_id: &KeyId) {
         if let Some(entry) = self.entries.get(name) {
@@ -338,20 +349,17 @@ mod tests {
         Config::from_text(Path::new("c.toml"), &text).unwrap()
     }
 
+    async fn fetch(creds: &Credentials, c: &Config) -> Arc<Secret> {
+        let authorized = Authorized::for_test(0, 0);
+        creds.get(c, &authorized).await.unwrap().unwrap()
+    }
+
     #[tokio::test]
     async fn value_is_cached_and_taught_to_the_redactor() {
         let c = config("");
         let creds = Credentials::new(&c);
-        let a = creds
-            .get(&c, &Authorized::for_test(0, 0))
-            .await
-            .unwrap()
-            .unwrap();
-        let b = creds
-            .get(&c, &Authorized::for_test(0, 0))
-            .await
-            .unwrap()
-            .unwrap();
+        let a = fetch(&creds, &c).await;
+        let b = fetch(&creds, &c).await;
         assert_eq!(
             a.key_id(),
             b.key_id(),
@@ -366,17 +374,9 @@ mod tests {
     async fn ttl_and_invalidation_fetch_a_new_value() {
         let c = config("ttl = \"1ms\"");
         let creds = Credentials::new(&c);
-        let a = creds
-            .get(&c, &Authorized::for_test(0, 0))
-            .await
-            .unwrap()
-            .unwrap();
+        let a = fetch(&creds, &c).await;
         tokio::time::sleep(Duration::from_millis(5)).await;
-        let b = creds
-            .get(&c, &Authorized::for_test(0, 0))
-            .await
-            .unwrap()
-            .unwrap();
+        let b = fetch(&creds, &c).await;
         assert_ne!(
             a.key_id(),
             b.key_id(),

@@ -189,6 +189,7 @@ impl Rejection {
     }
 }
 
+/// A JSON answer with `status`.
 pub fn json_response(status: StatusCode, body: Bytes) -> Response<Bytes> {
     let mut resp = Response::new(body);
     *resp.status_mut() = status;

@@ -65,6 +65,15 @@ impl Forwarder {
 
     /// Sends the request to the route `authorized` names; a request body that broke its limit
     /// on the way is reported as 413.
+    ///
+    /// There is no way to send without an [`Authorized`], which only `authorize` makes:
+    ///
+    /// ```compile_fail,E0308
+    /// use keygate::{config::Config, forward::{Body, Forwarder}};
+    /// async fn skip_authorize(f: &Forwarder, c: &Config, head: http::request::Parts, body: Body) {
+    ///     let _ = f.send(c, (), head, None, body).await;
+    /// }
+    /// ```
     pub async fn send(
         &self,
         config: &Config,

@@ -19,12 +19,15 @@ use std::process::ExitCode;
 
 use clap::{Subcommand, ValueEnum};
 
+/// `keygate hook …`.
 #[derive(clap::Args, Debug)]
 pub struct HookArgs {
+    /// Which hook to run, or to install.
     #[command(subcommand)]
     pub command: HookCommand,
 }
 
+/// The hook commands.
 #[derive(Subcommand, Debug)]
 pub enum HookCommand {
     /// Run as a Claude Code hook: event JSON on stdin, decision JSON on stdout.
@@ -33,8 +36,10 @@ pub enum HookCommand {
     Install(InstallArgs),
 }
 
+/// `keygate hook claude-code EVENT`.
 #[derive(clap::Args, Debug)]
 pub struct ClaudeCodeArgs {
+    /// The hook event Claude Code runs this for.
     pub event: Event,
     /// Also look for the value of this environment variable, labelled by its name. Repeatable.
     #[arg(long = "known-env", value_name = "VAR")]
@@ -44,14 +49,19 @@ pub struct ClaudeCodeArgs {
     pub config: Option<PathBuf>,
 }
 
+/// The Claude Code hook events keygate answers.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event {
+    /// Before a tool runs: refuse a command that would read a secret.
     PreToolUse,
+    /// After a tool ran: redact secrets from its output.
     PostToolUse,
 }
 
+/// `keygate hook install AGENT`.
 #[derive(clap::Args, Debug)]
 pub struct InstallArgs {
+    /// The agent whose settings get keygate's hooks.
     pub agent: Agent,
     /// `./.claude/settings.json` (the default).
     #[arg(long, conflicts_with = "user")]
@@ -61,11 +71,14 @@ pub struct InstallArgs {
     pub user: bool,
 }
 
+/// Agents keygate can install hooks for.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Agent {
+    /// Claude Code (`.claude/settings.json`).
     ClaudeCode,
 }
 
+/// Runs a hook command.
 pub fn main(args: HookArgs) -> ExitCode {
     match args.command {
         HookCommand::ClaudeCode(args) => claude_code::main(args),

@@ -9,6 +9,11 @@ use crate::authorize::Authorized;
 use crate::config::{Config, Inject};
 use crate::error::json_response;
 
+/// Whether the request asks for `/healthz`, which needs no token.
+pub fn is_healthz(head: &Parts) -> bool {
+    head.uri.path() == "/healthz" && matches!(head.method, http::Method::GET | http::Method::HEAD)
+}
+
 /// `GET /healthz`: no token needed, nothing secret said; the lab's fields for a lab config.
 pub fn healthz(
     c: &Config,

@@ -16,7 +16,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::request::Parts;
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -26,9 +26,9 @@ use crate::authenticate::{self, Tokens};
 use crate::authorize::approval;
 use crate::authorize::usage::Meter;
 use crate::authorize::Policy;
-use crate::config::{Approval, Config, Format, Mode, RequestScan};
+use crate::config::{Config, Mode, RequestScan, Route};
 use crate::credential::{self, Credentials};
-use crate::error::{Code, Rejection};
+use crate::error::Rejection;
 use crate::forward::{self, Body, Forwarder};
 use crate::guard::{self, Guard, Peer};
 use crate::redact::body::{self as redacting, End, Observer, RedactingBody};
@@ -36,18 +36,27 @@ use crate::{local, route, scan};
 
 /// Everything a request needs, built once at start-up.
 pub struct State {
+    /// The validated config.
     pub config: Arc<Config>,
+    /// A short hash of the effective policy, in every audit record.
     pub policy_version: String,
+    /// The request-shape checks.
     pub guard: Guard,
+    /// Who may call: configured and issued tokens.
     pub tokens: Tokens,
+    /// Rules, rates and budgets.
     pub policy: Policy,
+    /// The held secrets and the redactors built from them.
     pub credentials: Credentials,
+    /// The upstream client.
     pub forwarder: Forwarder,
+    /// The audit log.
     pub audit: Arc<AuditLog>,
     /// The person behind agents that name none: the user keygate runs as.
     pub default_person: Option<String>,
     /// Listener URLs, for `/healthz`.
     pub listen_urls: Vec<String>,
+    /// The first TCP listener's port, for the lab's `/healthz`.
     pub listen_port: u16,
     /// Freezes, approvals, metrics: what outlives a reload.
     pub control: Arc<crate::admin::Control>,
@@ -136,8 +145,7 @@ async fn process(
     state.guard.check(&head, peer)?;
     guard::strip_hop_by_hop(&mut head.headers);
     state.audit.check_writable(config.audit_fail_closed)?;
-    if head.uri.path() == "/healthz" && (head.method == Method::GET || head.method == Method::HEAD)
-    {
+    if local::is_healthz(&head) {
         let resp = local::healthz(
             config,
             &state.policy_version,
@@ -154,102 +162,44 @@ async fn process(
     let who = state.tokens.identify(&head.headers, peer)?;
     let agent = who.agent;
     authenticate::strip_caller_credentials(&mut head.headers);
-    let a = &config.agents[agent];
-    let r = pending.record();
-    r.agent = Some(a.name.clone());
-    r.token_id = who.token_id.clone();
-    if a.person.is_some() {
-        r.person = a.person.clone();
-    }
-    state.control.check_frozen(Some(&a.name))?;
+    pending.record().agent(&config.agents[agent]);
+    pending.record().token_id = who.token_id.clone();
+    state
+        .control
+        .check_frozen(Some(&config.agents[agent].name))?;
 
     // route
     let routed = route::select(&config.routes, head.uri.path())?;
     let route = &config.routes[routed.route];
-    r.route = Some(route.name.clone());
-    r.destination = Some(route.upstream.host.clone());
-    r.classification = Some(route.classification.clone());
-    r.key_id = route.secret.clone();
-    if config.format == Format::Seed && head.method != Method::POST {
-        // The lab broker answered only POST (and GET /healthz); keep its 403 for other methods.
-        return Err(Rejection::new(
-            Code::PathNotAllowed,
-            format!("{} {} is not allowed", head.method, routed.path),
-        ));
-    }
+    pending.record().route(route);
 
     // authorize
     let authorized = state
         .policy
         .authorize(config, agent, &head.method, routed)?;
 
-    // scan: the URL and headers now; the body whole where policy needs all of it, else as it
-    // streams. The body is re-framed, so its length is hyper's to set.
-    let mode = route.request_scan;
-    let scanner = (mode != RequestScan::Off).then(|| state.credentials.scanner());
-    let mut request_redacted = match &scanner {
-        Some(scanner) => scan::head(scanner, mode, &mut head)?,
-        None => false,
-    };
-    let declared = head.headers.get(header::CONTENT_LENGTH);
-    let declared: Option<u64> = declared.and_then(|v| v.to_str().ok()?.parse().ok());
-    head.headers.remove(header::CONTENT_LENGTH);
-    let limit = config.max_request_bytes;
-    let whole_body =
-        route.require_json || config.mode == Mode::DryRun || mode == RequestScan::Refuse;
-    let bytes_in = Arc::new(AtomicU64::new(0));
-    let mut model = None;
-    let body: Body = if whole_body {
-        let mut bytes = guard::read_body(body, limit).await?;
-        *body_read = true;
-        pending.record().bytes_in = bytes.len() as u64;
-        if route.require_json {
-            guard::check_json(&bytes)?;
+    // scan (and read the body where policy needs all of it)
+    let declared = approval::declared_length(&head);
+    let (body, request_redacted) = request_body(state, route, pending, &mut head, body).await?;
+    let (body, streamed, seen) = match body {
+        RequestBody::Whole(bytes) => {
+            *body_read = true;
+            if config.mode == Mode::DryRun {
+                let resp = local::dry_run(config, &authorized, &head, &bytes);
+                return Ok(Answer::Local(resp, Decision::DryRun, Reason::DryRun));
+            }
+            let seen = approval::Seen::whole(route, &bytes);
+            (full(bytes), None, seen)
         }
-        if let Some(scanner) = &scanner {
-            let redacted;
-            (bytes, redacted) = scan::body(scanner, mode, bytes)?;
-            request_redacted |= redacted;
+        RequestBody::Streamed(body, count) => {
+            (body, Some(count), approval::Seen::declared(declared))
         }
-        if config.mode == Mode::DryRun {
-            let resp = local::dry_run(config, &authorized, &head, &bytes);
-            return Ok(Answer::Local(resp, Decision::DryRun, Reason::DryRun));
-        }
-        model = approval::model_of(&bytes);
-        full(bytes)
-    } else {
-        let counted = CountIn(bytes_in.clone());
-        RedactingBody::new(body, scanner.map(|s| s.stream()), counted)
-            .limit(limit)
-            .map_err(Into::into)
-            .boxed()
     };
 
     // authorize, last: a person's approval where the route asks for one (waits, blocking nothing)
-    if route.approval != Approval::Never {
-        let info = approval::PendingApproval {
-            id: approval::new_id(),
-            agent: a.name.clone(),
-            person: pending.record().person.clone(),
-            route: route.name.clone(),
-            method: head.method.to_string(),
-            path: pending.record().path.clone(),
-            model,
-            body_bytes: whole_body.then(|| pending.record().bytes_in).or(declared),
-            token_id: who.token_id,
-            request_id: pending.record().request_id.clone(),
-            created: audit::now_rfc3339(),
-        };
-        let approvals = state.control.approvals.clone();
-        approvals
-            .gate(
-                &route.approval,
-                &config.approval_notify,
-                info,
-                pending.record(),
-            )
-            .await?;
-    }
+    let approvals = state.control.approvals.clone();
+    let ask = approval::Ask::new(config, route, agent, who.token_id, &head.method, seen);
+    approvals.check(ask, pending.record()).await?;
 
     // credential
     let secret = state.credentials.get(config, &authorized).await?;
@@ -265,24 +215,68 @@ async fn process(
         .forwarder
         .send(config, authorized, head, query.as_deref(), body)
         .await;
-    if !whole_body {
-        pending.record().bytes_in = bytes_in.load(Ordering::Relaxed);
+    if let Some(count) = streamed {
+        pending.record().bytes_in = count.load(Ordering::Relaxed);
     }
     let resp = resp?;
-    if resp.status() == StatusCode::UNAUTHORIZED {
-        if let (Some(name), Some(secret)) = (&route.secret, &secret) {
-            // The key may have been rotated at its source: fetch afresh for the next request.
-            state.credentials.invalidate(name, secret.key_id());
-        }
-    }
-    let redactor = state.credentials.redactor();
-    forward::passable(&resp, &redactor, &route.upstream.host)?;
+    state
+        .credentials
+        .after_answer(resp.status(), route, secret.as_deref());
+    forward::passable(&resp, &state.credentials.redactor(), &route.upstream.host)?;
     Ok(Answer::Upstream(Upstream {
         resp,
         request_redacted,
         route: route_id,
-        budgeted: a.budget.as_ref().map(|_| agent),
+        budgeted: config.agents[agent].budget.as_ref().map(|_| agent),
     }))
+}
+
+/// The request body as it goes upstream.
+enum RequestBody {
+    /// Read whole: the lab's JSON check, dry-run, or a scan that refuses.
+    Whole(Bytes),
+    /// Streamed through the scan's redactor, counting the bytes that passed.
+    Streamed(Body, Arc<AtomicU64>),
+}
+
+/// The scan stage: the URL and headers now; the body whole where policy needs all of it, else
+/// as it streams. The body is re-framed, so its length is hyper's to set. Also says whether
+/// anything was redacted.
+async fn request_body(
+    state: &State,
+    route: &Route,
+    pending: &mut Pending,
+    head: &mut Parts,
+    body: Incoming,
+) -> Result<(RequestBody, bool), Rejection> {
+    let config = &*state.config;
+    let mode = route.request_scan;
+    let scanner = (mode != RequestScan::Off).then(|| state.credentials.scanner());
+    let mut redacted = match &scanner {
+        Some(scanner) => scan::head(scanner, mode, head)?,
+        None => false,
+    };
+    head.headers.remove(header::CONTENT_LENGTH);
+    let limit = config.max_request_bytes;
+    if route.require_json || config.mode == Mode::DryRun || mode == RequestScan::Refuse {
+        let mut bytes = guard::read_body(body, limit).await?;
+        pending.record().bytes_in = bytes.len() as u64;
+        if route.require_json {
+            guard::check_json(&bytes)?;
+        }
+        if let Some(scanner) = &scanner {
+            let body_redacted;
+            (bytes, body_redacted) = scan::body(scanner, mode, bytes)?;
+            redacted |= body_redacted;
+        }
+        return Ok((RequestBody::Whole(bytes), redacted));
+    }
+    let count = Arc::new(AtomicU64::new(0));
+    let body = RedactingBody::new(body, scanner.map(|s| s.stream()), CountIn(count.clone()))
+        .limit(limit)
+        .map_err(Into::into)
+        .boxed();
+    Ok((RequestBody::Streamed(body, count), redacted))
 }
 
 /// redact + audit on the way back: headers are redacted now, the body chunk by chunk as it

@@ -15,6 +15,7 @@ use crate::error::{Code, Rejection};
 /// A request matched to a route.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Routed {
+    /// The route's index in the config.
     pub route: usize,
     /// Decoded path relative to the route prefix, always starting with `/`; allow rules match it.
     pub path: String,

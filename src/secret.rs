@@ -16,6 +16,13 @@ use std::fmt;
 use zeroize::Zeroizing;
 
 /// A credential value. Cloning copies the bytes into another zeroizing buffer.
+///
+/// Its bytes are out of reach outside the crate, and inside it only `credential` may read them:
+///
+/// ```compile_fail,E0624
+/// let s = keygate::secret::Secret::new("openai", b"sk-not-a-real-key-0000".to_vec());
+/// let leaked = s.expose();
+/// ```
 #[derive(Clone)]
 pub struct Secret {
     value: Zeroizing<Vec<u8>>,

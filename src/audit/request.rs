@@ -7,6 +7,7 @@ use http::request::Parts;
 
 use super::{Decision, PeerRecord, Pending, Reason, Record};
 use crate::authorize::usage::Meter;
+use crate::config::{Agent, Route};
 use crate::guard::Peer;
 use crate::redact::body::{End, Observer};
 
@@ -38,6 +39,24 @@ impl Record {
             },
             ..Record::default()
         }
+    }
+}
+
+impl Record {
+    /// Names the authenticated agent and the person behind it.
+    pub fn agent(&mut self, agent: &Agent) {
+        self.agent = Some(agent.name.clone());
+        if agent.person.is_some() {
+            self.person = agent.person.clone();
+        }
+    }
+
+    /// Names the route, its upstream host and classification, and its secret.
+    pub fn route(&mut self, route: &Route) {
+        self.route = Some(route.name.clone());
+        self.destination = Some(route.upstream.host.clone());
+        self.classification = Some(route.classification.clone());
+        self.key_id = route.secret.clone();
     }
 }
 

@@ -15,7 +15,7 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 
 use crate::audit::Record;
-use crate::config::Approval;
+use crate::config::{Approval, Config, Route};
 use crate::error::{Code, Rejection};
 use crate::state::{ApprovalRow, ApprovalState, StateStore};
 
@@ -138,6 +138,38 @@ impl Approvals {
         // The request may have gone meanwhile; then there is nobody to tell.
         let _ = w.tx.send(verdict);
         Some(info)
+    }
+
+    /// The pipeline's approval step: nothing for a route without approval, else [`Self::gate`]
+    /// with the request described for the person.
+    pub async fn check(
+        self: &Arc<Self>,
+        ask: Ask<'_>,
+        record: &mut Record,
+    ) -> Result<(), Rejection> {
+        if ask.route.approval == Approval::Never {
+            return Ok(());
+        }
+        let info = PendingApproval {
+            id: new_id(),
+            agent: ask.config.agents[ask.agent].name.clone(),
+            person: record.person.clone(),
+            route: ask.route.name.clone(),
+            method: ask.method.to_string(),
+            path: record.path.clone(),
+            model: ask.seen.model,
+            body_bytes: ask.seen.body_bytes,
+            token_id: ask.token_id,
+            request_id: record.request_id.clone(),
+            created: crate::audit::now_rfc3339(),
+        };
+        self.gate(
+            &ask.route.approval,
+            &ask.config.approval_notify,
+            info,
+            record,
+        )
+        .await
     }
 
     /// Waits for a person where the route asks for one. Sets `approval_id` and `approved_by` on
@@ -291,6 +323,74 @@ impl Drop for Cleanup {
             });
         }
     }
+}
+
+/// What a person is asked about: the request as far as keygate has seen it.
+pub struct Ask<'a> {
+    config: &'a Config,
+    route: &'a Route,
+    agent: usize,
+    token_id: Option<String>,
+    method: &'a http::Method,
+    seen: Seen,
+}
+
+impl<'a> Ask<'a> {
+    pub fn new(
+        config: &'a Config,
+        route: &'a Route,
+        agent: usize,
+        token_id: Option<String>,
+        method: &'a http::Method,
+        seen: Seen,
+    ) -> Ask<'a> {
+        Ask {
+            config,
+            route,
+            agent,
+            token_id,
+            method,
+            seen,
+        }
+    }
+}
+
+/// What the body showed before the decision: its size, and its `model` when it was read whole.
+#[derive(Default)]
+pub struct Seen {
+    model: Option<String>,
+    body_bytes: Option<u64>,
+}
+
+impl Seen {
+    /// A body read whole. Parsed for its `model` only on a route that asks a person, so other
+    /// requests pay nothing.
+    pub fn whole(route: &Route, body: &[u8]) -> Seen {
+        Seen {
+            model: (route.approval != Approval::Never)
+                .then(|| model_of(body))
+                .flatten(),
+            body_bytes: Some(body.len() as u64),
+        }
+    }
+
+    /// A streamed body: only its declared length is known.
+    pub fn declared(len: Option<u64>) -> Seen {
+        Seen {
+            model: None,
+            body_bytes: len,
+        }
+    }
+}
+
+/// The request's declared `Content-Length`, read before the scan re-frames the body.
+pub fn declared_length(head: &http::request::Parts) -> Option<u64> {
+    head.headers
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 /// A fresh approval id: `apr_` + 16 hex digits.

@@ -27,6 +27,7 @@ const SKIP_DIRS: &[&str] = &[
     "__pycache__",
 ];
 
+/// `keygate redact [FILE…]`.
 #[derive(clap::Args, Debug)]
 pub struct RedactArgs {
     /// Files (or, with --check, directories) to read; stdin when none.
@@ -45,6 +46,7 @@ pub struct RedactArgs {
     pub no_detectors: bool,
 }
 
+/// Runs `keygate redact`.
 pub fn main(args: RedactArgs) -> ExitCode {
     let redactor = match build(&args.known_env, args.config.as_deref(), !args.no_detectors) {
         Ok(r) => Arc::new(r),
