@@ -15,7 +15,6 @@ pub mod store;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 
@@ -36,8 +35,8 @@ pub struct Tokens {
     /// Tokens issued with `keygate token issue`: hash -> (agent, expiry in Unix seconds).
     issued: ArcSwap<HashMap<[u8; 32], (usize, u64)>>,
     state_dir: Option<PathBuf>,
-    /// The token file's stamp when it was last read, and when that was.
-    seen: Mutex<(Option<FileStamp>, Option<std::time::Instant>)>,
+    /// The state store (opened at the first refresh) and the token revision last read from it.
+    seen: Mutex<(Option<Arc<dyn crate::state::StateStore>>, Option<u64>)>,
     agent_names: Vec<String>,
     /// The lab broker without `client_token_env` admits every local caller as this agent.
     open_agent: Option<usize>,
@@ -52,9 +51,6 @@ pub struct Identity {
     /// `tok_` + the first 12 hex digits of the token's SHA-256, as `token list` shows it.
     pub token_id: Option<String>,
 }
-
-/// (mtime, size, inode): what tells a changed token file from an unchanged one.
-type FileStamp = (SystemTime, u64, u64);
 
 /// A start-up problem with tokens: the lab broker refuses to start when `client_token_env` names
 /// an unset variable, and so does keygate.
@@ -109,32 +105,33 @@ impl Tokens {
         Ok(tokens)
     }
 
-    /// Re-reads issued tokens if the token file changed; cheap when it did not (one `stat`).
-    /// A file that cannot be read keeps the previous set and is reported.
+    /// Re-reads issued tokens if they changed (the store's token revision; one small query when
+    /// they did not). A store that cannot be read keeps the previous set and is reported.
     pub fn refresh(&self) {
         let Some(dir) = &self.state_dir else { return };
-        let path = dir.join("tokens.json");
-        let stamp = std::fs::metadata(&path).ok().and_then(|m| {
-            use std::os::unix::fs::MetadataExt;
-            Some((m.modified().ok()?, m.len(), m.ino()))
-        });
-        {
-            let mut seen = match self.seen.lock() {
-                Ok(s) => s,
-                Err(p) => p.into_inner(),
-            };
-            // A write within the file system's timestamp granularity can keep mtime, size and
-            // inode alike (rename gives a new inode, so this is rare); re-read every few seconds
-            // regardless, so a revocation is never missed for long.
-            let recent = seen
-                .1
-                .is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(5));
-            if seen.0 == stamp && stamp.is_some() && recent {
-                return;
+        let store = {
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            if seen.0.is_none() {
+                match store::open(dir) {
+                    Ok(s) => seen.0 = Some(s),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot open the token store; keeping the previous set");
+                        return;
+                    }
+                }
             }
-            *seen = (stamp, Some(std::time::Instant::now()));
-        }
-        match store::read(dir) {
+            let Some(s) = seen.0.clone() else { return };
+            match s.tokens_revision() {
+                Ok(rev) if seen.1 == Some(rev) => return,
+                Ok(rev) => seen.1 = Some(rev),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read issued tokens; keeping the previous set");
+                    return;
+                }
+            }
+            s
+        };
+        match store.tokens().map_err(store::StoreError::from) {
             Ok(list) => {
                 let map = list
                     .iter()

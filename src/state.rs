@@ -1,5 +1,5 @@
-//! Durable control-plane state: freezes, budgets spent, approvals (pending and decided) and the
-//! tokens approved once, behind one [`StateStore`] trait.
+//! Durable control-plane state: issued tokens and their revocations, freezes, budgets spent,
+//! approvals (pending and decided) and the tokens approved once, behind one [`StateStore`] trait.
 //!
 //! The embedded store is SQLite in `state_dir` ([`sqlite`]). The request path never waits on it:
 //! freezes and approvals live in memory and are written through on the (rare) admin action,
@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::authenticate::store::Issued;
 use crate::config::Config;
 
 /// What a store operation could not do.
@@ -129,6 +130,16 @@ pub trait StateStore: Send + Sync {
     /// Remembers that `token_id` was approved for `route` (`approval = "once-per-token"`).
     fn approve_token(&self, route: &str, token_id: &str) -> Result<(), StateError>;
     fn approved_tokens(&self) -> Result<Vec<(String, String)>, StateError>;
+
+    /// Issued tokens (hashes and ids, never a token).
+    fn tokens(&self) -> Result<Vec<Issued>, StateError>;
+    /// Adds an issued token (kept if one with its id exists) and drops expired ones.
+    fn add_token(&self, token: &Issued) -> Result<(), StateError>;
+    /// Revokes the token with this id, or every token of this agent; returns how many.
+    fn revoke_tokens(&self, id: Option<&str>, agent: Option<&str>) -> Result<usize, StateError>;
+    /// A number that changes whenever the issued tokens change, from any process: a running
+    /// keygate re-reads them only then.
+    fn tokens_revision(&self) -> Result<u64, StateError>;
 }
 
 /// The state directory: `state_dir` from the config, else `$XDG_STATE_HOME/keygate`, else

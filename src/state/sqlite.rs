@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
+use crate::authenticate::store::Issued;
+
 use super::{ApprovalRow, ApprovalState, Charge, Freeze, Spent, StateError, StateStore};
 
 pub struct Sqlite {
@@ -34,6 +36,18 @@ CREATE TABLE IF NOT EXISTS approvals (
     reason TEXT,
     created INTEGER NOT NULL,
     decided INTEGER
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    id TEXT PRIMARY KEY,
+    agent TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    created INTEGER NOT NULL,
+    expires INTEGER NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS approved_tokens (
     route TEXT NOT NULL,
@@ -232,11 +246,112 @@ impl StateStore for Sqlite {
         })
     }
 
+    fn tokens(&self) -> Result<Vec<Issued>, StateError> {
+        self.tokens_impl()
+    }
+
+    fn add_token(&self, token: &Issued) -> Result<(), StateError> {
+        self.add_token_impl(token)
+    }
+
+    fn revoke_tokens(&self, id: Option<&str>, agent: Option<&str>) -> Result<usize, StateError> {
+        self.revoke_tokens_impl(id, agent)
+    }
+
+    fn tokens_revision(&self) -> Result<u64, StateError> {
+        self.tokens_revision_impl()
+    }
+
     fn approved_tokens(&self) -> Result<Vec<(String, String)>, StateError> {
         self.with(|c| {
             let mut st = c.prepare("SELECT route, token_id FROM approved_tokens")?;
             let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
             rows.collect()
+        })
+    }
+}
+
+/// Bumps the token revision inside the writer's transaction.
+fn bump_tokens(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO meta (key, value) VALUES ('tokens_rev', 1)
+         ON CONFLICT(key) DO UPDATE SET value = value + 1",
+        [],
+    )?;
+    Ok(())
+}
+
+impl Sqlite {
+    pub(crate) fn tokens_impl(&self) -> Result<Vec<Issued>, StateError> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT id, agent, sha256, created, expires, revoked FROM tokens ORDER BY created, id",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok(Issued {
+                    id: r.get(0)?,
+                    agent: r.get(1)?,
+                    sha256: r.get(2)?,
+                    created: r.get::<_, i64>(3)? as u64,
+                    expires: r.get::<_, i64>(4)? as u64,
+                    revoked: r.get::<_, i64>(5)? != 0,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    pub(crate) fn add_token_impl(&self, t: &Issued) -> Result<(), StateError> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            // Expired tokens are dropped as new ones are issued, so the table does not grow
+            // forever.
+            tx.execute(
+                "DELETE FROM tokens WHERE expires <= ?1",
+                params![super::now() as i64],
+            )?;
+            tx.execute(
+                "INSERT OR IGNORE INTO tokens (id, agent, sha256, created, expires, revoked)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    t.id,
+                    t.agent,
+                    t.sha256,
+                    t.created as i64,
+                    t.expires as i64,
+                    i64::from(t.revoked)
+                ],
+            )?;
+            bump_tokens(&tx)?;
+            tx.commit()
+        })
+    }
+
+    pub(crate) fn revoke_tokens_impl(
+        &self,
+        id: Option<&str>,
+        agent: Option<&str>,
+    ) -> Result<usize, StateError> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let n = tx.execute(
+                "UPDATE tokens SET revoked = 1 WHERE revoked = 0 AND (id = ?1 OR agent = ?2)",
+                params![id, agent],
+            )?;
+            bump_tokens(&tx)?;
+            tx.commit()?;
+            Ok(n)
+        })
+    }
+
+    pub(crate) fn tokens_revision_impl(&self) -> Result<u64, StateError> {
+        self.with(|c| {
+            let v: Option<i64> = c
+                .query_row("SELECT value FROM meta WHERE key = 'tokens_rev'", [], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            Ok(v.unwrap_or(0) as u64)
         })
     }
 }

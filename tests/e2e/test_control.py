@@ -459,7 +459,12 @@ def test_drill_revoke_lists_what_would_break_and_changes_nothing(keygate_bin, tm
         out = run_keygate(keygate_bin, ["token", "issue", "--agent", agent, "--config", str(cfg)], tmp_path)
         assert out.returncode == 0, out.stderr
         ids[agent] = out.stderr.split()[1]
-    before = (audit.read_bytes(), (short_tmp / "tokens.json").read_bytes())
+    def tokens():
+        out = run_keygate(keygate_bin, ["token", "list", "--json", "--config", str(cfg)], tmp_path)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    before = (audit.read_bytes(), tokens())
 
     def drill(*args):
         out = run_keygate(keygate_bin, ["drill", "revoke", *args, "--config", str(cfg), "--json"], tmp_path)
@@ -487,6 +492,24 @@ def test_drill_revoke_lists_what_would_break_and_changes_nothing(keygate_bin, tm
 
     text = run_keygate(keygate_bin, ["drill", "revoke", "--secret", "anthropic", "--config", str(cfg)], tmp_path).stdout
     assert "nothing was changed" in text and "reviewer" in text and "3 of" in text
-    assert (audit.read_bytes(), (short_tmp / "tokens.json").read_bytes()) == before
+    assert (audit.read_bytes(), tokens()) == before
     bad = run_keygate(keygate_bin, ["drill", "revoke", "--agent", "nobody", "--config", str(cfg)], tmp_path)
     assert bad.returncode == 2 and "no [agents.nobody]" in bad.stderr
+
+
+def test_tokens_json_from_an_earlier_keygate_is_migrated_and_its_tokens_still_work(make, tmp_path, short_tmp, fake_upstream):
+    token = new_token()
+    import hashlib
+
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    now = int(time.time())
+    old = {"tokens": [{"id": f"tok_{digest[:12]}", "agent": "coder", "sha256": digest, "created": now, "expires": now + 3600, "revoked": False}]}
+    (short_tmp / "tokens.json").write_text(json.dumps(old))
+    os.chmod(short_tmp / "tokens.json", 0o600)
+    s = make()
+    r = chat(s, token)
+    assert r.status_code == 200, r.text
+    assert s.kg.audit_record(r.headers["x-request-id"])["token_id"] == f"tok_{digest[:12]}"
+    assert not (short_tmp / "tokens.json").exists() and (short_tmp / "tokens.json.migrated").exists()
+    listed = json.loads(s.admin("token", "list", "--json").stdout)
+    assert [t["id"] for t in listed] == [f"tok_{digest[:12]}"]
