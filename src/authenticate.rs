@@ -36,13 +36,15 @@ pub struct Tokens {
     issued: ArcSwap<HashMap<[u8; 32], (usize, u64)>>,
     state_dir: Option<PathBuf>,
     /// The state store (opened at the first refresh) and the token revision last read from it.
-    seen: Mutex<(Option<Arc<dyn crate::state::StateStore>>, Option<u64>)>,
+    seen: Mutex<(Option<SharedStore>, Option<u64>)>,
     agent_names: Vec<String>,
     /// The lab broker without `client_token_env` admits every local caller as this agent.
     open_agent: Option<usize>,
     /// Unix-socket peers known by uid (`[agents.A] unix_uids`).
     by_uid: HashMap<u32, usize>,
 }
+
+type SharedStore = Arc<dyn crate::state::StateStore>;
 
 /// Who is calling: the agent, and the id of the token it presented (never the token).
 #[derive(Clone, Debug, PartialEq, Eq)]
