@@ -12,14 +12,25 @@
 //! Architecture invariant: exactly one record per request. [`Pending`] owns a request's record
 //! from the start; finishing it sends it, and dropping it unfinished (client gone, task
 //! cancelled) sends it with `reason: "aborted"`.
+//!
+//! Checkpoints: the writer closes a stretch of the chain with a `checkpoint` record after 1,000
+//! records or 10 s (never when nothing was written since the last one); `start`, `checkpoint` and
+//! `stop` records are signed with the ed25519 key in the state dir (`key`), in the writer thread.
+//! [`verify`] checks a log from its `start` record (or a hash the user trusts) to its end.
+
+pub mod key;
+mod verify;
+
+pub use key::AuditKey;
+pub use verify::{verify, Broken, Report, VerifyOptions};
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -27,7 +38,7 @@ use sha2::{Digest, Sha256};
 use crate::error::{Code, Rejection};
 
 mod request;
-pub use request::{ms, Finishing};
+pub use request::{ms, Finishing, MAX_PATH};
 
 /// What happened to a request. Field names are the interface scripts read.
 #[derive(Debug, Default, Serialize, Clone)]
@@ -40,6 +51,15 @@ pub struct Record {
     pub destination: Option<String>,
     pub method: String,
     pub path: String,
+    /// The path was longer than [`MAX_PATH`] characters and `path` holds its start.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub path_truncated: bool,
+    /// SHA-256 of the whole request target (path and query), when `path` was cut.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_sha256: Option<String>,
+    /// The query string's parameter names, never their values (a value can hold a secret).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub query_params: Vec<String>,
     pub classification: Option<String>,
     pub policy_version: String,
     pub decision: Decision,
@@ -172,21 +192,65 @@ struct Shared {
     wake: Condvar,
     healthy: AtomicBool,
     chain: bool,
+    key: Option<Arc<AuditKey>>,
+    checkpoint_every: usize,
+    checkpoint_interval: Duration,
 }
 
-#[derive(Default)]
 struct Batch {
     lines: Vec<u8>,
     prev: Option<String>,
     /// Lifecycle writers waiting to hear whether their batch reached the file.
     acks: Vec<mpsc::Sender<Result<(), String>>>,
     closed: bool,
+    /// Records chained since the last `start`, `checkpoint` or `stop`.
+    since_checkpoint: usize,
+    last_checkpoint: Instant,
+    /// Lines to sign, by the offset of their closing `}` in `lines` and their hash; the writer
+    /// signs them, so a request never waits on a signature.
+    to_sign: Vec<(usize, String)>,
+}
+
+/// How the log is written; [`Options::new`] has keygate's settings.
+#[derive(Clone)]
+pub struct Options {
+    pub chain: bool,
+    /// Signs `start`, `checkpoint` and `stop` records.
+    pub key: Option<Arc<AuditKey>>,
+    /// A checkpoint after this many records...
+    pub checkpoint_every: usize,
+    /// ...or this long after the last one, whichever comes first.
+    pub checkpoint_interval: Duration,
+}
+
+impl Options {
+    pub fn new(chain: bool) -> Options {
+        Options {
+            chain,
+            key: None,
+            checkpoint_every: CHECKPOINT_EVERY,
+            checkpoint_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Records between checkpoints; `verify` treats a longer stretch as a removed checkpoint.
+pub const CHECKPOINT_EVERY: usize = 1000;
+
+/// A `checkpoint` record: how many records it closes since the one before.
+#[derive(Serialize)]
+struct Checkpoint<'a> {
+    time: &'a str,
+    event: &'static str,
+    records: usize,
 }
 
 /// How long the writer lets records gather after the first one of a batch arrives.
 const BATCH_WINDOW: Duration = Duration::from_millis(1);
 /// How long the writer waits before retrying a failed write.
 const RETRY_AFTER: Duration = Duration::from_millis(250);
+/// Failed writes retried at exit before records are given up (and said to be).
+const RETRIES_AT_EXIT: usize = 8;
 
 /// The audit log could not be opened at start-up.
 #[derive(Debug, thiserror::Error)]
@@ -200,7 +264,12 @@ impl AuditLog {
     /// Opens (creating, mode 0600) the log for appending and starts the writer. An existing chain
     /// is continued from its last line.
     pub fn open(path: &Path, chain: bool) -> Result<Arc<AuditLog>, OpenError> {
+        Self::open_with(path, Options::new(chain))
+    }
+
+    pub fn open_with(path: &Path, options: Options) -> Result<Arc<AuditLog>, OpenError> {
         use std::os::unix::fs::OpenOptionsExt;
+        let chain = options.chain;
         let err = |source| OpenError {
             path: path.to_path_buf(),
             source,
@@ -211,19 +280,29 @@ impl AuditLog {
             .mode(0o600)
             .open(path)
             .map_err(err)?;
-        let prev = if chain {
-            last_hash(path).unwrap_or(None)
+        let (prev, torn) = if chain {
+            last_hash(path).unwrap_or((None, false))
         } else {
-            None
+            (None, false)
         };
         let shared = Arc::new(Shared {
             pending: Mutex::new(Batch {
+                // A last line cut mid-write (a crash) stays as it was; the next record starts
+                // on a line of its own.
+                lines: if torn { b"\n".to_vec() } else { Vec::new() },
                 prev,
-                ..Batch::default()
+                acks: Vec::new(),
+                closed: false,
+                since_checkpoint: 0,
+                last_checkpoint: Instant::now(),
+                to_sign: Vec::new(),
             }),
             wake: Condvar::new(),
             healthy: AtomicBool::new(true),
             chain,
+            key: options.key,
+            checkpoint_every: options.checkpoint_every.max(1),
+            checkpoint_interval: options.checkpoint_interval,
         });
         let s = shared.clone();
         let writer = std::thread::Builder::new()
@@ -275,32 +354,41 @@ impl AuditLog {
             o(&record);
         }
         let body = serialize(&record, &record.request_id);
-        if let Err(()) = self.append(body, None) {
+        if let Err(()) = self.append(body, None, false) {
             // After close (shutdown): say so where an operator sees it, with the id only.
             tracing::error!(request_id = %record.request_id, "audit log closed; record not written");
         }
     }
 
     /// Chains `body` (a JSON object without `prev_hash`/`hash`) to the line before and queues it.
+    /// A `lifecycle` record (start, stop) closes a stretch of the chain as a checkpoint does.
     fn append(
         &self,
         body: String,
         ack: Option<mpsc::Sender<Result<(), String>>>,
+        lifecycle: bool,
     ) -> Result<(), ()> {
-        let mut batch = lock(&self.shared.pending);
+        let shared = &*self.shared;
+        let mut batch = lock(&shared.pending);
         if batch.closed {
             return Err(());
         }
         let was_empty = batch.lines.is_empty() && batch.acks.is_empty();
-        if self.shared.chain {
-            let prev = batch.prev.take().unwrap_or_else(|| GENESIS.to_string());
-            let line = chain_line(body, &prev);
-            batch.prev = Some(line.1);
-            batch.lines.extend_from_slice(line.0.as_bytes());
+        if shared.chain {
+            push_chained(shared, &mut batch, body, lifecycle);
+            if lifecycle {
+                batch.since_checkpoint = 0;
+                batch.last_checkpoint = Instant::now();
+            } else {
+                batch.since_checkpoint += 1;
+                if batch.since_checkpoint >= shared.checkpoint_every {
+                    push_checkpoint(shared, &mut batch);
+                }
+            }
         } else {
             batch.lines.extend_from_slice(body.as_bytes());
+            batch.lines.push(b'\n');
         }
-        batch.lines.push(b'\n');
         if let Some(ack) = ack {
             batch.acks.push(ack);
         }
@@ -316,7 +404,7 @@ impl AuditLog {
     pub fn lifecycle(&self, record: Lifecycle) -> Result<(), String> {
         let (ack, done) = mpsc::channel();
         let body = serialize(&record, record.event);
-        self.append(body, Some(ack))
+        self.append(body, Some(ack), true)
             .map_err(|()| "audit log closed".to_string())?;
         done.recv_timeout(Duration::from_secs(10))
             .unwrap_or_else(|_| Err("audit writer did not answer".into()))
@@ -327,13 +415,14 @@ impl AuditLog {
     pub fn event<T: Serialize>(&self, record: &T) -> Result<(), String> {
         let (ack, done) = mpsc::channel();
         let body = serialize(record, "event");
-        self.append(body, Some(ack))
+        self.append(body, Some(ack), false)
             .map_err(|()| "audit log closed".to_string())?;
         done.recv_timeout(Duration::from_secs(10))
             .unwrap_or_else(|_| Err("audit writer did not answer".into()))
     }
 
-    /// Stops accepting records, writes everything queued, and waits for the writer.
+    /// Stops accepting records, writes everything queued (closed by a checkpoint if no `stop`
+    /// record closed it), and waits for the writer.
     pub fn close(&self) {
         lock(&self.shared.pending).closed = true;
         self.shared.wake.notify_one();
@@ -343,6 +432,52 @@ impl AuditLog {
             }
         }
     }
+}
+
+/// Chains `body` onto the batch; a signed line is marked for the writer to sign.
+fn push_chained(shared: &Shared, batch: &mut Batch, body: String, sign: bool) {
+    let prev = batch.prev.take().unwrap_or_else(|| GENESIS.to_string());
+    let (line, hash) = chain_line(body, &prev);
+    batch.lines.extend_from_slice(line.as_bytes());
+    if sign && shared.key.is_some() {
+        let end = batch.lines.len() - 1;
+        batch.to_sign.push((end, hash.clone()));
+    }
+    batch.lines.push(b'\n');
+    batch.prev = Some(hash);
+}
+
+/// Closes the records since the last checkpoint with a new one; nothing when there are none.
+fn push_checkpoint(shared: &Shared, batch: &mut Batch) {
+    if !shared.chain || batch.since_checkpoint == 0 {
+        return;
+    }
+    let time = now_rfc3339();
+    let body = serialize(
+        &Checkpoint {
+            time: &time,
+            event: "checkpoint",
+            records: batch.since_checkpoint,
+        },
+        "checkpoint",
+    );
+    push_chained(shared, batch, body, true);
+    batch.since_checkpoint = 0;
+    batch.last_checkpoint = Instant::now();
+}
+
+/// Moves `lines` into `out`, inserting `,"sig":"…"` before the closing brace of each line in
+/// `to_sign`.
+fn sign_into(out: &mut Vec<u8>, lines: &[u8], to_sign: &[(usize, String)], key: &AuditKey) {
+    let mut from = 0;
+    for (end, hash) in to_sign {
+        out.extend_from_slice(&lines[from..*end]);
+        out.extend_from_slice(b",\"sig\":\"");
+        out.extend_from_slice(key.sign_hash(hash).as_bytes());
+        out.push(b'"');
+        from = *end;
+    }
+    out.extend_from_slice(&lines[from..]);
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -394,15 +529,34 @@ impl Drop for Pending {
 fn write_loop(mut file: File, shared: &Shared) {
     // Bytes taken from the batch but not yet on file; retried until they are.
     let mut unwritten: Vec<u8> = Vec::new();
+    // The batch's buffer is swapped with this one, so neither is reallocated per batch.
+    let mut taken: Vec<u8> = Vec::new();
+    let mut to_sign: Vec<(usize, String)> = Vec::new();
+    let mut failures_at_exit = 0;
     loop {
         let (acks, closed) = {
             let mut batch = lock(&shared.pending);
             if unwritten.is_empty() {
                 while batch.lines.is_empty() && batch.acks.is_empty() && !batch.closed {
-                    batch = match shared.wake.wait(batch) {
-                        Ok(b) => b,
-                        Err(p) => p.into_inner(),
-                    };
+                    // Idle with records since the last checkpoint: wake when one is due.
+                    let due = (batch.since_checkpoint > 0)
+                        .then(|| batch.last_checkpoint + shared.checkpoint_interval);
+                    match due {
+                        Some(due) if Instant::now() >= due => push_checkpoint(shared, &mut batch),
+                        Some(due) => {
+                            let wait = due.saturating_duration_since(Instant::now());
+                            batch = match shared.wake.wait_timeout(batch, wait) {
+                                Ok((b, _)) => b,
+                                Err(p) => p.into_inner().0,
+                            };
+                        }
+                        None => {
+                            batch = match shared.wake.wait(batch) {
+                                Ok(b) => b,
+                                Err(p) => p.into_inner(),
+                            };
+                        }
+                    }
                 }
                 // Let a batch gather, unless someone waits on it or keygate is stopping.
                 if batch.acks.is_empty() && !batch.closed {
@@ -416,9 +570,21 @@ fn write_loop(mut file: File, shared: &Shared) {
                 std::thread::sleep(RETRY_AFTER);
                 batch = lock(&shared.pending);
             }
-            unwritten.append(&mut batch.lines);
+            // A busy log gets its checkpoint on time too; a closing one gets a last one unless
+            // a `stop` record closed it.
+            if batch.closed || batch.last_checkpoint.elapsed() >= shared.checkpoint_interval {
+                push_checkpoint(shared, &mut batch);
+            }
+            std::mem::swap(&mut batch.lines, &mut taken);
+            std::mem::swap(&mut batch.to_sign, &mut to_sign);
             (std::mem::take(&mut batch.acks), batch.closed)
         };
+        match &shared.key {
+            Some(key) if !to_sign.is_empty() => sign_into(&mut unwritten, &taken, &to_sign, key),
+            _ => unwritten.extend_from_slice(&taken),
+        }
+        taken.clear();
+        to_sign.clear();
         let result = write_out(&mut file, &mut unwritten);
         for ack in acks {
             let _ = ack.send(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
@@ -430,13 +596,17 @@ fn write_loop(mut file: File, shared: &Shared) {
                     tracing::error!(error = %e, "audit log write failed; refusing requests until it succeeds");
                 }
                 if closed {
-                    let lines = unwritten.iter().filter(|&&b| b == b'\n').count();
-                    tracing::error!(lines, "audit records could not be written before exit");
-                    return;
+                    failures_at_exit += 1;
+                    if failures_at_exit >= RETRIES_AT_EXIT {
+                        let lines = unwritten.iter().filter(|&&b| b == b'\n').count();
+                        tracing::error!(lines, "audit records could not be written before exit");
+                        return;
+                    }
                 }
             }
         }
-        if closed && lock(&shared.pending).lines.is_empty() {
+        if closed && unwritten.is_empty() && lock(&shared.pending).lines.is_empty() {
+            let _ = file.sync_data();
             return;
         }
     }
@@ -485,68 +655,57 @@ fn chain_line(mut body: String, prev: &str) -> (String, String) {
 
 /// The `hash` a chained line carries, checked against its content: `None` if it does not hold.
 pub fn line_hash(line: &str) -> Option<String> {
-    const TAIL: usize = ",\"hash\":\"".len() + 64 + "\"}".len();
-    if line.len() < TAIL || !line.ends_with("\"}") {
-        return None;
-    }
-    let (body, tail) = line.split_at(line.len() - TAIL);
-    let hash = tail.strip_prefix(",\"hash\":\"")?.strip_suffix("\"}")?;
-    let mut unhashed = String::with_capacity(body.len() + 1);
-    unhashed.push_str(body);
-    unhashed.push('}');
-    let want = hex::encode(Sha256::digest(unhashed.as_bytes()));
-    (want == hash).then(|| hash.to_string())
+    split_line(line).map(|(hash, _)| hash.to_string())
 }
 
-fn last_hash(path: &Path) -> io::Result<Option<String>> {
+/// A chained line's checked `hash` and, on signed records, its `sig`: `None` if the hash does
+/// not hold. A signed line ends `…,"hash":"H","sig":"S"}`; the signature is outside what is
+/// hashed, since it is made over the hash.
+pub(crate) fn split_line(line: &str) -> Option<(&str, Option<&str>)> {
+    const HASH_TAIL: usize = ",\"hash\":\"".len() + 64 + "\"".len();
+    const SIG_TAIL: usize = ",\"sig\":\"".len() + 128 + "\"".len();
+    let inner = line.strip_suffix('}')?;
+    let (inner, sig) = match inner.len().checked_sub(SIG_TAIL) {
+        Some(at) if inner.is_char_boundary(at) && inner[at..].starts_with(",\"sig\":\"") => {
+            let sig = inner[at..].strip_prefix(",\"sig\":\"")?.strip_suffix('"')?;
+            (&inner[..at], Some(sig))
+        }
+        _ => (inner, None),
+    };
+    let at = inner.len().checked_sub(HASH_TAIL)?;
+    if !inner.is_char_boundary(at) {
+        return None;
+    }
+    let (body, tail) = inner.split_at(at);
+    let hash = tail.strip_prefix(",\"hash\":\"")?.strip_suffix('"')?;
+    let mut hasher = Sha256::new();
+    hasher.update(body.as_bytes());
+    hasher.update(b"}");
+    let want = hex::encode(hasher.finalize());
+    (want == hash).then_some((hash, sig))
+}
+
+/// The hash of the log's last intact line, and whether the file ends mid-line (a write cut by a
+/// crash), so the next record must begin on a new line.
+fn last_hash(path: &Path) -> io::Result<(Option<String>, bool)> {
     let mut f = File::open(path)?;
     // A device (/dev/full, a FIFO) has no last line, and reading one may never end.
     if !f.metadata()?.is_file() {
-        return Ok(None);
+        return Ok((None, false));
     }
     let len = f.seek(SeekFrom::End(0))?;
     let start = len.saturating_sub(64 * 1024);
     f.seek(SeekFrom::Start(start))?;
-    let mut tail = String::new();
-    f.take(64 * 1024).read_to_string(&mut tail)?;
-    Ok(tail
+    let mut tail = Vec::new();
+    f.take(64 * 1024).read_to_end(&mut tail)?;
+    let torn = tail.last().is_some_and(|b| *b != b'\n');
+    let tail = String::from_utf8_lossy(&tail);
+    let hash = tail
         .lines()
         .rev()
-        .find(|l| !l.trim().is_empty())
-        .and_then(line_hash))
-}
-
-/// `keygate audit verify`: Ok(count) when every line's hash holds and links to the line before;
-/// Err(line number) of the first that does not.
-pub fn verify(path: &Path) -> io::Result<Result<usize, (usize, String)>> {
-    let f = io::BufReader::new(File::open(path)?);
-    let mut prev: Option<String> = None;
-    let mut n = 0;
-    for (i, line) in f.lines().enumerate() {
-        let line = line?;
-        let lineno = i + 1;
-        let Some(hash) = line_hash(&line) else {
-            return Ok(Err((
-                lineno,
-                "hash does not match the line's content".into(),
-            )));
-        };
-        let v: serde_json::Value = match serde_json::from_str(&line) {
-            Ok(v) => v,
-            Err(e) => return Ok(Err((lineno, format!("not JSON: {e}")))),
-        };
-        let claimed = v.get("prev_hash").and_then(|p| p.as_str()).unwrap_or("");
-        let expected = prev.as_deref().unwrap_or(claimed);
-        if claimed != expected {
-            return Ok(Err((
-                lineno,
-                "prev_hash does not match the hash of the line before".into(),
-            )));
-        }
-        prev = Some(hash);
-        n += 1;
-    }
-    Ok(Ok(n))
+        .filter(|l| !l.trim().is_empty())
+        .find_map(line_hash);
+    Ok((hash, torn))
 }
 
 /// RFC 3339 UTC with milliseconds.
@@ -569,36 +728,423 @@ mod tests {
         }
     }
 
+    fn lifecycle(event: &'static str) -> Lifecycle {
+        Lifecycle {
+            time: now_rfc3339(),
+            event,
+            pid: 1,
+            version: "test",
+            config: "test.toml".into(),
+            policy_version: "p".into(),
+        }
+    }
+
+    fn check(path: &Path) -> Result<Report, Broken> {
+        verify(path, &VerifyOptions::default()).unwrap()
+    }
+
+    fn check_with(path: &Path, key: &AuditKey) -> Result<Report, Broken> {
+        let opts = VerifyOptions {
+            key: Some(key.public()),
+            ..Default::default()
+        };
+        verify(path, &opts).unwrap()
+    }
+
+    fn signed(every: usize, key: &Arc<AuditKey>) -> Options {
+        Options {
+            key: Some(key.clone()),
+            checkpoint_every: every,
+            ..Options::new(true)
+        }
+    }
+
+    /// A run as keygate makes it: start, `n` request records, stop.
+    fn run(path: &Path, options: Options, ids: std::ops::Range<usize>) {
+        let log = AuditLog::open_with(path, options).unwrap();
+        log.lifecycle(lifecycle("start")).unwrap();
+        for i in ids {
+            log.begin(rec(&format!("r{i}"))).finish();
+        }
+        log.lifecycle(lifecycle("stop")).unwrap();
+        log.close();
+    }
+
+    fn lines(path: &Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// Changes a line and recomputes every hash after it, as someone without the key would.
+    fn rewrite_with_recomputed_hashes(path: &Path, lineno: usize, from: &str, to: &str) {
+        let text = std::fs::read_to_string(path).unwrap();
+        let mut prev = GENESIS.to_string();
+        let mut out = String::new();
+        for (i, line) in text.lines().enumerate() {
+            let (_, sig) = split_line(line).unwrap();
+            let mut body = line[..line.rfind(",\"prev_hash\":").unwrap()].to_string() + "}";
+            if i + 1 == lineno {
+                body = body.replace(from, to);
+            }
+            let (mut line, hash) = chain_line(body, &prev);
+            if let Some(sig) = sig {
+                line.pop();
+                line.push_str(&format!(",\"sig\":\"{sig}\"}}"));
+            }
+            out.push_str(&line);
+            out.push('\n');
+            prev = hash;
+        }
+        std::fs::write(path, out).unwrap();
+    }
+
     #[test]
     fn every_pending_record_is_written_once_and_chained() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.jsonl");
         let log = AuditLog::open(&path, true).unwrap();
+        log.lifecycle(lifecycle("start")).unwrap();
         log.begin(rec("one")).finish();
         drop(log.begin(rec("two"))); // dropped unfinished
         log.close();
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 2);
-        assert!(lines[1].contains("\"aborted\""), "{}", lines[1]);
-        assert_eq!(verify(&path).unwrap(), Ok(2));
+        assert_eq!(lines.len(), 4, "start, two records, closing checkpoint");
+        assert!(lines[2].contains("\"aborted\""), "{}", lines[2]);
+        assert!(
+            lines[3].contains("\"event\":\"checkpoint\""),
+            "{}",
+            lines[3]
+        );
+        let report = check(&path).unwrap();
+        assert_eq!((report.records, report.tail), (4, None));
     }
 
     #[test]
     fn chain_continues_across_restarts_and_tampering_is_found() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.jsonl");
-        for id in ["a", "b"] {
-            let log = AuditLog::open(&path, true).unwrap();
-            log.begin(rec(id)).finish();
-            log.close();
-        }
-        assert_eq!(verify(&path).unwrap(), Ok(2));
+        run(&path, Options::new(true), 0..2);
+        run(&path, Options::new(true), 2..4);
+        let report = check(&path).unwrap();
+        assert_eq!((report.records, report.closed), (8, true));
         let text = std::fs::read_to_string(&path)
             .unwrap()
-            .replace("\"b\"", "\"c\"");
+            .replace("\"r3\"", "\"r9\"");
         std::fs::write(&path, text).unwrap();
-        assert_eq!(verify(&path).unwrap().unwrap_err().0, 2);
+        assert_eq!(check(&path).unwrap_err().line, 7);
+    }
+
+    #[test]
+    fn log_whose_first_lines_were_cut_needs_an_anchor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        run(&path, Options::new(true), 0..5);
+        let full = std::fs::read_to_string(&path).unwrap();
+        let hashes: Vec<String> = lines(&path)
+            .iter()
+            .map(|v| v["hash"].as_str().unwrap().to_string())
+            .collect();
+        let cut = dir.path().join("cut.jsonl");
+        let rest: Vec<&str> = full.lines().skip(3).collect();
+        std::fs::write(&cut, rest.join("\n") + "\n").unwrap();
+
+        let err = check(&cut).unwrap_err();
+        assert_eq!(err.line, 1);
+        assert!(err.reason.contains("start record"), "{}", err.reason);
+
+        // The hash of the last line before the cut anchors the rest.
+        let opts = VerifyOptions {
+            from_hash: Some(hashes[2].clone()),
+            ..Default::default()
+        };
+        let r = verify(&cut, &opts).unwrap().unwrap();
+        assert_eq!((r.records, r.anchor_line, r.before_anchor), (4, 1, 0));
+        assert!(r.complete());
+        // A hash inside the file anchors there; the lines before it are reported.
+        let opts = VerifyOptions {
+            from_hash: Some(hashes[4].clone()),
+            ..Default::default()
+        };
+        let r = verify(&cut, &opts).unwrap().unwrap();
+        assert_eq!((r.anchor_line, r.before_anchor), (2, 1));
+        assert!(!r.complete());
+        let opts = VerifyOptions {
+            from_hash: Some("ab".repeat(32)),
+            ..Default::default()
+        };
+        assert_eq!(verify(&cut, &opts).unwrap().unwrap_err().line, 1);
+    }
+
+    #[test]
+    fn cut_tail_is_reported_not_broken() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        run(&path, Options::new(true), 0..4);
+        let full = std::fs::read_to_string(&path).unwrap();
+        let whole: Vec<&str> = full.lines().collect();
+
+        // Cut after a record: lines 2..4 follow the start and nothing closes them.
+        std::fs::write(&path, whole[..4].join("\n") + "\n").unwrap();
+        let r = check(&path).unwrap();
+        assert!(!r.closed && !r.complete());
+        assert!(r.tail.as_deref().unwrap().contains("lines 2..4"), "{r:?}");
+
+        // Cut mid-line, as a crash during a write leaves it.
+        let text = whole[..4].join("\n") + "\n" + &whole[4][..40];
+        std::fs::write(&path, &text).unwrap();
+        let r = check(&path).unwrap();
+        assert!(
+            r.tail.as_deref().unwrap().contains("line 5 is incomplete"),
+            "{r:?}"
+        );
+
+        // keygate reopening that log starts its records on a new line and the chain goes on
+        // from the last intact line: the torn line is reported, and only --strict fails on it.
+        run(&path, Options::new(true), 9..10);
+        let r = check(&path).unwrap();
+        assert_eq!((r.torn.clone(), r.closed), (vec![5], true));
+        assert!(!r.complete());
+
+        // A damaged line that no restart follows is a broken log.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let damaged: Vec<&str> = text.lines().filter(|l| !l.contains("\"start\"")).collect();
+        std::fs::write(
+            &path,
+            whole[0].to_string() + "\n" + &damaged.join("\n") + "\n",
+        )
+        .unwrap();
+        assert_eq!(check(&path).unwrap_err().line, 5);
+    }
+
+    #[test]
+    fn rotated_logs_verify_each_on_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        run(&path, Options::new(true), 0..3);
+        let old = dir.path().join("a.jsonl.1");
+        std::fs::rename(&path, &old).unwrap();
+        run(&path, Options::new(true), 3..6);
+        for p in [&old, &path] {
+            let r = check(p).unwrap();
+            assert!(r.complete() && r.closed, "{}: {r:?}", p.display());
+        }
+    }
+
+    #[test]
+    fn checkpoints_come_every_n_records_and_close_adds_a_last_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let log = AuditLog::open_with(
+            &path,
+            Options {
+                checkpoint_every: 3,
+                ..Options::new(true)
+            },
+        )
+        .unwrap();
+        log.lifecycle(lifecycle("start")).unwrap();
+        for i in 0..7 {
+            log.begin(rec(&format!("r{i}"))).finish();
+        }
+        log.close();
+        let events: Vec<Option<String>> = lines(&path)
+            .iter()
+            .map(|v| v["event"].as_str().map(str::to_string))
+            .collect();
+        let cp = Some("checkpoint".to_string());
+        let st = Some("start".to_string());
+        assert_eq!(
+            events,
+            [
+                st,
+                None,
+                None,
+                None,
+                cp.clone(),
+                None,
+                None,
+                None,
+                cp.clone(),
+                None,
+                cp
+            ]
+        );
+        assert_eq!(lines(&path)[4]["records"], 3);
+    }
+
+    #[test]
+    fn more_records_than_a_checkpoint_interval_without_one_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let n = CHECKPOINT_EVERY + 1;
+        let log = AuditLog::open_with(
+            &path,
+            Options {
+                checkpoint_every: n + 1,
+                ..Options::new(true)
+            },
+        )
+        .unwrap();
+        log.lifecycle(lifecycle("start")).unwrap();
+        for i in 0..n {
+            log.begin(rec(&format!("r{i}"))).finish();
+        }
+        log.close();
+        let err = check(&path).unwrap_err();
+        assert_eq!(err.line, CHECKPOINT_EVERY + 2);
+        assert!(
+            err.reason.contains("checkpoint record was removed"),
+            "{}",
+            err.reason
+        );
+    }
+
+    #[test]
+    fn checkpoint_is_written_after_the_interval_only_when_records_were_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let log = AuditLog::open_with(
+            &path,
+            Options {
+                checkpoint_interval: Duration::from_millis(50),
+                ..Options::new(true)
+            },
+        )
+        .unwrap();
+        log.lifecycle(lifecycle("start")).unwrap();
+        std::thread::sleep(Duration::from_millis(200)); // idle: no checkpoint
+        log.begin(rec("one")).finish();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while lines(&path).len() < 3 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(200)); // idle again: no second checkpoint
+        let events: Vec<serde_json::Value> =
+            lines(&path).iter().map(|v| v["event"].clone()).collect();
+        assert_eq!(
+            events,
+            ["start".into(), serde_json::Value::Null, "checkpoint".into()]
+        );
+        log.close();
+        assert_eq!(
+            lines(&path).len(),
+            3,
+            "close adds nothing when all is covered"
+        );
+    }
+
+    #[test]
+    fn signed_log_verifies_and_an_edit_with_recomputed_hashes_fails_at_the_next_signature() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let key = Arc::new(AuditKey::from_seed([3; 32]));
+        run(&path, signed(4, &key), 0..10);
+        let r = check_with(&path, &key).unwrap();
+        // start, checkpoints after records 4 and 8, stop
+        assert_eq!((r.signed, r.closed, r.tail), (4, true, None));
+
+        // Without the key, the rewritten log still looks whole...
+        rewrite_with_recomputed_hashes(&path, 3, "\"r1\"", "\"r7\"");
+        assert!(check(&path).is_ok());
+        // ...with it, the checkpoint after the edit names the stretch that changed.
+        let err = check_with(&path, &key).unwrap_err();
+        assert_eq!(err.line, 6, "{}", err.reason);
+        assert!(err.reason.contains("2..6"), "{}", err.reason);
+        let other = AuditKey::from_seed([4; 32]);
+        let path2 = dir.path().join("b.jsonl");
+        run(&path2, signed(4, &key), 0..2);
+        assert_eq!(check_with(&path2, &other).unwrap_err().line, 1);
+    }
+
+    #[test]
+    fn unsigned_or_stripped_checkpoints_fail_with_a_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let key = Arc::new(AuditKey::from_seed([3; 32]));
+        run(&path, Options::new(true), 0..2);
+        let err = check_with(&path, &key).unwrap_err();
+        assert_eq!(err.line, 1);
+        assert!(err.reason.contains("not signed"), "{}", err.reason);
+    }
+
+    #[test]
+    fn close_writes_every_record_from_many_threads_and_a_closing_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let key = Arc::new(AuditKey::from_seed([5; 32]));
+        let log = AuditLog::open_with(&path, signed(CHECKPOINT_EVERY, &key)).unwrap();
+        log.lifecycle(lifecycle("start")).unwrap();
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let log = log.clone();
+                std::thread::spawn(move || {
+                    for i in 0..500 {
+                        log.begin(rec(&format!("t{t}-{i}"))).finish();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        log.close();
+        let all = lines(&path);
+        let ids: std::collections::HashSet<&str> = all
+            .iter()
+            .filter_map(|v| v["request_id"].as_str())
+            .collect();
+        assert_eq!(ids.len(), 4000);
+        assert_eq!(all.last().unwrap()["event"], "checkpoint");
+        let r = check_with(&path, &key).unwrap();
+        assert!(r.complete(), "{r:?}");
+        assert!(r.signed >= 5, "{r:?}");
+    }
+
+    #[test]
+    fn long_path_is_marked_cut_with_a_hash_and_query_keeps_names_only() {
+        let scanner = crate::redact::Redactor::builder().build();
+        let long = format!("/v1/{}", "a".repeat(3000));
+        let uri: http::Uri = format!("{long}?limit=5&after=tok_9&flag").parse().unwrap();
+        let mut r = Record::default();
+        r.set_target(&uri, &scanner);
+        assert_eq!(r.path.len(), MAX_PATH);
+        assert!(r.path_truncated);
+        let want = hex::encode(Sha256::digest(format!("{long}?limit=5&after=tok_9&flag")));
+        assert_eq!(r.target_sha256.as_deref(), Some(want.as_str()));
+        assert_eq!(r.query_params, ["limit", "after", "flag"]);
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(!json.contains("tok_9"), "{json}");
+
+        // A bare `?<secret>` makes the secret a name: it is redacted before it is recorded.
+        let held = format!("held-{}", "x7Q".repeat(10));
+        let shaped = format!("sk-proj-{}", "Ab3dE".repeat(9));
+        let scanner = crate::redact::Redactor::builder()
+            .known("openai#1234", held.as_bytes())
+            .detectors(true)
+            .build();
+        let uri: http::Uri = format!("/v1/{held}/x?{held}&{shaped}=1&api_key_name=2")
+            .parse()
+            .unwrap();
+        let mut r = Record::default();
+        r.set_target(&uri, &scanner);
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(!json.contains(&held) && !json.contains(&shaped), "{json}");
+        assert_eq!(r.query_params.len(), 3);
+        assert_eq!(r.query_params[2], "api_key_name");
+        assert_eq!(r.path, "/v1/[REDACTED:openai#1234]/x");
+        assert!(!r.path_truncated && r.target_sha256.is_none());
+
+        let mut short = Record::default();
+        short.set_target(&"/v1/models".parse().unwrap(), &scanner);
+        let json = serde_json::to_string(&short).unwrap();
+        assert!(
+            !json.contains("path_truncated") && !json.contains("query_params"),
+            "{json}"
+        );
     }
 
     #[test]

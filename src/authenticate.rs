@@ -174,6 +174,9 @@ impl Tokens {
                 agent,
                 token_id: hash.map(|h| format!("tok_{}", &hex::encode(h)[..12])),
             }),
+            // A refusal that is not about a missing or unknown token (two different tokens)
+            // stands; only the absence of a valid token falls back to the peer's uid.
+            Err(e) if e.code == Code::AmbiguousCredentials => Err(e),
             Err(e) => match peer {
                 crate::guard::Peer::Unix { uid, .. } => match self.by_uid.get(uid) {
                     Some(&agent) => Ok(Identity {
@@ -188,6 +191,22 @@ impl Tokens {
     }
 
     fn by_token(&self, headers: &HeaderMap) -> Result<(usize, Option<[u8; 32]>), Rejection> {
+        // Two different tokens: which one is the caller? Taking whichever is valid would let a
+        // request ride on a token found anywhere next to its own (and leave the audit guessing).
+        // The same token twice is what SDKs do (Anthropic's sends `Authorization` and `x-api-key`).
+        let mut first: Option<&[u8]> = None;
+        for value in candidates(headers) {
+            match first {
+                None => first = Some(value),
+                Some(f) if f != value => {
+                    return Err(Rejection::new(
+                        Code::AmbiguousCredentials,
+                        "the request carries different tokens in its credential headers (X-Broker-Token, Authorization, x-api-key, api-key); send one token",
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
         let mut presented = false;
         let mut expired = false;
         let issued = self.issued.load();
@@ -306,10 +325,32 @@ mod tests {
             headers(&[("authorization", "bearer  kg_abc")]),
             headers(&[("x-api-key", "kg_abc")]),
             headers(&[("api-key", "kg_abc")]),
-            // Anthropic SDKs may send both; either may hold the token.
-            headers(&[("authorization", "Bearer other"), ("x-api-key", "kg_abc")]),
+            // Anthropic SDKs may send the same key in both.
+            headers(&[("authorization", "Bearer kg_abc"), ("x-api-key", "kg_abc")]),
+            headers(&[("x-broker-token", "kg_abc"), ("x-broker-token", " kg_abc")]),
+            headers(&[("authorization", "Basic eDp5"), ("x-api-key", "kg_abc")]),
         ] {
             assert_eq!(t.authenticate(&h).unwrap(), 0, "{h:?}");
+        }
+    }
+
+    #[test]
+    fn different_tokens_in_one_request_are_ambiguous_even_when_one_is_valid() {
+        let t = tokens("kg_abc");
+        for h in [
+            headers(&[("x-broker-token", "kg_abc"), ("x-broker-token", "kg_x")]),
+            headers(&[
+                ("x-broker-token", "kg_x"),
+                ("authorization", "Bearer kg_abc"),
+            ]),
+            headers(&[("authorization", "Bearer other"), ("x-api-key", "kg_abc")]),
+            headers(&[("api-key", "kg_abc"), ("x-api-key", "kg_abd")]),
+        ] {
+            assert_eq!(
+                t.authenticate(&h).unwrap_err().code,
+                Code::AmbiguousCredentials,
+                "{h:?}"
+            );
         }
     }
 

@@ -152,11 +152,32 @@ pub enum TokenCommand {
 #[derive(Subcommand, Debug)]
 pub enum AuditCommand {
     /// Check a hash-chained audit log: exit 0 when the chain holds, 1 with the first bad line.
+    ///
+    /// The chain must begin at a `start` record (or at --from-hash); a tail not closed by a
+    /// `stop` record or a checkpoint is reported, and fails with --strict.
     Verify {
         file: PathBuf,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
+        /// Also fail (exit 1) when the log is not whole: lines before its anchor, or a tail not
+        /// closed by a stop record or a checkpoint.
+        #[arg(long)]
+        strict: bool,
+        /// Begin the chain at this hash (a checkpoint's, noted earlier): for a log whose first
+        /// lines were cut.
+        #[arg(long, value_name = "HASH")]
+        from_hash: Option<String>,
+        /// Check the signatures of start, checkpoint and stop records with this public key
+        /// (`keygate audit key` prints it).
+        #[arg(long, value_name = "PUBLIC_KEY")]
+        key: Option<String>,
+    },
+    /// Print the public key that signs this keygate's audit checkpoints (creating the key pair
+    /// in the config's state_dir on first use).
+    Key {
+        #[arg(long, env = "KEYGATE_CONFIG")]
+        config: PathBuf,
     },
 }
 
@@ -197,7 +218,14 @@ pub fn main() -> ExitCode {
         Command::Redact(args) => crate::redact::cli::main(args),
         Command::Hook(args) => crate::hook::main(args),
         Command::Token(cmd) => crate::serve::token_main(cmd),
-        Command::Audit(AuditCommand::Verify { file, json }) => audit_verify(&file, json),
+        Command::Audit(AuditCommand::Verify {
+            file,
+            json,
+            strict,
+            from_hash,
+            key,
+        }) => audit_verify(&file, json, strict, from_hash, key.as_deref()),
+        Command::Audit(AuditCommand::Key { config }) => audit_key(&config),
         Command::Drill(cmd) => crate::admin::drill::main(cmd),
         cmd => admin_command(cmd),
     }
@@ -277,24 +305,67 @@ fn admin_command(cmd: Command) -> ExitCode {
     }
 }
 
-fn audit_verify(file: &std::path::Path, json: bool) -> ExitCode {
-    match crate::audit::verify(file) {
-        Ok(Ok(n)) => {
-            if json {
-                println!("{}", serde_json::json!({"ok": true, "records": n}));
-            } else {
-                println!("{}: chain holds over {n} records", file.display());
-            }
+fn audit_key(config: &std::path::Path) -> ExitCode {
+    let config = match crate::config::Config::load(config) {
+        Ok(c) => c,
+        Err(e) => return usage(&e.to_string()),
+    };
+    let Some(dir) = &config.state_dir else {
+        return usage(&format!(
+            "{}: no state_dir is configured, so audit checkpoints are not signed; add state_dir = \"~/.local/state/keygate\"",
+            config.file.display()
+        ));
+    };
+    match crate::audit::AuditKey::load_or_create(dir) {
+        Ok(k) => {
+            println!("{}", k.public_hex());
             ExitCode::SUCCESS
         }
-        Ok(Err((line, why))) => {
+        Err(e) => usage(&e.to_string()),
+    }
+}
+
+fn usage(msg: &str) -> ExitCode {
+    eprintln!("keygate: {msg}");
+    ExitCode::from(2)
+}
+
+fn audit_verify(
+    file: &std::path::Path,
+    json: bool,
+    strict: bool,
+    from_hash: Option<String>,
+    key: Option<&str>,
+) -> ExitCode {
+    let key = match key.map(read_public_key).transpose() {
+        Ok(k) => k,
+        Err(e) => return usage(&format!("--key: {e}")),
+    };
+    let opts = crate::audit::VerifyOptions { from_hash, key };
+    match crate::audit::verify(file, &opts) {
+        Ok(Ok(report)) => {
+            let ok = !strict || report.complete();
+            if json {
+                let mut v = serde_json::to_value(&report).unwrap_or_default();
+                v["ok"] = ok.into();
+                println!("{v}");
+            } else {
+                print_report(file, &report, opts.key.is_some());
+            }
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Ok(Err(b)) => {
             if json {
                 println!(
                     "{}",
-                    serde_json::json!({"ok": false, "line": line, "reason": why})
+                    serde_json::json!({"ok": false, "line": b.line, "reason": b.reason})
                 );
             } else {
-                println!("{}:{line}: {why}", file.display());
+                println!("{}:{}: {}", file.display(), b.line, b.reason);
             }
             ExitCode::from(1)
         }
@@ -302,5 +373,48 @@ fn audit_verify(file: &std::path::Path, json: bool) -> ExitCode {
             eprintln!("keygate: {}: {e}", file.display());
             ExitCode::from(2)
         }
+    }
+}
+
+/// `--key` takes the key itself or a file holding it.
+fn read_public_key(arg: &str) -> Result<ed25519_dalek::VerifyingKey, String> {
+    match crate::audit::key::parse_public(arg) {
+        Ok(k) => Ok(k),
+        Err(e) => match std::fs::read_to_string(arg) {
+            Ok(text) => crate::audit::key::parse_public(&text),
+            Err(_) => Err(e),
+        },
+    }
+}
+
+fn print_report(file: &std::path::Path, r: &crate::audit::Report, signed: bool) {
+    let f = file.display();
+    let sigs = if signed {
+        format!(", {} signatures hold", r.signed)
+    } else {
+        String::new()
+    };
+    println!(
+        "{f}: chain holds over {} records from line {}{sigs}",
+        r.records, r.anchor_line
+    );
+    if r.before_anchor > 0 {
+        println!(
+            "{f}: {} lines before the anchor (line {}) were checked for consistency only",
+            r.before_anchor, r.anchor_line
+        );
+    }
+    for line in &r.torn {
+        println!(
+            "{f}:{line}: cut mid-write by a crash; the next run's start record continues the chain"
+        );
+    }
+    if let Some((line, hash)) = &r.last_checkpoint {
+        println!("{f}:{line}: last checkpoint, hash {hash}");
+    }
+    match &r.tail {
+        Some(tail) => println!("{f}: not closed: {tail}"),
+        None if r.closed => println!("{f}: closed by a stop record"),
+        None => {}
     }
 }

@@ -101,6 +101,8 @@ pub struct Route {
     pub require_json: bool,
     /// What to do with a request that carries a secret or a credential.
     pub request_scan: RequestScan,
+    /// Whether `Range` (and `If-Range`, `Request-Range`) go upstream; off, they are dropped.
+    pub allow_range: bool,
 }
 
 /// The request exfiltration scan: a request from an agent whose headers or body hold a secret

@@ -327,13 +327,59 @@ fn inject(
                 percent_encoding::percent_encode(s, crate::redact::QUERY_COMPONENT).to_string()
             };
             let pair = format!("{}={}", enc(name.as_bytes()), enc(secret.expose()));
-            *query = Some(match query.take() {
+            // The agent's own `NAME=` would otherwise travel next to the real one, and an upstream
+            // that reads the first (or all) of them would act on the agent's value.
+            let kept = query.take().map(|q| without_param(&q, name));
+            *query = Some(match kept {
                 Some(q) if !q.is_empty() => format!("{q}&{pair}"),
                 _ => pair,
             });
         }
     }
     Ok(())
+}
+
+/// The query without any parameter an upstream could read as `name`: the exact name, any
+/// percent-encoded or `+` spelling of it, any ASCII case of it, and `name[]` / `name[x]` (the
+/// PHP and Rails array forms), and for a name with `_`, PHP's `.` or ` ` in its place. `;` is
+/// treated as a separator too, as some servers do. Everything else is kept byte for byte,
+/// separators included.
+fn without_param(query: &str, name: &str) -> String {
+    let mut out = String::with_capacity(query.len());
+    let mut kept_any = false;
+    let mut sep = "";
+    let mut rest = query;
+    loop {
+        let end = rest.find(['&', ';']).unwrap_or(rest.len());
+        let segment = &rest[..end];
+        if !names_param(segment, name) {
+            if kept_any {
+                out.push_str(sep);
+            }
+            out.push_str(segment);
+            kept_any = true;
+        }
+        if end == rest.len() {
+            return out;
+        }
+        sep = &rest[end..=end];
+        rest = &rest[end + 1..];
+    }
+}
+
+fn names_param(segment: &str, name: &str) -> bool {
+    let raw = segment.split_once('=').map_or(segment, |(k, _)| k);
+    let plus = raw.replace('+', " ");
+    let decoded = percent_encoding::percent_decode_str(&plus).decode_utf8_lossy();
+    let base = decoded.split_once('[').map_or(&*decoded, |(b, _)| b);
+    // PHP reads `.` and ` ` in a parameter name as `_`.
+    let php = |c: char| if c == '.' || c == ' ' { '_' } else { c };
+    base.len() == name.len()
+        && base
+            .chars()
+            .map(php)
+            .zip(name.chars().map(php))
+            .all(|(a, b)| a.eq_ignore_ascii_case(&b))
 }
 
 #[cfg(test)]
@@ -385,6 +431,37 @@ mod tests {
         // the old value stays known to the redactor after rotation
         let red = creds.redactor().redact(a.expose()).into_owned();
         assert_ne!(red, a.expose());
+    }
+
+    #[test]
+    fn agent_spellings_of_the_injected_parameter_are_dropped_and_others_kept() {
+        for (q, want) in [
+            ("key=a", ""),
+            ("a=1&key=a&b=2", "a=1&b=2"),
+            ("key=a&a=1", "a=1"),
+            ("k%65y=a&x", "x"),
+            ("%6B%65%79=a", ""),
+            ("key[]=a&key[0]=b&key%5B%5D=c", ""),
+            ("KEY=a&Key", ""),
+            ("a=1;key=a;b=2", "a=1;b=2"),
+            (
+                "keyword=x&monkey=1&key_id=3&apikey=4&q=a+b",
+                "keyword=x&monkey=1&key_id=3&apikey=4&q=a+b",
+            ),
+            ("a=1&&b=2", "a=1&&b=2"),
+            ("a=%ZZ&key+=1", "a=%ZZ&key+=1"),
+        ] {
+            assert_eq!(without_param(q, "key"), want, "{q}");
+        }
+        for (q, want) in [
+            (
+                "api.key=a&api+key=b&api%20key=c&API_KEY[x]=d&apikey=e",
+                "apikey=e",
+            ),
+            ("api_keys=a", "api_keys=a"),
+        ] {
+            assert_eq!(without_param(q, "api_key"), want, "{q}");
+        }
     }
 
     // Whatever bytes `attach` puts on the wire, the response redactor must know them: an

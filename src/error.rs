@@ -64,6 +64,12 @@ catalogue! {
     BadRequest = "bad_request", BAD_REQUEST, Agent;
     /// A TCP request without a `Host` header.
     HostRequired = "host_required", BAD_REQUEST, Agent;
+    /// A request `Transfer-Encoding` other than plain `chunked`, whose coding would be dropped.
+    InvalidTransferEncoding = "invalid_transfer_encoding", BAD_REQUEST, Agent;
+    /// A method-override header naming another method than the request's.
+    MethodOverrideNotAllowed = "method_override_not_allowed", BAD_REQUEST, Agent;
+    /// Different tokens in the credential headers of one request.
+    AmbiguousCredentials = "ambiguous_credentials", BAD_REQUEST, Agent;
     /// No keygate token in any accepted header.
     MissingToken = "missing_token", UNAUTHORIZED, Agent;
     /// The token is unknown or revoked.
@@ -98,6 +104,8 @@ catalogue! {
     UpstreamUnreachable = "upstream_unreachable", BAD_GATEWAY, Upstream;
     /// The upstream answered in a form the redactor cannot read (compressed).
     UpstreamUnredactable = "upstream_unredactable", BAD_GATEWAY, Upstream;
+    /// A 206 answer to a request that asked for no range.
+    UpstreamUnexpectedPartial = "upstream_unexpected_partial", BAD_GATEWAY, Upstream;
     /// The route's secret could not be fetched.
     SecretUnavailable = "secret_unavailable", SERVICE_UNAVAILABLE, Keygate;
     /// The audit log cannot be written, so nothing is forwarded.

@@ -6,6 +6,10 @@
 //! 413). One pooled hyper client serves every route: HTTP/1.1 and HTTP/2 (ALPN) over rustls
 //! with the webpki and native roots. Redirects are never followed: a 3xx goes back to the agent,
 //! and the credential is never sent to a second host.
+//!
+//! Range requests are not sent unless the route allows them (`allow_range`): an upstream that
+//! echoes its request could otherwise hand a key back in two halves, each too short for the
+//! redactor to know. A 206 to a request that asked for no range is refused for the same reason.
 
 use std::error::Error as StdError;
 use std::sync::Arc;
@@ -14,7 +18,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::request::Parts;
-use http::{Request, Response, Uri};
+use http::{HeaderMap, Request, Response, StatusCode, Uri};
 use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -26,6 +30,9 @@ use crate::config::Config;
 use crate::error::{Code, Rejection};
 use crate::redact::body::{find_body_error, BodyError};
 use crate::redact::Redactor;
+
+/// The request headers that ask for part of a body.
+const RANGE_HEADERS: [&str; 3] = ["range", "if-range", "request-range"];
 
 pub type BoxError = Box<dyn StdError + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
@@ -108,11 +115,26 @@ impl Forwarder {
             header::ACCEPT_ENCODING,
             HeaderValue::from_static("identity"),
         );
+        if !route.allow_range {
+            for name in RANGE_HEADERS {
+                head.headers.remove(name);
+            }
+        }
         for (k, v) in &route.extra_headers {
             head.headers.insert(k.clone(), v.clone());
         }
+        let ranged = head.headers.contains_key(header::RANGE);
         let req = Request::from_parts(head, body);
         match tokio::time::timeout(route.timeout, self.client.request(req)).await {
+            Ok(Ok(resp)) if resp.status() == StatusCode::PARTIAL_CONTENT && !ranged => {
+                Err(Rejection::new(
+                    Code::UpstreamUnexpectedPartial,
+                    format!(
+                        "upstream {} answered 206 Partial Content to a request for the whole body; a part cannot be checked for secrets",
+                        route.upstream.host
+                    ),
+                ))
+            }
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => match find_body_error(&e) {
                 Some(BodyError::TooLarge(max)) => Err(Rejection::too_large(*max)),
@@ -129,24 +151,54 @@ impl Forwarder {
     }
 }
 
-/// Refuses an answer the redactor could not read: keygate asks for `identity`, so an upstream
-/// (or a proxy before it) that compresses anyway would hide a secret from the redactor.
+/// Refuses an answer whose body keygate would pass on without being able to read it: a
+/// `Content-Encoding` other than `identity` in any instance or list place (when there is anything
+/// to redact; keygate asks for `identity`, so an upstream or a proxy before it compressed anyway),
+/// or a `Transfer-Encoding` other than plain `chunked`. hyper decodes only `chunked` and the header
+/// is dropped as hop-by-hop, so a gzip transfer coding would reach the agent as unlabelled
+/// compressed bytes the redactor never saw as text.
 pub fn passable(
     resp: &Response<Incoming>,
     redactor: &Redactor,
     host: &str,
 ) -> Result<(), Rejection> {
-    let Some(enc) = resp.headers().get(header::CONTENT_ENCODING) else {
+    check_codings(resp.headers(), host, !redactor.is_empty())
+}
+
+fn check_codings(headers: &HeaderMap, host: &str, redacting: bool) -> Result<(), Rejection> {
+    let tokens = |name| crate::guard::codings(headers, name);
+    let mut bad_te = tokens(header::TRANSFER_ENCODING).filter(|t| t != "chunked");
+    let bad_ce = if redacting {
+        tokens(header::CONTENT_ENCODING).find(|t| t != "identity")
+    } else {
+        None
+    };
+    let Some(coding) = bad_te.next().or(bad_ce) else {
         return Ok(());
     };
-    if redactor.is_empty() || enc.as_bytes().eq_ignore_ascii_case(b"identity") {
-        return Ok(());
-    }
+    // The header is the upstream's to fill, with anything, a key included: only a registered
+    // coding's name is repeated.
+    let named = [
+        "gzip",
+        "x-gzip",
+        "deflate",
+        "br",
+        "zstd",
+        "compress",
+        "x-compress",
+        "dcb",
+        "dcz",
+        "aes128gcm",
+        "exi",
+        "pack200-gzip",
+    ]
+    .into_iter()
+    .find(|n| *n == coding)
+    .unwrap_or("unknown");
     Err(Rejection::new(
         Code::UpstreamUnredactable,
         format!(
-            "upstream {host} answered with a {}-encoded body, which keygate cannot scan for secrets",
-            enc.to_str().unwrap_or("compressed")
+            "upstream {host} answered with a body in the {named} coding, which keygate cannot scan for secrets"
         ),
     ))
 }
@@ -179,4 +231,65 @@ fn upstream_error(host: &str, e: &hyper_util::client::legacy::Error) -> Rejectio
         Code::UpstreamUnreachable,
         format!("upstream {host}: {what}"),
     )
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(pairs: &[(&str, &str)], redacting: bool) -> Result<(), Rejection> {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        check_codings(&h, "up.example", redacting)
+    }
+
+    #[test]
+    fn answer_codings_are_checked_in_every_instance_and_list_place() {
+        for ok in [
+            &[][..],
+            &[("content-encoding", "identity")],
+            &[
+                ("content-encoding", "identity"),
+                ("content-encoding", "Identity"),
+            ],
+            &[("transfer-encoding", "chunked")],
+        ] {
+            assert!(check(ok, true).is_ok(), "{ok:?}");
+        }
+        for bad in [
+            &[
+                ("content-encoding", "identity"),
+                ("content-encoding", "gzip"),
+            ][..],
+            &[("content-encoding", "identity, br")],
+            &[("transfer-encoding", "gzip, chunked")],
+            &[
+                ("transfer-encoding", "gzip"),
+                ("transfer-encoding", "chunked"),
+            ],
+        ] {
+            assert_eq!(
+                check(bad, true).unwrap_err().code,
+                Code::UpstreamUnredactable,
+                "{bad:?}"
+            );
+        }
+        // With nothing held there is nothing to hide; a transfer coding is still refused, as its
+        // header is dropped and the agent would get bytes it cannot decode.
+        assert!(check(&[("content-encoding", "gzip")], false).is_ok());
+        assert!(check(&[("transfer-encoding", "gzip, chunked")], false).is_err());
+    }
+
+    #[test]
+    fn the_upstream_coding_header_is_never_echoed_unless_it_names_a_registered_coding() {
+        let e = check(&[("content-encoding", "sk-proj-abcdefgh12345678")], true).unwrap_err();
+        assert!(!e.message.contains("sk-proj"), "{}", e.message);
+        assert!(e.message.contains("unknown"), "{}", e.message);
+        let e = check(&[("content-encoding", "GZIP")], true).unwrap_err();
+        assert!(e.message.contains("gzip"), "{}", e.message);
+    }
 }

@@ -3,8 +3,10 @@
 //! Input: the request head and what the listener knows of the connection. Output: `Ok` or a
 //! refusal. Refuses: a `Host` that does not name a loopback listener (DNS rebinding), a browser
 //! `Origin` not allowed by config (a web page calling keygate), any request-target that is not
-//! origin-form (absolute-form, authority-form/CONNECT, `*`), and a declared body over the limit.
-//! Also drops hop-by-hop headers, which describe the agent's connection, not the upstream's.
+//! origin-form (absolute-form, authority-form/CONNECT, `*`), a declared body over the limit, a
+//! `Transfer-Encoding` other than plain `chunked`, and a method-override header naming another
+//! method. Also drops hop-by-hop headers, which describe the agent's connection, not the
+//! upstream's, and method-override headers that name the request's own method.
 
 use http::header::{self, HeaderMap, HeaderName};
 use http::request::Parts;
@@ -86,7 +88,91 @@ impl Guard {
                 return Err(Rejection::too_large(self.max_request_bytes));
             }
         }
+        check_transfer_encoding(&head.headers)?;
+        check_method_override(&head.headers, &head.method)?;
         Ok(())
+    }
+}
+
+/// Headers some upstreams (and frameworks in front of them) read as the real method, so a request
+/// authorized as `POST` could act as `DELETE`.
+const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// Every coding named in every instance of a coding header, trimmed and lower-cased; a value that
+/// is not text yields one token no check accepts.
+pub fn codings(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = String> + '_ {
+    headers.get_all(name).into_iter().flat_map(|v| {
+        let tokens: Vec<String> = match v.to_str() {
+            Ok(s) => s
+                .split(',')
+                .map(|t| t.trim().to_ascii_lowercase())
+                .filter(|t| !t.is_empty())
+                .collect(),
+            Err(_) => vec!["\u{fffd}".to_string()],
+        };
+        tokens
+    })
+}
+
+/// hyper decodes `chunked` when it is the last coding and hands on whatever is under it; that
+/// body would then go upstream (hop-by-hop headers are dropped) with its coding forgotten: a
+/// gzipped key would pass the request scan. Only `chunked`, alone, is accepted.
+fn check_transfer_encoding(headers: &HeaderMap) -> Result<(), Rejection> {
+    if !headers.contains_key(header::TRANSFER_ENCODING) {
+        return Ok(());
+    }
+    let all: Vec<String> = codings(headers, header::TRANSFER_ENCODING).collect();
+    if all.len() == 1 && all[0] == "chunked" {
+        return Ok(());
+    }
+    Err(Rejection::new(
+        Code::InvalidTransferEncoding,
+        "Transfer-Encoding may only be `chunked`; send the body uncompressed",
+    ))
+}
+
+/// A request body the scan could not read: any `Content-Encoding` but `identity`, in any
+/// instance of the header or any place in its list. Called only where the route scans requests.
+pub fn check_content_encoding(headers: &HeaderMap) -> Result<(), Rejection> {
+    if codings(headers, header::CONTENT_ENCODING).any(|c| c != "identity") {
+        return Err(Rejection::new(
+            Code::RequestEncodingNotScannable,
+            "a Content-Encoding'd request body cannot be scanned for credentials; send it uncompressed",
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a method-override header unless every instance names the request's own method (in
+/// any case), which changes nothing; [`strip_request`] then drops it.
+fn check_method_override(headers: &HeaderMap, method: &Method) -> Result<(), Rejection> {
+    for name in METHOD_OVERRIDE_HEADERS {
+        for v in headers.get_all(name) {
+            let same = v
+                .to_str()
+                .is_ok_and(|s| s.trim().eq_ignore_ascii_case(method.as_str()));
+            if !same {
+                return Err(Rejection::new(
+                    Code::MethodOverrideNotAllowed,
+                    format!(
+                        "{name} may not change the method: policy is checked for {method}, so send the request with the method you mean"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What a checked request must not carry upstream: hop-by-hop headers and method overrides.
+pub fn strip_request(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers);
+    for name in METHOD_OVERRIDE_HEADERS {
+        headers.remove(name);
     }
 }
 
@@ -278,6 +364,84 @@ mod tests {
             )),
             "ok"
         );
+    }
+
+    #[test]
+    fn only_plain_chunked_transfer_encoding_is_accepted() {
+        let te = |vals: &[&str]| {
+            let mut h: Vec<(&str, &str)> = vec![("host", "localhost")];
+            h.extend(vals.iter().map(|v| ("transfer-encoding", *v)));
+            code(parts("POST", "/x", &h))
+        };
+        // `chunked,` lists one coding once the empty list element is dropped (RFC 9110 §5.6.1).
+        for ok in [&[][..], &["chunked"], &["Chunked "], &["chunked,"]] {
+            assert_eq!(te(ok), "ok", "{ok:?}");
+        }
+        for bad in [
+            &["gzip, chunked"][..],
+            &["identity, chunked"],
+            &["gzip", "chunked"],
+            &["chunked", "chunked"],
+            &["gzip"],
+        ] {
+            assert_eq!(te(bad), "invalid_transfer_encoding", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn any_content_coding_but_identity_in_any_instance_is_refused() {
+        let ce = |vals: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in vals {
+                h.append(header::CONTENT_ENCODING, v.parse().unwrap());
+            }
+            check_content_encoding(&h)
+                .map(|_| "ok")
+                .unwrap_or_else(|e| e.code.as_str())
+        };
+        for ok in [
+            &[][..],
+            &["identity"],
+            &["IDENTITY", " identity"],
+            &["identity, identity"],
+        ] {
+            assert_eq!(ce(ok), "ok", "{ok:?}");
+        }
+        for bad in [
+            &["identity", "gzip"][..],
+            &["identity, gzip"],
+            &["br"],
+            &["gzip, identity"],
+        ] {
+            assert_eq!(ce(bad), "request_encoding_not_scannable", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn method_override_is_refused_unless_it_names_the_request_method_then_dropped() {
+        let with = |method: &str, hdrs: &[(&str, &str)]| {
+            let mut h = vec![("host", "localhost")];
+            h.extend_from_slice(hdrs);
+            code(parts(method, "/x", &h))
+        };
+        for name in METHOD_OVERRIDE_HEADERS {
+            assert_eq!(
+                with("POST", &[(name, "DELETE")]),
+                "method_override_not_allowed"
+            );
+            assert_eq!(with("POST", &[(name, "post")]), "ok");
+            assert_eq!(
+                with("POST", &[(name, "POST"), (name, "PUT")]),
+                "method_override_not_allowed"
+            );
+        }
+        let mut p = parts(
+            "POST",
+            "/x",
+            &[("x-http-method-override", "POST"), ("accept", "a")],
+        );
+        strip_request(&mut p.headers);
+        assert_eq!(p.headers.len(), 1, "{:?}", p.headers);
     }
 
     #[test]

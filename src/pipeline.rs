@@ -72,7 +72,15 @@ pub async fn handle(
     let start = Instant::now();
     let request_id = new_request_id();
     let (head, body) = req.into_parts();
-    let mut record = Record::request(&head, &request_id, &peer, &listener, &state.policy_version);
+    let scanner = state.credentials.scanner();
+    let mut record = Record::request(
+        &head,
+        &request_id,
+        &peer,
+        &listener,
+        &state.policy_version,
+        &scanner,
+    );
     record.person = state.default_person.clone();
     let mut pending = state.audit.begin(record);
 
@@ -127,8 +135,8 @@ struct Upstream {
     resp: Response<Incoming>,
     request_redacted: bool,
     route: usize,
-    /// The agent whose budget the answer's usage is charged to.
-    budgeted: Option<usize>,
+    /// The agent the answer's usage is recorded for (and charged to, if it has a budget).
+    metered: usize,
 }
 
 async fn process(
@@ -143,7 +151,7 @@ async fn process(
 
     // guard
     state.guard.check(&head, peer)?;
-    guard::strip_hop_by_hop(&mut head.headers);
+    guard::strip_request(&mut head.headers);
     state.audit.check_writable(config.audit_fail_closed)?;
     if local::is_healthz(&head) {
         let resp = local::healthz(
@@ -227,7 +235,7 @@ async fn process(
         resp,
         request_redacted,
         route: route_id,
-        budgeted: config.agents[agent].budget.as_ref().map(|_| agent),
+        metered: agent,
     }))
 }
 
@@ -311,10 +319,11 @@ fn returning(
         head.headers.remove(header::CONTENT_LENGTH);
         redactor.stream()
     });
-    let meter = up.budgeted.map(|agent| {
-        let state = state.clone();
-        Meter::new(move |tokens| state.policy.record_tokens(agent, tokens))
-    });
+    // Usage is recorded for every agent; `record_tokens` charges only those with a budget.
+    let meter = {
+        let (state, agent) = (state.clone(), up.metered);
+        Some(Meter::new(move |t| state.policy.record_tokens(agent, t)))
+    };
     let idle = state.config.routes[up.route].timeout;
     let body = RedactingBody::new(body, stream, Finishing::new(pending, start, meter))
         .idle_timeout(idle)

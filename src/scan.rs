@@ -10,7 +10,7 @@
 use std::borrow::Cow;
 
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::HeaderValue;
 use http::request::Parts;
 
 use crate::config::RequestScan;
@@ -23,14 +23,8 @@ pub fn head(scanner: &Redactor, mode: RequestScan, head: &mut Parts) -> Result<b
         refuse_findings(scanner, pq.as_str().as_bytes(), "URL")?;
     }
     let redacted = headers(scanner, mode, &mut head.headers)?;
-    if let Some(enc) = head.headers.get(header::CONTENT_ENCODING) {
-        if !enc.as_bytes().eq_ignore_ascii_case(b"identity") {
-            return Err(Rejection::new(
-                Code::RequestEncodingNotScannable,
-                "a Content-Encoding'd request body cannot be scanned for credentials; send it uncompressed",
-            ));
-        }
-    }
+    // A compressed body would hide what it carries from the scan.
+    crate::guard::check_content_encoding(&head.headers)?;
     Ok(redacted)
 }
 

@@ -75,7 +75,14 @@ async fn serve(
         },
         None => None,
     };
-    let audit = match AuditLog::open(&config.audit_log, config.audit_chain) {
+    let mut audit_options = crate::audit::Options::new(config.audit_chain);
+    if let Some(dir) = config.state_dir.as_deref().filter(|_| config.audit_chain) {
+        match crate::audit::AuditKey::load_or_create(dir) {
+            Ok(k) => audit_options.key = Some(Arc::new(k)),
+            Err(e) => return (fail(2, &format!("audit signing key: {e}")), None),
+        }
+    }
+    let audit = match AuditLog::open_with(&config.audit_log, audit_options) {
         Ok(a) => a,
         Err(e) => return (fail(2, &e.to_string()), None),
     };

@@ -4,30 +4,36 @@
 use std::time::Instant;
 
 use http::request::Parts;
+use sha2::{Digest, Sha256};
 
 use super::{Decision, PeerRecord, Pending, Reason, Record};
 use crate::authorize::usage::Meter;
 use crate::config::{Agent, Route};
 use crate::guard::Peer;
 use crate::redact::body::{End, Observer};
+use crate::redact::Redactor;
 
-/// The longest path kept in a record.
-const MAX_PATH: usize = 2048;
+/// Characters of a request path kept in its record.
+pub const MAX_PATH: usize = 2048;
+/// Query parameter names kept in a record, and characters kept of each.
+const MAX_QUERY_PARAMS: usize = 64;
+const MAX_QUERY_NAME: usize = 128;
 
 impl Record {
-    /// The record of a request as it arrives, before any stage has looked at it.
+    /// The record of a request as it arrives, before any stage has looked at it. `scanner` is
+    /// the request scan's engine (see [`Record::set_target`]).
     pub fn request(
         head: &Parts,
         request_id: &str,
         peer: &Peer,
         listener: &str,
         policy_version: &str,
+        scanner: &Redactor,
     ) -> Record {
-        Record {
+        let mut r = Record {
             time: super::now_rfc3339(),
             request_id: request_id.to_string(),
             method: head.method.to_string(),
-            path: head.uri.path().chars().take(MAX_PATH).collect(),
             policy_version: policy_version.to_string(),
             listener: listener.to_string(),
             peer: match peer {
@@ -38,6 +44,43 @@ impl Record {
                 Peer::Tcp(_) => None,
             },
             ..Record::default()
+        };
+        r.set_target(&head.uri, scanner);
+        r
+    }
+
+    /// Fills `path`, `path_truncated`, `target_sha256` and `query_params` from the request
+    /// target, through `scanner` (held secrets and credential shapes): a request refused for
+    /// carrying a key in its URL is still recorded, and its record must not carry the key.
+    /// `scanner` is the request scan's own engine and the path is short, so this costs about
+    /// what the scan of the URL does.
+    pub fn set_target(&mut self, uri: &http::Uri, scanner: &Redactor) {
+        let raw = uri.path();
+        let redacted = scanner.redact(raw.as_bytes());
+        let path = String::from_utf8_lossy(&redacted);
+        // Cut after redaction, so a long secret is found whole before any of it is kept.
+        match path.char_indices().nth(MAX_PATH) {
+            None => path.as_ref().clone_into(&mut self.path),
+            Some((cut, _)) => {
+                self.path = path[..cut].to_string();
+                self.path_truncated = true;
+                let target = uri.path_and_query().map_or(raw, |pq| pq.as_str());
+                self.target_sha256 = Some(hex::encode(Sha256::digest(target.as_bytes())));
+            }
+        }
+        let Some(query) = uri.query().filter(|q| !q.is_empty()) else {
+            return;
+        };
+        let names = query
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .map(|p| p.split_once('=').map_or(p, |(name, _)| name));
+        for name in names.take(MAX_QUERY_PARAMS) {
+            // A bare `?sk-…` has a secret for a name.
+            let name = scanner.redact(name.as_bytes());
+            let name = String::from_utf8_lossy(&name);
+            self.query_params
+                .push(name.chars().take(MAX_QUERY_NAME).collect());
         }
     }
 }

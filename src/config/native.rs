@@ -79,6 +79,7 @@ struct RawRoute {
     timeout: Option<Spanned<String>>,
     require_json: Option<bool>,
     request_scan: Option<RequestScan>,
+    allow_range: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -444,6 +445,7 @@ fn route(
         timeout,
         require_json: r.require_json.unwrap_or(false),
         request_scan: r.request_scan.unwrap_or(default_scan),
+        allow_range: r.allow_range.unwrap_or(false),
     })
 }
 

@@ -157,6 +157,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         timeout,
         require_json: true,
         request_scan: raw.request_scan.unwrap_or(RequestScan::Refuse),
+        allow_range: false,
     };
     let agent = Agent {
         name: if raw.client_token_env.is_some() {

@@ -4,13 +4,18 @@ closed."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import signal
+import stat
 import subprocess
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from conftest import DEADLINE, error_code, fake_secret, lab_config, poll
+from conftest import DEADLINE, error_code, fake_secret, lab_config, native_config, new_token, poll, run_keygate
 
 CLIENT_TOKEN = fake_secret("lab-client-")
 KEY = fake_secret("sk-proj-audit")
@@ -165,3 +170,245 @@ def test_log_opens_with_a_start_record_closes_with_stop_and_verifies(keygate, ke
     tampered.write_text(kg.audit_path.read_text().replace('"status":401', '"status":200'))
     bad = subprocess.run([str(keygate_bin), "audit", "verify", str(tampered)], capture_output=True, text=True, timeout=30)
     assert bad.returncode == 1 and ":3:" in bad.stdout, bad.stdout + bad.stderr
+
+
+# === a log that can be trusted: anchors, cut ends, signatures ===
+
+
+def verify(keygate_bin, path, *args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(keygate_bin), "audit", "verify", str(path), *args], capture_output=True, text=True, timeout=30
+    )
+
+
+def recompute_hashes(lines: list[str], edit_line: int, old: str, new: str) -> list[str]:
+    """What someone who can write the log but holds no key can do: change a line and recompute
+    every hash from there on (signatures are kept as they were; they cannot be remade)."""
+    out, prev = [], None
+    for n, line in enumerate(lines, start=1):
+        body, rest = line[: line.rindex(',"prev_hash":')], line[line.rindex(',"prev_hash":') :]
+        sig = json.loads("{" + rest[1:]).get("sig")
+        if n == edit_line:
+            assert old in body
+            body = body.replace(old, new)
+        prev = prev or json.loads(line)["prev_hash"]
+        unhashed = f'{body},"prev_hash":"{prev}"}}'
+        digest = hashlib.sha256(unhashed.encode()).hexdigest()
+        line = f'{unhashed[:-1]},"hash":"{digest}"' + (f',"sig":"{sig}"' if sig else "") + "}"
+        out.append(line)
+        prev = digest
+    return out
+
+
+def signed_keygate(keygate, fake_upstream, tmp_path):
+    token = new_token()
+    state = tmp_path / "state"
+    config = f'state_dir = "{state}"\n' + native_config(fake_upstream.url, agent_routes=("openai",))
+    kg = keygate(config, env={"KEYGATE_AGENT_TOKEN": token, "OPENAI_API_KEY": fake_secret("sk-proj-sig")})
+    return kg, token, state
+
+
+def test_signed_log_verifies_with_the_printed_key_and_an_edit_with_recomputed_hashes_fails(
+    keygate, keygate_bin, fake_upstream, tmp_path
+):
+    kg, token, state = signed_keygate(keygate, fake_upstream, tmp_path)
+    with kg.client() as c:
+        for i in range(3):
+            r = c.post("/openai/v1/chat/completions", json=dict(CHAT_BODY, user=f"u{i}"), headers={"Authorization": f"Bearer {token}"})
+            assert r.status_code == 200, r.text
+        assert c.post("/openai/v1/chat/completions", json=CHAT_BODY).status_code == 401
+    kg.audit_records(n=4)
+    assert kg.stop() == 0
+
+    key_file = state / "audit.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    printed = run_keygate(keygate_bin, ["audit", "key", "--config", str(kg.config_path)], tmp_path)
+    assert printed.returncode == 0, printed.stderr
+    public = printed.stdout.strip()
+    assert len(public) == 64 and public not in key_file.read_text()
+
+    log = kg.audit_log()
+    assert [r.get("event") for r in log] == ["start", None, None, None, None, "stop"]
+    assert log[0]["sig"] and log[-1]["sig"] and "sig" not in log[1]
+
+    ok = verify(keygate_bin, kg.audit_path, "--key", public, "--strict")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "2 signatures hold" in ok.stdout, ok.stdout
+
+    # The denied request (line 5) rewritten as allowed, every hash after it recomputed.
+    forged = tmp_path / "forged.jsonl"
+    lines = kg.audit_lines()
+    forged.write_text("\n".join(recompute_hashes(lines, 5, '"status":401', '"status":200')) + "\n")
+    unsigned_view = verify(keygate_bin, forged)
+    assert unsigned_view.returncode == 0, "the hash chain alone cannot see a recomputed edit"
+    caught = verify(keygate_bin, forged, "--key", public)
+    assert caught.returncode == 1, caught.stdout + caught.stderr
+    assert ":6:" in caught.stdout and "5..6" not in caught.stdout and "2..6" in caught.stdout, caught.stdout
+
+    other_key = "11" * 32
+    wrong = verify(keygate_bin, kg.audit_path, "--key", other_key)
+    assert wrong.returncode == 1 and ":1:" in wrong.stdout, wrong.stdout
+    assert verify(keygate_bin, kg.audit_path, "--key", "not-a-key").returncode == 2
+
+
+def test_audit_key_readable_by_others_is_refused_by_serve_and_audit_key(keygate, keygate_bin, fake_upstream, tmp_path):
+    kg, token, state = signed_keygate(keygate, fake_upstream, tmp_path)
+    kg.stop()
+    key = state / "audit.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    key.chmod(0o644)
+
+    printed = run_keygate(keygate_bin, ["audit", "key", "--config", str(kg.config_path)], tmp_path)
+    assert printed.returncode == 2 and "readable by other users" in printed.stderr, printed.stderr
+    assert printed.stdout == ""
+    served = run_keygate(
+        keygate_bin,
+        ["serve", "--config", str(kg.config_path), "--audit-log", str(tmp_path / "x.jsonl")],
+        tmp_path,
+        env={"KEYGATE_AGENT_TOKEN": token, "OPENAI_API_KEY": fake_secret("sk-proj-sig")},
+    )
+    assert served.returncode == 2 and "audit signing key" in served.stderr, served.stderr
+
+
+def test_verify_reports_a_cut_tail_and_needs_an_anchor_for_a_cut_head(keygate, keygate_bin, fake_upstream, tmp_path):
+    kg = start_proxy(keygate, fake_upstream)
+    with kg.client() as c:
+        for _ in range(3):
+            c.post("/v1/chat/completions", json=CHAT_BODY, headers=AUTH)
+    kg.audit_records(n=3)
+    assert kg.stop() == 0
+    lines = kg.audit_lines()
+    assert len(lines) == 5
+
+    whole = verify(keygate_bin, kg.audit_path, "--strict")
+    assert whole.returncode == 0 and "closed by a stop record" in whole.stdout, whole.stdout
+
+    tail_cut = tmp_path / "tail-cut.jsonl"
+    tail_cut.write_text("\n".join(lines[:4]) + "\n")
+    lenient = verify(keygate_bin, tail_cut)
+    assert lenient.returncode == 0 and "not closed" in lenient.stdout and "lines 2..4" in lenient.stdout, lenient.stdout
+    strict = verify(keygate_bin, tail_cut, "--strict", "--json")
+    assert strict.returncode == 1 and json.loads(strict.stdout)["ok"] is False, strict.stdout
+
+    mid_line = tmp_path / "mid-line.jsonl"
+    mid_line.write_text("\n".join(lines[:4]) + "\n" + lines[4][:30])
+    cut = verify(keygate_bin, mid_line)
+    assert cut.returncode == 0 and "line 5 is incomplete" in cut.stdout, cut.stdout
+
+    # keygate restarted on that log begins a new line and goes on from the last intact record.
+    restarted = start_proxy(keygate, fake_upstream, audit_log=mid_line)
+    with restarted.client() as c:
+        r = c.post("/v1/chat/completions", json=CHAT_BODY, headers=AUTH)
+    assert r.status_code == 200
+    poll(lambda: r.headers["x-request-id"] in mid_line.read_text(), "the new run's record")
+    assert restarted.stop() == 0
+    resumed = verify(keygate_bin, mid_line)
+    assert resumed.returncode == 0 and ":5: cut mid-write by a crash" in resumed.stdout, resumed.stdout
+    assert verify(keygate_bin, mid_line, "--strict").returncode == 1
+
+    head_cut = tmp_path / "head-cut.jsonl"
+    head_cut.write_text("\n".join(lines[2:]) + "\n")
+    unanchored = verify(keygate_bin, head_cut)
+    assert unanchored.returncode == 1 and ":1:" in unanchored.stdout and "start record" in unanchored.stdout
+    anchor = json.loads(lines[1])["hash"]
+    anchored = verify(keygate_bin, head_cut, "--from-hash", anchor, "--strict")
+    assert anchored.returncode == 0, anchored.stdout
+    wrong_anchor = verify(keygate_bin, head_cut, "--from-hash", "ab" * 32)
+    assert wrong_anchor.returncode == 1, wrong_anchor.stdout
+    assert verify(keygate_bin, head_cut, "--no-such-flag").returncode == 2
+
+
+def test_rotated_log_and_its_successor_verify_each_on_their_own(keygate, keygate_bin, fake_upstream, tmp_path):
+    audit = tmp_path / "events.jsonl"
+    for _ in range(2):
+        kg = start_proxy(keygate, fake_upstream, audit_log=audit)
+        with kg.client() as c:
+            assert c.post("/v1/chat/completions", json=CHAT_BODY, headers=AUTH).status_code == 200
+        kg.audit_records(n=1)
+        assert kg.stop() == 0
+        if not (tmp_path / "events.jsonl.1").exists():
+            audit.rename(tmp_path / "events.jsonl.1")
+    for path in (tmp_path / "events.jsonl.1", audit):
+        result = verify(keygate_bin, path, "--strict")
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_long_path_is_marked_truncated_and_query_records_names_not_values(keygate, fake_upstream):
+    kg = start_proxy(keygate, fake_upstream)
+    long_path = "/v1/" + "a" * 3000
+    cursor = "cur_" + fake_secret("")
+    with kg.client() as c:
+        long = c.post(long_path, json=CHAT_BODY, headers=AUTH)
+        paged = c.post(f"/v1/chat/completions?limit=5&after={cursor}", json=CHAT_BODY, headers=AUTH)
+    assert paged.status_code == 200, paged.text  # a pagination cursor is ordinary traffic
+
+    cut = kg.audit_record(long.headers["x-request-id"])
+    assert len(cut["path"]) == 2048 and long_path.startswith(cut["path"])
+    assert cut["path_truncated"] is True
+    assert cut["target_sha256"] == hashlib.sha256(long_path.encode()).hexdigest()
+
+    record = kg.audit_record(paged.headers["x-request-id"])
+    assert record["query_params"] == ["limit", "after"]
+    assert record["path"] == "/v1/chat/completions" and "path_truncated" not in record
+    assert cursor not in kg.audit_path.read_text()
+
+
+def test_tokens_are_recorded_for_an_agent_without_a_budget(keygate, fake_upstream):
+    kg = start_proxy(keygate, fake_upstream)
+    with kg.client() as c:
+        r = c.post("/v1/chat/completions", json=CHAT_BODY, headers=AUTH)
+    assert r.status_code == 200
+    assert r.json()["usage"]["total_tokens"] == 14
+    assert kg.audit_record(r.headers["x-request-id"])["tokens"] == 14
+
+
+def test_sigterm_after_many_requests_loses_no_record_of_an_answered_request(keygate, keygate_bin, fake_upstream):
+    kg = start_proxy(keygate, fake_upstream)
+    answered: list[str] = []
+    lock = threading.Lock()
+    stop_sent = threading.Event()
+
+    with httpx.Client(base_url=kg.url, timeout=DEADLINE, trust_env=False, limits=httpx.Limits(max_connections=16)) as c:
+
+        def one(i: int) -> None:
+            try:
+                r = c.post("/v1/chat/completions", json=dict(CHAT_BODY, user=f"req-{i}"), headers=AUTH)
+            except httpx.HTTPError:
+                return  # refused after the listener closed: never answered, nothing to record
+            with lock:
+                answered.append(r.headers["x-request-id"])
+                if len(answered) == 150 and not stop_sent.is_set():
+                    stop_sent.set()
+                    os.kill(kg.proc.pid, signal.SIGTERM)
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            list(pool.map(one, range(400)))
+
+    assert stop_sent.is_set()
+    assert kg.stop() == 0
+    log = kg.audit_log()
+    ids = [r["request_id"] for r in log if "request_id" in r]
+    assert len(ids) == len(set(ids)), "a request has two records"
+    missing = set(answered) - set(ids)
+    assert not missing, f"{len(missing)} answered requests have no audit record"
+    assert log[-1]["event"] == "stop"
+    result = verify(keygate_bin, kg.audit_path, "--strict")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_held_secret_in_the_url_is_refused_and_kept_out_of_the_audit_log(keygate, fake_upstream):
+    """An exfiltration attempt through the URL is refused and recorded, but its record carries
+    neither the path's nor the query's copy of the key."""
+    kg = start_proxy(keygate, fake_upstream)
+    with kg.client() as c:
+        ordinary = c.post("/v1/chat/completions", json=CHAT_BODY, headers=AUTH)
+        in_path = c.post(f"/v1/chat/completions/{KEY}", json=CHAT_BODY, headers=AUTH)
+        as_name = c.post(f"/v1/chat/completions?{KEY}", json=CHAT_BODY, headers=AUTH)
+        as_value = c.post(f"/v1/chat/completions?key={KEY}", json=CHAT_BODY, headers=AUTH)
+    assert ordinary.status_code == 200
+    for r in (in_path, as_name, as_value):
+        assert r.status_code in (403, 404), r.text
+        assert kg.audit_record(r.headers["x-request-id"])["decision"] == "deny"
+    assert KEY not in kg.audit_path.read_text()
+    assert kg.audit_record(in_path.headers["x-request-id"])["path"].startswith("/v1/chat/completions/[REDACTED")
+    assert kg.audit_record(as_value.headers["x-request-id"])["query_params"] == ["key"]

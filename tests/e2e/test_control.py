@@ -194,6 +194,10 @@ def test_reload_applies_a_new_rule_to_the_next_request_and_leaves_a_running_stre
     (ev,) = [e for e in s.kg.audit_log() if e.get("event") == "reload"]
     assert (ev["by"], ev["previous_policy_version"], ev["policy_version"]) == ("root", before, after)
     assert s.admin_json("status")["policy_version"] == after
+    # Control records share the hash chain with request records.
+    s.kg.stop()
+    verify = run_keygate(s.bin, ["audit", "verify", str(s.kg.audit_path)], s.tmp)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
 def test_broken_config_is_refused_on_reload_and_the_old_policy_keeps_serving(make):
@@ -246,6 +250,9 @@ def test_freeze_refuses_everything_with_503_and_survives_a_restart(make, fake_up
     events = [e["event"] for e in s.kg.audit_log() if e.get("event") in ("freeze", "unfreeze")]
     assert events == ["freeze", "unfreeze"]  # both runs write to the same log
     assert len(fake_upstream.requests) == 2
+    s.kg.stop()
+    verify = run_keygate(s.bin, ["audit", "verify", str(s.kg.audit_path)], s.tmp)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
 def test_freezing_one_agent_leaves_the_others_alone(make, env):
