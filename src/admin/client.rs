@@ -154,8 +154,9 @@ pub fn run(
     json_out: bool,
     show: impl FnOnce(&Value),
 ) -> ExitCode {
-    let sock = match Config::load(config_path) {
-        Ok(c) => super::socket_path(&c),
+    let loaded = Config::load(config_path);
+    let sock = match &loaded {
+        Ok(c) => super::socket_path(c),
         // A config being edited may not load; the running keygate is still reachable (and a
         // `reload` of it reaches keygate, which refuses it there and audits that).
         Err(e) => match super::socket_path_lenient(config_path) {
@@ -169,7 +170,17 @@ pub fn run(
             "no state directory: set state_dir or admin_socket in the config",
         );
     };
+    let freeze = matches!(path, "/freeze" | "/unfreeze");
+    let args = body.clone();
     match call(&sock, method, path, body) {
+        Err(CallError::NotRunning(_)) if freeze && loaded.is_ok() => {
+            // A freeze is wanted most when something is wrong; with keygate stopped it is saved
+            // in the store and holds from its next start.
+            let Ok(config) = &loaded else {
+                return fail(2, "config");
+            };
+            offline_freeze(config, path == "/freeze", args.unwrap_or_default())
+        }
         Ok((status, bytes)) => {
             let v: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
                 json!({"ok": (200..300).contains(&status), "text": String::from_utf8_lossy(&bytes)})
@@ -198,6 +209,27 @@ pub fn run(
             ),
         ),
         Err(CallError::Other(e)) => fail(1, &e),
+    }
+}
+
+fn offline_freeze(config: &Config, on: bool, args: Value) -> ExitCode {
+    let Some(dir) = crate::state::dir(config) else {
+        return fail(2, "no state directory: set state_dir in the config");
+    };
+    let agent = args["agent"].as_str();
+    let by = super::person(nix::unistd::geteuid().as_raw());
+    match crate::state::open(&dir).and_then(|s| s.set_freeze(agent, on, &by)) {
+        Ok(()) => {
+            let what = agent.map_or("everything".to_string(), |a| format!("agent {a}"));
+            let verb = if on { "frozen" } else { "unfrozen" };
+            println!("{verb}: {what}");
+            eprintln!(
+                "keygate: keygate is not running; saved in {}, it holds from the next start",
+                dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(1, &e.to_string()),
     }
 }
 

@@ -255,6 +255,17 @@ def test_freeze_refuses_everything_with_503_and_survives_a_restart(make, fake_up
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
+def test_freeze_while_keygate_is_stopped_holds_from_its_next_start(make):
+    s = make()
+    s.kg.stop()
+    out = s.admin("freeze")
+    assert "not running" in out.stderr and "next start" in out.stderr
+    s.restart()
+    assert error_code(chat(s)) == "frozen"
+    s.admin("unfreeze")
+    assert chat(s).status_code == 200
+
+
 def test_freezing_one_agent_leaves_the_others_alone(make, env):
     other = new_token()
     env["OTHER_TOKEN"] = other
