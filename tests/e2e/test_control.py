@@ -531,3 +531,21 @@ def test_tokens_json_from_an_earlier_keygate_is_migrated_and_its_tokens_still_wo
     assert not (short_tmp / "tokens.json").exists() and (short_tmp / "tokens.json.migrated").exists()
     listed = json.loads(s.admin("token", "list", "--json").stdout)
     assert [t["id"] for t in listed] == [f"tok_{digest[:12]}"]
+
+
+def test_reload_fetches_secrets_afresh(keygate, keygate_bin, tmp_path, short_tmp, fake_upstream, env):
+    key_file = tmp_path / "openai.key"
+    first, second = fake_secret("sk-proj-one"), fake_secret("sk-proj-two")
+    key_file.write_text(first)
+    os.chmod(key_file, 0o600)
+    text = config_with(fake_upstream.url, short_tmp).replace(
+        'source = "env"\nname = "OPENAI_API_KEY"', f'source = "file"\npath = "{key_file}"'
+    )
+    s = Setup(keygate, keygate_bin, tmp_path, short_tmp, text, env)
+    assert chat(s).status_code == 200
+    key_file.write_text(second)
+    assert chat(s).status_code == 200  # cached: no TTL, no 401
+    s.admin("reload")
+    assert chat(s).status_code == 200
+    seen = [r.header("authorization") for r in fake_upstream.requests]
+    assert seen == [f"Bearer {first}", f"Bearer {first}", f"Bearer {second}"]
