@@ -235,8 +235,15 @@ impl Approvals {
             id: id.clone(),
             created_unix,
         };
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(Verdict::Approved { by })) => {
+        let mut rx = rx;
+        let verdict = match tokio::time::timeout(timeout, &mut rx).await {
+            Ok(v) => v.ok(),
+            // A decision that landed as the timer fired still counts: the person was told it
+            // was taken.
+            Err(_) => rx.try_recv().ok(),
+        };
+        match verdict {
+            Some(Verdict::Approved { by }) => {
                 record.approved_by = Some(by);
                 if let Some((route, token)) = once_key {
                     if let Some(s) = &self.store {
@@ -252,7 +259,7 @@ impl Approvals {
                 }
                 Ok(())
             }
-            Ok(Ok(Verdict::Denied { by, reason })) => {
+            Some(Verdict::Denied { by, reason }) => {
                 record.approved_by = Some(by.clone());
                 let why = reason.map(|r| format!(": {r}")).unwrap_or_default();
                 Err(Rejection::new(
@@ -260,7 +267,7 @@ impl Approvals {
                     format!("{by} denied this request (approval {id}){why}"),
                 ))
             }
-            Ok(Err(_)) | Err(_) => {
+            None => {
                 let taken = lock(&self.waiting).remove(&id);
                 if let Some(w) = taken {
                     self.persist(ApprovalRow {
