@@ -6,9 +6,16 @@
 //!
 //! Architecture invariant: [`Authorized`] can be constructed only in this module, and `forward`
 //! takes one by value, so no request reaches an upstream without passing every check here.
+//!
+//! The token budget is checked twice: here, cheaply, whether anything is left at all; and once
+//! the body is known, by [`Policy::reserve`], which books what the request may cost
+//! ([`budget`], [`usage`]).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+pub mod approval;
+mod budget;
+pub mod usage;
+
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::Method;
@@ -17,9 +24,6 @@ use serde::Serialize;
 use crate::config::{Agent, Config, Format, Route};
 use crate::error::{Code, Rejection};
 use crate::route::Routed;
-
-pub mod approval;
-pub mod usage;
 
 /// A request that passed every policy check. Only [`Policy::authorize`] makes one: its fields
 /// are private, so no other code can forge one.
@@ -210,11 +214,13 @@ impl Rate {
     }
 }
 
+pub use budget::{Reservation, RetryAfter, TokenBudget};
+
 /// Per-agent counters. Agents are fixed at start-up, so each has its own slot and requests from
 /// different agents never contend.
 pub struct Policy {
     buckets: Vec<Option<Mutex<Bucket>>>,
-    budgets: Vec<Option<BudgetWindow>>,
+    budgets: Vec<Option<Arc<TokenBudget>>>,
 }
 
 struct Bucket {
@@ -222,13 +228,6 @@ struct Bucket {
     last: Instant,
     capacity: f64,
     per_sec: f64,
-}
-
-struct BudgetWindow {
-    limit: u64,
-    per: Duration,
-    used: AtomicU64,
-    window_start: Mutex<Instant>,
 }
 
 impl Policy {
@@ -252,14 +251,7 @@ impl Policy {
             budgets: config
                 .agents
                 .iter()
-                .map(|a| {
-                    a.budget.as_ref().map(|b| BudgetWindow {
-                        limit: b.limit,
-                        per: b.per,
-                        used: AtomicU64::new(0),
-                        window_start: Mutex::new(now),
-                    })
-                })
+                .map(|a| a.budget.as_ref().map(|b| TokenBudget::new(b.limit, b.per)))
                 .collect(),
         }
     }
@@ -298,23 +290,25 @@ impl Policy {
             ));
         }
         if let Some(Some(bucket)) = self.buckets.get(agent) {
-            if !take(bucket) {
+            if let Err(wait) = take(bucket) {
                 return Err(Rejection::new(
                     Code::RateLimited,
                     format!("agent {} is over its rate limit", a.name),
-                ));
+                )
+                .with_retry_after(RetryAfter(wait).secs()));
             }
         }
         if let Some(Some(b)) = self.budgets.get(agent) {
-            b.roll();
-            if b.used.load(Ordering::Relaxed) >= b.limit {
+            if let Err(wait) = b.spent() {
                 return Err(Rejection::new(
-                    Code::BudgetExhausted,
+                    Code::BudgetExceeded,
                     format!(
                         "agent {} has used its token budget of {} for this period",
-                        a.name, b.limit
+                        a.name,
+                        b.limit()
                     ),
-                ));
+                )
+                .with_retry_after(wait.secs()));
             }
         }
         // Approval (`r.approval`) is the last check, made by `approval::Approvals::gate` once the
@@ -327,74 +321,124 @@ impl Policy {
         })
     }
 
-    /// Counts tokens an upstream reported as used, against the agent's budget.
-    pub fn record_tokens(&self, agent: usize, tokens: u64) {
-        if let Some(Some(b)) = self.budgets.get(agent) {
-            b.roll();
-            b.used.fetch_add(tokens, Ordering::Relaxed);
+    /// Whether the agent has a token budget, so its requests are reserved for and metered.
+    pub fn budgeted(&self, agent: usize) -> bool {
+        matches!(self.budgets.get(agent), Some(Some(_)))
+    }
+
+    /// Output tokens to book for a request whose body names no maximum: the route's
+    /// `budget_reserve` (it knows its API), else the agent's, else [`usage::DEFAULT_RESERVE`].
+    pub fn default_reserve(config: &Config, agent: usize, route: usize) -> u64 {
+        config.routes[route]
+            .budget_reserve
+            .or(config.agents[agent].budget_reserve)
+            .unwrap_or(usage::DEFAULT_RESERVE)
+    }
+
+    /// Books `tokens` against the agent's budget (check and charge in one step), or refuses
+    /// with 429 `budget_exceeded` and the time until the period resets. `None` for an agent
+    /// without a budget.
+    pub fn reserve(
+        &self,
+        config: &Config,
+        agent: usize,
+        tokens: u64,
+    ) -> Result<Option<Reservation>, Rejection> {
+        let Some(Some(b)) = self.budgets.get(agent) else {
+            return Ok(None);
+        };
+        let name = &config.agents[agent].name;
+        match b.try_reserve(tokens) {
+            Ok(r) => Ok(Some(r)),
+            Err(wait) if tokens > b.limit() => Err(Rejection::new(
+                Code::BudgetExceeded,
+                format!(
+                    "this request may use up to {tokens} tokens, more than agent {name}'s whole budget of {} per period; lower max_tokens",
+                    b.limit()
+                ),
+            )
+            .with_retry_after(wait.secs())),
+            Err(wait) => Err(Rejection::new(
+                Code::BudgetExceeded,
+                format!(
+                    "this request may use up to {tokens} tokens, more than is left of agent {name}'s budget of {} for this period (requests in flight count until they finish)",
+                    b.limit()
+                ),
+            )
+            .with_retry_after(wait.secs())),
         }
     }
 }
 
 impl Policy {
-    /// Each budgeted agent's spending in its current window, to persist (write-behind) or to
-    /// carry into a reloaded policy.
+    /// Each budgeted agent's settled spending in its current window, to persist (write-behind).
     pub fn budget_spent(&self, config: &Config) -> Vec<crate::state::Spent> {
         let now = crate::state::now();
         self.budgets
             .iter()
             .zip(&config.agents)
             .filter_map(|(b, a)| {
-                let b = b.as_ref()?;
-                b.roll();
-                let age = lock(&b.window_start).elapsed().as_secs();
+                let (age, charged) = b.as_ref()?.snapshot();
                 Some(crate::state::Spent {
                     agent: a.name.clone(),
-                    window_start: now.saturating_sub(age),
-                    tokens: b.used.load(Ordering::Relaxed),
+                    window_start: now.saturating_sub(age.as_secs()),
+                    tokens: charged,
                 })
             })
             .collect()
     }
 
-    /// Takes over spending saved earlier (a restart or a reload) where its window still runs.
-    pub fn restore_budgets(&self, config: &Config, spent: &[crate::state::Spent]) {
+    /// Takes over spending saved before a restart, where its window still runs.
+    pub fn restore_budgets(&mut self, config: &Config, spent: &[crate::state::Spent]) {
         let now = crate::state::now();
-        for (b, a) in self.budgets.iter().zip(&config.agents) {
-            let Some(b) = b else { continue };
+        for (slot, a) in self.budgets.iter_mut().zip(&config.agents) {
+            let (Some(_), Some(b)) = (slot.as_ref(), &a.budget) else {
+                continue;
+            };
             let Some(s) = spent.iter().find(|s| s.agent == a.name) else {
                 continue;
             };
             let age = Duration::from_secs(now.saturating_sub(s.window_start));
-            if age >= b.per {
-                continue;
-            }
-            if let Some(start) = Instant::now().checked_sub(age) {
-                *lock(&b.window_start) = start;
-                b.used.store(s.tokens, Ordering::Relaxed);
+            if age < b.per {
+                *slot = Some(TokenBudget::resumed(b.limit, b.per, age, s.tokens));
             }
         }
     }
 
-    /// (spent, limit) of each budgeted agent, for metrics.
+    /// Carries budgets over a reload: an agent whose budget is unchanged keeps the very same
+    /// counter (requests still in flight on the old policy settle into it); one whose limit or
+    /// period changed starts from what it had spent in the current window.
+    pub fn carry_budgets(&mut self, config: &Config, old: &Policy, old_config: &Config) {
+        for (slot, a) in self.budgets.iter_mut().zip(&config.agents) {
+            let Some(b) = &a.budget else { continue };
+            let Some(i) = old_config.agents.iter().position(|o| o.name == a.name) else {
+                continue;
+            };
+            let (Some(Some(prev)), Some(prev_cfg)) =
+                (old.budgets.get(i), old_config.agents[i].budget.as_ref())
+            else {
+                continue;
+            };
+            *slot = Some(if prev_cfg == b {
+                prev.clone()
+            } else {
+                let (age, charged) = prev.snapshot();
+                TokenBudget::resumed(b.limit, b.per, age.min(b.per), charged)
+            });
+        }
+    }
+
+    /// (spent, limit) of each budgeted agent, for status and metrics.
     pub fn budget_usage(&self) -> Vec<Option<(u64, u64)>> {
         self.budgets
             .iter()
-            .map(|b| {
-                b.as_ref().map(|b| {
-                    b.roll();
-                    (b.used.load(Ordering::Relaxed), b.limit)
-                })
-            })
+            .map(|b| b.as_ref().map(|b| (b.snapshot().1, b.limit())))
             .collect()
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn take(bucket: &Mutex<Bucket>) -> bool {
+/// Takes one request from the bucket, or says how long until one is there.
+fn take(bucket: &Mutex<Bucket>) -> Result<(), Duration> {
     let mut b = match bucket.lock() {
         Ok(b) => b,
         Err(poisoned) => poisoned.into_inner(),
@@ -405,22 +449,11 @@ fn take(bucket: &Mutex<Bucket>) -> bool {
     b.tokens = (b.tokens + elapsed * b.per_sec).min(b.capacity);
     if b.tokens >= 1.0 {
         b.tokens -= 1.0;
-        true
+        Ok(())
     } else {
-        false
-    }
-}
-
-impl BudgetWindow {
-    fn roll(&self) {
-        let mut start = match self.window_start.lock() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
-        if start.elapsed() >= self.per {
-            *start = Instant::now();
-            self.used.store(0, Ordering::Relaxed);
-        }
+        Err(Duration::from_secs_f64(
+            ((1.0 - b.tokens) / b.per_sec).clamp(0.0, 86_400.0),
+        ))
     }
 }
 
@@ -484,8 +517,21 @@ mod tests {
             capacity: 2.0,
             per_sec: 0.0001,
         });
-        assert!(take(&b) && take(&b));
-        assert!(!take(&b));
+        assert!(take(&b).is_ok() && take(&b).is_ok());
+        assert!(take(&b).is_err());
+    }
+
+    #[test]
+    fn an_empty_bucket_says_when_the_next_request_is_allowed() {
+        let b = Mutex::new(Bucket {
+            tokens: 0.0,
+            last: Instant::now(),
+            capacity: 1.0,
+            per_sec: 1.0 / 60.0,
+        });
+        let wait = take(&b).unwrap_err();
+        assert!(wait > Duration::from_secs(50) && wait <= Duration::from_secs(60));
+        assert_eq!(RetryAfter(Duration::from_secs(60)).secs(), 60);
     }
 
     proptest! {

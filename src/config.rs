@@ -101,6 +101,10 @@ pub struct Route {
     pub require_json: bool,
     /// What to do with a request that carries a secret or a credential.
     pub request_scan: RequestScan,
+    /// Output tokens a budgeted agent's request on this route books when its body names no
+    /// `max_tokens`; overrides the agent's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget_reserve: Option<u64>,
     /// Whether `Range` (and `If-Range`, `Request-Range`) go upstream; off, they are dropped.
     pub allow_range: bool,
 }
@@ -191,6 +195,9 @@ pub struct Agent {
     pub budget: Option<Budget>,
     /// Callers on a Unix listener with one of these peer uids are this agent, without a token.
     pub unix_uids: Vec<u32>,
+    /// Output tokens this agent's request books when its body names no `max_tokens`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget_reserve: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

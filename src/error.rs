@@ -98,8 +98,8 @@ catalogue! {
     ApprovalTimeout = "approval_timeout", FORBIDDEN, Agent;
     /// The agent is over its request rate.
     RateLimited = "rate_limited", TOO_MANY_REQUESTS, Agent;
-    /// The agent has spent its token budget for the period.
-    BudgetExhausted = "budget_exhausted", TOO_MANY_REQUESTS, Agent;
+    /// The request may cost more tokens than are left of the agent's budget for the period.
+    BudgetExceeded = "budget_exceeded", TOO_MANY_REQUESTS, Agent;
     /// The upstream could not be reached or broke the connection.
     UpstreamUnreachable = "upstream_unreachable", BAD_GATEWAY, Upstream;
     /// The upstream answered in a form the redactor cannot read (compressed).
@@ -137,6 +137,8 @@ pub struct Rejection {
     pub code: Code,
     /// What the caller should know, in a sentence.
     pub message: String,
+    /// Seconds after which the same request may succeed (`Retry-After`); every 429 has one.
+    pub retry_after: Option<u64>,
 }
 
 impl Rejection {
@@ -145,7 +147,14 @@ impl Rejection {
         Rejection {
             code,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    /// The limit refused for frees up after `secs` seconds (at least 1): sent as `Retry-After`.
+    pub fn with_retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs.max(1));
+        self
     }
 
     /// The status the refusal is answered with.
@@ -193,7 +202,12 @@ impl Rejection {
         };
         // Serializing a struct of strings cannot fail; fall back to a fixed body rather than panic.
         let bytes = serde_json::to_vec(&body).unwrap_or_else(|_| br#"{"ok":false}"#.to_vec());
-        json_response(self.status(), Bytes::from(bytes))
+        let mut resp = json_response(self.status(), Bytes::from(bytes));
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
     }
 }
 
@@ -234,6 +248,17 @@ mod tests {
         assert_eq!(v["error"]["code"], "path_not_allowed");
         assert_eq!(v["error"]["type"], "keygate_error");
         assert_eq!(v["error"]["request_id"], "req1");
+    }
+
+    #[test]
+    fn a_429_says_when_to_retry() {
+        let resp = Rejection::new(Code::RateLimited, "slow down")
+            .with_retry_after(7)
+            .to_response("r");
+        assert_eq!(resp.status(), 429);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "7");
+        let other = Rejection::new(Code::PathNotAllowed, "no").to_response("r");
+        assert!(other.headers().get(header::RETRY_AFTER).is_none());
     }
 
     #[test]

@@ -24,8 +24,8 @@ use hyper::body::Incoming;
 use crate::audit::{self, AuditLog, Decision, Finishing, Pending, Reason, Record};
 use crate::authenticate::{self, Tokens};
 use crate::authorize::approval;
-use crate::authorize::usage::Meter;
-use crate::authorize::Policy;
+use crate::authorize::usage::{self, Meter, StripUsageChunk};
+use crate::authorize::{Policy, Reservation};
 use crate::config::{Config, Mode, RequestScan, Route};
 use crate::credential::{self, Credentials};
 use crate::error::Rejection;
@@ -135,8 +135,10 @@ struct Upstream {
     resp: Response<Incoming>,
     request_redacted: bool,
     route: usize,
-    /// The agent the answer's usage is recorded for (and charged to, if it has a budget).
-    metered: usize,
+    /// The tokens booked against the agent's budget, settled when the answer ends.
+    reservation: Option<Reservation>,
+    /// keygate asked for the usage chunk the client did not: it is removed on the way back.
+    strip_usage_chunk: bool,
 }
 
 async fn process(
@@ -185,13 +187,24 @@ async fn process(
     let authorized = state
         .policy
         .authorize(config, agent, &head.method, routed)?;
+    // A budgeted request books what it may cost, which its body says.
+    let budgeted = state.policy.budgeted(agent) && !body.is_end_stream();
 
     // scan (and read the body where policy needs all of it)
     let declared = approval::declared_length(&head);
-    let (body, request_redacted) = request_body(state, route, pending, &mut head, body).await?;
+    let (body, request_redacted) =
+        request_body(state, route, pending, &mut head, body, budgeted).await?;
+    let mut plan = usage::RequestPlan::default();
     let (body, streamed, seen) = match body {
-        RequestBody::Whole(bytes) => {
+        RequestBody::Whole(mut bytes) => {
             *body_read = true;
+            if budgeted {
+                let reserve = Policy::default_reserve(config, agent, authorized.route());
+                plan = usage::plan_request(head.uri.path(), &bytes, reserve);
+                if let Some(asks_for_usage) = plan.body.take() {
+                    bytes = asks_for_usage;
+                }
+            }
             if config.mode == Mode::DryRun {
                 let resp = local::dry_run(config, &authorized, &head, &bytes);
                 return Ok(Answer::Local(resp, Decision::DryRun, Reason::DryRun));
@@ -216,6 +229,7 @@ async fn process(
         pending.record().key_id = Some(secret.key_id().to_string());
         credential::attach(config, &authorized, secret, &mut head.headers, &mut query)?;
     }
+    let reservation = state.policy.reserve(config, agent, plan.reserve)?;
 
     // forward
     let route_id = authorized.route();
@@ -235,27 +249,30 @@ async fn process(
         resp,
         request_redacted,
         route: route_id,
-        metered: agent,
+        reservation,
+        strip_usage_chunk: plan.strip_usage_chunk,
     }))
 }
 
 /// The request body as it goes upstream.
 enum RequestBody {
-    /// Read whole: the lab's JSON check, dry-run, or a scan that refuses.
+    /// Read whole: the lab's JSON check, dry-run, a scan that refuses, or a budgeted agent's
+    /// request (its booking depends on the body).
     Whole(Bytes),
     /// Streamed through the scan's redactor, counting the bytes that passed.
     Streamed(Body, Arc<AtomicU64>),
 }
 
 /// The scan stage: the URL and headers now; the body whole where policy needs all of it, else
-/// as it streams. The body is re-framed, so its length is hyper's to set. Also says whether
-/// anything was redacted.
+/// as it streams (`whole` asks for all of it). The body is re-framed, so its length is hyper's
+/// to set. Also says whether anything was redacted.
 async fn request_body(
     state: &State,
     route: &Route,
     pending: &mut Pending,
     head: &mut Parts,
     body: Incoming,
+    whole: bool,
 ) -> Result<(RequestBody, bool), Rejection> {
     let config = &*state.config;
     let mode = route.request_scan;
@@ -266,7 +283,7 @@ async fn request_body(
     };
     head.headers.remove(header::CONTENT_LENGTH);
     let limit = config.max_request_bytes;
-    if route.require_json || config.mode == Mode::DryRun || mode == RequestScan::Refuse {
+    if whole || route.require_json || config.mode == Mode::DryRun || mode == RequestScan::Refuse {
         let mut bytes = guard::read_body(body, limit).await?;
         pending.record().bytes_in = bytes.len() as u64;
         if route.require_json {
@@ -306,10 +323,12 @@ fn returning(
     let bodiless = r.method == "HEAD" || matches!(r.status, 204 | 304);
     let redactor = state.credentials.redactor();
     let (mut head, body) = up.resp.into_parts();
+    let meter = Meter::new(head.status, &head.headers, up.reservation);
     guard::strip_hop_by_hop(&mut head.headers);
     redacting::redact_headers(&redactor, &mut head.headers);
     if bodiless {
         // No body will be polled: the record is complete now.
+        r.tokens = meter.settle(true);
         r.latency_ms = audit::ms(start);
         pending.finish();
         return Response::from_parts(head, full(Bytes::new()));
@@ -319,16 +338,16 @@ fn returning(
         head.headers.remove(header::CONTENT_LENGTH);
         redactor.stream()
     });
-    // Usage is recorded for every agent; `record_tokens` charges only those with a budget.
-    let meter = {
-        let (state, agent) = (state.clone(), up.metered);
-        Some(Meter::new(move |t| state.policy.record_tokens(agent, t)))
-    };
     let idle = state.config.routes[up.route].timeout;
-    let body = RedactingBody::new(body, stream, Finishing::new(pending, start, meter))
+    let body = RedactingBody::new(body, stream, Finishing::new(pending, start, Some(meter)))
         .idle_timeout(idle)
-        .map_err(Into::into)
-        .boxed();
+        .map_err(Into::into);
+    let body = if up.strip_usage_chunk && head.status.is_success() {
+        head.headers.remove(header::CONTENT_LENGTH);
+        StripUsageChunk::new(body).boxed()
+    } else {
+        body.boxed()
+    };
     Response::from_parts(head, body)
 }
 

@@ -125,10 +125,11 @@ impl Live {
             })
         };
         match built {
-            Ok(state) => {
+            Ok(mut state) => {
+                let config = state.config.clone();
                 state
                     .policy
-                    .restore_budgets(&state.config, &old.policy.budget_spent(&old.config));
+                    .carry_budgets(&config, &old.policy, &old.config);
                 let version = state.policy_version.clone();
                 let audit = old.audit.clone();
                 let control = old.control.clone();

@@ -113,13 +113,16 @@ async fn serve(
     };
     let admin_path = crate::admin::socket_path(&config);
     let audit_log_path = config.audit_log.clone();
-    let state = match crate::reload::build(config, &fixed) {
+    let mut state = match crate::reload::build(config, &fixed) {
         Ok(s) => s,
         Err(e) => return (fail(2, &e), None),
     };
     if let Some(s) = &store {
         match s.spent() {
-            Ok(spent) => state.policy.restore_budgets(&state.config, &spent),
+            Ok(spent) => {
+                let config = state.config.clone();
+                state.policy.restore_budgets(&config, &spent)
+            }
             Err(e) => tracing::error!(error = %e, "cannot read saved budgets"),
         }
     }
@@ -180,6 +183,9 @@ async fn serve(
         "policy_version": policy_version,
         "admin_socket": control.admin_socket.get(),
     });
+    // Registered before the line is printed: a script that signals keygate as soon as it saw the
+    // line must get a drained shutdown, not the default action of an unhandled SIGTERM.
+    let signals = stop_signals();
     println!("{line}");
     tracing::info!(listeners = ?urls, "keygate serving");
 
@@ -226,7 +232,7 @@ async fn serve(
         rx,
         Duration::from_secs(10),
     ));
-    let mut stop = Box::pin(wait_for_signal());
+    let mut stop = Box::pin(wait_for_signal(signals));
     loop {
         tokio::select! {
             _ = &mut stop => break,
@@ -251,13 +257,22 @@ async fn serve(
     (ExitCode::SUCCESS, Some((audit, stop_record)))
 }
 
-/// Resolves at the first SIGTERM or SIGINT.
-async fn wait_for_signal() {
+type StopSignals = (
+    std::io::Result<tokio::signal::unix::Signal>,
+    std::io::Result<tokio::signal::unix::Signal>,
+);
+
+/// SIGTERM and SIGINT, handled from the moment this returns.
+fn stop_signals() -> StopSignals {
     use tokio::signal::unix::{signal, SignalKind};
-    match (
+    (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) {
+    )
+}
+
+async fn wait_for_signal(signals: StopSignals) {
+    match signals {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}

@@ -112,7 +112,7 @@ pub struct Finishing {
 }
 
 impl Finishing {
-    /// Finishes `pending` when the body ends; `meter` counts usage for a budget.
+    /// Finishes `pending` when the body ends; `meter` counts usage for the audit and the budget.
     pub fn new(pending: Pending, start: Instant, meter: Option<Meter>) -> Finishing {
         Finishing {
             pending,
@@ -130,7 +130,12 @@ impl Observer for Finishing {
     }
 
     fn end(&mut self, end: End, _bytes_in: u64, bytes_out: u64) {
-        let tokens = self.meter.take().and_then(Meter::settle);
+        // Only a body that ended whole settles to its reported usage; any other end charges
+        // the request's whole reservation.
+        let tokens = self
+            .meter
+            .take()
+            .and_then(|m| m.settle(end == End::Complete));
         let r = self.pending.record();
         r.bytes_out = bytes_out;
         r.latency_ms = ms(self.start);

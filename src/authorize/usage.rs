@@ -1,33 +1,255 @@
-//! Token usage as the upstream reports it, counted from the response stream for budgets.
+//! Token usage: what a request may cost before it is forwarded, and what the upstream says it
+//! cost on the way back.
+//!
+//! - [`plan_request`] reads a budgeted request's JSON body for the most it can cost (its
+//!   `max_tokens` and an estimate of its input) and, for an OpenAI chat completions stream, asks
+//!   the upstream to report usage (`stream_options.include_usage`), which it does not by default.
+//! - [`Meter`] observes the response body: it finds the usage the upstream reports
+//!   ([`UsageScan`]) for the audit record and settles the request's [`Reservation`] when the
+//!   body ends.
+//! - [`StripUsageChunk`] removes the usage-only chunk keygate asked for from what the client
+//!   sees, when the client did not ask for it.
+
+use std::pin::Pin;
+use std::sync::LazyLock;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http::{header, HeaderMap, StatusCode};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use memchr::memmem::Finder;
+use serde_json::Value;
+
+use super::budget::Reservation;
+
+/// Output tokens booked for a request whose body names no `max_tokens` (nor `budget_reserve` is
+/// configured): about one long answer.
+pub const DEFAULT_RESERVE: u64 = 4096;
+
+/// Bytes of text per token, the usual rule of thumb for English and code; used only to book
+/// input tokens, which the upstream's report replaces.
+const BYTES_PER_TOKEN: u64 = 4;
+
+/// What a budgeted request may cost, and how its body changes so the upstream reports usage.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RequestPlan {
+    /// Tokens to reserve: the output the body allows plus its estimated input.
+    pub reserve: u64,
+    /// The body to forward instead, when keygate added `stream_options.include_usage`.
+    pub body: Option<Bytes>,
+    /// The client did not ask for the usage-only chunk keygate asked for: it is removed from
+    /// what the client sees.
+    pub strip_usage_chunk: bool,
+}
+
+/// Reads a budgeted request's body. `path` is the request path; `default_output` is the output
+/// booked when the body names no maximum. A body that is not a JSON object books only that.
+pub fn plan_request(path: &str, body: &[u8], default_output: u64) -> RequestPlan {
+    if body.is_empty() {
+        return RequestPlan::default();
+    }
+    let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(body) else {
+        return RequestPlan {
+            reserve: default_output,
+            ..RequestPlan::default()
+        };
+    };
+    let max_output = ["max_tokens", "max_output_tokens", "max_completion_tokens"]
+        .iter()
+        .filter_map(|k| obj.get(*k).and_then(Value::as_u64))
+        .max()
+        .unwrap_or(default_output);
+    // `n` choices each generate up to the maximum (OpenAI chat allows up to 128).
+    let choices = obj
+        .get("n")
+        .and_then(Value::as_u64)
+        .unwrap_or(1)
+        .clamp(1, 128);
+    let input = object_text_bytes(&obj).div_ceil(BYTES_PER_TOKEN);
+    let mut plan = RequestPlan {
+        reserve: max_output.saturating_mul(choices).saturating_add(input),
+        ..RequestPlan::default()
+    };
+    let streams = obj.get("stream").and_then(Value::as_bool) == Some(true);
+    if streams && path.ends_with("/chat/completions") {
+        let asked = obj
+            .get("stream_options")
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            == Some(true);
+        if !asked {
+            plan.body = Some(ask_for_usage(body, obj));
+            plan.strip_usage_chunk = true;
+        }
+    }
+    plan
+}
+
+/// The body with `stream_options.include_usage: true`. Where the client sent no
+/// `stream_options`, the member is inserted in front so its bytes are otherwise forwarded as
+/// sent; where it did, the object is re-serialized (member order may change, meaning does not).
+fn ask_for_usage(body: &[u8], mut obj: serde_json::Map<String, Value>) -> Bytes {
+    const MEMBER: &[u8] = br#""stream_options":{"include_usage":true}"#;
+    if !obj.contains_key("stream_options") {
+        // The body parsed as an object, so its first non-blank byte is `{`.
+        if let Some(open) = body.iter().position(|b| *b == b'{') {
+            let rest = &body[open + 1..];
+            let empty = rest.iter().all(|b| b.is_ascii_whitespace() || *b == b'}');
+            let mut out = BytesMut::with_capacity(body.len() + MEMBER.len() + 1);
+            out.extend_from_slice(&body[..=open]);
+            out.extend_from_slice(MEMBER);
+            if !empty {
+                out.extend_from_slice(b",");
+            }
+            out.extend_from_slice(rest);
+            return out.freeze();
+        }
+    }
+    let options = obj
+        .entry("stream_options")
+        .or_insert_with(|| Value::Object(serde_json::Map::new()));
+    if !options.is_object() {
+        *options = Value::Object(serde_json::Map::new());
+    }
+    if let Value::Object(o) = options {
+        o.insert("include_usage".into(), Value::Bool(true));
+    }
+    // A map of JSON values serializes without fail; keep the client's body if it somehow did not.
+    serde_json::to_vec(&obj).map_or_else(|_| Bytes::copy_from_slice(body), Bytes::from)
+}
+
+/// Bytes of text in a request: every string value except inline media (base64 `data`,
+/// `file_data`, `data:` URLs), which would make an image look like a novel.
+fn text_bytes(v: &Value) -> u64 {
+    match v {
+        Value::String(s) if s.starts_with("data:") => 0,
+        Value::String(s) => s.len() as u64,
+        Value::Array(a) => a.iter().map(text_bytes).sum(),
+        Value::Object(o) => object_text_bytes(o),
+        _ => 0,
+    }
+}
+
+fn object_text_bytes(o: &serde_json::Map<String, Value>) -> u64 {
+    o.iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "data" | "file_data" | "b64_json"))
+        .map(|(_, v)| text_bytes(v))
+        .sum()
+}
+
+/// Usage accounting for one response body, and the settling of its reservation.
+pub struct Meter {
+    scan: Option<UsageScan>,
+    reservation: Option<Reservation>,
+    success: bool,
+}
+
+impl Meter {
+    /// `reservation` is the request's booking (budgeted agents only).
+    pub fn new(status: StatusCode, headers: &HeaderMap, reservation: Option<Reservation>) -> Meter {
+        // Usage is only looked for in API answers: a downloaded file that happens to hold
+        // `"total_tokens":` must not be charged or audited as usage.
+        let api_answer = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or("").trim())
+            .is_some_and(|m| {
+                m.eq_ignore_ascii_case("application/json")
+                    || m.eq_ignore_ascii_case("text/event-stream")
+            });
+        Meter {
+            scan: api_answer.then(UsageScan::default),
+            reservation,
+            success: status.is_success(),
+        }
+    }
+
+    /// The next bytes of the upstream's body, as they arrived.
+    pub fn feed(&mut self, data: &[u8]) {
+        if let Some(scan) = &mut self.scan {
+            scan.feed(data);
+        }
+    }
+
+    /// Settles the reservation and returns the tokens the upstream reported, if it did.
+    /// `completed`: the upstream's body ended normally (rather than the client leaving, the
+    /// upstream failing or stalling).
+    ///
+    /// A completed answer is charged what it reported; an upstream error what it reported or
+    /// nothing (it generated nothing); anything else, including a stream dropped before its
+    /// usage event, the whole reservation (or the reported usage, if more).
+    pub fn settle(mut self, completed: bool) -> Option<u64> {
+        let reported = self.scan.as_ref().and_then(UsageScan::total);
+        if let Some(r) = self.reservation.take() {
+            match reported {
+                _ if !self.success => r.settle(reported.unwrap_or(0)),
+                Some(t) if completed => r.settle(t),
+                Some(t) => {
+                    let all = r.amount().max(t);
+                    r.settle(all);
+                }
+                None => drop(r), // charged in full
+            }
+        }
+        reported
+    }
+}
+
+static USAGE_KEYS: LazyLock<[Finder<'static>; 3]> = LazyLock::new(|| {
+    [
+        Finder::new(b"\"total_tokens\":"),
+        Finder::new(b"\"input_tokens\":"),
+        Finder::new(b"\"output_tokens\":"),
+    ]
+});
+
+/// Bytes kept from the end of one chunk and taken from the start of the next, so a key and its
+/// number cut across two chunks are still read whole.
+const SEAM: usize = 64;
 
 /// Finds the token usage an upstream reports (`total_tokens`, or `input_tokens` +
 /// `output_tokens`), in JSON or SSE, without parsing the body: the largest value seen of each.
+/// Inside a JSON string the quotes are escaped, so text a model writes cannot pose as usage.
 #[derive(Default)]
 pub struct UsageScan {
     total: u64,
     input: u64,
     output: u64,
+    seen: bool,
     tail: Vec<u8>,
 }
 
 impl UsageScan {
-    /// The next bytes of the response body.
     pub fn feed(&mut self, data: &[u8]) {
-        let mut buf = std::mem::take(&mut self.tail);
-        buf.extend_from_slice(data);
-        for (key, slot) in [
-            (&b"\"total_tokens\":"[..], 0),
-            (b"\"input_tokens\":", 1),
-            (b"\"output_tokens\":", 2),
-        ] {
-            for at in memchr::memmem::find_iter(&buf, key) {
-                let digits = buf[at + key.len()..]
+        // Each chunk is scanned in place, and the seam with the previous one separately; the
+        // seam overlaps both, which is harmless because only the largest value counts.
+        let mut seam = std::mem::take(&mut self.tail);
+        if !seam.is_empty() {
+            seam.extend_from_slice(&data[..data.len().min(SEAM)]);
+            self.scan(&seam);
+        }
+        self.scan(data);
+        // The buffer is reused: this runs for every chunk of every API answer.
+        seam.clear();
+        seam.extend_from_slice(&data[data.len().saturating_sub(SEAM)..]);
+        self.tail = seam;
+    }
+
+    fn scan(&mut self, buf: &[u8]) {
+        for (slot, key) in USAGE_KEYS.iter().enumerate() {
+            for at in key.find_iter(buf) {
+                let mut digits = buf[at + key.needle().len()..]
                     .iter()
                     .skip_while(|b| **b == b' ')
-                    .take_while(|b| b.is_ascii_digit());
+                    .take_while(|b| b.is_ascii_digit())
+                    .peekable();
+                if digits.peek().is_none() {
+                    continue; // `null`, or the number is in the next chunk
+                }
                 let n = digits.fold(0u64, |n, d| {
-                    n.saturating_mul(10).saturating_add((d - b'0') as u64)
+                    n.saturating_mul(10).saturating_add(u64::from(d - b'0'))
                 });
+                self.seen = true;
                 let s = match slot {
                     0 => &mut self.total,
                     1 => &mut self.input,
@@ -36,50 +258,155 @@ impl UsageScan {
                 *s = (*s).max(n);
             }
         }
-        let keep = buf.len().saturating_sub(32);
-        self.tail = buf.split_off(keep);
     }
 
-    /// The tokens reported so far, if any.
     pub fn total(&self) -> Option<u64> {
-        let t = self.total.max(self.input + self.output);
-        (t > 0).then_some(t)
+        self.seen
+            .then(|| self.total.max(self.input.saturating_add(self.output)))
     }
 }
 
-/// Counts a response's usage and charges it to a budget when the response ends.
-pub struct Meter {
-    scan: UsageScan,
-    charge: Box<dyn FnOnce(u64) + Send + Sync>,
+/// A response body without the usage-only chunk of an OpenAI chat completions stream, for a
+/// client that did not ask for it (keygate did). Wraps the body on its way to the client, after
+/// the [`Meter`] has seen the usage.
+pub struct StripUsageChunk<B> {
+    inner: B,
+    filter: UsageChunkFilter,
+    done: bool,
 }
 
-impl Meter {
-    /// A meter that calls `charge` with the reported total, once, if usage was reported.
-    pub fn new(charge: impl FnOnce(u64) + Send + Sync + 'static) -> Meter {
-        Meter {
-            scan: UsageScan::default(),
-            charge: Box::new(charge),
+impl<B> StripUsageChunk<B> {
+    pub fn new(inner: B) -> Self {
+        StripUsageChunk {
+            inner,
+            filter: UsageChunkFilter::default(),
+            done: false,
+        }
+    }
+}
+
+impl<B> HttpBody for StripUsageChunk<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        let out = this.filter.push(data);
+                        if !out.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(out))));
+                        }
+                    }
+                    Err(other) => return Poll::Ready(Some(Ok(other))),
+                },
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => {
+                    this.done = true;
+                    let rest = this.filter.finish();
+                    return Poll::Ready((!rest.is_empty()).then(|| Ok(Frame::data(rest))));
+                }
+            }
         }
     }
 
-    /// The next bytes of the response body.
-    pub fn feed(&mut self, data: &[u8]) {
-        self.scan.feed(data);
+    fn is_end_stream(&self) -> bool {
+        self.done
     }
 
-    /// Charges what was reported; returns it for the audit record.
-    pub fn settle(self) -> Option<u64> {
-        let total = self.scan.total();
-        if let Some(t) = total {
-            (self.charge)(t);
-        }
-        total
+    fn size_hint(&self) -> SizeHint {
+        // Removing the chunk changes the length.
+        SizeHint::default()
     }
+}
+
+/// An event held back waiting for its end may not grow past this; beyond it the filter gives
+/// up on the event (no usage-only chunk is that large) and passes its bytes on.
+const MAX_HELD_EVENT: usize = 256 * 1024;
+
+/// Removes the usage-only chunk (`"choices": []`, `"usage": {…}`) from an OpenAI chat
+/// completions stream. Complete events pass on as they arrive; only an incomplete event's bytes
+/// are held until its blank line.
+#[derive(Default)]
+struct UsageChunkFilter {
+    held: BytesMut,
+}
+
+impl UsageChunkFilter {
+    fn push(&mut self, data: Bytes) -> Bytes {
+        self.held.extend_from_slice(&data);
+        let mut out = BytesMut::new();
+        while let Some(end) = event_end(&self.held) {
+            let event = self.held.split_to(end);
+            if !is_usage_only(&event) {
+                out.extend_from_slice(&event);
+            }
+        }
+        if self.held.len() > MAX_HELD_EVENT {
+            out.extend_from_slice(&self.held.split());
+        }
+        out.freeze()
+    }
+
+    fn finish(&mut self) -> Bytes {
+        let rest = self.held.split().freeze();
+        if is_usage_only(&rest) {
+            Bytes::new()
+        } else {
+            rest
+        }
+    }
+}
+
+/// The length of the first complete SSE event in `buf`, its terminating blank line included.
+fn event_end(buf: &[u8]) -> Option<usize> {
+    let lf = memchr::memmem::find(buf, b"\n\n").map(|i| i + 2);
+    let crlf = memchr::memmem::find(buf, b"\r\n\r\n").map(|i| i + 4);
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Whether an SSE event is the chunk OpenAI sends for `include_usage`: no choices, a usage
+/// object.
+fn is_usage_only(event: &[u8]) -> bool {
+    if memchr::memmem::find(event, b"\"usage\"").is_none() {
+        return false;
+    }
+    let Ok(text) = std::str::from_utf8(event) else {
+        return false;
+    };
+    let data: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|d| d.strip_prefix(' ').unwrap_or(d))
+        .collect();
+    let Ok(v) = serde_json::from_str::<Value>(&data.join("\n")) else {
+        return false;
+    };
+    v.get("choices")
+        .and_then(Value::as_array)
+        .is_some_and(Vec::is_empty)
+        && v.get("usage").is_some_and(Value::is_object)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::authorize::budget::TokenBudget;
+    use std::time::Duration;
 
     #[test]
     fn usage_is_found_across_chunks_in_json_and_sse() {
@@ -91,5 +418,208 @@ mod tests {
         a.feed(br#"event: message_start\ndata: {"usage":{"input_tokens":10,"output_tokens":1}}"#);
         a.feed(br#"event: message_delta\ndata: {"usage":{"output_tokens":15}}"#);
         assert_eq!(a.total(), Some(25));
+    }
+
+    #[test]
+    fn a_number_cut_between_chunks_is_read_whole() {
+        let mut s = UsageScan::default();
+        let mut first = vec![b' '; 1000];
+        first.extend_from_slice(b"{\"total_tokens\": 12");
+        s.feed(&first);
+        s.feed(b"345}");
+        assert_eq!(s.total(), Some(12345));
+    }
+
+    #[test]
+    fn usage_written_by_the_model_is_not_usage() {
+        let mut s = UsageScan::default();
+        s.feed(br#"{"content":"say \"total_tokens\": 99999","usage":null}"#);
+        assert_eq!(s.total(), None);
+    }
+
+    #[test]
+    fn zero_reported_usage_is_reported() {
+        let mut s = UsageScan::default();
+        s.feed(br#"{"usage":{"total_tokens":0}}"#);
+        assert_eq!(s.total(), Some(0));
+    }
+
+    #[test]
+    fn reserve_is_max_tokens_plus_estimated_input() {
+        let body =
+            br#"{"model":"m","max_tokens":100,"messages":[{"role":"user","content":"12345678"}]}"#;
+        let p = plan_request("/v1/messages", body, 4096);
+        // "m", "user", "12345678": 13 bytes -> 4 tokens.
+        assert_eq!(p.reserve, 104);
+        assert_eq!(p.body, None);
+        let p = plan_request("/v1/responses", br#"{"max_output_tokens":7}"#, 4096);
+        assert_eq!(p.reserve, 7);
+        let p = plan_request(
+            "/v1/chat/completions",
+            br#"{"max_completion_tokens":10,"n":3}"#,
+            4096,
+        );
+        assert_eq!(p.reserve, 30);
+    }
+
+    #[test]
+    fn without_a_maximum_the_default_is_booked() {
+        assert_eq!(plan_request("/x", br#"{"input":""}"#, 500).reserve, 500);
+        assert_eq!(plan_request("/x", b"not json", 500).reserve, 500);
+        assert_eq!(plan_request("/x", b"", 500).reserve, 0);
+    }
+
+    #[test]
+    fn inline_images_do_not_count_as_input_text() {
+        let big = "A".repeat(40_000);
+        let body = format!(
+            r#"{{"max_tokens":10,"messages":[{{"content":[{{"type":"image","source":{{"type":"base64","data":"{big}"}}}},{{"type":"image_url","image_url":{{"url":"data:image/png;base64,{big}"}}}}]}}]}}"#
+        );
+        let p = plan_request("/v1/messages", body.as_bytes(), 4096);
+        assert!(p.reserve < 20, "{}", p.reserve);
+    }
+
+    #[test]
+    fn chat_stream_is_asked_for_usage_keeping_the_clients_bytes() {
+        let body = br#"  {"model":"gpt","stream":true,"max_tokens":5}"#;
+        let p = plan_request("/v1/chat/completions", body, 4096);
+        assert!(p.strip_usage_chunk);
+        let sent = p.body.unwrap();
+        assert_eq!(
+            &sent[..],
+            br#"  {"stream_options":{"include_usage":true},"model":"gpt","stream":true,"max_tokens":5}"#
+        );
+    }
+
+    #[test]
+    fn chat_stream_with_stream_options_gets_include_usage_set() {
+        let body = br#"{"stream":true,"stream_options":{"include_usage":false,"x":1}}"#;
+        let p = plan_request("/v1/chat/completions", body, 4096);
+        let v: Value = serde_json::from_slice(&p.body.unwrap()).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["stream_options"]["x"], 1);
+        assert!(p.strip_usage_chunk);
+    }
+
+    #[test]
+    fn a_client_that_asked_for_usage_gets_its_body_and_chunk_untouched() {
+        let body = br#"{"stream":true,"stream_options":{"include_usage":true}}"#;
+        let p = plan_request("/v1/chat/completions", body, 4096);
+        assert_eq!(p.body, None);
+        assert!(!p.strip_usage_chunk);
+        // Not a stream, or not chat completions: nothing to ask for.
+        assert_eq!(
+            plan_request("/v1/chat/completions", br#"{"stream":false}"#, 1).body,
+            None
+        );
+        assert_eq!(
+            plan_request("/v1/responses", br#"{"stream":true}"#, 1).body,
+            None
+        );
+    }
+
+    const USAGE_CHUNK: &[u8] = b"data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":5,\"total_tokens\":14}}\n\n";
+
+    #[test]
+    fn the_usage_only_chunk_is_removed_and_the_rest_passes_as_it_comes() {
+        let mut f = UsageChunkFilter::default();
+        let content = b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n";
+        assert_eq!(&f.push(Bytes::from_static(content))[..], content);
+        // A chunk ending mid-event: the complete part passes, the rest is held.
+        let mut split = content.to_vec();
+        split.extend_from_slice(&USAGE_CHUNK[..20]);
+        assert_eq!(&f.push(Bytes::from(split))[..], content);
+        assert_eq!(&f.push(Bytes::from_static(&USAGE_CHUNK[20..]))[..], b"");
+        assert_eq!(
+            &f.push(Bytes::from_static(b"data: [DONE]\n\n"))[..],
+            b"data: [DONE]\n\n"
+        );
+        assert_eq!(&f.finish()[..], b"");
+    }
+
+    #[test]
+    fn a_filter_never_holds_more_than_its_bound() {
+        let mut f = UsageChunkFilter::default();
+        let out = f.push(Bytes::from(vec![b'x'; MAX_HELD_EVENT + 1]));
+        assert_eq!(out.len(), MAX_HELD_EVENT + 1);
+    }
+
+    fn sse_headers() -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONTENT_TYPE,
+            "text/event-stream; charset=utf-8".parse().unwrap(),
+        );
+        h
+    }
+
+    #[test]
+    fn a_completed_answer_settles_to_its_reported_usage() {
+        let b = TokenBudget::new(150, Duration::from_secs(3600));
+        let mut m = Meter::new(StatusCode::OK, &sse_headers(), b.try_reserve(100).ok());
+        m.feed(USAGE_CHUNK);
+        assert_eq!(m.settle(true), Some(14));
+        assert!(b.try_reserve(136).is_ok());
+    }
+
+    #[test]
+    fn a_stream_dropped_before_its_usage_is_charged_the_whole_reservation() {
+        let b = TokenBudget::new(150, Duration::from_secs(3600));
+        let mut m = Meter::new(StatusCode::OK, &sse_headers(), b.try_reserve(100).ok());
+        m.feed(b"data: {\"choices\":[{}]}\n\n");
+        assert_eq!(m.settle(false), None);
+        assert!(b.try_reserve(51).is_err());
+        assert!(b.try_reserve(50).is_ok());
+    }
+
+    #[test]
+    fn an_upstream_error_costs_nothing() {
+        let b = TokenBudget::new(150, Duration::from_secs(3600));
+        let m = Meter::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            &sse_headers(),
+            b.try_reserve(100).ok(),
+        );
+        assert_eq!(m.settle(true), None);
+        assert!(b.try_reserve(150).is_ok());
+    }
+
+    #[test]
+    fn usage_in_a_downloaded_file_is_not_usage() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, "application/jsonl".parse().unwrap());
+        let mut m = Meter::new(StatusCode::OK, &h, None);
+        m.feed(b"{\"total_tokens\": 5}\n");
+        assert_eq!(m.settle(true), None);
+    }
+
+    /// A body that yields the given chunks, one frame each.
+    struct Chunks(std::collections::VecDeque<Bytes>);
+
+    impl HttpBody for Chunks {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    #[tokio::test]
+    async fn the_stripped_body_is_the_stream_without_its_usage_chunk() {
+        use http_body_util::BodyExt;
+        let content: &[u8] = b"data: {\"choices\":[{\"delta\":{}}],\"usage\":null}\n\n";
+        let done: &[u8] = b"data: [DONE]\n\n";
+        let chunks = [&content[..10], &content[10..], USAGE_CHUNK, done];
+        let body = Chunks(chunks.iter().map(|c| Bytes::copy_from_slice(c)).collect());
+        let out = StripUsageChunk::new(body)
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(&out[..], [content, done].concat());
     }
 }

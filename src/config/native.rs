@@ -79,6 +79,7 @@ struct RawRoute {
     timeout: Option<Spanned<String>>,
     require_json: Option<bool>,
     request_scan: Option<RequestScan>,
+    budget_reserve: Option<u64>,
     allow_range: Option<bool>,
 }
 
@@ -92,6 +93,7 @@ struct RawAgent {
     budget_tokens: Option<Spanned<RawBudget>>,
     #[serde(default)]
     unix_uids: Vec<u32>,
+    budget_reserve: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -445,6 +447,7 @@ fn route(
         timeout,
         require_json: r.require_json.unwrap_or(false),
         request_scan: r.request_scan.unwrap_or(default_scan),
+        budget_reserve: r.budget_reserve,
         allow_range: r.allow_range.unwrap_or(false),
     })
 }
@@ -495,6 +498,13 @@ fn agent(cx: &Ctx, name: &str, a: &RawAgent, routes: &[Route]) -> Result<Agent, 
         }
         None => None,
     };
+    if let (Some(r), None) = (&a.budget_reserve, &budget) {
+        return cx.err(
+            r.span(),
+            &key("budget_reserve"),
+            "budget_reserve applies to a token budget; set budget_tokens too",
+        );
+    }
     Ok(Agent {
         name: name.to_string(),
         person: a.person.clone(),
@@ -504,6 +514,7 @@ fn agent(cx: &Ctx, name: &str, a: &RawAgent, routes: &[Route]) -> Result<Agent, 
         rate,
         budget,
         unix_uids: a.unix_uids.clone(),
+        budget_reserve: a.budget_reserve.as_ref().map(|r| *r.get_ref()),
     })
 }
 
@@ -631,5 +642,18 @@ mod tests {
         ))
         .unwrap_err();
         assert_eq!(e.key, "agents.x.budget_tokens", "{e}");
+    }
+
+    #[test]
+    fn budget_reserve_is_read_for_routes_and_budgeted_agents_only() {
+        let c = load(&format!(
+            "{ROUTE}budget_reserve = 16\n[agents.x]\nbudget_tokens = {{ per = \"day\", limit = 5000 }}\nbudget_reserve = 512\n"
+        ))
+        .unwrap();
+        assert_eq!(c.routes[0].budget_reserve, Some(16));
+        assert_eq!(c.agents[0].budget_reserve, Some(512));
+        let e = load(&format!("{ROUTE}[agents.x]\nbudget_reserve = 512\n")).unwrap_err();
+        assert_eq!(e.key, "agents.x.budget_reserve", "{e}");
+        assert_eq!(e.line, 5, "{e}");
     }
 }

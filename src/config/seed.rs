@@ -157,6 +157,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         timeout,
         require_json: true,
         request_scan: raw.request_scan.unwrap_or(RequestScan::Refuse),
+        budget_reserve: None,
         allow_range: false,
     };
     let agent = Agent {
@@ -172,6 +173,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         rate: None,
         budget: None,
         unix_uids: Vec::new(),
+        budget_reserve: None,
     };
 
     Ok(Config {

@@ -3,7 +3,10 @@
 It listens on 127.0.0.1 with an ephemeral port, records every request exactly as it arrived
 (method, raw target, path, query, headers in order, body), and answers like the real APIs:
 
-  POST .../chat/completions   OpenAI Chat Completions: JSON, or SSE chunks ending `data: [DONE]`
+  POST .../chat/completions   OpenAI Chat Completions: JSON, or SSE chunks ending `data: [DONE]`;
+                              with `stream_options.include_usage` every chunk carries `"usage": null`
+                              and a usage-only chunk (`"choices": []`) precedes `[DONE]`, as the real
+                              API does; without it a stream reports no usage
   POST .../responses          OpenAI Responses: JSON, or `event:`/`data:` SSE events
   POST .../messages           Anthropic Messages: JSON, or message_start ... message_stop SSE
   GET  .../models             OpenAI model list
@@ -212,7 +215,7 @@ class _Handler(BaseHTTPRequestHandler):
         if fake.echo_key:
             self._echo_key(req, stream)
         elif req.path.endswith("/chat/completions"):
-            self._sse(_chat_events(), openai=True) if stream else self._send_json(200, _chat_json(payload))
+            self._sse(_chat_events(_include_usage(payload)), openai=True) if stream else self._send_json(200, _chat_json(payload))
         elif req.path.endswith("/responses"):
             self._sse(_responses_events()) if stream else self._send_json(200, _responses_json())
         elif req.path.endswith("/messages"):
@@ -324,6 +327,7 @@ class _Handler(BaseHTTPRequestHandler):
 # === realistic API payloads ===
 
 CHAT_TEXT = ["Hello", " from", " the", " fake", " upstream"]
+CHAT_USAGE = {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}
 
 
 def _sse_data(obj) -> bytes:
@@ -349,23 +353,43 @@ def _chat_json(payload) -> dict:
                 "finish_reason": "stop",
             }
         ],
-        "usage": {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14},
+        "usage": dict(CHAT_USAGE),
     }
 
 
-def _chat_events() -> list[bytes]:
-    def chunk(delta, finish=None):
-        return _sse_data(
-            {
-                "id": "chatcmpl-fake1",
-                "object": "chat.completion.chunk",
-                "created": 1700000000,
-                "model": "gpt-fake",
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-            }
-        )
+def _include_usage(payload) -> bool:
+    options = payload.get("stream_options") if isinstance(payload, dict) else None
+    return isinstance(options, dict) and options.get("include_usage") is True
 
-    return [chunk({"role": "assistant", "content": ""})] + [chunk({"content": t}) for t in CHAT_TEXT] + [chunk({}, "stop")]
+
+def _chat_events(include_usage: bool = False) -> list[bytes]:
+    def chunk(delta, finish=None):
+        obj = {
+            "id": "chatcmpl-fake1",
+            "object": "chat.completion.chunk",
+            "created": 1700000000,
+            "model": "gpt-fake",
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
+        if include_usage:
+            obj["usage"] = None
+        return _sse_data(obj)
+
+    events = [chunk({"role": "assistant", "content": ""})] + [chunk({"content": t}) for t in CHAT_TEXT] + [chunk({}, "stop")]
+    if include_usage:
+        events.append(
+            _sse_data(
+                {
+                    "id": "chatcmpl-fake1",
+                    "object": "chat.completion.chunk",
+                    "created": 1700000000,
+                    "model": "gpt-fake",
+                    "choices": [],
+                    "usage": CHAT_USAGE,
+                }
+            )
+        )
+    return events
 
 
 def _response_obj(status: str, text: str | None) -> dict:

@@ -297,6 +297,10 @@ def test_spent_budget_holds_across_a_restart(make):
     status = s.admin_json("status")
     (coder,) = [a for a in status["agents"] if a["name"] == "coder"]
     assert coder["budget"]["spent"] >= 20
+    assert int(r.headers["retry-after"]) >= 1
+    # A reload keeps the counter too.
+    s.admin("reload")
+    assert chat(s).status_code == 429
 
 
 def test_revoked_token_stays_revoked_across_a_restart_and_its_id_is_audited(make):

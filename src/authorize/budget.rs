@@ -1,0 +1,298 @@
+//! Token budgets: reserve at admission, settle on the usage the upstream reports.
+//!
+//! A budget that only counted usage after the fact let every concurrent request through while the
+//! first ones were still generating. Here the admission decision and the charge are one step under
+//! one short mutex: [`TokenBudget::try_reserve`] either books the request's worst case against
+//! the period or refuses, and [`Reservation::settle`] later replaces that worst case by what was
+//! actually used. A reservation that is dropped unsettled (the client went away before the usage
+//! event, the stream broke) is charged in full, so no way of ending a request is cheaper than
+//! finishing it.
+//!
+//! Everything is in memory and O(1) per request. Across restarts the settled counter is saved
+//! behind (once a second, by `serve`, through the `StateStore`) and [`TokenBudget::resumed`]
+//! takes it up again in the window it belongs to.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// One agent's budget: at most `limit` tokens per fixed period of `per`, periods counted from
+/// start-up.
+#[derive(Debug)]
+pub struct TokenBudget {
+    limit: u64,
+    per: Duration,
+    origin: Instant,
+    state: Mutex<Window>,
+}
+
+#[derive(Debug)]
+struct Window {
+    /// Which period `charged` belongs to (periods since `origin`).
+    period: u64,
+    /// Tokens settled in this period.
+    charged: u64,
+    /// Tokens booked by requests still in flight. They outlive a period change: a request
+    /// admitted just before the reset still runs, and its tokens land in the period it settles in.
+    reserved: u64,
+}
+
+/// How long until the budget's period resets; a refusal's `Retry-After`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryAfter(pub Duration);
+
+impl RetryAfter {
+    /// Whole seconds, rounded up and at least 1, as `Retry-After` wants them.
+    pub fn secs(self) -> u64 {
+        let d = self.0;
+        (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
+    }
+}
+
+impl TokenBudget {
+    pub fn new(limit: u64, per: Duration) -> Arc<TokenBudget> {
+        Self::starting_at(limit, per, Instant::now())
+    }
+
+    fn starting_at(limit: u64, per: Duration, origin: Instant) -> Arc<TokenBudget> {
+        Arc::new(TokenBudget {
+            limit,
+            // Config refuses a zero period; a zero here would divide by zero below.
+            per: per.max(Duration::from_millis(1)),
+            origin,
+            state: Mutex::new(Window {
+                period: 0,
+                charged: 0,
+                reserved: 0,
+            }),
+        })
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// A budget that continues a window already `age` old with `charged` tokens settled (after a
+    /// restart, from the state store).
+    pub fn resumed(limit: u64, per: Duration, age: Duration, charged: u64) -> Arc<TokenBudget> {
+        let now = Instant::now();
+        let b = Self::starting_at(limit, per, now.checked_sub(age).unwrap_or(now));
+        b.state.lock().unwrap_or_else(|p| p.into_inner()).charged = charged;
+        b
+    }
+
+    /// How old the current window is, and the tokens settled in it.
+    pub fn snapshot(&self) -> (Duration, u64) {
+        let now = Instant::now();
+        let charged = self.window(now).charged;
+        let elapsed = now.saturating_duration_since(self.origin).as_nanos();
+        let age = elapsed % self.per.as_nanos();
+        (
+            Duration::from_nanos(u64::try_from(age).unwrap_or(u64::MAX)),
+            charged,
+        )
+    }
+
+    /// Books `n` tokens if they fit in what is left of this period (settled plus in flight),
+    /// atomically: of many concurrent callers competing for the last tokens, only as many are
+    /// admitted as fit. Nothing is left once the period is spent, so even `n = 0` is refused then.
+    pub fn try_reserve(self: &Arc<Self>, n: u64) -> Result<Reservation, RetryAfter> {
+        self.try_reserve_at(n, Instant::now())
+    }
+
+    fn try_reserve_at(self: &Arc<Self>, n: u64, now: Instant) -> Result<Reservation, RetryAfter> {
+        let mut w = self.window(now);
+        let committed = w.charged.saturating_add(w.reserved);
+        if committed >= self.limit || committed.saturating_add(n) > self.limit {
+            drop(w);
+            return Err(self.retry_after(now));
+        }
+        w.reserved += n;
+        Ok(Reservation {
+            budget: self.clone(),
+            amount: n,
+            settled: false,
+        })
+    }
+
+    /// Whether nothing at all is left in this period: the cheap check made before a request's
+    /// body is read.
+    pub fn spent(&self) -> Result<(), RetryAfter> {
+        let now = Instant::now();
+        let w = self.window(now);
+        if w.charged.saturating_add(w.reserved) >= self.limit {
+            drop(w);
+            return Err(self.retry_after(now));
+        }
+        Ok(())
+    }
+
+    /// Time until the current period ends.
+    pub fn retry_after(&self, now: Instant) -> RetryAfter {
+        let elapsed = now.saturating_duration_since(self.origin).as_nanos();
+        let per = self.per.as_nanos();
+        let left = per - elapsed % per;
+        RetryAfter(Duration::from_nanos(
+            u64::try_from(left).unwrap_or(u64::MAX),
+        ))
+    }
+
+    /// The window, rolled over to the current period first.
+    fn window(&self, now: Instant) -> MutexGuard<'_, Window> {
+        // Nothing under this lock can panic, so a poisoned lock still holds consistent numbers.
+        let mut w = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let elapsed = now.saturating_duration_since(self.origin).as_nanos();
+        let period = u64::try_from(elapsed / self.per.as_nanos()).unwrap_or(u64::MAX);
+        if period > w.period {
+            w.period = period;
+            w.charged = 0;
+        }
+        w
+    }
+
+    fn finish(&self, reserved: u64, charge: u64) {
+        let mut w = self.window(Instant::now());
+        w.reserved = w.reserved.saturating_sub(reserved);
+        w.charged = w.charged.saturating_add(charge);
+    }
+
+    #[cfg(test)]
+    fn committed(&self) -> (u64, u64) {
+        let w = self.window(Instant::now());
+        (w.charged, w.reserved)
+    }
+}
+
+/// Tokens booked for one request. [`settle`](Reservation::settle) it with what the upstream
+/// reported; dropping it unsettled charges all of it.
+#[derive(Debug)]
+pub struct Reservation {
+    budget: Arc<TokenBudget>,
+    amount: u64,
+    settled: bool,
+}
+
+impl Reservation {
+    pub fn amount(&self) -> u64 {
+        self.amount
+    }
+
+    /// Replaces the booking by the tokens actually used: the difference is refunded, or, when the
+    /// upstream used more than was booked, charged on top.
+    pub fn settle(mut self, actual: u64) {
+        self.settled = true;
+        self.budget.finish(self.amount, actual);
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.budget.finish(self.amount, self.amount);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resumed_budget_continues_its_window() {
+        let b = TokenBudget::resumed(100, Duration::from_secs(3600), Duration::from_secs(600), 90);
+        let (age, charged) = b.snapshot();
+        assert_eq!(charged, 90);
+        assert!(age >= Duration::from_secs(600) && age < Duration::from_secs(700));
+        assert!(b.try_reserve(20).is_err());
+        assert!(b.try_reserve(10).is_ok());
+    }
+
+    #[test]
+    fn only_as_many_reservations_as_fit_are_admitted() {
+        let b = TokenBudget::new(250, Duration::from_secs(3600));
+        let held: Vec<_> = (0..8).filter_map(|_| b.try_reserve(100).ok()).collect();
+        assert_eq!(held.len(), 2);
+        assert_eq!(b.committed(), (0, 200));
+    }
+
+    #[test]
+    fn concurrent_reservations_never_overbook() {
+        let b = TokenBudget::new(100, Duration::from_secs(3600));
+        let admitted: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| b.try_reserve(100).map(std::mem::forget).is_ok()))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| usize::from(h.join().unwrap()))
+                .sum()
+        });
+        assert_eq!(admitted, 1);
+    }
+
+    #[test]
+    fn settling_refunds_the_difference() {
+        let b = TokenBudget::new(150, Duration::from_secs(3600));
+        let r = b.try_reserve(100).unwrap();
+        assert!(b.try_reserve(100).is_err());
+        r.settle(14);
+        assert_eq!(b.committed(), (14, 0));
+        assert!(b.try_reserve(100).is_ok());
+    }
+
+    #[test]
+    fn settling_above_the_booking_charges_the_excess() {
+        let b = TokenBudget::new(1000, Duration::from_secs(3600));
+        b.try_reserve(100).unwrap().settle(300);
+        assert_eq!(b.committed(), (300, 0));
+    }
+
+    #[test]
+    fn a_dropped_reservation_is_charged_in_full() {
+        let b = TokenBudget::new(150, Duration::from_secs(3600));
+        drop(b.try_reserve(100).unwrap());
+        assert_eq!(b.committed(), (100, 0));
+        assert!(b.try_reserve(100).is_err());
+        assert!(b.try_reserve(50).is_ok());
+    }
+
+    #[test]
+    fn a_spent_budget_refuses_even_a_request_that_books_nothing() {
+        let b = TokenBudget::new(100, Duration::from_secs(3600));
+        b.try_reserve(100).unwrap().settle(100);
+        assert!(b.try_reserve(0).is_err());
+        assert!(b.spent().is_err());
+    }
+
+    #[test]
+    fn a_request_larger_than_the_whole_budget_never_fits() {
+        let b = TokenBudget::new(100, Duration::from_secs(3600));
+        assert!(b.try_reserve(101).is_err());
+        assert!(b.try_reserve(100).is_ok());
+    }
+
+    #[test]
+    fn the_period_resets_settled_tokens_but_keeps_those_in_flight() {
+        let origin = Instant::now();
+        let b = TokenBudget::starting_at(100, Duration::from_secs(60), origin);
+        b.try_reserve_at(60, origin).unwrap().settle(60);
+        let in_flight = b.try_reserve_at(40, origin).unwrap();
+        assert!(b.try_reserve_at(1, origin).is_err());
+        // Next period: the 60 settled are gone, the 40 still running are not.
+        let later = origin + Duration::from_secs(61);
+        assert!(b.try_reserve_at(61, later).is_err());
+        let r = b.try_reserve_at(60, later).unwrap();
+        drop(in_flight);
+        r.settle(0);
+    }
+
+    #[test]
+    fn retry_after_counts_to_the_end_of_the_period() {
+        let origin = Instant::now();
+        let b = TokenBudget::starting_at(10, Duration::from_secs(60), origin);
+        let at = origin + Duration::from_millis(125_500);
+        assert_eq!(b.retry_after(at).secs(), 55);
+        let refused = b.try_reserve_at(11, at).unwrap_err();
+        assert_eq!(refused.secs(), 55);
+        assert_eq!(RetryAfter(Duration::from_millis(1)).secs(), 1);
+    }
+}
