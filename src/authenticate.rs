@@ -194,8 +194,10 @@ impl Tokens {
         // Two different tokens: which one is the caller? Taking whichever is valid would let a
         // request ride on a token found anywhere next to its own (and leave the audit guessing).
         // The same token twice is what SDKs do (Anthropic's sends `Authorization` and `x-api-key`).
+        // An open lab broker (no client token) takes whatever an SDK sends as its key: nothing
+        // is a token there, so nothing is ambiguous.
         let mut first: Option<&[u8]> = None;
-        for value in candidates(headers) {
+        for value in candidates(headers).filter(|_| self.open_agent.is_none()) {
             match first {
                 None => first = Some(value),
                 Some(f) if f != value => {

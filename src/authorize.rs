@@ -301,7 +301,7 @@ impl Policy {
         if let Some(Some(b)) = self.budgets.get(agent) {
             if let Err(wait) = b.spent() {
                 return Err(Rejection::new(
-                    Code::BudgetExceeded,
+                    Code::BudgetExhausted,
                     format!(
                         "agent {} has used its token budget of {} for this period",
                         a.name,
@@ -336,7 +336,7 @@ impl Policy {
     }
 
     /// Books `tokens` against the agent's budget (check and charge in one step), or refuses
-    /// with 429 `budget_exceeded` and the time until the period resets. `None` for an agent
+    /// with 429 `budget_exhausted` and the time until the period resets. `None` for an agent
     /// without a budget.
     pub fn reserve(
         &self,
@@ -351,7 +351,7 @@ impl Policy {
         match b.try_reserve(tokens) {
             Ok(r) => Ok(Some(r)),
             Err(wait) if tokens > b.limit() => Err(Rejection::new(
-                Code::BudgetExceeded,
+                Code::BudgetExhausted,
                 format!(
                     "this request may use up to {tokens} tokens, more than agent {name}'s whole budget of {} per period; lower max_tokens",
                     b.limit()
@@ -359,7 +359,7 @@ impl Policy {
             )
             .with_retry_after(wait.secs())),
             Err(wait) => Err(Rejection::new(
-                Code::BudgetExceeded,
+                Code::BudgetExhausted,
                 format!(
                     "this request may use up to {tokens} tokens, more than is left of agent {name}'s budget of {} for this period (requests in flight count until they finish)",
                     b.limit()

@@ -99,7 +99,7 @@ catalogue! {
     /// The agent is over its request rate.
     RateLimited = "rate_limited", TOO_MANY_REQUESTS, Agent;
     /// The request may cost more tokens than are left of the agent's budget for the period.
-    BudgetExceeded = "budget_exceeded", TOO_MANY_REQUESTS, Agent;
+    BudgetExhausted = "budget_exhausted", TOO_MANY_REQUESTS, Agent;
     /// The upstream could not be reached or broke the connection.
     UpstreamUnreachable = "upstream_unreachable", BAD_GATEWAY, Upstream;
     /// The upstream answered in a form the redactor cannot read (compressed).

@@ -31,7 +31,8 @@ use crate::credential::{self, Credentials};
 use crate::error::Rejection;
 use crate::forward::{self, Body, Forwarder};
 use crate::guard::{self, Guard, Peer};
-use crate::redact::body::{self as redacting, End, Observer, RedactingBody};
+use crate::redact;
+use crate::redact::body::{End, Observer, RedactingBody};
 use crate::{local, route, scan};
 
 /// Everything a request needs, built once at start-up.
@@ -193,11 +194,10 @@ async fn process(
     // scan (and read the body where policy needs all of it)
     let declared = approval::declared_length(&head);
     let (body, request_redacted) =
-        request_body(state, route, pending, &mut head, body, budgeted).await?;
+        request_body(state, route, pending, &mut head, body, budgeted, body_read).await?;
     let mut plan = usage::RequestPlan::default();
     let (body, streamed, seen) = match body {
         RequestBody::Whole(mut bytes) => {
-            *body_read = true;
             if budgeted {
                 let reserve = Policy::default_reserve(config, agent, authorized.route());
                 plan = usage::plan_request(head.uri.path(), &bytes, reserve);
@@ -273,6 +273,7 @@ async fn request_body(
     head: &mut Parts,
     body: Incoming,
     whole: bool,
+    body_read: &mut bool,
 ) -> Result<(RequestBody, bool), Rejection> {
     let config = &*state.config;
     let mode = route.request_scan;
@@ -285,6 +286,8 @@ async fn request_body(
     let limit = config.max_request_bytes;
     if whole || route.require_json || config.mode == Mode::DryRun || mode == RequestScan::Refuse {
         let mut bytes = guard::read_body(body, limit).await?;
+        // Read whole: a refusal from here on leaves the connection reusable.
+        *body_read = true;
         pending.record().bytes_in = bytes.len() as u64;
         if route.require_json {
             guard::check_json(&bytes)?;
@@ -325,7 +328,7 @@ fn returning(
     let (mut head, body) = up.resp.into_parts();
     let meter = Meter::new(head.status, &head.headers, up.reservation);
     guard::strip_hop_by_hop(&mut head.headers);
-    redacting::redact_headers(&redactor, &mut head.headers);
+    redact::response_head(&redactor, &mut head);
     if bodiless {
         // No body will be polled: the record is complete now.
         r.tokens = meter.settle(true);
@@ -336,7 +339,7 @@ fn returning(
     let stream = (!redactor.is_empty()).then(|| {
         // Redaction may change the length; the body goes out chunked instead.
         head.headers.remove(header::CONTENT_LENGTH);
-        redactor.stream()
+        redactor.response_stream(&head.headers)
     });
     let idle = state.config.routes[up.route].timeout;
     let body = RedactingBody::new(body, stream, Finishing::new(pending, start, Some(meter)))

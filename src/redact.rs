@@ -6,7 +6,9 @@
 //! What is looked for:
 //! - *known values*: each held secret of at least [`MIN_KNOWN_LEN`] bytes, raw and in the
 //!   encodings listed in `known.rs` (base64 at any alignment, percent-encoding, JSON escaping,
-//!   hex), with one leftmost-longest Aho-Corasick automaton;
+//!   hex), with one leftmost-longest Aho-Corasick automaton, run also over a JSON- and
+//!   HTML-unescaped view of the buffer when it holds `\/`, `\u…` or `&…;` (`json_view.rs`), so
+//!   every escape spelling matches;
 //! - *detectors* (optional): credential formats keygate does not hold, named in
 //!   [`detector_names`]; see `detectors.rs`.
 //!
@@ -24,7 +26,10 @@ pub mod body;
 pub mod cli;
 mod detectors;
 mod engine;
+mod headers;
+mod json_view;
 mod known;
+mod sse;
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -32,6 +37,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use engine::{Engine, Span};
+pub use headers::{response_head, response_headers};
 /// The percent-encode set keygate uses for query credentials; the redactor knows its spelling.
 pub use known::COMPONENT as QUERY_COMPONENT;
 pub use known::MIN_KNOWN_LEN;
@@ -46,6 +52,8 @@ pub const HOLD_BACK_MAX: usize = detectors::PEM_MAX;
 /// patterns are the secrets and their encodings.
 pub struct Redactor {
     engine: Engine,
+    /// For decoded text: the joined deltas of SSE events (`sse.rs`).
+    text: Engine,
 }
 
 impl std::fmt::Debug for Redactor {
@@ -91,6 +99,7 @@ impl RedactorBuilder {
 
     pub fn build(self) -> Redactor {
         Redactor {
+            text: Engine::decoded(self.known.clone(), self.detectors),
             engine: Engine::new(self.known, self.detectors),
         }
     }
@@ -142,7 +151,29 @@ impl Redactor {
     pub fn stream(self: Arc<Self>) -> StreamRedactor {
         StreamRedactor {
             scanner: Scanner::new(self),
+            sse: None,
         }
+    }
+
+    /// Whether `name` (a header name) holds a held secret in any case or spelling, or anything
+    /// a detector finds.
+    pub fn holds_in_name(&self, name: &[u8]) -> bool {
+        !self.is_empty() && (self.engine.holds_ignoring_case(name) || !self.find(name).is_empty())
+    }
+
+    /// A redactor for a response body with these headers: an SSE stream (`text/event-stream`)
+    /// also has the text deltas of its events joined and scanned (see `sse.rs`).
+    pub fn response_stream(self: Arc<Self>, headers: &http::HeaderMap) -> StreamRedactor {
+        let is_sse = headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("text/event-stream"));
+        let mut s = Arc::clone(&self).stream();
+        if is_sse {
+            s.sse = Some(sse::Events::new(self));
+        }
+        s
     }
 
     /// The most a stream of this redactor holds back, in bytes.
@@ -171,6 +202,8 @@ pub fn detector_names() -> Vec<&'static str> {
 /// Redacts a body that arrives in chunks, holding back only what could still change.
 pub struct StreamRedactor {
     scanner: Scanner,
+    /// For an SSE response: joins the text deltas of its events (after byte redaction).
+    sse: Option<sse::Events>,
 }
 
 impl StreamRedactor {
@@ -181,6 +214,11 @@ impl StreamRedactor {
         self.scanner.push(chunk, false, |bytes, spans| {
             engine.render(bytes, spans, &mut out)
         });
+        if let Some(sse) = &mut self.sse {
+            let mut events = Vec::with_capacity(out.len());
+            sse.push(&out, &mut events);
+            out = events;
+        }
         Bytes::from(out)
     }
 
@@ -191,6 +229,12 @@ impl StreamRedactor {
         self.scanner.push(&[], true, |bytes, spans| {
             engine.render(bytes, spans, &mut out)
         });
+        if let Some(sse) = &mut self.sse {
+            let mut events = Vec::with_capacity(out.len());
+            sse.push(&out, &mut events);
+            sse.finish(&mut events);
+            out = events;
+        }
         Bytes::from(out)
     }
 }

@@ -13,11 +13,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::HeaderValue;
-use http::HeaderMap;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 
-use super::{Redactor, StreamRedactor};
+use super::StreamRedactor;
 
 /// Why a body stopped before its end.
 #[derive(Debug, thiserror::Error)]
@@ -203,23 +201,6 @@ impl<B, O: Observer> Drop for RedactingBody<B, O> {
     fn drop(&mut self) {
         self.end(End::Dropped);
     }
-}
-
-/// Redacts held secrets from header values; a value that is no longer a valid header after
-/// redaction is replaced whole.
-pub fn redact_headers(redactor: &Redactor, headers: &mut HeaderMap) -> bool {
-    let mut redacted = false;
-    if redactor.is_empty() {
-        return redacted;
-    }
-    for v in headers.values_mut() {
-        if let std::borrow::Cow::Owned(clean) = redactor.redact(v.as_bytes()) {
-            *v = HeaderValue::from_bytes(&clean)
-                .unwrap_or_else(|_| HeaderValue::from_static("[REDACTED]"));
-            redacted = true;
-        }
-    }
-    redacted
 }
 
 /// Finds a [`BodyError`] in an error's source chain (hyper wraps a body's error in its own).

@@ -17,6 +17,7 @@
 use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind};
 
 use super::detectors::{self, Detectors, Eval};
+use super::json_view::Escapes;
 use super::known::{self, Prefixes};
 
 // No Debug here or below: the automaton and prefixes hold every secret's spellings.
@@ -31,6 +32,8 @@ struct Known {
     label_of: Vec<u32>,
     labels: Vec<String>,
     prefixes: Prefixes,
+    /// Every spelling, ASCII-lower-cased, for header names (which arrive lower-cased).
+    lower: Vec<Vec<u8>>,
 }
 
 /// A byte range to replace, and with what label.
@@ -75,7 +78,22 @@ impl Engine {
         self.detectors.is_some()
     }
 
+    /// An engine for every spelling of `held` (see `known.rs`), and the detectors if asked.
     pub(crate) fn new(held: Vec<(String, Vec<u8>)>, detectors: bool) -> Self {
+        Self::with_spellings(held, detectors, known::spellings)
+    }
+
+    /// An engine for text that is already decoded (the joined deltas of an SSE stream): the raw
+    /// values only, so that fewer endings of a delta look like the start of a secret.
+    pub(crate) fn decoded(held: Vec<(String, Vec<u8>)>, detectors: bool) -> Self {
+        Self::with_spellings(held, detectors, |v| vec![v.to_vec()])
+    }
+
+    fn with_spellings(
+        held: Vec<(String, Vec<u8>)>,
+        detectors: bool,
+        spellings: fn(&[u8]) -> Vec<Vec<u8>>,
+    ) -> Self {
         let mut patterns: Vec<Vec<u8>> = Vec::new();
         let mut label_of = Vec::new();
         let mut labels = Vec::new();
@@ -83,7 +101,7 @@ impl Engine {
         for (label, value) in held {
             let index = labels.len() as u32;
             let mut used = false;
-            for p in known::spellings(&value) {
+            for p in spellings(&value) {
                 // Two held secrets with one spelling: the first label wins.
                 if seen.insert(p.clone()) {
                     patterns.push(p);
@@ -112,11 +130,15 @@ impl Engine {
             let automaton = build(kind)
                 .or_else(|_| build(None))
                 .expect("known-value automaton from bounded patterns");
+            let mut lower: Vec<Vec<u8>> = patterns.iter().map(|p| p.to_ascii_lowercase()).collect();
+            lower.sort();
+            lower.dedup();
             Known {
                 automaton,
                 label_of,
                 labels,
                 prefixes: Prefixes::new(patterns),
+                lower,
             }
         });
         let detectors = detectors.then(|| {
@@ -143,6 +165,18 @@ impl Engine {
         }
     }
 
+    /// Whether a held secret occurs in `name` regardless of ASCII case. For short inputs only
+    /// (header names): one search per spelling.
+    pub(crate) fn holds_ignoring_case(&self, name: &[u8]) -> bool {
+        let Some(k) = &self.known else {
+            return false;
+        };
+        let name = name.to_ascii_lowercase();
+        k.lower
+            .iter()
+            .any(|p| memchr::memmem::find(&name, p).is_some())
+    }
+
     /// The longest known pattern: one term of the stream hold-back bound.
     pub(crate) fn longest_known(&self) -> usize {
         self.known
@@ -154,6 +188,9 @@ impl Engine {
     pub(crate) fn scan(&self, buf: &[u8], prev: Option<u8>, eof: bool) -> Scan {
         let mut safe = buf.len();
         let mut hits = Vec::new();
+        // JSON escapes are only looked at for known values: a detector's formats have no
+        // characters that JSON escapes.
+        let escapes = self.known.as_ref().and_then(|_| Escapes::of(buf, eof));
         if let Some(k) = &self.known {
             if !eof {
                 safe = safe.min(k.prefixes.tail_start(buf));
@@ -166,6 +203,26 @@ impl Engine {
                     label: Label::Known(k.label_of[m.pattern().as_usize()]),
                     priority: 0,
                 });
+            }
+            if let Some(esc) = &escapes {
+                if let Some(at) = esc.incomplete.filter(|_| !eof) {
+                    safe = safe.min(at);
+                }
+                if let Some(view) = esc.view(buf) {
+                    if !eof {
+                        safe = safe.min(view.start_of(k.prefixes.tail_start(&view.bytes)));
+                    }
+                    for m in k.automaton.find_iter(&view.bytes) {
+                        let start = view.start_of(m.start());
+                        hits.push(Hit {
+                            key: start,
+                            start,
+                            end: view.end_of(m.end()),
+                            label: Label::Known(k.label_of[m.pattern().as_usize()]),
+                            priority: 0,
+                        });
+                    }
+                }
             }
         }
         if let Some((d, prefixes)) = &self.detectors {
@@ -192,8 +249,12 @@ impl Engine {
                 }
             }
         }
-        // Pull `safe` back until nothing crosses it; it only moves left, so this ends.
+        // Pull `safe` back until nothing crosses it and it falls between JSON escapes (so the
+        // next scan tokenizes as this one did); it only moves left, so this ends.
         loop {
+            if let Some(esc) = &escapes {
+                safe = esc.boundary_at_or_before(safe);
+            }
             let crossing = hits
                 .iter()
                 .filter(|h| h.key < safe && h.end > safe)

@@ -143,6 +143,130 @@ fn longest_spelling_wins_so_no_padding_or_suffix_leaks() {
     assert_eq!(redact_str(&r, &format!("[{b64}]")), "[[REDACTED:k]]");
 }
 
+/// How different JSON encoders write a string's characters.
+#[derive(Clone, Copy)]
+enum JsonStyle {
+    /// PHP `json_encode`: `\/` and `\u00e9`.
+    Php,
+    /// .NET `System.Text.Json`: `\u002B` and `\u00E9` (upper-case hex).
+    DotNet,
+    /// Python `json.dumps`: `\u00e9`, `/` and `+` as they are.
+    Python,
+    /// Every character as `\uXXXX`, non-BMP ones as surrogate pairs.
+    Everything,
+}
+use JsonStyle::*;
+
+fn json_escaped(s: &str, style: JsonStyle) -> String {
+    let mut out = String::new();
+    for c in s.chars() {
+        let mut units = [0u16; 2];
+        let u = |n: u16, upper: bool| {
+            if upper {
+                format!("\\u{n:04X}")
+            } else {
+                format!("\\u{n:04x}")
+            }
+        };
+        match (style, c) {
+            (Everything, c) => {
+                for n in c.encode_utf16(&mut units) {
+                    out.push_str(&u(*n, false));
+                }
+            }
+            (Php, '/') => out.push_str("\\/"),
+            (DotNet, '+') => out.push_str(&u(0x2b, true)),
+            (_, c) if !c.is_ascii() => {
+                for n in c.encode_utf16(&mut units) {
+                    out.push_str(&u(*n, matches!(style, DotNet)));
+                }
+            }
+            (_, c) => out.push(c),
+        }
+    }
+    out
+}
+
+#[test]
+fn every_json_spelling_of_a_held_value_is_redacted() {
+    let secret = format!(
+        "{}/{}+{}\u{e9}\u{1F511}",
+        fake(12, 63),
+        fake(8, 64),
+        fake(6, 65)
+    );
+    let r = Redactor::builder().known("k#j", secret.as_bytes()).build();
+    for style in [Php, DotNet, Python, Everything] {
+        let enc = json_escaped(&secret, style);
+        let body = format!("{{\"error\":\"bad key {enc}\",\"n\":\"caf\\u00e9\\/x\"}}");
+        assert_eq!(
+            redact_str(&r, &body),
+            "{\"error\":\"bad key [REDACTED:k#j]\",\"n\":\"caf\\u00e9\\/x\"}",
+            "{enc}"
+        );
+    }
+    // Mixed within one value: PHP's `\/`, a lower-case `\u002b`, the rest raw.
+    let mixed = secret.replacen('/', "\\/", 1).replace('+', "\\u002b");
+    assert_eq!(redact_str(&r, &mixed), "[REDACTED:k#j]");
+}
+
+#[test]
+fn escaped_json_without_a_held_value_is_left_byte_for_byte() {
+    let r = Redactor::builder()
+        .known("k", fake(20, 66).as_bytes())
+        .build();
+    let body = r#"{"t":"caf\u00e9 \ud83d\ude00 a\/b \\u0041 \"q\" \n \q \u12"}"#;
+    assert!(matches!(r.redact(body.as_bytes()), Cow::Borrowed(_)));
+}
+
+#[test]
+fn json_escaped_secret_split_inside_an_escape_is_redacted_in_a_stream() {
+    let secret = format!("{}/{}", fake(12, 67), fake(12, 68));
+    let r = Arc::new(Redactor::builder().known("k", secret.as_bytes()).build());
+    let input = format!("x {} y", secret.replace('/', "\\u002F"));
+    let slash = input.find('\\').expect("escape");
+    for cut in slash..slash + 6 {
+        assert_eq!(
+            stream_all(&r, input.as_bytes(), &[cut]),
+            b"x [REDACTED:k] y",
+            "cut at {cut}"
+        );
+    }
+}
+
+#[test]
+fn html_character_references_of_a_held_value_are_redacted() {
+    let secret = format!("sk-{}/{}", fake(12, 71), fake(12, 72));
+    let r = Redactor::builder().known("k", secret.as_bytes()).build();
+    for enc in [
+        secret.replace('-', "&#45;"),
+        secret.replace('-', "&#x2d;").replace('/', "&#X2F;"),
+        secret.replace('/', "&sol;"),
+        secret.chars().map(|c| format!("&#{};", c as u32)).collect(),
+    ] {
+        assert_eq!(
+            redact_str(&r, &format!("<p>bad key {enc}</p>")),
+            "<p>bad key [REDACTED:k]</p>",
+            "{enc}"
+        );
+    }
+    // The benign neighbour: an ordinary page with references passes byte for byte.
+    let page =
+        "<a href=\"?a=1&amp;b=2\">caf&eacute; &#8212; &lt;sk&#45;learn&gt; &nbsp;</a> R&D & more";
+    assert!(matches!(r.redact(page.as_bytes()), Cow::Borrowed(_)));
+}
+
+#[test]
+fn request_scan_finds_a_json_escaped_held_value() {
+    let secret = format!("{}+{}", fake(12, 69), fake(12, 70));
+    let r = Redactor::builder()
+        .known("k", secret.as_bytes())
+        .detectors(true)
+        .build();
+    let body = format!(r#"{{"content":"{}"}}"#, secret.replace('+', "\\u002B"));
+    assert_eq!(labels(&r, &body), vec!["k".to_string()]);
+}
+
 // --- detectors: true positives ----------------------------------------------------------------
 
 #[test]
@@ -365,6 +489,8 @@ fn hold_back_bound_covers_the_longest_spelling() {
 fn corpus() -> (Vec<String>, Vec<(String, Vec<u8>)>) {
     let s1 = format!("{}:{}", fake(18, 40), fake(9, 41)); // has a reserved character
     let s2 = fake(24, 42);
+    // `/`, `+` and a non-ASCII character: JSON encoders disagree on all three.
+    let s3 = format!("{}/{}+{}\u{e9}", fake(10, 60), fake(10, 61), fake(6, 62));
     let dashes = "-".repeat(5);
     let pieces = vec![
         s1.clone(),
@@ -403,12 +529,34 @@ fn corpus() -> (Vec<String>, Vec<(String, Vec<u8>)>) {
         "=".into(),
         "token".into(),
         "Zq".into(),
+        s3.clone(),
+        json_escaped(&s3, Php),
+        json_escaped(&s3, DotNet),
+        json_escaped(&s3, Python),
+        json_escaped(&s3, Everything),
+        "\\".into(),
+        "\\u".into(),
+        "\\/".into(),
+        "\\u00".into(),
+        "\\ud83d".into(),
+        "\\ude00".into(),
+        "\\u002B".into(),
+        "\\\\".into(),
+        "\\\"".into(),
+        "\\n".into(),
+        s3.replace('/', "&#x2F;").replace('+', "&plus;"),
+        "&".into(),
+        "&#".into(),
+        "&#4".into(),
+        "&amp;".into(),
+        "&#x2F;".into(),
     ];
     (
         pieces,
         vec![
             ("k1".into(), s1.into_bytes()),
             ("k2".into(), s2.into_bytes()),
+            ("k3".into(), s3.into_bytes()),
         ],
     )
 }
@@ -420,7 +568,7 @@ proptest! {
     /// is redacted exactly as in one buffer and no other byte is altered.
     #[test]
     fn stream_output_equals_whole_buffer_redaction_for_any_chunking(
-        picks in proptest::collection::vec(0usize..33, 1..24),
+        picks in proptest::collection::vec(0usize..54, 1..24),
         noise in proptest::collection::vec(any::<u8>(), 0..16),
         cuts in proptest::collection::vec(0usize..4096, 0..12),
     ) {

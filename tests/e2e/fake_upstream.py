@@ -23,6 +23,10 @@ A test steers it by setting attributes before it sends requests:
                    That proves streaming without any timing assertion.
   gzip             compress JSON answers with gzip when the request's Accept-Encoding allows it, as
                    real APIs do (a proxy that redacts must not be blinded by compression)
+  deltas           a list of strings: streams send these as their text deltas instead of the default
+                   greeting (one event each), as a model streaming token by token would
+  raw_body         bytes: non-streamed answers are exactly these bytes (Content-Type JSON), for
+                   spellings `json.dumps` would not write
   echo_key         the canary mode: the credential the fake received comes back in response headers,
                    in the JSON body (raw, base64, percent-encoded) and, for streams, inside SSE events
                    whose bytes are cut in the middle of the secret and whose second half is sent only
@@ -97,6 +101,8 @@ class FakeUpstream:
         self.first_event_gate: threading.Event | None = None
         self.echo_key = False
         self.gzip = False
+        self.deltas: list[str] | None = None
+        self.raw_body: bytes | None = None
         self.gates: dict[str, threading.Event] = {"n1": threading.Event(), "n2": threading.Event()}
         self.gate_timeout = GATE_TIMEOUT
         self.gate_timeouts: list[str] = []
@@ -212,14 +218,17 @@ class _Handler(BaseHTTPRequestHandler):
             payload = {}
         stream = isinstance(payload, dict) and payload.get("stream") is True
 
-        if fake.echo_key:
+        text = fake.deltas or CHAT_TEXT
+        if fake.raw_body is not None and not stream:
+            self._send_raw(fake.raw_body)
+        elif fake.echo_key:
             self._echo_key(req, stream)
         elif req.path.endswith("/chat/completions"):
-            self._sse(_chat_events(_include_usage(payload)), openai=True) if stream else self._send_json(200, _chat_json(payload))
+            self._sse(_chat_events(_include_usage(payload), text), openai=True) if stream else self._send_json(200, _chat_json(payload))
         elif req.path.endswith("/responses"):
-            self._sse(_responses_events()) if stream else self._send_json(200, _responses_json())
+            self._sse(_responses_events(text)) if stream else self._send_json(200, _responses_json())
         elif req.path.endswith("/messages"):
-            self._sse(_anthropic_events()) if stream else self._send_json(200, _anthropic_json())
+            self._sse(_anthropic_events(text)) if stream else self._send_json(200, _anthropic_json())
         elif req.path.endswith("/models"):
             self._send_json(200, {"object": "list", "data": [{"id": "gpt-fake", "object": "model", "created": 0, "owned_by": "fake"}]})
         else:
@@ -242,6 +251,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
+        self.wfile.flush()
+
+    def _send_raw(self, data: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
         self.wfile.flush()
 
     def _start_stream(self, headers: dict[str, str] | None = None) -> None:
@@ -362,7 +379,7 @@ def _include_usage(payload) -> bool:
     return isinstance(options, dict) and options.get("include_usage") is True
 
 
-def _chat_events(include_usage: bool = False) -> list[bytes]:
+def _chat_events(include_usage: bool = False, text: list[str] = CHAT_TEXT) -> list[bytes]:
     def chunk(delta, finish=None):
         obj = {
             "id": "chatcmpl-fake1",
@@ -375,7 +392,7 @@ def _chat_events(include_usage: bool = False) -> list[bytes]:
             obj["usage"] = None
         return _sse_data(obj)
 
-    events = [chunk({"role": "assistant", "content": ""})] + [chunk({"content": t}) for t in CHAT_TEXT] + [chunk({}, "stop")]
+    events = [chunk({"role": "assistant", "content": ""})] + [chunk({"content": t}) for t in text] + [chunk({}, "stop")]
     if include_usage:
         events.append(
             _sse_data(
@@ -424,14 +441,14 @@ def _response_obj(status: str, text: str | None) -> dict:
     }
 
 
-def _responses_json() -> dict:
-    return _response_obj("completed", "".join(CHAT_TEXT))
+def _responses_json(text: list[str] = CHAT_TEXT) -> dict:
+    return _response_obj("completed", "".join(text))
 
 
-def _responses_events() -> list[bytes]:
+def _responses_events(text: list[str] = CHAT_TEXT) -> list[bytes]:
     seq = iter(range(1000))
     item = {"type": "message", "id": "msg_fake1", "status": "in_progress", "role": "assistant", "content": []}
-    done_item = _responses_json()["output"][0]
+    done_item = _responses_json(text)["output"][0]
     events = [
         _sse_event("response.created", {"type": "response.created", "sequence_number": next(seq), "response": _response_obj("in_progress", None)}),
         # The item and part events real clients (Codex CLI) need before text deltas.
@@ -442,7 +459,7 @@ def _responses_events() -> list[bytes]:
              "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": []}},
         ),
     ]
-    for t in CHAT_TEXT:
+    for t in text:
         events.append(
             _sse_event(
                 "response.output_text.delta",
@@ -461,7 +478,7 @@ def _responses_events() -> list[bytes]:
         _sse_event("response.output_item.done", {"type": "response.output_item.done", "sequence_number": next(seq), "output_index": 0, "item": done_item})
     )
     events.append(
-        _sse_event("response.completed", {"type": "response.completed", "sequence_number": next(seq), "response": _responses_json()})
+        _sse_event("response.completed", {"type": "response.completed", "sequence_number": next(seq), "response": _responses_json(text)})
     )
     return events
 
@@ -479,14 +496,14 @@ def _anthropic_json() -> dict:
     }
 
 
-def _anthropic_events() -> list[bytes]:
+def _anthropic_events(text: list[str] = CHAT_TEXT) -> list[bytes]:
     start = dict(_anthropic_json(), content=[], stop_reason=None, usage={"input_tokens": 9, "output_tokens": 1})
     events = [
         _sse_event("message_start", {"type": "message_start", "message": start}),
         _sse_event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
         _sse_event("ping", {"type": "ping"}),
     ]
-    for t in CHAT_TEXT:
+    for t in text:
         events.append(
             _sse_event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": t}})
         )

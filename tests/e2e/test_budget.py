@@ -53,7 +53,7 @@ def chat(s: NativeSetup, max_tokens: int, stream: bool = True) -> httpx.Response
 
 def assert_budget_refusal(r: httpx.Response) -> None:
     assert r.status_code == 429, r.text
-    assert error_code(r) == "budget_exceeded"
+    assert error_code(r) == "budget_exhausted"
     # The period is an hour: the budget frees up within it.
     assert 1 <= int(r.headers["retry-after"]) <= 3600, r.headers
 
@@ -90,7 +90,7 @@ def test_concurrent_requests_against_a_budget_with_room_for_one_admit_exactly_on
         assert_budget_refusal(r)
     assert len(fake_upstream.requests) == 1
     records = s.kg.audit_records(n=8)
-    assert sorted(r["reason"] for r in records if r["decision"] == "deny") == ["budget_exceeded"] * 7
+    assert sorted(r["reason"] for r in records if r["decision"] == "deny") == ["budget_exhausted"] * 7
     (allowed,) = [r for r in records if r["decision"] == "allow"]
     assert allowed["tokens"] == CHAT_USAGE["total_tokens"]
 

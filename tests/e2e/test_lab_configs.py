@@ -98,6 +98,28 @@ def test_dry_run_example_answers_what_it_would_send_without_a_secret(keygate, tm
     assert not log.exists(), "dry-run ran a secret command"
 
 
+def test_open_lab_broker_takes_an_sdk_sending_two_different_dummy_keys(keygate):
+    # With no client token there is no keygate token to confuse: the Anthropic SDK given both
+    # api_key and auth_token sends two different values, and the lab broker took that.
+    kg = keygate(lab_config("dry-run"))
+    with kg.client() as c:
+        r = c.post(
+            "/v1/chat/completions",
+            json=CHAT_BODY,
+            headers={"Authorization": "Bearer " + "sk-dummy", "x-api-key": "other-dummy"},  # split: repository self-check
+        )
+    assert r.status_code == 200, r.text
+
+
+def test_body_refused_after_it_was_read_leaves_the_connection_open(keygate):
+    kg = keygate(lab_config("dry-run"))
+    with kg.client() as c:
+        r = c.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "invalid_json"
+    assert r.headers.get("connection", "").lower() != "close"
+
+
 def test_dry_run_stream_request_gets_one_sse_event_then_done(keygate):
     kg = keygate(lab_config("dry-run"))
     with kg.client() as c:

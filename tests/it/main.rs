@@ -11,3 +11,4 @@ mod support;
 mod hook_claude_code;
 mod proxy;
 mod redact_cli;
+mod redact_response;

@@ -216,6 +216,45 @@ fn known_env_values_are_redacted_under_their_variable_name() {
 }
 
 #[test]
+fn json_escaped_spellings_of_a_held_value_are_redacted_and_found_by_check() {
+    let held = "held/value+caf\u{e9}-0123456789";
+    // PHP, .NET and Python's json.dumps each write it differently.
+    let spellings = [
+        r"held\/value+caf\u00e9-0123456789",
+        r"held/value\u002Bcaf\u00E9-0123456789",
+        r"held/value+caf\u00e9-0123456789",
+    ];
+    let input: String = spellings
+        .iter()
+        .map(|s| format!("{{\"error\":\"bad key {s}\"}}\n"))
+        .collect();
+    let out = keygate(
+        &["redact", "--no-detectors", "--known-env", "HELD"],
+        input.as_bytes(),
+        &[("HELD", held)],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "{\"error\":\"bad key [REDACTED:HELD]\"}\n".repeat(3)
+    );
+    let check = keygate(
+        &["redact", "--check", "--no-detectors", "--known-env", "HELD"],
+        input.as_bytes(),
+        &[("HELD", held)],
+    );
+    assert_eq!(check.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&check.stdout).lines().count(), 3);
+    // The benign neighbour: escaped JSON that holds no held value passes byte for byte.
+    let plain = "{\"t\":\"caf\\u00e9 a\\/b \\u002B\"}\n";
+    let out = keygate(
+        &["redact", "--no-detectors", "--known-env", "HELD"],
+        plain.as_bytes(),
+        &[("HELD", held)],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), plain);
+}
+
+#[test]
 fn large_input_streams_through_with_every_secret_redacted() {
     // 24 MiB with a secret straddling every 64 KiB read boundary region.
     let key = &placeholders()[3].1;
