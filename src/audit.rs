@@ -121,6 +121,10 @@ pub enum Reason {
     UpstreamBodyError,
     /// The client went away before the answer ended.
     ClientDisconnected,
+    /// The client stopped reading the answer for the route's idle time and was disconnected.
+    ClientStalled,
+    /// The answer ran past the route's `max_response_time`.
+    MaxResponseTimeExceeded,
     /// Refused with this code.
     Refused(crate::error::Code),
     /// The record was dropped unfinished; the reason it had so far.
@@ -138,6 +142,8 @@ impl Reason {
             Reason::UpstreamIdleTimeout => "upstream_idle_timeout",
             Reason::UpstreamBodyError => "upstream_body_error",
             Reason::ClientDisconnected => "client_disconnected",
+            Reason::ClientStalled => "client_stalled",
+            Reason::MaxResponseTimeExceeded => "max_response_time_exceeded",
             Reason::Refused(code) => code.as_str(),
             Reason::Aborted(_) => "aborted",
         }

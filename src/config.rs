@@ -49,6 +49,7 @@ pub struct Config {
     pub approval_notify: Vec<String>,
     pub max_request_bytes: u64,
     pub connect_timeout: Duration,
+    pub connections: Connections,
     /// Browser origins allowed to call keygate; none by default, so a web page cannot.
     pub allowed_origins: Vec<String>,
     pub secrets: Vec<SecretSpec>,
@@ -101,12 +102,45 @@ pub struct Route {
     pub require_json: bool,
     /// What to do with a request that carries a secret or a credential.
     pub request_scan: RequestScan,
+    /// A bound on the whole response, headers to last byte; `None` lets a stream run as long as
+    /// it keeps moving.
+    #[serde(skip_serializing_if = "Option::is_none", with = "humantime_serde_opt")]
+    pub max_response_time: Option<Duration>,
     /// Output tokens a budgeted agent's request on this route books when its body names no
     /// `max_tokens`; overrides the agent's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub budget_reserve: Option<u64>,
     /// Whether `Range` (and `If-Range`, `Request-Range`) go upstream; off, they are dropped.
     pub allow_range: bool,
+}
+
+/// Bounds on every connection a listener accepts (`[connections]`), so idle or stalled peers
+/// cannot hold keygate's file descriptors.
+#[derive(Clone, Debug, Serialize)]
+pub struct Connections {
+    /// Time from accept to the first request head; a silent peer is closed after it.
+    #[serde(with = "humantime_serde_compat")]
+    pub first_request_timeout: Duration,
+    /// Time a connection may sit with no request in flight (HTTP/1 keep-alive and HTTP/2).
+    #[serde(with = "humantime_serde_compat")]
+    pub idle_timeout: Duration,
+    /// Open connections per listener; when full the longest-idle one is closed, or the newcomer
+    /// gets 503 `too_many_connections` when none is idle.
+    pub max_per_listener: usize,
+    /// Time allowed between request body chunks (408 `request_body_timeout`).
+    #[serde(with = "humantime_serde_compat")]
+    pub request_body_timeout: Duration,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Connections {
+            first_request_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(90),
+            max_per_listener: 1024,
+            request_body_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 /// The request exfiltration scan: a request from an agent whose headers or body hold a secret
@@ -408,6 +442,18 @@ mod humantime_serde_compat {
         s: S,
     ) -> Result<S::Ok, S::Error> {
         s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}
+
+mod humantime_serde_opt {
+    pub fn serialize<S: serde::Serializer>(
+        d: &Option<std::time::Duration>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::humantime_serde_compat::serialize(d, s),
+            None => s.serialize_none(),
+        }
     }
 }
 

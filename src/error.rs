@@ -88,6 +88,8 @@ catalogue! {
     SecretInRequest = "secret_in_request", FORBIDDEN, Agent;
     /// No route prefix matches the path.
     RouteNotFound = "route_not_found", NOT_FOUND, Agent;
+    /// The request body sent nothing for `request_body_timeout`.
+    RequestBodyTimeout = "request_body_timeout", REQUEST_TIMEOUT, Agent;
     /// The body is larger than `max_request_bytes`.
     RequestTooLarge = "request_too_large", PAYLOAD_TOO_LARGE, Agent;
     /// A compressed request body, which the scan cannot read.
@@ -110,6 +112,8 @@ catalogue! {
     SecretUnavailable = "secret_unavailable", SERVICE_UNAVAILABLE, Keygate;
     /// The audit log cannot be written, so nothing is forwarded.
     AuditUnavailable = "audit_unavailable", SERVICE_UNAVAILABLE, Keygate;
+    /// The listener holds `max_per_listener` connections and none is idle.
+    TooManyConnections = "too_many_connections", SERVICE_UNAVAILABLE, Keygate;
     /// The route needs a person's approval and there is no channel to ask.
     ApprovalUnavailable = "approval_unavailable", SERVICE_UNAVAILABLE, Keygate;
     /// keygate, or this agent, is frozen (`keygate freeze`).

@@ -8,6 +8,8 @@
 //! method. Also drops hop-by-hop headers, which describe the agent's connection, not the
 //! upstream's, and method-override headers that name the request's own method.
 
+pub mod timeout;
+
 use http::header::{self, HeaderMap, HeaderName};
 use http::request::Parts;
 use http::{Method, Version};
@@ -225,7 +227,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Reads a whole request body, refusing one over `limit` (413) or one that breaks (400).
-pub async fn read_body(body: hyper::body::Incoming, limit: u64) -> Result<bytes::Bytes, Rejection> {
+pub async fn read_body<B>(body: B, limit: u64) -> Result<bytes::Bytes, Rejection>
+where
+    B: http_body::Body<Data = bytes::Bytes>,
+    B::Error: Into<crate::forward::BoxError>,
+{
     use http_body_util::BodyExt;
     let limited = http_body_util::Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
     match limited.collect().await {

@@ -4,24 +4,39 @@
 //! ([`Peer`]: the TCP address, or a Unix socket peer's uid and pid from `SO_PEERCRED`).
 //! Speaks HTTP/1.1 with keep-alive and HTTP/2 with prior knowledge (h2c), detected per
 //! connection. Header size and header read time are bounded, so a slow or huge head cannot tie
-//! keygate up.
+//! keygate up; so are the time to the first request, the time a connection may sit idle, and the
+//! number of connections per listener (`[connections]`): when a listener is full its longest-idle
+//! connection is closed to make room, and when none is idle the newcomer gets 503
+//! `too_many_connections`. Each request carries a [`Closer`] for its connection, which the
+//! response watch uses to drop a client that stopped reading.
 //!
 //! Architecture invariant: TCP listeners are loopback unless config says otherwise (checked in
 //! `config`); Unix sockets are created mode 0600.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
-use crate::config::Listen;
+use crate::audit::{Decision, Reason, Record};
+use crate::config::{Connections, Listen};
+use crate::error::{Code, Rejection};
+use crate::forward::{Body, BoxError};
+use crate::guard::timeout::Closer;
 use crate::guard::Peer;
-use crate::pipeline;
+use crate::pipeline::{self, State};
 use crate::reload::Live;
 
 /// Largest request head accepted (HTTP/1 buffer, HTTP/2 header list).
@@ -91,17 +106,24 @@ fn bind_unix(path: &PathBuf) -> Result<Bound, String> {
 pub async fn run(
     bound: Vec<Bound>,
     state: Arc<Live>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
-    let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
+    // Connection limits are the start-up config's: like the listeners, they change at a restart.
+    let limits = state.state.load().config.connections.clone();
+    let max = effective_max(limits.max_per_listener, bound.len());
+    // Every connection task holds a sender; `recv` returns `None` once the last one is gone.
+    let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
     let mut tasks = tokio::task::JoinSet::new();
     for b in bound {
         let state = state.clone();
-        let graceful = graceful.clone();
         let mut stop = shutdown.clone();
+        let alive = alive_tx.clone();
+        let slots = Arc::new(Slots::new(max));
+        let limits = limits.clone();
         tasks.spawn(async move {
             let name: Arc<str> = b.url().into();
+            tracing::info!(listener = %name, max_connections = max, "listener limits");
             loop {
                 let accepted = tokio::select! {
                     _ = stop.changed() => break,
@@ -109,7 +131,19 @@ pub async fn run(
                 };
                 match accepted {
                     Ok((io, peer)) => {
-                        serve_conn(io, Arc::new(peer), name.clone(), state.clone(), &graceful)
+                        let conn = Accepted {
+                            peer: Arc::new(peer),
+                            listener: name.clone(),
+                            state: state.clone(),
+                            slots: slots.clone(),
+                            limits: limits.clone(),
+                            stop: stop.clone(),
+                            alive: alive.clone(),
+                        };
+                        match io {
+                            Io::Tcp(s) => conn.serve(s),
+                            Io::Unix(s) => conn.serve(s),
+                        }
                     }
                     Err(e) => {
                         // EMFILE and friends: back off briefly instead of spinning.
@@ -123,10 +157,161 @@ pub async fn run(
             }
         });
     }
+    drop(alive_tx);
+    let mut shutdown = shutdown;
     let _ = shutdown.wait_for(|s| *s).await;
     while tasks.join_next().await.is_some() {}
-    if let Ok(g) = Arc::try_unwrap(graceful) {
-        let _ = tokio::time::timeout(grace, g.shutdown()).await;
+    let _ = tokio::time::timeout(grace, alive_rx.recv()).await;
+}
+
+/// The configured cap, lowered to what the open-files limit can hold: each busy connection may
+/// need a second descriptor for its upstream, and audit, listeners and the runtime need some.
+fn effective_max(configured: usize, listeners: usize) -> usize {
+    let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(soft, _)| soft)
+        .unwrap_or(1024);
+    let budget = usize::try_from(nofile.saturating_sub(128) / 2).unwrap_or(usize::MAX);
+    configured.min(budget / listeners.max(1)).max(1)
+}
+
+/// Connections answered with 503 while a listener is full and none is idle; past this they are
+/// closed unanswered, so refusing cannot itself use up descriptors.
+const MAX_REFUSING: usize = 64;
+/// How long an answered-with-503 connection may take to send its request.
+const REFUSE_WITHIN: Duration = Duration::from_secs(5);
+/// How long a connection closed for idleness may take to finish closing.
+const CLOSE_WITHIN: Duration = Duration::from_secs(2);
+
+/// One listener's open connections.
+struct Slots {
+    max: usize,
+    epoch: Instant,
+    open: Mutex<HashMap<u64, Arc<Tracked>>>,
+    next_id: AtomicU64,
+    refusing: AtomicUsize,
+}
+
+/// What the listener knows of one open connection.
+struct Tracked {
+    /// Drops the connection at once: a stalled client, or evicted to make room (it is idle, so
+    /// nothing is lost, and a graceful close would hold its descriptor while a flood goes on).
+    close: Closer,
+    in_flight: AtomicUsize,
+    /// Milliseconds after `Slots::epoch` when the connection last became idle.
+    idle_since: AtomicU64,
+    served: AtomicBool,
+}
+
+impl Slots {
+    fn new(max: usize) -> Self {
+        Slots {
+            max,
+            epoch: Instant::now(),
+            open: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            refusing: AtomicUsize::new(0),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Makes room for a new connection, evicting the longest-idle one if the listener is full;
+    /// `None` when it is full of busy connections.
+    fn admit(&self) -> Option<(u64, Arc<Tracked>)> {
+        let mut open = match self.open.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if open.len() >= self.max {
+            let victim = open
+                .iter()
+                .filter(|(_, t)| t.in_flight.load(Ordering::Acquire) == 0)
+                .min_by_key(|(_, t)| t.idle_since.load(Ordering::Relaxed))
+                .map(|(id, _)| *id)?;
+            if let Some(t) = open.remove(&victim) {
+                t.close.close();
+            }
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let t = Arc::new(Tracked {
+            close: Closer::default(),
+            in_flight: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(self.now_ms()),
+            served: AtomicBool::new(false),
+        });
+        open.insert(id, t.clone());
+        Some((id, t))
+    }
+
+    fn leave(&self, id: u64) {
+        match self.open.lock() {
+            Ok(mut g) => g.remove(&id),
+            Err(p) => p.into_inner().remove(&id),
+        };
+    }
+}
+
+/// Removes a connection from its listener's table when its task ends, however it ends.
+struct Leave(Arc<Slots>, u64);
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        self.0.leave(self.1);
+    }
+}
+
+/// One request in flight on a tracked connection; the connection counts as idle again when the
+/// response body is done or dropped.
+struct InFlight {
+    tracked: Arc<Tracked>,
+    slots: Arc<Slots>,
+}
+
+impl InFlight {
+    fn enter(tracked: &Arc<Tracked>, slots: &Arc<Slots>) -> Self {
+        tracked.served.store(true, Ordering::Relaxed);
+        tracked.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight {
+            tracked: tracked.clone(),
+            slots: slots.clone(),
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.tracked
+            .idle_since
+            .store(self.slots.now_ms(), Ordering::Relaxed);
+        self.tracked.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The response body, holding its request's [`InFlight`] until hyper is done with it.
+pub struct InFlightBody {
+    inner: Body,
+    _in_flight: InFlight,
+}
+
+impl HttpBody for InFlightBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -156,18 +341,20 @@ async fn accept(b: &Bound) -> std::io::Result<(Io, Peer)> {
     }
 }
 
-fn serve_conn(
-    io: Io,
+/// A connection just accepted, with what serving it needs.
+struct Accepted {
     peer: Arc<Peer>,
     listener: Arc<str>,
-    live: Arc<Live>,
-    graceful: &hyper_util::server::graceful::GracefulShutdown,
-) {
-    // Each request takes the state of the moment it arrives and keeps it to its end, so a
-    // reload never changes the policy under a request or stream already running.
-    let svc = service_fn(move |req| {
-        pipeline::handle(live.state.load_full(), peer.clone(), listener.clone(), req)
-    });
+    /// The live state: each request loads the state of the moment it arrives and keeps it to
+    /// its end, so a reload never changes the policy under a request or stream already running.
+    state: Arc<Live>,
+    slots: Arc<Slots>,
+    limits: Connections,
+    stop: watch::Receiver<bool>,
+    alive: mpsc::Sender<()>,
+}
+
+fn builder() -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -178,21 +365,188 @@ fn serve_conn(
     builder
         .http2()
         .max_header_list_size(MAX_HEAD_BYTES as u32)
-        .timer(TokioTimer::new());
-    macro_rules! spawn_conn {
-        ($stream:expr) => {{
-            let conn = builder
-                .serve_connection(TokioIo::new($stream), svc)
-                .into_owned();
-            let conn = graceful.watch(conn);
-            tokio::spawn(async move {
-                // A connection error is the client's (reset, bad framing); nothing to report.
-                let _ = conn.await;
-            });
-        }};
+        .timer(TokioTimer::new())
+        // A peer that vanished without closing (a dead network path, a suspended laptop) is
+        // found by pings, not left holding its streams.
+        .keep_alive_interval(Some(Duration::from_secs(20)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    builder
+}
+
+impl Accepted {
+    fn serve<S>(self, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Some((id, tracked)) = self.slots.admit() else {
+            return self.refuse(stream);
+        };
+        let Accepted {
+            peer,
+            listener,
+            state,
+            slots,
+            limits,
+            mut stop,
+            alive,
+        } = self;
+        let leave = Leave(slots.clone(), id);
+        let svc = {
+            let tracked = tracked.clone();
+            let slots = slots.clone();
+            service_fn(move |mut req| {
+                let in_flight = InFlight::enter(&tracked, &slots);
+                req.extensions_mut().insert(tracked.close.clone());
+                let answer =
+                    pipeline::handle(state.state.load_full(), peer.clone(), listener.clone(), req);
+                async move {
+                    let resp = answer.await?;
+                    Ok::<_, std::convert::Infallible>(resp.map(|inner| InFlightBody {
+                        inner,
+                        _in_flight: in_flight,
+                    }))
+                }
+            })
+        };
+        let conn = builder()
+            .serve_connection(TokioIo::new(stream), svc)
+            .into_owned();
+        tokio::spawn(async move {
+            let _leave = leave;
+            let _alive = alive;
+            tokio::pin!(conn);
+            // Set once the connection was asked to close: by then only its own end, a hard
+            // close or (unless keygate is stopping, which has its own grace) a bound is awaited.
+            let mut closing: Option<Option<tokio::time::Instant>> = None;
+            loop {
+                let check = match closing {
+                    Some(_) => Duration::from_secs(3600),
+                    None => tracked.idle_check(&slots, &limits),
+                };
+                let bound = closing
+                    .flatten()
+                    .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+                tokio::select! {
+                    // A connection error is the client's (reset, bad framing); nothing to report.
+                    _ = conn.as_mut() => break,
+                    _ = tracked.close.closed() => break,
+                    _ = tokio::time::sleep_until(bound), if closing.flatten().is_some() => break,
+                    _ = stop.changed(), if closing.is_none() => {
+                        conn.as_mut().graceful_shutdown();
+                        closing = Some(None);
+                    }
+                    _ = tokio::time::sleep(check), if closing.is_none() => {
+                        if tracked.idle_check(&slots, &limits).is_zero() {
+                            conn.as_mut().graceful_shutdown();
+                            closing = Some(Some(tokio::time::Instant::now() + CLOSE_WITHIN));
+                        }
+                    }
+                }
+            }
+        });
     }
-    match io {
-        Io::Tcp(s) => spawn_conn!(s),
-        Io::Unix(s) => spawn_conn!(s),
+
+    /// The listener is full of busy connections: answer this one's first request with 503
+    /// `too_many_connections` (audited), then close it.
+    fn refuse<S>(self, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        if self.slots.refusing.fetch_add(1, Ordering::AcqRel) >= MAX_REFUSING {
+            self.slots.refusing.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        let Accepted {
+            peer,
+            listener,
+            state,
+            slots,
+            alive,
+            ..
+        } = self;
+        let max = slots.max;
+        let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            let resp = refuse_overloaded(&state.state.load(), &peer, &listener, req, max);
+            async move { Ok::<_, std::convert::Infallible>(resp) }
+        });
+        let mut b = builder();
+        b.http1().keep_alive(false);
+        let conn = b.serve_connection(TokioIo::new(stream), svc).into_owned();
+        tokio::spawn(async move {
+            let _alive = alive;
+            let _ = tokio::time::timeout(REFUSE_WITHIN, conn).await;
+            slots.refusing.fetch_sub(1, Ordering::AcqRel);
+        });
     }
+}
+
+impl Tracked {
+    /// Time left before this connection counts as idle too long; zero when it does.
+    fn idle_check(&self, slots: &Slots, limits: &Connections) -> Duration {
+        let limit = if self.served.load(Ordering::Relaxed) {
+            limits.idle_timeout
+        } else {
+            limits.first_request_timeout
+        };
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return limit;
+        }
+        let idle = Duration::from_millis(
+            slots
+                .now_ms()
+                .saturating_sub(self.idle_since.load(Ordering::Relaxed)),
+        );
+        limit.saturating_sub(idle)
+    }
+}
+
+/// 503 `too_many_connections`, with its audit record.
+fn refuse_overloaded(
+    state: &State,
+    peer: &Peer,
+    listener: &str,
+    req: http::Request<hyper::body::Incoming>,
+    max: usize,
+) -> http::Response<Body> {
+    use http_body_util::BodyExt;
+    let rejection = Rejection::new(
+        Code::TooManyConnections,
+        format!("keygate has {max} busy connections on this listener; retry shortly"),
+    );
+    let request_id = {
+        use rand::Rng;
+        let n: u128 = rand::rng().random();
+        format!("req_{:024x}", n >> 32)
+    };
+    let (head, _) = req.into_parts();
+    let mut resp = rejection.to_response(&request_id);
+    // The path is redacted like every other record's: it is the agent's to write.
+    let scanner = state.credentials.scanner();
+    let mut record = Record::request(
+        &head,
+        &request_id,
+        peer,
+        listener,
+        &state.policy_version,
+        &scanner,
+    );
+    record.person = state.default_person.clone();
+    record.decision = Decision::Deny;
+    record.reason = Reason::Refused(rejection.code);
+    record.status = rejection.status().as_u16();
+    record.blame = Some(rejection.blame());
+    record.bytes_out = resp.body().len() as u64;
+    state.audit.begin(record).finish();
+    resp.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
+    if let Ok(v) = http::HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp.map(|b| {
+        http_body_util::Full::new(b)
+            .map_err(|never: std::convert::Infallible| match never {})
+            .boxed()
+    })
 }

@@ -30,7 +30,7 @@ use crate::config::{Config, Mode, RequestScan, Route};
 use crate::credential::{self, Credentials};
 use crate::error::Rejection;
 use crate::forward::{self, Body, Forwarder};
-use crate::guard::{self, Guard, Peer};
+use crate::guard::{self, timeout, Guard, Peer};
 use crate::redact;
 use crate::redact::body::{End, Observer, RedactingBody};
 use crate::{local, route, scan};
@@ -73,6 +73,7 @@ pub async fn handle(
     let start = Instant::now();
     let request_id = new_request_id();
     let (head, body) = req.into_parts();
+    let closer = head.extensions.get::<timeout::Closer>().cloned();
     let scanner = state.credentials.scanner();
     let mut record = Record::request(
         &head,
@@ -100,7 +101,7 @@ pub async fn handle(
             pending.finish();
             resp.map(full)
         }
-        Ok(Answer::Upstream(resp)) => returning(&state, resp, pending, start),
+        Ok(Answer::Upstream(resp)) => returning(&state, resp, pending, start, closer),
         Err(rejection) => {
             let r = pending.record();
             r.decision = Decision::Deny;
@@ -151,6 +152,8 @@ async fn process(
     body_read: &mut bool,
 ) -> Result<Answer, Rejection> {
     let config = &*state.config;
+    let body = timeout::ReadTimeout::new(body, config.connections.request_body_timeout);
+    let body_timeout = body.probe();
 
     // guard
     state.guard.check(&head, peer)?;
@@ -240,7 +243,7 @@ async fn process(
     if let Some(count) = streamed {
         pending.record().bytes_in = count.load(Ordering::Relaxed);
     }
-    let resp = resp?;
+    let resp = resp.map_err(|e| body_timeout.explain(e))?;
     state
         .credentials
         .after_answer(resp.status(), route, secret.as_deref());
@@ -271,7 +274,7 @@ async fn request_body(
     route: &Route,
     pending: &mut Pending,
     head: &mut Parts,
-    body: Incoming,
+    body: timeout::ReadTimeout<Incoming>,
     whole: bool,
     body_read: &mut bool,
 ) -> Result<(RequestBody, bool), Rejection> {
@@ -285,7 +288,10 @@ async fn request_body(
     head.headers.remove(header::CONTENT_LENGTH);
     let limit = config.max_request_bytes;
     if whole || route.require_json || config.mode == Mode::DryRun || mode == RequestScan::Refuse {
-        let mut bytes = guard::read_body(body, limit).await?;
+        let probe = body.probe();
+        let mut bytes = guard::read_body(body, limit)
+            .await
+            .map_err(|e| probe.explain(e))?;
         // Read whole: a refusal from here on leaves the connection reusable.
         *body_read = true;
         pending.record().bytes_in = bytes.len() as u64;
@@ -314,6 +320,7 @@ fn returning(
     up: Upstream,
     mut pending: Pending,
     start: Instant,
+    closer: Option<timeout::Closer>,
 ) -> Response<Body> {
     let r = pending.record();
     r.decision = Decision::Allow;
@@ -341,15 +348,17 @@ fn returning(
         head.headers.remove(header::CONTENT_LENGTH);
         redactor.response_stream(&head.headers)
     });
-    let idle = state.config.routes[up.route].timeout;
-    let body = RedactingBody::new(body, stream, Finishing::new(pending, start, Some(meter)))
-        .idle_timeout(idle)
-        .map_err(Into::into);
+    let route = &state.config.routes[up.route];
+    let watch = timeout::ResponseWatch::start(route.timeout, route.max_response_time, closer);
+    let finishing = Finishing::new(pending, start, Some(meter)).watched(watch.verdict_handle());
+    let body = RedactingBody::new(body, stream, finishing)
+        .idle_timeout(route.timeout)
+        .map_err(forward::BoxError::from);
     let body = if up.strip_usage_chunk && head.status.is_success() {
         head.headers.remove(header::CONTENT_LENGTH);
-        StripUsageChunk::new(body).boxed()
+        watch.wrap(StripUsageChunk::new(body)).boxed()
     } else {
-        body.boxed()
+        watch.wrap(body).boxed()
     };
     Response::from_parts(head, body)
 }

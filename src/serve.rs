@@ -1,5 +1,8 @@
 //! `keygate serve` and `keygate check`: load the config, build the pipeline's state, start the
-//! listeners, and run until SIGINT or SIGTERM.
+//! listeners, and run until a terminating signal (TERM, INT, QUIT, USR1, USR2, ALRM, VTALRM,
+//! PROF, XCPU, IO, PWR), then drain and
+//! write the `stop` record. SIGHUP reloads the config (`reload.rs`); SIGPIPE is ignored
+//! (Rust's runtime already does so).
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -32,7 +35,13 @@ pub fn serve_main(args: ServeArgs) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(1, &format!("cannot start the runtime: {e}")),
     };
-    let (code, audit) = rt.block_on(serve(config, args.audit_log.as_deref()));
+    // Registered before anything is served, so no terminating signal can kill keygate between
+    // the first request and the drain that writes its record.
+    let signals = match rt.block_on(async { Signals::new() }) {
+        Ok(s) => s,
+        Err(e) => return fail(1, &format!("cannot handle signals: {e}")),
+    };
+    let (code, audit) = rt.block_on(serve(config, args.audit_log.as_deref(), signals));
     // Dropping the runtime drops every connection still open after the grace period; each
     // request's `audit::Pending` then writes its record (`aborted`) into the still-open log.
     rt.shutdown_timeout(Duration::from_secs(2));
@@ -49,24 +58,17 @@ pub fn serve_main(args: ServeArgs) -> ExitCode {
 async fn serve(
     mut config: Config,
     audit_override: Option<&Path>,
+    mut signals: Signals,
 ) -> (ExitCode, Option<(Arc<AuditLog>, crate::audit::Lifecycle)>) {
     if let Some(p) = audit_override {
         config.audit_log = p.to_path_buf();
     }
-    // Registered before anything else, so a SIGHUP that arrives during start-up is a reload
-    // request, never the default action (exit).
-    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot handle SIGHUP; reload with `keygate reload`");
-            None
-        }
-    };
     let store = match crate::state::dir(&config) {
         Some(dir) => match crate::state::open(&dir) {
             Ok(s) => Some(s),
-            // A configured state_dir that cannot be used is an error; the default location
-            // falling through leaves keygate running with state in memory only.
+            // A configured state_dir that cannot be used (or trusted: someone else could have
+            // written tokens or lifted a freeze there) is an error; the default location falling
+            // through leaves keygate running with state in memory only.
             Err(e) if config.state_dir.is_some() => return (fail(2, &e.to_string()), None),
             Err(e) => {
                 tracing::warn!(error = %e, "no durable state; freezes and budgets last until keygate stops");
@@ -183,9 +185,6 @@ async fn serve(
         "policy_version": policy_version,
         "admin_socket": control.admin_socket.get(),
     });
-    // Registered before the line is printed: a script that signals keygate as soon as it saw the
-    // line must get a drained shutdown, not the default action of an unhandled SIGTERM.
-    let signals = stop_signals();
     println!("{line}");
     tracing::info!(listeners = ?urls, "keygate serving");
 
@@ -232,16 +231,17 @@ async fn serve(
         rx,
         Duration::from_secs(10),
     ));
-    let mut stop = Box::pin(wait_for_signal(signals));
-    loop {
-        tokio::select! {
-            _ = &mut stop => break,
-            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => None } } => {
+    // SIGHUP reloads (a failed reload is logged and audited; keygate keeps serving); the other
+    // signals stop it.
+    let name = loop {
+        match signals.wait().await {
+            Signal::Stop(name) => break name,
+            Signal::Hangup => {
                 let _ = live.reload("SIGHUP").await;
             }
         }
-    }
-    tracing::info!("shutting down");
+    };
+    tracing::info!(signal = name, "shutting down");
     let _ = tx.send(true);
     let _ = server.await;
     if let Some(a) = admin {
@@ -257,32 +257,70 @@ async fn serve(
     (ExitCode::SUCCESS, Some((audit, stop_record)))
 }
 
-type StopSignals = (
-    std::io::Result<tokio::signal::unix::Signal>,
-    std::io::Result<tokio::signal::unix::Signal>,
-);
-
-/// SIGTERM and SIGINT, handled from the moment this returns.
-fn stop_signals() -> StopSignals {
-    use tokio::signal::unix::{signal, SignalKind};
-    (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    )
+/// Every catchable signal whose default action would end keygate without draining.
+struct Signals {
+    stop: Vec<(&'static str, tokio::signal::unix::Signal)>,
+    hangup: tokio::signal::unix::Signal,
+    _file_size: tokio::signal::unix::Signal,
 }
 
-async fn wait_for_signal(signals: StopSignals) {
-    match signals {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut stop = Vec::new();
+        for (name, kind) in [
+            ("SIGTERM", SignalKind::terminate()),
+            ("SIGINT", SignalKind::interrupt()),
+            ("SIGQUIT", SignalKind::quit()),
+            ("SIGUSR1", SignalKind::user_defined1()),
+            ("SIGUSR2", SignalKind::user_defined2()),
+            ("SIGALRM", SignalKind::alarm()),
+            ("SIGVTALRM", SignalKind::from_raw(nix::libc::SIGVTALRM)),
+            ("SIGPROF", SignalKind::from_raw(nix::libc::SIGPROF)),
+            ("SIGXCPU", SignalKind::from_raw(nix::libc::SIGXCPU)),
+            ("SIGIO", SignalKind::io()),
+            ("SIGPWR", SignalKind::from_raw(nix::libc::SIGPWR)),
+        ] {
+            stop.push((name, signal(kind)?));
         }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
+        Ok(Signals {
+            stop,
+            hangup: signal(SignalKind::hangup())?,
+            // Over the file-size limit a write fails (EFBIG, reported by the audit log) instead
+            // of the process dying with records unwritten.
+            _file_size: signal(SignalKind::from_raw(nix::libc::SIGXFSZ))?,
+        })
+    }
+
+    /// Waits for the next signal: a terminating one (named), or SIGHUP.
+    async fn wait(&mut self) -> Signal {
+        let stop = first_of(&mut self.stop);
+        tokio::select! {
+            name = stop => Signal::Stop(name),
+            _ = self.hangup.recv() => Signal::Hangup,
         }
     }
+}
+
+/// What a signal asks of keygate.
+enum Signal {
+    /// Drain and stop.
+    Stop(&'static str),
+    /// Re-read the config (reload).
+    Hangup,
+}
+
+/// The first of several signal streams to fire.
+async fn first_of(signals: &mut [(&'static str, tokio::signal::unix::Signal)]) -> &'static str {
+    std::future::poll_fn(|cx| {
+        for (name, s) in signals.iter_mut() {
+            if s.poll_recv(cx).is_ready() {
+                return std::task::Poll::Ready(*name);
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 fn fail(code: u8, msg: &str) -> ExitCode {
@@ -343,9 +381,18 @@ fn init_tracing() {
         .try_init();
 }
 
-/// Keeps secrets out of core dumps and away from same-user ptrace (invariant 1).
+/// Keeps secrets out of core dumps and away from same-user ptrace (invariant 1), and raises the
+/// open-files limit to its hard limit, so the usual soft 1,024 does not cap connections.
 fn harden_process() {
-    let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0);
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let _ = setrlimit(Resource::RLIMIT_CORE, 0, 0);
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(soft, hard, error = %e, "could not raise the open-files limit");
+            }
+        }
+    }
     if let Err(e) = nix::sys::prctl::set_dumpable(false) {
         tracing::warn!(error = %e, "could not mark the process non-dumpable");
     }
@@ -376,6 +423,9 @@ pub fn token_main(cmd: crate::cli::TokenCommand) -> ExitCode {
                 );
             }
             let ttl = match crate::config::parse_duration(&ttl) {
+                Ok(t) if t < Duration::from_secs(1) => {
+                    return fail(2, &format!("--ttl: {}", store::StoreError::TtlTooShort(t)))
+                }
                 Ok(t) => t,
                 Err(e) => return fail(2, &format!("--ttl: {e}")),
             };

@@ -22,6 +22,56 @@ use crate::config::Config;
 pub enum StateError {
     #[error("state store {}: {message}", path.display())]
     Store { path: PathBuf, message: String },
+    /// Anyone who can write the state (or replace it in its directory) can mint tokens and lift
+    /// freezes.
+    #[error("{}: {why}; keygate does not trust it (fix: chown to yourself and chmod {fix})", path.display())]
+    Untrusted {
+        path: PathBuf,
+        why: String,
+        fix: &'static str,
+    },
+}
+
+/// Refuses a state dir or file that another user could have written: owned by another uid, or
+/// writable by group or others.
+fn check_trusted(path: &Path, fix: &'static str) -> Result<(), StateError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(StateError::Store {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })
+        }
+    };
+    let me = nix::unistd::geteuid().as_raw();
+    let why = if meta.uid() != me {
+        format!("owned by uid {}, not by keygate's uid {me}", meta.uid())
+    } else if meta.mode() & 0o022 != 0 {
+        format!(
+            "writable by group or others (mode {:o})",
+            meta.mode() & 0o777
+        )
+    } else {
+        return Ok(());
+    };
+    Err(StateError::Untrusted {
+        path: path.to_path_buf(),
+        why,
+        fix,
+    })
+}
+
+/// Checks the state dir and the files in it, where they exist, before anything is opened (or
+/// the dir's mode set, which would quietly bless a dir someone else could have written into).
+pub fn check_trust(dir: &Path) -> Result<(), StateError> {
+    check_trusted(dir, "700")?;
+    for f in ["state.db", "state.db-wal", "state.db-shm", "tokens.json"] {
+        check_trusted(&dir.join(f), "600")?;
+    }
+    Ok(())
 }
 
 /// What is frozen: everything, or one agent.
@@ -163,6 +213,7 @@ pub fn default_dir() -> Option<PathBuf> {
 
 /// Opens the embedded store in `dir`, creating it (mode 0700) if needed.
 pub fn open(dir: &Path) -> Result<Arc<dyn StateStore>, StateError> {
+    check_trust(dir)?;
     Ok(Arc::new(sqlite::Sqlite::open(dir)?))
 }
 

@@ -9,6 +9,7 @@ use sha2::{Digest, Sha256};
 use super::{Decision, PeerRecord, Pending, Reason, Record};
 use crate::authorize::usage::Meter;
 use crate::config::{Agent, Route};
+use crate::guard::timeout::Verdict;
 use crate::guard::Peer;
 use crate::redact::body::{End, Observer};
 use crate::redact::Redactor;
@@ -109,6 +110,7 @@ pub struct Finishing {
     pending: Pending,
     start: Instant,
     meter: Option<Meter>,
+    verdict: Option<Verdict>,
 }
 
 impl Finishing {
@@ -118,7 +120,14 @@ impl Finishing {
             pending,
             start,
             meter,
+            verdict: None,
         }
+    }
+
+    /// A body ended by the response watch (client stalled, deadline) is recorded as such.
+    pub fn watched(mut self, verdict: Verdict) -> Finishing {
+        self.verdict = Some(verdict);
+        self
     }
 }
 
@@ -146,7 +155,12 @@ impl Observer for Finishing {
             End::Complete => None,
             End::Idle => Some(Reason::UpstreamIdleTimeout),
             End::Broken | End::TooLarge => Some(Reason::UpstreamBodyError),
-            End::Dropped => Some(Reason::ClientDisconnected),
+            End::Dropped => Some(
+                self.verdict
+                    .as_ref()
+                    .and_then(Verdict::get)
+                    .unwrap_or(Reason::ClientDisconnected),
+            ),
         };
         if let Some(reason) = ended {
             r.reason = reason;

@@ -53,6 +53,8 @@ pub enum StoreError {
     Corrupt { path: PathBuf, reason: String },
     #[error(transparent)]
     State(#[from] crate::state::StateError),
+    #[error("a token's lifetime must be at least 1s (got {0:?})")]
+    TtlTooShort(Duration),
 }
 
 const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
@@ -125,6 +127,9 @@ pub fn read(dir: &Path) -> Result<Vec<Issued>, StoreError> {
 
 /// Issues a token for `agent`, valid for `ttl`; returns the token (shown once) and its record.
 pub fn issue(dir: &Path, agent: &str, ttl: Duration) -> Result<(String, Issued), StoreError> {
+    if ttl < Duration::from_secs(1) {
+        return Err(StoreError::TtlTooShort(ttl));
+    }
     let token = mint();
     let created = now();
     let rec = Issued {
@@ -132,7 +137,7 @@ pub fn issue(dir: &Path, agent: &str, ttl: Duration) -> Result<(String, Issued),
         agent: agent.to_string(),
         sha256: hash_hex(token.as_bytes()),
         created,
-        expires: created.saturating_add(ttl.as_secs().max(1)),
+        expires: created.saturating_add(ttl.as_secs()),
         revoked: false,
     };
     open(dir)?.add_token(&rec)?;
@@ -199,5 +204,37 @@ mod tests {
         assert!(dir.path().join("tokens.json.migrated").exists());
         issue(dir.path(), "coder", Duration::from_secs(60)).unwrap();
         assert_eq!(read(dir.path()).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_token_store_or_dir_others_can_write_is_refused() {
+        use crate::state::StateError;
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        issue(dir.path(), "coder", Duration::from_secs(60)).unwrap();
+        let file = dir.path().join("state.db");
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o620)).unwrap();
+        let e = read(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("writable by group or others"), "{e}");
+        assert!(issue(dir.path(), "coder", Duration::from_secs(60)).is_err());
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
+        let e = read(dir.path()).unwrap_err();
+        assert!(
+            matches!(e, StoreError::State(StateError::Untrusted { .. })),
+            "{e}"
+        );
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).unwrap();
+        assert_eq!(read(dir.path()).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_lifetime_under_one_second_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for ttl in [Duration::ZERO, Duration::from_millis(999)] {
+            let e = issue(dir.path(), "coder", ttl).unwrap_err();
+            assert!(matches!(e, StoreError::TtlTooShort(_)), "{e}");
+        }
+        assert!(issue(dir.path(), "coder", Duration::from_secs(1)).is_ok());
     }
 }

@@ -31,12 +31,22 @@ struct Raw {
     allowed_origins: Option<Vec<String>>,
     request_scan: Option<RequestScan>,
     approval_notify: Option<Spanned<Vec<String>>>,
+    connections: Option<RawConnections>,
     #[serde(default)]
     secrets: BTreeMap<String, RawSecret>,
     #[serde(default)]
     routes: BTreeMap<String, RawRoute>,
     #[serde(default)]
     agents: BTreeMap<String, RawAgent>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConnections {
+    first_request_timeout: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
+    max_per_listener: Option<Spanned<usize>>,
+    request_body_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -48,6 +58,8 @@ struct RawSecret {
     argv: Option<Vec<String>>,
     timeout: Option<Spanned<String>>,
     ttl: Option<Spanned<String>>,
+    /// Environment variables passed to a `command` source (its environment is otherwise cleared).
+    env: Option<Vec<String>>,
     // openbao
     address: Option<String>,
     token_env: Option<String>,
@@ -79,6 +91,7 @@ struct RawRoute {
     timeout: Option<Spanned<String>>,
     require_json: Option<bool>,
     request_scan: Option<RequestScan>,
+    max_response_time: Option<Spanned<String>>,
     budget_reserve: Option<u64>,
     allow_range: Option<bool>,
 }
@@ -184,6 +197,11 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         None => Duration::from_secs(10),
     };
 
+    let connections = match &raw.connections {
+        Some(c) => connections(&cx, c)?,
+        None => Connections::default(),
+    };
+
     let mut routes = Vec::new();
     for (name, r) in &raw.routes {
         let scan = raw.request_scan.unwrap_or(RequestScan::Refuse);
@@ -234,11 +252,45 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         approval_notify,
         max_request_bytes: raw.max_request_bytes.unwrap_or(262_144),
         connect_timeout,
+        connections,
         allowed_origins: raw.allowed_origins.unwrap_or_default(),
         secrets,
         routes,
         agents,
         seed: None,
+    })
+}
+
+fn connections(cx: &Ctx, c: &RawConnections) -> Result<Connections, ConfigError> {
+    let d = Connections::default();
+    let dur = |v: &Option<Spanned<String>>, k: &str, default: Duration| match v {
+        Some(v) => cx.duration(v, &format!("connections.{k}")),
+        None => Ok(default),
+    };
+    let max_per_listener = match &c.max_per_listener {
+        Some(m) if *m.get_ref() == 0 => {
+            return cx.err(
+                m.span(),
+                "connections.max_per_listener",
+                "must be at least 1",
+            )
+        }
+        Some(m) => *m.get_ref(),
+        None => d.max_per_listener,
+    };
+    Ok(Connections {
+        first_request_timeout: dur(
+            &c.first_request_timeout,
+            "first_request_timeout",
+            d.first_request_timeout,
+        )?,
+        idle_timeout: dur(&c.idle_timeout, "idle_timeout", d.idle_timeout)?,
+        max_per_listener,
+        request_body_timeout: dur(
+            &c.request_body_timeout,
+            "request_body_timeout",
+            d.request_body_timeout,
+        )?,
     })
 }
 
@@ -268,7 +320,11 @@ fn secret(cx: &Ctx, name: &str, s: &RawSecret) -> Result<SecretSpec, ConfigError
                 Some(t) => cx.duration(t, &key("timeout"))?,
                 None => Duration::from_secs(10),
             };
-            SecretSource::Command { argv, timeout }
+            let env = s.env.clone().unwrap_or_default();
+            if let Some(bad) = env.iter().find(|v| v.is_empty() || v.contains('=')) {
+                return cx.missing(&table, "env", &format!("{bad:?} is not an environment variable name"));
+            }
+            SecretSource::Command { argv, timeout, env }
         }
         "openbao" | "vault" => {
             let token = match (&s.token_env, &s.token_file) {
@@ -431,7 +487,12 @@ fn route(
         Some(t) => cx.duration(t, &key("timeout"))?,
         None => default_timeout,
     };
+    let max_response_time = match &r.max_response_time {
+        Some(t) => Some(cx.duration(t, &key("max_response_time"))?),
+        None => None,
+    };
     Ok(Route {
+        max_response_time,
         name: name.to_string(),
         prefix,
         upstream,

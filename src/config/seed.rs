@@ -127,6 +127,8 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         } => SecretSource::Command {
             argv,
             timeout: Duration::from_secs_f64(timeout_seconds.unwrap_or(10.0).clamp(0.001, 3600.0)),
+            // The lab format has no way to name variables; the tool's own prefix passes.
+            env: Vec::new(),
         },
         RawSource::File { path } => SecretSource::File {
             path: expand_home(&path),
@@ -157,6 +159,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         timeout,
         require_json: true,
         request_scan: raw.request_scan.unwrap_or(RequestScan::Refuse),
+        max_response_time: None,
         budget_reserve: None,
         allow_range: false,
     };
@@ -189,6 +192,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         approval_notify: Vec::new(),
         max_request_bytes: raw.max_request_bytes,
         connect_timeout: Duration::from_secs(10).min(timeout),
+        connections: Connections::default(),
         allowed_origins: raw.allowed_origins,
         secrets: vec![SecretSpec {
             name: "default".into(),

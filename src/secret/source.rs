@@ -32,6 +32,9 @@ pub enum SecretSource {
     Command {
         argv: Vec<String>,
         timeout: Duration,
+        /// Variables passed from keygate's environment besides [`BASE_ENV`] and the tool's own
+        /// prefix ([`tool_env_prefixes`]); every other one (agent tokens, env secrets) is not.
+        env: Vec<String>,
     },
     OpenBao {
         address: String,
@@ -174,7 +177,9 @@ impl SecretSpec {
                 }
             },
             SecretSource::File { path } => read_private_file(&secret, path).await?,
-            SecretSource::Command { argv, timeout } => run_command(&secret, argv, *timeout).await?,
+            SecretSource::Command { argv, timeout, env } => {
+                run_command(&secret, argv, *timeout, env).await?
+            }
             SecretSource::OpenBao { .. } => {
                 return Err(FetchError::Unsupported {
                     secret,
@@ -236,10 +241,63 @@ async fn read_private_file(secret: &str, path: &PathBuf) -> Result<Vec<u8>, Fetc
     tokio::fs::read(path).await.map_err(unreadable)
 }
 
+/// Variables every secret command gets: enough to find programs and the user's config.
+pub const BASE_ENV: &[&str] = &["PATH", "HOME", "USER", "LOGNAME", "LANG", "TMPDIR"];
+
+/// The variables a well-known secret CLI reads its own session and config from, by program
+/// name, so the lab format (which cannot name variables) keeps working with them.
+pub fn tool_env_prefixes(program: &str) -> &'static [&'static str] {
+    let name = program.rsplit('/').next().unwrap_or(program);
+    match name {
+        "op" => &["OP_"],
+        "az" => &["AZURE_"],
+        "aws" => &["AWS_"],
+        "gcloud" => &["CLOUDSDK_", "GOOGLE_"],
+        "vault" => &["VAULT_"],
+        "bao" => &["BAO_", "VAULT_"],
+        "gh" => &["GH_"],
+        "security" | "secret-tool" | "pass" => &["PASSWORD_STORE_", "DBUS_"],
+        _ => &[],
+    }
+}
+
+/// keygate's environment as the command sees it: cleared, then [`BASE_ENV`], the tool's prefix
+/// variables and the ones config names.
+fn command_env(program: &str, named: &[String]) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+    let prefixes = tool_env_prefixes(program);
+    std::env::vars_os()
+        .filter(|(k, _)| {
+            let Some(k) = k.to_str() else { return false };
+            BASE_ENV.contains(&k)
+                || named.iter().any(|n| n == k)
+                || prefixes.iter().any(|p| k.starts_with(p))
+        })
+        .collect()
+}
+
+/// Kills the command's whole process group unless disarmed: on timeout, and when the fetch is
+/// abandoned (the future dropped), so no grandchild outlives it.
+struct GroupKiller(Option<nix::unistd::Pid>);
+
+impl GroupKiller {
+    fn kill(&mut self) {
+        if let Some(pgid) = self.0.take() {
+            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+impl Drop for GroupKiller {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 async fn run_command(
     secret: &str,
     argv: &[String],
     timeout: Duration,
+    named_env: &[String],
 ) -> Result<Vec<u8>, FetchError> {
     let command = argv.iter().take(2).cloned().collect::<Vec<_>>().join(" ");
     let (program, args) = match argv.split_first() {
@@ -255,6 +313,10 @@ async fn run_command(
     // No shell: argv goes to execve as written, so nothing in config is ever re-parsed.
     let mut child = tokio::process::Command::new(program)
         .args(args)
+        .env_clear()
+        .envs(command_env(program, named_env))
+        // Its own process group, so a timeout can kill everything it started.
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -266,6 +328,14 @@ async fn run_command(
             reason: e.to_string(),
         })?;
 
+    // The group id is the child's pid: on timeout it is killed before the child is reaped, so
+    // the id cannot have been reused.
+    let mut group = GroupKiller(
+        child
+            .id()
+            .and_then(|p| i32::try_from(p).ok())
+            .map(nix::unistd::Pid::from_raw),
+    );
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
     let work = async {
@@ -289,12 +359,17 @@ async fn run_command(
             }
         };
         tokio::join!(read_out, read_err);
+        // The command may still be exiting after closing its output: reap it first, so the kill
+        // below cannot turn a success into a failure. Then whatever it left running in its group
+        // goes too (a group with members keeps its id from being reused).
         let status = child.wait().await;
+        group.kill();
         (out, err.len(), status)
     };
     let (out, stderr_bytes, status) = match tokio::time::timeout(timeout, work).await {
         Ok(done) => done,
         Err(_) => {
+            group.kill();
             return Err(FetchError::CommandTimeout {
                 secret: secret.into(),
                 command,
@@ -343,6 +418,7 @@ mod tests {
         SecretSource::Command {
             argv: vec!["sh".into(), "-c".into(), script.into()],
             timeout: Duration::from_millis(500),
+            env: Vec::new(),
         }
     }
 
@@ -429,6 +505,7 @@ mod tests {
                 "op://Private/OpenAI/api key".into(),
             ],
             timeout: Duration::from_secs(1),
+            env: Vec::new(),
         };
         assert_eq!(s.label(), "command:op read");
     }

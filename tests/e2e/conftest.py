@@ -16,6 +16,7 @@ import json
 import os
 import secrets
 import shutil
+import shlex
 import signal
 import socket
 import string
@@ -298,6 +299,10 @@ def base_env(tmp_path: Path, extra: dict[str, str] | None = None) -> dict[str, s
         "NO_PROXY": "*",
     }
     env.update(extra or {})
+    # keygate clears a secret command's environment; the stand-ins read their steering from
+    # HOME instead, as a real CLI reads its session from its config dir.
+    steering = {k: v for k, v in env.items() if k.startswith("FAKE_")}
+    (home / ".standin.env").write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in steering.items()))
     return env
 
 

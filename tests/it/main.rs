@@ -8,6 +8,7 @@
 
 mod support;
 
+mod dos;
 mod hook_claude_code;
 mod proxy;
 mod redact_cli;

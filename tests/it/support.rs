@@ -139,9 +139,28 @@ impl Keygate {
         dir: tempfile::TempDir,
         audit: PathBuf,
     ) -> Keygate {
+        Self::start_wrapped(config, env, dir, audit, &[])
+    }
+
+    /// Starts keygate under `wrapper` (a command that ends by exec'ing its arguments, e.g.
+    /// `sh -c 'ulimit -n 1024 && exec "$0" "$@"'`), so the pid is still keygate's.
+    pub fn start_wrapped(
+        config: &str,
+        env: &[(&str, &str)],
+        dir: tempfile::TempDir,
+        audit: PathBuf,
+        wrapper: &[&str],
+    ) -> Keygate {
         let path = dir.path().join("keygate.toml");
         std::fs::write(&path, config.replace("AUDIT", audit.to_str().unwrap())).unwrap();
-        let mut cmd = keygate();
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(env!("CARGO_BIN_EXE_keygate"));
+                c
+            }
+            None => keygate(),
+        };
         cmd.args(["serve", "--config"])
             .arg(&path)
             .stdout(Stdio::piped())
@@ -163,6 +182,33 @@ impl Keygate {
             dir,
             audit,
         }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Waits (bounded) for keygate to exit; `None` if it is still running.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Every record in the audit log (lifecycle records included), parsed.
+    pub fn audit_all(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.audit)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     }
 
     /// Waits (bounded) until the audit log has `n` lines, and returns them parsed.
