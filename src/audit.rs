@@ -84,6 +84,10 @@ pub struct Record {
     pub approval_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub approved_by: Option<String>,
+    /// What the request exfiltration scan found (labels: detector names and key ids, never
+    /// values), refused or only reported.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub scan_findings: Vec<String>,
 }
 
 /// What keygate decided. `Error` is also the value of a record nobody finished.

@@ -148,11 +148,23 @@ impl Default for Connections {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RequestScan {
-    /// 403 `secret_in_request`; the body is read whole before anything is forwarded.
+    /// 403 `secret_in_request` for a held secret or a high-confidence credential format;
+    /// generic findings (`password = …`, JWTs) are only reported in the audit record. The body
+    /// is read whole before anything is forwarded.
     Refuse,
-    /// Forward with every finding replaced by `[REDACTED:label]`; the body streams.
+    /// As `Refuse`, and generic findings are refused too.
+    #[serde(rename = "refuse-strict", alias = "refuse_strict")]
+    RefuseStrict,
+    /// Forward with every strong finding replaced by `[REDACTED:label]`; the body streams.
     Redact,
     Off,
+}
+
+impl RequestScan {
+    /// Whether a finding refuses the request (the body is then read whole first).
+    pub fn refuses(self) -> bool {
+        matches!(self, RequestScan::Refuse | RequestScan::RefuseStrict)
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]

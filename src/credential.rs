@@ -34,7 +34,8 @@ pub struct Credentials {
     entries: HashMap<String, Entry>,
     /// Held values only: what is scrubbed from responses.
     redactor: ArcSwap<Redactor>,
-    /// Held values and credential-format detectors: what a request from an agent must not carry.
+    /// Held values and the strong credential-format detectors: what a request from an agent must
+    /// not carry.
     scanner: ArcSwap<Redactor>,
     held: Mutex<Vec<Arc<Secret>>>,
 }
@@ -69,7 +70,7 @@ impl Credentials {
         Credentials {
             entries,
             redactor: ArcSwap::from_pointee(Redactor::builder().build()),
-            scanner: ArcSwap::from_pointee(Redactor::builder().detectors(true).build()),
+            scanner: ArcSwap::from_pointee(scan_builder().build()),
             held: Mutex::new(Vec::new()),
         }
     }
@@ -156,7 +157,19 @@ impl Credentials {
                 return Err(Rejection::new(Code::SecretUnavailable, f.1.clone()));
             }
         }
-        match entry.spec.fetch().await {
+        let fetched = entry.spec.fetch().await;
+        self.keep(name, entry, fetched)
+    }
+
+    /// Records the outcome of a fetch: a value is cached and taught to the redactor and the
+    /// scanner; a failure is remembered for [`FAILURE_BACKOFF`].
+    fn keep(
+        &self,
+        name: &str,
+        entry: &Entry,
+        fetched: Result<Option<Secret>, crate::secret::FetchError>,
+    ) -> Result<Option<Arc<Secret>>, Rejection> {
+        match fetched {
             Ok(Some(secret)) => {
                 let secret = Arc::new(secret);
                 entry.cached.store(Some(Arc::new(Cached {
@@ -177,6 +190,40 @@ impl Credentials {
                 Err(Rejection::new(Code::SecretUnavailable, msg))
             }
         }
+    }
+
+    /// Fetches every secret whose source can be fetched (env, file, command) at once, so that
+    /// the request scan knows every held value before the first request: a key of one route
+    /// sent in another route's request is refused from the start. Returns the failures, as
+    /// (secret name, message naming the source, never a value). Sources this build cannot fetch
+    /// (OpenBao, AWS Secrets Manager) are left to their first use.
+    pub async fn prefetch(&self) -> Vec<(String, String)> {
+        let mut set = tokio::task::JoinSet::new();
+        for (name, entry) in &self.entries {
+            if entry.spec.lazy || !entry.spec.source.prefetchable() {
+                continue;
+            }
+            let spec = entry.spec.clone();
+            let name = name.clone();
+            set.spawn(async move {
+                let fetched = spec.fetch().await;
+                (name, fetched)
+            });
+        }
+        let mut failures = Vec::new();
+        while let Some(joined) = set.join_next().await {
+            let Ok((name, fetched)) = joined else {
+                failures.push(("?".to_string(), "a secret fetch task failed".to_string()));
+                continue;
+            };
+            if let Some(entry) = self.entries.get(&name) {
+                if let Err(r) = self.keep(&name, entry, fetched) {
+                    failures.push((name, r.message));
+                }
+            }
+        }
+        failures.sort();
+        failures
     }
 
     /// Looks at the upstream's answer: a 401 means the key may have been rotated at its source,
@@ -229,7 +276,7 @@ impl Credentials {
             held.remove(same[0]);
         }
         let mut b = Redactor::builder();
-        let mut scan = Redactor::builder().detectors(true);
+        let mut scan = scan_builder();
         for s in held.iter() {
             b = teach(b, s);
             scan = teach(scan, s);
@@ -237,6 +284,14 @@ impl Credentials {
         self.redactor.store(Arc::new(b.build()));
         self.scanner.store(Arc::new(scan.build()));
     }
+}
+
+/// The request scan's strong half: held values are added to it; generic detectors run apart
+/// (`scan::labels`).
+fn scan_builder() -> crate::redact::RedactorBuilder {
+    Redactor::builder().detector_set(crate::redact::DetectorSet::class(
+        crate::redact::Class::Strong,
+    ))
 }
 
 impl Entry {

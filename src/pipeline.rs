@@ -282,12 +282,12 @@ async fn request_body(
     let mode = route.request_scan;
     let scanner = (mode != RequestScan::Off).then(|| state.credentials.scanner());
     let mut redacted = match &scanner {
-        Some(scanner) => scan::head(scanner, mode, head)?,
+        Some(scanner) => scan::head(scanner, mode, head, pending)?,
         None => false,
     };
     head.headers.remove(header::CONTENT_LENGTH);
     let limit = config.max_request_bytes;
-    if whole || route.require_json || config.mode == Mode::DryRun || mode == RequestScan::Refuse {
+    if whole || route.require_json || config.mode == Mode::DryRun || mode.refuses() {
         let probe = body.probe();
         let mut bytes = guard::read_body(body, limit)
             .await
@@ -300,7 +300,7 @@ async fn request_body(
         }
         if let Some(scanner) = &scanner {
             let body_redacted;
-            (bytes, body_redacted) = scan::body(scanner, mode, bytes)?;
+            (bytes, body_redacted) = scan::body(scanner, mode, bytes, pending).await?;
             redacted |= body_redacted;
         }
         return Ok((RequestBody::Whole(bytes), redacted));

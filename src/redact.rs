@@ -36,6 +36,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+pub use detectors::{Class, DetectorSet};
 use engine::{Engine, Span};
 pub use headers::{response_head, response_headers};
 /// The percent-encode set keygate uses for query credentials; the redactor knows its spelling.
@@ -69,7 +70,7 @@ impl std::fmt::Debug for Redactor {
 #[derive(Default)]
 pub struct RedactorBuilder {
     known: Vec<(String, Vec<u8>)>,
-    detectors: bool,
+    detectors: Option<DetectorSet>,
 }
 
 /// Where something would be redacted: byte offset, length and the label (key id or detector
@@ -93,14 +94,21 @@ impl RedactorBuilder {
 
     /// Turns the credential-format detectors on or off.
     pub fn detectors(mut self, on: bool) -> Self {
-        self.detectors = on;
+        self.detectors = on.then_some(DetectorSet::ALL);
+        self
+    }
+
+    /// Runs only these detectors (the request scan splits strong from generic ones).
+    pub fn detector_set(mut self, set: DetectorSet) -> Self {
+        self.detectors = Some(set);
         self
     }
 
     pub fn build(self) -> Redactor {
+        let set = self.detectors.unwrap_or(DetectorSet::NONE);
         Redactor {
-            text: Engine::decoded(self.known.clone(), self.detectors),
-            engine: Engine::new(self.known, self.detectors),
+            text: Engine::decoded(self.known.clone(), set),
+            engine: Engine::new(self.known, set),
         }
     }
 }
@@ -121,7 +129,7 @@ impl Redactor {
             return Vec::new();
         }
         self.engine
-            .scan(input, None, true)
+            .scan(input, [None; 2], true)
             .spans
             .iter()
             .map(|s| Finding {
@@ -138,7 +146,7 @@ impl Redactor {
         if self.is_empty() {
             return Cow::Borrowed(input);
         }
-        let spans = self.engine.scan(input, None, true).spans;
+        let spans = self.engine.scan(input, [None; 2], true).spans;
         if spans.is_empty() {
             return Cow::Borrowed(input);
         }
@@ -244,16 +252,28 @@ impl StreamRedactor {
 pub(crate) struct Scanner {
     engine: Arc<Redactor>,
     pending: Vec<u8>,
-    /// The byte before `pending[0]`, for detectors' word-boundary check.
-    prev: Option<u8>,
+    /// The two bytes before `pending[0]` (nearest first), for detectors' word-boundary check.
+    prev: [Option<u8>; 2],
+    /// What the last scan's pending verdict waits for; until it arrives a rescan would emit
+    /// nothing, so chunks are only appended (a held window is scanned once, not per chunk).
+    wake: Option<detectors::Wake>,
+    /// Bytes appended to `pending` since it was last scanned.
+    since: usize,
 }
+
+/// Held bytes from which a rescan waits for an eighth as many new ones: dense anchors whose
+/// windows overlap can hold a long run back, and rescanning it per small chunk would be
+/// quadratic. Only delays output that is held anyway; never changes it.
+const BATCH_FROM: usize = 4096;
 
 impl Scanner {
     pub(crate) fn new(engine: Arc<Redactor>) -> Self {
         Scanner {
             engine,
             pending: Vec::new(),
-            prev: None,
+            prev: [None; 2],
+            wake: None,
+            since: 0,
         }
     }
 
@@ -264,6 +284,19 @@ impl Scanner {
             emit(chunk, &[]);
             return;
         }
+        if !eof && !self.pending.is_empty() {
+            let asleep = self
+                .wake
+                .is_some_and(|w| !w.woken_by(chunk) && self.pending.len() + chunk.len() < w.bound);
+            let batching = self.pending.len() >= BATCH_FROM
+                && (self.since + chunk.len()) * 8 < self.pending.len();
+            if asleep || batching {
+                self.pending.extend_from_slice(chunk);
+                self.since += chunk.len();
+                return;
+            }
+        }
+        self.since = 0;
         // The common case, nothing held back: scan the chunk in place and copy only its tail.
         let held = !self.pending.is_empty();
         if held {
@@ -271,9 +304,17 @@ impl Scanner {
         }
         let buf: &[u8] = if held { &self.pending } else { chunk };
         let scan = self.engine.engine.scan(buf, self.prev, eof);
+        // The pending anchor is where the held bytes will start: its bound becomes relative.
+        self.wake = scan.wake.map(|w| detectors::Wake {
+            on: w.on,
+            bound: w.bound.saturating_sub(scan.safe),
+        });
         emit(&buf[..scan.safe], &scan.spans);
         if scan.safe > 0 {
-            self.prev = Some(buf[scan.safe - 1]);
+            self.prev = [
+                Some(buf[scan.safe - 1]),
+                scan.safe.checked_sub(2).map(|i| buf[i]).or(self.prev[0]),
+            ];
         }
         if held {
             self.pending.drain(..scan.safe);

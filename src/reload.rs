@@ -1,4 +1,4 @@
-//! Reload: `keygate reload` and SIGHUP re-read the config and start a fresh credential cache,
+//! Reload: `keygate reload` and SIGHUP re-read the config and fetch every secret afresh,
 //! building a whole new `pipeline::State` and swapping it in at once.
 //!
 //! Requests already running keep the `Arc<State>` they started with, so an in-flight request or
@@ -16,7 +16,7 @@ use crate::admin::Control;
 use crate::audit::AuditLog;
 use crate::authenticate::Tokens;
 use crate::authorize::Policy;
-use crate::config::Config;
+use crate::config::{Config, Format, Mode};
 use crate::credential::Credentials;
 use crate::forward::Forwarder;
 use crate::guard::Guard;
@@ -66,6 +66,27 @@ pub fn build(config: Config, fixed: &Fixed) -> Result<State, String> {
     })
 }
 
+/// Fetches every secret of a freshly built state before it serves, so the request scan knows
+/// every held value from its first request. A native config whose secret cannot be fetched is
+/// refused (at start-up: keygate does not start; on reload: the old state keeps serving); the
+/// lab broker's configs fetch again at first use, as the lab broker did.
+pub async fn prefetch(state: &State) -> Result<(), String> {
+    let config = &state.config;
+    if config.mode == Mode::DryRun {
+        return Ok(());
+    }
+    for (name, msg) in state.credentials.prefetch().await {
+        if config.format == Format::Seed {
+            tracing::warn!(secret = %name, error = %msg, "secret not fetched at start-up; fetching it at first use");
+        } else {
+            return Err(format!(
+                "{msg} (every secret is fetched at start-up, so that the request scan knows it)"
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Live {
     pub fn new(state: State, config_path: &Path, audit_override: Option<&Path>) -> Live {
         Live {
@@ -113,6 +134,11 @@ impl Live {
             };
             build(config, &fixed)
         });
+        // Secrets are re-read with the config: a reload that cannot fetch one is refused.
+        let built = match built {
+            Ok(state) => prefetch(&state).await.map(|()| state),
+            Err(e) => Err(e),
+        };
         let event = |outcome: &str, version: Option<&str>, error: Option<&str>| {
             serde_json::json!({
                 "time": crate::audit::now_rfc3339(),

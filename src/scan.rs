@@ -1,85 +1,197 @@
-//! Stage `scan`: the request exfiltration scan. An agent's request must not carry a secret
-//! keygate holds or anything shaped like a credential: keygate attaches credentials itself, so
-//! one in a request is a leak in progress (a prompt-injected agent sending a key elsewhere).
+//! Stage `scan`: the request exfiltration scan. A prompt-injected agent may try to send a key it
+//! found to the model provider (or to any route); every request is searched before it is
+//! forwarded.
 //!
-//! Input: the request head (and body, when the route refuses rather than redacts). Output:
-//! nothing, a redacted head, or a 403 `secret_in_request` naming what was found by label.
-//! The URL cannot be redacted without changing what was authorized, so a finding there is
-//! refused in every mode. A compressed body would hide what it carries: 415.
+//! Two kinds of finding, because coding agents send code all day:
+//! - *strong*: a secret keygate holds (any spelling) or a high-confidence credential format
+//!   (provider prefixes, checksummed GitHub tokens, private key blocks). `request_scan =
+//!   "refuse"` (the default) refuses these (403 `secret_in_request`); `"redact"` replaces them.
+//! - *generic*: keyword assignments (`password = …`), `Authorization:` values, JWTs, `ghp_`
+//!   without a valid checksum. Only reported, as labels in the audit record's `scan_findings`,
+//!   unless the route opts in to `request_scan = "refuse-strict"`.
+//!
+//! A finding is named by its label (a key id or a detector name), never by its value.
+//!
+//! A compressed body would hide what it carries: 415 `request_encoding_not_scannable`.
+//!
+//! Bounded work: the engine is linear (see `redact/detectors.rs`), and a body of
+//! [`BLOCKING_FROM`] bytes or more is scanned on the blocking pool so that a large body never
+//! holds a runtime worker.
 
-use std::borrow::Cow;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use http::header::HeaderValue;
-use http::request::Parts;
 
+use crate::audit::Pending;
 use crate::config::RequestScan;
 use crate::error::{Code, Rejection};
-use crate::redact::Redactor;
+use crate::redact::{Class, DetectorSet, Redactor};
 
-/// Scans the URL and headers. Returns whether a header was redacted (`request_scan = "redact"`).
-pub fn head(scanner: &Redactor, mode: RequestScan, head: &mut Parts) -> Result<bool, Rejection> {
-    if let Some(pq) = head.uri.path_and_query() {
-        refuse_findings(scanner, pq.as_str().as_bytes(), "URL")?;
+/// Bodies this large are scanned with `spawn_blocking`.
+pub const BLOCKING_FROM: usize = 64 * 1024;
+
+/// The detectors whose findings are only reported by default.
+fn generic() -> &'static Redactor {
+    static GENERIC: OnceLock<Redactor> = OnceLock::new();
+    GENERIC.get_or_init(|| {
+        Redactor::builder()
+            .detector_set(DetectorSet::class(Class::Generic))
+            .build()
+    })
+}
+
+/// The labels found in `bytes`: strong (held values and strong detectors, from `strong`) and
+/// generic, each sorted and deduplicated.
+pub fn labels(strong: &Redactor, bytes: &[u8]) -> (Vec<String>, Vec<String>) {
+    let collect = |r: &Redactor| {
+        let mut l: Vec<String> = r.find(bytes).into_iter().map(|f| f.label).collect();
+        l.sort_unstable();
+        l.dedup();
+        l
+    };
+    (collect(strong), collect(generic()))
+}
+
+/// Decides on what one place of the request holds, and records it.
+fn judge(
+    mode: RequestScan,
+    (strong, weak): (Vec<String>, Vec<String>),
+    place: &str,
+    pending: &mut Pending,
+) -> Result<(), Rejection> {
+    let record = pending.record();
+    for l in strong.iter().chain(&weak) {
+        if !record.scan_findings.contains(l) {
+            record.scan_findings.push(l.clone());
+        }
     }
-    let redacted = headers(scanner, mode, &mut head.headers)?;
+    let refused: Vec<&str> = if mode == RequestScan::RefuseStrict {
+        strong.iter().chain(&weak).map(String::as_str).collect()
+    } else {
+        strong.iter().map(String::as_str).collect()
+    };
+    if refused.is_empty() {
+        return Ok(());
+    }
+    let mut refused = refused;
+    refused.sort_unstable();
+    refused.dedup();
+    Err(Rejection::new(
+        Code::SecretInRequest,
+        format!(
+            "the request {place} holds a credential ({}); keygate attaches credentials itself, so remove it from the request",
+            refused.join(", ")
+        ),
+    ))
+}
+
+/// The URL and the headers. The URL cannot be redacted without changing what was authorized,
+/// so a strong finding there is refused in every mode. Returns whether a header was redacted.
+pub fn head(
+    scanner: &Redactor,
+    mode: RequestScan,
+    head: &mut http::request::Parts,
+    pending: &mut Pending,
+) -> Result<bool, Rejection> {
+    let refusing = mode.refuses();
+    let url_mode = if refusing { mode } else { RequestScan::Refuse };
+    if let Some(pq) = head.uri.path_and_query() {
+        judge(
+            url_mode,
+            labels(scanner, pq.as_str().as_bytes()),
+            "URL",
+            pending,
+        )?;
+    }
+    // Header names are lower-cased on the wire, which hides case-sensitive checksums and
+    // formats; a name never carries a keyword assignment, so every finding there is refused.
+    for name in head.headers.keys() {
+        judge(
+            RequestScan::RefuseStrict,
+            labels(scanner, name.as_str().as_bytes()),
+            "header name",
+            pending,
+        )?;
+    }
+    let mut redacted = false;
+    for (name, value) in head.headers.iter_mut() {
+        if refusing {
+            judge(
+                mode,
+                labels(scanner, value.as_bytes()),
+                &format!("header {name}"),
+                pending,
+            )?;
+        } else if let std::borrow::Cow::Owned(clean) = scanner.redact(value.as_bytes()) {
+            *value = HeaderValue::from_bytes(&clean)
+                .unwrap_or_else(|_| HeaderValue::from_static("[REDACTED]"));
+            redacted = true;
+        } else {
+            judge(
+                RequestScan::Redact,
+                (Vec::new(), labels(scanner, value.as_bytes()).1),
+                "header",
+                pending,
+            )?;
+        }
+    }
     // A compressed body would hide what it carries from the scan.
     crate::guard::check_content_encoding(&head.headers)?;
     Ok(redacted)
 }
 
-/// Scans a whole body: refuses a finding, or returns the body redacted.
-pub fn body(
-    scanner: &Redactor,
+/// A body read whole: refused, or returned redacted (`true` when something was replaced).
+pub async fn body(
+    scanner: &Arc<Redactor>,
     mode: RequestScan,
-    body: Bytes,
+    bytes: Bytes,
+    pending: &mut Pending,
 ) -> Result<(Bytes, bool), Rejection> {
-    if mode == RequestScan::Refuse {
-        refuse_findings(scanner, &body, "body")?;
-        return Ok((body, false));
+    let refusing = mode.refuses();
+    let work = {
+        let scanner = scanner.clone();
+        let bytes = bytes.clone();
+        move || {
+            let found = labels(&scanner, &bytes);
+            let clean = if refusing {
+                None
+            } else {
+                match scanner.redact(&bytes) {
+                    std::borrow::Cow::Owned(c) => Some(Bytes::from(c)),
+                    std::borrow::Cow::Borrowed(_) => None,
+                }
+            };
+            (found, clean)
+        }
+    };
+    let (found, clean) = if bytes.len() >= BLOCKING_FROM {
+        tokio::task::spawn_blocking(work).await.map_err(|_| {
+            Rejection::new(
+                Code::RequestScanFailed,
+                "the request body could not be scanned for credentials",
+            )
+        })?
+    } else {
+        work()
+    };
+    if refusing {
+        judge(mode, found, "body", pending)?;
+        return Ok((bytes, false));
     }
-    match scanner.redact(&body) {
-        Cow::Owned(clean) => Ok((Bytes::from(clean), true)),
-        Cow::Borrowed(_) => Ok((body, false)),
-    }
-}
-
-/// Refuses when the scanner finds anything, naming what was found (labels, never values).
-fn refuse_findings(scanner: &Redactor, bytes: &[u8], place: &str) -> Result<(), Rejection> {
-    let found = scanner.find(bytes);
-    if found.is_empty() {
-        return Ok(());
-    }
-    let mut labels: Vec<&str> = found.iter().map(|f| f.label.as_str()).collect();
-    labels.sort_unstable();
-    labels.dedup();
-    Err(Rejection::new(
-        Code::SecretInRequest,
-        format!(
-            "the request {place} holds a credential ({}); keygate attaches credentials itself, so remove it from the request",
-            labels.join(", ")
-        ),
-    ))
-}
-
-/// Scans header names and values; returns whether any value was redacted.
-fn headers(
-    scanner: &Redactor,
-    mode: RequestScan,
-    headers: &mut http::HeaderMap,
-) -> Result<bool, Rejection> {
-    let mut redacted = false;
-    for name in headers.keys() {
-        refuse_findings(scanner, name.as_str().as_bytes(), "header name")?;
-    }
-    for (name, value) in headers.iter_mut() {
-        if mode == RequestScan::Refuse {
-            refuse_findings(scanner, value.as_bytes(), &format!("header {name}"))?;
-        } else if let Cow::Owned(clean) = scanner.redact(value.as_bytes()) {
-            *value = HeaderValue::from_bytes(&clean)
-                .unwrap_or_else(|_| HeaderValue::from_static("[REDACTED]"));
-            redacted = true;
+    // Redacting: strong findings are replaced, generic ones only reported.
+    judge(RequestScan::Redact, (Vec::new(), found.1), "body", pending)?;
+    let mut strong = found.0;
+    if !strong.is_empty() {
+        let record = pending.record();
+        for l in strong.drain(..) {
+            if !record.scan_findings.contains(&l) {
+                record.scan_findings.push(l);
+            }
         }
     }
-    Ok(redacted)
+    Ok(match clean {
+        Some(c) => (c, true),
+        None => (bytes, false),
+    })
 }

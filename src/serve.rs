@@ -119,6 +119,9 @@ async fn serve(
         Ok(s) => s,
         Err(e) => return (fail(2, &e), None),
     };
+    if let Err(e) = crate::reload::prefetch(&state).await {
+        return (fail(2, &e), None);
+    }
     if let Some(s) = &store {
         match s.spent() {
             Ok(spent) => {

@@ -58,6 +58,8 @@ struct RawSecret {
     argv: Option<Vec<String>>,
     timeout: Option<Spanned<String>>,
     ttl: Option<Spanned<String>>,
+    /// `startup` (default) or `first-use`.
+    fetch: Option<Spanned<String>>,
     /// Environment variables passed to a `command` source (its environment is otherwise cleared).
     env: Option<Vec<String>>,
     // openbao
@@ -361,10 +363,25 @@ fn secret(cx: &Ctx, name: &str, s: &RawSecret) -> Result<SecretSpec, ConfigError
         Some(t) => Some(cx.duration(t, &key("ttl"))?),
         None => None,
     };
+    let lazy = match &s.fetch {
+        None => false,
+        Some(f) => match f.get_ref().as_str() {
+            "startup" => false,
+            "first-use" => true,
+            other => {
+                return cx.err(
+                    f.span(),
+                    &key("fetch"),
+                    format!("unknown fetch {other:?}; use startup or first-use"),
+                )
+            }
+        },
+    };
     Ok(SecretSpec {
         name: name.to_string(),
         source,
         ttl,
+        lazy,
     })
 }
 

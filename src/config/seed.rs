@@ -198,6 +198,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
             name: "default".into(),
             source,
             ttl: None,
+            lazy: false,
         }],
         routes: vec![route],
         agents: vec![agent],

@@ -1,10 +1,16 @@
 //! Credential-format detectors: what a key looks like when keygate does not hold it.
 //!
 //! Every detector hangs off one or more literal *anchors* (`sk-`, `ghp_`, `AKIA`, `password`, …).
-//! One overlapping Aho-Corasick pass finds the anchors; only then does the detector's regex run,
-//! on a short window that starts at the anchor. That keeps the no-match path at memchr-like speed
-//! and, because a verdict depends only on bytes inside a bounded window, it is what lets the
-//! stream redactor decide when a verdict is final (see [`Detectors::eval`]).
+//! One Aho-Corasick pass finds the anchors; only then is the detector's shape checked, on a
+//! window that starts at the anchor. That keeps the no-match path at memchr-like speed and,
+//! because a verdict depends only on bytes inside a bounded window, it is what lets the stream
+//! redactor decide when a verdict is final (see [`Detectors::eval`]).
+//!
+//! Linear time: a shape is a short head regex and then the longest run of value bytes; runs,
+//! line ends and character classes are looked up through [`Next`], which remembers its answer
+//! across the anchors of one scan. So the cost per anchor is constant (plus an entropy count
+//! over at most 128 bytes for `password_assignment`), however dense the anchors and however far
+//! their windows reach: no regex ever runs over a value.
 //!
 //! Patterns are written as regexes, never as example keys, so this file does not trip
 //! `keygate redact --check` on itself.
@@ -20,20 +26,95 @@ use regex::bytes::{Regex, RegexBuilder};
 /// redacted up to here.
 pub(crate) const PEM_MAX: usize = 16 * 1024;
 
+/// How sure a finding is. The request scan refuses `Strong` findings by default and only
+/// reports `Generic` ones (a `password = …` line in code an agent sends is usually not a leak);
+/// every surface that redacts treats both alike.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    /// A provider format with a distinctive prefix, a valid checksum, or a private key block.
+    Strong,
+    /// A keyword assignment, an `Authorization:` value, a JWT, or a prefix without its checksum.
+    Generic,
+}
+
+/// Which detectors a redactor runs: one bit per entry of `SPECS`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DetectorSet(u32);
+
+impl DetectorSet {
+    pub const NONE: DetectorSet = DetectorSet(0);
+    pub const ALL: DetectorSet = DetectorSet(u32::MAX);
+
+    /// Every detector of one class.
+    pub fn class(class: Class) -> DetectorSet {
+        let mut bits = 0;
+        for (i, s) in SPECS.iter().enumerate() {
+            if s.class == class {
+                bits |= 1 << i;
+            }
+        }
+        DetectorSet(bits)
+    }
+
+    pub(crate) fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    pub(crate) fn has(self, det: usize) -> bool {
+        self.0 & (1 << det) != 0
+    }
+}
+
+/// What must arrive before a `Pending` verdict can change: one of these bytes, or the buffer
+/// reaching `bound`. The stream redactor skips rescanning a held tail until then, so a verdict
+/// that waits for a line end costs one scan, not one per chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Wake {
+    pub(crate) on: u8,
+    pub(crate) bound: usize,
+}
+
+impl Wake {
+    /// Any byte: the verdict depends on the next few bytes.
+    pub(crate) const ANY: u8 = 1;
+    /// A byte outside the token alphabet.
+    pub(crate) const TOKEN: u8 = 2;
+    pub(crate) const NEWLINE: u8 = 4;
+    /// `-`, the last byte of a PEM END line.
+    pub(crate) const DASH: u8 = 8;
+
+    /// Whether `data` holds a byte that may change the verdict.
+    pub(crate) fn woken_by(self, data: &[u8]) -> bool {
+        if self.on & Wake::ANY != 0 && !data.is_empty() {
+            return true;
+        }
+        (self.on & Wake::TOKEN != 0 && data.iter().any(|&b| !is_token(b)))
+            || (self.on & Wake::NEWLINE != 0 && memchr::memchr(b'\n', data).is_some())
+            || (self.on & Wake::DASH != 0 && memchr::memchr(b'-', data).is_some())
+    }
+
+    pub(crate) fn merge(self, other: Wake) -> Wake {
+        Wake {
+            on: self.on | other.on,
+            bound: self.bound.min(other.bound),
+        }
+    }
+}
+
 /// A detector's verdict at one anchor.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Eval {
     /// More input could change the verdict.
-    Pending,
+    Pending(Wake),
     /// Final: nothing here.
     Miss,
     /// Final: redact `start..end` (absolute offsets in the buffer).
     Hit(usize, usize),
 }
 
-/// Where a detector's window ends early: the regex cannot match across a stop byte, so once one
+/// Where a detector's window ends early: its value cannot run across a stop byte, so once one
 /// is seen the verdict no longer depends on what follows.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Stop {
     /// Any byte outside the token alphabet `[A-Za-z0-9_.+/=-]`.
     Token,
@@ -43,186 +124,340 @@ enum Stop {
     Window,
 }
 
+type ByteSet = [bool; 256];
+
+const fn byte_set(ranges: &[(u8, u8)], extra: &[u8]) -> ByteSet {
+    let mut set = [false; 256];
+    let mut i = 0;
+    while i < ranges.len() {
+        let mut b = ranges[i].0;
+        while b <= ranges[i].1 {
+            set[b as usize] = true;
+            b += 1;
+        }
+        i += 1;
+    }
+    let mut j = 0;
+    while j < extra.len() {
+        set[extra[j] as usize] = true;
+        j += 1;
+    }
+    set
+}
+
+const AZ: (u8, u8) = (b'A', b'Z');
+const LOWER: (u8, u8) = (b'a', b'z');
+const DIGITS: (u8, u8) = (b'0', b'9');
+static ALNUM_SET: ByteSet = byte_set(&[AZ, LOWER, DIGITS], b"");
+static URLSAFE: ByteSet = byte_set(&[AZ, LOWER, DIGITS], b"_-");
+static ALNUM_UNDERSCORE: ByteSet = byte_set(&[AZ, LOWER, DIGITS], b"_");
+static ALNUM_DASH: ByteSet = byte_set(&[AZ, LOWER, DIGITS], b"-");
+static UPPER_DIGIT: ByteSet = byte_set(&[AZ, DIGITS], b"");
+static BASE64_BODY: ByteSet = byte_set(&[AZ, LOWER, DIGITS], b"/+");
+static AUTH_VALUE: ByteSet = byte_set(&[AZ, LOWER, DIGITS], b"._~+/=-");
+static PASSWORD_VALUE: ByteSet = byte_set(&[AZ, LOWER, DIGITS], b"!#%&*+-./=?@^_|~");
+
+/// What a detector's match looks like after its anchor.
+enum Shape {
+    /// `head` (a regex anchored at the anchor, at most `head_max` bytes), then a run of `value`
+    /// bytes of `min..=max` (the longest run, cut at `max`).
+    Run {
+        head: &'static str,
+        /// Instead of `head`: the first of these literals the window starts with (longest
+        /// first). A literal compare per anchor instead of a regex call.
+        literal_heads: &'static [&'static str],
+        head_max: usize,
+        value: &'static ByteSet,
+        min: usize,
+        max: usize,
+        /// Redact from the anchor (a token), or only the value (after a keyword).
+        with_head: bool,
+        /// The byte right after the value must not be one of these (the token continues, or
+        /// the "value" is really code such as `config.token(`).
+        not_after: &'static [u8],
+        plausible: Plausible,
+    },
+    /// `eyJ…` `.` `ey…` `.` signature.
+    Jwt,
+    /// A PEM private key block: BEGIN header to END line, or `PEM_MAX`.
+    Pem,
+}
+
+#[derive(Clone, Copy)]
+enum Plausible {
+    Any,
+    LetterAndDigit,
+    /// Real keys are random base62: a kebab-case identifier after `sk-` (`sk-learn-…`) is not.
+    MixedCaseAndDigit,
+    /// GitHub's `gh?_` tokens end in a CRC32 of their random part.
+    GithubChecksum,
+    /// Scheme-aware: `Basic` must decode to `user:password`.
+    Authorization,
+    HighEntropy,
+}
+
 struct Spec {
     name: &'static str,
+    class: Class,
     anchors: &'static [&'static str],
     /// Keyword anchors are case-insensitive words (expanded to lower/Title/UPPER) that may sit
     /// inside a longer identifier (`DB_PASSWORD`); token anchors must start a word.
     keyword: bool,
-    pattern: &'static str,
-    /// Capture group that is redacted; 0 is the whole match.
-    group: usize,
+    shape: Shape,
     window: usize,
     stop: Stop,
-    /// The byte right after the value must not be one of these (the token continues, or the
-    /// "value" is really code such as `config.token(`).
+}
+
+#[allow(clippy::too_many_arguments)] // a table row: one argument per column
+const fn token(
+    name: &'static str,
+    class: Class,
+    anchors: &'static [&'static str],
+    heads: &'static [&'static str],
+    value: &'static ByteSet,
+    min: usize,
+    max: usize,
     not_after: &'static [u8],
-    plausible: fn(&[u8]) -> bool,
+    plausible: Plausible,
+) -> Spec {
+    Spec {
+        name,
+        class,
+        anchors,
+        keyword: false,
+        shape: Shape::Run {
+            head: "",
+            literal_heads: heads,
+            head_max: 16,
+            value,
+            min,
+            max,
+            with_head: true,
+            not_after,
+            plausible,
+        },
+        window: max + 16,
+        stop: Stop::Token,
+    }
 }
 
 // Order matters: when two detectors redact the same span, the earlier name labels it.
-const SPECS: &[Spec] = &[
-    Spec {
-        name: "anthropic_key",
-        anchors: &["sk-"],
-        keyword: false,
-        pattern: r"^sk-ant-[A-Za-z0-9_-]{32,300}",
-        group: 0,
-        window: 320,
-        stop: Stop::Token,
-        not_after: b"",
-        plausible: mixed_case_and_digit,
-    },
-    Spec {
-        name: "openai_key",
-        anchors: &["sk-"],
-        keyword: false,
-        pattern: r"^sk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,300}",
-        group: 0,
-        window: 320,
-        stop: Stop::Token,
-        not_after: b"",
-        plausible: mixed_case_and_digit,
-    },
-    Spec {
-        name: "github_token",
-        anchors: &["ghp_", "gho_", "ghs_", "ghu_", "ghr_", "github_pat_"],
-        keyword: false,
-        pattern: r"^(?:gh[pousr]_[A-Za-z0-9]{36,251}|github_pat_[A-Za-z0-9_]{22,244})",
-        group: 0,
-        window: 260,
-        stop: Stop::Token,
-        not_after: b"",
-        plausible: letter_and_digit,
-    },
-    Spec {
-        name: "aws_access_key_id",
-        anchors: &["AKIA", "ASIA"],
-        keyword: false,
-        pattern: r"^A[KS]IA[A-Z0-9]{16}",
-        group: 0,
-        window: 21,
-        stop: Stop::Token,
-        not_after: ALNUM,
-        plausible: any,
-    },
+static SPECS: &[Spec] = &[
+    token(
+        "anthropic_key",
+        Class::Strong,
+        &["sk-"],
+        &["sk-ant-"],
+        &URLSAFE,
+        32,
+        300,
+        b"",
+        Plausible::MixedCaseAndDigit,
+    ),
+    token(
+        "openai_key",
+        Class::Strong,
+        &["sk-"],
+        &["sk-proj-", "sk-svcacct-", "sk-admin-", "sk-"],
+        &URLSAFE,
+        20,
+        300,
+        b"",
+        Plausible::MixedCaseAndDigit,
+    ),
+    // Classic tokens: 30 random base62 characters and a 6-character CRC32 of them.
+    token(
+        "github_token",
+        Class::Strong,
+        &["ghp_", "gho_", "ghs_", "ghu_", "ghr_"],
+        &["ghp_", "gho_", "ghs_", "ghu_", "ghr_"],
+        &ALNUM_SET,
+        36,
+        36,
+        b"",
+        Plausible::GithubChecksum,
+    ),
+    token(
+        "github_token",
+        Class::Strong,
+        &["github_pat_"],
+        &["github_pat_"],
+        &ALNUM_UNDERSCORE,
+        22,
+        244,
+        b"",
+        Plausible::LetterAndDigit,
+    ),
+    // The same prefixes without a valid checksum: redacted, but only reported by the scan.
+    token(
+        "github_token",
+        Class::Generic,
+        &["ghp_", "gho_", "ghs_", "ghu_", "ghr_"],
+        &["ghp_", "gho_", "ghs_", "ghu_", "ghr_"],
+        &ALNUM_SET,
+        36,
+        251,
+        b"",
+        Plausible::LetterAndDigit,
+    ),
+    token(
+        "aws_access_key_id",
+        Class::Strong,
+        &["AKIA", "ASIA"],
+        &["AKIA", "ASIA"],
+        &UPPER_DIGIT,
+        16,
+        16,
+        ALNUM,
+        Plausible::Any,
+    ),
     // A secret key next to its key id on one line, as in the CSV the AWS console hands out.
     Spec {
         name: "aws_secret_access_key",
+        class: Class::Strong,
         anchors: &["AKIA", "ASIA"],
         keyword: false,
-        pattern: r#"^A[KS]IA[A-Z0-9]{16}["']?[ \t]*[,:;|=\t][ \t]*["']?([A-Za-z0-9/+]{40})"#,
-        group: 1,
+        shape: Shape::Run {
+            head: r#"^A[KS]IA[A-Z0-9]{16}(?:\\?["'])?[ \t]{0,16}[,:;|=\t][ \t]{0,16}(?:\\?["'])?"#,
+            literal_heads: &[],
+            head_max: 60,
+            value: &BASE64_BODY,
+            min: 40,
+            max: 40,
+            with_head: false,
+            not_after: BASE64,
+            plausible: Plausible::MixedCaseAndDigit,
+        },
         window: 90,
         stop: Stop::Line,
-        not_after: BASE64,
-        plausible: mixed_case_and_digit,
     },
     Spec {
         name: "aws_secret_access_key",
+        class: Class::Strong,
         anchors: &["secret"],
         keyword: true,
-        pattern: r#"(?i)^secret[_-]?access[_-]?key["']?[ \t]*(?::=|=>|=|:)[ \t]*["']?([A-Za-z0-9/+]{40})"#,
-        group: 1,
+        shape: Shape::Run {
+            head: r#"(?i)^secret[_-]?access[_-]?key(?:\\?["'])?[ \t]{0,16}(?::=|=>|=|:)[ \t]{0,16}(?:\\?["'])?"#,
+            literal_heads: &[],
+            head_max: 60,
+            value: &BASE64_BODY,
+            min: 40,
+            max: 40,
+            with_head: false,
+            not_after: BASE64,
+            plausible: Plausible::MixedCaseAndDigit,
+        },
         window: 90,
         stop: Stop::Line,
-        not_after: BASE64,
-        plausible: mixed_case_and_digit,
     },
-    Spec {
-        name: "slack_token",
-        anchors: &[
+    token(
+        "slack_token",
+        Class::Strong,
+        &[
             "xoxb-", "xoxp-", "xoxa-", "xoxr-", "xoxs-", "xoxe-", "xapp-",
         ],
-        keyword: false,
-        pattern: r"^(?:xox[bpares]|xapp)-[A-Za-z0-9-]{10,250}",
-        group: 0,
-        window: 260,
-        stop: Stop::Token,
-        not_after: b"",
-        plausible: letter_and_digit,
-    },
-    Spec {
-        name: "google_api_key",
-        anchors: &["AIza"],
-        keyword: false,
-        pattern: r"^AIza[0-9A-Za-z_-]{35}",
-        group: 0,
-        window: 40,
-        stop: Stop::Token,
-        not_after: b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_-",
-        plausible: any,
-    },
-    Spec {
-        name: "stripe_live_key",
-        anchors: &["sk_live_", "rk_live_"],
-        keyword: false,
-        pattern: r"^[sr]k_live_[0-9A-Za-z]{20,247}",
-        group: 0,
-        window: 256,
-        stop: Stop::Token,
-        not_after: b"",
-        plausible: any,
-    },
-    Spec {
-        name: "keygate_token",
-        anchors: &["kg_"],
-        keyword: false,
-        pattern: r"^kg_[A-Za-z0-9]{32,250}",
-        group: 0,
-        window: 254,
-        stop: Stop::Token,
-        not_after: b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_",
-        plausible: any,
-    },
+        &[
+            "xoxb-", "xoxp-", "xoxa-", "xoxr-", "xoxs-", "xoxe-", "xapp-",
+        ],
+        &ALNUM_DASH,
+        10,
+        250,
+        b"",
+        Plausible::LetterAndDigit,
+    ),
+    token(
+        "google_api_key",
+        Class::Strong,
+        &["AIza"],
+        &["AIza"],
+        &URLSAFE,
+        35,
+        35,
+        b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_-",
+        Plausible::Any,
+    ),
+    token(
+        "stripe_live_key",
+        Class::Strong,
+        &["sk_live_", "rk_live_"],
+        &["sk_live_", "rk_live_"],
+        &ALNUM_SET,
+        20,
+        247,
+        b"",
+        Plausible::Any,
+    ),
+    token(
+        "keygate_token",
+        Class::Strong,
+        &["kg_"],
+        &["kg_"],
+        &ALNUM_SET,
+        32,
+        250,
+        b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_",
+        Plausible::Any,
+    ),
     // header.payload.signature; both JSON parts start with `{`, which base64url spells `ey`.
+    // Generic: documentation and tests are full of sample and expired tokens.
     Spec {
         name: "jwt",
+        class: Class::Generic,
         anchors: &["eyJ"],
         keyword: false,
-        pattern: r"^eyJ[A-Za-z0-9_-]{8,1024}\.ey[A-Za-z0-9_-]{8,8192}\.[A-Za-z0-9_-]{0,1024}",
-        group: 0,
+        shape: Shape::Jwt,
         window: 10_260,
         stop: Stop::Token,
-        not_after: b"",
-        plausible: any,
     },
     Spec {
         name: "private_key",
+        class: Class::Strong,
         anchors: &["-----BEGIN"],
         keyword: false,
-        // Only the header; the body runs to the END line or PEM_MAX (see `eval_pem`).
-        pattern: r"^-{5}BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-{5}",
-        group: 0,
+        shape: Shape::Pem,
         window: PEM_MAX,
         stop: Stop::Window,
-        not_after: b"",
-        plausible: any,
     },
     // Keeps the scheme: `Authorization: Bearer [REDACTED:authorization_header]`.
     Spec {
         name: "authorization_header",
+        class: Class::Generic,
         anchors: &["authorization"],
         keyword: true,
-        pattern: r#"(?i)^authorization["']?[ \t]*[:=][ \t]*["']?(?:(bearer|basic|token|bot|apikey|sso-key)[ \t]+)?([A-Za-z0-9._~+/=-]{8,4096})"#,
-        group: 2,
-        window: 4_140,
+        shape: Shape::Run {
+            head: r#"(?i)^authorization(?:\\?["'])?[ \t]{0,64}[:=][ \t]{0,64}(?:\\?["'])?(?:(?:bearer|basic|token|bot|apikey|sso-key)[ \t]{1,64})?"#,
+            literal_heads: &[],
+            head_max: 220,
+            value: &AUTH_VALUE,
+            min: 8,
+            max: 4096,
+            with_head: false,
+            not_after: b"(:",
+            plausible: Plausible::Authorization,
+        },
+        window: 4_340,
         stop: Stop::Line,
-        not_after: b"(:",
-        plausible: any, // scheme-aware, see `authorization_plausible`
     },
     Spec {
         name: "password_assignment",
+        class: Class::Generic,
         anchors: &[
             "password", "passwd", "pwd", "secret", "token", "api_key", "apikey", "api-key",
         ],
         keyword: true,
-        pattern: r#"(?i)^(?:password|passwd|pwd|secret|token|api[_-]?key)[A-Za-z0-9_.-]{0,32}["']?[ \t]*(?::=|=>|=|:)[ \t]*["'`]?([A-Za-z0-9!#%&*+\-./=?@^_|~]{10,128})"#,
-        group: 1,
-        window: 210,
+        shape: Shape::Run {
+            head: r#"(?i)^(?:password|passwd|pwd|secret|token|api[_-]?key)[A-Za-z0-9_.-]{0,32}(?:\\?["'])?[ \t]{0,64}(?::=|=>|=|:)[ \t]{0,64}(?:\\?["'`])?"#,
+            literal_heads: &[],
+            head_max: 180,
+            value: &PASSWORD_VALUE,
+            min: 10,
+            max: 128,
+            with_head: false,
+            not_after: b"(:[{$<",
+            plausible: Plausible::HighEntropy,
+        },
+        window: 320,
         stop: Stop::Line,
-        not_after: b"(:[{$<",
-        plausible: high_entropy,
     },
 ];
 
@@ -236,10 +471,27 @@ const EXTRA_KEYWORD_ANCHORS: &[(&str, &str)] = &[
     ("ApiKey", "password_assignment"),
 ];
 
+/// Keys that vendors print in their own documentation (AWS's `…EXAMPLE` pair, the jwt.io
+/// sample, Stripe's docs keys): pasting a tutorial is not a leak. Compared whole, so a real key
+/// with one of these inside is still found.
+const DOCUMENTED_EXAMPLES: &[&str] = &[
+    "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4gRG9lIiwiaWF0IjoxNTE2MjM5MDIyfQ.SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c",
+    "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4gRG9lIiwiYWRtaW4iOnRydWUsImlhdCI6MTUxNjIzOTAyMn0.KMUFsIDTnFmyG3nMiGM6H9FNFUROf3wh7SmqJp-QV30",
+    "sk_test_4eC39HqLyjWDarjtT1zdp7dc",
+    "pk_test_TYooMQauvdEDq54NiTphI7jx",
+    "AKIAIOSFODNN7EXAMPLE",
+    "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+    "sk_test_BQokikJOvBiI2HlWgH4olfQ2",
+];
+
 /// Every detector name, in priority order, for documentation and tests.
 pub fn names() -> Vec<&'static str> {
-    let mut out: Vec<&'static str> = SPECS.iter().map(|s| s.name).collect();
-    out.dedup();
+    let mut out: Vec<&'static str> = Vec::new();
+    for s in SPECS {
+        if !out.contains(&s.name) {
+            out.push(s.name);
+        }
+    }
     out
 }
 
@@ -249,7 +501,10 @@ pub(crate) struct Detectors {
     by_anchor: Vec<Vec<usize>>,
     /// Anchor literals, for the stream's "could this tail still start an anchor" question.
     pub(crate) literals: Vec<Vec<u8>>,
-    regexes: Vec<Regex>,
+    /// `SPECS[i]`'s head pattern (`None` for JWT and PEM, which are parsed by hand).
+    heads: Vec<Option<Regex>>,
+    pem_header: Regex,
+    pem_end: Regex,
 }
 
 impl std::fmt::Debug for Detectors {
@@ -265,6 +520,69 @@ impl std::fmt::Debug for Detectors {
 pub(crate) fn get() -> &'static Detectors {
     static DETECTORS: OnceLock<Detectors> = OnceLock::new();
     DETECTORS.get_or_init(Detectors::new)
+}
+
+fn compile(pattern: &str) -> Regex {
+    RegexBuilder::new(pattern)
+        .unicode(false)
+        .build()
+        .expect("detector patterns are constant and tested")
+}
+
+/// "First position at or after `from` whose byte satisfies a predicate", remembered across
+/// the anchors of one scan. Anchors come in order, so each byte is looked at about once per
+/// question; that is what keeps a scan linear when anchors are dense (`authorization=a1`
+/// repeated) and every anchor's window reaches far.
+#[derive(Clone, Copy, Default)]
+struct Next {
+    /// No byte in `lo..next` satisfies the predicate; `next` does, or is the buffer's end.
+    lo: usize,
+    next: usize,
+    used: bool,
+}
+
+impl Next {
+    fn find(&mut self, buf: &[u8], from: usize, pred: impl Fn(u8) -> bool) -> usize {
+        let scan = |a: usize, b: usize| (a..b).find(|&i| pred(buf[i])).unwrap_or(b);
+        if self.used && from >= self.lo && from <= self.next {
+            return self.next;
+        }
+        if self.used && from < self.lo {
+            let hit = scan(from, self.lo);
+            if hit < self.lo {
+                return hit;
+            }
+            self.lo = from;
+            return self.next;
+        }
+        let next = scan(from, buf.len());
+        *self = Next {
+            lo: from,
+            next,
+            used: true,
+        };
+        next
+    }
+}
+
+/// Per-detector memory of one scan.
+#[derive(Clone, Copy, Default)]
+struct Memo {
+    run_end: Next,
+    digit: Next,
+    upper: Next,
+    lower: Next,
+    symbol: Next,
+}
+
+/// What one scan of a buffer remembers between anchors (see [`Next`]).
+pub(crate) struct ScanState {
+    newline: Next,
+    non_token: Next,
+    memo: Vec<Memo>,
+    jwt: [Next; 3],
+    /// The first END line at or after `.0`, if any.
+    pem_end: Option<(usize, Option<(usize, usize)>)>,
 }
 
 impl Detectors {
@@ -295,20 +613,31 @@ impl Detectors {
             .kind(Some(AhoCorasickKind::DFA))
             .build(&literals)
             .expect("anchor automaton from constant literals");
-        let regexes = SPECS
+        let heads = SPECS
             .iter()
-            .map(|s| {
-                RegexBuilder::new(s.pattern)
-                    .unicode(false)
-                    .build()
-                    .expect("detector patterns are constant and tested")
+            .map(|s| match s.shape {
+                Shape::Run { head, .. } if !head.is_empty() => Some(compile(head)),
+                _ => None,
             })
             .collect();
         Detectors {
             anchors,
             by_anchor,
             literals,
-            regexes,
+            heads,
+            pem_header: compile(r"^-{5}BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-{5}"),
+            pem_end: compile(r"-{5}END[A-Z0-9 ]{0,40}-{5}"),
+        }
+    }
+
+    /// Fresh memory for one scan of one buffer.
+    pub(crate) fn state(&self) -> ScanState {
+        ScanState {
+            newline: Next::default(),
+            non_token: Next::default(),
+            memo: vec![Memo::default(); SPECS.len()],
+            jwt: [Next::default(); 3],
+            pem_end: None,
         }
     }
 
@@ -346,101 +675,335 @@ impl Detectors {
     /// window `buf[at..]` cut at the detector's bound and just after its first stop byte. When
     /// `eof` is false and that window is not complete yet the answer is `Pending`. The window is
     /// cut the same way whether `buf` is the whole input or a stream's prefix, which is why
-    /// streamed and whole-buffer redaction agree.
+    /// streamed and whole-buffer redaction agree. `st` must be fresh for each buffer and see
+    /// the anchors in order; it only makes the answer cheaper, never different.
     pub(crate) fn eval(
         &self,
+        st: &mut ScanState,
         det: usize,
         buf: &[u8],
         at: usize,
-        prev: Option<u8>,
+        prev: [Option<u8>; 2],
         eof: bool,
     ) -> Eval {
         let spec = &SPECS[det];
         if !spec.keyword {
-            let before = if at == 0 { prev } else { Some(buf[at - 1]) };
-            if before.is_some_and(|b| b.is_ascii_alphanumeric()) {
+            let byte = |back: usize| match at.checked_sub(back) {
+                Some(i) => Some(buf[i]),
+                None => prev[back - at - 1],
+            };
+            let before = byte(1);
+            // `\n` before a token is a JSON-escaped line break, not the end of a word.
+            let escaped = matches!(before, Some(b'n' | b't' | b'r')) && byte(2) == Some(b'\\');
+            if before.is_some_and(|b| b.is_ascii_alphanumeric()) && !escaped {
                 return Eval::Miss;
             }
         }
         let bound = at.saturating_add(spec.window);
         let limit = buf.len().min(bound);
-        if matches!(spec.stop, Stop::Window) {
-            return self.eval_pem(det, &buf[at..limit], at, eof || buf.len() >= bound);
+        let complete = eof || buf.len() >= bound;
+        if matches!(spec.shape, Shape::Pem) {
+            return self.eval_pem(st, buf, at, limit, complete, bound);
         }
         if spec.keyword {
             // Most keyword hits are prose (`tokens are counted`) or JSON keys with short values
             // (`"prompt_tokens":12`); rule them out before looking for the end of the line.
             match assignment_follows(&buf[at..limit]) {
                 Some(false) => return Eval::Miss,
-                None if !eof && limit < bound => return Eval::Pending,
+                None if !complete => {
+                    return Eval::Pending(Wake {
+                        on: Wake::ANY,
+                        bound,
+                    })
+                }
                 _ => {}
             }
         }
         let stop = match spec.stop {
-            Stop::Line => memchr::memchr(b'\n', &buf[at..limit]),
-            _ => buf[at..limit].iter().position(|&b| is_stop(spec.stop, b)),
-        }
-        .map(|p| at + p);
-        if !eof && stop.is_none() && buf.len() < bound {
-            return Eval::Pending;
-        }
-        let end = stop.map_or(limit, |s| s + 1);
-        let window = &buf[at..end];
-        let Some(caps) = self.regexes[det].captures(window) else {
-            return Eval::Miss;
+            Stop::Line => st.newline.find(buf, at, |b| b == b'\n'),
+            _ => st.non_token.find(buf, at, |b| !is_token(b)),
         };
-        let Some(value) = caps.get(spec.group) else {
+        if stop >= limit && !complete {
+            let on = if spec.stop == Stop::Line {
+                Wake::NEWLINE
+            } else {
+                Wake::TOKEN
+            };
+            return Eval::Pending(Wake { on, bound });
+        }
+        let end = if stop < limit { stop + 1 } else { limit };
+        match &spec.shape {
+            Shape::Jwt => self.eval_jwt(st, buf, at, end),
+            Shape::Run {
+                literal_heads,
+                head_max,
+                value,
+                min,
+                max,
+                with_head,
+                not_after,
+                plausible,
+                ..
+            } => {
+                let window = &buf[at..end.min(at + head_max)];
+                let head_len = match &self.heads[det] {
+                    Some(head) => head.find(window).map(|h| h.end()),
+                    None => literal_heads
+                        .iter()
+                        .find(|l| window.starts_with(l.as_bytes()))
+                        .map(|l| l.len()),
+                };
+                let Some(head_len) = head_len else {
+                    return Eval::Miss;
+                };
+                let vs = at + head_len;
+                let memo = &mut st.memo[det];
+                let run_end = memo.run_end.find(buf, vs, |b| !value[usize::from(b)]);
+                let run = run_end.min(end) - vs;
+                if run < *min {
+                    return Eval::Miss;
+                }
+                let mut ve = vs + run.min(*max);
+                if spec.name == "password_assignment" {
+                    // In a URL `&name=` starts the next parameter (`?page_token=…&limit=10`).
+                    ve = query_cut(buf, vs, ve);
+                    if ve - vs < *min {
+                        return Eval::Miss;
+                    }
+                }
+                if ve < end && not_after.contains(&buf[ve]) {
+                    return Eval::Miss;
+                }
+                let ok = match plausible {
+                    Plausible::Any => true,
+                    Plausible::LetterAndDigit => {
+                        memo.has_digit(buf, vs, ve)
+                            && (memo.has_upper(buf, vs, ve) || memo.has_lower(buf, vs, ve))
+                    }
+                    Plausible::MixedCaseAndDigit => {
+                        memo.has_digit(buf, vs, ve)
+                            && memo.has_upper(buf, vs, ve)
+                            && memo.has_lower(buf, vs, ve)
+                    }
+                    Plausible::GithubChecksum => github_checksum_ok(&buf[vs..ve]),
+                    Plausible::Authorization => {
+                        if head_ends_with_basic(&buf[at..vs]) {
+                            base64::engine::general_purpose::STANDARD
+                                .decode(&buf[vs..ve])
+                                .is_ok_and(|d| d.contains(&b':'))
+                        } else {
+                            (memo.has_upper(buf, vs, ve) || memo.has_lower(buf, vs, ve))
+                                && (memo.has_digit(buf, vs, ve) || memo.has_symbol(buf, vs, ve))
+                        }
+                    }
+                    Plausible::HighEntropy => {
+                        let v = &buf[vs..ve];
+                        high_entropy(v) && !is_code_reference(v) && !is_pagination_key(buf, at, vs)
+                    }
+                };
+                if !ok {
+                    return Eval::Miss;
+                }
+                let start = if *with_head { at } else { vs };
+                if documented_example(spec, &buf[start..ve]) {
+                    return Eval::Miss;
+                }
+                Eval::Hit(start, ve)
+            }
+            Shape::Pem => Eval::Miss,
+        }
+    }
+
+    /// `eyJ` part `.` `ey` part `.` signature, with the regex bounds 8..=1024, 8..=8192 and
+    /// 0..=1024; each part is the longest run of base64url bytes, so runs are looked up, not
+    /// matched.
+    fn eval_jwt(&self, st: &mut ScanState, buf: &[u8], at: usize, end: usize) -> Eval {
+        let url = |b: u8| !URLSAFE[usize::from(b)];
+        let p1 = at + 3;
+        let r1 = st.jwt[0].find(buf, p1.min(buf.len()), url).min(end);
+        if r1 < p1 || !(8..=1024).contains(&(r1 - p1)) || r1 >= end || buf[r1] != b'.' {
             return Eval::Miss;
-        };
-        if window
-            .get(value.end())
-            .is_some_and(|b| spec.not_after.contains(b))
+        }
+        let p2 = r1 + 1;
+        if buf.get(p2..p2 + 2) != Some(b"ey".as_slice()) || p2 + 2 > end {
+            return Eval::Miss;
+        }
+        let r2 = st.jwt[1].find(buf, p2 + 2, url).min(end);
+        if !(8..=8192).contains(&(r2 - (p2 + 2))) || r2 >= end || buf[r2] != b'.' {
+            return Eval::Miss;
+        }
+        let p3 = r2 + 1;
+        let r3 = st.jwt[2].find(buf, p3.min(buf.len()), url).min(end);
+        let ve = p3 + r3.saturating_sub(p3).min(1024);
+        if DOCUMENTED_EXAMPLES
+            .iter()
+            .any(|e| e.as_bytes() == &buf[at..ve])
         {
             return Eval::Miss;
         }
-        let plausible = if spec.name == "authorization_header" {
-            authorization_plausible(caps.get(1).map(|m| m.as_bytes()), value.as_bytes())
-        } else {
-            (spec.plausible)(value.as_bytes())
-        };
-        if !plausible {
-            return Eval::Miss;
-        }
-        Eval::Hit(at + value.start(), at + value.end())
+        Eval::Hit(at, ve)
     }
 
     /// A PEM private key block: from BEGIN to the end of the END line, or, when no END line
     /// arrives within `PEM_MAX`, the whole window: a key body must not leak because its END
     /// line is missing or far away.
-    fn eval_pem(&self, det: usize, window: &[u8], at: usize, complete: bool) -> Eval {
+    fn eval_pem(
+        &self,
+        st: &mut ScanState,
+        buf: &[u8],
+        at: usize,
+        limit: usize,
+        complete: bool,
+        bound: usize,
+    ) -> Eval {
         const HEADER_MAX: usize = 80;
+        let window = &buf[at..limit];
         let header_region = &window[..window.len().min(HEADER_MAX)];
-        let Some(header) = self.regexes[det].find(header_region) else {
+        let Some(header) = self.pem_header.find(header_region) else {
             // The header is short and made of `[A-Z0-9 -]`; anything else ends it.
             let decided = complete
                 || window.len() >= HEADER_MAX
                 || window[10.min(window.len())..]
                     .iter()
                     .any(|b| !(b.is_ascii_uppercase() || b.is_ascii_digit() || b" -".contains(b)));
-            return if decided { Eval::Miss } else { Eval::Pending };
+            return if decided {
+                Eval::Miss
+            } else {
+                Eval::Pending(Wake {
+                    on: Wake::ANY,
+                    bound,
+                })
+            };
         };
-        static END: OnceLock<Regex> = OnceLock::new();
-        let end_re = END.get_or_init(|| {
-            RegexBuilder::new(r"-{5}END[A-Z0-9 ]{0,40}-{5}")
-                .unicode(false)
-                .build()
-                .expect("constant pattern")
-        });
-        match end_re.find(&window[header.end()..]) {
-            Some(m) => Eval::Hit(at, at + header.end() + m.end()),
-            None if complete => Eval::Hit(at, at + window.len()),
-            None => Eval::Pending,
+        let from = at + header.end();
+        // The first END line at or after `from`, remembered: a run of BEGIN lines without END
+        // would otherwise search the same 16 KiB once per line.
+        let found = match st.pem_end {
+            Some((lo, f)) if lo <= from && f.is_none_or(|(s, _)| s >= from) => f,
+            _ => {
+                let f = self
+                    .pem_end
+                    .find_at(buf, from)
+                    .map(|m| (m.start(), m.end()));
+                st.pem_end = Some((from, f));
+                f
+            }
+        };
+        match found {
+            Some((_, e)) if e <= limit => Eval::Hit(at, e),
+            _ if complete => Eval::Hit(at, limit),
+            _ => Eval::Pending(Wake {
+                on: Wake::DASH,
+                bound,
+            }),
         }
     }
 }
 
+impl Memo {
+    fn has_digit(&mut self, buf: &[u8], s: usize, e: usize) -> bool {
+        self.digit.find(buf, s, |b| b.is_ascii_digit()) < e
+    }
+    fn has_upper(&mut self, buf: &[u8], s: usize, e: usize) -> bool {
+        self.upper.find(buf, s, |b| b.is_ascii_uppercase()) < e
+    }
+    fn has_lower(&mut self, buf: &[u8], s: usize, e: usize) -> bool {
+        self.lower.find(buf, s, |b| b.is_ascii_lowercase()) < e
+    }
+    fn has_symbol(&mut self, buf: &[u8], s: usize, e: usize) -> bool {
+        self.symbol.find(buf, s, |b| b"._~+/=-".contains(&b)) < e
+    }
+}
+
+fn documented_example(spec: &Spec, v: &[u8]) -> bool {
+    // AWS's documentation marks every sample key with EXAMPLE (`AKIAIOSFODNN7EXAMPLE`).
+    if spec.name.starts_with("aws_") && memchr::memmem::find(v, b"EXAMPLE").is_some() {
+        return true;
+    }
+    DOCUMENTED_EXAMPLES.iter().any(|e| e.as_bytes() == v)
+}
+
+/// `ghp_` + 30 random base62 characters + their CRC32 in 6 base62 digits (0-9A-Za-z), the
+/// format GitHub documents for its tokens.
+fn github_checksum_ok(v: &[u8]) -> bool {
+    if v.len() != 36 {
+        return false;
+    }
+    let (body, check) = v.split_at(30);
+    let mut n: u64 = 0;
+    for &c in check {
+        let d = match c {
+            b'0'..=b'9' => c - b'0',
+            b'A'..=b'Z' => c - b'A' + 10,
+            b'a'..=b'z' => c - b'a' + 36,
+            _ => return false,
+        };
+        n = n * 62 + u64::from(d);
+    }
+    n == u64::from(crc32fast::hash(body))
+}
+
+/// Where a value ends when it runs into the next URL query parameter (`&name=`).
+fn query_cut(buf: &[u8], vs: usize, ve: usize) -> usize {
+    let mut from = vs;
+    while let Some(p) = memchr::memchr(b'&', &buf[from..ve]) {
+        let amp = from + p;
+        let name = buf[amp + 1..]
+            .iter()
+            .take(64)
+            .take_while(|b| b.is_ascii_alphanumeric() || **b == b'_')
+            .count();
+        if name > 0 && buf.get(amp + 1 + name) == Some(&b'=') {
+            return amp;
+        }
+        from = amp + 1;
+    }
+    ve
+}
+
+/// Whether the head (`Authorization: Basic `) names the Basic scheme.
+fn head_ends_with_basic(head: &[u8]) -> bool {
+    let t = head.trim_ascii_end();
+    t.len() >= 5 && t[t.len() - 5..].eq_ignore_ascii_case(b"basic") && t.len() < head.len()
+}
+
+/// `process.env.OPENAI_API_KEY`, `settings.SECRET_KEY`, `self.config.token`: a dotted path of
+/// identifiers is code that reads a secret, not a secret.
+fn is_code_reference(v: &[u8]) -> bool {
+    v.contains(&b'.')
+        && v.split(|&b| b == b'.').all(|seg| {
+            seg.first()
+                .is_some_and(|&c| c.is_ascii_alphabetic() || c == b'_')
+                && seg.iter().all(|&c| c.is_ascii_alphanumeric() || c == b'_')
+        })
+}
+
+/// `page_token=…`, `nextPageToken: …`, `max_tokens=…`: pagination cursors and counters named
+/// like secrets.
+fn is_pagination_key(buf: &[u8], at: usize, value_start: usize) -> bool {
+    let mut s = at;
+    while s > 0 && at - s < 64 && (buf[s - 1].is_ascii_alphanumeric() || buf[s - 1] == b'_') {
+        s -= 1;
+    }
+    let name: Vec<u8> = buf[s..value_start]
+        .iter()
+        .take_while(|b| b.is_ascii_alphanumeric() || **b == b'_' || **b == b'-')
+        .map(u8::to_ascii_lowercase)
+        .collect();
+    [
+        "page",
+        "cursor",
+        "continuation",
+        "max_",
+        "next_token",
+        "nexttoken",
+    ]
+    .iter()
+    .any(|w| memchr::memmem::find(&name, w.as_bytes()).is_some())
+}
+
 /// Whether `w` (starting at a keyword) goes on like an assignment: the rest of an identifier,
-/// an optional quote, blanks, `:` or `=`, then a run of 8 value bytes, with only blanks and
+/// an optional quote (JSON-escaped or not), blanks, `:` or `=`, then a run of 8 value bytes, with only blanks and
 /// quotes (a scheme word at most) in between. `None` when `w` ends before that is decided.
 /// It is a necessary condition for every keyword regex, so it never changes a verdict; it only
 /// rules out prose (`tokens are counted`) and short JSON values (`"prompt_tokens":12`) before
@@ -450,12 +1013,24 @@ fn assignment_follows(w: &[u8]) -> Option<bool> {
     let mut i = 0;
     while at(i)?.is_ascii_alphanumeric() || b"_.-".contains(&at(i)?) {
         i += 1;
+        // No keyword head has a longer identifier (keyword + 32); bounded so that a long run
+        // of letters costs the same at every anchor inside it.
+        if i > 48 {
+            return Some(false);
+        }
+    }
+    if at(i)? == b'\\' {
+        i += 1;
     }
     if matches!(at(i)?, b'"' | b'\'') {
         i += 1;
     }
+    let blanks = i;
     while matches!(at(i)?, b' ' | b'\t') {
         i += 1;
+        if i - blanks > 64 {
+            return Some(false);
+        }
     }
     if !matches!(at(i)?, b':' | b'=') {
         return Some(false);
@@ -468,7 +1043,7 @@ fn assignment_follows(w: &[u8]) -> Option<bool> {
             if run >= 8 {
                 return Some(true);
             }
-        } else if matches!(b, b' ' | b'\t' | b'"' | b'\'' | b'`') {
+        } else if matches!(b, b' ' | b'\t' | b'"' | b'\'' | b'`' | b'\\') {
             run = 0;
         } else {
             return Some(false);
@@ -477,12 +1052,8 @@ fn assignment_follows(w: &[u8]) -> Option<bool> {
     Some(true)
 }
 
-fn is_stop(stop: Stop, b: u8) -> bool {
-    match stop {
-        Stop::Token => !(b.is_ascii_alphanumeric() || b"_.+/=-".contains(&b)),
-        Stop::Line => b == b'\n',
-        Stop::Window => false,
-    }
+pub(crate) fn is_token(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"_.+/=-".contains(&b)
 }
 
 /// `password` -> `password`, `Password`, `PASSWORD`; token anchors are taken as written.
@@ -500,34 +1071,6 @@ fn spellings(anchor: &str, keyword: bool) -> Vec<Vec<u8>> {
     ];
     out.dedup();
     out
-}
-
-fn any(_: &[u8]) -> bool {
-    true
-}
-
-fn letter_and_digit(v: &[u8]) -> bool {
-    v.iter().any(u8::is_ascii_digit) && v.iter().any(u8::is_ascii_alphabetic)
-}
-
-/// Real keys are random base62: a kebab-case identifier after `sk-` (`sk-learn-…`) is not.
-fn mixed_case_and_digit(v: &[u8]) -> bool {
-    v.iter().any(u8::is_ascii_digit)
-        && v.iter().any(u8::is_ascii_uppercase)
-        && v.iter().any(u8::is_ascii_lowercase)
-}
-
-/// `Basic` must decode to `user:password`; other schemes need a letter and a digit or symbol,
-/// which rules out prose and code such as `Bearer accessToken`.
-fn authorization_plausible(scheme: Option<&[u8]>, v: &[u8]) -> bool {
-    if scheme.is_some_and(|s| s.eq_ignore_ascii_case(b"basic")) {
-        return base64::engine::general_purpose::STANDARD
-            .decode(v)
-            .is_ok_and(|d| d.contains(&b':'));
-    }
-    v.iter().any(u8::is_ascii_alphabetic)
-        && v.iter()
-            .any(|b| b.is_ascii_digit() || b"._~+/=-".contains(b))
 }
 
 /// A password-like value: at least three character classes (or two, one of them digits, and
@@ -559,14 +1102,15 @@ fn shannon_bits(v: &[u8]) -> f64 {
         counts[b as usize] += 1;
     }
     let n = v.len() as f64;
-    counts
-        .iter()
-        .filter(|&&c| c > 0)
-        .map(|&c| {
+    let mut bits = 0.0;
+    for &b in v {
+        let c = std::mem::take(&mut counts[b as usize]);
+        if c > 0 {
             let p = f64::from(c) / n;
-            -p * p.log2()
-        })
-        .sum()
+            bits -= p * p.log2();
+        }
+    }
+    bits
 }
 
 #[cfg(test)]
@@ -594,5 +1138,122 @@ mod tests {
         assert_eq!(assignment_follows(b"tokens\":12,\"x\":1"), Some(false));
         assert_eq!(assignment_follows(b"token = Bearer abcdefgh1"), Some(true));
         assert_eq!(assignment_follows(b"token = "), None);
+    }
+
+    fn found(text: &str, set: DetectorSet) -> Vec<&'static str> {
+        let d = get();
+        let buf = text.as_bytes();
+        let mut st = d.state();
+        let mut out = Vec::new();
+        for (at, dets) in d.anchors(buf) {
+            for &det in dets {
+                if set.has(det) {
+                    if let Eval::Hit(..) = d.eval(&mut st, det, buf, at, [None; 2], true) {
+                        out.push(d.name(det));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn base62_crc(body: &str) -> String {
+        const B62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+        let mut n = crc32fast::hash(body.as_bytes());
+        let mut out = vec![b'0'; 6];
+        for slot in out.iter_mut().rev() {
+            *slot = B62[(n % 62) as usize];
+            n /= 62;
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn github_token_is_strong_only_with_its_checksum() {
+        let body = "Zq9xK2mP7vL4wR8tY3nB6cJ1hG5dF0";
+        let good = format!("ghp_{body}{}", base62_crc(body));
+        let bad = format!("ghp_{body}000000");
+        let strong = DetectorSet::class(Class::Strong);
+        let generic = DetectorSet::class(Class::Generic);
+        assert_eq!(found(&good, strong), vec!["github_token"]);
+        assert!(found(&bad, strong).is_empty());
+        assert_eq!(found(&bad, generic), vec!["github_token"]);
+    }
+
+    #[test]
+    fn documented_example_keys_are_not_findings() {
+        let id = ["AKIA", "IOSFODNN7", "EXAMPLE"].concat();
+        let secret = ["wJalrXUtnFEMI/K7MDENG/", "bPxRfiCYEXAMPLEKEY"].concat();
+        let text = format!(
+            "AWS_ACCESS_KEY_ID={id}\naws_secret_access_key = {secret}\n{id},{secret}\njwt: {}\nstripe.api_key = \"{}\"\n",
+            DOCUMENTED_EXAMPLES[0], DOCUMENTED_EXAMPLES[2]
+        );
+        assert_eq!(found(&text, DetectorSet::ALL), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn code_reading_a_secret_and_pagination_parameters_are_not_findings() {
+        for text in [
+            "const apiKey = process.env.OPENAI_API_KEY;",
+            "secret_key = settings.SECRET_KEY_FROM_ENV",
+            "GET /v1/files?page_token=CAUQAAabc&limit=10",
+            "GET /v1/x?tokens=40&limit=10&after=abc123",
+            "nextPageToken: CAUQAAabcDEF123xyz",
+        ] {
+            assert_eq!(found(text, DetectorSet::ALL), Vec::<&str>::new(), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_token_after_a_json_escaped_line_break_is_found() {
+        let key = format!("sk-proj-{}", "Zq9xK2mP7vL4wR8tY3nB6cJ1hG5dF0aa");
+        let json = format!(r#"{{"content":"config:\n{key}\n"}}"#);
+        assert_eq!(found(&json, DetectorSet::ALL), vec!["openai_key"]);
+        let escaped = [r#"{"content":"db_password = \"Xk9#m"#, r#"P2!vL7qR4w\""}"#].concat();
+        assert_eq!(
+            found(&escaped, DetectorSet::ALL),
+            vec!["password_assignment"]
+        );
+    }
+
+    #[test]
+    fn strong_and_generic_sets_split_every_detector() {
+        let strong = DetectorSet::class(Class::Strong);
+        let generic = DetectorSet::class(Class::Generic);
+        for (det, spec) in SPECS.iter().enumerate() {
+            assert!(strong.has(det) != generic.has(det), "{}", spec.name);
+        }
+        for name in ["password_assignment", "authorization_header", "jwt"] {
+            assert!(SPECS
+                .iter()
+                .filter(|s| s.name == name)
+                .all(|s| s.class == Class::Generic));
+        }
+    }
+
+    proptest::proptest! {
+        /// A detector's verdict depends on its window only: the same credential is found at the
+        /// same place after any amount of filler, and filler alone is never a finding.
+        #[test]
+        fn findings_do_not_depend_on_input_size(
+            filler in proptest::collection::vec(proptest::sample::select(&b"ab =:-_\n.xyz0123"[..]), 0..3000),
+            which in 0usize..4,
+        ) {
+            let samples = [
+                format!("sk-proj-{}", "Zq9xK2mP7vL4wR8tY3nB6cJ1hG5dF0aa"),
+                format!("{d}BEGIN EC PRIVATE KEY{d}\nQ7xZq9\n{d}END EC PRIVATE KEY{d}", d = "-".repeat(5)),
+                format!("Authorization: Bearer {}", "Zq9xK2mP7vL4wR8t"),
+                format!("kg_{}", "Zq9xK2mP7vL4wR8tY3nB6cJ1hG5dF0aa12"),
+            ];
+            let filler = String::from_utf8(filler).unwrap();
+            let text = format!("{filler}\n{}\n{filler}", samples[which]);
+            let r = crate::redact::Redactor::builder().detectors(true).build();
+            let alone = r.find(format!("\n{}\n", samples[which]).as_bytes());
+            let inside = r.find(text.as_bytes());
+            proptest::prop_assert!(!alone.is_empty());
+            let shifted: Vec<_> = alone.iter().map(|f| (f.offset + filler.len(), f.len, f.label.clone())).collect();
+            let got: Vec<_> = inside.iter().map(|f| (f.offset, f.len, f.label.clone())).collect();
+            proptest::prop_assert_eq!(got, shifted);
+        }
     }
 }

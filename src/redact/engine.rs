@@ -16,14 +16,14 @@
 
 use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind};
 
-use super::detectors::{self, Detectors, Eval};
+use super::detectors::{self, DetectorSet, Detectors, Eval, Wake};
 use super::json_view::Escapes;
 use super::known::{self, Prefixes};
 
 // No Debug here or below: the automaton and prefixes hold every secret's spellings.
 pub(crate) struct Engine {
     known: Option<Known>,
-    detectors: Option<(&'static Detectors, Prefixes)>,
+    detectors: Option<(&'static Detectors, Prefixes, DetectorSet)>,
 }
 
 struct Known {
@@ -54,6 +54,9 @@ pub(crate) struct Scan {
     /// Merged, sorted, non-overlapping; all end at or before `safe`.
     pub(crate) spans: Vec<Span>,
     pub(crate) safe: usize,
+    /// Set when `safe` sits at a detector anchor whose verdict is pending: until a byte in
+    /// `wake` arrives (or the buffer reaches its bound) a rescan cannot move `safe`.
+    pub(crate) wake: Option<Wake>,
 }
 
 struct Hit {
@@ -79,19 +82,19 @@ impl Engine {
     }
 
     /// An engine for every spelling of `held` (see `known.rs`), and the detectors if asked.
-    pub(crate) fn new(held: Vec<(String, Vec<u8>)>, detectors: bool) -> Self {
+    pub(crate) fn new(held: Vec<(String, Vec<u8>)>, detectors: DetectorSet) -> Self {
         Self::with_spellings(held, detectors, known::spellings)
     }
 
     /// An engine for text that is already decoded (the joined deltas of an SSE stream): the raw
     /// values only, so that fewer endings of a delta look like the start of a secret.
-    pub(crate) fn decoded(held: Vec<(String, Vec<u8>)>, detectors: bool) -> Self {
+    pub(crate) fn decoded(held: Vec<(String, Vec<u8>)>, detectors: DetectorSet) -> Self {
         Self::with_spellings(held, detectors, |v| vec![v.to_vec()])
     }
 
     fn with_spellings(
         held: Vec<(String, Vec<u8>)>,
-        detectors: bool,
+        detectors: DetectorSet,
         spellings: fn(&[u8]) -> Vec<Vec<u8>>,
     ) -> Self {
         let mut patterns: Vec<Vec<u8>> = Vec::new();
@@ -141,9 +144,9 @@ impl Engine {
                 lower,
             }
         });
-        let detectors = detectors.then(|| {
+        let detectors = (!detectors.is_empty()).then(|| {
             let d = detectors::get();
-            (d, Prefixes::new(d.literals.iter().cloned()))
+            (d, Prefixes::new(d.literals.iter().cloned()), detectors)
         });
         Engine { known, detectors }
     }
@@ -161,7 +164,7 @@ impl Engine {
             Label::Detector(d) => self
                 .detectors
                 .as_ref()
-                .map_or("detector", |(d2, _)| d2.name(d)),
+                .map_or("detector", |(d2, _, _)| d2.name(d)),
         }
     }
 
@@ -184,8 +187,9 @@ impl Engine {
             .map_or(0, |k| k.automaton.max_pattern_len())
     }
 
-    /// Scans `buf`, whose first byte follows `prev` in the input. See the module doc.
-    pub(crate) fn scan(&self, buf: &[u8], prev: Option<u8>, eof: bool) -> Scan {
+    /// Scans `buf`, whose first byte follows `prev` (nearest first) in the input. See the
+    /// module doc.
+    pub(crate) fn scan(&self, buf: &[u8], prev: [Option<u8>; 2], eof: bool) -> Scan {
         let mut safe = buf.len();
         let mut hits = Vec::new();
         // JSON escapes are only looked at for known values: a detector's formats have no
@@ -225,18 +229,31 @@ impl Engine {
                 }
             }
         }
-        if let Some((d, prefixes)) = &self.detectors {
+        // The first anchor whose verdict is pending, and what could change it.
+        let mut pending: Option<(usize, Wake)> = None;
+        if let Some((d, prefixes, set)) = &self.detectors {
             if !eof {
                 safe = safe.min(prefixes.tail_start(buf));
             }
+            let mut st = d.state();
             for (at, dets) in d.anchors(buf) {
                 if at >= safe {
                     // Rescanned with the next chunk.
                     break;
                 }
                 for &det in dets {
-                    match d.eval(det, buf, at, prev, eof) {
-                        Eval::Pending => safe = safe.min(at),
+                    if !set.has(det) {
+                        continue;
+                    }
+                    match d.eval(&mut st, det, buf, at, prev, eof) {
+                        Eval::Pending(wake) => {
+                            safe = safe.min(at);
+                            pending = Some(match pending {
+                                Some((p, w)) if p == at => (p, w.merge(wake)),
+                                Some(earlier) => earlier,
+                                None => (at, wake),
+                            });
+                        }
                         Eval::Miss => {}
                         Eval::Hit(start, end) => hits.push(Hit {
                             key: at,
@@ -249,28 +266,57 @@ impl Engine {
                 }
             }
         }
+        // Where a pending verdict stopped the anchors: if only it (not a trailing prefix)
+        // limited `safe`, a rescan cannot move `safe` until that verdict can change, whatever
+        // earlier hits crossing it pulled `safe` back to.
+        let limited_by_pending = pending.filter(|(at, _)| *at == safe);
         // Pull `safe` back until nothing crosses it and it falls between JSON escapes (so the
         // next scan tokenizes as this one did); it only moves left, so this ends.
         loop {
             if let Some(esc) = &escapes {
                 safe = esc.boundary_at_or_before(safe);
             }
-            let crossing = hits
-                .iter()
-                .filter(|h| h.key < safe && h.end > safe)
-                .map(|h| h.key)
-                .min();
-            match crossing {
-                Some(key) => safe = key,
-                None => break,
+            let uncrossed = uncrossed(&mut hits, safe);
+            if uncrossed == safe {
+                break;
             }
+            safe = uncrossed;
         }
         hits.retain(|h| h.key < safe);
+        let wake = limited_by_pending.map(|(_, w)| w);
         Scan {
             spans: merge(hits),
             safe,
+            wake,
         }
     }
+}
+
+/// The largest offset `<= safe` that no hit keyed before it crosses (ends after it). Pulling
+/// `safe` back to the earliest crossing key until nothing crosses reaches the same point (no
+/// offset between a crossing key and `safe` can be free of it), but costs a pass per step;
+/// this is one sort and one pass.
+fn uncrossed(hits: &mut [Hit], safe: usize) -> usize {
+    hits.sort_unstable_by_key(|h| h.key);
+    let below = hits.partition_point(|h| h.key < safe);
+    if hits[..below].iter().all(|h| h.end <= safe) {
+        return safe;
+    }
+    // Otherwise the answer is the largest key that no earlier-keyed hit reaches past.
+    let mut furthest = 0;
+    let mut best = 0;
+    let mut i = 0;
+    while i < below {
+        let key = hits[i].key;
+        if furthest <= key {
+            best = key;
+        }
+        while i < below && hits[i].key == key {
+            furthest = furthest.max(hits[i].end);
+            i += 1;
+        }
+    }
+    best
 }
 
 /// Overlapping findings become one span (a secret must not leak through the gap between two
@@ -294,4 +340,55 @@ fn merge(mut hits: Vec<Hit>) -> Vec<Span> {
         }
     }
     spans
+}
+
+#[cfg(test)]
+mod uncrossed_tests {
+    use super::*;
+
+    fn hit(key: usize, end: usize) -> Hit {
+        Hit {
+            key,
+            start: key,
+            end,
+            label: Label::Known(0),
+            priority: 0,
+        }
+    }
+
+    /// The loop this replaced, kept as the definition.
+    fn by_loop(hits: &[Hit], mut safe: usize) -> usize {
+        loop {
+            match hits
+                .iter()
+                .filter(|h| h.key < safe && h.end > safe)
+                .map(|h| h.key)
+                .min()
+            {
+                Some(k) => safe = k,
+                None => return safe,
+            }
+        }
+    }
+
+    #[test]
+    fn uncrossed_agrees_with_the_pull_back_loop() {
+        let mut x: u64 = 7;
+        for _ in 0..2000 {
+            let n = (x % 6) as usize;
+            let mut hits = Vec::new();
+            for _ in 0..n {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let key = (x >> 33) as usize % 40;
+                let len = (x >> 20) as usize % 15 + 1;
+                hits.push(hit(key, key + len));
+            }
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+            let safe = (x >> 33) as usize % 50;
+            let want = by_loop(&hits, safe);
+            assert_eq!(uncrossed(&mut hits, safe), want);
+        }
+    }
 }

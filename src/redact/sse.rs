@@ -64,7 +64,8 @@ struct Text {
     pending: Vec<u8>,
     /// Offset in the joined text of `pending[0]`: everything before it is final.
     base: u64,
-    prev: Option<u8>,
+    /// The two bytes before `pending[0]`, nearest first (detectors' word boundary).
+    prev: [Option<u8>; 2],
     /// Final findings, in joined-text offsets, not yet applied to every event they touch.
     spans: Vec<(u64, u64, Label)>,
 }
@@ -176,7 +177,7 @@ impl Events {
             key,
             pending: Vec::new(),
             base: 0,
-            prev: None,
+            prev: [None; 2],
             spans: Vec::new(),
         });
         self.texts.len() - 1
@@ -197,7 +198,13 @@ impl Events {
             ));
         }
         if scan.safe > 0 {
-            text.prev = Some(text.pending[scan.safe - 1]);
+            text.prev = [
+                Some(text.pending[scan.safe - 1]),
+                scan.safe
+                    .checked_sub(2)
+                    .map(|i| text.pending[i])
+                    .or(text.prev[0]),
+            ];
             text.pending.drain(..scan.safe);
             text.base += scan.safe as u64;
         }

@@ -622,3 +622,34 @@ fn debug_names_key_ids_but_never_a_pattern() {
     // nor the bytes as a list of numbers, as a derived Debug of a Vec<u8> would print them
     assert!(!dbg.contains("115, 107, 45"), "{dbg}");
 }
+
+/// Dense anchors whose windows overlap hold long runs back; the stream then skips rescans
+/// (waiting for a byte that can change the pending verdict, or batching) and must still give
+/// exactly the whole-buffer output.
+#[test]
+fn stream_of_dense_overlapping_anchors_equals_whole_buffer() {
+    let r = Arc::new(detectors());
+    let dashes = "-".repeat(5);
+    let units = [
+        "authorization=a1".to_string(),
+        "eyJ-".to_string(),
+        "pwd=aA1aA1aA1a".to_string(),
+        format!("{dashes}BEGIN RSA PRIVATE KEY{dashes}\n"),
+        "-sk-a".to_string(),
+    ];
+    for unit in units {
+        let mut input: Vec<u8> = unit.bytes().cycle().take(40_000).collect();
+        input.extend_from_slice(
+            format!("\n{dashes}END RSA PRIVATE KEY{dashes}\nplain tail ").as_bytes(),
+        );
+        input.extend(unit.bytes().cycle().take(9_000));
+        let whole = r.redact(&input).into_owned();
+        for step in [1usize, 64, 1000] {
+            let cuts: Vec<usize> = (step..input.len()).step_by(step).collect();
+            assert!(
+                stream_all(&r, &input, &cuts) == whole,
+                "{unit:?} in chunks of {step}"
+            );
+        }
+    }
+}

@@ -17,6 +17,9 @@ pub struct SecretSpec {
     /// How long a fetched value is used before it is fetched again; `None` keeps it until an
     /// upstream 401 or a reload says it is stale.
     pub ttl: Option<Duration>,
+    /// Fetched at its first use instead of at start-up (`fetch = "first-use"`): the request scan
+    /// does not know the value until then.
+    pub lazy: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -158,6 +161,14 @@ impl SecretSource {
 
     pub fn is_none(&self) -> bool {
         matches!(self, SecretSource::None)
+    }
+
+    /// Whether keygate fetches this source at start-up (see `Credentials::prefetch`).
+    pub fn prefetchable(&self) -> bool {
+        matches!(
+            self,
+            SecretSource::Env { .. } | SecretSource::File { .. } | SecretSource::Command { .. }
+        )
     }
 }
 
@@ -411,6 +422,7 @@ mod tests {
             name: "t".into(),
             source,
             ttl: None,
+            lazy: false,
         }
     }
 

@@ -204,7 +204,7 @@ def signed_keygate(keygate, fake_upstream, tmp_path):
     token = new_token()
     state = tmp_path / "state"
     config = f'state_dir = "{state}"\n' + native_config(fake_upstream.url, agent_routes=("openai",))
-    kg = keygate(config, env={"KEYGATE_AGENT_TOKEN": token, "OPENAI_API_KEY": fake_secret("sk-proj-sig")})
+    kg = keygate(config, env={"KEYGATE_AGENT_TOKEN": token, "OPENAI_API_KEY": fake_secret("sk-proj-sig"), "ANTHROPIC_API_KEY": fake_secret("sk-ant-sig")})
     return kg, token, state
 
 
@@ -265,7 +265,7 @@ def test_audit_key_readable_by_others_is_refused_by_serve_and_audit_key(keygate,
         keygate_bin,
         ["serve", "--config", str(kg.config_path), "--audit-log", str(tmp_path / "x.jsonl")],
         tmp_path,
-        env={"KEYGATE_AGENT_TOKEN": token, "OPENAI_API_KEY": fake_secret("sk-proj-sig")},
+        env={"KEYGATE_AGENT_TOKEN": token, "OPENAI_API_KEY": fake_secret("sk-proj-sig"), "ANTHROPIC_API_KEY": fake_secret("sk-ant-sig")},
     )
     assert served.returncode == 2 and "audit signing key" in served.stderr, served.stderr
 

@@ -553,3 +553,9 @@ def test_reload_fetches_secrets_afresh(keygate, keygate_bin, tmp_path, short_tmp
     assert chat(s).status_code == 200
     seen = [r.header("authorization") for r in fake_upstream.requests]
     assert seen == [f"Bearer {first}", f"Bearer {first}", f"Bearer {second}"]
+    # A reload whose secret cannot be fetched is refused; the running policy and key stay.
+    key_file.unlink()
+    refused = s.admin("reload", ok=False)
+    assert refused.returncode == 1 and str(key_file) in refused.stderr, refused.stderr
+    assert chat(s).status_code == 200
+    assert fake_upstream.requests[-1].header("authorization") == f"Bearer {second}"

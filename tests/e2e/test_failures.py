@@ -43,27 +43,12 @@ def test_failing_secret_command_is_503_naming_the_source_not_its_output(keygate,
     assert_still_serving(kg)
 
 
-def hanging_secret_config(upstream: str) -> str:
-    return f"""\
-listen = ["127.0.0.1:0"]
-mode = "proxy"
-
-[secrets.slow]
-source = "command"
-argv = ["op", "read", "op://Private/Slow/api key"]
-timeout = "1s"
-
-[routes.openai]
-prefix = "/openai"
-upstream = "{upstream}"
-secret = "slow"
-inject = "bearer"
-allow = ["POST /v1/chat/completions"]
-
-[agents.coder]
-routes = ["openai"]
-token_env = "KEYGATE_AGENT_TOKEN"
-"""
+def hanging_secret_config(upstream: str) -> dict:
+    # A lab config: its secret is tried at start-up and, when that fails, fetched again at first
+    # use (a native config would refuse to start instead: test_request_scan.py).
+    cfg = lab_config("1password.example", upstream)
+    cfg["secret_source"] = dict(cfg["secret_source"], timeout_seconds=1)
+    return cfg
 
 
 def process_gone(pid: int) -> bool:
@@ -76,14 +61,13 @@ def process_gone(pid: int) -> bool:
 
 @pytest.fixture
 def hanging_secret(keygate, fake_upstream, tmp_path):
-    token = new_token()
     log = tmp_path / "secret-calls.log"
     kg = keygate(
         hanging_secret_config(fake_upstream.url),
-        env={"KEYGATE_AGENT_TOKEN": token, "FAKE_SECRET_MODE": "hang", "FAKE_SECRET_LOG": str(log)},
+        env={"BROKER_CLIENT_TOKEN": CLIENT_TOKEN, "FAKE_SECRET_MODE": "hang", "FAKE_SECRET_LOG": str(log)},
     )
     with kg.client() as c:
-        r = c.post("/openai/v1/chat/completions", json=CHAT_BODY, headers={"Authorization": f"Bearer {token}"})
+        r = c.post("/v1/chat/completions", json=CHAT_BODY, headers=AUTH)
     return kg, r, log
 
 

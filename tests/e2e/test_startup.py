@@ -119,7 +119,8 @@ def test_request_over_unix_socket_is_forwarded_and_audited_with_peer_uid(unix_ke
 def test_restart_on_the_same_unix_socket_path_works(unix_keygate, keygate):
     kg, sock, token = unix_keygate
     assert kg.stop() == 0
-    again = keygate(kg.config_path.read_text(), env={"KEYGATE_AGENT_TOKEN": token})
+    keys = {"OPENAI_API_KEY": UNIX_KEY, "ANTHROPIC_API_KEY": fake_secret("sk-ant-")}
+    again = keygate(kg.config_path.read_text(), env={"KEYGATE_AGENT_TOKEN": token, **keys})
     assert f"unix:{sock}" in again.startup["listeners"]
     with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://localhost", timeout=DEADLINE) as c:
         assert c.get("/healthz").status_code == 200

@@ -520,6 +520,7 @@ env = ["MY_TOOL_SESSION"]
 source = "command"
 argv = ["sh", "-c", "sleep 30 & echo $! > {d}/grandchild.pid; sleep 30"]
 timeout = "500ms"
+fetch = "first-use"
 
 [routes.cmd]
 prefix = "/cmd"
