@@ -21,7 +21,9 @@ fn main() {
 
     let t = Instant::now();
     for _ in 0..N {
-        let booked = policy.reserve(&config, 0, 1).expect("reserve");
+        let booked = policy
+            .reserve(&config, keygate::config::AgentId(0), 1)
+            .expect("reserve");
         if let Some(r) = booked {
             r.settle(1);
         }

@@ -10,6 +10,7 @@
 //! Architecture invariant: [`strip_caller_credentials`] runs on every forwarded request, so the
 //! agent's token never reaches an upstream.
 
+pub mod caller;
 pub mod store;
 
 use std::collections::HashMap;
@@ -22,12 +23,10 @@ use http::{HeaderMap, HeaderName};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::Config;
+use crate::config::{AgentId, Config};
 use crate::error::{Code, Rejection};
 
-/// Headers that may carry the caller's credential; all are removed before forwarding.
-pub const CALLER_CREDENTIAL_HEADERS: [&str; 4] =
-    ["x-broker-token", "authorization", "x-api-key", "api-key"];
+pub use caller::CALLER_CREDENTIAL_HEADERS;
 
 pub struct Tokens {
     /// Tokens from the environment (`token_env`), for the life of the process.
@@ -49,7 +48,7 @@ type SharedStore = Arc<dyn crate::state::StateStore>;
 /// Who is calling: the agent, and the id of the token it presented (never the token).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Identity {
-    pub agent: usize,
+    pub agent: AgentId,
     /// `tok_` + the first 12 hex digits of the token's SHA-256, as `token list` shows it.
     pub token_id: Option<String>,
 }
@@ -158,8 +157,8 @@ impl Tokens {
         self.state_dir.is_some()
     }
 
-    pub fn authenticate(&self, headers: &HeaderMap) -> Result<usize, Rejection> {
-        self.by_token(headers).map(|(agent, _)| agent)
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<AgentId, Rejection> {
+        self.by_token(headers).map(|(agent, _)| AgentId(agent))
     }
 
     /// The caller's identity: a valid token, else a Unix-socket peer uid mapped to an agent (no
@@ -171,7 +170,7 @@ impl Tokens {
     ) -> Result<Identity, Rejection> {
         match self.by_token(headers) {
             Ok((agent, hash)) => Ok(Identity {
-                agent,
+                agent: AgentId(agent),
                 token_id: hash.map(|h| format!("tok_{}", &hex::encode(h)[..12])),
             }),
             // A refusal that is not about a missing or unknown token (two different tokens)
@@ -180,7 +179,7 @@ impl Tokens {
             Err(e) => match peer {
                 crate::guard::Peer::Unix { uid, .. } => match self.by_uid.get(uid) {
                     Some(&agent) => Ok(Identity {
-                        agent,
+                        agent: AgentId(agent),
                         token_id: None,
                     }),
                     None => Err(e),
@@ -332,7 +331,7 @@ mod tests {
             headers(&[("x-broker-token", "kg_abc"), ("x-broker-token", " kg_abc")]),
             headers(&[("authorization", "Basic eDp5"), ("x-api-key", "kg_abc")]),
         ] {
-            assert_eq!(t.authenticate(&h).unwrap(), 0, "{h:?}");
+            assert_eq!(t.authenticate(&h).unwrap(), AgentId(0), "{h:?}");
         }
     }
 
@@ -396,7 +395,7 @@ mod tests {
         assert_eq!(
             id,
             Identity {
-                agent: 0,
+                agent: AgentId(0),
                 token_id: None
             }
         );
@@ -431,7 +430,7 @@ mod tests {
             store::issue(dir.path(), "coder", std::time::Duration::from_secs(60)).unwrap();
         let t = Tokens::from_config(&c).unwrap();
         let h = headers(&[("x-api-key", &token)]);
-        assert_eq!(t.authenticate(&h).unwrap(), 0);
+        assert_eq!(t.authenticate(&h).unwrap(), AgentId(0));
         store::revoke(dir.path(), Some(&rec.id), None).unwrap();
         t.refresh();
         assert_eq!(

@@ -13,15 +13,17 @@
 
 pub mod approval;
 mod budget;
+pub mod rule;
 pub mod usage;
+
+pub use rule::{Rate, Rule};
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::Method;
-use serde::Serialize;
 
-use crate::config::{Agent, Config, Format, Route};
+use crate::config::{Agent, AgentId, Config, Format, Route, RouteId};
 use crate::error::{Code, Rejection};
 use crate::route::Routed;
 
@@ -38,25 +40,25 @@ use crate::route::Routed;
 /// ```
 #[derive(Debug)]
 pub struct Authorized {
-    route: usize,
-    agent: usize,
+    route: RouteId,
+    agent: AgentId,
     raw_path: String,
     _private: (),
 }
 
 impl Authorized {
-    pub fn route(&self) -> usize {
+    pub fn route(&self) -> RouteId {
         self.route
     }
-    pub fn agent(&self) -> usize {
+    pub fn agent(&self) -> AgentId {
         self.agent
     }
     /// A request authorized by fiat, for tests of the stages after `authorize`.
     #[cfg(test)]
     pub(crate) fn for_test(route: usize, agent: usize) -> Authorized {
         Authorized {
-            route,
-            agent,
+            route: RouteId(route),
+            agent: AgentId(agent),
             raw_path: "/".into(),
             _private: (),
         }
@@ -65,152 +67,6 @@ impl Authorized {
     /// The raw route-relative path to append to the upstream's base path.
     pub fn raw_path(&self) -> &str {
         &self.raw_path
-    }
-}
-
-/// One allow rule: `POST /v1/chat/completions`, `GET /v1/files/*`, `* /v1/**`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Rule {
-    method: Option<Method>,
-    segments: Vec<Segment>,
-    text: String,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Segment {
-    Literal(String),
-    /// `*`: exactly one non-empty segment.
-    One,
-    /// `**` (last only): any number of segments, including none.
-    Rest,
-}
-
-impl Serialize for Rule {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.text)
-    }
-}
-
-impl Rule {
-    pub fn parse(s: &str) -> Result<Rule, String> {
-        let (method, path) = s.trim().split_once(' ').ok_or_else(|| {
-            format!("{s:?} is not a rule; write METHOD /path, e.g. \"POST /v1/chat/completions\"")
-        })?;
-        let method = match method {
-            "*" | "ANY" => None,
-            m => Some(
-                Method::from_bytes(m.as_bytes())
-                    .map_err(|_| format!("{m:?} is not an HTTP method"))?,
-            ),
-        };
-        if let Some(m) = &method {
-            if m.as_str().chars().any(|c| c.is_ascii_lowercase()) {
-                return Err(format!("method {m} must be upper case"));
-            }
-        }
-        let path = path.trim();
-        if !path.starts_with('/') {
-            return Err(format!("path {path:?} must start with /"));
-        }
-        if path.contains('%') {
-            return Err(format!(
-                "path {path:?}: write it decoded (rules match the decoded path)"
-            ));
-        }
-        crate::route::check_path(&path.replace('*', "x"))
-            .map_err(|why| format!("path {path:?} refused: {why}"))?;
-        let parts: Vec<&str> = path[1..].split('/').collect();
-        let mut segments = Vec::with_capacity(parts.len());
-        for (i, p) in parts.iter().enumerate() {
-            segments.push(match *p {
-                "*" => Segment::One,
-                "**" if i == parts.len() - 1 => Segment::Rest,
-                p if p.contains('*') => {
-                    return Err(format!(
-                        "{p:?}: * must be a whole segment, and ** only the last"
-                    ))
-                }
-                p => Segment::Literal(p.to_string()),
-            });
-        }
-        Ok(Rule {
-            method,
-            segments,
-            text: s.trim().to_string(),
-        })
-    }
-
-    /// A rule for one exact path (the lab's `allowed_paths`): `*` in it is literal.
-    pub fn exact(method: &str, path: &str) -> Result<Rule, String> {
-        let method = Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?;
-        let segments = path[1..]
-            .split('/')
-            .map(|p| Segment::Literal(p.to_string()))
-            .collect();
-        Ok(Rule {
-            method: Some(method.clone()),
-            segments,
-            text: format!("{method} {path}"),
-        })
-    }
-
-    pub fn matches(&self, method: &Method, path: &str) -> bool {
-        if self.method.as_ref().is_some_and(|m| m != method) {
-            return false;
-        }
-        let Some(path) = path.strip_prefix('/') else {
-            return false;
-        };
-        let mut parts = path.split('/');
-        for seg in &self.segments {
-            match seg {
-                Segment::Rest => return true,
-                Segment::One => match parts.next() {
-                    Some(p) if !p.is_empty() => {}
-                    _ => return false,
-                },
-                Segment::Literal(l) => match parts.next() {
-                    Some(p) if p == l => {}
-                    _ => return false,
-                },
-            }
-        }
-        parts.next().is_none()
-    }
-}
-
-/// `60/min`: at most `count` requests per `per`, refilled continuously.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Rate {
-    pub count: u32,
-    #[serde(serialize_with = "ser_dur")]
-    pub per: Duration,
-}
-
-fn ser_dur<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&humantime::format_duration(*d).to_string())
-}
-
-impl Rate {
-    pub fn parse(s: &str) -> Result<Rate, String> {
-        let bad = || {
-            format!("{s:?} is not a rate; write COUNT/UNIT, e.g. 60/min (units: s, min, h, day)")
-        };
-        let (n, unit) = s.split_once('/').ok_or_else(bad)?;
-        let count: u32 = n.trim().parse().map_err(|_| bad())?;
-        let per = match unit.trim() {
-            "s" | "sec" | "second" => Duration::from_secs(1),
-            "m" | "min" | "minute" => Duration::from_secs(60),
-            "h" | "hour" => Duration::from_secs(3600),
-            "d" | "day" => Duration::from_secs(86_400),
-            _ => return Err(bad()),
-        };
-        if count == 0 {
-            return Err(
-                "a rate of 0 refuses every request; remove the route from the agent instead".into(),
-            );
-        }
-        Ok(Rate { count, per })
     }
 }
 
@@ -259,14 +115,14 @@ impl Policy {
     pub fn authorize(
         &self,
         config: &Config,
-        agent: usize,
+        agent: AgentId,
         method: &Method,
         routed: Routed,
     ) -> Result<Authorized, Rejection> {
         let a: &Agent = &config.agents[agent];
         let r: &Route = &config.routes[routed.route];
         if let Some(allowed) = &a.routes {
-            if !allowed.iter().any(|n| n == &r.name) {
+            if !allowed.contains(&routed.route) {
                 return Err(Rejection::new(
                     Code::RouteNotAllowed,
                     format!("agent {} may not use route {}", a.name, r.name),
@@ -289,7 +145,7 @@ impl Policy {
                 ),
             ));
         }
-        if let Some(Some(bucket)) = self.buckets.get(agent) {
+        if let Some(Some(bucket)) = self.buckets.get(agent.0) {
             if let Err(wait) = take(bucket) {
                 return Err(Rejection::new(
                     Code::RateLimited,
@@ -298,7 +154,7 @@ impl Policy {
                 .with_retry_after(RetryAfter(wait).secs()));
             }
         }
-        if let Some(Some(b)) = self.budgets.get(agent) {
+        if let Some(Some(b)) = self.budgets.get(agent.0) {
             if let Err(wait) = b.spent() {
                 return Err(Rejection::new(
                     Code::BudgetExhausted,
@@ -322,13 +178,13 @@ impl Policy {
     }
 
     /// Whether the agent has a token budget, so its requests are reserved for and metered.
-    pub fn budgeted(&self, agent: usize) -> bool {
-        matches!(self.budgets.get(agent), Some(Some(_)))
+    pub fn budgeted(&self, agent: AgentId) -> bool {
+        matches!(self.budgets.get(agent.0), Some(Some(_)))
     }
 
     /// Output tokens to book for a request whose body names no maximum: the route's
     /// `budget_reserve` (it knows its API), else the agent's, else [`usage::DEFAULT_RESERVE`].
-    pub fn default_reserve(config: &Config, agent: usize, route: usize) -> u64 {
+    pub fn default_reserve(config: &Config, agent: AgentId, route: RouteId) -> u64 {
         config.routes[route]
             .budget_reserve
             .or(config.agents[agent].budget_reserve)
@@ -341,10 +197,10 @@ impl Policy {
     pub fn reserve(
         &self,
         config: &Config,
-        agent: usize,
+        agent: AgentId,
         tokens: u64,
     ) -> Result<Option<Reservation>, Rejection> {
-        let Some(Some(b)) = self.budgets.get(agent) else {
+        let Some(Some(b)) = self.budgets.get(agent.0) else {
             return Ok(None);
         };
         let name = &config.agents[agent].name;
@@ -460,54 +316,6 @@ fn take(bucket: &Mutex<Bucket>) -> Result<(), Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
-
-    fn m(s: &str) -> Method {
-        Method::from_bytes(s.as_bytes()).unwrap()
-    }
-
-    #[test]
-    fn rule_matches_method_and_exact_segments() {
-        let r = Rule::parse("POST /v1/chat/completions").unwrap();
-        assert!(r.matches(&m("POST"), "/v1/chat/completions"));
-        assert!(!r.matches(&m("GET"), "/v1/chat/completions"));
-        assert!(!r.matches(&m("POST"), "/v1/chat/completions/x"));
-        assert!(!r.matches(&m("POST"), "/v1/chat"));
-        assert!(!r.matches(&m("POST"), "/v1/chat/completions/"));
-    }
-
-    #[test]
-    fn star_is_one_segment_and_double_star_the_rest() {
-        let one = Rule::parse("GET /v1/files/*").unwrap();
-        assert!(one.matches(&m("GET"), "/v1/files/abc"));
-        assert!(!one.matches(&m("GET"), "/v1/files/abc/content"));
-        assert!(!one.matches(&m("GET"), "/v1/files/"));
-        let rest = Rule::parse("* /v1/**").unwrap();
-        assert!(rest.matches(&m("DELETE"), "/v1/files/abc/content"));
-        assert!(rest.matches(&m("GET"), "/v1"));
-        assert!(!rest.matches(&m("GET"), "/v2/x"));
-    }
-
-    #[test]
-    fn malformed_rules_say_how_to_write_one() {
-        for bad in [
-            "POST",
-            "post /x",
-            "POST x",
-            "GET /a*b",
-            "GET /**/x",
-            "GET /a/../b",
-        ] {
-            assert!(Rule::parse(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn rate_parses_units() {
-        assert_eq!(Rate::parse("60/min").unwrap().per, Duration::from_secs(60));
-        assert!(Rate::parse("0/min").is_err());
-        assert!(Rate::parse("ten/min").is_err());
-    }
 
     #[test]
     fn bucket_refuses_when_empty() {
@@ -532,31 +340,5 @@ mod tests {
         let wait = take(&b).unwrap_err();
         assert!(wait > Duration::from_secs(50) && wait <= Duration::from_secs(60));
         assert_eq!(RetryAfter(Duration::from_secs(60)).secs(), 60);
-    }
-
-    proptest! {
-        // A literal rule matches exactly its own path, and no path that differs in any segment.
-        #[test]
-        fn literal_rule_matches_only_its_path(
-            segs in proptest::collection::vec("[a-z0-9._-]{1,8}", 1..5),
-            other in proptest::collection::vec("[a-z0-9._-]{1,8}", 1..5),
-        ) {
-            prop_assume!(!segs.iter().any(|s| s == "." || s == ".."));
-            let path = format!("/{}", segs.join("/"));
-            let rule = Rule::parse(&format!("POST {path}")).unwrap();
-            prop_assert!(rule.matches(&Method::POST, &path));
-            let other_path = format!("/{}", other.join("/"));
-            prop_assert_eq!(rule.matches(&Method::POST, &other_path), other_path == path);
-        }
-
-        // `*` never lets a request cross a segment boundary.
-        #[test]
-        fn star_never_matches_more_than_one_segment(a in "[a-z]{1,6}", b in "[a-z]{1,6}") {
-            let rule = Rule::parse("GET /f/*").unwrap();
-            let one = format!("/f/{a}");
-            let two = format!("/f/{a}/{b}");
-            prop_assert!(rule.matches(&Method::GET, &one));
-            prop_assert!(!rule.matches(&Method::GET, &two));
-        }
     }
 }

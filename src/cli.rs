@@ -213,11 +213,11 @@ pub fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Serve(args) => crate::serve::serve_main(args),
-        Command::Check(args) => crate::serve::check_main(args),
+        Command::Serve(args) => crate::serve::serve_main(&args.config, args.audit_log.as_deref()),
+        Command::Check(args) => crate::serve::check_main(&args.config, args.json),
         Command::Redact(args) => crate::redact::cli::main(args),
         Command::Hook(args) => crate::hook::main(args),
-        Command::Token(cmd) => crate::serve::token_main(cmd),
+        Command::Token(cmd) => token(cmd),
         Command::Audit(AuditCommand::Verify {
             file,
             json,
@@ -302,6 +302,19 @@ fn admin_command(cmd: Command) -> ExitCode {
             |_| println!("denied {id}"),
         ),
         _ => ExitCode::from(2),
+    }
+}
+
+fn token(cmd: TokenCommand) -> ExitCode {
+    use crate::serve::{token_main, TokenAction};
+    match cmd {
+        TokenCommand::Issue { config, agent, ttl } => {
+            token_main(&config, TokenAction::Issue { agent, ttl })
+        }
+        TokenCommand::List { config, json } => token_main(&config, TokenAction::List { json }),
+        TokenCommand::Revoke { config, id, agent } => {
+            token_main(&config, TokenAction::Revoke { id, agent })
+        }
     }
 }
 

@@ -2,14 +2,20 @@
 //! program uses.
 //!
 //! Input: a `.toml` (native, [`native`]) or `.json` (the lab broker's format, [`seed`]) file.
-//! Output: a [`Config`], checked once at load ("parse, don't validate"), so no other module
-//! re-checks a value or meets an unknown key.
+//! Each format lowers its text into the same [`spec::Spec`]; [`validate`] checks it once and
+//! builds a [`Config`] ("parse, don't validate"), so no other module re-checks a value, meets an
+//! unknown key, or looks a name up: cross-references are ids ([`RouteId`], [`AgentId`],
+//! [`SecretId`]).
 //!
 //! Architecture invariant: config holds *where* secrets live, never their values. Agent tokens are
 //! resolved from the environment by `serve` at start-up and kept only as hashes.
 
 mod native;
 mod seed;
+mod spec;
+#[cfg(test)]
+mod tests;
+mod validate;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -17,8 +23,41 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue};
 use serde::Serialize;
 
-use crate::authorize::{Rate, Rule};
+use crate::authorize::rule::{Rate, Rule};
 use crate::secret::SecretSpec;
+
+/// A route, by its place in [`Config::routes`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RouteId(pub usize);
+
+/// An agent, by its place in [`Config::agents`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AgentId(pub usize);
+
+/// A secret, by its place in [`Config::secrets`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SecretId(pub usize);
+
+impl std::ops::Index<RouteId> for Vec<Route> {
+    type Output = Route;
+    fn index(&self, id: RouteId) -> &Route {
+        &self[id.0]
+    }
+}
+
+impl std::ops::Index<AgentId> for Vec<Agent> {
+    type Output = Agent;
+    fn index(&self, id: AgentId) -> &Agent {
+        &self[id.0]
+    }
+}
+
+impl std::ops::Index<SecretId> for Vec<SecretSpec> {
+    type Output = SecretSpec;
+    fn index(&self, id: SecretId) -> &SecretSpec {
+        &self[id.0]
+    }
+}
 
 /// A config that could not be loaded: `file:line: key: what is wrong`.
 #[derive(Debug, thiserror::Error)]
@@ -87,8 +126,9 @@ pub struct Route {
     /// `/openai`; `/` for the lab's single route.
     pub prefix: String,
     pub upstream: Upstream,
-    /// Name of the secret attached to requests, if any.
-    pub secret: Option<String>,
+    /// The secret attached to requests, if any (`effective_policy` shows its name).
+    #[serde(skip)]
+    pub secret: Option<SecretId>,
     pub inject: Inject,
     pub allow: Vec<Rule>,
     pub classification: String,
@@ -96,7 +136,7 @@ pub struct Route {
     pub extra_headers: Vec<(HeaderName, HeaderValue)>,
     pub approval: Approval,
     /// Time allowed for the upstream's response headers, and between body chunks after that.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     /// The lab broker refused bodies that are not JSON (400); its routes keep doing so.
     pub require_json: bool,
@@ -104,7 +144,7 @@ pub struct Route {
     pub request_scan: RequestScan,
     /// A bound on the whole response, headers to last byte; `None` lets a stream run as long as
     /// it keeps moving.
-    #[serde(skip_serializing_if = "Option::is_none", with = "humantime_serde_opt")]
+    #[serde(skip_serializing_if = "Option::is_none", with = "humantime_serde")]
     pub max_response_time: Option<Duration>,
     /// Output tokens a budgeted agent's request on this route books when its body names no
     /// `max_tokens`; overrides the agent's.
@@ -119,16 +159,16 @@ pub struct Route {
 #[derive(Clone, Debug, Serialize)]
 pub struct Connections {
     /// Time from accept to the first request head; a silent peer is closed after it.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "humantime_serde")]
     pub first_request_timeout: Duration,
     /// Time a connection may sit with no request in flight (HTTP/1 keep-alive and HTTP/2).
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// Open connections per listener; when full the longest-idle one is closed, or the newcomer
     /// gets 503 `too_many_connections` when none is idle.
     pub max_per_listener: usize,
     /// Time allowed between request body chunks (408 `request_body_timeout`).
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "humantime_serde")]
     pub request_body_timeout: Duration,
 }
 
@@ -205,12 +245,12 @@ pub enum Approval {
     Never,
     /// A person approves each request.
     Each {
-        #[serde(with = "humantime_serde_compat")]
+        #[serde(with = "humantime_serde")]
         timeout: Duration,
     },
     /// A person approves the first request of each token on this route.
     OncePerToken {
-        #[serde(with = "humantime_serde_compat")]
+        #[serde(with = "humantime_serde")]
         timeout: Duration,
     },
 }
@@ -235,8 +275,9 @@ pub struct Agent {
     /// The lab broker without `client_token_env` let anyone on loopback call it; only its
     /// config can produce such an agent.
     pub open: bool,
-    /// Routes this agent may use; `None` means every route.
-    pub routes: Option<Vec<String>>,
+    /// Routes this agent may use; `None` means every route (`effective_policy` shows names).
+    #[serde(skip)]
+    pub routes: Option<Vec<RouteId>>,
     pub rate: Option<Rate>,
     pub budget: Option<Budget>,
     /// Callers on a Unix listener with one of these peer uids are this agent, without a token.
@@ -249,7 +290,7 @@ pub struct Agent {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Budget {
     pub limit: u64,
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "humantime_serde")]
     pub per: Duration,
 }
 
@@ -276,7 +317,7 @@ impl Config {
     }
 
     pub fn from_text(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let mut config = match path.extension().and_then(|e| e.to_str()) {
+        let spec = match path.extension().and_then(|e| e.to_str()) {
             Some("json") => seed::parse(path, text)?,
             Some("toml") => native::parse(path, text)?,
             _ => {
@@ -288,14 +329,12 @@ impl Config {
                 })
             }
         };
-        config
-            .routes
-            .sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
-        Ok(config)
+        validate::validate(path, spec)
     }
 
-    pub fn secret(&self, name: &str) -> Option<&SecretSpec> {
-        self.secrets.iter().find(|s| s.name == name)
+    /// The secret a route attaches, if any.
+    pub fn secret_of(&self, route: &Route) -> Option<&SecretSpec> {
+        route.secret.map(|id| &self.secrets[id])
     }
 
     /// The policy as `check` prints it and as `policy_version` hashes it: everything that decides
@@ -323,9 +362,30 @@ impl Config {
             "allowed_origins": self.allowed_origins,
             "approval_notify": self.approval_notify,
             "secrets": secrets,
-            "routes": self.routes,
-            "agents": self.agents,
+            "routes": self.routes.iter().map(|r| self.route_policy(r)).collect::<Vec<_>>(),
+            "agents": self.agents.iter().map(|a| self.agent_policy(a)).collect::<Vec<_>>(),
         })
+    }
+
+    /// A route as the policy shows it: ids by name, as written in config.
+    fn route_policy(&self, r: &Route) -> serde_json::Value {
+        let mut v = serde_json::to_value(r).unwrap_or_default();
+        v["secret"] = self.secret_of(r).map(|s| s.name.as_str()).into();
+        v
+    }
+
+    fn agent_policy(&self, a: &Agent) -> serde_json::Value {
+        let mut v = serde_json::to_value(a).unwrap_or_default();
+        v["routes"] = a
+            .routes
+            .as_ref()
+            .map(|ids| {
+                ids.iter()
+                    .map(|&id| self.routes[id].name.as_str())
+                    .collect::<Vec<_>>()
+            })
+            .into();
+        v
     }
 
     /// A short hash of the effective policy, recorded in every audit record so a decision can be
@@ -337,78 +397,9 @@ impl Config {
     }
 }
 
-/// Parses an upstream base URL: `http` or `https`, a host, an optional path, no query, no
-/// credentials in the URL.
-pub(crate) fn parse_upstream(url: &str) -> Result<Upstream, String> {
-    let uri: http::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
-    let scheme = uri.scheme().cloned().ok_or("needs http:// or https://")?;
-    if scheme != http::uri::Scheme::HTTP && scheme != http::uri::Scheme::HTTPS {
-        return Err(format!(
-            "scheme {scheme} is not supported; use http or https"
-        ));
-    }
-    let authority = uri.authority().cloned().ok_or("needs a host")?;
-    if authority.as_str().contains('@') {
-        return Err("credentials in the URL are not allowed; use a secret".into());
-    }
-    if uri.query().is_some() {
-        return Err("a query string is not allowed in an upstream URL".into());
-    }
-    let base_path = uri.path().trim_end_matches('/').to_string();
-    Ok(Upstream {
-        url: url.to_string(),
-        scheme,
-        host: authority.host().to_string(),
-        authority,
-        base_path,
-    })
-}
-
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
         .map_err(|e| format!("{e}; write a duration such as 30s, 15m or 1h"))
-}
-
-/// `NAME:` style inject spec, e.g. `bearer`, `header:x-api-key`, `basic`, `query:key`.
-pub(crate) fn parse_inject(
-    s: &str,
-    format: Option<String>,
-    username: Option<String>,
-) -> Result<Inject, String> {
-    let (kind, arg) = match s.split_once(':') {
-        Some((k, a)) => (k, Some(a)),
-        None => (s, None),
-    };
-    match (kind, arg) {
-        ("bearer", None) => Ok(Inject::Bearer),
-        ("basic", None) => Ok(Inject::Basic { username }),
-        ("header", Some(name)) => {
-            let name = HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| format!("{name:?} is not a header name"))?;
-            let format = format.unwrap_or_else(|| "{secret}".into());
-            if !format.contains("{secret}") {
-                return Err("inject_format must contain {secret}".into());
-            }
-            Ok(Inject::Header { name, format })
-        }
-        ("query", Some(name)) if !name.is_empty() => Ok(Inject::Query { name: name.into() }),
-        ("aws-sigv4", _) => Err("aws-sigv4 injection is not supported by this build yet".into()),
-        _ => Err(format!(
-            "{s:?} is not one of bearer, header:NAME, basic, query:NAME"
-        )),
-    }
-}
-
-pub(crate) fn parse_listen(s: &str) -> Result<Listen, String> {
-    if let Some(path) = s.strip_prefix("unix:") {
-        if path.is_empty() {
-            return Err("unix: needs a socket path".into());
-        }
-        return Ok(Listen::Unix(expand_home(path)));
-    }
-    s.parse::<std::net::SocketAddr>()
-        .map(Listen::Tcp)
-        .map_err(|_| format!("{s:?} is neither IP:PORT (e.g. 127.0.0.1:8791) nor unix:/path"))
 }
 
 pub(crate) fn expand_home(p: &str) -> PathBuf {
@@ -416,20 +407,6 @@ pub(crate) fn expand_home(p: &str) -> PathBuf {
         (Some(rest), Some(home)) => PathBuf::from(home).join(rest),
         _ => PathBuf::from(p),
     }
-}
-
-/// Refuses a listener a browser or another machine could reach unless config allows it.
-pub(crate) fn check_loopback(listen: &[Listen], allow_non_loopback: bool) -> Result<(), String> {
-    for l in listen {
-        if let Listen::Tcp(addr) = l {
-            if !addr.ip().is_loopback() && !allow_non_loopback {
-                return Err(format!(
-                    "{addr} is not a loopback address; keygate listens on 127.0.0.1 or ::1 unless allow_non_loopback = true"
-                ));
-            }
-        }
-    }
-    Ok(())
 }
 
 fn ser_headers<S: serde::Serializer>(
@@ -446,27 +423,6 @@ fn ser_headers<S: serde::Serializer>(
 
 fn ser_header_name<S: serde::Serializer>(h: &HeaderName, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(h.as_str())
-}
-
-mod humantime_serde_compat {
-    pub fn serialize<S: serde::Serializer>(
-        d: &std::time::Duration,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(*d).to_string())
-    }
-}
-
-mod humantime_serde_opt {
-    pub fn serialize<S: serde::Serializer>(
-        d: &Option<std::time::Duration>,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
-        match d {
-            Some(d) => super::humantime_serde_compat::serialize(d, s),
-            None => s.serialize_none(),
-        }
-    }
 }
 
 /// 1-based line of a byte offset.

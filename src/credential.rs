@@ -9,7 +9,6 @@
 //! [`Secret::expose`]. Every value ever held (current and the one before a rotation) is taught to
 //! the response redactor.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,7 +17,7 @@ use base64::Engine;
 use http::{header, HeaderMap, HeaderValue};
 
 use crate::authorize::Authorized;
-use crate::config::{Config, Inject, Route};
+use crate::config::{Config, Inject, Route, SecretId};
 use crate::error::{Code, Rejection};
 use crate::redact::{Redactor, RedactorBuilder};
 use crate::secret::{KeyId, Secret, SecretSpec};
@@ -31,7 +30,8 @@ const FAILURE_BACKOFF: Duration = Duration::from_secs(1);
 const REMEMBERED_VALUES: usize = 2;
 
 pub struct Credentials {
-    entries: HashMap<String, Entry>,
+    /// One per configured secret, indexed by [`SecretId`].
+    entries: Vec<Entry>,
     /// Held values only: what is scrubbed from responses.
     redactor: ArcSwap<Redactor>,
     /// Held values and the strong credential-format detectors: what a request from an agent must
@@ -57,14 +57,11 @@ impl Credentials {
         let entries = config
             .secrets
             .iter()
-            .map(|s| {
-                let e = Entry {
-                    spec: s.clone(),
-                    cached: ArcSwapOption::empty(),
-                    failed: ArcSwapOption::empty(),
-                    fetch: tokio::sync::Mutex::new(()),
-                };
-                (s.name.clone(), e)
+            .map(|s| Entry {
+                spec: s.clone(),
+                cached: ArcSwapOption::empty(),
+                failed: ArcSwapOption::empty(),
+                fetch: tokio::sync::Mutex::new(()),
             })
             .collect();
         Credentials {
@@ -78,12 +75,12 @@ impl Credentials {
     /// Each secret as `keygate status` shows it: name, source, key id of the value held, when it
     /// was fetched and when it expires. Never a value.
     pub fn describe(&self) -> Vec<serde_json::Value> {
-        let mut names: Vec<&String> = self.entries.keys().collect();
-        names.sort();
-        names
+        let mut entries: Vec<&Entry> = self.entries.iter().collect();
+        entries.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+        entries
             .into_iter()
-            .map(|name| {
-                let e = &self.entries[name];
+            .map(|e| {
+                let name = &e.spec.name;
                 let cached = e.cached.load();
                 let (key_id, age) = match cached.as_ref() {
                     Some(c) => (
@@ -133,15 +130,17 @@ impl Credentials {
         authorized: &Authorized,
     ) -> Result<Option<Arc<Secret>>, Rejection> {
         let route = &config.routes[authorized.route()];
-        let Some(name) = &route.secret else {
+        let Some(id) = route.secret else {
             return Ok(None);
         };
-        let Some(entry) = self.entries.get(name) else {
+        let Some(entry) = self.entries.get(id.0) else {
+            // Unreachable: config resolved the id against the same list.
             return Err(Rejection::new(
                 Code::SecretUnavailable,
-                format!("secret {name} is not configured"),
+                "the route's secret is not configured",
             ));
         };
+        let name = &entry.spec.name;
         if entry.spec.source.is_none() {
             return Ok(None);
         }
@@ -199,24 +198,24 @@ impl Credentials {
     /// (OpenBao, AWS Secrets Manager) are left to their first use.
     pub async fn prefetch(&self) -> Vec<(String, String)> {
         let mut set = tokio::task::JoinSet::new();
-        for (name, entry) in &self.entries {
+        for (i, entry) in self.entries.iter().enumerate() {
             if entry.spec.lazy || !entry.spec.source.prefetchable() {
                 continue;
             }
             let spec = entry.spec.clone();
-            let name = name.clone();
             set.spawn(async move {
                 let fetched = spec.fetch().await;
-                (name, fetched)
+                (i, fetched)
             });
         }
         let mut failures = Vec::new();
         while let Some(joined) = set.join_next().await {
-            let Ok((name, fetched)) = joined else {
+            let Ok((i, fetched)) = joined else {
                 failures.push(("?".to_string(), "a secret fetch task failed".to_string()));
                 continue;
             };
-            if let Some(entry) = self.entries.get(&name) {
+            if let Some(entry) = self.entries.get(i) {
+                let name = entry.spec.name.clone();
                 if let Err(r) = self.keep(&name, entry, fetched) {
                     failures.push((name, r.message));
                 }
@@ -232,14 +231,14 @@ impl Credentials {
         if status != http::StatusCode::UNAUTHORIZED {
             return;
         }
-        if let (Some(name), Some(secret)) = (&route.secret, secret) {
-            self.invalidate(name, secret.key_id());
+        if let (Some(id), Some(secret)) = (route.secret, secret) {
+            self.invalidate(id, secret.key_id());
         }
     }
 
     /// An upstream refused the credential: fetch afresh next time, unless it rotated meanwhile.
-    pub fn invalidate(&self, name: &str, key_id: &KeyId) {
-        if let Some(entry) = self.entries.get(name) {
+    pub fn invalidate(&self, secret: SecretId, key_id: &KeyId) {
+        if let Some(entry) = self.entries.get(secret.0) {
             let current = entry.cached.load();
             if current
                 .as_ref()

@@ -39,7 +39,7 @@ pub fn healthz(
                 .routes
                 .iter()
                 .map(|r| {
-                    let source = r.secret.as_deref().and_then(|n| c.secret(n)).map(|s| s.source.label()).unwrap_or_else(|| "none".into());
+                    let source = c.secret_of(r).map(|s| s.source.label()).unwrap_or_else(|| "none".into());
                     (r.name.clone(), serde_json::json!({"prefix": r.prefix, "upstream": r.upstream.url, "secret_source": source, "allow": r.allow}))
                 })
                 .collect();
@@ -67,11 +67,8 @@ pub fn dry_run(c: &Config, authorized: &Authorized, head: &Parts, body: &[u8]) -
         url.push('?');
         url.push_str(q);
     }
-    let source = route
-        .secret
-        .as_deref()
-        .and_then(|n| c.secret(n))
-        .map(|s| s.source.clone());
+    let secret = c.secret_of(route);
+    let source = secret.map(|s| s.source.clone());
     let label = source
         .as_ref()
         .map(|s| s.label())
@@ -93,7 +90,7 @@ pub fn dry_run(c: &Config, authorized: &Authorized, head: &Parts, body: &[u8]) -
             "path": authorized.raw_path(),
             "route": route.name,
             "secret_source": label,
-            "key_id": route.secret,
+            "key_id": secret.map(|s| &s.name),
             "inject": if attaches { serde_json::to_value(&route.inject).unwrap_or_default() } else { serde_json::Value::Null },
             "would_attach_bearer_token": attaches && route.inject == Inject::Bearer,
             "would_attach_credential": attaches,

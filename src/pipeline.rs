@@ -26,7 +26,7 @@ use crate::authenticate::{self, Tokens};
 use crate::authorize::approval;
 use crate::authorize::usage::{self, Meter, StripUsageChunk};
 use crate::authorize::{Policy, Reservation};
-use crate::config::{Config, Mode, RequestScan, Route};
+use crate::config::{Config, Mode, RequestScan, Route, RouteId};
 use crate::credential::{self, Credentials};
 use crate::error::Rejection;
 use crate::forward::{self, Body, Forwarder};
@@ -136,7 +136,7 @@ enum Answer {
 struct Upstream {
     resp: Response<Incoming>,
     request_redacted: bool,
-    route: usize,
+    route: RouteId,
     /// The tokens booked against the agent's budget, settled when the answer ends.
     reservation: Option<Reservation>,
     /// keygate asked for the usage chunk the client did not: it is removed on the way back.
@@ -185,7 +185,7 @@ async fn process(
     // route
     let routed = route::select(&config.routes, head.uri.path())?;
     let route = &config.routes[routed.route];
-    pending.record().route(route);
+    pending.record().route(route, config.secret_of(route));
 
     // authorize
     let authorized = state
@@ -222,7 +222,7 @@ async fn process(
 
     // authorize, last: a person's approval where the route asks for one (waits, blocking nothing)
     let approvals = state.control.approvals.clone();
-    let ask = approval::Ask::new(config, route, agent, who.token_id, &head.method, seen);
+    let ask = approval::Ask::new(config, route, agent.0, who.token_id, &head.method, seen);
     approvals.check(ask, pending.record()).await?;
 
     // credential

@@ -11,15 +11,14 @@ use std::time::Duration;
 
 use crate::admin::Control;
 use crate::audit::AuditLog;
-use crate::cli::{CheckArgs, ServeArgs};
 use crate::config::{Config, Listen};
 use crate::listen;
 use crate::reload::{Fixed, Live};
 
-pub fn serve_main(args: ServeArgs) -> ExitCode {
+pub fn serve_main(config_path: &Path, audit_log: Option<&Path>) -> ExitCode {
     init_tracing();
     harden_process();
-    let config = match Config::load(&args.config) {
+    let config = match Config::load(config_path) {
         Ok(c) => c,
         Err(e) => return fail(2, &e.to_string()),
     };
@@ -41,7 +40,7 @@ pub fn serve_main(args: ServeArgs) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(1, &format!("cannot handle signals: {e}")),
     };
-    let (code, audit) = rt.block_on(serve(config, args.audit_log.as_deref(), signals));
+    let (code, audit) = rt.block_on(serve(config, audit_log, signals));
     // Dropping the runtime drops every connection still open after the grace period; each
     // request's `audit::Pending` then writes its record (`aborted`) into the still-open log.
     rt.shutdown_timeout(Duration::from_secs(2));
@@ -331,14 +330,14 @@ fn fail(code: u8, msg: &str) -> ExitCode {
     ExitCode::from(code)
 }
 
-pub fn check_main(args: CheckArgs) -> ExitCode {
-    let config = match Config::load(&args.config) {
+pub fn check_main(config_path: &Path, json: bool) -> ExitCode {
+    let config = match Config::load(config_path) {
         Ok(c) => c,
         Err(e) => return fail(2, &e.to_string()),
     };
     let mut policy = config.effective_policy();
     policy["policy_version"] = config.policy_version().into();
-    if args.json {
+    if json {
         println!("{policy}");
     } else {
         println!(
@@ -401,15 +400,24 @@ fn harden_process() {
     }
 }
 
+/// What `keygate token` does; the command line builds one, so this module needs no `cli`.
+pub enum TokenAction {
+    Issue {
+        agent: String,
+        ttl: String,
+    },
+    List {
+        json: bool,
+    },
+    Revoke {
+        id: Option<String>,
+        agent: Option<String>,
+    },
+}
+
 /// `keygate token issue|list|revoke`.
-pub fn token_main(cmd: crate::cli::TokenCommand) -> ExitCode {
+pub fn token_main(config_path: &Path, cmd: TokenAction) -> ExitCode {
     use crate::authenticate::store;
-    use crate::cli::TokenCommand;
-    let config_path = match &cmd {
-        TokenCommand::Issue { config, .. }
-        | TokenCommand::List { config, .. }
-        | TokenCommand::Revoke { config, .. } => config,
-    };
     let config = match Config::load(config_path) {
         Ok(c) => c,
         Err(e) => return fail(2, &e.to_string()),
@@ -418,7 +426,7 @@ pub fn token_main(cmd: crate::cli::TokenCommand) -> ExitCode {
         return fail(2, &store::StoreError::NoStateDir.to_string());
     };
     match cmd {
-        TokenCommand::Issue { agent, ttl, .. } => {
+        TokenAction::Issue { agent, ttl } => {
             if !config.agents.iter().any(|a| a.name == agent) {
                 return fail(
                     2,
@@ -446,7 +454,7 @@ pub fn token_main(cmd: crate::cli::TokenCommand) -> ExitCode {
                 Err(e) => fail(1, &e.to_string()),
             }
         }
-        TokenCommand::List { json, .. } => match store::read(&dir) {
+        TokenAction::List { json } => match store::read(&dir) {
             Ok(list) => {
                 let now = store::now();
                 let rows: Vec<serde_json::Value> = list
@@ -473,7 +481,7 @@ pub fn token_main(cmd: crate::cli::TokenCommand) -> ExitCode {
             }
             Err(e) => fail(1, &e.to_string()),
         },
-        TokenCommand::Revoke { id, agent, .. } => {
+        TokenAction::Revoke { id, agent } => {
             if id.is_none() && agent.is_none() {
                 return fail(
                     2,

@@ -30,7 +30,7 @@ pub fn status_json(state: &State) -> Value {
             json!({
                 "name": a.name,
                 "person": a.person,
-                "routes": a.routes,
+                "routes": a.routes.as_ref().map(|rs| rs.iter().map(|r| &config.routes[*r].name).collect::<Vec<_>>()),
                 "unix_uids": a.unix_uids,
                 "frozen": frozen.all.is_some() || frozen.agents.contains_key(&a.name),
                 "budget": b.map(|(spent, limit)| json!({"spent": spent, "limit": limit})),
@@ -45,7 +45,7 @@ pub fn status_json(state: &State) -> Value {
                 "name": r.name,
                 "prefix": r.prefix,
                 "upstream": r.upstream.url,
-                "secret": r.secret,
+                "secret": config.secret_of(r).map(|s| &s.name),
                 "approval": r.approval,
             })
         })

@@ -30,7 +30,7 @@ pub fn drill(
         agent
             .routes
             .as_ref()
-            .is_none_or(|rs| rs.iter().any(|r| r == route))
+            .is_none_or(|rs| rs.iter().any(|r| config.routes[*r].name == route))
     };
     // The routes that stop working, and for whom.
     let (routes, agents): (Vec<String>, Vec<String>) = match target {
@@ -47,13 +47,13 @@ pub fn drill(
             (routes, vec![a.clone()])
         }
         Target::Secret(s) => {
-            if config.secret(s).is_none() {
+            if !config.secrets.iter().any(|x| &x.name == s) {
                 return Err(format!("no [secrets.{s}] in {}", config.file.display()));
             }
             let routes: Vec<String> = config
                 .routes
                 .iter()
-                .filter(|r| r.secret.as_deref() == Some(s))
+                .filter(|r| config.secret_of(r).is_some_and(|x| &x.name == s))
                 .map(|r| r.name.clone())
                 .collect();
             let agents = config

@@ -13,6 +13,7 @@ use crate::guard::timeout::Verdict;
 use crate::guard::Peer;
 use crate::redact::body::{End, Observer};
 use crate::redact::Redactor;
+use crate::secret::SecretSpec;
 
 /// Characters of a request path kept in its record.
 pub const MAX_PATH: usize = 2048;
@@ -96,11 +97,11 @@ impl Record {
     }
 
     /// Names the route, its upstream host and classification, and its secret.
-    pub fn route(&mut self, route: &Route) {
+    pub fn route(&mut self, route: &Route, secret: Option<&SecretSpec>) {
         self.route = Some(route.name.clone());
         self.destination = Some(route.upstream.host.clone());
         self.classification = Some(route.classification.clone());
-        self.key_id = route.secret.clone();
+        self.key_id = secret.map(|s| s.name.clone());
     }
 }
 

@@ -1,18 +1,17 @@
-//! The native TOML format (`keygate.toml`). Raw serde types stay here, at the edge; values that
-//! are checked after parsing are `Spanned` so an error can name the line they were written on.
+//! The native TOML format (`keygate.toml`). Raw serde types stay here, at the edge, and are
+//! lowered into the common [`Spec`]; values checked after parsing are `Spanned` so an error can
+//! name the line they were written on.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::Path;
 
-use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::spec::{
+    AgentSpec, At, ConnectionsSpec, Dur, ListenSpec, Pos, RouteSpec, RuleSpec, SecretSpecRaw, Spec,
+};
 use super::*;
-use crate::authorize::{Rate, Rule};
-use crate::secret::BaoToken;
-use crate::secret::{SecretSource, SecretSpec};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -25,12 +24,12 @@ struct Raw {
     audit_fail_closed: Option<bool>,
     state_dir: Option<String>,
     admin_socket: Option<String>,
+    approval_notify: Option<Spanned<Vec<String>>>,
     max_request_bytes: Option<u64>,
     upstream_timeout: Option<Spanned<String>>,
     connect_timeout: Option<Spanned<String>>,
     allowed_origins: Option<Vec<String>>,
     request_scan: Option<RequestScan>,
-    approval_notify: Option<Spanned<Vec<String>>>,
     connections: Option<RawConnections>,
     #[serde(default)]
     secrets: BTreeMap<String, RawSecret>,
@@ -106,9 +105,9 @@ struct RawAgent {
     routes: Option<Spanned<Vec<String>>>,
     rate: Option<Spanned<String>>,
     budget_tokens: Option<Spanned<RawBudget>>,
+    budget_reserve: Option<Spanned<u64>>,
     #[serde(default)]
     unix_uids: Vec<u32>,
-    budget_reserve: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -118,481 +117,186 @@ struct RawBudget {
     limit: u64,
 }
 
-struct Ctx<'a> {
-    file: &'a Path,
+/// Byte offsets to `file:line: key` positions.
+struct Lines<'a> {
     text: &'a str,
 }
 
-impl Ctx<'_> {
-    fn err<T>(
-        &self,
-        span: std::ops::Range<usize>,
-        key: &str,
-        message: impl Into<String>,
-    ) -> Result<T, ConfigError> {
-        Err(ConfigError {
-            file: self.file.to_path_buf(),
-            line: line_of(self.text, span.start),
-            key: key.to_string(),
-            message: message.into(),
-        })
+impl Lines<'_> {
+    fn at<T>(&self, v: &Spanned<T>, key: impl Into<String>) -> Pos {
+        Pos::new(line_of(self.text, v.span().start), key)
+    }
+
+    fn spanned<T: Clone>(&self, v: &Spanned<T>, key: impl Into<String>) -> At<T> {
+        At::new(v.get_ref().clone(), self.at(v, key))
+    }
+
+    fn dur(&self, v: &Option<Spanned<String>>, key: impl Into<String>) -> Option<At<Dur>> {
+        v.as_ref()
+            .map(|v| At::new(Dur::Text(v.get_ref().clone()), self.at(v, key)))
     }
 
     /// The line of a table header such as `[routes.openai]`, for errors about a missing key.
-    fn table_line(&self, header: &str) -> usize {
+    fn table(&self, header: &str) -> Pos {
         let needle = format!("[{header}]");
-        self.text
+        let line = self
+            .text
             .find(&needle)
             .map(|o| line_of(self.text, o))
-            .unwrap_or(0)
-    }
-
-    fn missing<T>(&self, table: &str, key: &str, message: &str) -> Result<T, ConfigError> {
-        Err(ConfigError {
-            file: self.file.to_path_buf(),
-            line: self.table_line(table),
-            key: format!("{table}.{key}"),
-            message: message.to_string(),
-        })
-    }
-
-    fn duration(&self, v: &Spanned<String>, key: &str) -> Result<Duration, ConfigError> {
-        let d = parse_duration(v.get_ref()).or_else(|m| self.err(v.span(), key, m))?;
-        if d.is_zero() {
-            return self.err(v.span(), key, "must be longer than 0s");
-        }
-        Ok(d)
+            .unwrap_or(0);
+        Pos::new(line, header)
     }
 }
 
-pub(super) fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
+pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
     let raw: Raw = toml::from_str(text).map_err(|e| toml_error(file, text, &e))?;
-    let cx = Ctx { file, text };
+    let lines = Lines { text };
 
-    let listen_raw = raw
-        .listen
-        .as_ref()
-        .map(|l| l.get_ref().clone())
-        .unwrap_or_else(|| vec!["127.0.0.1:8791".into()]);
-    let span = raw.listen.as_ref().map(|l| l.span()).unwrap_or(0..0);
-    let mut listen = Vec::new();
-    for l in &listen_raw {
-        listen.push(parse_listen(l).or_else(|m| cx.err(span.clone(), "listen", m))?);
-    }
-    if listen.is_empty() {
-        return cx.err(span, "listen", "at least one listener is needed");
-    }
-    check_loopback(&listen, raw.allow_non_loopback.unwrap_or(false))
-        .or_else(|m| cx.err(span.clone(), "listen", m))?;
-
-    let mut secrets = Vec::new();
-    for (name, s) in &raw.secrets {
-        secrets.push(secret(&cx, name, s)?);
-    }
-
-    let upstream_timeout = match &raw.upstream_timeout {
-        Some(v) => cx.duration(v, "upstream_timeout")?,
-        None => Duration::from_secs(30),
+    let listen = match &raw.listen {
+        Some(l) => At::new(
+            Some(l.get_ref().iter().cloned().map(ListenSpec::Text).collect()),
+            lines.at(l, "listen"),
+        ),
+        None => At::new(None, Pos::new(1, "listen")),
     };
-    let connect_timeout = match &raw.connect_timeout {
-        Some(v) => cx.duration(v, "connect_timeout")?,
-        None => Duration::from_secs(10),
-    };
+    let secrets = raw
+        .secrets
+        .iter()
+        .map(|(name, s)| {
+            let table = format!("secrets.{name}");
+            let key = |k: &str| format!("{table}.{k}");
+            SecretSpecRaw {
+                name: name.clone(),
+                table: lines.table(&table),
+                source: lines.spanned(&s.source, key("source")),
+                var: s.name.clone(),
+                path: s.path.clone(),
+                argv: s.argv.clone(),
+                env: s.env.clone(),
+                timeout: lines.dur(&s.timeout, key("timeout")),
+                ttl: lines.dur(&s.ttl, key("ttl")),
+                fetch: s.fetch.as_ref().map(|f| lines.spanned(f, key("fetch"))),
+                address: s.address.clone(),
+                token_env: s.token_env.clone(),
+                token_file: s.token_file.clone(),
+                mount: s.mount.clone(),
+                field: s.field.clone(),
+                secret_id: s.secret_id.clone(),
+                region: s.region.clone(),
+                endpoint: s.endpoint.clone(),
+            }
+        })
+        .collect();
+    let routes = raw
+        .routes
+        .iter()
+        .map(|(name, r)| {
+            let key = |k: &str| format!("routes.{name}.{k}");
+            RouteSpec {
+                name: name.clone(),
+                prefix: lines.spanned(&r.prefix, key("prefix")),
+                upstream: lines.spanned(&r.upstream, key("upstream")),
+                secret: r.secret.as_ref().map(|s| lines.spanned(s, key("secret"))),
+                inject: r.inject.as_ref().map(|i| lines.spanned(i, key("inject"))),
+                inject_format: r.inject_format.clone(),
+                basic_username: r.basic_username.clone(),
+                allow: r
+                    .allow
+                    .iter()
+                    .map(|a| {
+                        At::new(
+                            RuleSpec::Pattern(a.get_ref().clone()),
+                            lines.at(a, key("allow")),
+                        )
+                    })
+                    .collect(),
+                classification: r.classification.clone(),
+                extra_headers: r
+                    .extra_headers
+                    .iter()
+                    .map(|(k, v)| {
+                        At::new(
+                            (k.clone(), v.get_ref().clone()),
+                            lines.at(v, key("extra_headers")),
+                        )
+                    })
+                    .collect(),
+                approval: r
+                    .approval
+                    .as_ref()
+                    .map(|a| lines.spanned(a, key("approval"))),
+                approval_timeout: lines.dur(&r.approval_timeout, key("approval_timeout")),
+                timeout: lines.dur(&r.timeout, key("timeout")),
+                require_json: r.require_json,
+                request_scan: r.request_scan,
+                allow_range: r.allow_range,
+                budget_reserve: r.budget_reserve,
+                max_response_time: lines.dur(&r.max_response_time, key("max_response_time")),
+            }
+        })
+        .collect();
+    let agents = raw
+        .agents
+        .iter()
+        .map(|(name, a)| {
+            let key = |k: &str| format!("agents.{name}.{k}");
+            AgentSpec {
+                name: name.clone(),
+                person: a.person.clone(),
+                token_env: a.token_env.clone(),
+                open: false,
+                routes: a.routes.as_ref().map(|r| lines.spanned(r, key("routes"))),
+                rate: a.rate.as_ref().map(|r| lines.spanned(r, key("rate"))),
+                budget_reserve: a
+                    .budget_reserve
+                    .as_ref()
+                    .map(|r| lines.spanned(r, key("budget_reserve"))),
+                budget: a.budget_tokens.as_ref().map(|b| {
+                    let v = b.get_ref();
+                    At::new((v.per.clone(), v.limit), lines.at(b, key("budget_tokens")))
+                }),
+                unix_uids: a.unix_uids.clone(),
+            }
+        })
+        .collect();
 
-    let connections = match &raw.connections {
-        Some(c) => connections(&cx, c)?,
-        None => Connections::default(),
-    };
-
-    let mut routes = Vec::new();
-    for (name, r) in &raw.routes {
-        let scan = raw.request_scan.unwrap_or(RequestScan::Refuse);
-        routes.push(route(&cx, name, r, &secrets, upstream_timeout, scan)?);
-    }
-    for (i, a) in routes.iter().enumerate() {
-        if let Some(b) = routes[..i].iter().find(|b| b.prefix == a.prefix) {
-            let span = raw.routes[&a.name].prefix.span();
-            return cx.err(
-                span,
-                &format!("routes.{}.prefix", a.name),
-                format!("prefix {} is already used by route {}", a.prefix, b.name),
-            );
-        }
-    }
-
-    let mut agents = Vec::new();
-    for (name, a) in &raw.agents {
-        agents.push(agent(&cx, name, a, &routes)?);
-    }
-
-    let state_dir = raw.state_dir.as_deref().map(expand_home);
-    let approval_notify = match &raw.approval_notify {
-        Some(argv) if argv.get_ref().first().is_none_or(|p| p.is_empty()) => {
-            return cx.err(
-                argv.span(),
-                "approval_notify",
-                "write the command as [\"program\", \"arg\", ...]; it runs without a shell",
-            )
-        }
-        Some(argv) => argv.get_ref().clone(),
-        None => Vec::new(),
-    };
-    Ok(Config {
-        file: file.to_path_buf(),
+    Ok(Spec {
         format: Format::Native,
         listen,
-        mode: raw.mode.unwrap_or(Mode::Proxy),
-        audit_log: raw
-            .audit_log
-            .as_deref()
-            .map(expand_home)
-            .unwrap_or_else(|| PathBuf::from("events.jsonl")),
-        audit_chain: raw.audit_chain.unwrap_or(true),
-        audit_fail_closed: raw.audit_fail_closed.unwrap_or(true),
-        state_dir,
+        allow_non_loopback: raw.allow_non_loopback.unwrap_or(false),
+        mode: raw.mode,
+        audit_log: raw.audit_log.as_deref().map(expand_home),
+        audit_chain: raw.audit_chain,
+        audit_fail_closed: raw.audit_fail_closed,
+        state_dir: raw.state_dir.as_deref().map(expand_home),
         admin_socket: raw.admin_socket.as_deref().map(expand_home),
-        approval_notify,
-        max_request_bytes: raw.max_request_bytes.unwrap_or(262_144),
-        connect_timeout,
-        connections,
+        approval_notify: raw
+            .approval_notify
+            .as_ref()
+            .map(|a| lines.spanned(a, "approval_notify")),
+        max_request_bytes: raw.max_request_bytes,
+        upstream_timeout: lines.dur(&raw.upstream_timeout, "upstream_timeout"),
+        connect_timeout: lines.dur(&raw.connect_timeout, "connect_timeout"),
         allowed_origins: raw.allowed_origins.unwrap_or_default(),
+        request_scan: raw.request_scan,
+        connections: raw.connections.as_ref().map(|c| {
+            let key = |k: &str| format!("connections.{k}");
+            ConnectionsSpec {
+                first_request_timeout: lines
+                    .dur(&c.first_request_timeout, key("first_request_timeout")),
+                idle_timeout: lines.dur(&c.idle_timeout, key("idle_timeout")),
+                max_per_listener: c
+                    .max_per_listener
+                    .as_ref()
+                    .map(|m| lines.spanned(m, key("max_per_listener"))),
+                request_body_timeout: lines
+                    .dur(&c.request_body_timeout, key("request_body_timeout")),
+            }
+        }),
         secrets,
         routes,
         agents,
         seed: None,
-    })
-}
-
-fn connections(cx: &Ctx, c: &RawConnections) -> Result<Connections, ConfigError> {
-    let d = Connections::default();
-    let dur = |v: &Option<Spanned<String>>, k: &str, default: Duration| match v {
-        Some(v) => cx.duration(v, &format!("connections.{k}")),
-        None => Ok(default),
-    };
-    let max_per_listener = match &c.max_per_listener {
-        Some(m) if *m.get_ref() == 0 => {
-            return cx.err(
-                m.span(),
-                "connections.max_per_listener",
-                "must be at least 1",
-            )
-        }
-        Some(m) => *m.get_ref(),
-        None => d.max_per_listener,
-    };
-    Ok(Connections {
-        first_request_timeout: dur(
-            &c.first_request_timeout,
-            "first_request_timeout",
-            d.first_request_timeout,
-        )?,
-        idle_timeout: dur(&c.idle_timeout, "idle_timeout", d.idle_timeout)?,
-        max_per_listener,
-        request_body_timeout: dur(
-            &c.request_body_timeout,
-            "request_body_timeout",
-            d.request_body_timeout,
-        )?,
-    })
-}
-
-fn secret(cx: &Ctx, name: &str, s: &RawSecret) -> Result<SecretSpec, ConfigError> {
-    let table = format!("secrets.{name}");
-    let key = |k: &str| format!("{table}.{k}");
-    let need = |v: &Option<String>, k: &str| -> Result<String, ConfigError> {
-        match v {
-            Some(v) if !v.is_empty() => Ok(v.clone()),
-            _ => cx.missing(
-                &table,
-                k,
-                &format!("source {} needs {k}", s.source.get_ref()),
-            ),
-        }
-    };
-    let source = match s.source.get_ref().as_str() {
-        "none" => SecretSource::None,
-        "env" => SecretSource::Env { var: need(&s.name, "name")? },
-        "file" => SecretSource::File { path: expand_home(&need(&s.path, "path")?) },
-        "command" => {
-            let argv = s.argv.clone().unwrap_or_default();
-            if argv.is_empty() || argv[0].is_empty() {
-                return cx.missing(&table, "argv", "source command needs argv = [\"program\", \"arg\", ...]");
-            }
-            let timeout = match &s.timeout {
-                Some(t) => cx.duration(t, &key("timeout"))?,
-                None => Duration::from_secs(10),
-            };
-            let env = s.env.clone().unwrap_or_default();
-            if let Some(bad) = env.iter().find(|v| v.is_empty() || v.contains('=')) {
-                return cx.missing(&table, "env", &format!("{bad:?} is not an environment variable name"));
-            }
-            SecretSource::Command { argv, timeout, env }
-        }
-        "openbao" | "vault" => {
-            let token = match (&s.token_env, &s.token_file) {
-                (Some(e), None) => BaoToken::Env(e.clone()),
-                (None, Some(f)) => BaoToken::File(expand_home(f)),
-                _ => return cx.missing(&table, "token_env", "openbao needs exactly one of token_env or token_file"),
-            };
-            SecretSource::OpenBao {
-                address: need(&s.address, "address")?,
-                token,
-                mount: s.mount.clone().unwrap_or_else(|| "secret".into()),
-                path: need(&s.path, "path")?,
-                field: need(&s.field, "field")?,
-            }
-        }
-        "aws-secrets-manager" => SecretSource::AwsSecretsManager {
-            secret_id: need(&s.secret_id, "secret_id")?,
-            region: need(&s.region, "region")?,
-            endpoint: s.endpoint.clone(),
-            field: s.field.clone(),
-        },
-        "oauth2-client-credentials" | "github-app" => {
-            return cx.err(s.source.span(), &key("source"), format!("source {} is not supported by this build yet", s.source.get_ref()))
-        }
-        other => {
-            return cx.err(
-                s.source.span(),
-                &key("source"),
-                format!("unknown source {other:?}; use env, file, command, openbao, aws-secrets-manager or none"),
-            )
-        }
-    };
-    let ttl = match &s.ttl {
-        Some(t) => Some(cx.duration(t, &key("ttl"))?),
-        None => None,
-    };
-    let lazy = match &s.fetch {
-        None => false,
-        Some(f) => match f.get_ref().as_str() {
-            "startup" => false,
-            "first-use" => true,
-            other => {
-                return cx.err(
-                    f.span(),
-                    &key("fetch"),
-                    format!("unknown fetch {other:?}; use startup or first-use"),
-                )
-            }
-        },
-    };
-    Ok(SecretSpec {
-        name: name.to_string(),
-        source,
-        ttl,
-        lazy,
-    })
-}
-
-fn route(
-    cx: &Ctx,
-    name: &str,
-    r: &RawRoute,
-    secrets: &[SecretSpec],
-    default_timeout: Duration,
-    default_scan: RequestScan,
-) -> Result<Route, ConfigError> {
-    let key = |k: &str| format!("routes.{name}.{k}");
-    let prefix = r.prefix.get_ref().trim_end_matches('/').to_string();
-    let prefix = if prefix.is_empty() {
-        "/".to_string()
-    } else {
-        prefix
-    };
-    let plain = prefix
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"/._~-".contains(&b));
-    if !prefix.starts_with('/') || !plain || crate::route::check_path(&prefix).is_err() {
-        return cx.err(
-            r.prefix.span(),
-            &key("prefix"),
-            "prefix must be a plain path such as /openai (letters, digits, / . _ ~ -)",
-        );
-    }
-    let upstream = parse_upstream(r.upstream.get_ref())
-        .or_else(|m| cx.err(r.upstream.span(), &key("upstream"), m))?;
-    let secret = match &r.secret {
-        Some(s) => {
-            if !secrets.iter().any(|x| &x.name == s.get_ref()) {
-                return cx.err(
-                    s.span(),
-                    &key("secret"),
-                    format!("no [secrets.{}] is defined", s.get_ref()),
-                );
-            }
-            Some(s.get_ref().clone())
-        }
-        None => None,
-    };
-    let inject = match &r.inject {
-        Some(i) => parse_inject(
-            i.get_ref(),
-            r.inject_format.clone(),
-            r.basic_username.clone(),
-        )
-        .or_else(|m| cx.err(i.span(), &key("inject"), m))?,
-        None => Inject::Bearer,
-    };
-    let mut allow = Vec::new();
-    for rule in &r.allow {
-        allow.push(Rule::parse(rule.get_ref()).or_else(|m| cx.err(rule.span(), &key("allow"), m))?);
-    }
-    let mut extra_headers = Vec::new();
-    for (k, v) in &r.extra_headers {
-        let lower = k.to_ascii_lowercase();
-        let injected = match &inject {
-            Inject::Header { name, .. } => name.as_str() == lower,
-            Inject::Bearer | Inject::Basic { .. } => lower == "authorization",
-            Inject::Query { .. } => false,
-        };
-        let reserved = [
-            "authorization",
-            "host",
-            "content-length",
-            "transfer-encoding",
-            "connection",
-        ]
-        .contains(&lower.as_str())
-            || crate::authenticate::CALLER_CREDENTIAL_HEADERS.contains(&lower.as_str());
-        if injected || reserved {
-            return cx.err(
-                v.span(),
-                &key("extra_headers"),
-                format!("{k} is set by keygate (credential or framing) and cannot be overridden"),
-            );
-        }
-        let hn = HeaderName::from_bytes(k.as_bytes()).or_else(|_| {
-            cx.err(
-                v.span(),
-                &key("extra_headers"),
-                format!("{k:?} is not a header name"),
-            )
-        })?;
-        let hv = HeaderValue::from_str(v.get_ref()).or_else(|_| {
-            cx.err(
-                v.span(),
-                &key("extra_headers"),
-                format!("value of {k} is not a valid header value"),
-            )
-        })?;
-        extra_headers.push((hn, hv));
-    }
-    let approval = match &r.approval {
-        None => Approval::Never,
-        Some(a) if a.get_ref() == "never" => Approval::Never,
-        Some(a) if a.get_ref() == "each" || a.get_ref() == "once-per-token" => {
-            let timeout = match &r.approval_timeout {
-                Some(t) => cx.duration(t, &key("approval_timeout"))?,
-                None => Duration::from_secs(120),
-            };
-            if a.get_ref() == "each" {
-                Approval::Each { timeout }
-            } else {
-                Approval::OncePerToken { timeout }
-            }
-        }
-        Some(a) => {
-            return cx.err(
-                a.span(),
-                &key("approval"),
-                "approval must be \"each\", \"once-per-token\" or \"never\"",
-            )
-        }
-    };
-    let timeout = match &r.timeout {
-        Some(t) => cx.duration(t, &key("timeout"))?,
-        None => default_timeout,
-    };
-    let max_response_time = match &r.max_response_time {
-        Some(t) => Some(cx.duration(t, &key("max_response_time"))?),
-        None => None,
-    };
-    Ok(Route {
-        max_response_time,
-        name: name.to_string(),
-        prefix,
-        upstream,
-        secret,
-        inject,
-        allow,
-        classification: r
-            .classification
-            .clone()
-            .unwrap_or_else(|| "unclassified".into()),
-        extra_headers,
-        approval,
-        timeout,
-        require_json: r.require_json.unwrap_or(false),
-        request_scan: r.request_scan.unwrap_or(default_scan),
-        budget_reserve: r.budget_reserve,
-        allow_range: r.allow_range.unwrap_or(false),
-    })
-}
-
-fn agent(cx: &Ctx, name: &str, a: &RawAgent, routes: &[Route]) -> Result<Agent, ConfigError> {
-    let key = |k: &str| format!("agents.{name}.{k}");
-    let agent_routes = match &a.routes {
-        Some(list) => {
-            for r in list.get_ref() {
-                if !routes.iter().any(|x| &x.name == r) {
-                    return cx.err(
-                        list.span(),
-                        &key("routes"),
-                        format!("no [routes.{r}] is defined"),
-                    );
-                }
-            }
-            Some(list.get_ref().clone())
-        }
-        None => None,
-    };
-    let rate = match &a.rate {
-        Some(r) => Some(Rate::parse(r.get_ref()).or_else(|m| cx.err(r.span(), &key("rate"), m))?),
-        None => None,
-    };
-    let budget = match &a.budget_tokens {
-        Some(b) => {
-            let per = match b.get_ref().per.as_str() {
-                "minute" => Duration::from_secs(60),
-                "hour" => Duration::from_secs(3600),
-                "day" => Duration::from_secs(86_400),
-                other => parse_duration(other)
-                    .ok()
-                    .filter(|d| !d.is_zero())
-                    .ok_or(())
-                    .or_else(|_| {
-                        cx.err(
-                            b.span(),
-                            &key("budget_tokens"),
-                            "per must be minute, hour, day or a duration",
-                        )
-                    })?,
-            };
-            Some(Budget {
-                limit: b.get_ref().limit,
-                per,
-            })
-        }
-        None => None,
-    };
-    if let (Some(r), None) = (&a.budget_reserve, &budget) {
-        return cx.err(
-            r.span(),
-            &key("budget_reserve"),
-            "budget_reserve applies to a token budget; set budget_tokens too",
-        );
-    }
-    Ok(Agent {
-        name: name.to_string(),
-        person: a.person.clone(),
-        token_env: a.token_env.clone(),
-        open: false,
-        routes: agent_routes,
-        rate,
-        budget,
-        unix_uids: a.unix_uids.clone(),
-        budget_reserve: a.budget_reserve.as_ref().map(|r| *r.get_ref()),
     })
 }
 
@@ -628,10 +332,13 @@ mod tests {
         let c = load(DESIGN_EXAMPLE).unwrap();
         assert_eq!(c.routes.len(), 2);
         assert_eq!(c.secrets.len(), 4);
-        assert_eq!(
-            c.agents[0].routes.as_deref(),
-            Some(&["openai".to_string(), "anthropic".to_string()][..])
-        );
+        let names: Vec<&str> = c.agents[0]
+            .routes
+            .iter()
+            .flatten()
+            .map(|&id| c.routes[id].name.as_str())
+            .collect();
+        assert_eq!(names, ["openai", "anthropic"]);
     }
 
     #[test]

@@ -1,17 +1,17 @@
 //! The lab broker's JSON config (`broker.py`), accepted unchanged: same keys, same defaults, same
-//! statuses. It becomes one route at `/` whose allow rules are `POST <path>` for each allowed
-//! path, with the secret attached as a bearer token.
+//! statuses. It is lowered into the common [`Spec`] as one route at `/` whose allow rules are
+//! `POST <path>` for each allowed path, with the secret attached as a bearer token; the same
+//! validation as the native format's then applies (so an extra header cannot replace the key).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 
+use super::spec::{
+    AgentSpec, At, Dur, ListenSpec, Pos, RouteSpec, RuleSpec, SecretSpecRaw, SeedSpec, Spec,
+};
 use super::*;
-use crate::authorize::Rule;
-use crate::secret::{SecretSource, SecretSpec};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -20,20 +20,19 @@ struct Raw {
     listen_host: String,
     #[serde(default = "default_port")]
     listen_port: u16,
-    mode: Mode,
-    upstream_base_url: String,
-    allowed_paths: Vec<String>,
+    // Required, but optional here so a missing one is reported by name without reading
+    // serde_json's message text.
+    mode: Option<Mode>,
+    upstream_base_url: Option<String>,
+    allowed_paths: Option<Vec<String>>,
     client_token_env: Option<String>,
     #[serde(default)]
     secret_source: RawSource,
-    #[serde(default = "default_max")]
-    max_request_bytes: u64,
-    #[serde(default = "default_timeout")]
-    upstream_timeout_seconds: f64,
+    max_request_bytes: Option<u64>,
+    upstream_timeout_seconds: Option<f64>,
     #[serde(default)]
     extra_headers: BTreeMap<String, String>,
-    #[serde(default = "default_event_log")]
-    event_log: String,
+    event_log: Option<String>,
     // keygate's own additions, all optional
     #[serde(default)]
     allow_non_loopback: bool,
@@ -66,104 +65,89 @@ fn default_host() -> String {
 fn default_port() -> u16 {
     8791
 }
-fn default_max() -> u64 {
-    262_144
-}
-fn default_timeout() -> f64 {
-    30.0
-}
-fn default_event_log() -> String {
-    "events.jsonl".into()
-}
 
-pub(super) fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
-    let raw: Raw = serde_json::from_str(text).map_err(|e| json_error(file, text, &e))?;
-    let err = |key: &str, message: String| ConfigError {
+/// The lab broker bounded a secret command to between a millisecond and an hour.
+const COMMAND_SECONDS: (f64, f64) = (0.001, 3600.0);
+
+pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let raw: Raw = serde_path_to_error::deserialize(&mut de)
+        .map_err(|e| json_error(file, &e.path().to_string(), e.inner()))?;
+    // Trailing characters after the object are an error, as in serde_json::from_str.
+    de.end().map_err(|e| json_error(file, "", &e))?;
+    let at = |key: &str| Pos::new(key_line(text, key), key);
+    let missing = |key: &str| ConfigError {
         file: file.to_path_buf(),
-        line: key_line(text, key),
+        line: 1,
         key: key.to_string(),
-        message,
+        message: format!("missing field `{key}`"),
     };
+    let mode = raw.mode.ok_or_else(|| missing("mode"))?;
+    let upstream_base_url = raw
+        .upstream_base_url
+        .ok_or_else(|| missing("upstream_base_url"))?;
+    let allowed_paths = raw.allowed_paths.ok_or_else(|| missing("allowed_paths"))?;
 
-    let ip: std::net::IpAddr = match raw.listen_host.as_str() {
-        "localhost" => std::net::Ipv4Addr::LOCALHOST.into(),
-        h => h
-            .parse()
-            .map_err(|_| err("listen_host", format!("{h:?} is not an IP address")))?,
+    let secret_pos = at("secret_source");
+    let mut secret = SecretSpecRaw {
+        name: "default".into(),
+        table: secret_pos.clone(),
+        source: At::new(String::new(), secret_pos.child("kind")),
+        ..Default::default()
     };
-    let listen = vec![Listen::Tcp((ip, raw.listen_port).into())];
-    check_loopback(&listen, raw.allow_non_loopback).map_err(|m| err("listen_host", m))?;
-
-    let upstream =
-        parse_upstream(&raw.upstream_base_url).map_err(|m| err("upstream_base_url", m))?;
-    if !(raw.upstream_timeout_seconds > 0.0 && raw.upstream_timeout_seconds <= 86_400.0) {
-        return Err(err(
-            "upstream_timeout_seconds",
-            "must be a number of seconds between 0 and 86400".into(),
-        ));
-    }
-    let timeout = Duration::from_secs_f64(raw.upstream_timeout_seconds);
-
-    let mut allow = Vec::new();
-    for p in &raw.allowed_paths {
-        if !p.starts_with('/') {
-            return Err(err("allowed_paths", format!("{p:?} must start with /")));
-        }
-        allow.push(Rule::exact("POST", p).map_err(|m| err("allowed_paths", m))?);
-    }
-
-    let source = match raw.secret_source {
-        RawSource::None => SecretSource::None,
-        RawSource::Env { name } if !name.is_empty() => SecretSource::Env { var: name },
-        RawSource::Env { .. } => {
-            return Err(err("secret_source", "env needs a non-empty name".into()))
-        }
-        RawSource::Command { argv, .. } if argv.is_empty() || argv[0].is_empty() => {
-            return Err(err("argv", "secret command argv is missing".into()))
+    secret.source.value = match raw.secret_source {
+        RawSource::None => "none",
+        RawSource::Env { name } => {
+            secret.var = Some(name);
+            "env"
         }
         RawSource::Command {
             argv,
             timeout_seconds,
-        } => SecretSource::Command {
-            argv,
-            timeout: Duration::from_secs_f64(timeout_seconds.unwrap_or(10.0).clamp(0.001, 3600.0)),
-            // The lab format has no way to name variables; the tool's own prefix passes.
-            env: Vec::new(),
-        },
-        RawSource::File { path } => SecretSource::File {
-            path: expand_home(&path),
-        },
-    };
-    let label = source.label();
-    let has_secret = !source.is_none();
-
-    let mut extra_headers = Vec::new();
-    for (k, v) in &raw.extra_headers {
-        let name = HeaderName::from_bytes(k.as_bytes())
-            .map_err(|_| err(k, format!("{k:?} is not a header name")))?;
-        let value =
-            HeaderValue::from_str(v).map_err(|_| err(k, "not a valid header value".into()))?;
-        extra_headers.push((name, value));
+        } => {
+            secret.argv = Some(argv);
+            secret.timeout = timeout_seconds.map(|t| {
+                let t = t.clamp(COMMAND_SECONDS.0, COMMAND_SECONDS.1);
+                At::new(Dur::Seconds(t), secret_pos.child("timeout_seconds"))
+            });
+            "command"
+        }
+        RawSource::File { path } => {
+            secret.path = Some(path);
+            "file"
+        }
     }
+    .into();
+    let has_secret = secret.source.value != "none";
 
-    let route = Route {
+    let route = RouteSpec {
         name: "default".into(),
-        prefix: "/".into(),
-        upstream,
-        secret: has_secret.then(|| "default".to_string()),
-        inject: Inject::Bearer,
-        allow,
-        classification: "unclassified".into(),
-        extra_headers,
-        approval: Approval::Never,
-        timeout,
-        require_json: true,
-        request_scan: raw.request_scan.unwrap_or(RequestScan::Refuse),
-        max_response_time: None,
+        prefix: At::new("/".into(), Pos::new(1, "prefix")),
+        upstream: At::new(upstream_base_url.clone(), at("upstream_base_url")),
+        secret: has_secret.then(|| At::new("default".into(), secret_pos.clone())),
+        inject: None,
+        inject_format: None,
+        basic_username: None,
+        allow: allowed_paths
+            .iter()
+            .map(|p| At::new(RuleSpec::ExactPost(p.clone()), at("allowed_paths")))
+            .collect(),
+        classification: None,
+        extra_headers: raw
+            .extra_headers
+            .iter()
+            .map(|(k, v)| At::new((k.clone(), v.clone()), at(k)))
+            .collect(),
+        approval: None,
+        approval_timeout: None,
+        timeout: None,
+        require_json: Some(true),
+        request_scan: None,
+        allow_range: None,
         budget_reserve: None,
-        allow_range: false,
+        max_response_time: None,
     };
-    let agent = Agent {
+    let agent = AgentSpec {
         name: if raw.client_token_env.is_some() {
             "client".into()
         } else {
@@ -175,82 +159,70 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         routes: None,
         rate: None,
         budget: None,
-        unix_uids: Vec::new(),
         budget_reserve: None,
+        unix_uids: Vec::new(),
     };
 
-    Ok(Config {
-        file: file.to_path_buf(),
+    Ok(Spec {
         format: Format::Seed,
-        listen,
-        mode: raw.mode,
-        audit_log: PathBuf::from(&raw.event_log),
-        audit_chain: true,
-        audit_fail_closed: true,
+        listen: At::new(
+            Some(vec![ListenSpec::HostPort(
+                raw.listen_host.clone(),
+                raw.listen_port,
+            )]),
+            at("listen_host"),
+        ),
+        allow_non_loopback: raw.allow_non_loopback,
+        mode: Some(mode),
+        audit_log: raw.event_log.map(PathBuf::from),
+        audit_chain: None,
+        audit_fail_closed: None,
         state_dir: None,
         admin_socket: None,
-        approval_notify: Vec::new(),
+        approval_notify: None,
         max_request_bytes: raw.max_request_bytes,
-        connect_timeout: Duration::from_secs(10).min(timeout),
-        connections: Connections::default(),
+        upstream_timeout: raw
+            .upstream_timeout_seconds
+            .map(|t| At::new(Dur::Seconds(t), at("upstream_timeout_seconds"))),
+        connect_timeout: None,
         allowed_origins: raw.allowed_origins,
-        secrets: vec![SecretSpec {
-            name: "default".into(),
-            source,
-            ttl: None,
-            lazy: false,
-        }],
+        request_scan: raw.request_scan,
+        connections: None,
+        secrets: vec![secret],
         routes: vec![route],
         agents: vec![agent],
-        seed: Some(SeedInfo {
+        seed: Some(SeedSpec {
             listen_host: raw.listen_host,
             listen_port: raw.listen_port,
-            upstream_base_url: raw.upstream_base_url,
-            allowed_paths: raw.allowed_paths,
+            upstream_base_url,
+            allowed_paths,
             client_auth: raw.client_token_env.is_some(),
-            secret_source: label,
         }),
     })
 }
 
-/// serde_json reports a line and column; name the key written there (or the one it complains
-/// about) so the message reads `file:line: key: ...` like the native format's.
-fn json_error(file: &Path, text: &str, e: &serde_json::Error) -> ConfigError {
-    let full = e.to_string();
-    let message = match full.rfind(" at line ") {
-        Some(i) => full[..i].to_string(),
-        None => full.clone(),
-    };
-    let quoted = message.split('`').nth(1).map(str::to_string);
-    let line_text = text.lines().nth(e.line().saturating_sub(1)).unwrap_or("");
-    let key = match quoted {
-        Some(k) if message.starts_with("unknown field") || message.starts_with("missing field") => {
-            k
-        }
-        _ => line_text
-            .split(':')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .trim_matches('"')
-            .to_string(),
-    };
-    let line = if message.starts_with("missing field") {
-        1
+/// `file:line: key: message`: the key is the path serde was at (`listen_port`,
+/// `secret_source.kind`), the line serde_json's.
+fn json_error(file: &Path, path: &str, e: &serde_json::Error) -> ConfigError {
+    // serde_path_to_error writes `?` where it does not know the key (a syntax error).
+    let key = if path.is_empty() || path == "." || path == "?" {
+        "(syntax)"
     } else {
-        e.line()
-    };
-    let key = if key.is_empty() || key.starts_with('{') {
-        "(syntax)".to_string()
-    } else {
-        key
+        path
     };
     ConfigError {
         file: file.to_path_buf(),
-        line,
-        key,
-        message,
+        line: e.line().max(1),
+        key: key.to_string(),
+        message: message_of(e),
     }
+}
+
+/// serde_json's message without its ` at line L column C` suffix, which `file:line` replaces.
+fn message_of(e: &serde_json::Error) -> String {
+    let full = e.to_string();
+    let suffix = format!(" at line {} column {}", e.line(), e.column());
+    full.strip_suffix(&suffix).unwrap_or(&full).to_string()
 }
 
 /// The line where `"key"` is first written, for errors found after parsing.

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import DEADLINE, LAB_EXAMPLES, error_code, fake_secret, lab_config
+from conftest import DEADLINE, LAB_EXAMPLES, error_code, fake_secret, lab_config, native_config, run_keygate
 from fake_upstream import CHAT_TEXT
 
 CLIENT_TOKEN = fake_secret("lab-client-")
@@ -256,6 +256,35 @@ def test_extra_headers_from_the_lab_config_reach_the_upstream(keygate, fake_upst
 
     assert r.status_code == 200, r.text
     assert fake_upstream.requests[0].header("openai-organization") == "org-e2e"
+
+
+@pytest.mark.parametrize("header", ["Authorization", "authorization", "X-Broker-Token", "Host"])
+def test_lab_extra_header_that_would_replace_the_key_is_refused_at_load(keygate_bin, fake_upstream, tmp_path, header):
+    cfg = lab_config("env.example", fake_upstream.url, extra_headers={header: "Bearer sk-not-the-held-key"})
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
+    line = json.dumps(cfg, indent=2).splitlines().index(f'    "{header}": "Bearer sk-not-the-held-key"') + 1
+    env = {"BROKER_CLIENT_TOKEN": CLIENT_TOKEN, "OPENAI_API_KEY": ENV_KEY}
+
+    for command in ("check", "serve"):
+        result = run_keygate(keygate_bin, [command, "--config", str(path)], tmp_path, env=env)
+        assert result.returncode == 2, (command, result.stdout, result.stderr)
+        assert f"{path}:{line}: {header}: {header} is set by keygate" in result.stderr, result.stderr
+        assert '"ok":true' not in result.stdout.replace(" ", "")
+    assert fake_upstream.requests == []
+
+
+def test_native_extra_header_naming_the_routes_inject_header_is_refused_at_load(keygate_bin, tmp_path):
+    text = native_config("http://127.0.0.1:9").replace(
+        'inject = "header:x-api-key"\n', 'inject = "header:x-api-key"\nextra_headers = { X-Api-Key = "sk-other" }\n'
+    )
+    path = tmp_path / "cfg.toml"
+    path.write_text(text)
+    line = text.splitlines().index('extra_headers = { X-Api-Key = "sk-other" }') + 1
+
+    result = run_keygate(keygate_bin, ["check", "--config", str(path)], tmp_path)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert f"{path}:{line}: routes.anthropic.extra_headers: X-Api-Key is set by keygate" in result.stderr, result.stderr
 
 
 def test_event_log_defaults_to_events_jsonl_in_the_current_directory(keygate, fake_upstream, tmp_path):

@@ -1,0 +1,204 @@
+//! The raw spec both file formats produce: what was written, where, and nothing checked yet.
+//!
+//! `native` (TOML) and `seed` (the lab broker's JSON) each deserialize their own serde types at
+//! the edge and lower them into a [`Spec`]; [`super::validate`] is the one pass that checks a
+//! spec and builds the [`super::Config`]. So a rule (a reserved header, a default, a duration's
+//! lower bound) is written once and holds for both formats.
+//!
+//! A new key: add it to the format's raw serde type (`native.rs`, and `seed.rs` if the lab format
+//! has it), lower it into a field here (`Option`, with an [`At`] when it can be wrong), and check
+//! it and define its default in `validate.rs`.
+//!
+//! Every value that can be wrong carries a [`Pos`]: the line it was written on and the key to
+//! name in the error, in the spelling of its own format (`routes.openai.timeout`,
+//! `upstream_timeout_seconds`).
+
+use std::path::PathBuf;
+
+use super::{Format, Mode, RequestScan};
+
+/// Where a value was written: `file:line: key`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pos {
+    pub line: usize,
+    pub key: String,
+}
+
+impl Pos {
+    pub fn new(line: usize, key: impl Into<String>) -> Pos {
+        Pos {
+            line,
+            key: key.into(),
+        }
+    }
+
+    /// A key inside this table, reported at the table's line (for a key that is missing).
+    pub fn child(&self, key: &str) -> Pos {
+        Pos::new(self.line, format!("{}.{key}", self.key))
+    }
+}
+
+/// A value and where it was written.
+#[derive(Clone, Debug)]
+pub struct At<T> {
+    pub value: T,
+    pub pos: Pos,
+}
+
+impl<T> At<T> {
+    pub fn new(value: T, pos: Pos) -> At<T> {
+        At { value, pos }
+    }
+}
+
+/// A duration as the format writes it.
+#[derive(Clone, Debug)]
+pub enum Dur {
+    /// humantime text: `30s`, `15m`, `1h`.
+    Text(String),
+    /// A JSON number of seconds (the lab broker's `*_seconds` keys).
+    Seconds(f64),
+}
+
+#[derive(Clone, Debug)]
+pub enum ListenSpec {
+    /// `127.0.0.1:8791` or `unix:/path`.
+    Text(String),
+    /// The lab broker's `listen_host` (an IP or `localhost`) and `listen_port`.
+    HostPort(String, u16),
+}
+
+#[derive(Clone, Debug)]
+pub enum RuleSpec {
+    /// `METHOD /path` with `*` and `**`.
+    Pattern(String),
+    /// One exact path for `POST` (the lab's `allowed_paths`): `*` in it is literal.
+    ExactPost(String),
+}
+
+#[derive(Debug)]
+pub struct Spec {
+    pub format: Format,
+    /// `None`: the default listener.
+    pub listen: At<Option<Vec<ListenSpec>>>,
+    pub allow_non_loopback: bool,
+    pub mode: Option<Mode>,
+    pub audit_log: Option<PathBuf>,
+    pub audit_chain: Option<bool>,
+    pub audit_fail_closed: Option<bool>,
+    pub state_dir: Option<PathBuf>,
+    pub admin_socket: Option<PathBuf>,
+    /// `approval_notify = [argv…]`.
+    pub approval_notify: Option<At<Vec<String>>>,
+    pub max_request_bytes: Option<u64>,
+    /// Default for every route's `timeout`.
+    pub upstream_timeout: Option<At<Dur>>,
+    pub connect_timeout: Option<At<Dur>>,
+    pub allowed_origins: Vec<String>,
+    /// Default for every route's `request_scan`.
+    pub request_scan: Option<RequestScan>,
+    /// `[connections]`; the lab format has none.
+    pub connections: Option<ConnectionsSpec>,
+    pub secrets: Vec<SecretSpecRaw>,
+    pub routes: Vec<RouteSpec>,
+    pub agents: Vec<AgentSpec>,
+    pub seed: Option<SeedSpec>,
+}
+
+/// One `[secrets.NAME]` table, or the lab's `secret_source`.
+#[derive(Debug, Default)]
+pub struct SecretSpecRaw {
+    pub name: String,
+    /// The table, for errors about a key it lacks.
+    pub table: Pos,
+    pub source: At<String>,
+    /// `env`: the variable's name.
+    pub var: Option<String>,
+    /// `file`: the file (`~/` is expanded); openbao: the path inside the mount.
+    pub path: Option<String>,
+    pub argv: Option<Vec<String>>,
+    /// `command`: variables passed through to it (its environment is otherwise cleared).
+    pub env: Option<Vec<String>>,
+    pub timeout: Option<At<Dur>>,
+    pub ttl: Option<At<Dur>>,
+    /// `startup` (the default) or `first-use`.
+    pub fetch: Option<At<String>>,
+    pub address: Option<String>,
+    pub token_env: Option<String>,
+    pub token_file: Option<String>,
+    pub mount: Option<String>,
+    pub field: Option<String>,
+    pub secret_id: Option<String>,
+    pub region: Option<String>,
+    pub endpoint: Option<String>,
+}
+
+impl Default for Pos {
+    fn default() -> Pos {
+        Pos::new(1, "")
+    }
+}
+
+impl Default for At<String> {
+    fn default() -> At<String> {
+        At::new(String::new(), Pos::default())
+    }
+}
+
+#[derive(Debug)]
+pub struct RouteSpec {
+    pub name: String,
+    pub prefix: At<String>,
+    pub upstream: At<String>,
+    pub secret: Option<At<String>>,
+    pub inject: Option<At<String>>,
+    pub inject_format: Option<String>,
+    pub basic_username: Option<String>,
+    pub allow: Vec<At<RuleSpec>>,
+    pub classification: Option<String>,
+    /// `(name, value)` as written.
+    pub extra_headers: Vec<At<(String, String)>>,
+    pub approval: Option<At<String>>,
+    pub approval_timeout: Option<At<Dur>>,
+    pub timeout: Option<At<Dur>>,
+    pub require_json: Option<bool>,
+    pub request_scan: Option<RequestScan>,
+    pub allow_range: Option<bool>,
+    pub budget_reserve: Option<u64>,
+    pub max_response_time: Option<At<Dur>>,
+}
+
+#[derive(Debug)]
+pub struct AgentSpec {
+    pub name: String,
+    pub person: Option<String>,
+    pub token_env: Option<String>,
+    pub open: bool,
+    /// Route names; `None` means every route.
+    pub routes: Option<At<Vec<String>>>,
+    pub rate: Option<At<String>>,
+    /// `(per, limit)`.
+    pub budget: Option<At<(String, u64)>>,
+    pub budget_reserve: Option<At<u64>>,
+    /// `unix_uids = [1001]`: Unix-socket peers that are this agent.
+    pub unix_uids: Vec<u32>,
+}
+
+/// `[connections]`: bounds on every accepted connection.
+#[derive(Debug)]
+pub struct ConnectionsSpec {
+    pub first_request_timeout: Option<At<Dur>>,
+    pub idle_timeout: Option<At<Dur>>,
+    pub max_per_listener: Option<At<usize>>,
+    pub request_body_timeout: Option<At<Dur>>,
+}
+
+/// The lab broker's own fields, echoed by `/healthz`.
+#[derive(Debug)]
+pub struct SeedSpec {
+    pub listen_host: String,
+    pub listen_port: u16,
+    pub upstream_base_url: String,
+    pub allowed_paths: Vec<String>,
+    pub client_auth: bool,
+}

@@ -1,0 +1,563 @@
+//! The one validation pass: a [`Spec`] from either format in, a [`Config`] out. Defaults are
+//! defined here once; names (agent → route → secret) are resolved to ids here, so nothing looks
+//! a name up per request.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue};
+
+use super::spec::{
+    AgentSpec, At, ConnectionsSpec, Dur, ListenSpec, Pos, RouteSpec, RuleSpec, SecretSpecRaw, Spec,
+};
+use super::*;
+use crate::authorize::rule::{Rate, Rule};
+use crate::secret::{BaoToken, SecretSource, SecretSpec};
+
+const DEFAULT_LISTEN: &str = "127.0.0.1:8791";
+const DEFAULT_AUDIT_LOG: &str = "events.jsonl";
+const DEFAULT_MAX_REQUEST_BYTES: u64 = 262_144;
+const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_APPROVAL_TIMEOUT: Duration = Duration::from_secs(120);
+const DEFAULT_REQUEST_SCAN: RequestScan = RequestScan::Refuse;
+/// The lab broker's `upstream_timeout_seconds` allowed at most a day.
+const MAX_SECONDS: f64 = 86_400.0;
+
+/// Headers keygate itself sets on the way out: the credential and the message framing.
+const RESERVED_HEADERS: [&str; 5] = [
+    "authorization",
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+];
+
+struct Cx<'a> {
+    file: &'a Path,
+}
+
+impl Cx<'_> {
+    fn err<T>(&self, pos: &Pos, message: impl Into<String>) -> Result<T, ConfigError> {
+        Err(ConfigError {
+            file: self.file.to_path_buf(),
+            line: pos.line,
+            key: pos.key.clone(),
+            message: message.into(),
+        })
+    }
+
+    /// A duration that must be longer than zero.
+    fn duration(&self, d: &At<Dur>) -> Result<Duration, ConfigError> {
+        match &d.value {
+            Dur::Text(t) => {
+                let v = parse_duration(t).or_else(|m| self.err(&d.pos, m))?;
+                if v.is_zero() {
+                    return self.err(&d.pos, "must be longer than 0s");
+                }
+                Ok(v)
+            }
+            Dur::Seconds(s) => {
+                if !(*s > 0.0 && *s <= MAX_SECONDS) {
+                    return self.err(&d.pos, "must be a number of seconds between 0 and 86400");
+                }
+                Ok(Duration::from_secs_f64(*s))
+            }
+        }
+    }
+
+    fn duration_or(&self, d: &Option<At<Dur>>, default: Duration) -> Result<Duration, ConfigError> {
+        match d {
+            Some(d) => self.duration(d),
+            None => Ok(default),
+        }
+    }
+}
+
+pub(super) fn validate(file: &Path, spec: Spec) -> Result<Config, ConfigError> {
+    let cx = Cx { file };
+
+    let listen = listeners(&cx, &spec)?;
+
+    let mut secrets = Vec::new();
+    for s in &spec.secrets {
+        secrets.push(secret(&cx, s)?);
+    }
+
+    let upstream_timeout = cx.duration_or(&spec.upstream_timeout, DEFAULT_UPSTREAM_TIMEOUT)?;
+    let mut connect_timeout = cx.duration_or(&spec.connect_timeout, DEFAULT_CONNECT_TIMEOUT)?;
+    if spec.format == Format::Seed {
+        // The lab broker's one timeout bounded the whole exchange, connecting included.
+        connect_timeout = connect_timeout.min(upstream_timeout);
+    }
+
+    let connections = match &spec.connections {
+        Some(c) => connections(&cx, c)?,
+        None => Connections::default(),
+    };
+
+    let scan = spec.request_scan.unwrap_or(DEFAULT_REQUEST_SCAN);
+    let mut routes = Vec::new();
+    for r in &spec.routes {
+        routes.push(route(&cx, r, &secrets, upstream_timeout, scan)?);
+    }
+    for (i, a) in routes.iter().enumerate() {
+        if let Some(b) = routes[..i].iter().find(|b| b.prefix == a.prefix) {
+            return cx.err(
+                &spec.routes[i].prefix.pos,
+                format!("prefix {} is already used by route {}", a.prefix, b.name),
+            );
+        }
+    }
+    // Longest prefix first, so the first match is the most specific; stable, so routes of equal
+    // length keep the order they were written in. Ids are given after this, so they index the
+    // sorted list.
+    routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+
+    let mut agents = Vec::new();
+    for a in &spec.agents {
+        agents.push(agent(&cx, a, &routes)?);
+    }
+
+    let seed = spec.seed.map(|s| SeedInfo {
+        listen_host: s.listen_host,
+        listen_port: s.listen_port,
+        upstream_base_url: s.upstream_base_url,
+        allowed_paths: s.allowed_paths,
+        client_auth: s.client_auth,
+        secret_source: secrets
+            .first()
+            .map(|x| x.source.label())
+            .unwrap_or_else(|| "none".into()),
+    });
+
+    let approval_notify = match &spec.approval_notify {
+        Some(argv) if argv.value.first().is_none_or(|p| p.is_empty()) => {
+            return cx.err(
+                &argv.pos,
+                "write the command as [\"program\", \"arg\", ...]; it runs without a shell",
+            )
+        }
+        Some(argv) => argv.value.clone(),
+        None => Vec::new(),
+    };
+
+    Ok(Config {
+        file: file.to_path_buf(),
+        format: spec.format,
+        listen,
+        mode: spec.mode.unwrap_or(Mode::Proxy),
+        audit_log: spec
+            .audit_log
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_AUDIT_LOG)),
+        audit_chain: spec.audit_chain.unwrap_or(true),
+        audit_fail_closed: spec.audit_fail_closed.unwrap_or(true),
+        state_dir: spec.state_dir,
+        admin_socket: spec.admin_socket,
+        approval_notify,
+        max_request_bytes: spec.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES),
+        connect_timeout,
+        connections,
+        allowed_origins: spec.allowed_origins,
+        secrets,
+        routes,
+        agents,
+        seed,
+    })
+}
+
+fn connections(cx: &Cx, c: &ConnectionsSpec) -> Result<Connections, ConfigError> {
+    let d = Connections::default();
+    let max_per_listener = match &c.max_per_listener {
+        Some(m) if m.value == 0 => return cx.err(&m.pos, "must be at least 1"),
+        Some(m) => m.value,
+        None => d.max_per_listener,
+    };
+    Ok(Connections {
+        first_request_timeout: cx.duration_or(&c.first_request_timeout, d.first_request_timeout)?,
+        idle_timeout: cx.duration_or(&c.idle_timeout, d.idle_timeout)?,
+        max_per_listener,
+        request_body_timeout: cx.duration_or(&c.request_body_timeout, d.request_body_timeout)?,
+    })
+}
+
+fn listeners(cx: &Cx, spec: &Spec) -> Result<Vec<Listen>, ConfigError> {
+    let pos = &spec.listen.pos;
+    let written = match &spec.listen.value {
+        Some(l) => l.clone(),
+        None => vec![ListenSpec::Text(DEFAULT_LISTEN.into())],
+    };
+    let mut listen = Vec::new();
+    for l in &written {
+        let parsed = match l {
+            ListenSpec::Text(t) => parse_listen(t),
+            ListenSpec::HostPort(h, port) => {
+                let ip = match h.as_str() {
+                    "localhost" => Ok(std::net::Ipv4Addr::LOCALHOST.into()),
+                    h => h
+                        .parse::<std::net::IpAddr>()
+                        .map_err(|_| format!("{h:?} is not an IP address")),
+                };
+                ip.map(|ip| Listen::Tcp((ip, *port).into()))
+            }
+        };
+        listen.push(parsed.or_else(|m| cx.err(pos, m))?);
+    }
+    if listen.is_empty() {
+        return cx.err(pos, "at least one listener is needed");
+    }
+    check_loopback(&listen, spec.allow_non_loopback).or_else(|m| cx.err(pos, m))?;
+    Ok(listen)
+}
+
+fn secret(cx: &Cx, s: &SecretSpecRaw) -> Result<SecretSpec, ConfigError> {
+    let kind = s.source.value.as_str();
+    let need = |v: &Option<String>, k: &str| -> Result<String, ConfigError> {
+        match v {
+            Some(v) if !v.is_empty() => Ok(v.clone()),
+            _ => cx.err(&s.table.child(k), format!("source {kind} needs {k}")),
+        }
+    };
+    let source = match kind {
+        "none" => SecretSource::None,
+        "env" => SecretSource::Env {
+            var: need(&s.var, "name")?,
+        },
+        "file" => SecretSource::File {
+            path: expand_home(&need(&s.path, "path")?),
+        },
+        "command" => {
+            let argv = s.argv.clone().unwrap_or_default();
+            if argv.first().is_none_or(|p| p.is_empty()) {
+                return cx.err(
+                    &s.table.child("argv"),
+                    "source command needs argv = [\"program\", \"arg\", ...]",
+                );
+            }
+            let timeout = cx.duration_or(&s.timeout, DEFAULT_COMMAND_TIMEOUT)?;
+            let env = s.env.clone().unwrap_or_default();
+            if let Some(bad) = env.iter().find(|v| v.is_empty() || v.contains('=')) {
+                return cx.err(
+                    &s.table.child("env"),
+                    format!("{bad:?} is not an environment variable name"),
+                );
+            }
+            SecretSource::Command { argv, timeout, env }
+        }
+        "openbao" | "vault" => {
+            let token = match (&s.token_env, &s.token_file) {
+                (Some(e), None) => BaoToken::Env(e.clone()),
+                (None, Some(f)) => BaoToken::File(expand_home(f)),
+                _ => {
+                    return cx.err(
+                        &s.table.child("token_env"),
+                        "openbao needs exactly one of token_env or token_file",
+                    )
+                }
+            };
+            SecretSource::OpenBao {
+                address: need(&s.address, "address")?,
+                token,
+                mount: s.mount.clone().unwrap_or_else(|| "secret".into()),
+                path: need(&s.path, "path")?,
+                field: need(&s.field, "field")?,
+            }
+        }
+        "aws-secrets-manager" => SecretSource::AwsSecretsManager {
+            secret_id: need(&s.secret_id, "secret_id")?,
+            region: need(&s.region, "region")?,
+            endpoint: s.endpoint.clone(),
+            field: s.field.clone(),
+        },
+        "oauth2-client-credentials" | "github-app" => {
+            return cx.err(
+                &s.source.pos,
+                format!("source {kind} is not supported by this build yet"),
+            )
+        }
+        other => {
+            return cx.err(
+                &s.source.pos,
+                format!("unknown source {other:?}; use env, file, command, openbao, aws-secrets-manager or none"),
+            )
+        }
+    };
+    let ttl = match &s.ttl {
+        Some(t) => Some(cx.duration(t)?),
+        None => None,
+    };
+    let lazy = match &s.fetch {
+        None => false,
+        Some(f) => match f.value.as_str() {
+            "startup" => false,
+            "first-use" => true,
+            other => {
+                return cx.err(
+                    &f.pos,
+                    format!("unknown fetch {other:?}; use startup or first-use"),
+                )
+            }
+        },
+    };
+    Ok(SecretSpec {
+        name: s.name.clone(),
+        source,
+        ttl,
+        lazy,
+    })
+}
+
+fn route(
+    cx: &Cx,
+    r: &RouteSpec,
+    secrets: &[SecretSpec],
+    default_timeout: Duration,
+    default_scan: RequestScan,
+) -> Result<Route, ConfigError> {
+    let prefix = r.prefix.value.trim_end_matches('/').to_string();
+    let prefix = if prefix.is_empty() {
+        "/".to_string()
+    } else {
+        prefix
+    };
+    let plain = prefix
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"/._~-".contains(&b));
+    if !prefix.starts_with('/') || !plain || crate::route::path::check_path(&prefix).is_err() {
+        return cx.err(
+            &r.prefix.pos,
+            "prefix must be a plain path such as /openai (letters, digits, / . _ ~ -)",
+        );
+    }
+    let upstream = parse_upstream(&r.upstream.value).or_else(|m| cx.err(&r.upstream.pos, m))?;
+    let secret = match &r.secret {
+        Some(s) => match secrets.iter().position(|x| x.name == s.value) {
+            Some(i) => Some(SecretId(i)),
+            None => return cx.err(&s.pos, format!("no [secrets.{}] is defined", s.value)),
+        },
+        None => None,
+    };
+    let inject = match &r.inject {
+        Some(i) => parse_inject(&i.value, r.inject_format.clone(), r.basic_username.clone())
+            .or_else(|m| cx.err(&i.pos, m))?,
+        None => Inject::Bearer,
+    };
+    let mut allow = Vec::new();
+    for rule in &r.allow {
+        let parsed = match &rule.value {
+            RuleSpec::Pattern(p) => Rule::parse(p),
+            RuleSpec::ExactPost(p) if !p.starts_with('/') => {
+                Err(format!("{p:?} must start with /"))
+            }
+            RuleSpec::ExactPost(p) => Rule::exact("POST", p),
+        };
+        allow.push(parsed.or_else(|m| cx.err(&rule.pos, m))?);
+    }
+    let mut extra_headers = Vec::new();
+    for h in &r.extra_headers {
+        let (k, v) = &h.value;
+        if sets_itself(&inject, k) {
+            return cx.err(
+                &h.pos,
+                format!("{k} is set by keygate (credential or framing) and cannot be overridden"),
+            );
+        }
+        let hn = HeaderName::from_bytes(k.as_bytes())
+            .or_else(|_| cx.err(&h.pos, format!("{k:?} is not a header name")))?;
+        let hv = HeaderValue::from_str(v)
+            .or_else(|_| cx.err(&h.pos, format!("value of {k} is not a valid header value")))?;
+        extra_headers.push((hn, hv));
+    }
+    let approval = match &r.approval {
+        None => Approval::Never,
+        Some(a) if a.value == "never" => Approval::Never,
+        Some(a) if a.value == "each" => Approval::Each {
+            timeout: cx.duration_or(&r.approval_timeout, DEFAULT_APPROVAL_TIMEOUT)?,
+        },
+        Some(a) if a.value == "once-per-token" => Approval::OncePerToken {
+            timeout: cx.duration_or(&r.approval_timeout, DEFAULT_APPROVAL_TIMEOUT)?,
+        },
+        Some(a) => {
+            return cx.err(
+                &a.pos,
+                "approval must be \"each\", \"once-per-token\" or \"never\"",
+            )
+        }
+    };
+    let timeout = cx.duration_or(&r.timeout, default_timeout)?;
+    Ok(Route {
+        name: r.name.clone(),
+        prefix,
+        upstream,
+        secret,
+        inject,
+        allow,
+        classification: r
+            .classification
+            .clone()
+            .unwrap_or_else(|| "unclassified".into()),
+        extra_headers,
+        approval,
+        timeout,
+        require_json: r.require_json.unwrap_or(false),
+        request_scan: r.request_scan.unwrap_or(default_scan),
+        allow_range: r.allow_range.unwrap_or(false),
+        budget_reserve: r.budget_reserve,
+        max_response_time: match &r.max_response_time {
+            Some(t) => Some(cx.duration(t)?),
+            None => None,
+        },
+    })
+}
+
+/// A header keygate writes itself: the route's credential header, a caller's credential header
+/// (stripped from every request) or framing. An extra header of that name would replace the
+/// injected key or smuggle a second message.
+fn sets_itself(inject: &Inject, header: &str) -> bool {
+    let lower = header.to_ascii_lowercase();
+    let injected = match inject {
+        Inject::Header { name, .. } => name.as_str() == lower,
+        Inject::Bearer | Inject::Basic { .. } => lower == "authorization",
+        Inject::Query { .. } => false,
+    };
+    injected
+        || RESERVED_HEADERS.contains(&lower.as_str())
+        || crate::authenticate::caller::CALLER_CREDENTIAL_HEADERS.contains(&lower.as_str())
+}
+
+fn agent(cx: &Cx, a: &AgentSpec, routes: &[Route]) -> Result<Agent, ConfigError> {
+    let agent_routes = match &a.routes {
+        Some(list) => {
+            let mut ids = Vec::with_capacity(list.value.len());
+            for name in &list.value {
+                match routes.iter().position(|x| &x.name == name) {
+                    Some(i) => ids.push(RouteId(i)),
+                    None => return cx.err(&list.pos, format!("no [routes.{name}] is defined")),
+                }
+            }
+            Some(ids)
+        }
+        None => None,
+    };
+    let rate = match &a.rate {
+        Some(r) => Some(Rate::parse(&r.value).or_else(|m| cx.err(&r.pos, m))?),
+        None => None,
+    };
+    let budget = match &a.budget {
+        Some(b) => {
+            let (per, limit) = &b.value;
+            let per = match per.as_str() {
+                "minute" => Duration::from_secs(60),
+                "hour" => Duration::from_secs(3600),
+                "day" => Duration::from_secs(86_400),
+                other => match parse_duration(other) {
+                    Ok(d) if !d.is_zero() => d,
+                    _ => return cx.err(&b.pos, "per must be minute, hour, day or a duration"),
+                },
+            };
+            Some(Budget { limit: *limit, per })
+        }
+        None => None,
+    };
+    if let (Some(r), None) = (&a.budget_reserve, &budget) {
+        return cx.err(
+            &r.pos,
+            "budget_reserve applies to a token budget; set budget_tokens too",
+        );
+    }
+    Ok(Agent {
+        name: a.name.clone(),
+        person: a.person.clone(),
+        token_env: a.token_env.clone(),
+        open: a.open,
+        routes: agent_routes,
+        rate,
+        budget,
+        budget_reserve: a.budget_reserve.as_ref().map(|r| r.value),
+        unix_uids: a.unix_uids.clone(),
+    })
+}
+
+/// Parses an upstream base URL: `http` or `https`, a host, an optional path, no query, no
+/// credentials in the URL.
+fn parse_upstream(url: &str) -> Result<Upstream, String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
+    let scheme = uri.scheme().cloned().ok_or("needs http:// or https://")?;
+    if scheme != http::uri::Scheme::HTTP && scheme != http::uri::Scheme::HTTPS {
+        return Err(format!(
+            "scheme {scheme} is not supported; use http or https"
+        ));
+    }
+    let authority = uri.authority().cloned().ok_or("needs a host")?;
+    if authority.as_str().contains('@') {
+        return Err("credentials in the URL are not allowed; use a secret".into());
+    }
+    if uri.query().is_some() {
+        return Err("a query string is not allowed in an upstream URL".into());
+    }
+    let base_path = uri.path().trim_end_matches('/').to_string();
+    Ok(Upstream {
+        url: url.to_string(),
+        scheme,
+        host: authority.host().to_string(),
+        authority,
+        base_path,
+    })
+}
+
+/// `NAME:` style inject spec, e.g. `bearer`, `header:x-api-key`, `basic`, `query:key`.
+fn parse_inject(
+    s: &str,
+    format: Option<String>,
+    username: Option<String>,
+) -> Result<Inject, String> {
+    let (kind, arg) = match s.split_once(':') {
+        Some((k, a)) => (k, Some(a)),
+        None => (s, None),
+    };
+    match (kind, arg) {
+        ("bearer", None) => Ok(Inject::Bearer),
+        ("basic", None) => Ok(Inject::Basic { username }),
+        ("header", Some(name)) => {
+            let name = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| format!("{name:?} is not a header name"))?;
+            let format = format.unwrap_or_else(|| "{secret}".into());
+            if !format.contains("{secret}") {
+                return Err("inject_format must contain {secret}".into());
+            }
+            Ok(Inject::Header { name, format })
+        }
+        ("query", Some(name)) if !name.is_empty() => Ok(Inject::Query { name: name.into() }),
+        ("aws-sigv4", _) => Err("aws-sigv4 injection is not supported by this build yet".into()),
+        _ => Err(format!(
+            "{s:?} is not one of bearer, header:NAME, basic, query:NAME"
+        )),
+    }
+}
+
+fn parse_listen(s: &str) -> Result<Listen, String> {
+    if let Some(path) = s.strip_prefix("unix:") {
+        if path.is_empty() {
+            return Err("unix: needs a socket path".into());
+        }
+        return Ok(Listen::Unix(expand_home(path)));
+    }
+    s.parse::<std::net::SocketAddr>()
+        .map(Listen::Tcp)
+        .map_err(|_| format!("{s:?} is neither IP:PORT (e.g. 127.0.0.1:8791) nor unix:/path"))
+}
+
+/// Refuses a listener a browser or another machine could reach unless config allows it.
+fn check_loopback(listen: &[Listen], allow_non_loopback: bool) -> Result<(), String> {
+    for l in listen {
+        if let Listen::Tcp(addr) = l {
+            if !addr.ip().is_loopback() && !allow_non_loopback {
+                return Err(format!(
+                    "{addr} is not a loopback address; keygate listens on 127.0.0.1 or ::1 unless allow_non_loopback = true"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
