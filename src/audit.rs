@@ -43,13 +43,21 @@ pub use request::{ms, Finishing, MAX_PATH};
 /// What happened to a request. Field names are the interface scripts read.
 #[derive(Debug, Default, Serialize, Clone)]
 pub struct Record {
+    /// When keygate received the request, RFC 3339 UTC.
     pub time: String,
+    /// Keygate's id for the request, also sent to the client as `x-request-id` and in error bodies.
     pub request_id: String,
+    /// The authenticated agent's name; absent when the request was refused before authentication.
     pub agent: Option<String>,
+    /// The person the agent acts for (the agent's `person`, else the config's default).
     pub person: Option<String>,
+    /// The route's name; absent when no route matched.
     pub route: Option<String>,
+    /// The upstream host the route forwards to (not the full URL).
     pub destination: Option<String>,
+    /// The request's HTTP method.
     pub method: String,
+    /// The request path without its query, cut to [`MAX_PATH`] characters.
     pub path: String,
     /// The path was longer than [`MAX_PATH`] characters and `path` holds its start.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -60,20 +68,33 @@ pub struct Record {
     /// The query string's parameter names, never their values (a value can hold a secret).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub query_params: Vec<String>,
+    /// The route's data classification label, as configured.
     pub classification: Option<String>,
+    /// Which policy decided: a hash of everything in the config that decides requests.
     pub policy_version: String,
+    /// Whether the request was allowed, denied, answered by dry-run, or ended in error.
     pub decision: Decision,
+    /// The refusal code, or how an allowed exchange ended (`allowed`, `client_disconnected`, ...).
     pub reason: Reason,
+    /// The HTTP status keygate answered with (0 if the request ended before one was chosen).
     pub status: u16,
+    /// The key id (`name#fingerprint`) of the credential attached, never its value.
     pub key_id: Option<String>,
+    /// Milliseconds keygate spent on the request, from its arrival to the end of the answer.
     pub latency_ms: f64,
+    /// Request body bytes read from the client.
     pub bytes_in: u64,
+    /// Response body bytes sent to the client, after redaction.
     pub bytes_out: u64,
+    /// Tokens the upstream reported using, when its answer carried usage.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokens: Option<u64>,
+    /// The listener the request came in on, as its URL (`http://addr:port` or `unix:path`).
     pub listener: String,
+    /// The connecting process, on a Unix socket listener.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer: Option<PeerRecord>,
+    /// Who caused a refusal or failure: the agent, the upstream or keygate.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub blame: Option<crate::error::Blame>,
     /// The id of the token the agent presented (`tok_…`), never the token.
@@ -82,6 +103,7 @@ pub struct Record {
     /// The approval this request waited for, and who decided it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub approval_id: Option<String>,
+    /// The person who approved or denied it (the user at the admin socket).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub approved_by: Option<String>,
     /// What the request exfiltration scan found (labels: detector names and key ids, never
@@ -169,23 +191,34 @@ impl Serialize for Reason {
 /// It has no `request_id`, so a reader counting requests skips it.
 #[derive(Debug, Serialize, Clone)]
 pub struct Lifecycle {
+    /// When the event happened, RFC 3339 UTC.
     pub time: String,
+    /// `start` or `stop`.
     pub event: &'static str,
+    /// Keygate's process id.
     pub pid: u32,
+    /// Keygate's version (the crate version).
     pub version: &'static str,
+    /// The config file keygate runs with.
     pub config: String,
+    /// The policy version in force, as in the request records that follow.
     pub policy_version: String,
 }
 
+/// The process on the other end of a Unix socket, from the socket's peer credentials.
 #[derive(Debug, Serialize, Clone)]
 pub struct PeerRecord {
+    /// The peer's user id.
     pub uid: u32,
+    /// The peer's process id, where the platform reports it.
     pub pid: Option<i32>,
 }
 
 /// Sees every request record as it is sent (metrics).
 pub type Observer = Box<dyn Fn(&Record) + Send + Sync>;
 
+/// The append-only audit log: records are chained and written by one writer thread, so a
+/// request never waits on the disk.
 pub struct AuditLog {
     observer: std::sync::OnceLock<Observer>,
     shared: Arc<Shared>,
@@ -224,6 +257,7 @@ struct Batch {
 /// How the log is written; [`Options::new`] has keygate's settings.
 #[derive(Clone)]
 pub struct Options {
+    /// Hash-chain the records (`prev`/`hash` fields), so an edit or a removed line is detected.
     pub chain: bool,
     /// Signs `start`, `checkpoint` and `stop` records.
     pub key: Option<Arc<AuditKey>>,
@@ -234,6 +268,7 @@ pub struct Options {
 }
 
 impl Options {
+    /// Keygate's defaults: no signing key, a checkpoint every [`CHECKPOINT_EVERY`] records or 10 s.
     pub fn new(chain: bool) -> Options {
         Options {
             chain,
@@ -277,6 +312,7 @@ impl AuditLog {
         Self::open_with(path, Options::new(chain))
     }
 
+    /// [`open`](AuditLog::open) with explicit options (signing key, checkpoint spacing).
     pub fn open_with(path: &Path, options: Options) -> Result<Arc<AuditLog>, OpenError> {
         use std::os::unix::fs::OpenOptionsExt;
         let chain = options.chain;
@@ -339,14 +375,18 @@ impl AuditLog {
         Ok(())
     }
 
+    /// False while the log cannot be written; [`check_writable`](AuditLog::check_writable) then
+    /// refuses requests when the config fails closed.
     pub fn healthy(&self) -> bool {
         self.shared.healthy.load(Ordering::Relaxed)
     }
 
+    /// The log file's path.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// Starts a request's record; it is written once, when the [`Pending`] finishes or drops.
     pub fn begin(self: &Arc<Self>, record: Record) -> Pending {
         Pending {
             record: Some(record),
@@ -504,6 +544,7 @@ pub struct Pending {
 }
 
 impl Pending {
+    /// The record being filled in, to set fields as the request goes through the stages.
     pub fn record(&mut self) -> &mut Record {
         // `record` is Some until it is sent, and nothing writes to a sent record (its owner is
         // done with the request), so the default is never used.

@@ -28,6 +28,7 @@ use crate::error::{Code, Rejection};
 
 pub use caller::CALLER_CREDENTIAL_HEADERS;
 
+/// The agents' tokens, matched in constant time; a request's token names its agent.
 pub struct Tokens {
     /// Tokens from the environment (`token_env`), for the life of the process.
     by_hash: HashMap<[u8; 32], usize>,
@@ -58,9 +59,21 @@ pub struct Identity {
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
     #[error("agent {agent}: token environment variable {var} is not set or empty")]
-    EnvMissing { agent: String, var: String },
+    /// An agent's `token_env` names a variable that is unset or empty.
+    EnvMissing {
+        /// The agent's name.
+        agent: String,
+        /// The environment variable's name.
+        var: String,
+    },
     #[error("agents {a} and {b} have the same token; give each agent its own")]
-    Shared { a: String, b: String },
+    /// Two agents have the same token, so a request could not say which one it is.
+    Shared {
+        /// One agent's name.
+        a: String,
+        /// The other agent's name.
+        b: String,
+    },
 }
 
 impl Tokens {
@@ -157,6 +170,7 @@ impl Tokens {
         self.state_dir.is_some()
     }
 
+    /// The agent whose token the request carries, or a 401.
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<AgentId, Rejection> {
         self.by_token(headers).map(|(agent, _)| AgentId(agent))
     }

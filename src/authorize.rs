@@ -47,9 +47,11 @@ pub struct Authorized {
 }
 
 impl Authorized {
+    /// The matched route, for indexing `config.routes`.
     pub fn route(&self) -> RouteId {
         self.route
     }
+    /// The authenticated agent, for indexing `config.agents`.
     pub fn agent(&self) -> AgentId {
         self.agent
     }
@@ -87,6 +89,7 @@ struct Bucket {
 }
 
 impl Policy {
+    /// A rate bucket and a token budget for each agent that configures one, each starting full.
     pub fn new(config: &Config) -> Policy {
         let now = Instant::now();
         Policy {
@@ -112,6 +115,8 @@ impl Policy {
         }
     }
 
+    /// Checks the agent may use the route, the method and path, its rate and token budget; the
+    /// proof it returns is what the credential stage requires.
     pub fn authorize(
         &self,
         config: &Config,

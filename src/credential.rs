@@ -29,6 +29,8 @@ const FAILURE_BACKOFF: Duration = Duration::from_secs(1);
 /// How many values of one secret stay known to the redactor after rotations.
 const REMEMBERED_VALUES: usize = 2;
 
+/// Every configured secret, fetched at first use and reused until its TTL ends; the only holder
+/// that exposes a value.
 pub struct Credentials {
     /// One per configured secret, indexed by [`SecretId`].
     entries: Vec<Entry>,
@@ -53,6 +55,7 @@ struct Cached {
 }
 
 impl Credentials {
+    /// Sets up a source for each configured secret; nothing is fetched yet.
     pub fn new(config: &Config) -> Credentials {
         let entries = config
             .secrets

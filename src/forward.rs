@@ -34,14 +34,18 @@ use crate::redact::Redactor;
 /// The request headers that ask for part of a body.
 const RANGE_HEADERS: [&str; 3] = ["range", "if-range", "request-range"];
 
+/// Any error a forwarded body can fail with.
 pub type BoxError = Box<dyn StdError + Send + Sync>;
+/// The body type sent upstream and back: boxed, so adapters (timeouts, redaction) can wrap it.
 pub type Body = BoxBody<Bytes, BoxError>;
 
+/// The HTTP client to upstreams (TLS with webpki and native roots, HTTP/1.1 and HTTP/2).
 pub struct Forwarder {
     client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>,
 }
 
 impl Forwarder {
+    /// A client whose connection attempts give up after `connect_timeout`.
     pub fn new(connect_timeout: Duration) -> Result<Forwarder, rustls::Error> {
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());

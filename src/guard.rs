@@ -16,19 +16,31 @@ use http::{Method, Version};
 
 use crate::error::{Code, Rejection};
 
+/// Checks a request's head before anything else reads it: method, target, host, origin and declared size.
 pub struct Guard {
+    /// Origins a browser request may come from (`Origin` header); any other is refused.
     pub allowed_origins: Vec<String>,
+    /// The largest request body accepted, in bytes.
     pub max_request_bytes: u64,
 }
 
 /// What the listener knows about the connection a request came on.
 #[derive(Clone, Debug)]
 pub enum Peer {
+    /// A TCP client's address.
     Tcp(std::net::SocketAddr),
-    Unix { uid: u32, pid: Option<i32> },
+    /// A Unix socket peer, from the socket's peer credentials.
+    Unix {
+        /// The peer's user id.
+        uid: u32,
+        /// The peer's process id, where the platform reports it.
+        pid: Option<i32>,
+    },
 }
 
 impl Guard {
+    /// Refuses `CONNECT`, a bad target, a foreign host or origin and a bad or oversized
+    /// `Content-Length`, each with its own code.
     pub fn check(&self, head: &Parts, peer: &Peer) -> Result<(), Rejection> {
         if head.method == Method::CONNECT {
             return Err(Rejection::new(

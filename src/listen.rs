@@ -42,12 +42,16 @@ use crate::reload::Live;
 /// Largest request head accepted (HTTP/1 buffer, HTTP/2 header list).
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 
+/// A listener bound at start-up, before privileges and config checks finish.
 pub enum Bound {
+    /// A TCP listener.
     Tcp(TcpListener),
+    /// A Unix socket listener and its socket file, removed when the listener stops.
     Unix(UnixListener, PathBuf),
 }
 
 impl Bound {
+    /// The address agents use to reach this listener (`http://host:port` or `unix:path`).
     pub fn url(&self) -> String {
         match self {
             Bound::Tcp(l) => match l.local_addr() {

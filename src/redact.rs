@@ -77,8 +77,11 @@ pub struct RedactorBuilder {
 /// name). Never the value.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Finding {
+    /// Byte offset of the match in the scanned input.
     pub offset: usize,
+    /// Length of the match in bytes.
     pub len: usize,
+    /// The key id or detector name that matched.
     pub label: String,
 }
 
@@ -104,6 +107,7 @@ impl RedactorBuilder {
         self
     }
 
+    /// Compiles the redactor; the known values and detectors are fixed from here on.
     pub fn build(self) -> Redactor {
         let set = self.detectors.unwrap_or(DetectorSet::NONE);
         Redactor {
@@ -114,6 +118,7 @@ impl RedactorBuilder {
 }
 
 impl Redactor {
+    /// A builder with no known values and no detectors.
     pub fn builder() -> RedactorBuilder {
         RedactorBuilder::default()
     }

@@ -57,10 +57,12 @@ impl Secret {
         self.value.len()
     }
 
+    /// The id that stands for the value in records and answers.
     pub fn key_id(&self) -> &KeyId {
         &self.key_id
     }
 
+    /// Whether the value is empty after trimming (a source that returned nothing).
     pub fn is_empty(&self) -> bool {
         self.value.is_empty()
     }
@@ -89,6 +91,7 @@ impl KeyId {
         KeyId(name.to_string())
     }
 
+    /// The id as text, e.g. `openai#3f2a9c1d`.
     pub fn as_str(&self) -> &str {
         &self.0
     }

@@ -11,22 +11,37 @@ use base64::Engine;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use zeroize::Zeroizing;
 
+/// The key's file name inside `state_dir`.
 pub const KEY_FILE: &str = "audit.key";
 
 /// What is signed: the record's `hash`, under a label so the signature means nothing elsewhere.
 const DOMAIN: &[u8] = b"keygate audit record v1\n";
 
+/// Why the audit key could not be loaded or created.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
+    /// Reading or writing the key file failed.
     #[error("{}: {source}", path.display())]
     Io {
+        /// The key file.
         path: PathBuf,
+        /// The operating system's error.
         source: std::io::Error,
     },
     #[error("{}: readable by other users (mode {mode:03o}); run `chmod 600` on it, or remove it to make a new key (logs signed with the old key then verify only with the old public key)", path.display())]
-    Exposed { path: PathBuf, mode: u32 },
+    /// The key file is readable or writable by other users, so it is not used.
+    Exposed {
+        /// The key file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The file is not a hex ed25519 seed.
     #[error("{}: not an audit key (64 hex characters expected)", path.display())]
-    Corrupt { path: PathBuf },
+    Corrupt {
+        /// The key file.
+        path: PathBuf,
+    },
 }
 
 /// The private key. `Debug` shows the public half only.
@@ -108,10 +123,12 @@ impl AuditKey {
         Ok(AuditKey(SigningKey::from_bytes(&seed)))
     }
 
+    /// The public half, which `keygate audit verify --key` checks signatures with.
     pub fn public(&self) -> VerifyingKey {
         self.0.verifying_key()
     }
 
+    /// The public key in hex, as `keygate audit key` prints it for `audit verify --key`.
     pub fn public_hex(&self) -> String {
         hex::encode(self.public().as_bytes())
     }
@@ -124,6 +141,7 @@ impl AuditKey {
         hex::encode(self.0.sign(&msg).to_bytes())
     }
 
+    /// A fixed key, so tests can compare signatures.
     #[cfg(test)]
     pub fn from_seed(seed: [u8; 32]) -> AuditKey {
         AuditKey(SigningKey::from_bytes(&seed))

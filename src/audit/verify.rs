@@ -24,6 +24,7 @@ use super::{key, split_line, CHECKPOINT_EVERY};
 /// at 2,048 characters).
 const MAX_LINE: u64 = 1 << 20;
 
+/// How [`verify`] checks a log: where the chain starts and which key signs it.
 #[derive(Default)]
 pub struct VerifyOptions {
     /// Anchor the chain at this hash: the line carrying it, or the line continuing from it.
@@ -64,7 +65,9 @@ impl Report {
 /// The first line that does not verify, and why.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Broken {
+    /// The line number, counting from 1.
     pub line: usize,
+    /// What is wrong with it, for a person to read.
     pub reason: String,
 }
 
@@ -75,6 +78,8 @@ fn broken(line: usize, reason: impl Into<String>) -> Result<Report, Broken> {
     })
 }
 
+/// Checks a log's hash chain and checkpoint signatures. The outer error is a failure to read
+/// the file; the inner one the first line that does not verify.
 pub fn verify(path: &Path, opts: &VerifyOptions) -> io::Result<Result<Report, Broken>> {
     let mut reader = io::BufReader::new(File::open(path)?);
     let mut report = Report::default();

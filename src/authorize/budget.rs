@@ -49,6 +49,7 @@ impl RetryAfter {
 }
 
 impl TokenBudget {
+    /// A budget of `limit` tokens per `per`, the first period starting now.
     pub fn new(limit: u64, per: Duration) -> Arc<TokenBudget> {
         Self::starting_at(limit, per, Instant::now())
     }
@@ -67,6 +68,7 @@ impl TokenBudget {
         })
     }
 
+    /// Tokens allowed per period.
     pub fn limit(&self) -> u64 {
         self.limit
     }
@@ -172,6 +174,7 @@ pub struct Reservation {
 }
 
 impl Reservation {
+    /// Tokens booked, before settling.
     pub fn amount(&self) -> u64 {
         self.amount
     }

@@ -31,6 +31,8 @@ impl Serialize for Rule {
 }
 
 impl Rule {
+    /// Parses `METHOD /path` (`*` for one segment, `**` last for the rest); the error says how to
+    /// write it.
     pub fn parse(s: &str) -> Result<Rule, String> {
         let (method, path) = s.trim().split_once(' ').ok_or_else(|| {
             format!("{s:?} is not a rule; write METHOD /path, e.g. \"POST /v1/chat/completions\"")
@@ -93,6 +95,7 @@ impl Rule {
         })
     }
 
+    /// Whether the rule allows this method on this path.
     pub fn matches(&self, method: &Method, path: &str) -> bool {
         if self.method.as_ref().is_some_and(|m| m != method) {
             return false;
@@ -121,12 +124,15 @@ impl Rule {
 /// `60/min`: at most `count` requests per `per`, refilled continuously.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Rate {
+    /// Requests allowed per period; also the burst size.
     pub count: u32,
+    /// The period, e.g. one minute for `/min`.
     #[serde(with = "humantime_serde")]
     pub per: Duration,
 }
 
 impl Rate {
+    /// Parses `COUNT/UNIT` (unit: second, minute, hour or day); a count of 0 is refused.
     pub fn parse(s: &str) -> Result<Rate, String> {
         let bad = || {
             format!("{s:?} is not a rate; write COUNT/UNIT, e.g. 60/min (units: s, min, h, day)")

@@ -220,6 +220,7 @@ pub struct UsageScan {
 }
 
 impl UsageScan {
+    /// Scans the next chunk of the answer body, in the order it is sent.
     pub fn feed(&mut self, data: &[u8]) {
         // Each chunk is scanned in place, and the seam with the previous one separately; the
         // seam overlaps both, which is harmless because only the largest value counts.
@@ -260,6 +261,7 @@ impl UsageScan {
         }
     }
 
+    /// Tokens the answer reported so far, or `None` if it reported no usage.
     pub fn total(&self) -> Option<u64> {
         self.seen
             .then(|| self.total.max(self.input.saturating_add(self.output)))
@@ -276,6 +278,7 @@ pub struct StripUsageChunk<B> {
 }
 
 impl<B> StripUsageChunk<B> {
+    /// Wraps a response body; every other chunk passes through untouched.
     pub fn new(inner: B) -> Self {
         StripUsageChunk {
             inner,

@@ -50,6 +50,7 @@ pub struct ReadTimeout<B> {
 }
 
 impl<B> ReadTimeout<B> {
+    /// Wraps `inner`; each frame must arrive within `idle` of asking for it.
     pub fn new(inner: B, idle: Duration) -> Self {
         ReadTimeout {
             inner,
@@ -77,6 +78,7 @@ pub struct TimeoutProbe {
 }
 
 impl TimeoutProbe {
+    /// Turns `other` into the 408 if the body timed out, else returns it unchanged.
     pub fn explain(&self, other: Rejection) -> Rejection {
         if self.fired.load(Ordering::Relaxed) {
             body_timeout_rejection(self.idle)
@@ -137,10 +139,12 @@ where
 pub struct Closer(Arc<Notify>);
 
 impl Closer {
+    /// Tells `listen` to drop the connection now, without waiting for a graceful close.
     pub fn close(&self) {
         self.0.notify_one();
     }
 
+    /// Resolves once [`close`](Closer::close) is called; the connection's task waits on it.
     pub async fn closed(&self) {
         self.0.notified().await
     }
@@ -233,6 +237,7 @@ impl Drop for ResponseWatch {
 pub struct Verdict(Arc<Shared>);
 
 impl Verdict {
+    /// Why the response was ended, if the watch ended it.
     pub fn get(&self) -> Option<Reason> {
         lock(&self.0.state).verdict.clone()
     }

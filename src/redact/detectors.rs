@@ -42,7 +42,9 @@ pub enum Class {
 pub struct DetectorSet(u32);
 
 impl DetectorSet {
+    /// No detector: only known values are redacted.
     pub const NONE: DetectorSet = DetectorSet(0);
+    /// Every detector.
     pub const ALL: DetectorSet = DetectorSet(u32::MAX);
 
     /// Every detector of one class.
@@ -485,7 +487,7 @@ const DOCUMENTED_EXAMPLES: &[&str] = &[
 ];
 
 /// Every detector name, in priority order, for documentation and tests.
-pub fn names() -> Vec<&'static str> {
+pub(crate) fn names() -> Vec<&'static str> {
     let mut out: Vec<&'static str> = Vec::new();
     for s in SPECS {
         if !out.contains(&s.name) {

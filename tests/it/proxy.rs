@@ -61,7 +61,7 @@ fn post(url: &str, body: support_body::B) -> hyper::Request<support_body::B> {
 }
 
 mod support_body {
-    pub type B = http_body_util::combinators::BoxBody<bytes::Bytes, std::io::Error>;
+    pub(crate) type B = http_body_util::combinators::BoxBody<bytes::Bytes, std::io::Error>;
 }
 
 #[tokio::test]

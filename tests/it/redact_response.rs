@@ -64,7 +64,7 @@ fn request(method: &str, url: &str) -> hyper::Request<support_body::B> {
 }
 
 mod support_body {
-    pub type B = http_body_util::combinators::BoxBody<bytes::Bytes, std::io::Error>;
+    pub(crate) type B = http_body_util::combinators::BoxBody<bytes::Bytes, std::io::Error>;
 }
 
 fn reason_of<B>(resp: &hyper::Response<B>) -> Option<String> {

@@ -18,18 +18,18 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
-pub type Handler =
+pub(crate) type Handler =
     Arc<dyn Fn(Request<Bytes>) -> Response<BoxBody<Bytes, std::io::Error>> + Send + Sync>;
 
 #[derive(Clone, Debug)]
-pub struct Seen {
+pub(crate) struct Seen {
     pub method: String,
     pub uri: String,
     pub headers: http::HeaderMap,
     pub body: Bytes,
 }
 
-pub struct Upstream {
+pub(crate) struct Upstream {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
     task: tokio::task::JoinHandle<()>,
@@ -42,7 +42,7 @@ impl Drop for Upstream {
 }
 
 /// An HTTP/1.1 upstream that records each request (body read whole) and answers with `handler`.
-pub async fn upstream(handler: Handler) -> Upstream {
+pub(crate) async fn upstream(handler: Handler) -> Upstream {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -84,13 +84,13 @@ pub async fn upstream(handler: Handler) -> Upstream {
 }
 
 /// The keygate binary under test.
-pub fn keygate() -> Command {
+pub(crate) fn keygate() -> Command {
     Command::new(env!("CARGO_BIN_EXE_keygate"))
 }
 
 /// Runs a one-shot keygate command to its end with `stdin`, written from a thread so a large
 /// input cannot deadlock against a full stdout pipe.
-pub fn run(mut cmd: Command, stdin: &[u8]) -> std::process::Output {
+pub(crate) fn run(mut cmd: Command, stdin: &[u8]) -> std::process::Output {
     use std::io::Write;
     let mut child = cmd
         .stdin(Stdio::piped())
@@ -107,11 +107,11 @@ pub fn run(mut cmd: Command, stdin: &[u8]) -> std::process::Output {
     out
 }
 
-pub fn full(s: impl Into<Bytes>) -> BoxBody<Bytes, std::io::Error> {
+pub(crate) fn full(s: impl Into<Bytes>) -> BoxBody<Bytes, std::io::Error> {
     Full::new(s.into()).map_err(|never| match never {}).boxed()
 }
 
-pub struct Keygate {
+pub(crate) struct Keygate {
     child: Child,
     pub url: String,
     pub dir: tempfile::TempDir,
@@ -127,13 +127,13 @@ impl Drop for Keygate {
 
 impl Keygate {
     /// Starts keygate on `config` (TOML text; `AUDIT` is replaced by the audit path) with `env`.
-    pub fn start(config: &str, env: &[(&str, &str)]) -> Keygate {
+    pub(crate) fn start(config: &str, env: &[(&str, &str)]) -> Keygate {
         let dir = tempfile::tempdir().unwrap();
         let audit = dir.path().join("audit.jsonl");
         Self::start_with_audit(config, env, dir, audit)
     }
 
-    pub fn start_with_audit(
+    pub(crate) fn start_with_audit(
         config: &str,
         env: &[(&str, &str)],
         dir: tempfile::TempDir,
@@ -144,7 +144,7 @@ impl Keygate {
 
     /// Starts keygate under `wrapper` (a command that ends by exec'ing its arguments, e.g.
     /// `sh -c 'ulimit -n 1024 && exec "$0" "$@"'`), so the pid is still keygate's.
-    pub fn start_wrapped(
+    pub(crate) fn start_wrapped(
         config: &str,
         env: &[(&str, &str)],
         dir: tempfile::TempDir,
@@ -184,12 +184,12 @@ impl Keygate {
         }
     }
 
-    pub fn pid(&self) -> i32 {
+    pub(crate) fn pid(&self) -> i32 {
         self.child.id() as i32
     }
 
     /// Waits (bounded) for keygate to exit; `None` if it is still running.
-    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+    pub(crate) fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -203,7 +203,7 @@ impl Keygate {
     }
 
     /// Every record in the audit log (lifecycle records included), parsed.
-    pub fn audit_all(&self) -> Vec<serde_json::Value> {
+    pub(crate) fn audit_all(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(&self.audit)
             .unwrap_or_default()
             .lines()
@@ -212,7 +212,7 @@ impl Keygate {
     }
 
     /// Waits (bounded) until the audit log has `n` lines, and returns them parsed.
-    pub fn audit_records(&self, n: usize) -> Vec<serde_json::Value> {
+    pub(crate) fn audit_records(&self, n: usize) -> Vec<serde_json::Value> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let text = std::fs::read_to_string(&self.audit).unwrap_or_default();
@@ -230,22 +230,22 @@ impl Keygate {
     }
 }
 
-pub type Client = hyper_util::client::legacy::Client<
+pub(crate) type Client = hyper_util::client::legacy::Client<
     hyper_util::client::legacy::connect::HttpConnector,
     BoxBody<Bytes, std::io::Error>,
 >;
 
-pub fn client() -> Client {
+pub(crate) fn client() -> Client {
     hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http()
 }
 
-pub fn h2c_client() -> Client {
+pub(crate) fn h2c_client() -> Client {
     hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .http2_only(true)
         .build_http()
 }
 
-pub async fn body_json(resp: Response<Incoming>) -> serde_json::Value {
+pub(crate) async fn body_json(resp: Response<Incoming>) -> serde_json::Value {
     let b = resp.into_body().collect().await.unwrap().to_bytes();
     serde_json::from_slice(&b)
         .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&b).into()))
