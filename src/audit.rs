@@ -99,6 +99,15 @@ pub struct Record {
     /// Who caused a refusal or failure: the agent, the upstream or keygate.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub blame: Option<crate::error::Blame>,
+    /// The id of the token the agent presented (`tok_…`), never the token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_id: Option<String>,
+    /// The approval this request waited for, and who decided it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval_id: Option<String>,
+    /// The person who approved or denied it (the user at the admin socket).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approved_by: Option<String>,
     /// What the request exfiltration scan found (labels: detector names and key ids, never
     /// values), refused or only reported.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -207,9 +216,13 @@ pub struct PeerRecord {
     pub pid: Option<i32>,
 }
 
+/// Sees every request record as it is sent (metrics).
+pub type Observer = Box<dyn Fn(&Record) + Send + Sync>;
+
 /// The append-only audit log: records are chained and written by one writer thread, so a
 /// request never waits on the disk.
 pub struct AuditLog {
+    observer: std::sync::OnceLock<Observer>,
     shared: Arc<Shared>,
     writer: Mutex<Option<JoinHandle<()>>>,
     path: PathBuf,
@@ -363,6 +376,7 @@ impl AuditLog {
             .spawn(move || write_loop(file, &s, lines_before))
             .map_err(err)?;
         Ok(Arc::new(AuditLog {
+            observer: std::sync::OnceLock::new(),
             shared,
             writer: Mutex::new(Some(writer)),
             path: path.to_path_buf(),
@@ -400,7 +414,15 @@ impl AuditLog {
         }
     }
 
+    /// Shows every request record to `f` as it is sent; the first observer set stays.
+    pub fn observe(&self, f: Observer) {
+        let _ = self.observer.set(f);
+    }
+
     fn send(&self, record: Record) {
+        if let Some(o) = self.observer.get() {
+            o(&record);
+        }
         let body = serialize(&record, &record.request_id);
         if let Err(()) = self.append(body, None, false) {
             // After close (shutdown): say so where an operator sees it, with the id only.
@@ -453,6 +475,17 @@ impl AuditLog {
         let (ack, done) = mpsc::channel();
         let body = serialize(&record, record.event);
         self.append(body, Some(ack), true)
+            .map_err(|()| "audit log closed".to_string())?;
+        done.recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| Err("audit writer did not answer".into()))
+    }
+
+    /// Writes a control-plane record (reload, freeze, a person's decision) and waits until it
+    /// is on file. Like lifecycle records it has no `request_id`.
+    pub fn event<T: Serialize>(&self, record: &T) -> Result<(), String> {
+        let (ack, done) = mpsc::channel();
+        let body = serialize(record, "event");
+        self.append(body, Some(ack), false)
             .map_err(|()| "audit log closed".to_string())?;
         done.recv_timeout(Duration::from_secs(10))
             .unwrap_or_else(|_| Err("audit writer did not answer".into()))

@@ -33,7 +33,91 @@ pub enum Command {
     /// Work with audit logs.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Show the running keygate: listeners, routes, agents, secrets (ids only), approvals, freezes.
+    Status {
+        #[arg(long, env = "KEYGATE_CONFIG")]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-read the config and secrets in the running keygate (same as SIGHUP).
+    Reload {
+        #[arg(long, env = "KEYGATE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Refuse every request (or one agent's) with 503 `frozen` until unfrozen; survives restart.
+    Freeze {
+        #[arg(long, env = "KEYGATE_CONFIG")]
+        config: PathBuf,
+        #[arg(long)]
+        agent: Option<String>,
+    },
+    /// Lift a freeze (without --agent: every freeze).
+    Unfreeze {
+        #[arg(long, env = "KEYGATE_CONFIG")]
+        config: PathBuf,
+        #[arg(long)]
+        agent: Option<String>,
+    },
+    /// Requests waiting for a person's approval.
+    #[command(subcommand)]
+    Approvals(ApprovalsCommand),
+    /// Let a pending request through.
+    Approve {
+        #[arg(long, env = "KEYGATE_CONFIG")]
+        config: PathBuf,
+        id: String,
+    },
+    /// Refuse a pending request (403 `approval_denied`).
+    Deny {
+        #[arg(long, env = "KEYGATE_CONFIG")]
+        config: PathBuf,
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// What would break: rehearse a revocation without changing anything.
+    #[command(subcommand)]
+    Drill(DrillCommand),
 }
+
+#[derive(Subcommand, Debug)]
+pub enum ApprovalsCommand {
+    /// List pending approvals (id, agent, person, route, method, path, model, body size, age).
+    List {
+        #[arg(long, env = "KEYGATE_CONFIG")]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DrillCommand {
+    /// Which agents, routes and tokens would stop working if one agent, secret or route were
+    /// revoked, and how many recent requests would have been refused.
+    Revoke {
+        #[arg(long, env = "KEYGATE_CONFIG")]
+        config: PathBuf,
+        #[arg(long)]
+        agent: Option<String>,
+        #[arg(long)]
+        secret: Option<String>,
+        #[arg(long)]
+        route: Option<String>,
+        /// How far back to read the audit log: 24h, 7d.
+        #[arg(long, default_value = "24h")]
+        since: String,
+        #[arg(long)]
+        json: bool,
+        /// The audit log to read, instead of the config's.
+        #[arg(long)]
+        audit_log: Option<PathBuf>,
+    },
+}
+
+/// `keygate drill ...` arguments.
+pub type DrillArgs = DrillCommand;
 
 #[derive(Subcommand, Debug)]
 pub enum TokenCommand {
@@ -177,6 +261,82 @@ pub fn main() -> ExitCode {
             )
         }
         Command::Audit(AuditCommand::Key { config }) => audit_key(&config),
+        Command::Drill(cmd) => crate::admin::drill::main(cmd),
+        cmd => admin_command(cmd),
+    }
+}
+
+/// The commands that talk to a running keygate over its admin socket.
+fn admin_command(cmd: Command) -> ExitCode {
+    use crate::admin::client::{print_approvals, print_status, run};
+    use serde_json::json;
+    match cmd {
+        Command::Status { config, json } => {
+            run(&config, "GET", "/status", None, json, print_status)
+        }
+        Command::Reload { config } => run(&config, "POST", "/reload", None, false, |v| {
+            println!(
+                "reloaded: policy {}",
+                v["policy_version"].as_str().unwrap_or("")
+            )
+        }),
+        Command::Freeze { config, agent } => {
+            let what = agent
+                .clone()
+                .map_or("everything".to_string(), |a| format!("agent {a}"));
+            run(
+                &config,
+                "POST",
+                "/freeze",
+                Some(json!({"agent": agent})),
+                false,
+                |v| {
+                    println!("frozen: {what}");
+                    if let Some(w) = v["warning"].as_str() {
+                        eprintln!("keygate: warning: {w}");
+                    }
+                },
+            )
+        }
+        Command::Unfreeze { config, agent } => {
+            let what = agent
+                .clone()
+                .map_or("everything".to_string(), |a| format!("agent {a}"));
+            run(
+                &config,
+                "POST",
+                "/unfreeze",
+                Some(json!({"agent": agent})),
+                false,
+                |_| println!("unfrozen: {what}"),
+            )
+        }
+        Command::Approvals(ApprovalsCommand::List { config, json }) => {
+            run(&config, "GET", "/approvals", None, false, |v| {
+                if json {
+                    println!("{}", v["pending"]);
+                } else {
+                    print_approvals(v)
+                }
+            })
+        }
+        Command::Approve { config, id } => run(
+            &config,
+            "POST",
+            "/approve",
+            Some(json!({"id": id})),
+            false,
+            |_| println!("approved {id}"),
+        ),
+        Command::Deny { config, id, reason } => run(
+            &config,
+            "POST",
+            "/deny",
+            Some(json!({"id": id, "reason": reason})),
+            false,
+            |_| println!("denied {id}"),
+        ),
+        _ => ExitCode::from(2),
     }
 }
 
