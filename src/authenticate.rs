@@ -16,7 +16,6 @@ pub mod store;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 
@@ -36,15 +35,24 @@ pub struct Tokens {
     /// Tokens issued with `keygate token issue`: hash -> (agent, expiry in Unix seconds).
     issued: ArcSwap<HashMap<[u8; 32], (usize, u64)>>,
     state_dir: Option<PathBuf>,
-    /// The token file's stamp when it was last read, and when that was.
-    seen: Mutex<(Option<FileStamp>, Option<std::time::Instant>)>,
+    /// The state store (opened at the first refresh) and the token revision last read from it.
+    seen: Mutex<(Option<SharedStore>, Option<u64>)>,
     agent_names: Vec<String>,
     /// The lab broker without `client_token_env` admits every local caller as this agent.
     open_agent: Option<usize>,
+    /// Unix-socket peers known by uid (`[agents.A] unix_uids`).
+    by_uid: HashMap<u32, usize>,
 }
 
-/// (mtime, size, inode): what tells a changed token file from an unchanged one.
-type FileStamp = (SystemTime, u64, u64);
+type SharedStore = Arc<dyn crate::state::StateStore>;
+
+/// Who is calling: the agent, and the id of the token it presented (never the token).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub agent: AgentId,
+    /// `tok_` + the first 12 hex digits of the token's SHA-256, as `token list` shows it.
+    pub token_id: Option<String>,
+}
 
 /// A start-up problem with tokens: the lab broker refuses to start when `client_token_env` names
 /// an unset variable, and so does keygate.
@@ -73,7 +81,11 @@ impl Tokens {
     pub fn from_config(config: &Config) -> Result<Tokens, TokenError> {
         let mut by_hash = HashMap::new();
         let mut open_agent = None;
+        let mut by_uid = HashMap::new();
         for (i, agent) in config.agents.iter().enumerate() {
+            for uid in &agent.unix_uids {
+                by_uid.insert(*uid, i);
+            }
             if agent.open {
                 open_agent = Some(i);
             }
@@ -101,37 +113,39 @@ impl Tokens {
             seen: Mutex::new((None, None)),
             agent_names: config.agents.iter().map(|a| a.name.clone()).collect(),
             open_agent,
+            by_uid,
         };
         tokens.refresh();
         Ok(tokens)
     }
 
-    /// Re-reads issued tokens if the token file changed; cheap when it did not (one `stat`).
-    /// A file that cannot be read keeps the previous set and is reported.
+    /// Re-reads issued tokens if they changed (the store's token revision; one small query when
+    /// they did not). A store that cannot be read keeps the previous set and is reported.
     pub fn refresh(&self) {
         let Some(dir) = &self.state_dir else { return };
-        let path = dir.join("tokens.json");
-        let stamp = std::fs::metadata(&path).ok().and_then(|m| {
-            use std::os::unix::fs::MetadataExt;
-            Some((m.modified().ok()?, m.len(), m.ino()))
-        });
-        {
-            let mut seen = match self.seen.lock() {
-                Ok(s) => s,
-                Err(p) => p.into_inner(),
-            };
-            // A write within the file system's timestamp granularity can keep mtime, size and
-            // inode alike (rename gives a new inode, so this is rare); re-read every few seconds
-            // regardless, so a revocation is never missed for long.
-            let recent = seen
-                .1
-                .is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(5));
-            if seen.0 == stamp && stamp.is_some() && recent {
-                return;
+        let store = {
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            if seen.0.is_none() {
+                match store::open(dir) {
+                    Ok(s) => seen.0 = Some(s),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot open the token store; keeping the previous set");
+                        return;
+                    }
+                }
             }
-            *seen = (stamp, Some(std::time::Instant::now()));
-        }
-        match store::read(dir) {
+            let Some(s) = seen.0.clone() else { return };
+            match s.tokens_revision() {
+                Ok(rev) if seen.1 == Some(rev) => return,
+                Ok(rev) => seen.1 = Some(rev),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read issued tokens; keeping the previous set");
+                    return;
+                }
+            }
+            s
+        };
+        match store.tokens().map_err(store::StoreError::from) {
             Ok(list) => {
                 let map = list
                     .iter()
@@ -158,6 +172,38 @@ impl Tokens {
 
     /// The agent whose token the request carries, or a 401.
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<AgentId, Rejection> {
+        self.by_token(headers).map(|(agent, _)| AgentId(agent))
+    }
+
+    /// The caller's identity: a valid token, else a Unix-socket peer uid mapped to an agent (no
+    /// token needed; whatever the SDK sent as its key is stripped like any caller credential).
+    pub fn identify(
+        &self,
+        headers: &HeaderMap,
+        peer: &crate::guard::Peer,
+    ) -> Result<Identity, Rejection> {
+        match self.by_token(headers) {
+            Ok((agent, hash)) => Ok(Identity {
+                agent: AgentId(agent),
+                token_id: hash.map(|h| format!("tok_{}", &hex::encode(h)[..12])),
+            }),
+            // A refusal that is not about a missing or unknown token (two different tokens)
+            // stands; only the absence of a valid token falls back to the peer's uid.
+            Err(e) if e.code == Code::AmbiguousCredentials => Err(e),
+            Err(e) => match peer {
+                crate::guard::Peer::Unix { uid, .. } => match self.by_uid.get(uid) {
+                    Some(&agent) => Ok(Identity {
+                        agent: AgentId(agent),
+                        token_id: None,
+                    }),
+                    None => Err(e),
+                },
+                _ => Err(e),
+            },
+        }
+    }
+
+    fn by_token(&self, headers: &HeaderMap) -> Result<(usize, Option<[u8; 32]>), Rejection> {
         // Two different tokens: which one is the caller? Taking whichever is valid would let a
         // request ride on a token found anywhere next to its own (and leave the audit guessing).
         // The same token twice is what SDKs do (Anthropic's sends `Authorization` and `x-api-key`).
@@ -186,13 +232,13 @@ impl Tokens {
                 // The map lookup found the entry by hash; confirming in constant time keeps the
                 // comparison itself from being a timing oracle should the lookup ever change.
                 if bool::from(stored.ct_eq(&h)) {
-                    return Ok(AgentId(agent));
+                    return Ok((agent, Some(h)));
                 }
             }
             if let Some((stored, &(agent, expires))) = issued.get_key_value(&h) {
                 if bool::from(stored.ct_eq(&h)) {
                     if store::now() < expires {
-                        return Ok(AgentId(agent));
+                        return Ok((agent, Some(h)));
                     }
                     expired = true;
                 }
@@ -205,7 +251,7 @@ impl Tokens {
             ));
         }
         if let Some(agent) = self.open_agent {
-            return Ok(AgentId(agent));
+            return Ok((agent, None));
         }
         if presented {
             Err(Rejection::new(
@@ -270,6 +316,7 @@ mod tests {
             seen: Mutex::new((None, None)),
             agent_names: vec!["a".into()],
             open_agent: None,
+            by_uid: HashMap::from([(4242, 0)]),
         }
     }
 
@@ -343,6 +390,36 @@ mod tests {
                 .as_str(),
             "missing_token"
         );
+    }
+
+    #[test]
+    fn a_mapped_unix_uid_needs_no_token_and_an_unmapped_one_does() {
+        let t = tokens("kg_abc");
+        let mapped = crate::guard::Peer::Unix {
+            uid: 4242,
+            pid: None,
+        };
+        let other = crate::guard::Peer::Unix {
+            uid: 4243,
+            pid: None,
+        };
+        let id = t
+            .identify(&headers(&[("x-api-key", "dummy")]), &mapped)
+            .unwrap();
+        assert_eq!(
+            id,
+            Identity {
+                agent: AgentId(0),
+                token_id: None
+            }
+        );
+        let e = t.identify(&headers(&[]), &other).unwrap_err();
+        assert_eq!(e.code.as_str(), "missing_token");
+        let id = t
+            .identify(&headers(&[("x-api-key", "kg_abc")]), &other)
+            .unwrap();
+        let want = format!("tok_{}", &store::hash_hex(b"kg_abc")[..12]);
+        assert_eq!(id.token_id.as_deref(), Some(want.as_str()));
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! the body is known, by [`Policy::reserve`], which books what the request may cost
 //! ([`budget`], [`usage`]).
 
+pub mod approval;
 mod budget;
 pub mod rule;
 pub mod usage;
@@ -22,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use http::Method;
 
-use crate::config::{Agent, AgentId, Approval, Config, Format, Route, RouteId};
+use crate::config::{Agent, AgentId, Config, Format, Route, RouteId};
 use crate::error::{Code, Rejection};
 use crate::route::Routed;
 
@@ -171,17 +172,8 @@ impl Policy {
                 .with_retry_after(wait.secs()));
             }
         }
-        if let Approval::Each { .. } = r.approval {
-            // Approvals are answered over the admin socket; until this build has one, a route that
-            // needs a person's approval is refused rather than silently allowed.
-            return Err(Rejection::new(
-                Code::ApprovalUnavailable,
-                format!(
-                    "route {} needs a person's approval, and this keygate has no approval channel",
-                    r.name
-                ),
-            ));
-        }
+        // Approval (`r.approval`) is the last check, made by `approval::Approvals::gate` once the
+        // request is known well enough to show a person; it waits, so it cannot be made here.
         Ok(Authorized {
             route: routed.route,
             agent,
@@ -236,6 +228,73 @@ impl Policy {
             )
             .with_retry_after(wait.secs())),
         }
+    }
+}
+
+impl Policy {
+    /// Each budgeted agent's settled spending in its current window, to persist (write-behind).
+    pub fn budget_spent(&self, config: &Config) -> Vec<crate::state::Spent> {
+        let now = crate::state::now();
+        self.budgets
+            .iter()
+            .zip(&config.agents)
+            .filter_map(|(b, a)| {
+                let (age, charged) = b.as_ref()?.snapshot();
+                Some(crate::state::Spent {
+                    agent: a.name.clone(),
+                    window_start: now.saturating_sub(age.as_secs()),
+                    tokens: charged,
+                })
+            })
+            .collect()
+    }
+
+    /// Takes over spending saved before a restart, where its window still runs.
+    pub fn restore_budgets(&mut self, config: &Config, spent: &[crate::state::Spent]) {
+        let now = crate::state::now();
+        for (slot, a) in self.budgets.iter_mut().zip(&config.agents) {
+            let (Some(_), Some(b)) = (slot.as_ref(), &a.budget) else {
+                continue;
+            };
+            let Some(s) = spent.iter().find(|s| s.agent == a.name) else {
+                continue;
+            };
+            let age = Duration::from_secs(now.saturating_sub(s.window_start));
+            if age < b.per {
+                *slot = Some(TokenBudget::resumed(b.limit, b.per, age, s.tokens));
+            }
+        }
+    }
+
+    /// Carries budgets over a reload: an agent whose budget is unchanged keeps the very same
+    /// counter (requests still in flight on the old policy settle into it); one whose limit or
+    /// period changed starts from what it had spent in the current window.
+    pub fn carry_budgets(&mut self, config: &Config, old: &Policy, old_config: &Config) {
+        for (slot, a) in self.budgets.iter_mut().zip(&config.agents) {
+            let Some(b) = &a.budget else { continue };
+            let Some(i) = old_config.agents.iter().position(|o| o.name == a.name) else {
+                continue;
+            };
+            let (Some(Some(prev)), Some(prev_cfg)) =
+                (old.budgets.get(i), old_config.agents[i].budget.as_ref())
+            else {
+                continue;
+            };
+            *slot = Some(if prev_cfg == b {
+                prev.clone()
+            } else {
+                let (age, charged) = prev.snapshot();
+                TokenBudget::resumed(b.limit, b.per, age.min(b.per), charged)
+            });
+        }
+    }
+
+    /// (spent, limit) of each budgeted agent, for status and metrics.
+    pub fn budget_usage(&self) -> Vec<Option<(u64, u64)>> {
+        self.budgets
+            .iter()
+            .map(|b| b.as_ref().map(|b| (b.snapshot().1, b.limit())))
+            .collect()
     }
 }
 

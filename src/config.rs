@@ -82,6 +82,10 @@ pub struct Config {
     /// them unaudited.
     pub audit_fail_closed: bool,
     pub state_dir: Option<PathBuf>,
+    /// The admin socket; `state_dir/admin.sock` when unset.
+    pub admin_socket: Option<PathBuf>,
+    /// Run (no shell) for each new pending approval, with the approval as JSON on stdin.
+    pub approval_notify: Vec<String>,
     pub max_request_bytes: u64,
     pub connect_timeout: Duration,
     pub connections: Connections,
@@ -244,6 +248,21 @@ pub enum Approval {
         #[serde(with = "humantime_serde")]
         timeout: Duration,
     },
+    /// A person approves the first request of each token on this route.
+    OncePerToken {
+        #[serde(with = "humantime_serde")]
+        timeout: Duration,
+    },
+}
+
+impl Approval {
+    /// How long a request waits for a person, when it needs one.
+    pub fn timeout(&self) -> Option<Duration> {
+        match self {
+            Approval::Never => None,
+            Approval::Each { timeout } | Approval::OncePerToken { timeout } => Some(*timeout),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -261,6 +280,8 @@ pub struct Agent {
     pub routes: Option<Vec<RouteId>>,
     pub rate: Option<Rate>,
     pub budget: Option<Budget>,
+    /// Callers on a Unix listener with one of these peer uids are this agent, without a token.
+    pub unix_uids: Vec<u32>,
     /// Output tokens this agent's request books when its body names no `max_tokens`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub budget_reserve: Option<u64>,
@@ -339,6 +360,7 @@ impl Config {
             "audit_fail_closed": self.audit_fail_closed,
             "max_request_bytes": self.max_request_bytes,
             "allowed_origins": self.allowed_origins,
+            "approval_notify": self.approval_notify,
             "secrets": secrets,
             "routes": self.routes.iter().map(|r| self.route_policy(r)).collect::<Vec<_>>(),
             "agents": self.agents.iter().map(|a| self.agent_policy(a)).collect::<Vec<_>>(),

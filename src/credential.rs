@@ -75,6 +75,46 @@ impl Credentials {
         }
     }
 
+    /// Each secret as `keygate status` shows it: name, source, key id of the value held, when it
+    /// was fetched and when it expires. Never a value.
+    pub fn describe(&self) -> Vec<serde_json::Value> {
+        let mut entries: Vec<&Entry> = self.entries.iter().collect();
+        entries.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+        entries
+            .into_iter()
+            .map(|e| {
+                let name = &e.spec.name;
+                let cached = e.cached.load();
+                let (key_id, age) = match cached.as_ref() {
+                    Some(c) => (
+                        Some(c.secret.key_id().to_string()),
+                        Some(c.fetched.elapsed()),
+                    ),
+                    None => (None, None),
+                };
+                let ago = |d: Duration| std::time::SystemTime::now().checked_sub(d);
+                let last_fetch = age
+                    .and_then(ago)
+                    .map(|t| humantime::format_rfc3339_seconds(t).to_string());
+                let expires = match (age, e.spec.ttl) {
+                    (Some(a), Some(ttl)) => std::time::SystemTime::now()
+                        .checked_add(ttl.saturating_sub(a))
+                        .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+                    _ => None,
+                };
+                let failed = e.failed.load().as_ref().map(|f| f.1.clone());
+                serde_json::json!({
+                    "name": name,
+                    "source": e.spec.source.label(),
+                    "key_id": key_id,
+                    "last_fetch": last_fetch,
+                    "expires": expires,
+                    "last_error": failed,
+                })
+            })
+            .collect()
+    }
+
     /// The redactor for everything that flows back to an agent: every value held so far.
     pub fn redactor(&self) -> Arc<Redactor> {
         self.redactor.load_full()
@@ -384,7 +424,8 @@ fn without_param(query: &str, name: &str) -> String {
     }
 }
 
-fn names_param(segment: &str, name: &str) -> bool {
+/// Whether a `name=value` segment of a query or form names `name` as an upstream could read it.
+pub(crate) fn names_param(segment: &str, name: &str) -> bool {
     let raw = segment.split_once('=').map_or(segment, |(k, _)| k);
     let plus = raw.replace('+', " ");
     let decoded = percent_encoding::percent_decode_str(&plus).decode_utf8_lossy();

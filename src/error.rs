@@ -94,6 +94,10 @@ catalogue! {
     RequestTooLarge = "request_too_large", PAYLOAD_TOO_LARGE, Agent;
     /// A compressed request body, which the scan cannot read.
     RequestEncodingNotScannable = "request_encoding_not_scannable", UNSUPPORTED_MEDIA_TYPE, Agent;
+    /// A person denied the request (`keygate deny`).
+    ApprovalDenied = "approval_denied", FORBIDDEN, Agent;
+    /// Nobody approved the request within the route's `approval_timeout`.
+    ApprovalTimeout = "approval_timeout", FORBIDDEN, Agent;
     /// The agent is over its request rate.
     RateLimited = "rate_limited", TOO_MANY_REQUESTS, Agent;
     /// The request may cost more tokens than are left of the agent's budget for the period.
@@ -104,6 +108,8 @@ catalogue! {
     UpstreamUnredactable = "upstream_unredactable", BAD_GATEWAY, Upstream;
     /// A 206 answer to a request that asked for no range.
     UpstreamUnexpectedPartial = "upstream_unexpected_partial", BAD_GATEWAY, Upstream;
+    /// A 101 Switching Protocols: keygate proxies no upgrade, so none was asked for.
+    UpstreamProtocolSwitch = "upstream_protocol_switch", BAD_GATEWAY, Upstream;
     /// The scan of a large request body did not complete (fail closed).
     RequestScanFailed = "request_scan_failed", SERVICE_UNAVAILABLE, Keygate;
     /// The route's secret could not be fetched.
@@ -114,6 +120,8 @@ catalogue! {
     TooManyConnections = "too_many_connections", SERVICE_UNAVAILABLE, Keygate;
     /// The route needs a person's approval and there is no channel to ask.
     ApprovalUnavailable = "approval_unavailable", SERVICE_UNAVAILABLE, Keygate;
+    /// keygate, or this agent, is frozen (`keygate freeze`).
+    Frozen = "frozen", SERVICE_UNAVAILABLE, Keygate;
     /// The upstream sent no response head within the route's timeout.
     UpstreamTimeout = "upstream_timeout", GATEWAY_TIMEOUT, Upstream;
 }

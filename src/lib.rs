@@ -8,6 +8,7 @@
 //!
 //! See ARCHITECTURE.md for the map and the invariants.
 
+pub mod admin;
 pub mod audit;
 pub mod authenticate;
 pub mod authorize;
@@ -22,7 +23,9 @@ pub mod listen;
 pub mod local;
 pub mod pipeline;
 pub mod redact;
+pub mod reload;
 pub mod route;
 pub mod scan;
 pub mod secret;
 pub mod serve;
+pub mod state;

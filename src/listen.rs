@@ -37,6 +37,7 @@ use crate::forward::{Body, BoxError};
 use crate::guard::timeout::Closer;
 use crate::guard::Peer;
 use crate::pipeline::{self, State};
+use crate::reload::Live;
 
 /// Largest request head accepted (HTTP/1 buffer, HTTP/2 header list).
 const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -108,11 +109,12 @@ fn bind_unix(path: &PathBuf) -> Result<Bound, String> {
 /// their requests (up to `grace`).
 pub async fn run(
     bound: Vec<Bound>,
-    state: Arc<State>,
+    state: Arc<Live>,
     shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
-    let limits = state.config.connections.clone();
+    // Connection limits are the start-up config's: like the listeners, they change at a restart.
+    let limits = state.state.load().config.connections.clone();
     let max = effective_max(limits.max_per_listener, bound.len());
     // Every connection task holds a sender; `recv` returns `None` once the last one is gone.
     let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
@@ -347,7 +349,9 @@ async fn accept(b: &Bound) -> std::io::Result<(Io, Peer)> {
 struct Accepted {
     peer: Arc<Peer>,
     listener: Arc<str>,
-    state: Arc<State>,
+    /// The live state: each request loads the state of the moment it arrives and keeps it to
+    /// its end, so a reload never changes the policy under a request or stream already running.
+    state: Arc<Live>,
     slots: Arc<Slots>,
     limits: Connections,
     stop: watch::Receiver<bool>,
@@ -397,7 +401,8 @@ impl Accepted {
             service_fn(move |mut req| {
                 let in_flight = InFlight::enter(&tracked, &slots);
                 req.extensions_mut().insert(tracked.close.clone());
-                let answer = pipeline::handle(state.clone(), peer.clone(), listener.clone(), req);
+                let answer =
+                    pipeline::handle(state.state.load_full(), peer.clone(), listener.clone(), req);
                 async move {
                     let resp = answer.await?;
                     Ok::<_, std::convert::Infallible>(resp.map(|inner| InFlightBody {
@@ -465,7 +470,7 @@ impl Accepted {
         } = self;
         let max = slots.max;
         let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-            let resp = refuse_overloaded(&state, &peer, &listener, req, max);
+            let resp = refuse_overloaded(&state.state.load(), &peer, &listener, req, max);
             async move { Ok::<_, std::convert::Infallible>(resp) }
         });
         let mut b = builder();

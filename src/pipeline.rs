@@ -23,6 +23,7 @@ use hyper::body::Incoming;
 
 use crate::audit::{self, AuditLog, Decision, Finishing, Pending, Reason, Record};
 use crate::authenticate::{self, Tokens};
+use crate::authorize::approval;
 use crate::authorize::usage::{self, Meter, StripUsageChunk};
 use crate::authorize::{Policy, Reservation};
 use crate::config::{Config, Mode, RequestScan, Route, RouteId};
@@ -58,6 +59,8 @@ pub struct State {
     pub listen_urls: Vec<String>,
     /// The first TCP listener's port, for the lab's `/healthz`.
     pub listen_port: u16,
+    /// Freezes, approvals, metrics: what outlives a reload.
+    pub control: Arc<crate::admin::Control>,
 }
 
 /// Serves one request. Never fails: every outcome is an HTTP answer with one audit record.
@@ -167,10 +170,17 @@ async fn process(
         return Ok(Answer::Local(resp, Decision::Allow, Reason::Healthz));
     }
 
+    state.control.check_frozen(None)?;
+
     // authenticate
-    let agent = state.tokens.authenticate(&head.headers)?;
+    let who = state.tokens.identify(&head.headers, peer)?;
+    let agent = who.agent;
     authenticate::strip_caller_credentials(&mut head.headers);
     pending.record().agent(&config.agents[agent]);
+    pending.record().token_id = who.token_id.clone();
+    state
+        .control
+        .check_frozen(Some(&config.agents[agent].name))?;
 
     // route
     let routed = route::select(&config.routes, head.uri.path())?;
@@ -185,10 +195,11 @@ async fn process(
     let budgeted = state.policy.budgeted(agent) && !body.is_end_stream();
 
     // scan (and read the body where policy needs all of it)
+    let declared = approval::declared_length(&head);
     let (body, request_redacted) =
         request_body(state, route, pending, &mut head, body, budgeted, body_read).await?;
     let mut plan = usage::RequestPlan::default();
-    let (body, streamed) = match body {
+    let (body, streamed, seen) = match body {
         RequestBody::Whole(mut bytes) => {
             if budgeted {
                 let reserve = Policy::default_reserve(config, agent, authorized.route());
@@ -201,10 +212,18 @@ async fn process(
                 let resp = local::dry_run(config, &authorized, &head, &bytes);
                 return Ok(Answer::Local(resp, Decision::DryRun, Reason::DryRun));
             }
-            (full(bytes), None)
+            let seen = approval::Seen::whole(route, &bytes);
+            (full(bytes), None, seen)
         }
-        RequestBody::Streamed(body, count) => (body, Some(count)),
+        RequestBody::Streamed(body, count) => {
+            (body, Some(count), approval::Seen::declared(declared))
+        }
     };
+
+    // authorize, last: a person's approval where the route asks for one (waits, blocking nothing)
+    let approvals = state.control.approvals.clone();
+    let ask = approval::Ask::new(config, route, agent.0, who.token_id, &head.method, seen);
+    approvals.check(ask, pending.record()).await?;
 
     // credential
     let secret = state.credentials.get(config, &authorized).await?;
@@ -268,7 +287,8 @@ async fn request_body(
     };
     head.headers.remove(header::CONTENT_LENGTH);
     let limit = config.max_request_bytes;
-    if whole || route.require_json || config.mode == Mode::DryRun || mode.refuses() {
+    let form = guard::is_form(&head.headers);
+    if whole || form || route.require_json || config.mode == Mode::DryRun || mode.refuses() {
         let probe = body.probe();
         let mut bytes = guard::read_body(body, limit)
             .await
@@ -279,6 +299,7 @@ async fn request_body(
         if route.require_json {
             guard::check_json(&bytes)?;
         }
+        guard::check_form_override(head, &bytes)?;
         if let Some(scanner) = &scanner {
             let body_redacted;
             (bytes, body_redacted) = scan::body(scanner, mode, bytes, pending).await?;

@@ -1,7 +1,7 @@
 //! `keygate serve` and `keygate check`: load the config, build the pipeline's state, start the
 //! listeners, and run until a terminating signal (TERM, INT, QUIT, USR1, USR2, ALRM, VTALRM,
 //! PROF, XCPU, IO, PWR), then drain and
-//! write the `stop` record. SIGHUP is logged and ignored until reload exists; SIGPIPE is ignored
+//! write the `stop` record. SIGHUP reloads the config (`reload.rs`); SIGPIPE is ignored
 //! (Rust's runtime already does so).
 
 use std::path::Path;
@@ -9,15 +9,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::admin::Control;
 use crate::audit::AuditLog;
-use crate::authenticate::Tokens;
-use crate::authorize::Policy;
-use crate::config::{Config, Format, Listen, Mode};
-use crate::credential::Credentials;
-use crate::forward::Forwarder;
-use crate::guard::Guard;
+use crate::config::{Config, Listen};
 use crate::listen;
-use crate::pipeline::State;
+use crate::reload::{Fixed, Live};
 
 pub fn serve_main(config_path: &Path, audit_log: Option<&Path>) -> ExitCode {
     init_tracing();
@@ -66,43 +62,27 @@ async fn serve(
     if let Some(p) = audit_override {
         config.audit_log = p.to_path_buf();
     }
-    let tokens = match Tokens::from_config(&config) {
-        Ok(t) => t,
-        Err(e) => return (fail(2, &format!("{}: {e}", config.file.display())), None),
-    };
-    let credentials = Credentials::new(&config);
-    if config.mode != Mode::DryRun {
-        // Every secret is fetched before the ready line, so the request scan knows all of them
-        // from the first request (a key of one route sent to another is refused at once).
-        for (name, msg) in credentials.prefetch().await {
-            if config.format == Format::Seed {
-                // The lab broker fetched per request and answered 5xx while its source failed;
-                // its configs keep that: the secret is fetched again at first use, and until
-                // then the scan does not know its value.
-                tracing::warn!(secret = %name, error = %msg, "secret not fetched at start-up; fetching it at first use");
-            } else {
-                return (
-                    fail(
-                        2,
-                        &format!("{msg} (every secret is fetched at start-up, so that the request scan knows it)"),
-                    ),
-                    None,
-                );
+    let store = match crate::state::dir(&config) {
+        Some(dir) => match crate::state::open(&dir) {
+            Ok(s) => Some(s),
+            // A configured state_dir that cannot be used (or trusted: someone else could have
+            // written tokens or lifted a freeze there) is an error; the default location falling
+            // through leaves keygate running with state in memory only.
+            Err(e) if config.state_dir.is_some() => return (fail(2, &e.to_string()), None),
+            Err(e) => {
+                tracing::warn!(error = %e, "no durable state; freezes and budgets last until keygate stops");
+                None
             }
-        }
-    }
-    if let Some(dir) = &config.state_dir {
-        // A token file someone else could have written would let them mint tokens.
-        if let Err(e @ crate::authenticate::store::StoreError::Untrusted { .. }) =
-            crate::authenticate::store::read(dir)
-        {
-            return (fail(2, &e.to_string()), None);
-        }
-    }
+        },
+        None => None,
+    };
     let mut audit_options = crate::audit::Options::new(config.audit_chain);
     if let Some(dir) = config.state_dir.as_deref().filter(|_| config.audit_chain) {
         match crate::audit::AuditKey::load_or_create(dir) {
-            Ok(k) => audit_options.key = Some(Arc::new(k)),
+            Ok(k) => {
+                audit_options.key = Some(Arc::new(k));
+                audit_options.head = Some(dir.join(crate::audit::HEAD_FILE));
+            }
             Err(e) => return (fail(2, &format!("audit signing key: {e}")), None),
         }
     }
@@ -110,10 +90,11 @@ async fn serve(
         Ok(a) => a,
         Err(e) => return (fail(2, &e.to_string()), None),
     };
-    let forwarder = match Forwarder::new(config.connect_timeout) {
-        Ok(f) => f,
-        Err(e) => return (fail(1, &format!("cannot set up TLS: {e}")), None),
-    };
+    let control = Arc::new(Control::new(store.clone()));
+    {
+        let c = control.clone();
+        audit.observe(Box::new(move |r| c.metrics.observe(r)));
+    }
     let bound = match listen::bind(&config.listen).await {
         Ok(b) => b,
         Err(e) => return (fail(2, &e), None),
@@ -126,38 +107,70 @@ async fn serve(
             _ => None,
         })
         .unwrap_or(0);
-    let policy_version = config.policy_version();
+    let config_path = config.file.clone();
+    let fixed = Fixed {
+        audit: audit.clone(),
+        control: control.clone(),
+        default_person: current_user(),
+        listen_urls: urls.clone(),
+        listen_port: port,
+    };
+    let admin_path = crate::admin::socket_path(&config);
+    let audit_log_path = config.audit_log.clone();
+    let mut state = match crate::reload::build(config, &fixed) {
+        Ok(s) => s,
+        Err(e) => return (fail(2, &e), None),
+    };
+    if let Err(e) = crate::reload::prefetch(&state).await {
+        return (fail(2, &e), None);
+    }
+    if let Some(s) = &store {
+        match s.spent() {
+            Ok(spent) => {
+                let config = state.config.clone();
+                state.policy.restore_budgets(&config, &spent)
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read saved budgets"),
+        }
+    }
+    let policy_version = state.policy_version.clone();
     let lifecycle = |event| crate::audit::Lifecycle {
         time: crate::audit::now_rfc3339(),
         event,
         pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION"),
-        config: config.file.display().to_string(),
+        config: config_path.display().to_string(),
         policy_version: policy_version.clone(),
     };
     // Written and confirmed before the first request, so a log that cannot be written is known
     // (and every request refused with 503) before anything could be forwarded unaudited.
     if let Err(e) = audit.lifecycle(lifecycle("start")) {
-        tracing::error!(audit_log = %config.audit_log.display(), error = %e, "audit log cannot be written; refusing requests until it can");
+        tracing::error!(audit_log = %audit_log_path.display(), error = %e, "audit log cannot be written; refusing requests until it can");
     }
     let stop_record = lifecycle("stop");
-    let config = Arc::new(config);
-    let state = Arc::new(State {
-        guard: Guard {
-            allowed_origins: config.allowed_origins.clone(),
-            max_request_bytes: config.max_request_bytes,
+    let live = Arc::new(Live::new(state, &config_path, audit_override));
+    let config = live.state.load().config.clone();
+
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let admin = match &admin_path {
+        Some(path) => match crate::admin::server::bind(path) {
+            Ok(l) => {
+                let _ = control.admin_socket.set(path.clone());
+                control.approvals.set_channel(true);
+                Some(tokio::spawn(crate::admin::server::run(
+                    l,
+                    path.clone(),
+                    live.clone(),
+                    rx.clone(),
+                )))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no admin socket: admin commands cannot reach this keygate, and routes that need approval refuse");
+                None
+            }
         },
-        policy: Policy::new(&config),
-        credentials,
-        tokens,
-        forwarder,
-        audit: audit.clone(),
-        default_person: current_user(),
-        listen_urls: urls.clone(),
-        listen_port: port,
-        policy_version: policy_version.clone(),
-        config: config.clone(),
-    });
+        None => None,
+    };
 
     // The one line scripts wait for: where keygate listens, in the lab broker's shape.
     let first = urls
@@ -175,28 +188,76 @@ async fn serve(
         "allowed_paths": config.seed.as_ref().map(|s| &s.allowed_paths),
         "audit_log": config.audit_log,
         "policy_version": policy_version,
+        "admin_socket": control.admin_socket.get(),
     });
     println!("{line}");
     tracing::info!(listeners = ?urls, "keygate serving");
 
-    if state.tokens.has_store() {
+    {
         // Issued and revoked tokens take effect without a restart: the token file is checked
         // twice a second (one stat when nothing changed).
-        let state = state.clone();
+        let live = live.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(500));
             loop {
                 tick.tick().await;
-                state.tokens.refresh();
+                let state = live.state.load_full();
+                if state.tokens.has_store() {
+                    state.tokens.refresh();
+                }
             }
         });
     }
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(listen::run(bound, state, rx, Duration::from_secs(10)));
-    let name = signals.wait().await;
+    if let Some(s) = &store {
+        // Budgets are counted in memory and written behind, once a second when they changed,
+        // so the request path never waits on the disk.
+        let (live, s) = (live.clone(), s.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut last = Vec::new();
+            loop {
+                tick.tick().await;
+                let state = live.state.load_full();
+                let spent = state.policy.budget_spent(&state.config);
+                if spent != last {
+                    let (s, save) = (s.clone(), spent.clone());
+                    match tokio::task::spawn_blocking(move || s.save_spent(&save)).await {
+                        Ok(Ok(())) => last = spent,
+                        Ok(Err(e)) => tracing::error!(error = %e, "cannot save budgets"),
+                        Err(_) => {}
+                    }
+                }
+            }
+        });
+    }
+    let server = tokio::spawn(listen::run(
+        bound,
+        live.clone(),
+        rx,
+        Duration::from_secs(10),
+    ));
+    // SIGHUP reloads (a failed reload is logged and audited; keygate keeps serving); the other
+    // signals stop it.
+    let name = loop {
+        match signals.wait().await {
+            Signal::Stop(name) => break name,
+            Signal::Hangup => {
+                let _ = live.reload("SIGHUP").await;
+            }
+        }
+    };
     tracing::info!(signal = name, "shutting down");
     let _ = tx.send(true);
     let _ = server.await;
+    if let Some(a) = admin {
+        let _ = a.await;
+    }
+    if let Some(s) = &store {
+        let state = live.state.load_full();
+        if let Err(e) = s.save_spent(&state.policy.budget_spent(&state.config)) {
+            tracing::error!(error = %e, "cannot save budgets at exit");
+        }
+    }
     // Every record queued by a finished request is on disk before exit.
     (ExitCode::SUCCESS, Some((audit, stop_record)))
 }
@@ -236,18 +297,22 @@ impl Signals {
         })
     }
 
-    /// Waits for a terminating signal and names it; SIGHUP is logged and waited past.
-    async fn wait(&mut self) -> &'static str {
-        loop {
-            let stop = first_of(&mut self.stop);
-            tokio::select! {
-                name = stop => return name,
-                _ = self.hangup.recv() => {
-                    tracing::warn!("SIGHUP received and ignored: keygate does not reload its config yet; restart it to apply changes");
-                }
-            }
+    /// Waits for the next signal: a terminating one (named), or SIGHUP.
+    async fn wait(&mut self) -> Signal {
+        let stop = first_of(&mut self.stop);
+        tokio::select! {
+            name = stop => Signal::Stop(name),
+            _ = self.hangup.recv() => Signal::Hangup,
         }
     }
+}
+
+/// What a signal asks of keygate.
+enum Signal {
+    /// Drain and stop.
+    Stop(&'static str),
+    /// Re-read the config (reload).
+    Hangup,
 }
 
 /// The first of several signal streams to fire.

@@ -1,16 +1,18 @@
-//! Issued tokens: `state_dir/tokens.json`, written by `keygate token issue|revoke` and read by a
-//! running keygate, which notices changes within a second. Only SHA-256 hashes are stored; the
-//! token itself is printed once, at issue.
+//! Issued tokens, kept in the state store (`state_dir/state.db`), written by
+//! `keygate token issue|revoke` and read by a running keygate, which notices changes within a
+//! second (the store's token revision). Only SHA-256 hashes are stored; the token itself is
+//! printed once, at issue.
 //!
-//! Writers hold an exclusive `flock` on `tokens.lock` and replace the file atomically (write to a
-//! temporary file, then rename), so a reader never sees half a file and two writers never lose
-//! each other's change.
+//! A `tokens.json` left by an earlier keygate is migrated into the store the first time the store
+//! is opened and renamed `tokens.json.migrated`. Each write is one SQLite transaction, so a
+//! reader never sees half a change and two writers never lose each other's.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::state::StateStore;
 
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -49,52 +51,10 @@ pub enum StoreError {
     },
     #[error("{}: not a keygate token file: {reason}", path.display())]
     Corrupt { path: PathBuf, reason: String },
-    /// Anyone who can write the token file (or replace it in its directory) can mint tokens.
-    #[error("{}: {why}; keygate does not trust it (fix: chown to yourself and chmod {fix})", path.display())]
-    Untrusted {
-        path: PathBuf,
-        why: String,
-        fix: &'static str,
-    },
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
     #[error("a token's lifetime must be at least 1s (got {0:?})")]
     TtlTooShort(Duration),
-}
-
-/// Refuses a state dir or token file that another user could have written: owned by another
-/// uid, or writable by group or others.
-fn check_trusted(path: &Path, meta: &fs::Metadata, fix: &'static str) -> Result<(), StoreError> {
-    use std::os::unix::fs::MetadataExt;
-    let me = nix::unistd::geteuid().as_raw();
-    let why = if meta.uid() != me {
-        format!("owned by uid {}, not by keygate's uid {me}", meta.uid())
-    } else if meta.mode() & 0o022 != 0 {
-        format!(
-            "writable by group or others (mode {:o})",
-            meta.mode() & 0o777
-        )
-    } else {
-        return Ok(());
-    };
-    Err(StoreError::Untrusted {
-        path: path.to_path_buf(),
-        why,
-        fix,
-    })
-}
-
-/// Checks the state dir and token file, where they exist.
-fn check_store(dir: &Path) -> Result<(), StoreError> {
-    match fs::metadata(dir) {
-        Ok(m) => check_trusted(dir, &m, "700")?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(io(dir)(e)),
-    }
-    let path = tokens_path(dir);
-    match fs::symlink_metadata(&path) {
-        Ok(m) => check_trusted(&path, &m, "600"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io(&path)(e)),
-    }
 }
 
 const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
@@ -121,73 +81,48 @@ pub fn now() -> u64 {
         .unwrap_or(0)
 }
 
-fn tokens_path(dir: &Path) -> PathBuf {
+fn json_path(dir: &Path) -> PathBuf {
     dir.join("tokens.json")
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+/// Opens the state store in `dir`, first moving a `tokens.json` from an earlier keygate into it.
+pub fn open(dir: &Path) -> Result<Arc<dyn StateStore>, StoreError> {
+    let store = crate::state::open(dir)?;
+    migrate(dir, &*store)?;
+    Ok(store)
 }
 
-/// Reads the issued tokens; a missing file is an empty store, one another user could have
-/// written is refused.
+fn migrate(dir: &Path, store: &dyn StateStore) -> Result<(), StoreError> {
+    let path = json_path(dir);
+    let bytes = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(StoreError::Io { path, source: e }),
+    };
+    let file: File = serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    // Ids are unique and inserting one twice keeps the first, so two processes migrating at
+    // once, or a migration interrupted before the rename, end in the same state.
+    for t in &file.tokens {
+        store.add_token(t)?;
+    }
+    match fs::rename(&path, dir.join("tokens.json.migrated")) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(StoreError::Io { path, source: e }),
+    }
+    tracing::info!(
+        tokens = file.tokens.len(),
+        "migrated tokens.json into the state store"
+    );
+    Ok(())
+}
+
+/// Reads the issued tokens; a store not created yet is empty.
 pub fn read(dir: &Path) -> Result<Vec<Issued>, StoreError> {
-    check_store(dir)?;
-    let path = tokens_path(dir);
-    match fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice::<File>(&bytes)
-            .map(|f| f.tokens)
-            .map_err(|e| StoreError::Corrupt {
-                path,
-                reason: e.to_string(),
-            }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(StoreError::Io { path, source: e }),
-    }
-}
-
-/// Runs `change` on the token list under the writers' lock and saves the result atomically.
-fn update<T>(dir: &Path, change: impl FnOnce(&mut Vec<Issued>) -> T) -> Result<T, StoreError> {
-    // Checked before the chmod below, which would otherwise quietly bless a dir someone else
-    // could have written into.
-    check_store(dir)?;
-    fs::create_dir_all(dir).map_err(io(dir))?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
-    let lock_path = dir.join("tokens.lock");
-    let lock = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(&lock_path)
-        .map_err(io(&lock_path))?;
-    let _guard =
-        nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| {
-            StoreError::Io {
-                path: lock_path.clone(),
-                source: e.into(),
-            }
-        })?;
-    let mut tokens = read(dir)?;
-    let out = change(&mut tokens);
-    let path = tokens_path(dir);
-    let tmp = dir.join(format!(".tokens.json.{}", std::process::id()));
-    let bytes = serde_json::to_vec_pretty(&File { tokens }).unwrap_or_default();
-    let mut f = fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.write_all(&bytes)
-        .and_then(|_| f.sync_all())
-        .map_err(io(&tmp))?;
-    fs::rename(&tmp, &path).map_err(io(&path))?;
-    Ok(out)
+    Ok(open(dir)?.tokens()?)
 }
 
 /// Issues a token for `agent`, valid for `ttl`; returns the token (shown once) and its record.
@@ -205,28 +140,13 @@ pub fn issue(dir: &Path, agent: &str, ttl: Duration) -> Result<(String, Issued),
         expires: created.saturating_add(ttl.as_secs()),
         revoked: false,
     };
-    let stored = rec.clone();
-    update(dir, move |t| {
-        // Expired tokens are dropped as new ones are issued, so the file does not grow forever.
-        let cutoff = now();
-        t.retain(|x| x.expires > cutoff);
-        t.push(stored);
-    })?;
+    open(dir)?.add_token(&rec)?;
     Ok((token, rec))
 }
 
 /// Revokes the token with this id, or every token of this agent; returns how many.
 pub fn revoke(dir: &Path, id: Option<&str>, agent: Option<&str>) -> Result<usize, StoreError> {
-    update(dir, |t| {
-        let mut n = 0;
-        for x in t.iter_mut().filter(|x| !x.revoked) {
-            if id.is_some_and(|i| i == x.id) || agent.is_some_and(|a| a == x.agent) {
-                x.revoked = true;
-                n += 1;
-            }
-        }
-        n
-    })
+    Ok(open(dir)?.revoke_tokens(id, agent)?)
 }
 
 #[cfg(test)]
@@ -243,16 +163,16 @@ mod tests {
 
     #[test]
     fn issue_stores_only_a_hash_and_revoke_marks_it() {
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let (token, rec) = issue(dir.path(), "coder", Duration::from_secs(60)).unwrap();
-        let text = fs::read_to_string(dir.path().join("tokens.json")).unwrap();
-        assert!(!text.contains(&token));
-        assert!(text.contains(&rec.sha256));
-        let mode = fs::metadata(dir.path().join("tokens.json"))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777;
+        let db = dir.path().join("state.db");
+        let bytes = fs::read(&db).unwrap();
+        let wal = fs::read(dir.path().join("state.db-wal")).unwrap_or_default();
+        let has = |b: &[u8], s: &str| b.windows(s.len()).any(|w| w == s.as_bytes());
+        assert!(!has(&bytes, &token) && !has(&wal, &token));
+        assert!(has(&bytes, &rec.sha256) || has(&wal, &rec.sha256));
+        let mode = fs::metadata(&db).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         assert_eq!(revoke(dir.path(), Some(&rec.id), None).unwrap(), 1);
         assert!(read(dir.path()).unwrap()[0].revoked);
@@ -264,10 +184,35 @@ mod tests {
     }
 
     #[test]
-    fn a_token_file_or_dir_others_can_write_is_refused() {
+    fn a_tokens_json_from_an_earlier_keygate_is_migrated_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = Issued {
+            id: "tok_0123456789ab".into(),
+            agent: "coder".into(),
+            sha256: hash_hex(b"kg_old"),
+            created: now(),
+            expires: now() + 3600,
+            revoked: false,
+        };
+        let json = serde_json::to_vec(&File {
+            tokens: vec![old.clone()],
+        })
+        .unwrap();
+        fs::write(dir.path().join("tokens.json"), json).unwrap();
+        assert_eq!(read(dir.path()).unwrap(), vec![old.clone()]);
+        assert!(!dir.path().join("tokens.json").exists());
+        assert!(dir.path().join("tokens.json.migrated").exists());
+        issue(dir.path(), "coder", Duration::from_secs(60)).unwrap();
+        assert_eq!(read(dir.path()).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_token_store_or_dir_others_can_write_is_refused() {
+        use crate::state::StateError;
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         issue(dir.path(), "coder", Duration::from_secs(60)).unwrap();
-        let file = dir.path().join("tokens.json");
+        let file = dir.path().join("state.db");
         fs::set_permissions(&file, fs::Permissions::from_mode(0o620)).unwrap();
         let e = read(dir.path()).unwrap_err();
         assert!(e.to_string().contains("writable by group or others"), "{e}");
@@ -275,7 +220,10 @@ mod tests {
         fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).unwrap();
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
         let e = read(dir.path()).unwrap_err();
-        assert!(matches!(e, StoreError::Untrusted { .. }), "{e}");
+        assert!(
+            matches!(e, StoreError::State(StateError::Untrusted { .. })),
+            "{e}"
+        );
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).unwrap();
         assert_eq!(read(dir.path()).unwrap().len(), 1);
     }

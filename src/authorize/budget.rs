@@ -8,8 +8,9 @@
 //! event, the stream broke) is charged in full, so no way of ending a request is cheaper than
 //! finishing it.
 //!
-//! Everything is in memory and O(1) per request; persistence across restarts is a later
-//! `StateStore` that will sit behind the same two operations.
+//! Everything is in memory and O(1) per request. Across restarts the settled counter is saved
+//! behind (once a second, by `serve`, through the `StateStore`) and [`TokenBudget::resumed`]
+//! takes it up again in the window it belongs to.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -70,6 +71,27 @@ impl TokenBudget {
     /// Tokens allowed per period.
     pub fn limit(&self) -> u64 {
         self.limit
+    }
+
+    /// A budget that continues a window already `age` old with `charged` tokens settled (after a
+    /// restart, from the state store).
+    pub fn resumed(limit: u64, per: Duration, age: Duration, charged: u64) -> Arc<TokenBudget> {
+        let now = Instant::now();
+        let b = Self::starting_at(limit, per, now.checked_sub(age).unwrap_or(now));
+        b.state.lock().unwrap_or_else(|p| p.into_inner()).charged = charged;
+        b
+    }
+
+    /// How old the current window is, and the tokens settled in it.
+    pub fn snapshot(&self) -> (Duration, u64) {
+        let now = Instant::now();
+        let charged = self.window(now).charged;
+        let elapsed = now.saturating_duration_since(self.origin).as_nanos();
+        let age = elapsed % self.per.as_nanos();
+        (
+            Duration::from_nanos(u64::try_from(age).unwrap_or(u64::MAX)),
+            charged,
+        )
     }
 
     /// Books `n` tokens if they fit in what is left of this period (settled plus in flight),
@@ -176,6 +198,16 @@ impl Drop for Reservation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resumed_budget_continues_its_window() {
+        let b = TokenBudget::resumed(100, Duration::from_secs(3600), Duration::from_secs(600), 90);
+        let (age, charged) = b.snapshot();
+        assert_eq!(charged, 90);
+        assert!(age >= Duration::from_secs(600) && age < Duration::from_secs(700));
+        assert!(b.try_reserve(20).is_err());
+        assert!(b.try_reserve(10).is_ok());
+    }
 
     #[test]
     fn only_as_many_reservations_as_fit_are_admitted() {

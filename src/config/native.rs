@@ -24,6 +24,7 @@ struct Raw {
     audit_fail_closed: Option<bool>,
     state_dir: Option<String>,
     admin_socket: Option<String>,
+    approval_notify: Option<Spanned<Vec<String>>>,
     max_request_bytes: Option<u64>,
     upstream_timeout: Option<Spanned<String>>,
     connect_timeout: Option<Spanned<String>>,
@@ -105,6 +106,8 @@ struct RawAgent {
     rate: Option<Spanned<String>>,
     budget_tokens: Option<Spanned<RawBudget>>,
     budget_reserve: Option<Spanned<u64>>,
+    #[serde(default)]
+    unix_uids: Vec<u32>,
 }
 
 #[derive(Deserialize)]
@@ -252,12 +255,11 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
                     let v = b.get_ref();
                     At::new((v.per.clone(), v.limit), lines.at(b, key("budget_tokens")))
                 }),
+                unix_uids: a.unix_uids.clone(),
             }
         })
         .collect();
 
-    // The admin socket arrives with the admin module; accepted so configs stay valid.
-    let _ = raw.admin_socket;
     Ok(Spec {
         format: Format::Native,
         listen,
@@ -267,6 +269,11 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
         audit_chain: raw.audit_chain,
         audit_fail_closed: raw.audit_fail_closed,
         state_dir: raw.state_dir.as_deref().map(expand_home),
+        admin_socket: raw.admin_socket.as_deref().map(expand_home),
+        approval_notify: raw
+            .approval_notify
+            .as_ref()
+            .map(|a| lines.spanned(a, "approval_notify")),
         max_request_bytes: raw.max_request_bytes,
         upstream_timeout: lines.dur(&raw.upstream_timeout, "upstream_timeout"),
         connect_timeout: lines.dur(&raw.connect_timeout, "connect_timeout"),

@@ -160,6 +160,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
         rate: None,
         budget: None,
         budget_reserve: None,
+        unix_uids: Vec::new(),
     };
 
     Ok(Spec {
@@ -177,6 +178,8 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
         audit_chain: None,
         audit_fail_closed: None,
         state_dir: None,
+        admin_socket: None,
+        approval_notify: None,
         max_request_bytes: raw.max_request_bytes,
         upstream_timeout: raw
             .upstream_timeout_seconds

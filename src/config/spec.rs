@@ -87,6 +87,9 @@ pub struct Spec {
     pub audit_chain: Option<bool>,
     pub audit_fail_closed: Option<bool>,
     pub state_dir: Option<PathBuf>,
+    pub admin_socket: Option<PathBuf>,
+    /// `approval_notify = [argv…]`.
+    pub approval_notify: Option<At<Vec<String>>>,
     pub max_request_bytes: Option<u64>,
     /// Default for every route's `timeout`.
     pub upstream_timeout: Option<At<Dur>>,
@@ -177,6 +180,8 @@ pub struct AgentSpec {
     /// `(per, limit)`.
     pub budget: Option<At<(String, u64)>>,
     pub budget_reserve: Option<At<u64>>,
+    /// `unix_uids = [1001]`: Unix-socket peers that are this agent.
+    pub unix_uids: Vec<u32>,
 }
 
 /// `[connections]`: bounds on every accepted connection.

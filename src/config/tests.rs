@@ -304,6 +304,33 @@ fn ordinary_extra_headers_are_kept_in_either_format() {
 }
 
 #[test]
+fn control_plane_keys_are_read_and_checked() {
+    let c = load(
+        "k.toml",
+        &format!(
+            "admin_socket = \"/tmp/kg-admin.sock\"\napproval_notify = [\"notify-send\", \"keygate\"]\n{ROUTE}approval = \"once-per-token\"\napproval_timeout = \"30s\"\n[agents.x]\nunix_uids = [1001]\n"
+        ),
+    )
+    .unwrap();
+    assert_eq!(
+        c.admin_socket.as_deref(),
+        Some(Path::new("/tmp/kg-admin.sock"))
+    );
+    assert_eq!(c.approval_notify, ["notify-send", "keygate"]);
+    assert_eq!(
+        c.routes[0].approval,
+        Approval::OncePerToken {
+            timeout: std::time::Duration::from_secs(30)
+        }
+    );
+    assert_eq!(c.agents[0].unix_uids, [1001]);
+    let e = load("k.toml", &format!("approval_notify = []\n{ROUTE}")).unwrap_err();
+    assert_eq!((e.line, e.key.as_str()), (1, "approval_notify"), "{e}");
+    let e = load("k.toml", &format!("{ROUTE}approval = \"twice\"\n")).unwrap_err();
+    assert!(e.message.contains("once-per-token"), "{e}");
+}
+
+#[test]
 fn names_are_resolved_to_ids_into_the_sorted_routes() {
     let c = load(
         "k.toml",

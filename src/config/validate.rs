@@ -132,6 +132,17 @@ pub(super) fn validate(file: &Path, spec: Spec) -> Result<Config, ConfigError> {
             .unwrap_or_else(|| "none".into()),
     });
 
+    let approval_notify = match &spec.approval_notify {
+        Some(argv) if argv.value.first().is_none_or(|p| p.is_empty()) => {
+            return cx.err(
+                &argv.pos,
+                "write the command as [\"program\", \"arg\", ...]; it runs without a shell",
+            )
+        }
+        Some(argv) => argv.value.clone(),
+        None => Vec::new(),
+    };
+
     Ok(Config {
         file: file.to_path_buf(),
         format: spec.format,
@@ -143,6 +154,8 @@ pub(super) fn validate(file: &Path, spec: Spec) -> Result<Config, ConfigError> {
         audit_chain: spec.audit_chain.unwrap_or(true),
         audit_fail_closed: spec.audit_fail_closed.unwrap_or(true),
         state_dir: spec.state_dir,
+        admin_socket: spec.admin_socket,
+        approval_notify,
         max_request_bytes: spec.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES),
         connect_timeout,
         connections,
@@ -362,7 +375,15 @@ fn route(
         Some(a) if a.value == "each" => Approval::Each {
             timeout: cx.duration_or(&r.approval_timeout, DEFAULT_APPROVAL_TIMEOUT)?,
         },
-        Some(a) => return cx.err(&a.pos, "approval must be \"each\" or \"never\""),
+        Some(a) if a.value == "once-per-token" => Approval::OncePerToken {
+            timeout: cx.duration_or(&r.approval_timeout, DEFAULT_APPROVAL_TIMEOUT)?,
+        },
+        Some(a) => {
+            return cx.err(
+                &a.pos,
+                "approval must be \"each\", \"once-per-token\" or \"never\"",
+            )
+        }
     };
     let timeout = cx.duration_or(&r.timeout, default_timeout)?;
     Ok(Route {
@@ -454,6 +475,7 @@ fn agent(cx: &Cx, a: &AgentSpec, routes: &[Route]) -> Result<Agent, ConfigError>
         rate,
         budget,
         budget_reserve: a.budget_reserve.as_ref().map(|r| r.value),
+        unix_uids: a.unix_uids.clone(),
     })
 }
 

@@ -43,7 +43,10 @@ def test_claude_code_completes_a_turn_through_keygate_and_never_holds_the_key(na
     for r in fake_upstream.requests:
         assert r.header("x-api-key") == native.anthropic_key
         assert native.token not in r.wire_text(), "the agent's token reached the upstream"
-    allowed = [rec for rec in native.kg.audit_records() if rec["decision"] == "allow" and rec["route"] == "anthropic"]
+    # A record is written when its answer ends, which may trail the CLI's exit: wait for one per
+    # forwarded request.
+    records = native.kg.audit_records(len(fake_upstream.requests))
+    allowed = [rec for rec in records if rec["decision"] == "allow" and rec["route"] == "anthropic"]
     assert allowed and all(rec["reason"] == "allowed" for rec in allowed), allowed
     assert native.anthropic_key not in run.stdout + run.stderr
 

@@ -669,7 +669,8 @@ fn dos_token_file_others_can_write_is_refused_by_serve_and_token_commands() {
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
-    let tokens = state.join("tokens.json");
+    // Issued tokens live in the state store.
+    let tokens = state.join("state.db");
     std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o666)).unwrap();
     for args in [
         &["token", "list", "--config", cfg][..],

@@ -1,0 +1,225 @@
+//! Durable control-plane state: issued tokens and their revocations, freezes, budgets spent,
+//! approvals (pending and decided) and the tokens approved once, behind one [`StateStore`] trait.
+//!
+//! The embedded store is SQLite in `state_dir` ([`sqlite`]). The request path never waits on it:
+//! freezes and approvals live in memory and are written through on the (rare) admin action,
+//! budgets are kept in memory by `authorize` and written behind once a second. The trait is
+//! shaped so a shared store (Redis/Valkey) can follow: [`StateStore::charge`] checks and charges
+//! in one atomic step, never a read then a write.
+
+pub mod sqlite;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::authenticate::store::Issued;
+use crate::config::Config;
+
+/// What a store operation could not do.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state store {}: {message}", path.display())]
+    Store { path: PathBuf, message: String },
+    /// Anyone who can write the state (or replace it in its directory) can mint tokens and lift
+    /// freezes.
+    #[error("{}: {why}; keygate does not trust it (fix: chown to yourself and chmod {fix})", path.display())]
+    Untrusted {
+        path: PathBuf,
+        why: String,
+        fix: &'static str,
+    },
+}
+
+/// Refuses a state dir or file that another user could have written: owned by another uid, or
+/// writable by group or others.
+fn check_trusted(path: &Path, fix: &'static str) -> Result<(), StateError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(StateError::Store {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })
+        }
+    };
+    let me = nix::unistd::geteuid().as_raw();
+    let why = if meta.uid() != me {
+        format!("owned by uid {}, not by keygate's uid {me}", meta.uid())
+    } else if meta.mode() & 0o022 != 0 {
+        format!(
+            "writable by group or others (mode {:o})",
+            meta.mode() & 0o777
+        )
+    } else {
+        return Ok(());
+    };
+    Err(StateError::Untrusted {
+        path: path.to_path_buf(),
+        why,
+        fix,
+    })
+}
+
+/// Checks the state dir and the files in it, where they exist, before anything is opened (or
+/// the dir's mode set, which would quietly bless a dir someone else could have written into).
+pub fn check_trust(dir: &Path) -> Result<(), StateError> {
+    check_trusted(dir, "700")?;
+    for f in ["state.db", "state.db-wal", "state.db-shm", "tokens.json"] {
+        check_trusted(&dir.join(f), "600")?;
+    }
+    Ok(())
+}
+
+/// What is frozen: everything, or one agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Freeze {
+    /// `None`: every agent.
+    pub agent: Option<String>,
+    /// The person who froze it.
+    pub by: String,
+    /// Unix seconds.
+    pub at: u64,
+}
+
+/// Tokens an agent spent in one budget window.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Spent {
+    pub agent: String,
+    /// Unix seconds at which the window started.
+    pub window_start: u64,
+    pub tokens: u64,
+}
+
+/// The outcome of an atomic check-and-charge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Charge {
+    /// Charged; the window's total is now this.
+    Charged(u64),
+    /// Refused: charging would pass the limit; the window's total stays this.
+    Over(u64),
+}
+
+/// An approval as stored: the pending request's description plus, once decided, the decision.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalRow {
+    pub id: String,
+    pub state: ApprovalState,
+    /// The pending request, as `approvals list` shows it.
+    pub request: serde_json::Value,
+    pub decided_by: Option<String>,
+    pub reason: Option<String>,
+    /// Unix seconds.
+    pub created: u64,
+    pub decided: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApprovalState {
+    Pending,
+    Approved,
+    Denied,
+    TimedOut,
+    /// The request went away (client gone, keygate restarted) before anyone decided.
+    Abandoned,
+}
+
+impl ApprovalState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApprovalState::Pending => "pending",
+            ApprovalState::Approved => "approved",
+            ApprovalState::Denied => "denied",
+            ApprovalState::TimedOut => "timed_out",
+            ApprovalState::Abandoned => "abandoned",
+        }
+    }
+
+    fn parse(s: &str) -> ApprovalState {
+        match s {
+            "pending" => ApprovalState::Pending,
+            "approved" => ApprovalState::Approved,
+            "denied" => ApprovalState::Denied,
+            "timed_out" => ApprovalState::TimedOut,
+            _ => ApprovalState::Abandoned,
+        }
+    }
+}
+
+/// Durable control-plane state. Every method is a short synchronous operation; callers on the
+/// async runtime run them off the request path (admin actions, write-behind).
+pub trait StateStore: Send + Sync {
+    /// Where the state lives, for `status`.
+    fn location(&self) -> String;
+
+    fn freezes(&self) -> Result<Vec<Freeze>, StateError>;
+    /// Freezes (`on`) or unfreezes one scope; unfreezing everything (`agent: None`, `on: false`)
+    /// lifts every freeze.
+    fn set_freeze(&self, agent: Option<&str>, on: bool, by: &str) -> Result<(), StateError>;
+
+    /// What each agent spent in its current window, as last saved.
+    fn spent(&self) -> Result<Vec<Spent>, StateError>;
+    /// Saves the in-memory counters (write-behind).
+    fn save_spent(&self, spent: &[Spent]) -> Result<(), StateError>;
+    /// Adds `tokens` to the agent's window unless that would pass `limit`, in one atomic step; a
+    /// new window starts from zero. For stores shared by several keygates.
+    fn charge(
+        &self,
+        agent: &str,
+        window_start: u64,
+        limit: u64,
+        tokens: u64,
+    ) -> Result<Charge, StateError>;
+
+    fn put_approval(&self, row: &ApprovalRow) -> Result<(), StateError>;
+    fn approvals(&self, limit: usize) -> Result<Vec<ApprovalRow>, StateError>;
+    /// Remembers that `token_id` was approved for `route` (`approval = "once-per-token"`).
+    fn approve_token(&self, route: &str, token_id: &str) -> Result<(), StateError>;
+    fn approved_tokens(&self) -> Result<Vec<(String, String)>, StateError>;
+
+    /// Issued tokens (hashes and ids, never a token).
+    fn tokens(&self) -> Result<Vec<Issued>, StateError>;
+    /// Adds an issued token (kept if one with its id exists) and drops expired ones.
+    fn add_token(&self, token: &Issued) -> Result<(), StateError>;
+    /// Revokes the token with this id, or every token of this agent; returns how many.
+    fn revoke_tokens(&self, id: Option<&str>, agent: Option<&str>) -> Result<usize, StateError>;
+    /// A number that changes whenever the issued tokens change, from any process: a running
+    /// keygate re-reads them only then.
+    fn tokens_revision(&self) -> Result<u64, StateError>;
+}
+
+/// The state directory: `state_dir` from the config, else `$XDG_STATE_HOME/keygate`, else
+/// `~/.local/state/keygate`.
+pub fn dir(config: &Config) -> Option<PathBuf> {
+    match &config.state_dir {
+        Some(d) => Some(d.clone()),
+        None => default_dir(),
+    }
+}
+
+/// `$XDG_STATE_HOME/keygate`, else `~/.local/state/keygate`.
+pub fn default_dir() -> Option<PathBuf> {
+    if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|x| !x.is_empty()) {
+        return Some(PathBuf::from(x).join("keygate"));
+    }
+    std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(|h| PathBuf::from(h).join(".local/state/keygate"))
+}
+
+/// Opens the embedded store in `dir`, creating it (mode 0700) if needed.
+pub fn open(dir: &Path) -> Result<Arc<dyn StateStore>, StateError> {
+    check_trust(dir)?;
+    Ok(Arc::new(sqlite::Sqlite::open(dir)?))
+}
+
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
