@@ -1368,6 +1368,7 @@ fn is_pagination_key(buf: &[u8], at: usize, value_start: usize) -> bool {
 /// It is a necessary condition for every keyword regex, so it never changes a verdict; it only
 /// rules out prose (`tokens are counted`) and short JSON values (`"prompt_tokens":12`) before
 /// the line end is looked for.
+#[cfg(test)] // the scan calls `assignment_reads`, which shares the answer
 fn assignment_follows(w: &[u8]) -> Option<bool> {
     assignment_reads(w).0
 }
