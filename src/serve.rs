@@ -15,6 +15,8 @@ use crate::config::{Config, Listen};
 use crate::listen;
 use crate::reload::{Fixed, Live};
 
+/// `keygate serve`: loads the config, binds the listeners and serves until SIGTERM or SIGINT;
+/// exits non-zero, with the reason on stderr, when it cannot start.
 pub fn serve_main(config_path: &Path, audit_log: Option<&Path>) -> ExitCode {
     init_tracing();
     harden_process();
@@ -333,6 +335,8 @@ fn fail(code: u8, msg: &str) -> ExitCode {
     ExitCode::from(code)
 }
 
+/// `keygate check`: validates the config and prints the effective policy (no secret values);
+/// exits 2 when the config does not load.
 pub fn check_main(config_path: &Path, json: bool) -> ExitCode {
     let config = match Config::load(config_path) {
         Ok(c) => c,
@@ -405,15 +409,23 @@ fn harden_process() {
 
 /// What `keygate token` does; the command line builds one, so this module needs no `cli`.
 pub enum TokenAction {
+    /// Mint a token and print it alone on stdout.
     Issue {
+        /// The configured agent the token authenticates as.
         agent: String,
+        /// Lifetime as given on the command line (`30m`, `8h`, `7d`); parsed when issuing.
         ttl: String,
     },
+    /// Print the issued tokens (ids, never values).
     List {
+        /// Print JSON instead of a table.
         json: bool,
     },
+    /// Revoke one token by id, or every token of one agent.
     Revoke {
+        /// The token id (`tok_...`) to revoke.
         id: Option<String>,
+        /// Revoke every token of this agent.
         agent: Option<String>,
     },
 }
