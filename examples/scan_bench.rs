@@ -1,6 +1,7 @@
 //! Throughput of the request exfiltration scan on adversarial and ordinary bodies, in MiB per
 //! CPU-second of one core:
-//! `cargo run --release --example scan_bench [KiB]` (default 1024).
+//! `cargo run --release --example scan_bench [KiB] [name filter] [refuse|stream]` (default 1024,
+//! every input, both modes; one mode is for profiling).
 //!
 //! "refuse" is what a refusing route does with a body read whole (strong and generic finds);
 //! "stream/64" is what a redacting route does: the body pushed through the stream redactor in
@@ -91,6 +92,8 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(1024);
+    let only = std::env::args().nth(2).unwrap_or_default();
+    let mode = std::env::args().nth(3).unwrap_or_default();
     let len = kib << 10;
     let mut b = Redactor::builder().detectors(true);
     for i in 0..4 {
@@ -110,18 +113,29 @@ fn main() {
     };
     println!("input ({kib} KiB each)               refuse MiB/s   stream/64 MiB/s");
     for (name, input) in inputs(len) {
-        let refuse = mibs(len, || {
-            let (s, g) = keygate::scan::labels(&strong, &input);
-            s.len() + g.len()
-        });
-        let stream = mibs(len, || {
-            let mut s = Arc::clone(&all).stream();
-            let mut n = 0;
-            for chunk in input.chunks(64) {
-                n += s.push(chunk).len();
-            }
-            n + s.finish().len()
-        });
+        if !name.contains(only.as_str()) {
+            continue;
+        }
+        let refuse = if mode == "stream" {
+            0.0
+        } else {
+            mibs(len, || {
+                let (s, g) = keygate::scan::labels(&strong, &input);
+                s.len() + g.len()
+            })
+        };
+        let stream = if mode == "refuse" {
+            0.0
+        } else {
+            mibs(len, || {
+                let mut s = Arc::clone(&all).stream();
+                let mut n = 0;
+                for chunk in input.chunks(64) {
+                    n += s.push(chunk).len();
+                }
+                n + s.finish().len()
+            })
+        };
         println!("{name:<36} {refuse:>12.0} {stream:>16.0}");
     }
 }

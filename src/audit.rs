@@ -18,9 +18,11 @@
 //! `stop` records are signed with the ed25519 key in the state dir (`key`), in the writer thread.
 //! [`verify`] checks a log from its `start` record (or a hash the user trusts) to its end.
 
+pub mod head;
 pub mod key;
 mod verify;
 
+pub use head::{Head, HEAD_FILE};
 pub use key::AuditKey;
 pub use verify::{verify, Broken, Report, VerifyOptions};
 
@@ -223,6 +225,8 @@ struct Shared {
     healthy: AtomicBool,
     chain: bool,
     key: Option<Arc<AuditKey>>,
+    /// Where the writer keeps the end anchor, and the log path it names.
+    head: Option<(PathBuf, PathBuf)>,
     checkpoint_every: usize,
     checkpoint_interval: Duration,
 }
@@ -248,6 +252,8 @@ pub struct Options {
     pub chain: bool,
     /// Signs `start`, `checkpoint` and `stop` records.
     pub key: Option<Arc<AuditKey>>,
+    /// With a key: the head file ([`head`]) naming the last signed record written.
+    pub head: Option<PathBuf>,
     /// A checkpoint after this many records...
     pub checkpoint_every: usize,
     /// ...or this long after the last one, whichever comes first.
@@ -260,6 +266,7 @@ impl Options {
         Options {
             chain,
             key: None,
+            head: None,
             checkpoint_every: CHECKPOINT_EVERY,
             checkpoint_interval: Duration::from_secs(10),
         }
@@ -318,6 +325,18 @@ impl AuditLog {
         } else {
             (None, false)
         };
+        let head = match (&options.head, &options.key) {
+            (Some(h), Some(_)) if chain => {
+                let log = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+                Some((h.clone(), log))
+            }
+            _ => None,
+        };
+        // The head names its record by line, so the lines already there are counted once.
+        let lines_before = match &head {
+            Some(_) => count_lines(path).map_err(err)?,
+            None => 0,
+        };
         let shared = Arc::new(Shared {
             pending: Mutex::new(Batch {
                 // A last line cut mid-write (a crash) stays as it was; the next record starts
@@ -334,13 +353,14 @@ impl AuditLog {
             healthy: AtomicBool::new(true),
             chain,
             key: options.key,
+            head,
             checkpoint_every: options.checkpoint_every.max(1),
             checkpoint_interval: options.checkpoint_interval,
         });
         let s = shared.clone();
         let writer = std::thread::Builder::new()
             .name("keygate-audit".into())
-            .spawn(move || write_loop(file, &s))
+            .spawn(move || write_loop(file, &s, lines_before))
             .map_err(err)?;
         Ok(Arc::new(AuditLog {
             shared,
@@ -544,13 +564,17 @@ impl Drop for Pending {
 }
 
 #[allow(clippy::disallowed_methods)] // the writer's own thread waits, never a runtime worker
-fn write_loop(mut file: File, shared: &Shared) {
+fn write_loop(mut file: File, shared: &Shared, lines_before: u64) {
     // Bytes taken from the batch but not yet on file; retried until they are.
     let mut unwritten: Vec<u8> = Vec::new();
     // The batch's buffer is swapped with this one, so neither is reallocated per batch.
     let mut taken: Vec<u8> = Vec::new();
     let mut to_sign: Vec<(usize, String)> = Vec::new();
     let mut failures_at_exit = 0;
+    // Lines on file or queued for it, and the last signed record queued (hash, line), which
+    // the head file names once it is on file.
+    let mut lines_queued = lines_before;
+    let mut head_due: Option<(String, u64)> = None;
     loop {
         let (acks, closed) = {
             let mut batch = lock(&shared.pending);
@@ -597,6 +621,12 @@ fn write_loop(mut file: File, shared: &Shared) {
             std::mem::swap(&mut batch.to_sign, &mut to_sign);
             (std::mem::take(&mut batch.acks), batch.closed)
         };
+        if shared.head.is_some() {
+            if let Some((end, hash)) = to_sign.last() {
+                head_due = Some((hash.clone(), lines_queued + newlines(&taken[..*end]) + 1));
+            }
+            lines_queued += newlines(&taken);
+        }
         match &shared.key {
             Some(key) if !to_sign.is_empty() => sign_into(&mut unwritten, &taken, &to_sign, key),
             _ => unwritten.extend_from_slice(&taken),
@@ -608,7 +638,14 @@ fn write_loop(mut file: File, shared: &Shared) {
             let _ = ack.send(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
         }
         match result {
-            Ok(()) => shared.healthy.store(true, Ordering::Relaxed),
+            Ok(()) => {
+                shared.healthy.store(true, Ordering::Relaxed);
+                if let Some((hash, line)) = head_due.take() {
+                    if let Err(e) = write_head(&file, shared, &hash, line) {
+                        tracing::error!(error = %e, "audit head file could not be written; retried with the next signed record");
+                    }
+                }
+            }
             Err(e) => {
                 if shared.healthy.swap(false, Ordering::Relaxed) {
                     tracing::error!(error = %e, "audit log write failed; refusing requests until it succeeds");
@@ -627,6 +664,39 @@ fn write_loop(mut file: File, shared: &Shared) {
             let _ = file.sync_data();
             return;
         }
+    }
+}
+
+/// Points the head file at a signed record now on file. The log is synced first, so the head
+/// never names a line a power cut could still take back.
+fn write_head(file: &File, shared: &Shared, hash: &str, line: u64) -> io::Result<()> {
+    let (Some((head, log)), Some(key)) = (&shared.head, &shared.key) else {
+        return Ok(());
+    };
+    file.sync_data()?;
+    Head::new(key, log, hash, line).write(head)
+}
+
+fn newlines(bytes: &[u8]) -> u64 {
+    bytes.iter().filter(|&&b| b == b'\n').count() as u64
+}
+
+/// Lines in the file (a last line without its newline is not counted: the writer ends it).
+fn count_lines(path: &Path) -> io::Result<u64> {
+    let f = File::open(path)?;
+    if !f.metadata()?.is_file() {
+        return Ok(0);
+    }
+    let mut reader = io::BufReader::with_capacity(1 << 16, f);
+    let mut n = 0;
+    loop {
+        let buf = io::BufRead::fill_buf(&mut reader)?;
+        if buf.is_empty() {
+            return Ok(n);
+        }
+        n += newlines(buf);
+        let len = buf.len();
+        io::BufRead::consume(&mut reader, len);
     }
 }
 
@@ -735,6 +805,7 @@ pub fn now_rfc3339() -> String {
 #[allow(clippy::disallowed_methods)] // tests wait on plain threads
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn rec(id: &str) -> Record {
         Record {
@@ -1076,6 +1147,108 @@ mod tests {
         let path2 = dir.path().join("b.jsonl");
         run(&path2, signed(4, &key), 0..2);
         assert_eq!(check_with(&path2, &other).unwrap_err().line, 1);
+    }
+
+    #[test]
+    fn log_cut_at_a_checkpoint_or_run_boundary_fails_only_against_the_head_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let head_path = dir.path().join(HEAD_FILE);
+        let key = Arc::new(AuditKey::from_seed([6; 32]));
+        let opts = Options {
+            head: Some(head_path.clone()),
+            ..signed(4, &key)
+        };
+        run(&path, opts.clone(), 0..10);
+        run(&path, opts, 10..15);
+        let all = lines(&path);
+        let head = Head::read(&head_path, &key.public()).unwrap();
+        assert_eq!(
+            head.line as usize,
+            all.len(),
+            "the head names the last line"
+        );
+        assert_eq!(head.hash, all.last().unwrap()["hash"].as_str().unwrap());
+        let mode = std::fs::metadata(&head_path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        let to_head = VerifyOptions {
+            key: Some(key.public()),
+            to_hash: Some(head.hash.clone()),
+            to_line: Some(head.line),
+            ..Default::default()
+        };
+        let whole = verify(&path, &to_head).unwrap().unwrap();
+        assert_eq!(whole.reached, Some(all.len()));
+        assert!(whole.complete() && whole.closed);
+
+        let text = std::fs::read_to_string(&path).unwrap();
+        let first_stop = all.iter().position(|v| v["event"] == "stop").unwrap() + 1;
+        let first_checkpoint = all.iter().position(|v| v["event"] == "checkpoint").unwrap() + 1;
+        let cut = dir.path().join("cut.jsonl");
+        for at in [first_checkpoint, first_stop] {
+            let kept: Vec<&str> = text.lines().take(at).collect();
+            std::fs::write(&cut, kept.join("\n") + "\n").unwrap();
+            // Every line left holds and is signed where it should be...
+            let r = check_with(&cut, &key).unwrap();
+            assert!(r.tail.is_none(), "cut at {at}: {r:?}");
+            // ...only the head knows more was written.
+            let err = verify(&cut, &to_head).unwrap().unwrap_err();
+            assert_eq!(err.line, at + 1);
+            let want = format!("lines {}..{} are missing", at + 1, all.len());
+            assert!(err.reason.contains(&want), "{}", err.reason);
+        }
+    }
+
+    #[test]
+    fn head_counts_lines_already_in_the_log_and_a_torn_last_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let head_path = dir.path().join(HEAD_FILE);
+        let key = Arc::new(AuditKey::from_seed([6; 32]));
+        run(&path, signed(4, &key), 0..3);
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str("{\"time\":\"2026");
+        std::fs::write(&path, text).unwrap();
+        let opts = Options {
+            head: Some(head_path.clone()),
+            ..signed(4, &key)
+        };
+        run(&path, opts, 3..5);
+        let head = Head::read(&head_path, &key.public()).unwrap();
+        let n = std::fs::read_to_string(&path).unwrap().lines().count();
+        assert_eq!(head.line as usize, n);
+    }
+
+    #[test]
+    fn well_formed_record_with_a_wrong_hash_is_broken_not_a_crash_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let key = Arc::new(AuditKey::from_seed([3; 32]));
+        run(&path, signed(4, &key), 0..3);
+        run(&path, signed(4, &key), 3..5);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut kept: Vec<String> = text.lines().map(str::to_string).collect();
+        let second_start = kept.iter().rposition(|l| l.contains("\"start\"")).unwrap();
+        let forged = format!(
+            "{{\"request_id\":\"forged\",\"decision\":\"allow\",\"prev_hash\":\"{}\",\"hash\":\"{}\"}}",
+            "00".repeat(32),
+            "11".repeat(32)
+        );
+        kept.insert(second_start, forged.clone());
+        std::fs::write(&path, kept.join("\n") + "\n").unwrap();
+        let err = check_with(&path, &key).unwrap_err();
+        assert_eq!(err.line, second_start + 1, "{}", err.reason);
+        assert!(err.reason.contains("hash does not match"), "{}", err.reason);
+
+        // The same record appended without its newline is not a cut tail either.
+        kept.remove(second_start);
+        std::fs::write(&path, kept.join("\n") + "\n" + &forged).unwrap();
+        assert_eq!(check(&path).unwrap_err().line, kept.len() + 1);
+        // A line cut mid-write still is.
+        let cut = &forged[..forged.len() - 40];
+        std::fs::write(&path, kept.join("\n") + "\n" + cut).unwrap();
+        assert!(check(&path).unwrap().tail.unwrap().contains("incomplete"));
     }
 
     #[test]

@@ -88,6 +88,22 @@ pub enum AuditCommand {
         /// (`keygate audit key` prints it).
         #[arg(long, value_name = "PUBLIC_KEY")]
         key: Option<String>,
+        /// Require the log to reach the last signed record keygate wrote, as the head file
+        /// (`state_dir/audit.head`, signed; needs --key) names it: a log cut at a checkpoint or
+        /// stop record is found only this way.
+        #[arg(
+            long,
+            value_name = "FILE",
+            requires = "key",
+            conflicts_with = "to_hash"
+        )]
+        head: Option<PathBuf>,
+        /// Require the log to reach the line carrying this hash (a checkpoint's, noted earlier).
+        #[arg(long, value_name = "HASH")]
+        to_hash: Option<String>,
+        /// Use the head file in this config's state_dir (as --head STATE_DIR/audit.head).
+        #[arg(long, value_name = "FILE", requires = "key", conflicts_with_all = ["head", "to_hash"])]
+        config: Option<PathBuf>,
     },
     /// Print the public key that signs this keygate's audit checkpoints (creating the key pair
     /// in the config's state_dir on first use).
@@ -140,7 +156,26 @@ pub fn main() -> ExitCode {
             strict,
             from_hash,
             key,
-        }) => audit_verify(&file, json, strict, from_hash, key.as_deref()),
+            head,
+            to_hash,
+            config,
+        }) => {
+            let head = match (head, config) {
+                (None, Some(c)) => match head_of(&c) {
+                    Ok(h) => Some(h),
+                    Err(code) => return code,
+                },
+                (head, _) => head,
+            };
+            audit_verify(
+                &file,
+                json,
+                strict,
+                from_hash,
+                key.as_deref(),
+                End { head, to_hash },
+            )
+        }
         Command::Audit(AuditCommand::Key { config }) => audit_key(&config),
     }
 }
@@ -178,9 +213,27 @@ fn audit_key(config: &std::path::Path) -> ExitCode {
     }
 }
 
+/// The head file of a config's state_dir.
+fn head_of(config: &std::path::Path) -> Result<PathBuf, ExitCode> {
+    let config = crate::config::Config::load(config).map_err(|e| usage(&e.to_string()))?;
+    match &config.state_dir {
+        Some(dir) => Ok(dir.join(crate::audit::HEAD_FILE)),
+        None => Err(usage(&format!(
+            "{}: no state_dir is configured, so keygate keeps no audit head file",
+            config.file.display()
+        ))),
+    }
+}
+
 fn usage(msg: &str) -> ExitCode {
     eprintln!("keygate: {msg}");
     ExitCode::from(2)
+}
+
+/// Where the log must reach: the head file's record, or a hash.
+struct End {
+    head: Option<PathBuf>,
+    to_hash: Option<String>,
 }
 
 fn audit_verify(
@@ -189,12 +242,42 @@ fn audit_verify(
     strict: bool,
     from_hash: Option<String>,
     key: Option<&str>,
+    end: End,
 ) -> ExitCode {
     let key = match key.map(read_public_key).transpose() {
         Ok(k) => k,
         Err(e) => return usage(&format!("--key: {e}")),
     };
-    let opts = crate::audit::VerifyOptions { from_hash, key };
+    // The head names the log it was written for; a different file failing to reach it is worth
+    // saying so (a rotated log, a copy).
+    let mut head_log = None;
+    let (to_hash, to_line) = match (&end.head, &key) {
+        (Some(path), Some(pk)) => match crate::audit::Head::read(path, pk) {
+            Ok(h) => {
+                head_log = Some(h.log);
+                (Some(h.hash), Some(h.line))
+            }
+            Err(e) => {
+                // A head that does not hold is a failed check, not a usage error.
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"ok": false, "line": 0, "reason": e})
+                    );
+                } else {
+                    println!("{e}");
+                }
+                return ExitCode::from(1);
+            }
+        },
+        _ => (end.to_hash, None),
+    };
+    let opts = crate::audit::VerifyOptions {
+        from_hash,
+        key,
+        to_hash,
+        to_line,
+    };
     match crate::audit::verify(file, &opts) {
         Ok(Ok(report)) => {
             let ok = !strict || report.complete();
@@ -219,6 +302,14 @@ fn audit_verify(
                 );
             } else {
                 println!("{}:{}: {}", file.display(), b.line, b.reason);
+                let here = std::fs::canonicalize(file).ok();
+                if let Some(log) = head_log.filter(|l| Some(l) != here.as_ref()) {
+                    println!(
+                        "{}: note: the head file was written for {}",
+                        file.display(),
+                        log.display()
+                    );
+                }
             }
             ExitCode::from(1)
         }
@@ -264,6 +355,9 @@ fn print_report(file: &std::path::Path, r: &crate::audit::Report, signed: bool) 
     }
     if let Some((line, hash)) = &r.last_checkpoint {
         println!("{f}:{line}: last checkpoint, hash {hash}");
+    }
+    if let Some(line) = r.reached {
+        println!("{f}:{line}: reaches the end anchor (the head's record)");
     }
     match &r.tail {
         Some(tail) => println!("{f}: not closed: {tail}"),

@@ -384,7 +384,8 @@ fn without_param(query: &str, name: &str) -> String {
     }
 }
 
-fn names_param(segment: &str, name: &str) -> bool {
+/// Whether a `name=value` segment of a query or form names `name` as an upstream could read it.
+pub(crate) fn names_param(segment: &str, name: &str) -> bool {
     let raw = segment.split_once('=').map_or(segment, |(k, _)| k);
     let plus = raw.replace('+', " ");
     let decoded = percent_encoding::percent_decode_str(&plus).decode_utf8_lossy();

@@ -104,6 +104,8 @@ catalogue! {
     UpstreamUnredactable = "upstream_unredactable", BAD_GATEWAY, Upstream;
     /// A 206 answer to a request that asked for no range.
     UpstreamUnexpectedPartial = "upstream_unexpected_partial", BAD_GATEWAY, Upstream;
+    /// A 101 Switching Protocols: keygate proxies no upgrade, so none was asked for.
+    UpstreamProtocolSwitch = "upstream_protocol_switch", BAD_GATEWAY, Upstream;
     /// The scan of a large request body did not complete (fail closed).
     RequestScanFailed = "request_scan_failed", SERVICE_UNAVAILABLE, Keygate;
     /// The route's secret could not be fetched.

@@ -10,6 +10,7 @@
 //! Range requests are not sent unless the route allows them (`allow_range`): an upstream that
 //! echoes its request could otherwise hand a key back in two halves, each too short for the
 //! redactor to know. A 206 to a request that asked for no range is refused for the same reason.
+//! A 101 is refused too: keygate proxies no upgrade.
 
 use std::error::Error as StdError;
 use std::sync::Arc;
@@ -135,6 +136,17 @@ impl Forwarder {
                     Code::UpstreamUnexpectedPartial,
                     format!(
                         "upstream {} answered 206 Partial Content to a request for the whole body; a part cannot be checked for secrets",
+                        route.upstream.host
+                    ),
+                ))
+            }
+            // keygate proxies no upgrade (it drops `Upgrade` as hop-by-hop), so a switch is
+            // one the agent never asked for, onto a protocol no later stage can read.
+            Ok(Ok(resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                Err(Rejection::new(
+                    Code::UpstreamProtocolSwitch,
+                    format!(
+                        "upstream {} answered 101 Switching Protocols; keygate does not proxy protocol upgrades",
                         route.upstream.host
                     ),
                 ))

@@ -104,6 +104,9 @@ impl Guard {
         }
         check_transfer_encoding(&head.headers)?;
         check_method_override(&head.headers, &head.method)?;
+        if let Some(q) = head.uri.query() {
+            check_override_params(q.as_bytes(), &head.method, "query parameter")?;
+        }
         Ok(())
     }
 }
@@ -161,25 +164,79 @@ pub fn check_content_encoding(headers: &HeaderMap) -> Result<(), Rejection> {
     Ok(())
 }
 
-/// Refuses a method-override header unless every instance names the request's own method (in
-/// any case), which changes nothing; [`strip_request`] then drops it.
+/// The one rule for every method override, header or parameter: it may only name the request's
+/// own method (in any case), which changes nothing.
+fn override_refused(value: Option<&str>, method: &Method, what: &str) -> Result<(), Rejection> {
+    if value.is_some_and(|s| s.trim().eq_ignore_ascii_case(method.as_str())) {
+        return Ok(());
+    }
+    Err(Rejection::new(
+        Code::MethodOverrideNotAllowed,
+        format!(
+            "{what} may not change the method: policy is checked for {method}, so send the request with the method you mean"
+        ),
+    ))
+}
+
+/// Refuses a method-override header unless every instance names the request's own method;
+/// [`strip_request`] then drops it.
 fn check_method_override(headers: &HeaderMap, method: &Method) -> Result<(), Rejection> {
     for name in METHOD_OVERRIDE_HEADERS {
         for v in headers.get_all(name) {
-            let same = v
-                .to_str()
-                .is_ok_and(|s| s.trim().eq_ignore_ascii_case(method.as_str()));
-            if !same {
-                return Err(Rejection::new(
-                    Code::MethodOverrideNotAllowed,
-                    format!(
-                        "{name} may not change the method: policy is checked for {method}, so send the request with the method you mean"
-                    ),
-                ));
-            }
+            override_refused(v.to_str().ok(), method, name)?;
         }
     }
     Ok(())
+}
+
+/// The parameter Rails, Laravel and Symfony read as the real method of a POST.
+const METHOD_PARAM: &str = "_method";
+
+/// Refuses a `_method` parameter (in a query string or a form body) naming another method than
+/// the request's: any spelling a framework reads as `_method` (case, percent-encoding, `+`,
+/// PHP's `.` and ` ` for `_`, `_method[]`). One naming the request's own method changes nothing
+/// and is passed on as it is.
+fn check_override_params(pairs: &[u8], method: &Method, place: &str) -> Result<(), Rejection> {
+    for pair in pairs.split(|b| *b == b'&' || *b == b';') {
+        let pair = String::from_utf8_lossy(pair);
+        if !crate::credential::names_param(&pair, METHOD_PARAM) {
+            continue;
+        }
+        let value = pair
+            .split_once('=')
+            .map_or("", |(_, v)| v)
+            .replace('+', " ");
+        let value = percent_encoding::percent_decode_str(&value)
+            .decode_utf8()
+            .ok();
+        override_refused(
+            value.as_deref(),
+            method,
+            &format!("the {METHOD_PARAM} {place}"),
+        )?;
+    }
+    Ok(())
+}
+
+/// A form body (`application/x-www-form-urlencoded`): the pipeline reads it whole, so its
+/// `_method` field is checked as a query's is.
+pub fn is_form(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| {
+            t.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        })
+}
+
+/// Refuses a form body whose `_method` field names another method than the request's.
+pub fn check_form_override(head: &Parts, body: &[u8]) -> Result<(), Rejection> {
+    if !is_form(&head.headers) {
+        return Ok(());
+    }
+    check_override_params(body, &head.method, "form field")
 }
 
 /// What a checked request must not carry upstream: hop-by-hop headers and method overrides.
@@ -460,6 +517,60 @@ mod tests {
         );
         strip_request(&mut p.headers);
         assert_eq!(p.headers.len(), 1, "{:?}", p.headers);
+    }
+
+    #[test]
+    fn method_param_in_query_or_form_is_refused_unless_it_names_the_request_method() {
+        let q = |method: &str, uri: &str| code(parts(method, uri, &[("host", "localhost")]));
+        for bad in [
+            "/x?_method=DELETE",
+            "/x?a=1&_METHOD=delete",
+            "/x?%5Fmethod=PUT",
+            "/x?_m%65thod=PATCH",
+            "/x?.method=DELETE",
+            "/x?_method[]=DELETE",
+            "/x?a=1;_method=DELETE",
+            "/x?_method=%44ELETE",
+            "/x?_method",
+            "/x?_method=POST&_method=DELETE",
+        ] {
+            assert_eq!(q("POST", bad), "method_override_not_allowed", "{bad}");
+        }
+        for ok in [
+            "/x?_method=POST",
+            "/x?_method=post",
+            "/x?_method=+POST",
+            "/x?method=DELETE",
+            "/x?my_method=DELETE",
+            "/x?_methods=DELETE",
+            "/x?q=_method%3DDELETE",
+        ] {
+            assert_eq!(q("POST", ok), "ok", "{ok}");
+        }
+        assert_eq!(q("DELETE", "/x?_method=delete"), "ok");
+
+        let form = |ct: &str, body: &str| {
+            let p = parts("POST", "/x", &[("host", "localhost"), ("content-type", ct)]);
+            check_form_override(&p, body.as_bytes())
+                .map(|_| "ok")
+                .unwrap_or_else(|e| e.code.as_str())
+        };
+        let ct = "application/x-www-form-urlencoded";
+        assert_eq!(
+            form(ct, "a=1&_method=DELETE"),
+            "method_override_not_allowed"
+        );
+        assert_eq!(
+            form(
+                "Application/X-WWW-Form-Urlencoded; charset=utf-8",
+                "_method=put"
+            ),
+            "method_override_not_allowed"
+        );
+        assert_eq!(form(ct, "a=1&_method=POST"), "ok");
+        assert_eq!(form(ct, "text=please+set+_method%3DDELETE"), "ok");
+        // JSON is not read as a form: a `_method` key there is an upstream's business.
+        assert_eq!(form("application/json", "{\"_method\":\"DELETE\"}"), "ok");
     }
 
     #[test]

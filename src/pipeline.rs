@@ -268,7 +268,8 @@ async fn request_body(
     };
     head.headers.remove(header::CONTENT_LENGTH);
     let limit = config.max_request_bytes;
-    if whole || route.require_json || config.mode == Mode::DryRun || mode.refuses() {
+    let form = guard::is_form(&head.headers);
+    if whole || form || route.require_json || config.mode == Mode::DryRun || mode.refuses() {
         let probe = body.probe();
         let mut bytes = guard::read_body(body, limit)
             .await
@@ -279,6 +280,7 @@ async fn request_body(
         if route.require_json {
             guard::check_json(&bytes)?;
         }
+        guard::check_form_override(head, &bytes)?;
         if let Some(scanner) = &scanner {
             let body_redacted;
             (bytes, body_redacted) = scan::body(scanner, mode, bytes, pending).await?;

@@ -145,6 +145,23 @@ impl Redactor {
             .collect()
     }
 
+    /// [`Redactor::find`], and apart from it what the detectors in `extra` find, in one pass
+    /// (the request scan: strong findings from this redactor, generic ones from `extra`).
+    pub fn find_with(&self, input: &[u8], extra: DetectorSet) -> (Vec<Finding>, Vec<Finding>) {
+        let (own, other) = self.engine.find_with(input, extra);
+        let findings = |spans: Vec<Span>| -> Vec<Finding> {
+            spans
+                .iter()
+                .map(|s| Finding {
+                    offset: s.start,
+                    len: s.end - s.start,
+                    label: self.engine.label(s.label).to_string(),
+                })
+                .collect()
+        };
+        (findings(own), findings(other))
+    }
+
     /// `input` with every finding replaced by `[REDACTED:<label>]`; borrowed when nothing
     /// matched.
     pub fn redact<'a>(&self, input: &'a [u8]) -> Cow<'a, [u8]> {

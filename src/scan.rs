@@ -18,7 +18,7 @@
 //! [`BLOCKING_FROM`] bytes or more is scanned on the blocking pool so that a large body never
 //! holds a runtime worker.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::HeaderValue;
@@ -31,26 +31,17 @@ use crate::redact::{Class, DetectorSet, Redactor};
 /// Bodies this large are scanned with `spawn_blocking`.
 pub const BLOCKING_FROM: usize = 64 * 1024;
 
-/// The detectors whose findings are only reported by default.
-fn generic() -> &'static Redactor {
-    static GENERIC: OnceLock<Redactor> = OnceLock::new();
-    GENERIC.get_or_init(|| {
-        Redactor::builder()
-            .detector_set(DetectorSet::class(Class::Generic))
-            .build()
-    })
-}
-
 /// The labels found in `bytes`: strong (held values and strong detectors, from `strong`) and
-/// generic, each sorted and deduplicated.
+/// generic, each sorted and deduplicated. One pass for both.
 pub fn labels(strong: &Redactor, bytes: &[u8]) -> (Vec<String>, Vec<String>) {
-    let collect = |r: &Redactor| {
-        let mut l: Vec<String> = r.find(bytes).into_iter().map(|f| f.label).collect();
+    let (s, g) = strong.find_with(bytes, DetectorSet::class(Class::Generic));
+    let collect = |found: Vec<crate::redact::Finding>| {
+        let mut l: Vec<String> = found.into_iter().map(|f| f.label).collect();
         l.sort_unstable();
         l.dedup();
         l
     };
-    (collect(strong), collect(generic()))
+    (collect(s), collect(g))
 }
 
 /// Decides on what one place of the request holds, and records it.

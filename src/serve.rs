@@ -102,7 +102,10 @@ async fn serve(
     let mut audit_options = crate::audit::Options::new(config.audit_chain);
     if let Some(dir) = config.state_dir.as_deref().filter(|_| config.audit_chain) {
         match crate::audit::AuditKey::load_or_create(dir) {
-            Ok(k) => audit_options.key = Some(Arc::new(k)),
+            Ok(k) => {
+                audit_options.key = Some(Arc::new(k));
+                audit_options.head = Some(dir.join(crate::audit::HEAD_FILE));
+            }
             Err(e) => return (fail(2, &format!("audit signing key: {e}")), None),
         }
     }

@@ -138,7 +138,12 @@ impl AuditKey {
         let mut msg = Vec::with_capacity(DOMAIN.len() + hash.len());
         msg.extend_from_slice(DOMAIN);
         msg.extend_from_slice(hash.as_bytes());
-        hex::encode(self.0.sign(&msg).to_bytes())
+        self.sign(&msg)
+    }
+
+    /// Signs a message that begins with its own label (the head file's); the signature in hex.
+    pub fn sign(&self, msg: &[u8]) -> String {
+        hex::encode(self.0.sign(msg).to_bytes())
     }
 
     /// A fixed key, so tests can compare signatures.
@@ -168,14 +173,19 @@ pub fn parse_public(text: &str) -> Result<VerifyingKey, String> {
 
 /// Whether `sig` (hex) is the key's signature of `hash`.
 pub fn holds(key: &VerifyingKey, hash: &str, sig: &str) -> bool {
+    let mut msg = Vec::with_capacity(DOMAIN.len() + hash.len());
+    msg.extend_from_slice(DOMAIN);
+    msg.extend_from_slice(hash.as_bytes());
+    holds_message(key, &msg, sig)
+}
+
+/// Whether `sig` (hex) is the key's signature of `msg`.
+pub fn holds_message(key: &VerifyingKey, msg: &[u8], sig: &str) -> bool {
     let mut raw = [0u8; 64];
     if hex::decode_to_slice(sig, &mut raw).is_err() {
         return false;
     }
-    let mut msg = Vec::with_capacity(DOMAIN.len() + hash.len());
-    msg.extend_from_slice(DOMAIN);
-    msg.extend_from_slice(hash.as_bytes());
-    key.verify(&msg, &Signature::from_bytes(&raw)).is_ok()
+    key.verify(msg, &Signature::from_bytes(&raw)).is_ok()
 }
 
 #[cfg(test)]

@@ -31,6 +31,11 @@ pub struct VerifyOptions {
     pub from_hash: Option<String>,
     /// Require valid signatures on `start`, `checkpoint` and `stop` records.
     pub key: Option<VerifyingKey>,
+    /// The end anchor: the log must reach the line carrying this hash (the head file's record,
+    /// or a hash noted earlier); a log cut before it is broken.
+    pub to_hash: Option<String>,
+    /// The line the head file says carries `to_hash`, for the message when it is missing.
+    pub to_line: Option<u64>,
 }
 
 /// What a log that verified looks like.
@@ -53,6 +58,9 @@ pub struct Report {
     /// Lines cut mid-write by a crash, each followed by the `start` record of the next run,
     /// which continues the chain from the line before it.
     pub torn: Vec<usize>,
+    /// The line carrying the end anchor's hash (with `to_hash`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reached: Option<usize>,
 }
 
 impl Report {
@@ -76,6 +84,13 @@ fn broken(line: usize, reason: impl Into<String>) -> Result<Report, Broken> {
         line,
         reason: reason.into(),
     })
+}
+
+/// Whether a line that does not hold could be a record cut mid-write: a strict prefix of a
+/// record never parses as JSON, and ends with `}` only by the rarest chance (right after a
+/// nested object), which is refused rather than excused.
+fn could_be_cut(line: &str) -> bool {
+    !line.trim_end().ends_with('}') && serde_json::from_str::<serde::de::IgnoredAny>(line).is_err()
 }
 
 /// Checks a log's hash chain and checkpoint signatures. The outer error is a failure to read
@@ -113,6 +128,12 @@ pub fn verify(path: &Path, opts: &VerifyOptions) -> io::Result<Result<Report, Br
         let text = std::str::from_utf8(&raw).unwrap_or("");
         let line = text.trim_end_matches('\n');
         let Some((hash, sig)) = split_line(line) else {
+            // Only what could be the start of a record counts as cut: a line that parses (or
+            // ends like a record) is a record, and a record whose hash is wrong is forged or
+            // edited, wherever it stands.
+            if !could_be_cut(line) {
+                return Ok(broken(lineno, "hash does not match the line's content"));
+            }
             if !complete {
                 // The last write was cut (a crash, or the file cut mid-line).
                 cut_line = Some(lineno);
@@ -207,6 +228,9 @@ pub fn verify(path: &Path, opts: &VerifyOptions) -> io::Result<Result<Report, Br
                 ));
             }
         }
+        if opts.to_hash.as_deref() == Some(hash) {
+            report.reached = Some(lineno);
+        }
         last_event = event.map(str::to_string);
         prev = Some(hash.to_string());
     }
@@ -221,6 +245,19 @@ pub fn verify(path: &Path, opts: &VerifyOptions) -> io::Result<Result<Report, Br
                 "the log does not begin at a start record (its first lines were cut?); verify from a checkpoint you trust with --from-hash HASH",
             ),
         });
+    }
+    if let (Some(h), None) = (&opts.to_hash, report.reached) {
+        let last = lineno - usize::from(cut_line.is_some());
+        let missing = match opts.to_line {
+            Some(n) if n > last as u64 => format!("lines {}..{n} are missing", last + 1),
+            _ => "the lines after it are missing".to_string(),
+        };
+        return Ok(broken(
+            last + 1,
+            format!(
+                "the log ends at line {last} without reaching the record {h} the head names: {missing} (the log was cut, or it is not the log the head describes)"
+            ),
+        ));
     }
     report.closed = last_event.as_deref() == Some("stop") && cut_line.is_none();
     let last_full = lineno - usize::from(cut_line.is_some());

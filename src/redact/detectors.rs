@@ -6,11 +6,13 @@
 //! because a verdict depends only on bytes inside a bounded window, it is what lets the stream
 //! redactor decide when a verdict is final (see [`Detectors::eval`]).
 //!
-//! Linear time: a shape is a short head regex and then the longest run of value bytes; runs,
-//! line ends and character classes are looked up through [`Next`], which remembers its answer
-//! across the anchors of one scan. So the cost per anchor is constant (plus an entropy count
-//! over at most 128 bytes for `password_assignment`), however dense the anchors and however far
-//! their windows reach: no regex ever runs over a value.
+//! Linear time: a shape is a short head and then the longest run of value bytes; runs, line
+//! ends and character classes are looked up through [`Next`], which remembers its answer across
+//! the anchors of one scan, and `password_assignment`'s entropy comes from byte counts that move
+//! with the anchors ([`Window`]). So the cost per anchor is constant (amortized), however dense
+//! the anchors and however far their windows reach. Heads are matched byte by byte (a regex call
+//! per anchor was most of a dense scan's cost); each one's regex stays in `SPECS` as its
+//! definition, and a proptest checks that the two agree.
 //!
 //! Patterns are written as regexes, never as example keys, so this file does not trip
 //! `keygate redact --check` on itself.
@@ -60,6 +62,10 @@ impl DetectorSet {
 
     pub(crate) fn is_empty(self) -> bool {
         self.0 == 0
+    }
+
+    pub(crate) fn union(self, other: DetectorSet) -> DetectorSet {
+        DetectorSet(self.0 | other.0)
     }
 
     pub(crate) fn has(self, det: usize) -> bool {
@@ -128,6 +134,9 @@ enum Stop {
 
 type ByteSet = [bool; 256];
 
+/// Where a detector's head ends in a window, if it matches there.
+type HeadParser = fn(&[u8]) -> Option<usize>;
+
 const fn byte_set(ranges: &[(u8, u8)], extra: &[u8]) -> ByteSet {
     let mut set = [false; 256];
     let mut i = 0;
@@ -164,7 +173,11 @@ enum Shape {
     /// `head` (a regex anchored at the anchor, at most `head_max` bytes), then a run of `value`
     /// bytes of `min..=max` (the longest run, cut at `max`).
     Run {
+        #[cfg_attr(not(test), allow(dead_code))]
         head: &'static str,
+        /// `head` matched by hand, byte by byte: a regex call per anchor was most of the cost
+        /// when anchors are dense. `head` stays the definition (a test compares the two).
+        parse: Option<HeadParser>,
         /// Instead of `head`: the first of these literals the window starts with (longest
         /// first). A literal compare per anchor instead of a regex call.
         literal_heads: &'static [&'static str],
@@ -229,6 +242,7 @@ const fn token(
         keyword: false,
         shape: Shape::Run {
             head: "",
+            parse: None,
             literal_heads: heads,
             head_max: 16,
             value,
@@ -321,6 +335,7 @@ static SPECS: &[Spec] = &[
         keyword: false,
         shape: Shape::Run {
             head: r#"^A[KS]IA[A-Z0-9]{16}(?:\\?["'])?[ \t]{0,16}[,:;|=\t][ \t]{0,16}(?:\\?["'])?"#,
+            parse: Some(head_aws_id_pair),
             literal_heads: &[],
             head_max: 60,
             value: &BASE64_BODY,
@@ -340,6 +355,7 @@ static SPECS: &[Spec] = &[
         keyword: true,
         shape: Shape::Run {
             head: r#"(?i)^secret[_-]?access[_-]?key(?:\\?["'])?[ \t]{0,16}(?::=|=>|=|:)[ \t]{0,16}(?:\\?["'])?"#,
+            parse: Some(head_aws_secret_keyword),
             literal_heads: &[],
             head_max: 60,
             value: &BASE64_BODY,
@@ -428,6 +444,7 @@ static SPECS: &[Spec] = &[
         keyword: true,
         shape: Shape::Run {
             head: r#"(?i)^authorization(?:\\?["'])?[ \t]{0,64}[:=][ \t]{0,64}(?:\\?["'])?(?:(?:bearer|basic|token|bot|apikey|sso-key)[ \t]{1,64})?"#,
+            parse: Some(head_authorization),
             literal_heads: &[],
             head_max: 220,
             value: &AUTH_VALUE,
@@ -449,6 +466,7 @@ static SPECS: &[Spec] = &[
         keyword: true,
         shape: Shape::Run {
             head: r#"(?i)^(?:password|passwd|pwd|secret|token|api[_-]?key)[A-Za-z0-9_.-]{0,32}(?:\\?["'])?[ \t]{0,64}(?::=|=>|=|:)[ \t]{0,64}(?:\\?["'`])?"#,
+            parse: Some(head_password),
             literal_heads: &[],
             head_max: 180,
             value: &PASSWORD_VALUE,
@@ -499,12 +517,13 @@ pub(crate) fn names() -> Vec<&'static str> {
 
 pub(crate) struct Detectors {
     anchors: AhoCorasick,
+    /// The same automaton without its prefilter, for where anchors are dense: starting the
+    /// prefilter costs more than walking the few bytes to the next anchor.
+    dense: AhoCorasick,
     /// Anchor pattern id -> indices into `SPECS`.
     by_anchor: Vec<Vec<usize>>,
     /// Anchor literals, for the stream's "could this tail still start an anchor" question.
     pub(crate) literals: Vec<Vec<u8>>,
-    /// `SPECS[i]`'s head pattern (`None` for JWT and PEM, which are parsed by hand).
-    heads: Vec<Option<Regex>>,
     pem_header: Regex,
     pem_end: Regex,
 }
@@ -585,6 +604,115 @@ pub(crate) struct ScanState {
     jwt: [Next; 3],
     /// The first END line at or after `.0`, if any.
     pem_end: Option<(usize, Option<(usize, usize)>)>,
+    entropy: Window,
+}
+
+/// The byte counts of the last value judged by `high_entropy`, moved along with the anchors:
+/// dense `password=` anchors judge overlapping values of up to 128 bytes each, and counting
+/// each afresh cost more than everything else in a scan.
+struct Window {
+    lo: usize,
+    hi: usize,
+    counts: [u16; 256],
+    /// Bytes that are lower-case, upper-case, digits, other.
+    classes: [u16; 4],
+    /// The sum of `c * log2(c)` over `counts`, in fixed point (see [`clogc_table`]).
+    sum: i64,
+    clogc: &'static [i64; 257],
+}
+
+impl Default for Window {
+    fn default() -> Self {
+        Window {
+            lo: 0,
+            hi: 0,
+            counts: [0; 256],
+            classes: [0; 4],
+            sum: 0,
+            clogc: clogc_table(),
+        }
+    }
+}
+
+fn class_of(b: u8) -> usize {
+    match b {
+        b'a'..=b'z' => 0,
+        b'A'..=b'Z' => 1,
+        b'0'..=b'9' => 2,
+        _ => 3,
+    }
+}
+
+/// `c * log2(c)` scaled by 2^32 and rounded, for `c` up to 256: a fixed-point sum of these
+/// has no drift however often the window moves.
+fn clogc_table() -> &'static [i64; 257] {
+    static TABLE: OnceLock<[i64; 257]> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut t = [0; 257];
+        for (c, slot) in t.iter_mut().enumerate().skip(1) {
+            let c = c as f64;
+            *slot = (c * c.log2() * 4_294_967_296.0).round() as i64;
+        }
+        t
+    })
+}
+
+impl Window {
+    fn add(&mut self, b: u8) {
+        let c = &mut self.counts[usize::from(b)];
+        self.sum += self.clogc[usize::from(*c) + 1] - self.clogc[usize::from(*c)];
+        *c += 1;
+        self.classes[class_of(b)] += 1;
+    }
+
+    fn remove(&mut self, b: u8) {
+        let c = &mut self.counts[usize::from(b)];
+        self.sum += self.clogc[usize::from(*c) - 1] - self.clogc[usize::from(*c)];
+        *c -= 1;
+        self.classes[class_of(b)] -= 1;
+    }
+
+    /// Moves the window to `buf[vs..ve]` (the same `buf` on every call).
+    fn set(&mut self, buf: &[u8], vs: usize, ve: usize) {
+        if vs < self.lo || ve < self.hi || vs > self.hi || ve - vs > 256 {
+            for &b in &buf[self.lo..self.hi] {
+                self.remove(b);
+            }
+            self.lo = vs;
+            self.hi = vs;
+        }
+        while self.lo < vs {
+            self.remove(buf[self.lo]);
+            self.lo += 1;
+        }
+        while self.hi < ve {
+            self.add(buf[self.hi]);
+            self.hi += 1;
+        }
+    }
+
+    /// Whether the counts hold the values they can (at most 256 bytes, `password_assignment`
+    /// judges at most 128).
+    fn fits(vs: usize, ve: usize) -> bool {
+        ve - vs <= 256
+    }
+
+    /// `high_entropy(v)` for the window's bytes `v`, from the counts.
+    fn high_entropy(&self, v: &[u8]) -> bool {
+        let classes = self.classes.iter().filter(|&&c| c > 0).count();
+        let digits = self.classes[2] > 0;
+        if classes < 2 || (classes == 2 && (v.len() < 20 || !digits)) {
+            return false;
+        }
+        let n = v.len() as f64;
+        let bits = n.log2() - self.sum as f64 / 4_294_967_296.0 / n;
+        // Within rounding of the threshold the direct count decides, so that the verdict is
+        // exactly `high_entropy`'s.
+        if (bits - 3.0).abs() < 1e-6 {
+            return shannon_bits(v) >= 3.0;
+        }
+        bits >= 3.0
+    }
 }
 
 impl Detectors {
@@ -610,23 +738,21 @@ impl Detectors {
         // Leftmost-first, restarted one byte after each hit (see `anchors`): overlapping search
         // would find the same anchors but cannot use the SIMD prefilter, which is what keeps
         // the no-match path at several GiB/s.
-        let anchors = AhoCorasick::builder()
-            .match_kind(MatchKind::LeftmostFirst)
-            .kind(Some(AhoCorasickKind::DFA))
-            .build(&literals)
-            .expect("anchor automaton from constant literals");
-        let heads = SPECS
-            .iter()
-            .map(|s| match s.shape {
-                Shape::Run { head, .. } if !head.is_empty() => Some(compile(head)),
-                _ => None,
-            })
-            .collect();
+        let build = |prefilter| {
+            AhoCorasick::builder()
+                .match_kind(MatchKind::LeftmostFirst)
+                .kind(Some(AhoCorasickKind::DFA))
+                .prefilter(prefilter)
+                .build(&literals)
+                .expect("anchor automaton from constant literals")
+        };
+        let anchors = build(true);
+        let dense = build(false);
         Detectors {
             anchors,
+            dense,
             by_anchor,
             literals,
-            heads,
             pem_header: compile(r"^-{5}BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-{5}"),
             pem_end: compile(r"-{5}END[A-Z0-9 ]{0,40}-{5}"),
         }
@@ -640,6 +766,7 @@ impl Detectors {
             memo: vec![Memo::default(); SPECS.len()],
             jwt: [Next::default(); 3],
             pem_end: None,
+            entropy: Window::default(),
         }
     }
 
@@ -652,11 +779,15 @@ impl Detectors {
         buf: &'a [u8],
     ) -> impl Iterator<Item = (usize, &'a [usize])> + 'a {
         let mut from = 0;
+        let mut near = false;
         std::iter::from_fn(move || {
             if from >= buf.len() {
                 return None;
             }
-            let m = self.anchors.find(Input::new(buf).range(from..))?;
+            let ac = if near { &self.dense } else { &self.anchors };
+            let m = ac.find(Input::new(buf).range(from..))?;
+            // Same matches either way; only the speed differs.
+            near = m.start() - from < 32;
             from = m.start() + 1;
             Some((m.start(), self.by_anchor[m.pattern().as_usize()].as_slice()))
         })
@@ -737,6 +868,7 @@ impl Detectors {
         match &spec.shape {
             Shape::Jwt => self.eval_jwt(st, buf, at, end),
             Shape::Run {
+                parse,
                 literal_heads,
                 head_max,
                 value,
@@ -748,8 +880,8 @@ impl Detectors {
                 ..
             } => {
                 let window = &buf[at..end.min(at + head_max)];
-                let head_len = match &self.heads[det] {
-                    Some(head) => head.find(window).map(|h| h.end()),
+                let head_len = match parse {
+                    Some(parse) => parse(window),
                     None => literal_heads
                         .iter()
                         .find(|l| window.starts_with(l.as_bytes()))
@@ -800,7 +932,15 @@ impl Detectors {
                     }
                     Plausible::HighEntropy => {
                         let v = &buf[vs..ve];
-                        high_entropy(v) && !is_code_reference(v) && !is_pagination_key(buf, at, vs)
+                        // The window counts up to 256 bytes; this detector's values are
+                        // at most 128.
+                        let high = if Window::fits(vs, ve) {
+                            st.entropy.set(buf, vs, ve);
+                            st.entropy.high_entropy(v)
+                        } else {
+                            high_entropy(v)
+                        };
+                        high && !is_code_reference(v) && !is_pagination_key(buf, at, vs)
                     }
                 };
                 if !ok {
@@ -963,6 +1103,135 @@ fn query_cut(buf: &[u8], vs: usize, ve: usize) -> usize {
     ve
 }
 
+/// `\\?["']` (or with `quotes`): an optional quote, JSON-escaped or not; where it ends.
+fn opt_quote(w: &[u8], i: usize, quotes: &[u8]) -> usize {
+    match (w.get(i), w.get(i + 1)) {
+        (Some(b'\\'), Some(q)) if quotes.contains(q) => i + 2,
+        (Some(q), _) if quotes.contains(q) => i + 1,
+        _ => i,
+    }
+}
+
+/// The length of the run of blanks (`[ \t]`) at `i`.
+fn blank_run(w: &[u8], i: usize) -> usize {
+    w.get(i..).map_or(0, |t| {
+        t.iter().take_while(|b| matches!(b, b' ' | b'\t')).count()
+    })
+}
+
+/// `lit` at `i`, ignoring ASCII case; where it ends.
+fn lit_ci(w: &[u8], i: usize, lit: &[u8]) -> Option<usize> {
+    let e = i + lit.len();
+    w.get(i..e)?.eq_ignore_ascii_case(lit).then_some(e)
+}
+
+/// `(?:\\?["'])?[ \t]{0,B}(?::=|=>|=|:)[ \t]{0,B}(?:\\?[Q])?` at `i`: the assignment after a
+/// keyword. Every part but the operator is optional and the parts cannot start with one
+/// another's bytes, so the greedy choice at each step is the regex's.
+fn assignment(w: &[u8], i: usize, blanks: usize, quotes: &[u8]) -> Option<usize> {
+    let i = opt_quote(w, i, b"\"'");
+    let r = blank_run(w, i);
+    if r > blanks {
+        return None;
+    }
+    let i = i + r;
+    let i = match (w.get(i)?, w.get(i + 1)) {
+        (b':', Some(b'=')) | (b'=', Some(b'>')) => i + 2,
+        (b':' | b'=', _) => i + 1,
+        _ => return None,
+    };
+    let i = i + blank_run(w, i).min(blanks);
+    Some(opt_quote(w, i, quotes))
+}
+
+/// `^A[KS]IA[A-Z0-9]{16}(?:\\?["'])?[ \t]{0,16}[,:;|=\t][ \t]{0,16}(?:\\?["'])?`
+fn head_aws_id_pair(w: &[u8]) -> Option<usize> {
+    let id = w.get(..20)?;
+    if !(id[0] == b'A'
+        && matches!(id[1], b'K' | b'S')
+        && &id[2..4] == b"IA"
+        && id[4..].iter().all(|b| UPPER_DIGIT[usize::from(*b)]))
+    {
+        return None;
+    }
+    let i = opt_quote(w, 20, b"\"'");
+    // A tab is a blank and a separator: the regex gives blanks back until a separator follows.
+    let r = blank_run(w, i);
+    let k = (0..=r.min(16))
+        .rev()
+        .find(|&k| w.get(i + k).is_some_and(|b| b",:;|=\t".contains(b)))?;
+    let i = i + k + 1;
+    let i = i + blank_run(w, i).min(16);
+    Some(opt_quote(w, i, b"\"'"))
+}
+
+/// `(?i)^secret[_-]?access[_-]?key` and an assignment (blanks up to 16, quotes `"'`).
+fn head_aws_secret_keyword(w: &[u8]) -> Option<usize> {
+    let sep = |i: usize| i + usize::from(matches!(w.get(i), Some(b'_' | b'-')));
+    let i = lit_ci(w, 0, b"secret")?;
+    let i = lit_ci(w, sep(i), b"access")?;
+    let i = lit_ci(w, sep(i), b"key")?;
+    assignment(w, i, 16, b"\"'")
+}
+
+/// `(?i)^authorization(?:\\?["'])?[ \t]{0,64}[:=][ \t]{0,64}(?:\\?["'])?` and an optional
+/// scheme word followed by 1 to 64 blanks.
+fn head_authorization(w: &[u8]) -> Option<usize> {
+    let i = lit_ci(w, 0, b"authorization")?;
+    let i = opt_quote(w, i, b"\"'");
+    let r = blank_run(w, i);
+    if r > 64 {
+        return None;
+    }
+    let i = i + r;
+    if !matches!(w.get(i)?, b':' | b'=') {
+        return None;
+    }
+    let i = i + 1;
+    let i = i + blank_run(w, i).min(64);
+    let i = opt_quote(w, i, b"\"'");
+    // No scheme word is a prefix of another, so at most one matches here.
+    let scheme = [
+        &b"bearer"[..],
+        b"basic",
+        b"token",
+        b"bot",
+        b"apikey",
+        b"sso-key",
+    ]
+    .iter()
+    .find_map(|s| lit_ci(w, i, s));
+    Some(match scheme {
+        Some(j) if blank_run(w, j) > 0 => j + blank_run(w, j).min(64),
+        _ => i,
+    })
+}
+
+/// `(?i)^(?:password|passwd|pwd|secret|token|api[_-]?key)[A-Za-z0-9_.-]{0,32}` and an
+/// assignment (blanks up to 64, quotes ``"'` ``).
+fn head_password(w: &[u8]) -> Option<usize> {
+    let i = [&b"password"[..], b"passwd", b"pwd", b"secret", b"token"]
+        .iter()
+        .find_map(|k| lit_ci(w, 0, k))
+        .or_else(|| {
+            let i = lit_ci(w, 0, b"api")?;
+            lit_ci(
+                w,
+                i + usize::from(matches!(w.get(i), Some(b'_' | b'-'))),
+                b"key",
+            )
+        })?;
+    // An identifier longer than 32 leaves an identifier byte where the assignment must start.
+    let n = w[i..]
+        .iter()
+        .take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        .count();
+    if n > 32 {
+        return None;
+    }
+    assignment(w, i + n, 64, b"\"'`")
+}
+
 /// Whether the head (`Authorization: Basic `) names the Basic scheme.
 fn head_ends_with_basic(head: &[u8]) -> bool {
     let t = head.trim_ascii_end();
@@ -987,21 +1256,21 @@ fn is_pagination_key(buf: &[u8], at: usize, value_start: usize) -> bool {
     while s > 0 && at - s < 64 && (buf[s - 1].is_ascii_alphanumeric() || buf[s - 1] == b'_') {
         s -= 1;
     }
-    let name: Vec<u8> = buf[s..value_start]
+    let len = buf[s..value_start]
         .iter()
         .take_while(|b| b.is_ascii_alphanumeric() || **b == b'_' || **b == b'-')
-        .map(u8::to_ascii_lowercase)
-        .collect();
+        .count();
+    let name = &buf[s..s + len];
     [
-        "page",
-        "cursor",
-        "continuation",
-        "max_",
-        "next_token",
-        "nexttoken",
+        &b"page"[..],
+        b"cursor",
+        b"continuation",
+        b"max_",
+        b"next_token",
+        b"nexttoken",
     ]
     .iter()
-    .any(|w| memchr::memmem::find(&name, w.as_bytes()).is_some())
+    .any(|w| name.windows(w.len()).any(|x| x.eq_ignore_ascii_case(w)))
 }
 
 /// Whether `w` (starting at a keyword) goes on like an assignment: the rest of an identifier,
@@ -1230,6 +1499,73 @@ mod tests {
                 .iter()
                 .filter(|s| s.name == name)
                 .all(|s| s.class == Class::Generic));
+        }
+    }
+
+    proptest::proptest! {
+        /// The moving window judges every value as `high_entropy` does on the value alone,
+        /// whichever way the window moves.
+        #[test]
+        fn moving_entropy_window_agrees_with_a_fresh_count(
+            buf in proptest::collection::vec(proptest::sample::select(&b"aB3!cD4?aaZ9._"[..]), 0..400),
+            moves in proptest::collection::vec((0usize..400, 0usize..140), 1..40),
+        ) {
+            let mut w = Window::default();
+            for (vs, len) in moves {
+                let vs = vs.min(buf.len());
+                let ve = (vs + len).min(buf.len());
+                w.set(&buf, vs, ve);
+                let v = &buf[vs..ve];
+                proptest::prop_assert_eq!(w.high_entropy(v), high_entropy(v), "{:?}", v);
+            }
+        }
+    }
+
+    #[test]
+    fn entropy_exactly_at_the_threshold_is_decided_as_by_a_fresh_count() {
+        let buf = b"aB3!cD4?".repeat(3);
+        let mut w = Window::default();
+        w.set(&buf, 0, buf.len());
+        assert!(high_entropy(&buf));
+        assert!(w.high_entropy(&buf));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1024))]
+        /// Each hand-written head matches exactly what its regex matches (the definition), on
+        /// windows made of the pieces the heads care about.
+        #[test]
+        fn hand_written_heads_agree_with_their_regexes(
+            start in proptest::sample::select(vec![
+                "password", "PassWd", "PWD", "secret", "Token", "api_key", "API-KEY", "apikey",
+                "api_", "secret_access_key", "SECRET-ACCESSKEY", "secretaccess_key",
+                "secret_access", "authorization", "Authorization", "AKIAabc", "A", "AKIA", "ASIA",
+            ]),
+            id in proptest::sample::select(vec!["", "ABCDEFGHIJKLMNOP", "0123456789ABCDEF"]),
+            pieces in proptest::collection::vec(proptest::sample::select(vec![
+                "", " ", "\t", "  \t ", ":", "=", ":=", "=>", ",", ";", "|", "\"", "'", "\\\"",
+                "\\'", "\\", "`", "\\`", "_id", "-", ".", "x", "Zz9", "key", "Bearer", "basic",
+                "TOKEN", "bot", "apikey", "sso-key", "\n", "&",
+            ]), 0..12),
+            blanks in 0usize..70,
+            at in 0usize..12,
+        ) {
+            // Key-shaped samples are assembled here, so that this file does not trip the
+            // repository self-check.
+            let mut w = [start, id].concat();
+            for (i, p) in pieces.iter().enumerate() {
+                if i == at {
+                    w.push_str(&" ".repeat(blanks));
+                }
+                w.push_str(p);
+            }
+            let w = w.into_bytes();
+            for spec in SPECS {
+                if let Shape::Run { head, parse: Some(parse), .. } = spec.shape {
+                    let want = compile(head).find(&w).map(|m| m.end());
+                    proptest::prop_assert_eq!(parse(&w), want, "{} on {:?}", spec.name, String::from_utf8_lossy(&w));
+                }
+            }
         }
     }
 

@@ -59,6 +59,14 @@ pub(crate) struct Scan {
     pub(crate) wake: Option<Wake>,
 }
 
+/// Which detector sets found a hit (known values count as the engine's own).
+#[derive(Clone, Copy)]
+struct Tier {
+    own: bool,
+    extra: bool,
+}
+
+#[derive(Clone, Copy)]
 struct Hit {
     /// The offset whose finality decides this hit: its start for a known value, its anchor for
     /// a detector (whose value may start after a keyword).
@@ -161,10 +169,8 @@ impl Engine {
                 .known
                 .as_ref()
                 .map_or("known", |k| k.labels[i as usize].as_str()),
-            Label::Detector(d) => self
-                .detectors
-                .as_ref()
-                .map_or("detector", |(d2, _, _)| d2.name(d)),
+            // `find_with` may run detectors this engine does not.
+            Label::Detector(d) => detectors::get().name(d),
         }
     }
 
@@ -192,103 +198,172 @@ impl Engine {
     pub(crate) fn scan(&self, buf: &[u8], prev: [Option<u8>; 2], eof: bool) -> Scan {
         let mut safe = buf.len();
         let mut hits = Vec::new();
+        let (escapes, pending) =
+            self.collect(buf, prev, eof, DetectorSet::NONE, &mut safe, &mut |h, _| {
+                hits.push(h)
+            });
+        settle(hits, safe, escapes, pending)
+    }
+
+    /// A whole buffer's findings in one pass: this engine's, and, merged apart, those of the
+    /// detectors in `extra` (whether or not this engine runs them too). Equal to `scan` of an
+    /// engine for each set: a whole buffer's findings are its hits merged, and a verdict does
+    /// not depend on which other detectors ran (the request scan splits strong from generic
+    /// findings this way instead of scanning twice).
+    pub(crate) fn find_with(&self, buf: &[u8], extra: DetectorSet) -> (Vec<Span>, Vec<Span>) {
+        let mut safe = buf.len();
+        let mut own = Vec::new();
+        let mut other = Vec::new();
+        self.collect(buf, [None; 2], true, extra, &mut safe, &mut |h, tier| {
+            if tier.extra {
+                other.push(h);
+            }
+            if tier.own {
+                own.push(h);
+            }
+        });
+        (merge(own), merge(other))
+    }
+
+    /// Every hit in `buf`, with the detectors of this engine and of `extra`, handed to `out`
+    /// with which of the two sets found it; lowers `safe` for what a stream must hold back.
+    /// Returns the JSON escapes of `buf` and the first anchor whose verdict is pending.
+    fn collect(
+        &self,
+        buf: &[u8],
+        prev: [Option<u8>; 2],
+        eof: bool,
+        extra: DetectorSet,
+        safe: &mut usize,
+        out: &mut dyn FnMut(Hit, Tier),
+    ) -> (Option<Escapes>, Option<(usize, Wake)>) {
+        let known_tier = Tier {
+            own: true,
+            extra: false,
+        };
         // JSON escapes are only looked at for known values: a detector's formats have no
         // characters that JSON escapes.
         let escapes = self.known.as_ref().and_then(|_| Escapes::of(buf, eof));
         if let Some(k) = &self.known {
             if !eof {
-                safe = safe.min(k.prefixes.tail_start(buf));
+                *safe = (*safe).min(k.prefixes.tail_start(buf));
             }
             for m in k.automaton.find_iter(buf) {
-                hits.push(Hit {
-                    key: m.start(),
-                    start: m.start(),
-                    end: m.end(),
-                    label: Label::Known(k.label_of[m.pattern().as_usize()]),
-                    priority: 0,
-                });
+                out(
+                    Hit {
+                        key: m.start(),
+                        start: m.start(),
+                        end: m.end(),
+                        label: Label::Known(k.label_of[m.pattern().as_usize()]),
+                        priority: 0,
+                    },
+                    known_tier,
+                );
             }
             if let Some(esc) = &escapes {
                 if let Some(at) = esc.incomplete.filter(|_| !eof) {
-                    safe = safe.min(at);
+                    *safe = (*safe).min(at);
                 }
                 if let Some(view) = esc.view(buf) {
                     if !eof {
-                        safe = safe.min(view.start_of(k.prefixes.tail_start(&view.bytes)));
+                        *safe = (*safe).min(view.start_of(k.prefixes.tail_start(&view.bytes)));
                     }
                     for m in k.automaton.find_iter(&view.bytes) {
                         let start = view.start_of(m.start());
-                        hits.push(Hit {
-                            key: start,
-                            start,
-                            end: view.end_of(m.end()),
-                            label: Label::Known(k.label_of[m.pattern().as_usize()]),
-                            priority: 0,
-                        });
+                        out(
+                            Hit {
+                                key: start,
+                                start,
+                                end: view.end_of(m.end()),
+                                label: Label::Known(k.label_of[m.pattern().as_usize()]),
+                                priority: 0,
+                            },
+                            known_tier,
+                        );
                     }
                 }
             }
         }
         // The first anchor whose verdict is pending, and what could change it.
         let mut pending: Option<(usize, Wake)> = None;
-        if let Some((d, prefixes, set)) = &self.detectors {
-            if !eof {
-                safe = safe.min(prefixes.tail_start(buf));
+        let own = self.detectors.as_ref().map_or(DetectorSet::NONE, |d| d.2);
+        let set = own.union(extra);
+        if set.is_empty() {
+            return (escapes, pending);
+        }
+        let d = self.detectors.as_ref().map_or_else(detectors::get, |d| d.0);
+        if let (Some((_, prefixes, _)), false) = (&self.detectors, eof) {
+            *safe = (*safe).min(prefixes.tail_start(buf));
+        }
+        let mut st = d.state();
+        for (at, dets) in d.anchors(buf) {
+            if at >= *safe {
+                // Rescanned with the next chunk.
+                break;
             }
-            let mut st = d.state();
-            for (at, dets) in d.anchors(buf) {
-                if at >= safe {
-                    // Rescanned with the next chunk.
-                    break;
+            for &det in dets {
+                if !set.has(det) {
+                    continue;
                 }
-                for &det in dets {
-                    if !set.has(det) {
-                        continue;
+                match d.eval(&mut st, det, buf, at, prev, eof) {
+                    Eval::Pending(wake) => {
+                        *safe = (*safe).min(at);
+                        pending = Some(match pending {
+                            Some((p, w)) if p == at => (p, w.merge(wake)),
+                            Some(earlier) => earlier,
+                            None => (at, wake),
+                        });
                     }
-                    match d.eval(&mut st, det, buf, at, prev, eof) {
-                        Eval::Pending(wake) => {
-                            safe = safe.min(at);
-                            pending = Some(match pending {
-                                Some((p, w)) if p == at => (p, w.merge(wake)),
-                                Some(earlier) => earlier,
-                                None => (at, wake),
-                            });
-                        }
-                        Eval::Miss => {}
-                        Eval::Hit(start, end) => hits.push(Hit {
+                    Eval::Miss => {}
+                    Eval::Hit(start, end) => out(
+                        Hit {
                             key: at,
                             start,
                             end,
                             label: Label::Detector(det),
                             priority: 1 + d.priority(det),
-                        }),
-                    }
+                        },
+                        Tier {
+                            own: own.has(det),
+                            extra: extra.has(det),
+                        },
+                    ),
                 }
             }
         }
-        // Where a pending verdict stopped the anchors: if only it (not a trailing prefix)
-        // limited `safe`, a rescan cannot move `safe` until that verdict can change, whatever
-        // earlier hits crossing it pulled `safe` back to.
-        let limited_by_pending = pending.filter(|(at, _)| *at == safe);
-        // Pull `safe` back until nothing crosses it and it falls between JSON escapes (so the
-        // next scan tokenizes as this one did); it only moves left, so this ends.
-        loop {
-            if let Some(esc) = &escapes {
-                safe = esc.boundary_at_or_before(safe);
-            }
-            let uncrossed = uncrossed(&mut hits, safe);
-            if uncrossed == safe {
-                break;
-            }
-            safe = uncrossed;
+        (escapes, pending)
+    }
+}
+
+/// Settles `safe` and the spans of one scan (see the module doc).
+fn settle(
+    mut hits: Vec<Hit>,
+    mut safe: usize,
+    escapes: Option<Escapes>,
+    pending: Option<(usize, Wake)>,
+) -> Scan {
+    // Where a pending verdict stopped the anchors: if only it (not a trailing prefix)
+    // limited `safe`, a rescan cannot move `safe` until that verdict can change, whatever
+    // earlier hits crossing it pulled `safe` back to.
+    let limited_by_pending = pending.filter(|(at, _)| *at == safe);
+    // Pull `safe` back until nothing crosses it and it falls between JSON escapes (so the
+    // next scan tokenizes as this one did); it only moves left, so this ends.
+    loop {
+        if let Some(esc) = &escapes {
+            safe = esc.boundary_at_or_before(safe);
         }
-        hits.retain(|h| h.key < safe);
-        let wake = limited_by_pending.map(|(_, w)| w);
-        Scan {
-            spans: merge(hits),
-            safe,
-            wake,
+        let uncrossed = uncrossed(&mut hits, safe);
+        if uncrossed == safe {
+            break;
         }
+        safe = uncrossed;
+    }
+    hits.retain(|h| h.key < safe);
+    let wake = limited_by_pending.map(|(_, w)| w);
+    Scan {
+        spans: merge(hits),
+        safe,
+        wake,
     }
 }
 

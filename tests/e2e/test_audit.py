@@ -412,3 +412,92 @@ def test_held_secret_in_the_url_is_refused_and_kept_out_of_the_audit_log(keygate
     assert KEY not in kg.audit_path.read_text()
     assert kg.audit_record(in_path.headers["x-request-id"])["path"].startswith("/v1/chat/completions/[REDACTED")
     assert kg.audit_record(as_value.headers["x-request-id"])["query_params"] == ["key"]
+
+
+def two_signed_runs(keygate, keygate_bin, fake_upstream, tmp_path):
+    """Two keygate runs, two answered requests each, on one signed log: returns the log's lines,
+    the log, the head file, the public key and the config."""
+    token = new_token()
+    state = tmp_path / "state"
+    config = f'state_dir = "{state}"\n' + native_config(fake_upstream.url, agent_routes=("openai",))
+    env = {"KEYGATE_AGENT_TOKEN": token, "OPENAI_API_KEY": fake_secret("sk-proj-head"), "ANTHROPIC_API_KEY": fake_secret("sk-ant-head")}
+    audit = tmp_path / "signed.jsonl"
+    for run in range(2):
+        kg = keygate(config, env=env, audit_log=audit)
+        with kg.client() as c:
+            for i in range(2):
+                body = dict(CHAT_BODY, user=f"run{run}-{i}")
+                r = c.post("/openai/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {token}"})
+                assert r.status_code == 200, r.text
+        assert kg.stop() == 0
+    printed = run_keygate(keygate_bin, ["audit", "key", "--config", str(kg.config_path)], tmp_path)
+    assert printed.returncode == 0, printed.stderr
+    return audit.read_text().splitlines(), audit, state / "audit.head", printed.stdout.strip(), kg.config_path
+
+
+def test_log_cut_at_a_run_boundary_verifies_alone_but_fails_against_the_head_file(
+    keygate, keygate_bin, fake_upstream, tmp_path
+):
+    lines, audit, head, public, config = two_signed_runs(keygate, keygate_bin, fake_upstream, tmp_path)
+    assert stat.S_IMODE(head.stat().st_mode) == 0o600
+    assert [p.name for p in head.parent.iterdir() if p.name.endswith(".tmp")] == []
+    events = [json.loads(line).get("event") for line in lines]
+    end_of_run_1 = events.index("stop") + 1
+    assert end_of_run_1 < len(lines) and events[-1] == "stop"
+
+    # The benign neighbour: the whole log reaches the record the head names.
+    whole = verify(keygate_bin, audit, "--strict", "--key", public, "--head", head)
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    assert f":{len(lines)}: reaches the end anchor" in whole.stdout, whole.stdout
+
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text("\n".join(lines[:end_of_run_1]) + "\n")
+    # Everything left is intact and signed: alone, the cut cannot be seen...
+    alone = verify(keygate_bin, cut, "--strict", "--key", public)
+    assert alone.returncode == 0 and "closed by a stop record" in alone.stdout, alone.stdout
+    # ...against the head file it can, naming what is missing.
+    caught = verify(keygate_bin, cut, "--strict", "--key", public, "--head", head)
+    assert caught.returncode == 1, caught.stdout + caught.stderr
+    assert f"lines {end_of_run_1 + 1}..{len(lines)} are missing" in caught.stdout, caught.stdout
+    as_json = verify(keygate_bin, cut, "--key", public, "--head", head, "--json")
+    assert as_json.returncode == 1 and json.loads(as_json.stdout)["line"] == end_of_run_1 + 1, as_json.stdout
+    # --config finds the head file in the config's state_dir.
+    via_config = verify(keygate_bin, cut, "--key", public, "--config", config)
+    assert via_config.returncode == 1 and "are missing" in via_config.stdout, via_config.stdout
+    assert "head file was written for" in via_config.stdout, via_config.stdout
+    assert verify(keygate_bin, audit, "--key", public, "--config", config).returncode == 0
+    by_hash = verify(keygate_bin, cut, "--to-hash", json.loads(lines[-1])["hash"])
+    assert by_hash.returncode == 1, by_hash.stdout
+
+    # A head pointed back at the cut's end, without the key, does not hold.
+    moved = json.loads(head.read_text())
+    moved.update(hash=json.loads(lines[end_of_run_1 - 1])["hash"], line=end_of_run_1)
+    forged_head = tmp_path / "forged.head"
+    forged_head.write_text(json.dumps(moved))
+    forged = verify(keygate_bin, cut, "--key", public, "--head", forged_head)
+    assert forged.returncode == 1 and "does not hold" in forged.stdout, forged.stdout
+    # The head is checked with the key, so it needs one.
+    assert verify(keygate_bin, cut, "--head", head).returncode == 2
+
+
+def test_well_formed_record_with_a_wrong_hash_before_a_start_record_is_broken_not_a_crash_cut(
+    keygate, keygate_bin, fake_upstream, tmp_path
+):
+    lines, audit, head, public, config = two_signed_runs(keygate, keygate_bin, fake_upstream, tmp_path)
+    second_start = [n for n, line in enumerate(lines) if json.loads(line).get("event") == "start"][1]
+    forged_record = dict(json.loads(lines[1]), request_id="forged", status=200, hash="11" * 32)
+    forged = tmp_path / "forged.jsonl"
+    forged.write_text("\n".join(lines[:second_start] + [json.dumps(forged_record, separators=(",", ":"))] + lines[second_start:]) + "\n")
+    result = verify(keygate_bin, forged, "--key", public)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f":{second_start + 1}: hash does not match" in result.stdout, result.stdout
+    assert "cut mid-write" not in result.stdout
+
+    # The benign neighbour: a line really cut mid-write there is still reported, not broken.
+    torn = tmp_path / "torn.jsonl"
+    torn.write_text("\n".join(lines[:second_start] + [lines[1][:45]] + lines[second_start:]) + "\n")
+    # The next run's start record chains to the line before the torn one.
+    restarted = verify(keygate_bin, torn, "--key", public)
+    assert restarted.returncode == 0 and f":{second_start + 1}: cut mid-write by a crash" in restarted.stdout, (
+        restarted.stdout
+    )

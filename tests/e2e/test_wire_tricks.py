@@ -40,7 +40,7 @@ secret = "openai"
 allow = ["GET /v1/files/*"]
 allow_range = true
 """
-    routes = '"openai", "ranged", "gemini"' + (', "raw", "rawranged"' if raw_upstream else "")
+    routes = '"openai", "ranged", "gemini", "streamed"' + (', "raw", "rawranged"' if raw_upstream else "")
     return f"""\
 listen = ["127.0.0.1:0"]
 
@@ -57,6 +57,13 @@ prefix = "/openai"
 upstream = "{upstream}"
 secret = "openai"
 allow = ["POST /v1/chat/completions", "GET /v1/models", "GET /v1/files/*"]
+
+[routes.streamed]
+prefix = "/streamed"
+upstream = "{upstream}"
+secret = "openai"
+allow = ["POST /v1/chat/completions"]
+request_scan = "redact"
 
 [routes.ranged]
 prefix = "/ranged"
@@ -393,6 +400,51 @@ def test_method_override_naming_the_request_method_is_dropped_and_forwarded(wire
     assert seen.method == "POST" and seen.header(name) is None, seen.headers
 
 
+# === 3b: the `_method` parameter Rails, Laravel and Symfony read as the method of a POST ===
+
+
+@pytest.mark.parametrize(
+    "query", ["_method=DELETE", "a=1&_METHOD=delete", "%5Fmethod=PUT", ".method=DELETE", "_method%5B%5D=PATCH"]
+)
+def test_method_override_query_parameter_naming_another_method_is_refused(wire, fake_upstream, query):
+    with wire.client() as c:
+        r = c.post(f"/openai/v1/chat/completions?{query}", content=BODY)
+    assert_refused(wire, r, 400, "method_override_not_allowed")
+    assert fake_upstream.requests == []
+
+
+def test_method_query_parameter_naming_the_request_method_or_another_name_is_forwarded(wire, fake_upstream):
+    query = "_method=post&my_method=DELETE&q=_method%3DDELETE"
+    with wire.client() as c:
+        r = c.post(f"/openai/v1/chat/completions?{query}", content=BODY)
+    assert r.status_code == 200, r.text
+    [seen] = fake_upstream.requests
+    assert (seen.method, seen.query) == ("POST", query)
+
+
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+
+
+@pytest.mark.parametrize("prefix", ["/openai", "/streamed"])
+def test_form_body_method_field_naming_another_method_is_refused(wire, fake_upstream, prefix):
+    """Also on a route whose bodies otherwise stream (`request_scan = "redact"`): a form body is
+    read whole to be checked."""
+    with wire.client() as c:
+        r = c.post(f"{prefix}/v1/chat/completions", content=b"a=1&_method=DELETE", headers=FORM)
+    assert_refused(wire, r, 400, "method_override_not_allowed")
+    assert fake_upstream.requests == []
+
+
+@pytest.mark.parametrize("prefix", ["/openai", "/streamed"])
+def test_form_body_naming_the_request_method_or_mentioning_method_is_forwarded(wire, fake_upstream, prefix):
+    body = b"text=set+_method%3DDELETE&_method=POST"
+    with wire.client() as c:
+        r = c.post(f"{prefix}/v1/chat/completions", content=body, headers=FORM)
+        as_json = c.post(f"{prefix}/v1/chat/completions", json={"_method": "DELETE", "messages": []})
+    assert r.status_code == 200 and as_json.status_code == 200, (r.text, as_json.text)
+    assert [seen.body for seen in fake_upstream.requests][0] == body
+
+
 # === 4: range requests ===
 
 RANGE_HEADERS = {"Range": "bytes=0-9", "If-Range": '"etag"', "Request-Range": "bytes=0-9"}
@@ -435,6 +487,22 @@ def test_partial_answer_to_a_ranged_request_on_an_allowing_route_is_passed_on(ke
         r = c.get("/rawranged/v1/files/f1", headers={"Range": "bytes=0-9"})
     assert r.status_code == 206, r.text
     assert "range: bytes=0-9" in raw_upstream.heads[0].lower()
+
+
+def switching_protocols(head: str) -> bytes:
+    echo = json.dumps({"echo": bearer_of(head)}).encode()
+    return b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n" + echo
+
+
+def test_switching_protocols_answer_to_a_request_without_upgrade_is_refused(keygate, fake_upstream, raw_upstream):
+    """keygate proxies no upgrade, so a 101 is never one the agent asked for; whatever protocol
+    follows it could not be redacted. (The raw route's ordinary 200 answers pass: see
+    test_upstream_answer_labelled_identity_or_chunked_is_passed_on_redacted.)"""
+    s = with_raw(keygate, fake_upstream, raw_upstream, switching_protocols)
+    with s.client() as c:
+        r = c.post("/raw/v1/chat/completions", content=BODY)
+    assert_refused(s, r, 502, "upstream_protocol_switch")
+    assert s.openai_key not in r.text and "upgrade" not in {k.lower() for k in r.headers}
 
 
 # === 5: the agent's own copy of an injected query parameter ===
