@@ -63,37 +63,62 @@ impl std::ops::Index<SecretId> for Vec<SecretSpec> {
 #[derive(Debug, thiserror::Error)]
 #[error("{}:{line}: {key}: {message}", file.display())]
 pub struct ConfigError {
+    /// The config file that was read.
     pub file: PathBuf,
+    /// 1-based line the wrong value was written on; 0 when the error is about the whole file
+    /// (unreadable, or neither `.toml` nor `.json`).
     pub line: usize,
+    /// The key to fix, spelled as the file's format spells it (`routes.openai.timeout`,
+    /// `upstream_timeout_seconds`); `(file)` for the file as a whole.
     pub key: String,
+    /// What is wrong and, where it helps, how to write it instead.
     pub message: String,
 }
 
+/// A checked config: every value valid, every default filled in, every name resolved to an id.
+/// Built once by [`Config::load`]; it says where secrets live and never holds their values.
 #[derive(Debug)]
 pub struct Config {
+    /// The file it was loaded from; errors and the audit `start` record name it.
     pub file: PathBuf,
+    /// The format the file was written in; a lab config keeps the lab broker's behaviours.
     pub format: Format,
+    /// Where agents connect; never empty, and TCP addresses are loopback unless
+    /// `allow_non_loopback` is set.
     pub listen: Vec<Listen>,
+    /// Whether allowed requests are forwarded or only described.
     pub mode: Mode,
+    /// The JSONL audit log appended to (`audit_log`, the lab's `event_log`; `events.jsonl` by
+    /// default).
     pub audit_log: PathBuf,
     /// Hash-chain audit records (`prev_hash`/`hash`).
     pub audit_chain: bool,
     /// Refuse requests when the audit log cannot be written (the default) rather than serve
     /// them unaudited.
     pub audit_fail_closed: bool,
+    /// keygate's own state: the state store (`state.db`: tokens, freezes, budgets, approvals),
+    /// the audit signing key (`audit.key`) and the admin socket. Must not be writable by group
+    /// or others.
     pub state_dir: Option<PathBuf>,
     /// The admin socket; `state_dir/admin.sock` when unset.
     pub admin_socket: Option<PathBuf>,
     /// Run (no shell) for each new pending approval, with the approval as JSON on stdin.
     pub approval_notify: Vec<String>,
+    /// Largest request body accepted, in bytes (262144 by default); a larger one gets 413
+    /// `request_too_large`.
     pub max_request_bytes: u64,
+    /// Time allowed to open the TCP connection to an upstream; for a lab config never more than
+    /// its `upstream_timeout_seconds`.
     pub connect_timeout: Duration,
+    /// Bounds on accepted connections (`[connections]`; the defaults for a lab config).
     pub connections: Connections,
     /// Browser origins allowed to call keygate; none by default, so a web page cannot.
     pub allowed_origins: Vec<String>,
+    /// Every configured secret, indexed by [`SecretId`]: where its value lives, not the value.
     pub secrets: Vec<SecretSpec>,
     /// Longest prefix first, so the first match is the most specific.
     pub routes: Vec<Route>,
+    /// The agents that may call keygate, indexed by [`AgentId`].
     pub agents: Vec<Agent>,
     /// The lab broker's fields, kept for `/healthz` when the config came from its JSON format.
     pub seed: Option<SeedInfo>,
@@ -101,39 +126,61 @@ pub struct Config {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
+/// The file format a config was written in, chosen by the file's extension.
 pub enum Format {
+    /// keygate's own TOML (`.toml`).
     Native,
+    /// The lab broker's JSON (`.json`): its routes answer only `POST`, and a secret that cannot
+    /// be fetched at start-up is fetched again at first use instead of stopping start-up.
     Seed,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
+/// What keygate does with an allowed request (`mode`).
 pub enum Mode {
+    /// Forward it upstream with the credential attached (the default).
     Proxy,
+    /// Answer with what would have been sent, the credential named by its key id; no secret is
+    /// fetched and no upstream is contacted.
     DryRun,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
+/// One address agents connect to.
 pub enum Listen {
+    /// A TCP address such as `127.0.0.1:8791`.
     Tcp(std::net::SocketAddr),
+    /// A Unix socket (`unix:/path`, `~/` expanded); audit records name the connecting process.
     Unix(PathBuf),
 }
 
+/// One upstream keygate forwards to (`[routes.NAME]`): which requests reach it, what they may
+/// do there and how the credential is attached.
 #[derive(Debug, Serialize)]
 pub struct Route {
+    /// `NAME` in `[routes.NAME]` (`default` for a lab config); audit records and errors show it.
     pub name: String,
     /// `/openai`; `/` for the lab's single route.
     pub prefix: String,
+    /// Where matching requests go; the path after the prefix is appended to its base path.
     pub upstream: Upstream,
     /// The secret attached to requests, if any (`effective_policy` shows its name).
     #[serde(skip)]
     pub secret: Option<SecretId>,
+    /// How the secret is attached to the upstream request (`inject`; bearer by default).
     pub inject: Inject,
+    /// `METHOD /path` rules; a request matching none gets 403 `path_not_allowed`.
     pub allow: Vec<Rule>,
+    /// A data classification label (`unclassified` by default), copied into the route's audit
+    /// records; keygate does not act on it.
     pub classification: String,
+    /// Headers set on every upstream request; none of them is the credential's header, a
+    /// caller-credential header or a framing header (such a config is refused at load).
     #[serde(serialize_with = "ser_headers")]
     pub extra_headers: Vec<(HeaderName, HeaderValue)>,
+    /// Whether a person must approve each request before it is forwarded.
     pub approval: Approval,
     /// Time allowed for the upstream's response headers, and between body chunks after that.
     #[serde(with = "humantime_serde")]
@@ -197,6 +244,7 @@ pub enum RequestScan {
     RefuseStrict,
     /// Forward with every strong finding replaced by `[REDACTED:label]`; the body streams.
     Redact,
+    /// No scan: requests are forwarded as the agent wrote them.
     Off,
 }
 
@@ -207,12 +255,15 @@ impl RequestScan {
     }
 }
 
+/// A route's upstream base URL, split once at load so no request parses it again.
 #[derive(Clone, Debug, Serialize)]
 pub struct Upstream {
     /// As written in config, for display.
     pub url: String,
+    /// `http` or `https`; no other scheme is accepted.
     #[serde(skip)]
     pub scheme: http::uri::Scheme,
+    /// `host[:port]`, also sent as the upstream request's `Host`; never holds credentials.
     #[serde(skip)]
     pub authority: http::uri::Authority,
     /// Host name, for audit `destination`.
@@ -221,6 +272,7 @@ pub struct Upstream {
     pub base_path: String,
 }
 
+/// How a route attaches its secret to the upstream request (`inject`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum Inject {
@@ -228,28 +280,42 @@ pub enum Inject {
     Bearer,
     /// `<name>: <format with {secret} replaced>`; format defaults to `{secret}`.
     Header {
+        /// The header the credential goes in (`header:NAME`).
         #[serde(serialize_with = "ser_header_name")]
         name: HeaderName,
+        /// The header's value (`inject_format`); always contains `{secret}`.
         format: String,
     },
     /// `Authorization: Basic base64(<username>:<secret>)`; without a username the secret is
     /// taken to be `user:password` already.
-    Basic { username: Option<String> },
+    Basic {
+        /// `basic_username`; `None` when the secret is `user:password` already.
+        username: Option<String>,
+    },
     /// `?<name>=<secret>` appended to the query string.
-    Query { name: String },
+    Query {
+        /// The query parameter (`query:NAME`); the agent's own parameters of that name, in
+        /// every spelling an upstream may read as it, are dropped first.
+        name: String,
+    },
 }
 
+/// Whether a person approves a route's requests before they are forwarded (`approval`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Approval {
+    /// No approval is asked for (the default).
     Never,
-    /// A person approves each request.
+    /// A person approves each request over the admin socket (`keygate approve ID`); no answer
+    /// within the timeout is 403 `approval_timeout`.
     Each {
+        /// How long to wait for the person's answer (`approval_timeout`, 120 s by default).
         #[serde(with = "humantime_serde")]
         timeout: Duration,
     },
     /// A person approves the first request of each token on this route.
     OncePerToken {
+        /// How long to wait for the person's answer (`approval_timeout`, 120 s by default).
         #[serde(with = "humantime_serde")]
         timeout: Duration,
     },
@@ -265,8 +331,11 @@ impl Approval {
     }
 }
 
+/// A caller of keygate (`[agents.NAME]`): who it is, the token that proves it, and what it may
+/// use.
 #[derive(Debug, Serialize)]
 pub struct Agent {
+    /// `NAME` in `[agents.NAME]`; audit records show it as `agent`.
     pub name: String,
     /// The person this agent acts for, recorded in audit.
     pub person: Option<String>,
@@ -278,7 +347,10 @@ pub struct Agent {
     /// Routes this agent may use; `None` means every route (`effective_policy` shows names).
     #[serde(skip)]
     pub routes: Option<Vec<RouteId>>,
+    /// Requests allowed per period (`rate = "60/min"`); over it, 429 `rate_limited`.
     pub rate: Option<Rate>,
+    /// Tokens allowed per period (`budget_tokens`); a request that may cost more than is left
+    /// gets 429 `budget_exhausted`.
     pub budget: Option<Budget>,
     /// Callers on a Unix listener with one of these peer uids are this agent, without a token.
     pub unix_uids: Vec<u32>,
@@ -287,20 +359,31 @@ pub struct Agent {
     pub budget_reserve: Option<u64>,
 }
 
+/// An agent's token budget: at most `limit` tokens in each period of `per`, periods counted
+/// from start-up.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Budget {
+    /// Tokens (input and output, as the upstream reports usage) allowed per period.
     pub limit: u64,
+    /// Length of one period (`minute`, `hour`, `day` or a duration as written).
     #[serde(with = "humantime_serde")]
     pub per: Duration,
 }
 
+/// The lab broker's own settings, kept so `/healthz` answers as that broker did.
 #[derive(Debug, Serialize)]
 pub struct SeedInfo {
+    /// `listen_host` as written: an IP address or `localhost`.
     pub listen_host: String,
+    /// `listen_port` as written; `/healthz` shows the port actually bound (they differ for 0).
     pub listen_port: u16,
+    /// `upstream_base_url` as written.
     pub upstream_base_url: String,
+    /// `allowed_paths` as written: exact paths, each allowed for `POST`.
     pub allowed_paths: Vec<String>,
+    /// Whether `client_token_env` is set, so callers must present a token.
     pub client_auth: bool,
+    /// The secret's source label (`env:NAME`, `command:op read`, `none`), never its value.
     pub secret_source: String,
 }
 
@@ -316,6 +399,8 @@ impl Config {
         Self::from_text(path, &text)
     }
 
+    /// Validates config text as if read from `path`: its extension picks the format, and errors
+    /// name it.
     pub fn from_text(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let spec = match path.extension().and_then(|e| e.to_str()) {
             Some("json") => seed::parse(path, text)?,

@@ -19,13 +19,16 @@ use super::{Format, Mode, RequestScan};
 
 /// Where a value was written: `file:line: key`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Pos {
+pub(crate) struct Pos {
+    /// 1-based; 0 when no line can be named.
     pub line: usize,
+    /// The key in its format's spelling, dotted for nested tables.
     pub key: String,
 }
 
 impl Pos {
-    pub fn new(line: usize, key: impl Into<String>) -> Pos {
+    /// The position of `key`, written on `line`.
+    pub(crate) fn new(line: usize, key: impl Into<String>) -> Pos {
         Pos {
             line,
             key: key.into(),
@@ -33,51 +36,55 @@ impl Pos {
     }
 
     /// A key inside this table, reported at the table's line (for a key that is missing).
-    pub fn child(&self, key: &str) -> Pos {
+    pub(crate) fn child(&self, key: &str) -> Pos {
         Pos::new(self.line, format!("{}.{key}", self.key))
     }
 }
 
 /// A value and where it was written.
 #[derive(Clone, Debug)]
-pub struct At<T> {
+pub(crate) struct At<T> {
     pub value: T,
     pub pos: Pos,
 }
 
 impl<T> At<T> {
-    pub fn new(value: T, pos: Pos) -> At<T> {
+    /// `value`, written at `pos`.
+    pub(crate) fn new(value: T, pos: Pos) -> At<T> {
         At { value, pos }
     }
 }
 
 /// A duration as the format writes it.
 #[derive(Clone, Debug)]
-pub enum Dur {
+pub(crate) enum Dur {
     /// humantime text: `30s`, `15m`, `1h`.
     Text(String),
     /// A JSON number of seconds (the lab broker's `*_seconds` keys).
     Seconds(f64),
 }
 
+/// A listener as the format writes it.
 #[derive(Clone, Debug)]
-pub enum ListenSpec {
+pub(crate) enum ListenSpec {
     /// `127.0.0.1:8791` or `unix:/path`.
     Text(String),
     /// The lab broker's `listen_host` (an IP or `localhost`) and `listen_port`.
     HostPort(String, u16),
 }
 
+/// An allow rule as the format writes it.
 #[derive(Clone, Debug)]
-pub enum RuleSpec {
+pub(crate) enum RuleSpec {
     /// `METHOD /path` with `*` and `**`.
     Pattern(String),
     /// One exact path for `POST` (the lab's `allowed_paths`): `*` in it is literal.
     ExactPost(String),
 }
 
+/// A whole config as written; `None` is "not written", so the default is chosen in one place.
 #[derive(Debug)]
-pub struct Spec {
+pub(crate) struct Spec {
     pub format: Format,
     /// `None`: the default listener.
     pub listen: At<Option<Vec<ListenSpec>>>,
@@ -107,7 +114,7 @@ pub struct Spec {
 
 /// One `[secrets.NAME]` table, or the lab's `secret_source`.
 #[derive(Debug, Default)]
-pub struct SecretSpecRaw {
+pub(crate) struct SecretSpecRaw {
     pub name: String,
     /// The table, for errors about a key it lacks.
     pub table: Pos,
@@ -145,8 +152,9 @@ impl Default for At<String> {
     }
 }
 
+/// One `[routes.NAME]` table, or the lab's single route at `/`.
 #[derive(Debug)]
-pub struct RouteSpec {
+pub(crate) struct RouteSpec {
     pub name: String,
     pub prefix: At<String>,
     pub upstream: At<String>,
@@ -168,8 +176,9 @@ pub struct RouteSpec {
     pub max_response_time: Option<At<Dur>>,
 }
 
+/// One `[agents.NAME]` table, or the lab's single agent.
 #[derive(Debug)]
-pub struct AgentSpec {
+pub(crate) struct AgentSpec {
     pub name: String,
     pub person: Option<String>,
     pub token_env: Option<String>,
@@ -186,7 +195,7 @@ pub struct AgentSpec {
 
 /// `[connections]`: bounds on every accepted connection.
 #[derive(Debug)]
-pub struct ConnectionsSpec {
+pub(crate) struct ConnectionsSpec {
     pub first_request_timeout: Option<At<Dur>>,
     pub idle_timeout: Option<At<Dur>>,
     pub max_per_listener: Option<At<usize>>,
@@ -195,7 +204,7 @@ pub struct ConnectionsSpec {
 
 /// The lab broker's own fields, echoed by `/healthz`.
 #[derive(Debug)]
-pub struct SeedSpec {
+pub(crate) struct SeedSpec {
     pub listen_host: String,
     pub listen_port: u16,
     pub upstream_base_url: String,

@@ -12,7 +12,10 @@ use super::Secret;
 /// Validated settings for one named secret.
 #[derive(Clone, Debug)]
 pub struct SecretSpec {
+    /// `NAME` in `[secrets.NAME]` (`default` for a lab config); errors and key ids name the
+    /// secret by it, never by its value.
     pub name: String,
+    /// Where the value is fetched from.
     pub source: SecretSource,
     /// How long a fetched value is used before it is fetched again; `None` keeps it until an
     /// upstream 401 or a reload says it is stale.
@@ -22,41 +25,70 @@ pub struct SecretSpec {
     pub lazy: bool,
 }
 
+/// Where a secret's value lives (`source`); the value itself is only ever in a [`Secret`].
 #[derive(Clone, Debug)]
 pub enum SecretSource {
     /// No credential: requests are forwarded without one (or shown as such in dry-run).
     None,
+    /// An environment variable of keygate's own process.
     Env {
+        /// The variable's name (`name`).
         var: String,
     },
+    /// A file only its owner may read or write (mode 0600 or stricter), read whole.
     File {
+        /// The file's path, `~/` expanded.
         path: PathBuf,
     },
+    /// A program whose standard output is the value, run without a shell, with a cleared
+    /// environment, in its own process group.
     Command {
+        /// The program and its arguments, passed to execve as written; labels show only the
+        /// first two, as later ones may name where the secret is kept.
         argv: Vec<String>,
+        /// How long the command may run before its whole process group is killed (10 s by
+        /// default).
         timeout: Duration,
-        /// Variables passed from keygate's environment besides [`BASE_ENV`] and the tool's own
-        /// prefix ([`tool_env_prefixes`]); every other one (agent tokens, env secrets) is not.
+        /// Variables passed from keygate's environment besides the base set (`PATH`, `HOME`,
+        /// ...) and the tool's own prefix (`OP_*` for `op`, ...); every other one (agent tokens,
+        /// env secrets) is not.
         env: Vec<String>,
     },
+    /// A field of an OpenBao (or Vault) KV secret; this build cannot fetch it yet
+    /// ([`FetchError::Unsupported`]).
     OpenBao {
+        /// The server's base URL.
         address: String,
+        /// Where keygate's own OpenBao token is read from.
         token: BaoToken,
+        /// The KV mount (`secret` by default).
         mount: String,
+        /// The secret's path inside the mount.
         path: String,
+        /// The field of that secret whose value is the credential.
         field: String,
     },
+    /// A secret in AWS Secrets Manager; this build cannot fetch it yet
+    /// ([`FetchError::Unsupported`]).
     AwsSecretsManager {
+        /// The secret's name or ARN.
         secret_id: String,
+        /// The AWS region it is kept in.
         region: String,
+        /// An endpoint URL to call instead of the region's (a VPC endpoint or a local emulator).
         endpoint: Option<String>,
+        /// A key of the secret's JSON string whose value is the credential; `None` uses the
+        /// whole string.
         field: Option<String>,
     },
 }
 
+/// Where keygate reads its own OpenBao token from (`token_env` or `token_file`, exactly one).
 #[derive(Clone, Debug)]
 pub enum BaoToken {
+    /// An environment variable, by name.
     Env(String),
+    /// A file, `~/` expanded.
     File(PathBuf),
 }
 
@@ -64,65 +96,118 @@ pub enum BaoToken {
 /// and command stderr is withheld because a failing secret command may print the secret there.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
+    /// The environment variable is unset or empty.
     #[error("secret {secret}: environment variable {var} is not set or empty")]
-    EnvMissing { secret: String, var: String },
+    EnvMissing {
+        /// The secret's name.
+        secret: String,
+        /// The variable's name.
+        var: String,
+    },
+    /// The file could not be read (missing, not permitted, ...).
     #[error("secret {secret}: cannot read {}: {reason}", path.display())]
     FileUnreadable {
+        /// The secret's name.
         secret: String,
+        /// The file's path.
         path: PathBuf,
+        /// The operating system's error.
         reason: String,
     },
+    /// The file grants group or others some access, so someone else may have read or replaced
+    /// the secret; it is not read.
     #[error("secret {secret}: {} is readable by group or others (mode {mode:o}); run chmod 600 on it", path.display())]
     FileTooOpen {
+        /// The secret's name.
         secret: String,
+        /// The file's path.
         path: PathBuf,
+        /// The file's permission bits (`0o644`).
         mode: u32,
     },
+    /// The command could not be started, or its exit could not be waited for.
     #[error("secret {secret}: command `{command}` could not start: {reason}")]
     CommandSpawn {
+        /// The secret's name.
         secret: String,
+        /// The program and its first argument, as the source label shows them.
         command: String,
+        /// The operating system's error.
         reason: String,
     },
+    /// The command exited unsuccessfully.
     #[error("secret {secret}: command `{command}` failed ({status}); its stderr ({stderr_bytes} bytes) is not shown because it may hold the secret: run the command yourself to see it")]
     CommandFailed {
+        /// The secret's name.
         secret: String,
+        /// The program and its first argument, as the source label shows them.
         command: String,
+        /// How it exited, as text (`exit status: 3`).
         status: String,
+        /// How many bytes it wrote to stderr (counted up to 64 KiB); the bytes are withheld.
         stderr_bytes: usize,
     },
+    /// The command ran past its timeout; its whole process group was killed.
     #[error(
         "secret {secret}: command `{command}` did not finish within {timeout:?} and was killed"
     )]
     CommandTimeout {
+        /// The secret's name.
         secret: String,
+        /// The program and its first argument, as the source label shows them.
         command: String,
+        /// The timeout it ran past.
         timeout: Duration,
     },
+    /// The source returned nothing but whitespace.
     #[error("secret {secret}: {origin} returned an empty value")]
-    Empty { secret: String, origin: String },
+    Empty {
+        /// The secret's name.
+        secret: String,
+        /// The source's label (`env:NAME`, `command:op read`).
+        origin: String,
+    },
+    /// The value is shorter than the redactor can look for without false hits, so keygate
+    /// could not keep it out of responses.
     #[error("secret {secret}: {origin} returned a value shorter than {min} bytes, too short to be a credential keygate can keep out of responses")]
     TooShort {
+        /// The secret's name.
         secret: String,
+        /// The source's label (`env:NAME`, `command:op read`).
         origin: String,
+        /// The shortest value accepted, in bytes.
         min: usize,
     },
+    /// The value is larger than any credential (64 KiB), from whichever source.
     #[error(
         "secret {secret}: {origin} returned more than {limit} bytes, which is not a credential"
     )]
     ValueTooLarge {
+        /// The secret's name.
         secret: String,
+        /// The source's label (`env:NAME`, `command:op read`).
         origin: String,
+        /// The largest value accepted, in bytes.
         limit: usize,
     },
+    /// The command printed more than the limit; its output was not read further.
     #[error("secret {secret}: command `{command}` printed more than {limit} bytes")]
     TooLarge {
+        /// The secret's name.
         secret: String,
+        /// The program and its first argument, as the source label shows them.
         command: String,
+        /// The most output read, in bytes.
         limit: usize,
     },
+    /// The source is valid config but this build cannot fetch from it.
     #[error("secret {secret}: source {kind} is not supported by this build of keygate")]
-    Unsupported { secret: String, kind: &'static str },
+    Unsupported {
+        /// The secret's name.
+        secret: String,
+        /// The source kind (`openbao`, `aws-secrets-manager`).
+        kind: &'static str,
+    },
 }
 
 /// A secret larger than this is not a credential: a command's output is not read past it, and a
@@ -159,6 +244,7 @@ impl SecretSource {
         }
     }
 
+    /// Whether this is the `none` source: requests go upstream with no credential attached.
     pub fn is_none(&self) -> bool {
         matches!(self, SecretSource::None)
     }
@@ -253,11 +339,11 @@ async fn read_private_file(secret: &str, path: &PathBuf) -> Result<Vec<u8>, Fetc
 }
 
 /// Variables every secret command gets: enough to find programs and the user's config.
-pub const BASE_ENV: &[&str] = &["PATH", "HOME", "USER", "LOGNAME", "LANG", "TMPDIR"];
+pub(crate) const BASE_ENV: &[&str] = &["PATH", "HOME", "USER", "LOGNAME", "LANG", "TMPDIR"];
 
 /// The variables a well-known secret CLI reads its own session and config from, by program
 /// name, so the lab format (which cannot name variables) keeps working with them.
-pub fn tool_env_prefixes(program: &str) -> &'static [&'static str] {
+pub(crate) fn tool_env_prefixes(program: &str) -> &'static [&'static str] {
     let name = program.rsplit('/').next().unwrap_or(program);
     match name {
         "op" => &["OP_"],
