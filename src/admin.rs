@@ -36,10 +36,15 @@ pub struct Frozen {
     pub agents: BTreeMap<String, Freeze>,
 }
 
+/// The control plane of a running keygate: freezes, approvals and metrics, shared by every
+/// request state so they outlive a reload.
 pub struct Control {
+    /// The durable state store; `None` when no state dir is configured (state lives in memory).
     pub store: Option<Arc<dyn StateStore>>,
     frozen: ArcSwap<Frozen>,
+    /// Requests waiting for a person, and the tokens approved once.
     pub approvals: Arc<Approvals>,
+    /// The counters and gauges `/metrics` exposes.
     pub metrics: metrics::Metrics,
     /// Where the admin socket listens, once it does.
     pub admin_socket: std::sync::OnceLock<PathBuf>,
@@ -81,6 +86,7 @@ impl Control {
         }
     }
 
+    /// A snapshot of what is frozen now, for `status`.
     pub fn frozen(&self) -> Arc<Frozen> {
         self.frozen.load_full()
     }

@@ -49,6 +49,7 @@ type SharedStore = Arc<dyn crate::state::StateStore>;
 /// Who is calling: the agent, and the id of the token it presented (never the token).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Identity {
+    /// The configured agent the token belongs to.
     pub agent: AgentId,
     /// `tok_` + the first 12 hex digits of the token's SHA-256, as `token list` shows it.
     pub token_id: Option<String>,

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// The parsed command line.
 #[derive(Parser, Debug)]
 #[command(
     name = "keygate",
@@ -13,10 +14,12 @@ use clap::{Parser, Subcommand};
     about = "Credential broker for AI agents: the agent gets a capability, never the key"
 )]
 pub struct Cli {
+    /// The subcommand to run.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// keygate's subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the broker.
@@ -35,27 +38,34 @@ pub enum Command {
     Audit(AuditCommand),
     /// Show the running keygate: listeners, routes, agents, secrets (ids only), approvals, freezes.
     Status {
+        /// Config file of the keygate to act on.
         #[arg(long, env = "KEYGATE_CONFIG")]
         config: PathBuf,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Re-read the config and secrets in the running keygate (same as SIGHUP).
     Reload {
+        /// Config file of the keygate to act on.
         #[arg(long, env = "KEYGATE_CONFIG")]
         config: PathBuf,
     },
     /// Refuse every request (or one agent's) with 503 `frozen` until unfrozen; survives restart.
     Freeze {
+        /// Config file of the keygate to act on.
         #[arg(long, env = "KEYGATE_CONFIG")]
         config: PathBuf,
+        /// Freeze only this agent.
         #[arg(long)]
         agent: Option<String>,
     },
     /// Lift a freeze (without --agent: every freeze).
     Unfreeze {
+        /// Config file of the keygate to act on.
         #[arg(long, env = "KEYGATE_CONFIG")]
         config: PathBuf,
+        /// Unfreeze only this agent.
         #[arg(long)]
         agent: Option<String>,
     },
@@ -64,15 +74,20 @@ pub enum Command {
     Approvals(ApprovalsCommand),
     /// Let a pending request through.
     Approve {
+        /// Config file of the keygate to act on.
         #[arg(long, env = "KEYGATE_CONFIG")]
         config: PathBuf,
+        /// The approval id, as `approvals list` shows it.
         id: String,
     },
     /// Refuse a pending request (403 `approval_denied`).
     Deny {
+        /// Config file of the keygate to act on.
         #[arg(long, env = "KEYGATE_CONFIG")]
         config: PathBuf,
+        /// The approval id, as `approvals list` shows it.
         id: String,
+        /// Why, shown to the agent in the refusal.
         #[arg(long)]
         reason: Option<String>,
     },
@@ -81,33 +96,42 @@ pub enum Command {
     Drill(DrillCommand),
 }
 
+/// `keygate approvals ...`.
 #[derive(Subcommand, Debug)]
 pub enum ApprovalsCommand {
     /// List pending approvals (id, agent, person, route, method, path, model, body size, age).
     List {
+        /// Config file of the keygate to act on.
         #[arg(long, env = "KEYGATE_CONFIG")]
         config: PathBuf,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
 }
 
+/// `keygate drill ...`.
 #[derive(Subcommand, Debug)]
 pub enum DrillCommand {
     /// Which agents, routes and tokens would stop working if one agent, secret or route were
     /// revoked, and how many recent requests would have been refused.
     Revoke {
+        /// Config file of the keygate to act on.
         #[arg(long, env = "KEYGATE_CONFIG")]
         config: PathBuf,
+        /// Revoke this agent.
         #[arg(long)]
         agent: Option<String>,
+        /// Revoke this secret (by its id in the config).
         #[arg(long)]
         secret: Option<String>,
+        /// Revoke this route.
         #[arg(long)]
         route: Option<String>,
         /// How far back to read the audit log: 24h, 7d.
         #[arg(long, default_value = "24h")]
         since: String,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
         /// The audit log to read, instead of the config's.
@@ -119,12 +143,15 @@ pub enum DrillCommand {
 /// `keygate drill ...` arguments.
 pub type DrillArgs = DrillCommand;
 
+/// `keygate token ...`.
 #[derive(Subcommand, Debug)]
 pub enum TokenCommand {
     /// Print a new token for an agent, alone on stdout; details go to stderr.
     Issue {
+        /// Config file of the keygate to act on.
         #[arg(long, env = "KEYGATE_CONFIG")]
         config: PathBuf,
+        /// The agent the token is for (a name from the config).
         #[arg(long)]
         agent: String,
         /// How long the token is valid: 30m, 8h, 7d.
@@ -133,22 +160,28 @@ pub enum TokenCommand {
     },
     /// List issued tokens (ids, never values).
     List {
+        /// Config file of the keygate to act on.
         #[arg(long, env = "KEYGATE_CONFIG")]
         config: PathBuf,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Revoke a token by id, or all of an agent's tokens; a running keygate stops accepting them
     /// within a second.
     Revoke {
+        /// Config file of the keygate to act on.
         #[arg(long, env = "KEYGATE_CONFIG")]
         config: PathBuf,
+        /// The token id, as `token list` shows it.
         id: Option<String>,
+        /// Revoke every token of this agent.
         #[arg(long)]
         agent: Option<String>,
     },
 }
 
+/// `keygate audit ...`.
 #[derive(Subcommand, Debug)]
 pub enum AuditCommand {
     /// Check a hash-chained audit log: exit 0 when the chain holds, 1 with the first bad line.
@@ -156,6 +189,7 @@ pub enum AuditCommand {
     /// The chain must begin at a `start` record (or at --from-hash); a tail not closed by a
     /// `stop` record or a checkpoint is reported, and fails with --strict.
     Verify {
+        /// The audit log to check.
         file: PathBuf,
         /// Print the result as JSON.
         #[arg(long)]
@@ -192,11 +226,13 @@ pub enum AuditCommand {
     /// Print the public key that signs this keygate's audit checkpoints (creating the key pair
     /// in the config's state_dir on first use).
     Key {
+        /// Config file of the keygate to act on.
         #[arg(long, env = "KEYGATE_CONFIG")]
         config: PathBuf,
     },
 }
 
+/// `keygate serve` arguments.
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
     /// Config file: `.toml` (native) or `.json` (the lab broker's format).
@@ -207,8 +243,10 @@ pub struct ServeArgs {
     pub audit_log: Option<PathBuf>,
 }
 
+/// `keygate check` arguments.
 #[derive(clap::Args, Debug)]
 pub struct CheckArgs {
+    /// Config file to check.
     #[arg(long, env = "KEYGATE_CONFIG")]
     pub config: PathBuf,
     /// Print the effective policy as JSON.
@@ -216,6 +254,7 @@ pub struct CheckArgs {
     pub json: bool,
 }
 
+/// Parses the command line and runs the subcommand; returns its exit code.
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

@@ -315,6 +315,7 @@ pub enum Approval {
     },
     /// A person approves the first request of each token on this route.
     OncePerToken {
+        /// How long to wait for the person's answer (`approval_timeout`, 120 s by default).
         #[serde(with = "humantime_serde")]
         timeout: Duration,
     },

@@ -24,6 +24,7 @@ use crate::pipeline::State;
 
 /// The state requests are served with, swapped whole on reload.
 pub struct Live {
+    /// The current request state; each request loads it once and keeps that snapshot.
     pub state: ArcSwap<State>,
     config_path: PathBuf,
     audit_override: Option<PathBuf>,
@@ -33,10 +34,15 @@ pub struct Live {
 
 /// What a built state shares with the one before it.
 pub struct Fixed {
+    /// The audit log, opened once at start: a reload never breaks its hash chain.
     pub audit: Arc<AuditLog>,
+    /// Freezes, approvals and metrics, which outlive a reload.
     pub control: Arc<Control>,
+    /// The person behind agents that name none: the user keygate runs as.
     pub default_person: Option<String>,
+    /// Listener URLs, for `/healthz`; listeners are bound once and not changed by a reload.
     pub listen_urls: Vec<String>,
+    /// The first TCP listener's port, for the lab's `/healthz`.
     pub listen_port: u16,
 }
 
@@ -88,6 +94,7 @@ pub async fn prefetch(state: &State) -> Result<(), String> {
 }
 
 impl Live {
+    /// Wraps the first state; `config_path` and `audit_override` are what each reload re-reads.
     pub fn new(state: State, config_path: &Path, audit_override: Option<&Path>) -> Live {
         Live {
             state: ArcSwap::from_pointee(state),

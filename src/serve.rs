@@ -15,6 +15,8 @@ use crate::config::{Config, Listen};
 use crate::listen;
 use crate::reload::{Fixed, Live};
 
+/// `keygate serve`: loads the config, binds the listeners and serves until SIGTERM or SIGINT;
+/// exits non-zero, with the reason on stderr, when it cannot start.
 pub fn serve_main(config_path: &Path, audit_log: Option<&Path>) -> ExitCode {
     init_tracing();
     harden_process();
@@ -62,33 +64,13 @@ async fn serve(
     if let Some(p) = audit_override {
         config.audit_log = p.to_path_buf();
     }
-    let store = match crate::state::dir(&config) {
-        Some(dir) => match crate::state::open(&dir) {
-            Ok(s) => Some(s),
-            // A configured state_dir that cannot be used (or trusted: someone else could have
-            // written tokens or lifted a freeze there) is an error; the default location falling
-            // through leaves keygate running with state in memory only.
-            Err(e) if config.state_dir.is_some() => return (fail(2, &e.to_string()), None),
-            Err(e) => {
-                tracing::warn!(error = %e, "no durable state; freezes and budgets last until keygate stops");
-                None
-            }
-        },
-        None => None,
+    let store = match open_store(&config) {
+        Ok(s) => s,
+        Err(e) => return (fail(2, &e), None),
     };
-    let mut audit_options = crate::audit::Options::new(config.audit_chain);
-    if let Some(dir) = config.state_dir.as_deref().filter(|_| config.audit_chain) {
-        match crate::audit::AuditKey::load_or_create(dir) {
-            Ok(k) => {
-                audit_options.key = Some(Arc::new(k));
-                audit_options.head = Some(dir.join(crate::audit::HEAD_FILE));
-            }
-            Err(e) => return (fail(2, &format!("audit signing key: {e}")), None),
-        }
-    }
-    let audit = match AuditLog::open_with(&config.audit_log, audit_options) {
+    let audit = match open_audit(&config) {
         Ok(a) => a,
-        Err(e) => return (fail(2, &e.to_string()), None),
+        Err(e) => return (fail(2, &e), None),
     };
     let control = Arc::new(Control::new(store.clone()));
     {
@@ -172,63 +154,12 @@ async fn serve(
         None => None,
     };
 
-    // The one line scripts wait for: where keygate listens, in the lab broker's shape.
-    let first = urls
-        .iter()
-        .find(|u| u.starts_with("http"))
-        .or(urls.first())
-        .cloned()
-        .unwrap_or_default();
-    let line = serde_json::json!({
-        "ok": true,
-        "listen": first,
-        "listeners": urls,
-        "mode": config.mode,
-        "routes": config.routes.iter().map(|r| &r.name).collect::<Vec<_>>(),
-        "allowed_paths": config.seed.as_ref().map(|s| &s.allowed_paths),
-        "audit_log": config.audit_log,
-        "policy_version": policy_version,
-        "admin_socket": control.admin_socket.get(),
-    });
-    println!("{line}");
+    ready_line(&urls, &config, &policy_version, control.admin_socket.get());
     tracing::info!(listeners = ?urls, "keygate serving");
 
-    {
-        // Issued and revoked tokens take effect without a restart: the token file is checked
-        // twice a second (one stat when nothing changed).
-        let live = live.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(500));
-            loop {
-                tick.tick().await;
-                let state = live.state.load_full();
-                if state.tokens.has_store() {
-                    state.tokens.refresh();
-                }
-            }
-        });
-    }
+    spawn_token_refresh(live.clone());
     if let Some(s) = &store {
-        // Budgets are counted in memory and written behind, once a second when they changed,
-        // so the request path never waits on the disk.
-        let (live, s) = (live.clone(), s.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            let mut last = Vec::new();
-            loop {
-                tick.tick().await;
-                let state = live.state.load_full();
-                let spent = state.policy.budget_spent(&state.config);
-                if spent != last {
-                    let (s, save) = (s.clone(), spent.clone());
-                    match tokio::task::spawn_blocking(move || s.save_spent(&save)).await {
-                        Ok(Ok(())) => last = spent,
-                        Ok(Err(e)) => tracing::error!(error = %e, "cannot save budgets"),
-                        Err(_) => {}
-                    }
-                }
-            }
-        });
+        spawn_budget_saver(live.clone(), s.clone());
     }
     let server = tokio::spawn(listen::run(
         bound,
@@ -260,6 +191,99 @@ async fn serve(
     }
     // Every record queued by a finished request is on disk before exit.
     (ExitCode::SUCCESS, Some((audit, stop_record)))
+}
+
+/// The state store in `state_dir` (or the default location). A configured state_dir that
+/// cannot be used (or trusted: someone else could have written tokens or lifted a freeze there)
+/// is an error; the default location failing leaves keygate running with state in memory only.
+fn open_store(config: &Config) -> Result<Option<Arc<dyn crate::state::StateStore>>, String> {
+    let Some(dir) = crate::state::dir(config) else {
+        return Ok(None);
+    };
+    match crate::state::open(&dir) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if config.state_dir.is_some() => Err(e.to_string()),
+        Err(e) => {
+            tracing::warn!(error = %e, "no durable state; freezes and budgets last until keygate stops");
+            Ok(None)
+        }
+    }
+}
+
+/// The audit log, signing checkpoints with the key in `state_dir` when there is one.
+fn open_audit(config: &Config) -> Result<Arc<AuditLog>, String> {
+    let mut options = crate::audit::Options::new(config.audit_chain);
+    if let Some(dir) = config.state_dir.as_deref().filter(|_| config.audit_chain) {
+        let key = crate::audit::AuditKey::load_or_create(dir)
+            .map_err(|e| format!("audit signing key: {e}"))?;
+        options.key = Some(Arc::new(key));
+        options.head = Some(dir.join(crate::audit::HEAD_FILE));
+    }
+    AuditLog::open_with(&config.audit_log, options).map_err(|e| e.to_string())
+}
+
+/// The one line scripts wait for: where keygate listens, in the lab broker's shape.
+fn ready_line(
+    urls: &[String],
+    config: &Config,
+    policy_version: &str,
+    admin_socket: Option<&std::path::PathBuf>,
+) {
+    let first = urls
+        .iter()
+        .find(|u| u.starts_with("http"))
+        .or(urls.first())
+        .cloned()
+        .unwrap_or_default();
+    let line = serde_json::json!({
+        "ok": true,
+        "listen": first,
+        "listeners": urls,
+        "mode": config.mode,
+        "routes": config.routes.iter().map(|r| &r.name).collect::<Vec<_>>(),
+        "allowed_paths": config.seed.as_ref().map(|s| &s.allowed_paths),
+        "audit_log": config.audit_log,
+        "policy_version": policy_version,
+        "admin_socket": admin_socket,
+    });
+    println!("{line}");
+}
+
+/// Issued and revoked tokens take effect without a restart: the store is checked twice a
+/// second (one cheap look when nothing changed).
+fn spawn_token_refresh(live: Arc<Live>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tick.tick().await;
+            let state = live.state.load_full();
+            if state.tokens.has_store() {
+                state.tokens.refresh();
+            }
+        }
+    });
+}
+
+/// Budgets are counted in memory and written behind, once a second when they changed, so the
+/// request path never waits on the disk.
+fn spawn_budget_saver(live: Arc<Live>, store: Arc<dyn crate::state::StateStore>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut last = Vec::new();
+        loop {
+            tick.tick().await;
+            let state = live.state.load_full();
+            let spent = state.policy.budget_spent(&state.config);
+            if spent != last {
+                let (s, save) = (store.clone(), spent.clone());
+                match tokio::task::spawn_blocking(move || s.save_spent(&save)).await {
+                    Ok(Ok(())) => last = spent,
+                    Ok(Err(e)) => tracing::error!(error = %e, "cannot save budgets"),
+                    Err(_) => {}
+                }
+            }
+        }
+    });
 }
 
 /// Every catchable signal whose default action would end keygate without draining.
@@ -333,6 +357,8 @@ fn fail(code: u8, msg: &str) -> ExitCode {
     ExitCode::from(code)
 }
 
+/// `keygate check`: validates the config and prints the effective policy (no secret values);
+/// exits 2 when the config does not load.
 pub fn check_main(config_path: &Path, json: bool) -> ExitCode {
     let config = match Config::load(config_path) {
         Ok(c) => c,
@@ -405,15 +431,23 @@ fn harden_process() {
 
 /// What `keygate token` does; the command line builds one, so this module needs no `cli`.
 pub enum TokenAction {
+    /// Mint a token and print it alone on stdout.
     Issue {
+        /// The configured agent the token authenticates as.
         agent: String,
+        /// Lifetime as given on the command line (`30m`, `8h`, `7d`); parsed when issuing.
         ttl: String,
     },
+    /// Print the issued tokens (ids, never values).
     List {
+        /// Print JSON instead of a table.
         json: bool,
     },
+    /// Revoke one token by id, or every token of one agent.
     Revoke {
+        /// The token id (`tok_...`) to revoke.
         id: Option<String>,
+        /// Revoke every token of this agent.
         agent: Option<String>,
     },
 }

@@ -20,14 +20,23 @@ use crate::config::Config;
 /// What a store operation could not do.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
+    /// The store could not be opened, read or written.
     #[error("state store {}: {message}", path.display())]
-    Store { path: PathBuf, message: String },
+    Store {
+        /// The state file or directory the operation was on.
+        path: PathBuf,
+        /// The underlying I/O or SQLite error, as text.
+        message: String,
+    },
     /// Anyone who can write the state (or replace it in its directory) can mint tokens and lift
     /// freezes.
     #[error("{}: {why}; keygate does not trust it (fix: chown to yourself and chmod {fix})", path.display())]
     Untrusted {
+        /// The directory or file that failed the check.
         path: PathBuf,
+        /// Who could have written it: the foreign owner uid or the loose mode.
         why: String,
+        /// The octal mode to `chmod` it to (`700` for the dir, `600` for a file).
         fix: &'static str,
     },
 }
@@ -88,9 +97,11 @@ pub struct Freeze {
 /// Tokens an agent spent in one budget window.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Spent {
+    /// The agent's name from the config.
     pub agent: String,
     /// Unix seconds at which the window started.
     pub window_start: u64,
+    /// Model tokens (as the provider counted them) charged in this window so far.
     pub tokens: u64,
 }
 
@@ -106,29 +117,40 @@ pub enum Charge {
 /// An approval as stored: the pending request's description plus, once decided, the decision.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApprovalRow {
+    /// The approval id people pass to `approve` and `deny`.
     pub id: String,
+    /// Where the approval is in its life: pending until decided, timed out or abandoned.
     pub state: ApprovalState,
     /// The pending request, as `approvals list` shows it.
     pub request: serde_json::Value,
+    /// The person who approved or denied it; `None` while pending or when nobody decided.
     pub decided_by: Option<String>,
+    /// The reason given with a denial (`deny --reason`), if any.
     pub reason: Option<String>,
     /// Unix seconds.
     pub created: u64,
+    /// Unix seconds at which it left `pending`; `None` while pending.
     pub decided: Option<u64>,
 }
 
+/// Where an approval stands; stored and shown as its snake_case name ([`ApprovalState::as_str`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ApprovalState {
+    /// Waiting for a person; the request is held open meanwhile.
     Pending,
+    /// A person let it through.
     Approved,
+    /// A person refused it (403 `approval_denied`).
     Denied,
+    /// Nobody decided within the route's approval timeout.
     TimedOut,
     /// The request went away (client gone, keygate restarted) before anyone decided.
     Abandoned,
 }
 
 impl ApprovalState {
+    /// The name stored in the state file and printed by `approvals list`.
     pub fn as_str(self) -> &'static str {
         match self {
             ApprovalState::Pending => "pending",
@@ -156,6 +178,7 @@ pub trait StateStore: Send + Sync {
     /// Where the state lives, for `status`.
     fn location(&self) -> String;
 
+    /// Every freeze in force, global and per agent.
     fn freezes(&self) -> Result<Vec<Freeze>, StateError>;
     /// Freezes (`on`) or unfreezes one scope; unfreezing everything (`agent: None`, `on: false`)
     /// lifts every freeze.
@@ -175,10 +198,13 @@ pub trait StateStore: Send + Sync {
         tokens: u64,
     ) -> Result<Charge, StateError>;
 
+    /// Inserts an approval or replaces the stored one with the same id (its decision).
     fn put_approval(&self, row: &ApprovalRow) -> Result<(), StateError>;
+    /// The newest `limit` approvals, pending and decided.
     fn approvals(&self, limit: usize) -> Result<Vec<ApprovalRow>, StateError>;
     /// Remembers that `token_id` was approved for `route` (`approval = "once-per-token"`).
     fn approve_token(&self, route: &str, token_id: &str) -> Result<(), StateError>;
+    /// Every `(route, token_id)` pair approved once, for a restarted keygate to remember.
     fn approved_tokens(&self) -> Result<Vec<(String, String)>, StateError>;
 
     /// Issued tokens (hashes and ids, never a token).
@@ -217,6 +243,7 @@ pub fn open(dir: &Path) -> Result<Arc<dyn StateStore>, StateError> {
     Ok(Arc::new(sqlite::Sqlite::open(dir)?))
 }
 
+/// Unix seconds now, the clock every stored timestamp uses (0 if the clock is before 1970).
 pub fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

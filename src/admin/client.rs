@@ -74,6 +74,7 @@ pub fn status_json(state: &State) -> Value {
 pub enum CallError {
     /// No keygate listens on the admin socket.
     NotRunning(PathBuf),
+    /// Anything else (socket I/O, a malformed answer), described for the person.
     Other(String),
 }
 

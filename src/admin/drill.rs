@@ -14,8 +14,11 @@ use crate::config::Config;
 /// What to revoke, in the drill.
 #[derive(Clone, Debug)]
 pub enum Target {
+    /// The agent with this name in the config.
     Agent(String),
+    /// The secret with this id in the config.
     Secret(String),
+    /// The route with this name in the config.
     Route(String),
 }
 
@@ -185,6 +188,7 @@ pub fn drill(
     }))
 }
 
+/// `keygate drill revoke`: prints what would break; exits 2 on a usage or config error.
 pub fn main(args: crate::cli::DrillArgs) -> ExitCode {
     let crate::cli::DrillCommand::Revoke {
         config,

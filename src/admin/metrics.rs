@@ -31,6 +31,8 @@ struct AgentLabels {
 
 type Latency = Family<RouteLabels, Histogram, fn() -> Histogram>;
 
+/// keygate's Prometheus metrics (prefix `keygate_`), updated by the request path and read by
+/// `/metrics`.
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
@@ -55,6 +57,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Registers every metric at zero.
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("keygate");
         let requests = Family::<RequestLabels, Counter>::default();
@@ -143,6 +146,7 @@ impl Metrics {
         }
     }
 
+    /// Counts one successful config reload.
     pub fn reloaded(&self) {
         self.reloads.inc();
     }

@@ -23,12 +23,15 @@ use sha2::{Digest, Sha256};
 pub struct Issued {
     /// Short public id, for `list` and `revoke`.
     pub id: String,
+    /// The name of the agent the token authenticates as.
     pub agent: String,
     /// Hex SHA-256 of the token.
     pub sha256: String,
     /// Unix seconds.
     pub created: u64,
+    /// Unix seconds after which the token is refused.
     pub expires: u64,
+    /// Set by `token revoke`; a revoked token is refused but kept so `list` can show it.
     #[serde(default)]
     pub revoked: bool,
 }
@@ -38,21 +41,34 @@ struct File {
     tokens: Vec<Issued>,
 }
 
+/// Why issuing, listing or revoking tokens failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The config names no state dir and none could be derived from the environment.
     #[error(
         "no state_dir is configured; add state_dir = \"~/.local/state/keygate\" to the config"
     )]
     NoStateDir,
+    /// Reading the legacy token file failed.
     #[error("{}: {source}", path.display())]
     Io {
+        /// The token file.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// The legacy token file is not JSON of the expected shape.
     #[error("{}: not a keygate token file: {reason}", path.display())]
-    Corrupt { path: PathBuf, reason: String },
+    Corrupt {
+        /// The token file.
+        path: PathBuf,
+        /// The parse error.
+        reason: String,
+    },
+    /// The state store refused the operation.
     #[error(transparent)]
     State(#[from] crate::state::StateError),
+    /// `--ttl` was below one second, which would issue a token already expired.
     #[error("a token's lifetime must be at least 1s (got {0:?})")]
     TtlTooShort(Duration),
 }
@@ -70,10 +86,12 @@ pub fn mint() -> String {
     t
 }
 
+/// Lower-case hex SHA-256 of a token: the only form in which a token is stored or compared.
 pub fn hash_hex(token: &[u8]) -> String {
     hex::encode(Sha256::digest(token))
 }
 
+/// Unix seconds now, for `created` and `expires` (0 if the clock is before 1970).
 pub fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

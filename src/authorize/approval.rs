@@ -25,26 +25,45 @@ const NOTIFY_TIMEOUT: Duration = Duration::from_secs(10);
 /// A request waiting for a person, as `approvals list` shows it.
 #[derive(Clone, Debug, Serialize)]
 pub struct PendingApproval {
+    /// The approval id a person passes to `keygate approve|deny`.
     pub id: String,
+    /// The name of the agent whose token made the request.
     pub agent: String,
+    /// The person the agent acts for (its `person` in the config), when set.
     pub person: Option<String>,
+    /// The name of the route the request matched.
     pub route: String,
+    /// The HTTP method of the request.
     pub method: String,
+    /// The request path as the agent sent it, without the query.
     pub path: String,
     /// The `model` of a JSON body, when the body was read before the decision.
     pub model: Option<String>,
     /// Declared or read body size in bytes, when known.
     pub body_bytes: Option<u64>,
+    /// The id of the agent token used (never the token), when the agent used an issued token.
     pub token_id: Option<String>,
+    /// The request id that also names the request's audit record.
     pub request_id: String,
+    /// When the request began waiting, RFC 3339 UTC.
     pub created: String,
 }
 
 /// What a person decided.
 #[derive(Clone, Debug)]
 pub enum Verdict {
-    Approved { by: String },
-    Denied { by: String, reason: Option<String> },
+    /// Let the request through.
+    Approved {
+        /// The person who approved it.
+        by: String,
+    },
+    /// Refuse the request with 403 `approval_denied`.
+    Denied {
+        /// The person who denied it.
+        by: String,
+        /// Why, as given to `deny --reason`; shown to the agent in the refusal.
+        reason: Option<String>,
+    },
 }
 
 struct Waiting {
@@ -68,6 +87,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Approvals {
+    /// Starts with nothing pending, loading the tokens approved once from `store` and marking
+    /// approvals left pending by a previous run as abandoned.
     pub fn new(store: Option<Arc<dyn StateStore>>) -> Approvals {
         let mut once = HashSet::new();
         if let Some(s) = &store {
@@ -114,6 +135,7 @@ impl Approvals {
             .collect()
     }
 
+    /// How many requests are waiting for a person now.
     pub fn pending_count(&self) -> usize {
         lock(&self.waiting).len()
     }
@@ -343,6 +365,7 @@ pub struct Ask<'a> {
 }
 
 impl<'a> Ask<'a> {
+    /// Describes a request from `agent` (its index in `config.agents`) on `route`.
     pub fn new(
         config: &'a Config,
         route: &'a Route,

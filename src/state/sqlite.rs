@@ -12,6 +12,7 @@ use crate::authenticate::store::Issued;
 
 use super::{ApprovalRow, ApprovalState, Charge, Freeze, Spent, StateError, StateStore};
 
+/// The SQLite store; one connection behind a mutex, since every operation is short.
 pub struct Sqlite {
     conn: Mutex<Connection>,
     path: PathBuf,
@@ -57,6 +58,8 @@ CREATE TABLE IF NOT EXISTS approved_tokens (
 ";
 
 impl Sqlite {
+    /// Opens (creating if needed) `dir/state.db`, setting the dir to 0700 and the file to 0600
+    /// and creating the tables.
     pub fn open(dir: &Path) -> Result<Sqlite, StateError> {
         let path = dir.join("state.db");
         let err = |e: &dyn std::fmt::Display| StateError::Store {
