@@ -38,9 +38,12 @@ import urllib.request
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
-TOOLS = os.path.join(BENCH, "tools", "target", "release")
+# bench/run builds with cargo, which puts both packages' binaries under $CARGO_TARGET_DIR when it is set
+_TARGET = os.environ.get("CARGO_TARGET_DIR")
+TOOLS = os.path.join(_TARGET, "release") if _TARGET else os.path.join(BENCH, "tools", "target", "release")
 LIB = os.path.join(BENCH, "lib")
-KEYGATE_BIN = os.environ.get("KEYGATE_BENCH_BIN") or os.path.join(ROOT, "target", "release", "keygate")
+KEYGATE_BIN = os.environ.get("KEYGATE_BENCH_BIN") or os.path.join(_TARGET or os.path.join(ROOT, "target"), "release",
+                                                                   "keygate")
 CACHE = os.environ.get("KEYGATE_BENCH_CACHE", os.path.expanduser("~/.cache/keygate-bench"))
 LITELLM_BIN = os.path.join(CACHE, "litellm-venv", "bin", "litellm")
 
@@ -396,19 +399,21 @@ class Servers:
 # measurements
 
 
-def run_wrk(url, headers, conns, seconds, pinned, timeout_s=10):
+def run_wrk(url, headers, conns, seconds, pinned, timeout_s=10, check_2xx=False):
     seconds = max(1, int(round(seconds)))
     argv = ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", f"--timeout={timeout_s}s", "-s",
             os.path.join(LIB, "post.lua"), url]
     if pinned:
         argv = ["taskset", "-c", CLIENT_CPU] + argv
-    env = dict(os.environ, BENCH_HEADERS=headers, BENCH_MODEL="bench")
+    env = dict(os.environ, BENCH_HEADERS=headers, BENCH_MODEL="bench", BENCH_CHECK_2XX="1" if check_2xx else "0")
     r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=seconds + timeout_s + 30)
     for line in r.stdout.splitlines():
         if line.startswith("BENCHJSON "):
             d = json.loads(line[len("BENCHJSON "):])
             d["rps"] = d["requests"] / (d["duration_us"] / 1e6) if d["duration_us"] else 0.0
-            d["errors"] = d["err_connect"] + d["err_read"] + d["err_write"] + d["err_status"] + d["err_timeout"]
+            # non2xx is -1 when not checked; a non-2xx answer >= 400 is in both counts, so take the larger
+            d["errors"] = (d["err_connect"] + d["err_read"] + d["err_write"] + d["err_timeout"]
+                           + max(d["err_status"], d.get("non2xx", -1)))
             return d
     raise RuntimeError(f"wrk gave no result: {r.stdout[-500:]} {r.stderr[-500:]}")
 
@@ -508,6 +513,9 @@ def main():
     ap.add_argument("--modes", default="pinned,unpinned")
     ap.add_argument("--profile", action="store_true", help="also perf-profile keygate (pinned, 32 conns)")
     ap.add_argument("--out", default=os.path.join(BENCH, "results"))
+    ap.add_argument("--only", choices=["budget"],
+                    help="run one scenario instead of the full bench: budget = keygate with vs without "
+                         "budget_tokens + SQLite state_dir, 1 and 32 conns (writes OUT/budget.{md,json})")
     args = ap.parse_args()
     quick = args.quick
     dur = args.duration or (1 if quick else 5)
@@ -535,6 +543,9 @@ def main():
         "pinning": f"pinned: client on CPU {CLIENT_CPU}; proxy under test AND fake upstream on CPU {SERVER_CPU}",
     }, "http": [], "sse": [], "rss": {}, "redaction": None, "notes": []}
     log("run dir", RUN_DIR, "| load", res["load_before"])
+    if args.only == "budget":
+        budget_scenario(args, secrets, dur, rounds, modes)
+        return
 
     sv = Servers(args, secrets)
     # LiteLLM starts once (slow start-up); it is re-pinned between modes with taskset -a -p.
@@ -655,6 +666,178 @@ def main():
         embed(md)
     print(md)
     log(f"done in {res['elapsed_s']} s; wrote {args.out}/{name}.md and .json")
+
+
+# ---------------------------------------------------------------------------------------------
+# scenario: cost of the budget decision (issue 10)
+
+BUDGET_CONNS = [1, 32]
+
+
+def budget_configs(upstream_port):
+    """Two configs from keygate.toml.in that differ only in the budget: `with` has the agent's
+    budget_tokens and a state_dir (SQLite store, written behind once a second); `without` has neither.
+    The rate limit is left out of both so the ratio is the budget's alone."""
+    text = open(fill("keygate.toml.in", os.path.join(RUN_DIR, "keygate-template.toml"), TMP=RUN_DIR,
+                     UPSTREAM_PORT=upstream_port)).read()
+    with_lines, without_lines = [], []
+    for line in text.splitlines():
+        if line.startswith("#POLICY# rate"):
+            continue
+        if line.startswith("#POLICY# budget_tokens"):
+            with_lines.append(line.replace("#POLICY# ", "", 1))
+            continue
+        if line.startswith("state_dir"):
+            with_lines.append(f'state_dir = "{os.path.join(RUN_DIR, "budget-state")}"')
+            continue
+        if line.startswith("audit_log"):
+            with_lines.append(f'audit_log = "{os.path.join(RUN_DIR, "audit-with.jsonl")}"')
+            without_lines.append(f'audit_log = "{os.path.join(RUN_DIR, "audit-without.jsonl")}"')
+            continue
+        with_lines.append(line)
+        without_lines.append(line)
+    if not any(l.startswith("budget_tokens") for l in with_lines):
+        raise RuntimeError("keygate.toml.in has no '#POLICY# budget_tokens' line")
+    os.makedirs(os.path.join(RUN_DIR, "budget-state"), exist_ok=True)
+    out = {}
+    for name, lines in [("with", with_lines), ("without", without_lines)]:
+        path = os.path.join(RUN_DIR, f"keygate-budget-{name}.toml")
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        out[name] = path
+    return out
+
+
+def start_keygate_named(sv, name, cfg, audit, cpus):
+    env = dict(os.environ, KEYGATE_BENCH_TOKEN=sv.s["agent_token"],
+               KEYGATE_BENCH_PROVIDER_KEY=sv.s["provider_key"], RUST_LOG="warn")
+    p = spawn(name, [KEYGATE_BIN, "serve", "--config", cfg, "--audit-log", audit], cpus=cpus, env=env)
+    line = read_line(p, 10)
+    try:
+        info = json.loads(line) if line else None
+    except ValueError:
+        info = None
+    if not (info and info.get("ok") and info.get("listen")):
+        raise RuntimeError(f"keygate ({name}) did not start: {(line or '').strip()[:200]!r}; see "
+                           + os.path.join(RUN_DIR, f"{name}.stderr"))
+    url = info["listen"].rstrip("/") + "/openai/v1/chat/completions"
+    hdrs = "Authorization: Bearer " + sv.s["agent_token"]
+    if not sv._probe(url, hdrs):
+        raise RuntimeError(f"keygate ({name}) started but the probe request failed")
+    return p, url, hdrs
+
+
+def budget_spent(state_dir):
+    """Tokens the SQLite store holds for the agent after keygate stopped (it flushes at exit): proves the
+    budget was really counted, not just configured."""
+    import sqlite3
+    db = os.path.join(state_dir, "state.db")
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            rows = con.execute("SELECT agent, tokens FROM budgets").fetchall()
+        finally:
+            con.close()
+        return {a: t for a, t in rows}
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{db}: {e}"}
+
+
+def budget_scenario(args, secrets, dur, rounds, modes):
+    res = {"scenario": "budget", "machine": machine_info(), "load_before": loadavg(), "settings": {
+        "seconds_per_point": dur, "rounds": rounds, "modes": modes, "concurrency": BUDGET_CONNS,
+        "client": "wrk -t1 (one thread), POST ~120-byte JSON, keep-alive, every status checked to be 2xx",
+        "pinning": f"pinned: client on CPU {CLIENT_CPU}; both keygates AND fake upstream on CPU {SERVER_CPU}",
+    }, "http": [], "spent": {}, "ok": True, "problems": []}
+    t_start = time.time()
+    sv = Servers(args, secrets)
+    for mode in modes:
+        pinned = mode == "pinned"
+        cpus = SERVER_CPU if pinned else None
+        sv.start_upstream(cpus)
+        cfgs = budget_configs(sv.upstream_port)
+        kg = {}
+        for name in ["with", "without"]:
+            kg[name] = start_keygate_named(sv, f"keygate-{name}", cfgs[name],
+                                           os.path.join(RUN_DIR, f"audit-{name}.jsonl"), cpus)
+        log(mode, "keygate with budget:", kg["with"][1], "| without:", kg["without"][1])
+        for name in ["with", "without"]:
+            run_wrk(kg[name][1], kg[name][2], 32, 1, pinned, check_2xx=True)
+        for c in BUDGET_CONNS:
+            per = {"with": [], "without": []}
+            for rnd in range(rounds):
+                # alternate which one goes first, so a drift in machine load hits both alike
+                order = ["with", "without"] if rnd % 2 == 0 else ["without", "with"]
+                for name in order:
+                    r = run_wrk(kg[name][1], kg[name][2], c, dur, pinned, timeout_s=20, check_2xx=True)
+                    if r.get("non2xx", -1) < 0:
+                        raise RuntimeError("wrk did not check the statuses (post.lua without BENCH_CHECK_2XX?)")
+                    per[name].append(r)
+            row = {"mode": mode, "conns": c}
+            for name in ["with", "without"]:
+                m = median_by(per[name], "rps")
+                row[name] = {"rps": m["rps"], "p50_us": m["lat_p50_us"], "p99_us": m["lat_p99_us"],
+                             "requests": sum(r["requests"] for r in per[name]),
+                             "errors": sum(r["errors"] for r in per[name]),
+                             "non2xx": sum(r["non2xx"] for r in per[name]),
+                             "rounds_rps": [round(r["rps"]) for r in per[name]]}
+                if row[name]["errors"] or not row[name]["requests"]:
+                    res["ok"] = False
+                    res["problems"].append(f"{mode} c={c} {name}: {row[name]['errors']} errors "
+                                           f"({row[name]['non2xx']} non-2xx) of {row[name]['requests']} requests")
+            res["http"].append(row)
+            w, wo = row["with"], row["without"]
+            log(f"{mode} c={c}: with {w['rps']:.0f} req/s p50 {w['p50_us']} p99 {w['p99_us']} | without "
+                f"{wo['rps']:.0f} req/s p50 {wo['p50_us']} p99 {wo['p99_us']} | errors {w['errors']}/{wo['errors']}")
+        stop_named("keygate-with")
+        stop_named("keygate-without")
+        stop_named("upstream")
+        res["spent"][mode] = budget_spent(os.path.join(RUN_DIR, "budget-state"))
+        spent = res["spent"][mode].get("bench")
+        if not isinstance(spent, int) or spent <= 0:
+            res["ok"] = False
+            res["problems"].append(f"{mode}: the SQLite store holds no spent tokens for the agent: "
+                                   f"{res['spent'][mode]}")
+        # the next mode starts from an empty store
+        shutil.rmtree(os.path.join(RUN_DIR, "budget-state"), ignore_errors=True)
+    res["load_after"] = loadavg()
+    res["elapsed_s"] = round(time.time() - t_start, 1)
+    md = render_budget(res)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "budget.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    with open(os.path.join(args.out, "budget.md"), "w") as f:
+        f.write(md)
+    print(md)
+    log(f"done in {res['elapsed_s']} s; wrote {args.out}/budget.md and .json")
+    if not res["ok"]:
+        raise SystemExit("budget scenario measured nothing valid: " + "; ".join(res["problems"]))
+
+
+def render_budget(res):
+    m, s = res["machine"], res["settings"]
+    L = [f"### Budget decision cost — {m['date']}", "",
+         f"Machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}. Load average before "
+         f"{res['load_before'][0]:.2f}, after {res['load_after'][0]:.2f} (1-min). keygate `{m['keygate_commit']}`"
+         f"{' (+uncommitted src changes)' if m['keygate_dirty'] else ''}; wrk {m['wrk']}.",
+         f"Client: {s['client']}; {s['seconds_per_point']} s per point, median of {s['rounds']} round(s), "
+         f"with/without interleaved. {s['pinning']}. Total {res['elapsed_s']} s.",
+         "with = agent `budget_tokens = { per = \"day\", limit = 10^15 }` + `state_dir` (SQLite, write-behind); "
+         "without = no budget, no state_dir; both audit on, no rate limit.",
+         "Spent tokens in the SQLite store after the run: "
+         + ", ".join(f"{k} {v}" for k, v in res["spent"].items()) + ".", "",
+         "| mode | conns | req/s with | req/s without | req/s with/without | p50 with | p50 without | "
+         "p50 with/without | p99 with | p99 without | p99 with/without | errors (with/without) |",
+         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in res["http"]:
+        w, wo = r["with"], r["without"]
+        L.append(f"| {r['mode']} | {r['conns']} | {fmt_rps(w['rps'])} | {fmt_rps(wo['rps'])} | "
+                 f"{fmt_ratio(ratio(w['rps'], wo['rps']))} | {fmt_us(w['p50_us'])} | {fmt_us(wo['p50_us'])} | "
+                 f"{fmt_ratio(ratio(w['p50_us'], wo['p50_us']))} | {fmt_us(w['p99_us'])} | {fmt_us(wo['p99_us'])} | "
+                 f"{fmt_ratio(ratio(w['p99_us'], wo['p99_us']))} | {w['errors']}/{wo['errors']} |")
+    if res["problems"]:
+        L += ["", "**Not valid:** " + "; ".join(res["problems"])]
+    return "\n".join(L) + "\n"
 
 
 def embed(md):
