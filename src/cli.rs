@@ -1,7 +1,7 @@
 //! The command line. Each subcommand parses its arguments here and hands off to the module that
 //! owns the behaviour; exit codes: 0 success, 1 a check found something, 2 usage or config error.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -305,6 +305,25 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// `keygate freeze` / `unfreeze`, for everything or one agent.
+fn freeze(config: &Path, agent: Option<String>, on: bool) -> ExitCode {
+    let what = agent
+        .clone()
+        .map_or("everything".to_string(), |a| format!("agent {a}"));
+    let (path, done) = if on {
+        ("/freeze", "frozen")
+    } else {
+        ("/unfreeze", "unfrozen")
+    };
+    let body = serde_json::json!({ "agent": agent });
+    crate::admin::client::run(config, "POST", path, Some(body), false, |v| {
+        println!("{done}: {what}");
+        if let Some(w) = v["warning"].as_str() {
+            eprintln!("keygate: warning: {w}");
+        }
+    })
+}
+
 /// The commands that talk to a running keygate over its admin socket.
 fn admin_command(cmd: Command) -> ExitCode {
     use crate::admin::client::{print_approvals, print_status, run};
@@ -319,37 +338,8 @@ fn admin_command(cmd: Command) -> ExitCode {
                 v["policy_version"].as_str().unwrap_or("")
             )
         }),
-        Command::Freeze { config, agent } => {
-            let what = agent
-                .clone()
-                .map_or("everything".to_string(), |a| format!("agent {a}"));
-            run(
-                &config,
-                "POST",
-                "/freeze",
-                Some(json!({"agent": agent})),
-                false,
-                |v| {
-                    println!("frozen: {what}");
-                    if let Some(w) = v["warning"].as_str() {
-                        eprintln!("keygate: warning: {w}");
-                    }
-                },
-            )
-        }
-        Command::Unfreeze { config, agent } => {
-            let what = agent
-                .clone()
-                .map_or("everything".to_string(), |a| format!("agent {a}"));
-            run(
-                &config,
-                "POST",
-                "/unfreeze",
-                Some(json!({"agent": agent})),
-                false,
-                |_| println!("unfrozen: {what}"),
-            )
-        }
+        Command::Freeze { config, agent } => freeze(&config, agent, true),
+        Command::Unfreeze { config, agent } => freeze(&config, agent, false),
         Command::Approvals(ApprovalsCommand::List { config, json }) => {
             run(&config, "GET", "/approvals", None, false, |v| {
                 if json {

@@ -634,10 +634,9 @@ async fn dos_secret_command_that_times_out_leaves_no_process_behind() {
 }
 
 fn keygate_cmd(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
-        .args(args)
-        .output()
-        .unwrap()
+    let mut cmd = crate::support::keygate();
+    cmd.args(args);
+    crate::support::run(cmd, b"")
 }
 
 #[test]
