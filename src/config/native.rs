@@ -37,6 +37,16 @@ struct Raw {
     routes: BTreeMap<String, RawRoute>,
     #[serde(default)]
     agents: BTreeMap<String, RawAgent>,
+    run: Option<RawRun>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRun {
+    #[serde(default)]
+    drop_env: Vec<String>,
+    #[serde(default)]
+    allow_ports: Vec<u16>,
 }
 
 #[derive(Deserialize)]
@@ -95,6 +105,8 @@ struct RawRoute {
     max_response_time: Option<Spanned<String>>,
     budget_reserve: Option<u64>,
     allow_range: Option<bool>,
+    #[serde(default)]
+    env: BTreeMap<String, Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -232,6 +244,13 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
                 allow_range: r.allow_range,
                 budget_reserve: r.budget_reserve,
                 max_response_time: lines.dur(&r.max_response_time, key("max_response_time")),
+                env: r
+                    .env
+                    .iter()
+                    .map(|(k, v)| {
+                        At::new((k.clone(), v.get_ref().clone()), lines.at(v, key("env")))
+                    })
+                    .collect(),
             }
         })
         .collect();
@@ -297,6 +316,13 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
         routes,
         agents,
         seed: None,
+        run: raw
+            .run
+            .map(|r| super::spec::RunSpec {
+                drop_env: r.drop_env,
+                allow_ports: r.allow_ports,
+            })
+            .unwrap_or_default(),
     })
 }
 
