@@ -358,3 +358,33 @@ fn run_child(args: &RunArgs, grant: &Value) -> ExitCode {
         Err(e) => fail(&format!("waiting for {}: {e}", args.command[0])),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_env_templates_fill_in_only_token_and_base_url() {
+        assert!(check_env_entry("CODEX_TOKEN", "{token}").is_ok());
+        assert!(check_env_entry("X_URL", "{base_url}/v1").is_ok());
+        assert!(check_env_entry("PLAIN", "a value").is_ok());
+        assert!(check_env_entry("X", "{secret}").is_err());
+        assert!(check_env_entry("1BAD", "{token}").is_err());
+        assert!(check_env_entry("BAD-NAME", "{token}").is_err());
+    }
+
+    #[test]
+    fn provider_key_families_are_always_dropped_and_ordinary_settings_kept() {
+        for k in [
+            "OPENAI_API_KEY",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_PROFILE",
+            "GH_TOKEN",
+        ] {
+            assert!(always_dropped(k), "{k}");
+        }
+        for k in ["PATH", "HOME", "OPENAI_LOG", "TERM"] {
+            assert!(!always_dropped(k), "{k}");
+        }
+    }
+}

@@ -60,6 +60,15 @@ impl Runs {
     }
 }
 
+/// Revokes every leased token: keygate is stopping and its leases end with it.
+pub fn revoke_all(control: &crate::admin::Control, store: &dyn crate::state::StateStore) {
+    for id in control.runs.token_ids() {
+        if let Err(e) = store.revoke_tokens(Some(&id), None) {
+            tracing::error!(token_id = id, error = %e, "cannot revoke a run's token at exit");
+        }
+    }
+}
+
 fn refuse(status: StatusCode, message: impl Into<String>) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(
         json!({"ok": false, "error": message.into()}).to_string() + "\n",

@@ -60,13 +60,17 @@ fn launcher(
 }
 
 fn output(mut c: Command) -> Output {
-    let child = c.spawn().unwrap();
+    use std::os::unix::process::CommandExt;
+    // Its own process group, which the agent shares: the whole run is killed on a deadline.
+    let child = c.process_group(0).spawn().unwrap();
     let pid = child.id();
     let waiter = std::thread::spawn(move || child.wait_with_output().unwrap());
     let deadline = Instant::now() + Duration::from_secs(25);
     while !waiter.is_finished() {
         if Instant::now() > deadline {
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-9", "--", &format!("-{pid}")])
+                .status();
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -449,5 +453,51 @@ fn run_without_a_running_keygate_says_how_to_start_one() {
     assert!(
         err.contains("no keygate is running") && err.contains("keygate serve"),
         "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_sent_to_the_launcher_reaches_the_agent_whose_exit_status_passes_through() {
+    let (_up, _kg, config) = setup("").await;
+    let work = tempfile::tempdir().unwrap();
+    let c = launcher(
+        &config,
+        &["--no-sandbox"],
+        "trap 'exit 42' TERM; echo ready > ready.txt; while :; do sleep 0.05; done",
+        work.path(),
+        &[],
+    );
+    let mut c = c;
+    let child = {
+        use std::os::unix::process::CommandExt;
+        c.process_group(0).spawn().unwrap()
+    };
+    let pid = child.id();
+    let ready = work.path().join("ready.txt");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ready.exists() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let out = tokio::task::spawn_blocking(move || {
+        let waiter = std::thread::spawn(move || child.wait_with_output().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !waiter.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = Command::new("kill")
+            .args(["-9", "--", &format!("-{pid}")])
+            .status();
+        waiter.join().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(42),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }
