@@ -93,10 +93,15 @@ pub(crate) async fn open(
     };
     let state = live.state.load_full();
     let config = &state.config;
-    let Some(store) = state.control.store.clone() else {
+    let store = state
+        .control
+        .store
+        .clone()
+        .filter(|_| state.tokens.has_store());
+    let Some(store) = store else {
         return refuse(
             StatusCode::CONFLICT,
-            "keygate run needs a state store: add state_dir = \"~/.local/state/keygate\" to the config",
+            "keygate run needs a token store: add state_dir = \"~/.local/state/keygate\" to the config",
         );
     };
     let agent = match pick_agent(config, args["agent"].as_str()) {
