@@ -351,6 +351,15 @@ fn grant(
             deny.push(path.display().to_string());
         }
     }
+    // Relative paths are keygate's (its working directory), not the launcher's.
+    let deny: Vec<String> = deny
+        .into_iter()
+        .map(|p| {
+            std::fs::canonicalize(&p)
+                .or_else(|_| std::path::absolute(&p))
+                .map_or(p, |a| a.display().to_string())
+        })
+        .collect();
     let mut ports: Vec<u16> = config
         .listen
         .iter()
