@@ -385,6 +385,16 @@ mod tests {
     }
 
     #[test]
+    fn route_env_for_keygate_run_is_read_and_a_bad_template_names_its_line() {
+        let c = load("[run]\ndrop_env = [\"MY_TOKEN\"]\nallow_ports = [3000]\n[routes.a]\nprefix = \"/a\"\nupstream = \"http://127.0.0.1:1\"\n[routes.a.env]\nA_TOKEN = \"{token}\"\nA_URL = \"{base_url}/v1\"\n").unwrap();
+        assert_eq!(c.routes[0].env.len(), 2);
+        assert_eq!(c.run.drop_env, ["MY_TOKEN"]);
+        assert_eq!(c.run.allow_ports, [3000]);
+        let e = load("[routes.a]\nprefix = \"/a\"\nupstream = \"http://127.0.0.1:1\"\n[routes.a.env]\nA_TOKEN = \"{secret}\"\n").unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (5, "routes.a.env"), "{e}");
+    }
+
+    #[test]
     fn route_referencing_a_missing_secret_is_an_error() {
         let e = load(
             "[routes.a]\nprefix = \"/a\"\nupstream = \"http://127.0.0.1:1\"\nsecret = \"nope\"\n",

@@ -146,3 +146,65 @@ enabled = false
     records, runs = run_records(kg)
     assert any(r.get("run_id") and r["route"] == "openai" and r["decision"] == "allow" for r in records), records
     assert openai_key not in run.stdout + run.stderr
+
+
+def test_agent_keeps_the_terminal_and_gets_one_ctrl_c_as_without_keygate(keygate, keygate_bin, fake_upstream, tmp_path):
+    """On a terminal the agent is in the foreground process group: Ctrl-C reaches it once (from
+    the terminal, not again from the launcher), and its exit status passes through."""
+    import fcntl
+    import pty
+    import select
+    import termios
+    import time
+
+    kg, _openai_key, _anthropic_key = start(keygate, fake_upstream, tmp_path)
+    script = (
+        'n=0; trap \'n=$((n+1)); echo "int$n"\' INT; '
+        'if [ "$(ps -o tpgid= -p $$ | tr -d " ")" = "$(ps -o pgid= -p $$ | tr -d " ")" ]; then echo foreground; fi; '
+        "echo ready; i=0; while [ $i -lt 40 ]; do sleep 0.05; i=$((i+1)); done; exit $((n+10))"
+    )
+    master, slave = pty.openpty()
+
+    def controlling_tty():
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(
+        [str(keygate_bin), "run", "--config", str(kg.config_path), "--no-sandbox", "--", "sh", "-c", script],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path)},
+        cwd=tmp_path,
+        preexec_fn=controlling_tty,
+    )
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + 20
+    sent = False
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if ready:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            if b"ready" in out and not sent:
+                os.write(master, b"\x03")
+                sent = True
+            if proc.poll() is not None and not ready:
+                break
+        code = proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        os.close(master)
+    text = out.decode(errors="replace")
+    assert "foreground" in text, text
+    assert "int1" in text and "int2" not in text, text
+    assert code == 11, text
