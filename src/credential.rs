@@ -162,16 +162,28 @@ impl Credentials {
         if let SecretSource::OpenBao(bao) = &entry.spec.source {
             if bao.per_request() {
                 // `jit = "request"`: a credential of its own, never cached, revoked when the
-                // request's `LeaseHold` is dropped.
-                let fetched = bao
-                    .fetch(name)
-                    .await
-                    .map(Some)
-                    .map_err(|e| Rejection::new(Code::SecretUnavailable, e.to_string()));
-                if let Ok(Some(s)) = &fetched {
-                    self.remember(Arc::new(s.clone()));
+                // request's `LeaseHold` is dropped. A failing server is asked at most once per
+                // backoff window, as for cached sources.
+                if let Some(f) = entry.failed.load().as_ref() {
+                    if f.0.elapsed() < FAILURE_BACKOFF {
+                        return Err(Rejection::new(Code::SecretUnavailable, f.1.clone()));
+                    }
                 }
-                return fetched.map(|s| s.map(Arc::new));
+                return match bao.fetch(name).await {
+                    Ok(s) => {
+                        let s = Arc::new(s);
+                        self.remember(s.clone());
+                        Ok(Some(s))
+                    }
+                    Err(e) => {
+                        let msg = e.to_string();
+                        tracing::warn!(secret = %name, error = %msg, "secret fetch failed");
+                        entry
+                            .failed
+                            .store(Some(Arc::new((Instant::now(), msg.clone()))));
+                        Err(Rejection::new(Code::SecretUnavailable, msg))
+                    }
+                };
             }
         }
         if let Some(c) = entry.fresh() {

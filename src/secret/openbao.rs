@@ -291,12 +291,12 @@ impl Bao {
     /// Reads the value: a KV field (key id `name#vN`) or a new dynamic credential (key id
     /// `name#lease-FINGERPRINT`, its lease tracked here).
     pub async fn fetch(self: &Arc<Self>, name: &str) -> Result<Secret, FetchError> {
-        self.fetch_inner(name).await.map_err(|Failed(reason)| {
-            FetchError::OpenBao {
+        self.fetch_inner(name)
+            .await
+            .map_err(|Failed(reason)| FetchError::OpenBao {
                 secret: name.to_string(),
                 reason,
-            }
-        })
+            })
     }
 
     async fn fetch_inner(self: &Arc<Self>, name: &str) -> Result<Secret, Failed> {
@@ -470,8 +470,12 @@ impl Bao {
             Ok(a) if a.status.is_success() => {
                 tracing::debug!(source = %self.label(), "lease revoked")
             }
-            Ok(a) => tracing::warn!(source = %self.label(), status = %a.status, "lease revocation refused; it ends with its TTL"),
-            Err(Failed(reason)) => tracing::warn!(source = %self.label(), error = %reason, "lease revocation failed; it ends with its TTL"),
+            Ok(a) => {
+                tracing::warn!(source = %self.label(), status = %a.status, "lease revocation refused; it ends with its TTL")
+            }
+            Err(Failed(reason)) => {
+                tracing::warn!(source = %self.label(), error = %reason, "lease revocation failed; it ends with its TTL")
+            }
         }
     }
 
@@ -856,6 +860,93 @@ mod tests {
         assert_eq!(f, lease_fingerprint(id));
         assert!(!id.contains(&f));
         assert_ne!(f, lease_fingerprint("pki/issue/agent/other"));
+    }
+
+    fn load(secrets: &str, route_extra: &str) -> Result<crate::config::Config, String> {
+        let text = format!(
+            "{secrets}\n[routes.r]\nprefix = \"/r\"\nupstream = \"http://127.0.0.1:1\"\nsecret = \"v\"\n{route_extra}"
+        );
+        crate::config::Config::from_text(std::path::Path::new("c.toml"), &text)
+            .map_err(|e| e.to_string())
+    }
+
+    const DYNAMIC: &str = "[secrets.v]\nsource = \"openbao\"\naddress = \"http://127.0.0.1:8200\"\ntoken_env = \"T\"\ndynamic = \"database/creds/agent\"\nfield = \"password\"\n";
+    const KV: &str = "[secrets.v]\nsource = \"openbao\"\naddress = \"http://127.0.0.1:8200\"\ntoken_env = \"T\"\npath = \"openai\"\nfield = \"api_key\"\n";
+
+    fn jit_of(c: &crate::config::Config) -> Option<Jit> {
+        match &c.secrets[0].source {
+            crate::secret::SecretSource::OpenBao(b) => Some(b.settings().jit),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_routes_jit_sets_its_dynamic_secrets_lease_lifetime() {
+        for (line, want) in [
+            ("jit = \"request\"", Jit::Request),
+            ("jit = \"run\"", Jit::Run),
+            ("", Jit::Ttl),
+        ] {
+            let c = load(DYNAMIC, line).unwrap();
+            assert_eq!(jit_of(&c), Some(want), "{line}");
+        }
+        let c = load(DYNAMIC, "jit = \"request\"").unwrap();
+        assert!(
+            !c.secrets[0].source.prefetchable(),
+            "a per-request lease is not prefetched"
+        );
+        assert!(load(DYNAMIC, "jit = \"run\"").unwrap().secrets[0]
+            .source
+            .prefetchable());
+    }
+
+    #[test]
+    fn jit_on_a_kv_secret_or_an_unknown_jit_is_refused_at_load() {
+        let e = load(KV, "jit = \"request\"").unwrap_err();
+        assert!(e.contains("routes.r.jit") && e.contains("dynamic"), "{e}");
+        let e = load(DYNAMIC, "jit = \"forever\"").unwrap_err();
+        assert!(e.contains("unknown jit"), "{e}");
+    }
+
+    #[test]
+    fn routes_sharing_a_dynamic_secret_must_agree_on_jit() {
+        let second = "jit = \"run\"\n[routes.s]\nprefix = \"/s\"\nupstream = \"http://127.0.0.1:1\"\nsecret = \"v\"\njit = \"request\"\n";
+        let e = load(DYNAMIC, second).unwrap_err();
+        assert!(e.contains("different jit"), "{e}");
+    }
+
+    #[test]
+    fn a_login_secret_must_exist_and_not_be_an_openbao_one() {
+        let approle = |from: &str| {
+            format!("[secrets.v]\nsource = \"openbao\"\naddress = \"http://127.0.0.1:8200\"\nauth = \"approle\"\nrole_id = \"r\"\nsecret_id_from = \"{from}\"\npath = \"p\"\nfield = \"f\"\n[secrets.sid]\nsource = \"env\"\nname = \"SID\"\n")
+        };
+        assert!(load(&approle("sid"), "").is_ok());
+        let e = load(&approle("nope"), "").unwrap_err();
+        assert!(e.contains("no [secrets.nope]"), "{e}");
+        let e = load(&approle("v"), "").unwrap_err();
+        assert!(e.contains("an openbao source"), "{e}");
+        let e = load(&KV.replace("token_env = \"T\"\n", ""), "").unwrap_err();
+        assert!(e.contains("token_env"), "{e}");
+        let e = load(&KV.replace("http://", "ftp://"), "").unwrap_err();
+        assert!(e.contains("address"), "{e}");
+    }
+
+    #[test]
+    fn debug_of_the_source_shows_settings_and_never_the_token() {
+        let c = load(KV, "").unwrap();
+        let crate::secret::SecretSource::OpenBao(bao) = &c.secrets[0].source else {
+            panic!("not openbao")
+        };
+        *bao.token.try_lock().unwrap() = Some(Arc::new(Token::new(
+            Zeroizing::new("hvs.not-a-real-token-000".into()),
+            60,
+            true,
+        )));
+        let dbg = format!("{:?}", c.secrets[0]);
+        assert!(
+            dbg.contains("openai") && !dbg.contains("not-a-real-token"),
+            "{dbg}"
+        );
     }
 
     #[test]
