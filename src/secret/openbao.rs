@@ -162,7 +162,9 @@ pub(crate) struct Lease {
 /// it is dropped (the answer sent, or the request refused or abandoned) a lease no longer handed
 /// out is revoked.
 pub struct LeaseHold {
-    bao: Weak<Bao>,
+    // Strong: a reload that replaces the source must not revoke a lease an answer still streams
+    // with; the old source's drop revokes what is left once the last hold is gone.
+    bao: Arc<Bao>,
     lease: Arc<Lease>,
 }
 
@@ -176,9 +178,7 @@ impl Drop for LeaseHold {
     fn drop(&mut self) {
         let left = self.lease.users.fetch_sub(1, Ordering::AcqRel) - 1;
         if left == 0 && self.lease.retired.load(Ordering::Acquire) {
-            if let Some(bao) = self.bao.upgrade() {
-                bao.revoke_later(self.lease.clone());
-            }
+            self.bao.revoke_later(self.lease.clone());
         }
     }
 }
@@ -302,10 +302,12 @@ impl Bao {
     async fn fetch_inner(self: &Arc<Self>, name: &str) -> Result<Secret, Failed> {
         // A token the server no longer accepts (revoked, expired early) gets one fresh login.
         match self.read(name).await {
-            Err(Denied) => {
+            Err(Denied(_)) => {
                 self.forget_token().await;
-                self.read(name).await.map_err(|Denied| {
-                    Failed("the server refused keygate's token (403) after a fresh login".into())
+                self.read(name).await.map_err(|Denied(path)| {
+                    Failed(format!(
+                        "{path} answered 403 (permission denied), also after a fresh login"
+                    ))
                 })?
             }
             Ok(r) => r,
@@ -333,7 +335,7 @@ impl Bao {
             Err(f) => return Ok(Err(f)),
         };
         if answer.status == StatusCode::FORBIDDEN {
-            return Err(Denied);
+            return Err(Denied(path));
         }
         Ok(self.parse(name, &path, answer))
     }
@@ -398,7 +400,7 @@ impl Bao {
         drop(leases);
         lease.users.fetch_add(1, Ordering::AcqRel);
         Some(LeaseHold {
-            bao: Arc::downgrade(self),
+            bao: self.clone(),
             lease,
         })
     }
@@ -510,7 +512,8 @@ impl Bao {
                 None => return Ok(t.value.clone()),
                 Some(left) if left > t.ttl / RENEW_AT_LEFT => return Ok(t.value.clone()),
                 Some(_) if t.renewable => {
-                    if self.renew_self(t).await.is_ok() {
+                    // A renewal capped by the token's max TTL leaves it short-lived: log in.
+                    if self.renew_self(t).await.is_ok() && !t.expiring() {
                         return Ok(t.value.clone());
                     }
                 }
@@ -680,8 +683,8 @@ impl Drop for Bao {
     }
 }
 
-/// The server refused the token: caller logs in again once.
-struct Denied;
+/// The server refused the token for this path: the caller logs in again, once.
+struct Denied(String);
 
 impl Token {
     fn new(value: Zeroizing<String>, ttl_s: u64, renewable: bool) -> Token {
@@ -692,6 +695,11 @@ impl Token {
             ttl,
             renewable,
         }
+    }
+
+    /// Whether less than the renewal share of its TTL is left.
+    fn expiring(&self) -> bool {
+        self.left().is_some_and(|l| l <= self.ttl / RENEW_AT_LEFT)
     }
 
     fn left(&self) -> Option<Duration> {
@@ -727,6 +735,12 @@ async fn renew_token(bao: Weak<Bao>, token: Weak<Token>) {
         }
         if let Err(Failed(reason)) = b.renew_self(&t).await {
             tracing::warn!(source = %b.label(), error = %reason, "keygate's OpenBao token could not be renewed; logging in afresh at next use");
+            b.forget_token().await;
+            return;
+        }
+        if t.expiring() {
+            // At its max TTL: renewing no longer extends it, so the next use logs in afresh.
+            tracing::debug!(source = %b.label(), "keygate's OpenBao token reached its max TTL; logging in afresh at next use");
             b.forget_token().await;
             return;
         }

@@ -164,6 +164,29 @@ def test_openbao_approle_login_reads_the_secret(keygate, fake_upstream, openbao)
     assert "auth/approle/login" in paths, paths
 
 
+def test_openbao_token_at_its_max_ttl_is_replaced_by_a_fresh_approle_login(keygate, fake_upstream, openbao):
+    value = fake_secret("sk-proj-relogin")
+    openbao.kv_put("openai", {"api_key": value})
+    openbao.policy("kv-read", KV_READ)
+    openbao.api("POST", "sys/auth/approle", {"type": "approle"})
+    # Tokens that cannot outlive 3 s however often they are renewed.
+    openbao.api("POST", "auth/approle/role/keygate", {"token_policies": ["kv-read"], "token_ttl": "2s", "token_max_ttl": "3s"})
+    role_id = openbao.api("GET", "auth/approle/role/keygate/role-id")["data"]["role_id"]
+    secret_id = openbao.api("POST", "auth/approle/role/keygate/secret-id", {"num_uses": 50})["data"]["secret_id"]
+    auth = f'auth = "approle"\nrole_id = "{role_id}"\nsecret_id_from = "approle_sid"'
+    secret = kv_secret(openbao.addr, auth=auth, ttl="1s") + '\n[secrets.approle_sid]\nsource = "env"\nname = "BAO_SECRET_ID"\n'
+    token = new_token()
+    kg = keygate(config(fake_upstream.url, secret), env={"KEYGATE_AGENT_TOKEN": token, "BAO_SECRET_ID": secret_id})
+    start = time.monotonic()
+    while time.monotonic() - start < 5:  # past the first token's max TTL, reading every second
+        r = chat(kg, token)
+        assert r.status_code == 200, r.text
+        assert sent_key(fake_upstream) == value
+        time.sleep(0.25)
+    left = openbao.api("POST", "auth/approle/role/keygate/secret-id/lookup", {"secret_id": secret_id})["data"]["secret_id_num_uses"]
+    assert left <= 48, f"keygate logged in {50 - left} time(s); its first token died at 3 s"
+
+
 def test_openbao_jwt_login_with_the_jwt_from_another_source(keygate, fake_upstream, openbao, tmp_path):
     jwt = pytest.importorskip("jwt")
     from cryptography.hazmat.primitives import serialization
