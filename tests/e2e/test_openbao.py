@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import secrets
 import signal
 import threading
 import time
@@ -366,6 +368,115 @@ def test_openbao_ttl_lease_is_cached_then_replaced_and_the_old_one_revoked(keyga
     poll(replaced, "a new lease once the first is about to end")
     poll(lambda: first_lease not in openbao.leases("pki/issue/agent"), "the replaced lease to be revoked")
     assert len(openbao.leases("pki/issue/agent")) == 1
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A password-protected redis-server for OpenBao's database engine (real dynamic users with
+    renewable leases)."""
+    import shutil
+    import subprocess
+
+    from openbao_server import free_port
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("redis-server is missing: scripts/test installs it")
+        pytest.skip("redis-server not found (apt-get install redis-server; scripts/test does)")
+    port = free_port()
+    password = secrets.token_hex(16)
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--requirepass", password],
+        stdin=subprocess.DEVNULL,
+        stdout=open(tmp_path / "redis.log", "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        poll(lambda: redis_auth(port, "default", password) or proc.poll() is not None, "redis-server to answer")
+        yield port, password
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def redis_auth(port: int, user: str, password: str) -> bool:
+    """Whether redis accepts AUTH user password (False on WRONGPASS or no answer)."""
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            cmd = [b"AUTH", user.encode(), password.encode()]
+            s.sendall(b"*3\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(c), c) for c in cmd))
+            return s.recv(64).startswith(b"+OK")
+    except OSError:
+        return False
+
+
+def test_openbao_dynamic_redis_user_is_renewed_while_its_request_streams_and_revoked_after(keygate, fake_upstream, openbao, redis_server):
+    port, password = redis_server
+    openbao.api("POST", "sys/mounts/database", {"type": "database"})
+    openbao.api(
+        "POST",
+        "database/config/redis",
+        {"plugin_name": "redis-database-plugin", "host": "127.0.0.1", "port": port, "username": "default", "password": password, "tls": False, "allowed_roles": ["agent"]},
+    )
+    # A 4 s lease: a request streaming longer than that needs it renewed.
+    openbao.api("POST", "database/roles/agent", {"db_name": "redis", "creation_statements": ['["~*","+@read"]'], "default_ttl": "4s", "max_ttl": "5m"})
+    secret = f"""\
+[secrets.vaulted]
+source = "openbao"
+address = "{openbao.addr}"
+token_env = "BAO_TOKEN"
+dynamic = "database/creds/agent"
+field = "password"
+"""
+    token = new_token()
+    kg = keygate(config(fake_upstream.url, secret, jit="request"), env={"KEYGATE_AGENT_TOKEN": token, "BAO_TOKEN": openbao.root})
+    gate = threading.Event()
+    fake_upstream.first_event_gate = gate
+    with kg.client() as c:
+        with c.stream(
+            "POST",
+            "/openai/v1/chat/completions",
+            json={"model": "gpt-fake", "stream": True, "messages": []},
+            headers={"Authorization": f"Bearer {token}"},
+        ) as s:
+            assert s.status_code == 200
+            lines = s.iter_lines()
+            next(line for line in lines if line.startswith("data:"))
+            (lease,) = openbao.leases("database/creds/agent")
+            lease_id = "database/creds/agent/" + lease
+
+            def renewed():
+                return openbao.api("PUT", "sys/leases/lookup", {"lease_id": lease_id})["data"].get("last_renewal")
+
+            poll(renewed, "keygate to renew the lease of the credential its request uses")
+            (user,) = [u for u in redis_acl_users(port, password) if u != "default"]
+            assert redis_auth(port, user, sent_key(fake_upstream)), "the injected password is the live user's"
+            gate.set()
+            for _ in lines:
+                pass
+    # The credential is a real redis user: it worked while leased, and not after revocation.
+    poll(lambda: openbao.leases("database/creds/agent") == [], "the lease to be revoked after the answer")
+    assert not redis_auth(port, user, sent_key(fake_upstream)), "WRONGPASS once the lease is revoked"
+    assert [u for u in redis_acl_users(port, password) if u != "default"] == []
+
+
+def redis_acl_users(port: int, password: str) -> list[str]:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+        s.sendall(b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(password), password.encode()))
+        s.recv(64)
+        s.sendall(b"*2\r\n$3\r\nACL\r\n$5\r\nUSERS\r\n")
+        data = s.recv(4096).decode()
+    return [line for line in data.split("\r\n") if line and line[0] not in "*$"]
 
 
 def test_openbao_jit_on_a_route_whose_secret_is_not_dynamic_is_refused_at_load(keygate, fake_upstream, openbao, tmp_path):
