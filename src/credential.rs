@@ -237,7 +237,7 @@ impl Credentials {
     /// the request scan knows every held value before the first request: a key of one route
     /// sent in another route's request is refused from the start. Returns the failures, as
     /// (secret name, message naming the source, never a value). Sources this build cannot fetch
-    /// (OpenBao, AWS Secrets Manager) are left to their first use.
+    /// (AWS Secrets Manager), and OpenBao leases issued per request, are left to their first use.
     pub async fn prefetch(&self) -> Vec<(String, String)> {
         let mut set = tokio::task::JoinSet::new();
         for (i, entry) in self.entries.iter().enumerate() {
