@@ -410,16 +410,44 @@ impl Bao {
     pub async fn shutdown(self: &Arc<Self>, deadline: Duration) {
         self.closed.store(true, Ordering::Release);
         let live: Vec<Arc<Lease>> = lock(&self.leases).drain(..).collect();
-        if live.is_empty() {
-            return;
-        }
         let all = async {
             for lease in live {
                 self.revoke(&lease).await;
             }
+            self.revoke_own_token().await;
         };
         if tokio::time::timeout(deadline, all).await.is_err() {
             tracing::warn!(source = %self.label(), "not every lease was revoked before the shutdown deadline; the rest end with their TTL");
+        }
+    }
+
+    /// A token keygate got by logging in (AppRole, JWT) is keygate's alone: revoked when it
+    /// stops. One given to it (`token_env`, `token_file`) belongs to whoever gave it, and is kept.
+    async fn revoke_own_token(&self) {
+        if matches!(self.settings.auth, Auth::Token(_)) {
+            return;
+        }
+        let Some(token) = self.token.lock().await.take() else {
+            return;
+        };
+        match self
+            .call(
+                Method::POST,
+                "auth/token/revoke-self",
+                Some(&token.value),
+                None,
+            )
+            .await
+        {
+            Ok(a) if a.status.is_success() => {
+                tracing::debug!(source = %self.label(), "keygate's OpenBao token revoked")
+            }
+            Ok(a) => {
+                tracing::warn!(source = %self.label(), status = %a.status, "keygate's OpenBao token could not be revoked; it ends with its TTL")
+            }
+            Err(Failed(reason)) => {
+                tracing::warn!(source = %self.label(), error = %reason, "keygate's OpenBao token could not be revoked; it ends with its TTL")
+            }
         }
     }
 

@@ -165,6 +165,12 @@ def test_openbao_approle_login_reads_the_secret(keygate, fake_upstream, openbao)
     paths = [openbao.api("POST", "auth/token/lookup-accessor", {"accessor": a})["data"]["path"] for a in accessors]
     assert "auth/approle/login" in paths, paths
 
+    # A token keygate logged in for is its own: revoked when keygate stops.
+    assert kg.stop() == 0
+    accessors = openbao.api("LIST", "auth/token/accessors")["data"]["keys"]
+    paths = [openbao.api("POST", "auth/token/lookup-accessor", {"accessor": a})["data"]["path"] for a in accessors]
+    assert "auth/approle/login" not in paths, paths
+
 
 def test_openbao_token_at_its_max_ttl_is_replaced_by_a_fresh_approle_login(keygate, fake_upstream, openbao):
     value = fake_secret("sk-proj-relogin")
