@@ -194,6 +194,12 @@ async fn serve(
     tracing::info!(signal = name, "shutting down");
     let _ = tx.send(true);
     let _ = server.await;
+    // Dynamic credentials end with keygate: revoked now, not left to their TTL.
+    live.state
+        .load_full()
+        .credentials
+        .shutdown(Duration::from_secs(5))
+        .await;
     if let Some(a) = admin {
         let _ = a.await;
     }
