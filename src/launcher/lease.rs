@@ -511,3 +511,25 @@ impl Reach {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_launchers_heartbeat_wish_is_kept_between_one_second_and_a_minute() {
+        assert_eq!(heartbeat_of(&json!({})), DEFAULT_HEARTBEAT);
+        assert_eq!(
+            heartbeat_of(&json!({"heartbeat_secs": 0})),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            heartbeat_of(&json!({"heartbeat_secs": 2})),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            heartbeat_of(&json!({"heartbeat_secs": 86400})),
+            Duration::from_secs(60)
+        );
+    }
+}

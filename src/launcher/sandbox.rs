@@ -10,7 +10,10 @@
 //! way (the denied paths' ancestors) get only `ReadDir`, and the denied paths nothing. So CMD
 //! can read, write and run everything else, but cannot open keygate's config, state dir, admin
 //! socket (from ABI 9, where connecting to a socket file is checked), audit log or `file`
-//! secrets. Limits: the grants are made when the run starts, so a new entry created later
+//! secrets; programs keygate runs are granted read and execute only. Symlinks met on the walk
+//! are never granted (a rule's path is opened following links, so it would grant the target),
+//! and each granted descriptor's real path is checked against the held paths. `--sandbox`
+//! (`--require` here) demands ABI 4 (filesystem and TCP rules). Limits: the grants are made when the run starts, so a new entry created later
 //! directly inside an ancestor directory (say `~` when the config is in `~/.config/keygate`) is
 //! not usable by CMD, and entries cannot be renamed into or out of an ancestor; keep keygate's
 //! files in directories of their own. With ABI >= 4, TCP `connect` is allowed only to
@@ -360,5 +363,24 @@ mod tests {
         assert!(!g.whole.contains(&root.join("bin/fetch-key")));
         assert!(g.whole.contains(&root.join("bin/tool")));
         assert!(g.ancestors.contains(&root.join("bin")));
+    }
+
+    #[test]
+    fn explicit_sandbox_demands_filesystem_and_tcp_rules_and_names_them_when_missing() {
+        assert!(REQUIRED_ABI >= ABI::V4, "TCP connect rules came with ABI 4");
+        // Each level demanded either holds or is refused with a message that says what is
+        // missing; once one is refused, every higher one is too.
+        let levels = [ABI::V1, ABI::V4, ABI::V6, ABI::V9, ABI::V10];
+        let mut refused = false;
+        for abi in levels {
+            match demand(abi) {
+                Ok(()) => assert!(!refused, "{abi:?} held after a lower level was refused"),
+                Err(m) => {
+                    refused = true;
+                    assert!(m.contains("does not support Landlock"), "{m}");
+                    assert!(m.contains("--sandbox"), "{m}");
+                }
+            }
+        }
     }
 }
