@@ -323,7 +323,10 @@ pub fn store_password(spec: &SecretSpec) -> Result<zeroize::Zeroizing<String>, S
         .unwrap_or_else(|_| Err("fetching the store's password failed".into()))
     })?;
     let Some(secret) = fetched else {
-        return Err(format!("secret {} (source none) holds no password", spec.name));
+        return Err(format!(
+            "secret {} (source none) holds no password",
+            spec.name
+        ));
     };
     #[allow(clippy::disallowed_methods)] // credential stage: the store's connection needs it
     let value = secret.expose();

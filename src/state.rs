@@ -9,6 +9,7 @@
 
 pub mod redis;
 pub mod sqlite;
+pub mod sync;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -320,11 +321,23 @@ pub trait StateStore: Send + Sync {
     }
     /// Books `n` tokens against the agent's budget of `limit` per `per` (windows aligned to the
     /// store's clock), atomically, or refuses. Shared stores only.
-    fn reserve_budget(&self, _agent: &str, _per: Duration, _limit: u64, _n: u64) -> Decision<Booking> {
+    fn reserve_budget(
+        &self,
+        _agent: &str,
+        _per: Duration,
+        _limit: u64,
+        _n: u64,
+    ) -> Decision<Booking> {
         Box::pin(async { not_shared() })
     }
     /// Replaces a booking of `booked` tokens by the `used` ones. Shared stores only.
-    fn settle_budget(&self, _agent: &str, _per: Duration, _booked: u64, _used: u64) -> Decision<()> {
+    fn settle_budget(
+        &self,
+        _agent: &str,
+        _per: Duration,
+        _booked: u64,
+        _used: u64,
+    ) -> Decision<()> {
         Box::pin(async { not_shared() })
     }
     /// Drops this keygate's bookings left by a previous run (its requests are gone).

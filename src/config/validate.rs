@@ -191,8 +191,7 @@ pub(super) fn validate(file: &Path, spec: Spec) -> Result<Config, ConfigError> {
 fn valid_instance(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
@@ -209,7 +208,9 @@ fn state_backend(
         other => {
             return cx.err(
                 &st.backend.pos,
-                format!("unknown state backend {other:?}; write \"sqlite\" (the default) or \"redis\""),
+                format!(
+                    "unknown state backend {other:?}; write \"sqlite\" (the default) or \"redis\""
+                ),
             )
         }
     }
@@ -238,7 +239,10 @@ fn state_backend(
         if tls && u.starts_with("redis://") {
             return cx.err(&url.pos, "tls = true needs a rediss:// url");
         }
-    } else if let Some(path) = u.strip_prefix("unix:").or_else(|| u.strip_prefix("redis+unix:")) {
+    } else if let Some(path) = u
+        .strip_prefix("unix:")
+        .or_else(|| u.strip_prefix("redis+unix:"))
+    {
         if path.is_empty() {
             return cx.err(&url.pos, "unix: needs the socket's path");
         }
@@ -268,7 +272,10 @@ fn state_backend(
         Some("fail-open") => FailMode::FailOpen,
         Some(other) => {
             return cx.err(
-                &st.rate_limits.as_ref().map(|r| r.pos.clone()).unwrap_or_else(|| st.table.clone()),
+                &st.rate_limits
+                    .as_ref()
+                    .map(|r| r.pos.clone())
+                    .unwrap_or_else(|| st.table.clone()),
                 format!("{other:?}: write \"fail-closed\" (the default) or \"fail-open\""),
             )
         }

@@ -215,13 +215,10 @@ impl RedisStore {
             .set_max_delay(Duration::from_millis(500));
         let c2 = client.clone();
         let conn = block_on(&rt, async move {
-            tokio::time::timeout(
-                OP_TIMEOUT,
-                c2.get_connection_manager_with_config(config),
-            )
-            .await
-            .map_err(|_| "connecting timed out".to_string())?
-            .map_err(|e| e.to_string())
+            tokio::time::timeout(OP_TIMEOUT, c2.get_connection_manager_with_config(config))
+                .await
+                .map_err(|_| "connecting timed out".to_string())?
+                .map_err(|e| e.to_string())
         })
         .and_then(|r| r)
         .map_err(|e| err(format!("cannot connect: {e}")))?;
@@ -341,11 +338,7 @@ impl RedisStore {
         let mut c = self.conn.clone();
         // Best effort: the periodic re-sync catches anything a lost message would have said.
         self.rt.spawn(async move {
-            let _ = tokio::time::timeout(
-                OP_TIMEOUT,
-                c.publish::<_, _, i64>(CHANNEL, what),
-            )
-            .await;
+            let _ = tokio::time::timeout(OP_TIMEOUT, c.publish::<_, _, i64>(CHANNEL, what)).await;
         });
     }
 }
@@ -388,8 +381,10 @@ fn connection_info(
     let url = match url
         .strip_prefix("unix:")
         .filter(|p| !p.starts_with("//"))
-        .or_else(|| url.strip_prefix("redis+unix:").filter(|p| !p.starts_with("//")))
-    {
+        .or_else(|| {
+            url.strip_prefix("redis+unix:")
+                .filter(|p| !p.starts_with("//"))
+        }) {
         Some(path) => format!("unix://{path}"),
         None => url.clone(),
     };
@@ -676,7 +671,9 @@ return {1, total}
     }
 
     fn approvals(&self, limit: usize) -> Result<Vec<ApprovalRow>, StateError> {
-        let stop = isize::try_from(limit).unwrap_or(isize::MAX).saturating_sub(1);
+        let stop = isize::try_from(limit)
+            .unwrap_or(isize::MAX)
+            .saturating_sub(1);
         self.run(move |mut c| async move {
             let ids: Vec<String> = c
                 .zrevrange(format!("{P}approvals:created"), 0, stop)
