@@ -140,6 +140,9 @@ async fn answer(live: &Live, uid: u32, own: u32, req: Request<Incoming>) -> Resp
             "peer_uid": uid,
             "policy_version": state.policy_version,
         });
+        if let Some(i) = &control.instance {
+            rec["instance"] = i.clone().into();
+        }
         if let (Some(m), Value::Object(x)) = (rec.as_object_mut(), extra) {
             m.extend(x);
         }
@@ -249,7 +252,7 @@ async fn answer(live: &Live, uid: u32, own: u32, req: Request<Incoming>) -> Resp
                     let name = if p == "/approve" { "approve" } else { "deny" };
                     let rec = event(
                         name,
-                        json!({"approval_id": id, "request_id": info["request_id"], "agent": info["agent"], "route": info["route"], "instance": info["instance"], "reason": reason}),
+                        json!({"approval_id": id, "request_id": info["request_id"], "agent": info["agent"], "route": info["route"], "held_by": info["instance"], "reason": reason}),
                     );
                     // The request record carries `approved_by` too; this one says when.
                     let mut rec = rec;
