@@ -19,10 +19,14 @@ fn main() {
     let config = Config::from_text(Path::new("bench.toml"), text).expect("config");
     let policy = keygate::authorize::Policy::new(&config);
 
+    // `reserve` is async (a shared store decides over the network); in memory it never waits.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
     let t = Instant::now();
     for _ in 0..N {
-        let booked = policy
-            .reserve(&config, keygate::config::AgentId(0), 1)
+        let booked = rt
+            .block_on(policy.reserve(&config, keygate::config::AgentId(0), 1))
             .expect("reserve");
         if let Some(r) = booked {
             r.settle(1);

@@ -333,6 +333,7 @@ mod tests {
             agent_names: vec!["a".into()],
             open_agent: None,
             by_uid: HashMap::from([(4242, 0)]),
+            shared: false,
         }
     }
 

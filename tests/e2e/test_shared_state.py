@@ -138,15 +138,15 @@ def models(kg, token: str) -> httpx.Response:
 
 
 def test_budget_spent_across_three_keygates_under_concurrent_load_is_never_overshot(cluster, fake_upstream):
-    limit = 1000
+    limit = 600
     c = cluster(agent_extra=f'budget_tokens = {{ per = "day", limit = {limit} }}')
-    fits = limit // BOOKED  # 71 requests fit; the 72nd would pass the limit
+    fits = limit // BOOKED  # 42 requests fit; the 43rd would pass the limit
 
     def one(i: int) -> httpx.Response:
         return chat(c.kgs[i % 3], c.token)
 
     with ThreadPoolExecutor(max_workers=12) as pool:
-        results = list(pool.map(one, range(150)))
+        results = list(pool.map(one, range(90)))
 
     ok = [r for r in results if r.status_code == 200]
     refused = [r for r in results if r.status_code != 200]
@@ -157,7 +157,7 @@ def test_budget_spent_across_three_keygates_under_concurrent_load_is_never_overs
     # usage beyond each request's booking, none here (the upstream reports what was booked).
     assert len(ok) == fits, (len(ok), [r.status_code for r in results])
     assert len(fake_upstream.requests) == fits
-    poll(lambda: sum(len(kg.audit_records()) for kg in c.kgs) >= 150, "150 audit records across the three")
+    poll(lambda: sum(len(kg.audit_records()) for kg in c.kgs) >= 90, "90 audit records across the three")
     records = [rec for kg in c.kgs for rec in kg.audit_records()]
     spent = sum(r.get("tokens") or 0 for r in records if r["decision"] == "allow")
     assert spent == fits * CHAT_USAGE["total_tokens"] <= limit
