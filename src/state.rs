@@ -427,3 +427,32 @@ pub fn now() -> u64 {
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_from_other_keygates_are_read_and_anything_unknown_asks_for_a_full_resync() {
+        assert_eq!(Event::parse("tokens"), Event::Tokens);
+        assert_eq!(Event::parse("freezes"), Event::Freezes);
+        assert_eq!(
+            Event::parse("approval:apr_00ff"),
+            Event::Approval("apr_00ff".into())
+        );
+        assert_eq!(Event::parse("something new"), Event::Resync);
+    }
+
+    #[test]
+    fn the_embedded_store_is_not_shared_and_refuses_shared_decisions() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path()).unwrap();
+        assert!(!s.shared() && s.instance().is_none() && s.health().fresh);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert!(rt
+            .block_on(s.reserve_budget("a", Duration::from_secs(60), 10, 1))
+            .is_err());
+    }
+}

@@ -185,6 +185,13 @@ impl Approvals {
     /// Checks every request waiting here against the shared store (the backstop for a lost
     /// event).
     pub fn sync_waiting(&self) {
+        if let Some(s) = self.shared() {
+            // Tokens approved once through another keygate count here too.
+            match s.approved_tokens() {
+                Ok(list) => lock(&self.approved_once).extend(list),
+                Err(e) => tracing::warn!(error = %e, "cannot re-read approved tokens"),
+            }
+        }
         let ids: Vec<String> = lock(&self.waiting).keys().cloned().collect();
         for id in ids {
             self.sync_one(&id);

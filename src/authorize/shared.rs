@@ -98,7 +98,24 @@ impl Shared {
             return Ok(None);
         };
         let name = &config.agents[agent].name;
-        match self.store.reserve_budget(name, *per, *limit, tokens).await {
+        // The booking runs in a task of its own: if this request goes away while the store
+        // answers, a booking made for it is released rather than held until a restart.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let decision = self.store.reserve_budget(name, *per, *limit, tokens);
+        let (store, agent_name, period) = (self.store.clone(), name.clone(), *per);
+        tokio::spawn(async move {
+            let out = decision.await;
+            if let Err(Ok(Booking::Booked)) = tx.send(out) {
+                let _ = store.settle_budget(&agent_name, period, tokens, 0).await;
+            }
+        });
+        let decided = rx.await.unwrap_or_else(|_| {
+            Err(crate::state::StateError::Store {
+                path: "(shared store)".into(),
+                message: "the budget decision was lost".into(),
+            })
+        });
+        match decided {
             Ok(Booking::Booked) => Ok(Some(super::Reservation::shared(
                 Booked {
                     store: self.store.clone(),
