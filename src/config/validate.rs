@@ -236,9 +236,6 @@ fn state_backend(
         if authority.is_empty() {
             return cx.err(&url.pos, "the url names no host");
         }
-        if tls && u.starts_with("redis://") {
-            return cx.err(&url.pos, "tls = true needs a rediss:// url");
-        }
     } else if let Some(path) = u
         .strip_prefix("unix:")
         .or_else(|| u.strip_prefix("redis+unix:"))
@@ -281,8 +278,13 @@ fn state_backend(
         }
     };
     let max_stale = cx.duration_or(&st.max_stale, DEFAULT_MAX_STALE)?;
+    // `tls = true` on a redis:// url means the same as rediss://.
+    let url = match u.strip_prefix("redis://").filter(|_| tls) {
+        Some(rest) => format!("rediss://{rest}"),
+        None => u.to_string(),
+    };
     Ok(StateBackend::Redis(RedisState {
-        url: u.to_string(),
+        url,
         tls,
         username: st.username.clone().filter(|u| !u.is_empty()),
         password_from,

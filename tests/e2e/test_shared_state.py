@@ -356,3 +356,10 @@ def test_a_good_state_table_checks_and_its_password_comes_from_a_secret(keygate_
     assert out.returncode == 0, out.stderr
     state = json.loads(out.stdout)["state"]
     assert state["backend"] == "redis" and state["rate_limits"] == "fail-closed" and state["max_stale"] == "5s"
+    assert state["tls"] is False and state["username"] == "keygate"
+    # `tls = true` on a redis:// url is TLS, the same as rediss://.
+    cfg.write_text('state = { backend = "redis", url = "redis://127.0.0.1:6379", tls = true }\n[agents.coder]\n')
+    out = run_keygate(keygate_bin, ["check", "--json", "--config", str(cfg)], tmp_path)
+    assert out.returncode == 0, out.stderr
+    state = json.loads(out.stdout)["state"]
+    assert state["tls"] is True and state["url"] == "rediss://127.0.0.1:6379"
