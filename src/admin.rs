@@ -117,7 +117,7 @@ impl Control {
         let Some(s) = self.store.as_ref().filter(|s| s.shared()) else {
             return Ok(());
         };
-        if s.health().fresh {
+        if s.fresh() {
             return Ok(());
         }
         Err(Rejection::new(

@@ -300,6 +300,11 @@ pub trait StateStore: Send + Sync {
             ..Health::default()
         }
     }
+    /// Whether the replicated view is recent enough to serve from (`max_stale`); checked on
+    /// every request, so cheaper than [`StateStore::health`].
+    fn fresh(&self) -> bool {
+        true
+    }
     /// Changes made by other keygates, for a shared store.
     fn events(&self) -> Option<tokio::sync::broadcast::Receiver<Event>> {
         None

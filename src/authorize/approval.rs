@@ -249,6 +249,34 @@ impl Approvals {
 
     /// Hands a person's decision to the waiting request; `None` when no request waits on `id`.
     pub fn decide(&self, id: &str, verdict: Verdict) -> Option<PendingApproval> {
+        if let Some(s) = self
+            .shared()
+            .filter(|_| lock(&self.waiting).contains_key(id))
+        {
+            // Held here, but a person at another keygate may decide it at the same moment: the
+            // store's compare-and-set says whose decision counts.
+            let (state, by, reason) = match &verdict {
+                Verdict::Approved { by } => (ApprovalState::Approved, by.as_str(), None),
+                Verdict::Denied { by, reason } => {
+                    (ApprovalState::Denied, by.as_str(), reason.as_deref())
+                }
+            };
+            match s.decide_approval(id, state, by, reason) {
+                Ok(Some(_)) => {}
+                // Decided elsewhere first: that decision goes to the request. A row not (yet)
+                // in the store is decided here.
+                Ok(None) => {
+                    if let Ok(Some(_)) = s.approval(id) {
+                        self.sync_one(id);
+                        return None;
+                    }
+                }
+                // The store is unreachable, so nobody else can decide it either.
+                Err(e) => {
+                    tracing::warn!(approval = %id, error = %e, "deciding without the shared store")
+                }
+            }
+        }
         let w = lock(&self.waiting).remove(id)?;
         let info = w.info.clone();
         let (state, by, reason) = match &verdict {

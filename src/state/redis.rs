@@ -485,6 +485,10 @@ impl StateStore for RedisStore {
         }
     }
 
+    fn fresh(&self) -> bool {
+        self.health.age().is_some_and(|a| a <= self.max_stale)
+    }
+
     fn events(&self) -> Option<broadcast::Receiver<Event>> {
         Some(self.events.subscribe())
     }
