@@ -65,6 +65,8 @@ pub struct Control {
     pub admin_socket: std::sync::OnceLock<PathBuf>,
     /// This keygate's name in audit records and approvals (`instance`).
     pub instance: Option<String>,
+    /// `keygate run` leases in force: token id -> run id and person.
+    pub runs: crate::launcher::lease::Runs,
 }
 
 impl Control {
@@ -92,6 +94,7 @@ impl Control {
             metrics: metrics::Metrics::new(),
             admin_socket: std::sync::OnceLock::new(),
             instance: None,
+            runs: Default::default(),
         }
     }
 

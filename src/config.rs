@@ -128,6 +128,8 @@ pub struct Config {
     /// This keygate's name (`instance`), written in each audit record and pending approval;
     /// the host name when unset and the state is shared.
     pub instance: Option<String>,
+    /// `[run]`: what `keygate run` also drops from the agent's environment and lets it reach.
+    pub run: RunSettings,
 }
 
 /// Where the control-plane state lives.
@@ -170,6 +172,15 @@ pub enum FailMode {
     FailClosed,
     /// Allow, and say so in the audit record (`state: "rate_fail_open"`).
     FailOpen,
+}
+
+/// `[run]`: settings for `keygate run`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RunSettings {
+    /// Variables removed from the agent's environment besides the built-in list of provider keys.
+    pub drop_env: Vec<String>,
+    /// Local TCP ports the sandboxed agent may connect to besides keygate's own (dev servers).
+    pub allow_ports: Vec<u16>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -247,6 +258,10 @@ pub struct Route {
     pub budget_reserve: Option<u64>,
     /// Whether `Range` (and `If-Range`, `Request-Range`) go upstream; off, they are dropped.
     pub allow_range: bool,
+    /// `[routes.R.env]`: variables `keygate run` sets for the agent, `{token}` and `{base_url}`
+    /// filled in.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<(String, String)>,
 }
 
 /// Bounds on every connection a listener accepts (`[connections]`), so idle or stalled peers
