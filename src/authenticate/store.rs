@@ -34,6 +34,10 @@ pub struct Issued {
     /// Set by `token revoke`; a revoked token is refused but kept so `list` can show it.
     #[serde(default)]
     pub revoked: bool,
+    /// Minted for a `keygate run` lease: valid only while a running keygate holds the lease, so
+    /// a keygate starting after a crash revokes it.
+    #[serde(default)]
+    pub lease: bool,
 }
 
 #[derive(Default, Serialize, Deserialize)]
@@ -178,6 +182,7 @@ pub fn issue_in(
         created,
         expires: created.saturating_add(ttl.as_secs()),
         revoked: false,
+        lease: false,
     };
     store.add_token(&rec)?;
     Ok((token, rec))
@@ -232,6 +237,7 @@ mod tests {
             created: now(),
             expires: now() + 3600,
             revoked: false,
+            lease: false,
         };
         let json = serde_json::to_vec(&File {
             tokens: vec![old.clone()],
