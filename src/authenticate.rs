@@ -45,6 +45,8 @@ pub struct Tokens {
     /// Token ids revoked in memory (ended leases), refused whether or not the store took the
     /// revocation; shared by every reloaded state.
     revoked: Arc<RevokedIds>,
+    /// Issued tokens live in a shared store, handed over by [`Tokens::use_store`].
+    shared: bool,
 }
 
 /// Token ids refused at once, whatever the store says: a lease that ended is dead even when
@@ -146,6 +148,7 @@ impl Tokens {
             open_agent,
             by_uid,
             revoked: Arc::default(),
+            shared: matches!(config.state, crate::config::StateBackend::Redis(_)),
         };
         tokens.refresh();
         Ok(tokens)
@@ -157,15 +160,27 @@ impl Tokens {
         self
     }
 
+    /// Reads issued tokens from `store` (a shared store, opened once by `serve`) from now on.
+    pub fn use_store(&self, store: SharedStore) {
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            *seen = (Some(store), None);
+        }
+        self.refresh();
+    }
+
     /// Re-reads issued tokens if they changed (the store's token revision; one small query when
     /// they did not). A store that cannot be read keeps the previous set and is reported, and
     /// the revision is recorded only once its tokens were read, so the next refresh tries again.
     pub fn refresh(&self) {
-        let Some(dir) = &self.state_dir else { return };
         // Held for the whole refresh: two refreshes racing could otherwise install an older set
         // over a newer one. Refreshes run off the request path.
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         if seen.0.is_none() {
+            // A shared store is handed over by `use_store`; the embedded one is opened here.
+            let Some(dir) = self.state_dir.as_ref().filter(|_| !self.shared) else {
+                return;
+            };
             match store::open(dir) {
                 Ok(s) => seen.0 = Some(s),
                 Err(e) => {
@@ -233,7 +248,7 @@ impl Tokens {
 
     /// Whether issued tokens can change while running (a state_dir is configured).
     pub fn has_store(&self) -> bool {
-        self.state_dir.is_some()
+        self.state_dir.is_some() || self.shared
     }
 
     /// The agent whose token the request carries, or a 401.
@@ -389,6 +404,7 @@ mod tests {
             open_agent: None,
             by_uid: HashMap::from([(4242, 0)]),
             revoked: Arc::default(),
+            shared: false,
         }
     }
 
