@@ -168,6 +168,11 @@ static UPPER_DIGIT: ByteSet = byte_set(&[AZ, DIGITS], b"");
 static BASE64_BODY: ByteSet = byte_set(&[AZ, LOWER, DIGITS], b"/+");
 static AUTH_VALUE: ByteSet = byte_set(&[AZ, LOWER, DIGITS], b"._~+/=-");
 static PASSWORD_VALUE: ByteSet = byte_set(&[AZ, LOWER, DIGITS], b"!#%&*+-./=?@^_|~");
+// Sets tested once per byte of a scan: a table lookup, where `b"…".contains(&b)` is a call.
+static TOKEN: ByteSet = byte_set(&[AZ, LOWER, DIGITS], b"_.+/=-");
+static IDENT_REST: ByteSet = byte_set(&[AZ, LOWER, DIGITS], b"_.-");
+static ASSIGNED: ByteSet = byte_set(&[AZ, LOWER, DIGITS], b"!#%&*+-./=?@^_|~>");
+static SYMBOL: ByteSet = byte_set(&[], b"._~+/=-");
 
 /// What a detector's match looks like after its anchor.
 enum Shape {
@@ -527,6 +532,8 @@ pub(crate) struct Detectors {
     by_anchor: Vec<Vec<usize>>,
     /// Anchor literals, for the stream's "could this tail still start an anchor" question.
     pub(crate) literals: Vec<Vec<u8>>,
+    /// Per entry of `SPECS`: its `literal_heads` as 16-byte masked compares.
+    heads: Vec<Vec<Head>>,
     pem_header: Regex,
     pem_end: Regex,
 }
@@ -729,7 +736,41 @@ struct Anchors<'a> {
     /// Dense mode: the DFA state, the next byte to read, and the end of the last hit.
     walk: Option<(StateID, usize, usize)>,
     /// Anchors the walk found and has not handed out, in order of their starts.
-    found: std::collections::VecDeque<(usize, PatternID)>,
+    found: Queue,
+}
+
+/// A queue kept in order of starts: a vector read from `head` (a `VecDeque`'s insert cost a
+/// tenth of a dense walk). Anchors usually arrive in order, so an insert is usually a push.
+#[derive(Default)]
+struct Queue {
+    items: Vec<(usize, PatternID)>,
+    head: usize,
+}
+
+impl Queue {
+    fn front(&self) -> Option<&(usize, PatternID)> {
+        self.items.get(self.head)
+    }
+
+    fn pop_front(&mut self) {
+        self.head += 1;
+        if self.head == self.items.len() {
+            self.items.clear();
+            self.head = 0;
+        } else if self.head >= 64 {
+            // Dense anchors may never let it run dry: keep it small.
+            self.items.drain(..self.head);
+            self.head = 0;
+        }
+    }
+
+    fn insert(&mut self, item: (usize, PatternID)) {
+        let slot = self.items[self.head..]
+            .iter()
+            .rposition(|&(a, _)| a < item.0)
+            .map_or(self.head, |k| self.head + k + 1);
+        self.items.insert(slot, item);
+    }
 }
 
 /// Bytes the walk goes without a hit before it hands back to the prefiltered search.
@@ -776,20 +817,27 @@ impl Iterator for Anchors<'_> {
                 self.from = self.from.max(pos + 1 - longest);
                 return self.next();
             }
-            sid = dense.next_state(Anchored::No, sid, buf[pos]);
-            pos += 1;
-            if dense.is_match(sid) {
+            // Walk to the next hit, or to where the front anchor is final, or to where the
+            // gap hands back to the search, whichever comes first, testing only for hits.
+            let stop = match self.found.front() {
+                Some(&(at, _)) => at + longest,
+                None => last_end + DENSE_GAP + 1,
+            }
+            .min(buf.len());
+            while pos < stop {
+                sid = dense.next_state(Anchored::No, sid, buf[pos]);
+                pos += 1;
+                if dense.is_match(sid) {
+                    break;
+                }
+            }
+            if dense.is_match(sid) && pos > last_end {
                 last_end = pos;
                 for i in 0..dense.match_len(sid) {
                     let pid = dense.match_pattern(sid, i);
                     let at = pos - dense.pattern_len(pid);
                     // Few anchors are pending at once (they all end within `longest` bytes).
-                    let slot = self
-                        .found
-                        .iter()
-                        .rposition(|&(a, _)| a < at)
-                        .map_or(0, |k| k + 1);
-                    self.found.insert(slot, (at, pid));
+                    self.found.insert((at, pid));
                 }
             }
         }
@@ -835,6 +883,16 @@ impl Detectors {
             longest,
             by_anchor,
             literals,
+            heads: SPECS
+                .iter()
+                .map(|s| match s.shape {
+                    Shape::Run { literal_heads, .. } => literal_heads
+                        .iter()
+                        .map(|l| Head::new(l.as_bytes()))
+                        .collect(),
+                    _ => Vec::new(),
+                })
+                .collect(),
             pem_header: compile(r"^-{5}BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-{5}"),
             pem_end: compile(r"-{5}END[A-Z0-9 ]{0,40}-{5}"),
         }
@@ -869,7 +927,7 @@ impl Detectors {
             buf,
             from: 0,
             walk: None,
-            found: std::collections::VecDeque::new(),
+            found: Queue::default(),
         }
         .map(move |(at, pid)| (at, self.by_anchor[pid.as_usize()].as_slice()))
     }
@@ -958,7 +1016,6 @@ impl Detectors {
             Shape::Jwt => self.eval_jwt(st, buf, at, end),
             Shape::Run {
                 parse,
-                literal_heads,
                 head_max,
                 value,
                 min,
@@ -971,10 +1028,13 @@ impl Detectors {
                 let window = &buf[at..end.min(at + head_max)];
                 let head_len = match parse {
                     Some(parse) => parse(window),
-                    None => literal_heads
-                        .iter()
-                        .find(|l| window.starts_with(l.as_bytes()))
-                        .map(|l| l.len()),
+                    None => {
+                        let p = Head::prefix(window);
+                        self.heads[det]
+                            .iter()
+                            .find(|h| h.starts(window, p))
+                            .map(|h| h.len)
+                    }
                 };
                 let Some(head_len) = head_len else {
                     return Eval::Miss;
@@ -987,7 +1047,8 @@ impl Detectors {
                     return Eval::Miss;
                 }
                 let mut ve = vs + run.min(*max);
-                if spec.name == "password_assignment" {
+                // `password_assignment`, the one detector judged by entropy.
+                if matches!(plausible, Plausible::HighEntropy) {
                     // In a URL `&name=` starts the next parameter (`?page_token=…&limit=10`).
                     ve = query_cut(buf, vs, ve);
                     if ve - vs < *min {
@@ -1142,7 +1203,7 @@ impl Memo {
         self.lower.find(buf, s, |b| b.is_ascii_lowercase()) < e
     }
     fn has_symbol(&mut self, buf: &[u8], s: usize, e: usize) -> bool {
-        self.symbol.find(buf, s, |b| b"._~+/=-".contains(&b)) < e
+        self.symbol.find(buf, s, |b| SYMBOL[usize::from(b)]) < e
     }
 }
 
@@ -1388,7 +1449,7 @@ fn assignment_verdict(w: &[u8], read: &std::cell::Cell<usize>) -> Option<bool> {
         w.get(i).copied()
     };
     let mut i = 0;
-    while at(i)?.is_ascii_alphanumeric() || b"_.-".contains(&at(i)?) {
+    while IDENT_REST[usize::from(at(i)?)] {
         i += 1;
         // No keyword head has a longer identifier (keyword + 32); bounded so that a long run
         // of letters costs the same at every anchor inside it.
@@ -1415,7 +1476,7 @@ fn assignment_verdict(w: &[u8], read: &std::cell::Cell<usize>) -> Option<bool> {
     let mut run = 0;
     for k in i + 1..i + 65 {
         let b = at(k)?;
-        if b.is_ascii_alphanumeric() || b"!#%&*+-./=?@^_|~>".contains(&b) {
+        if ASSIGNED[usize::from(b)] {
             run += 1;
             if run >= 8 {
                 return Some(true);
@@ -1430,7 +1491,46 @@ fn assignment_verdict(w: &[u8], read: &std::cell::Cell<usize>) -> Option<bool> {
 }
 
 pub(crate) fn is_token(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"_.+/=-".contains(&b)
+    TOKEN[usize::from(b)]
+}
+
+/// A literal head of at most 16 bytes, compared with a window's first 16 bytes at once (a
+/// `memcmp` call per literal was a tenth of a dense `sk-` scan).
+struct Head {
+    mask: u128,
+    value: u128,
+    len: usize,
+}
+
+impl Head {
+    fn new(lit: &[u8]) -> Head {
+        assert!(lit.len() <= 16, "literal heads are at most 16 bytes");
+        let mask = if lit.len() == 16 {
+            u128::MAX
+        } else {
+            (1u128 << (8 * lit.len())) - 1
+        };
+        Head {
+            mask,
+            value: Head::prefix(lit),
+            len: lit.len(),
+        }
+    }
+
+    /// The first 16 bytes of `w`, zero-padded, little-endian.
+    fn prefix(w: &[u8]) -> u128 {
+        if let Some(b) = w.first_chunk::<16>() {
+            return u128::from_le_bytes(*b);
+        }
+        let mut b = [0u8; 16];
+        b[..w.len()].copy_from_slice(w);
+        u128::from_le_bytes(b)
+    }
+
+    /// Whether `w`, whose `prefix` is `p`, starts with this literal.
+    fn starts(&self, w: &[u8], p: u128) -> bool {
+        w.len() >= self.len && p & self.mask == self.value
+    }
 }
 
 /// `password` -> `password`, `Password`, `PASSWORD`; token anchors are taken as written.
