@@ -604,6 +604,10 @@ struct Memo {
     upper: Next,
     lower: Next,
     symbol: Next,
+    /// Not a letter or digit (`high_entropy`'s fourth class).
+    other: Next,
+    /// `&`, where a query parameter may start (`query_cut`).
+    amp: Next,
 }
 
 /// What one scan of a buffer remembers between anchors (see [`Next`]).
@@ -626,8 +630,6 @@ struct Window {
     lo: usize,
     hi: usize,
     counts: [u16; 256],
-    /// Bytes that are lower-case, upper-case, digits, other.
-    classes: [u16; 4],
     /// The sum of `c * log2(c)` over `counts`, in fixed point (see [`clogc_table`]).
     sum: i64,
     clogc: &'static [i64; 257],
@@ -639,13 +641,13 @@ impl Default for Window {
             lo: 0,
             hi: 0,
             counts: [0; 256],
-            classes: [0; 4],
             sum: 0,
             clogc: clogc_table(),
         }
     }
 }
 
+#[cfg(test)]
 fn class_of(b: u8) -> usize {
     match b {
         b'a'..=b'z' => 0,
@@ -674,14 +676,12 @@ impl Window {
         let c = &mut self.counts[usize::from(b)];
         self.sum += self.clogc[usize::from(*c) + 1] - self.clogc[usize::from(*c)];
         *c += 1;
-        self.classes[class_of(b)] += 1;
     }
 
     fn remove(&mut self, b: u8) {
         let c = &mut self.counts[usize::from(b)];
         self.sum += self.clogc[usize::from(*c) - 1] - self.clogc[usize::from(*c)];
         *c -= 1;
-        self.classes[class_of(b)] -= 1;
     }
 
     /// Moves the window to `buf[vs..ve]` (the same `buf` on every call).
@@ -709,15 +709,29 @@ impl Window {
         ve - vs <= 256
     }
 
-    /// `high_entropy(v)` for the window's bytes `v`, from the counts.
+    /// `high_entropy(v)` for the window's bytes `v`, the entropy from the counts.
+    #[cfg(test)]
     fn high_entropy(&self, v: &[u8]) -> bool {
-        let classes = self.classes.iter().filter(|&&c| c > 0).count();
-        let digits = self.classes[2] > 0;
+        let mut classes = [false; 4];
+        for &b in v {
+            classes[class_of(b)] = true;
+        }
+        let digits = classes[2];
+        let classes = classes.iter().filter(|&&c| c).count();
         if classes < 2 || (classes == 2 && (v.len() < 20 || !digits)) {
             return false;
         }
+        self.enough_bits(v)
+    }
+
+    /// `shannon_bits(v) >= 3.0` for the window's bytes `v` (at most 256 of them), from the
+    /// counts: H = (n log2 n - sum c log2 c) / n, both terms from the fixed-point table.
+    fn enough_bits(&self, v: &[u8]) -> bool {
+        if v.is_empty() {
+            return shannon_bits(v) >= 3.0;
+        }
         let n = v.len() as f64;
-        let bits = n.log2() - self.sum as f64 / 4_294_967_296.0 / n;
+        let bits = (self.clogc[v.len()] - self.sum) as f64 / 4_294_967_296.0 / n;
         // Within rounding of the threshold the direct count decides, so that the verdict is
         // exactly `high_entropy`'s.
         if (bits - 3.0).abs() < 1e-6 {
@@ -1050,7 +1064,9 @@ impl Detectors {
                 // `password_assignment`, the one detector judged by entropy.
                 if matches!(plausible, Plausible::HighEntropy) {
                     // In a URL `&name=` starts the next parameter (`?page_token=…&limit=10`).
-                    ve = query_cut(buf, vs, ve);
+                    if memo.amp.find(buf, vs, |b| b == b'&') < ve {
+                        ve = query_cut(buf, vs, ve);
+                    }
                     if ve - vs < *min {
                         return Eval::Miss;
                     }
@@ -1083,10 +1099,13 @@ impl Detectors {
                     Plausible::HighEntropy => {
                         let v = &buf[vs..ve];
                         // The window counts up to 256 bytes; this detector's values are
-                        // at most 128.
+                        // at most 128. Classes first: they are looked up, not counted, and
+                        // most dense values fail them.
                         let high = if Window::fits(vs, ve) {
-                            st.entropy.set(buf, vs, ve);
-                            st.entropy.high_entropy(v)
+                            memo.enough_classes(buf, vs, ve) && {
+                                st.entropy.set(buf, vs, ve);
+                                st.entropy.enough_bits(v)
+                            }
                         } else {
                             high_entropy(v)
                         };
@@ -1201,6 +1220,18 @@ impl Memo {
     }
     fn has_lower(&mut self, buf: &[u8], s: usize, e: usize) -> bool {
         self.lower.find(buf, s, |b| b.is_ascii_lowercase()) < e
+    }
+    fn has_other(&mut self, buf: &[u8], s: usize, e: usize) -> bool {
+        self.other.find(buf, s, |b| !b.is_ascii_alphanumeric()) < e
+    }
+    /// The character classes of `buf[s..e]` pass `high_entropy`'s first rule.
+    fn enough_classes(&mut self, buf: &[u8], s: usize, e: usize) -> bool {
+        let digits = self.has_digit(buf, s, e);
+        let classes = usize::from(self.has_lower(buf, s, e))
+            + usize::from(self.has_upper(buf, s, e))
+            + usize::from(digits)
+            + usize::from(self.has_other(buf, s, e));
+        !(classes < 2 || (classes == 2 && (e - s < 20 || !digits)))
     }
     fn has_symbol(&mut self, buf: &[u8], s: usize, e: usize) -> bool {
         self.symbol.find(buf, s, |b| SYMBOL[usize::from(b)]) < e
@@ -1445,7 +1476,8 @@ fn assignment_reads(w: &[u8]) -> (Option<bool>, usize) {
 
 fn assignment_verdict(w: &[u8], read: &std::cell::Cell<usize>) -> Option<bool> {
     let at = |i: usize| {
-        read.set(read.get().max(i + 1));
+        // Indices come in non-decreasing order: the last is the furthest.
+        read.set(i + 1);
         w.get(i).copied()
     };
     let mut i = 0;
