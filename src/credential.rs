@@ -26,6 +26,9 @@ use crate::secret::{KeyId, Secret, SecretSpec};
 /// secret command again (a locked password manager would otherwise be asked once per request).
 const FAILURE_BACKOFF: Duration = Duration::from_secs(1);
 
+/// How long before its source-given expiry a value is fetched afresh.
+const EXPIRY_MARGIN: Duration = Duration::from_secs(30);
+
 /// How many values of one secret stay known to the redactor after rotations.
 const REMEMBERED_VALUES: usize = 2;
 
@@ -300,10 +303,19 @@ impl Entry {
     fn fresh(&self) -> Option<Arc<Secret>> {
         let c = self.cached.load();
         let c = c.as_ref()?;
-        match self.spec.ttl {
-            Some(ttl) if c.fetched.elapsed() >= ttl => None,
-            _ => Some(c.secret.clone()),
+        if let Some(ttl) = self.spec.ttl {
+            if c.fetched.elapsed() >= ttl {
+                return None;
+            }
         }
+        // A value its source says expires is replaced a little before, so a request in flight
+        // does not reach the upstream with a credential that died on the way.
+        if let Some(at) = c.secret.expires() {
+            if std::time::SystemTime::now() + EXPIRY_MARGIN >= at {
+                return None;
+            }
+        }
+        Some(c.secret.clone())
     }
 }
 
@@ -472,6 +484,27 @@ mod tests {
         let body = [b"echo: ".as_slice(), a.expose()].concat();
         let red = creds.redactor().redact(&body).into_owned();
         assert!(!red.windows(a.expose().len()).any(|w| w == a.expose()));
+    }
+
+    #[test]
+    fn a_value_about_to_expire_is_not_fresh() {
+        let c = config("");
+        let entry = Entry {
+            spec: c.secrets[0].clone(),
+            cached: ArcSwapOption::empty(),
+            failed: ArcSwapOption::empty(),
+            fetch: tokio::sync::Mutex::new(()),
+        };
+        let soon = std::time::SystemTime::now() + EXPIRY_MARGIN / 2;
+        let later = std::time::SystemTime::now() + EXPIRY_MARGIN * 4;
+        for (at, fresh) in [(soon, false), (later, true)] {
+            let secret = Arc::new(Secret::new("k", b"sk-expiring-123456".to_vec()).expiring(at));
+            entry.cached.store(Some(Arc::new(Cached {
+                secret,
+                fetched: Instant::now(),
+            })));
+            assert_eq!(entry.fresh().is_some(), fresh);
+        }
     }
 
     #[tokio::test]

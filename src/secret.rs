@@ -7,6 +7,7 @@
 //! [`Secret::expose`], called where a credential is attached to an upstream request and where the
 //! redaction engine is built from the held values.
 
+pub mod http;
 mod source;
 
 pub use source::{BaoToken, FetchError, SecretSource, SecretSpec};
@@ -27,6 +28,12 @@ use zeroize::Zeroizing;
 pub struct Secret {
     value: Zeroizing<Vec<u8>>,
     key_id: KeyId,
+    /// When the source says the value stops working (a lease, an OAuth token's `expires_in`);
+    /// the cache fetches afresh before then.
+    expires: Option<std::time::SystemTime>,
+    /// The secret manager's handle for a dynamic value (an OpenBao lease id), to renew or revoke
+    /// it; never shown, as some managers accept the id alone to revoke.
+    lease: Option<Zeroizing<String>>,
 }
 
 /// What audit records and dry-run answers show instead of a value: the secret's name and a short,
@@ -43,7 +50,41 @@ impl Secret {
         let trimmed = raw.trim_ascii();
         let value = Zeroizing::new(trimmed.to_vec());
         let key_id = KeyId::fingerprint(name, &value);
-        Secret { value, key_id }
+        Secret {
+            value,
+            key_id,
+            expires: None,
+            lease: None,
+        }
+    }
+
+    /// Names the value by the version its secret manager gives it (`openai#v7`, an AWS version
+    /// id) instead of a fingerprint, so audit records match the manager's own history.
+    pub fn versioned(mut self, name: &str, version: &str) -> Self {
+        self.key_id = KeyId(format!("{name}#{version}"));
+        self
+    }
+
+    /// Marks when the value stops working, as its source says.
+    pub fn expiring(mut self, at: std::time::SystemTime) -> Self {
+        self.expires = Some(at);
+        self
+    }
+
+    /// Attaches the manager's lease id of a dynamic value.
+    pub fn leased(mut self, lease_id: String) -> Self {
+        self.lease = Some(Zeroizing::new(lease_id));
+        self
+    }
+
+    /// When the value stops working, if its source said.
+    pub fn expires(&self) -> Option<std::time::SystemTime> {
+        self.expires
+    }
+
+    /// The lease id of a dynamic value, for the source that renews or revokes it.
+    pub fn lease(&self) -> Option<&str> {
+        self.lease.as_deref().map(String::as_str)
     }
 
     /// The raw bytes. Only the `credential` stage calls this, to attach the credential upstream
@@ -120,6 +161,16 @@ mod tests {
     fn trailing_newline_from_a_command_is_not_part_of_the_key() {
         let s = Secret::new("x", b"  abc\r\n".to_vec());
         assert_eq!(s.expose(), b"abc");
+    }
+
+    #[test]
+    fn a_versioned_key_id_names_the_version_and_debug_still_hides_the_value() {
+        let s = Secret::new("vaulted", b"sk-live-canary-123456".to_vec())
+            .versioned("vaulted", "v7")
+            .leased("database/creds/agent/abc".into());
+        assert_eq!(s.key_id().as_str(), "vaulted#v7");
+        let dbg = format!("{s:?}");
+        assert!(!dbg.contains("canary") && !dbg.contains("abc"), "{dbg}");
     }
 
     #[test]
