@@ -528,6 +528,9 @@ pub(crate) struct Detectors {
     dense: dfa::DFA,
     /// The longest anchor literal.
     longest: usize,
+    /// Whether some literal occurs inside another. If none does, anchors end in the order they
+    /// start, so the walk hands each out as soon as it ends.
+    nested: bool,
     /// Anchor pattern id -> indices into `SPECS`.
     by_anchor: Vec<Vec<usize>>,
     /// Anchor literals, for the stream's "could this tail still start an anchor" question.
@@ -751,6 +754,8 @@ struct Anchors<'a> {
     walk: Option<(StateID, usize, usize)>,
     /// Anchors the walk found and has not handed out, in order of their starts.
     found: Queue,
+    /// `Detectors::nested`, or true to test the queue with the real literals.
+    nested: bool,
 }
 
 /// A queue kept in order of starts: a vector read from `head` (a `VecDeque`'s insert cost a
@@ -810,6 +815,38 @@ impl Iterator for Anchors<'_> {
             return Some((m.start(), m.pattern()));
         };
         let dense = &self.d.dense;
+        if !self.nested {
+            // An anchor that ends here starts after every anchor that ended earlier (else one
+            // would hold the other), and before every one that ends later (likewise).
+            loop {
+                let stop = (last_end + DENSE_GAP + 1).min(buf.len());
+                while pos < stop {
+                    sid = dense.next_state(Anchored::No, sid, buf[pos]);
+                    pos += 1;
+                    if dense.is_match(sid) {
+                        break;
+                    }
+                }
+                if dense.is_match(sid) && pos > last_end {
+                    // One pattern per match state: two ending together would be nested.
+                    let pid = dense.match_pattern(sid, 0);
+                    let at = pos - dense.pattern_len(pid);
+                    self.walk = Some((sid, pos, pos));
+                    self.from = at + 1;
+                    return Some((at, pid));
+                }
+                if pos >= buf.len() {
+                    self.walk = Some((sid, pos, last_end));
+                    self.from = buf.len();
+                    return None;
+                }
+                if pos - last_end > DENSE_GAP {
+                    self.walk = None;
+                    self.from = self.from.max(pos + 1 - longest);
+                    return self.next();
+                }
+            }
+        }
         loop {
             // An anchor is final once no anchor still unfound can start at or before it:
             // those end after `pos`, so start at or after `pos + 1 - longest`.
@@ -891,10 +928,16 @@ impl Detectors {
             .build(&literals)
             .expect("anchor automaton from constant literals");
         let longest = literals.iter().map(Vec::len).max().unwrap_or(0);
+        let nested = literals.iter().any(|a| {
+            literals
+                .iter()
+                .any(|b| a != b && memchr::memmem::find(b, a).is_some())
+        });
         Detectors {
             anchors,
             dense,
             longest,
+            nested,
             by_anchor,
             literals,
             heads: SPECS
@@ -942,8 +985,23 @@ impl Detectors {
             from: 0,
             walk: None,
             found: Queue::default(),
+            nested: self.nested,
         }
         .map(move |(at, pid)| (at, self.by_anchor[pid.as_usize()].as_slice()))
+    }
+
+    /// `anchors` through the walk's queue, as if some literal were nested in another.
+    #[cfg(test)]
+    fn anchors_queued<'a>(&'a self, buf: &'a [u8]) -> impl Iterator<Item = usize> + 'a {
+        Anchors {
+            d: self,
+            buf,
+            from: 0,
+            walk: None,
+            found: Queue::default(),
+            nested: true,
+        }
+        .map(|(at, _)| at)
     }
 
     pub(crate) fn name(&self, det: usize) -> &'static str {
@@ -1638,6 +1696,13 @@ mod tests {
         }
     }
 
+    /// The walk's fast path (anchors handed out as they end) needs this; with a nested literal
+    /// the walk still works, through its queue, only slower.
+    #[test]
+    fn no_anchor_literal_occurs_inside_another() {
+        assert!(!get().nested);
+    }
+
     #[test]
     fn assignment_prefilter_decides_only_what_it_can() {
         assert_eq!(
@@ -1809,6 +1874,25 @@ mod tests {
                 .filter(|&i| d.literals.iter().any(|l| buf[i..].starts_with(l)))
                 .collect();
             proptest::prop_assert_eq!(got, want);
+        }
+    }
+
+    proptest::proptest! {
+        /// The walk's queue (used when a literal is nested in another) hands out the same
+        /// anchors as its fast path.
+        #[test]
+        fn queued_walk_finds_what_the_fast_walk_finds(
+            pieces in proptest::collection::vec((0usize..64, 0usize..100), 0..60),
+        ) {
+            let d = get();
+            let mut buf = Vec::new();
+            for (lit, gap) in pieces {
+                buf.extend(std::iter::repeat_n(b'x', if gap >= 80 { 100 } else { gap % 4 }));
+                let l = &d.literals[lit % d.literals.len()];
+                buf.extend_from_slice(&l[..if gap % 5 == 0 { l.len() - 1 } else { l.len() }]);
+            }
+            let fast: Vec<usize> = d.anchors(&buf).map(|(at, _)| at).collect();
+            proptest::prop_assert_eq!(d.anchors_queued(&buf).collect::<Vec<_>>(), fast);
         }
     }
 

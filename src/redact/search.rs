@@ -21,7 +21,7 @@ const WALK: usize = 256;
 pub(crate) enum Searcher {
     /// The common case: a DFA whose transitions this module walks itself, and its unanchored
     /// start state.
-    Dfa(dfa::DFA, StateID),
+    Dfa(Box<dfa::DFA>, StateID),
     /// Pattern sets too large for a DFA: the library's own search.
     Other(AhoCorasick),
 }
@@ -40,7 +40,7 @@ impl Searcher {
                 .build(patterns)
             {
                 if let Ok(start) = d.start_state(Anchored::No) {
-                    return Searcher::Dfa(d, start);
+                    return Searcher::Dfa(Box::new(d), start);
                 }
             }
         }
