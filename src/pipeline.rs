@@ -141,6 +141,8 @@ struct Upstream {
     reservation: Option<Reservation>,
     /// keygate asked for the usage chunk the client did not: it is removed on the way back.
     strip_usage_chunk: bool,
+    /// A dynamic credential's lease, kept alive until the answer is sent.
+    hold: Option<crate::secret::openbao::LeaseHold>,
 }
 
 async fn process(
@@ -178,6 +180,14 @@ async fn process(
     authenticate::strip_caller_credentials(&mut head.headers);
     pending.record().agent(&config.agents[agent]);
     pending.record().token_id = who.token_id.clone();
+    if let Some(run) = who
+        .token_id
+        .as_deref()
+        .and_then(|t| state.control.runs.get(t))
+    {
+        pending.record().person = Some(run.person);
+        pending.record().run_id = Some(run.run_id);
+    }
     state
         .control
         .check_frozen(Some(&config.agents[agent].name))?;
@@ -227,6 +237,9 @@ async fn process(
 
     // credential
     let secret = state.credentials.get(config, &authorized).await?;
+    let hold = secret
+        .as_ref()
+        .and_then(|s| state.credentials.hold(config, &authorized, s));
     let mut query = head.uri.query().map(str::to_string);
     if let Some(secret) = &secret {
         pending.record().key_id = Some(secret.key_id().to_string());
@@ -254,6 +267,7 @@ async fn process(
         route: route_id,
         reservation,
         strip_usage_chunk: plan.strip_usage_chunk,
+        hold,
     }))
 }
 
@@ -361,6 +375,10 @@ fn returning(
         watch.wrap(StripUsageChunk::new(body)).boxed()
     } else {
         watch.wrap(body).boxed()
+    };
+    let body = match up.hold {
+        Some(hold) => credential::HeldBody::new(body, Some(hold)).boxed(),
+        None => body,
     };
     Response::from_parts(head, body)
 }

@@ -37,6 +37,16 @@ struct Raw {
     routes: BTreeMap<String, RawRoute>,
     #[serde(default)]
     agents: BTreeMap<String, RawAgent>,
+    run: Option<RawRun>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRun {
+    #[serde(default)]
+    drop_env: Vec<String>,
+    #[serde(default)]
+    allow_ports: Vec<u16>,
 }
 
 #[derive(Deserialize)]
@@ -71,6 +81,16 @@ struct RawSecret {
     secret_id: Option<String>,
     region: Option<String>,
     endpoint: Option<String>,
+    // openbao: TLS, login, dynamic secrets
+    ca_file: Option<String>,
+    auth: Option<String>,
+    auth_mount: Option<String>,
+    role_id: Option<String>,
+    role: Option<String>,
+    secret_id_from: Option<String>,
+    jwt_from: Option<String>,
+    dynamic: Option<String>,
+    params: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Deserialize)]
@@ -95,6 +115,10 @@ struct RawRoute {
     max_response_time: Option<Spanned<String>>,
     budget_reserve: Option<u64>,
     allow_range: Option<bool>,
+    #[serde(default)]
+    env: BTreeMap<String, Spanned<String>>,
+    /// `request`, `run` or `ttl`: how long a dynamic OpenBao credential serves.
+    jit: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -184,6 +208,15 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
                 secret_id: s.secret_id.clone(),
                 region: s.region.clone(),
                 endpoint: s.endpoint.clone(),
+                ca_file: s.ca_file.clone(),
+                auth: s.auth.clone(),
+                auth_mount: s.auth_mount.clone(),
+                role_id: s.role_id.clone(),
+                role: s.role.clone(),
+                secret_id_from: s.secret_id_from.clone(),
+                jwt_from: s.jwt_from.clone(),
+                dynamic: s.dynamic.clone(),
+                params: s.params.clone(),
             }
         })
         .collect();
@@ -198,6 +231,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
                 upstream: lines.spanned(&r.upstream, key("upstream")),
                 secret: r.secret.as_ref().map(|s| lines.spanned(s, key("secret"))),
                 inject: r.inject.as_ref().map(|i| lines.spanned(i, key("inject"))),
+                jit: r.jit.as_ref().map(|j| lines.spanned(j, key("jit"))),
                 inject_format: r.inject_format.clone(),
                 basic_username: r.basic_username.clone(),
                 allow: r
@@ -232,6 +266,13 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
                 allow_range: r.allow_range,
                 budget_reserve: r.budget_reserve,
                 max_response_time: lines.dur(&r.max_response_time, key("max_response_time")),
+                env: r
+                    .env
+                    .iter()
+                    .map(|(k, v)| {
+                        At::new((k.clone(), v.get_ref().clone()), lines.at(v, key("env")))
+                    })
+                    .collect(),
             }
         })
         .collect();
@@ -297,6 +338,13 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
         routes,
         agents,
         seed: None,
+        run: raw
+            .run
+            .map(|r| super::spec::RunSpec {
+                drop_env: r.drop_env,
+                allow_ports: r.allow_ports,
+            })
+            .unwrap_or_default(),
     })
 }
 
@@ -356,6 +404,16 @@ mod tests {
     fn bad_rule_names_the_route_key_and_line() {
         let e = load("[routes.a]\nprefix = \"/a\"\nupstream = \"http://127.0.0.1:1\"\nallow = [\n  \"POST /ok\",\n  \"FETCH\",\n]\n").unwrap_err();
         assert_eq!((e.line, e.key.as_str()), (6, "routes.a.allow"), "{e}");
+    }
+
+    #[test]
+    fn route_env_for_keygate_run_is_read_and_a_bad_template_names_its_line() {
+        let c = load("[run]\ndrop_env = [\"MY_TOKEN\"]\nallow_ports = [3000]\n[routes.a]\nprefix = \"/a\"\nupstream = \"http://127.0.0.1:1\"\n[routes.a.env]\nA_TOKEN = \"{token}\"\nA_URL = \"{base_url}/v1\"\n").unwrap();
+        assert_eq!(c.routes[0].env.len(), 2);
+        assert_eq!(c.run.drop_env, ["MY_TOKEN"]);
+        assert_eq!(c.run.allow_ports, [3000]);
+        let e = load("[routes.a]\nprefix = \"/a\"\nupstream = \"http://127.0.0.1:1\"\n[routes.a.env]\nA_TOKEN = \"{secret}\"\n").unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (5, "routes.a.env"), "{e}");
     }
 
     #[test]

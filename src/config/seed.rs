@@ -126,6 +126,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
         upstream: At::new(upstream_base_url.clone(), at("upstream_base_url")),
         secret: has_secret.then(|| At::new("default".into(), secret_pos.clone())),
         inject: None,
+        jit: None,
         inject_format: None,
         basic_username: None,
         allow: allowed_paths
@@ -146,6 +147,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
         allow_range: None,
         budget_reserve: None,
         max_response_time: None,
+        env: Vec::new(),
     };
     let agent = AgentSpec {
         name: if raw.client_token_env.is_some() {
@@ -198,6 +200,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
             allowed_paths,
             client_auth: raw.client_token_env.is_some(),
         }),
+        run: Default::default(),
     })
 }
 

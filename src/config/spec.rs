@@ -110,6 +110,15 @@ pub(crate) struct Spec {
     pub routes: Vec<RouteSpec>,
     pub agents: Vec<AgentSpec>,
     pub seed: Option<SeedSpec>,
+    /// `[run]`: what `keygate run` drops and allows.
+    pub run: RunSpec,
+}
+
+/// `[run]`: `drop_env = [names]`, `allow_ports = [ports]`.
+#[derive(Debug, Default)]
+pub(crate) struct RunSpec {
+    pub drop_env: Vec<String>,
+    pub allow_ports: Vec<u16>,
 }
 
 /// One `[secrets.NAME]` table, or the lab's `secret_source`.
@@ -138,6 +147,17 @@ pub(crate) struct SecretSpecRaw {
     pub secret_id: Option<String>,
     pub region: Option<String>,
     pub endpoint: Option<String>,
+    /// openbao: a PEM CA file, the login (`auth`, `auth_mount`, `role_id`, `role`, and the
+    /// secrets holding the AppRole secret id or the JWT), a dynamic secret's path and params.
+    pub ca_file: Option<String>,
+    pub auth: Option<String>,
+    pub auth_mount: Option<String>,
+    pub role_id: Option<String>,
+    pub role: Option<String>,
+    pub secret_id_from: Option<String>,
+    pub jwt_from: Option<String>,
+    pub dynamic: Option<String>,
+    pub params: Option<std::collections::BTreeMap<String, String>>,
 }
 
 impl Default for Pos {
@@ -160,6 +180,8 @@ pub(crate) struct RouteSpec {
     pub upstream: At<String>,
     pub secret: Option<At<String>>,
     pub inject: Option<At<String>>,
+    /// `request`, `run` or `ttl` for a dynamic OpenBao secret.
+    pub jit: Option<At<String>>,
     pub inject_format: Option<String>,
     pub basic_username: Option<String>,
     pub allow: Vec<At<RuleSpec>>,
@@ -174,6 +196,8 @@ pub(crate) struct RouteSpec {
     pub allow_range: Option<bool>,
     pub budget_reserve: Option<u64>,
     pub max_response_time: Option<At<Dur>>,
+    /// `[routes.R.env]`: `(name, template)` as written, for `keygate run`.
+    pub env: Vec<At<(String, String)>>,
 }
 
 /// One `[agents.NAME]` table, or the lab's single agent.
