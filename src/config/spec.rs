@@ -138,6 +138,29 @@ pub(crate) struct SecretSpecRaw {
     pub secret_id: Option<String>,
     pub region: Option<String>,
     pub endpoint: Option<String>,
+    /// `oauth2` and `github-app`.
+    pub token: TokenKeys,
+}
+
+/// The keys of the token-minting sources (`oauth2`, `github-app`), as written.
+#[derive(Debug, Default)]
+pub(crate) struct TokenKeys {
+    pub token_url: Option<String>,
+    pub grant: Option<String>,
+    pub client_id: Option<String>,
+    /// The name of another secret.
+    pub client_secret: Option<String>,
+    pub client_auth: Option<String>,
+    /// The name of another secret.
+    pub refresh_token: Option<String>,
+    pub scope: Option<String>,
+    pub audience: Option<String>,
+    pub app_id: Option<String>,
+    pub installation_id: Option<String>,
+    /// The name of another secret.
+    pub private_key: Option<String>,
+    pub api_url: Option<String>,
+    pub ca_file: Option<String>,
 }
 
 impl Default for Pos {
@@ -174,6 +197,8 @@ pub(crate) struct RouteSpec {
     pub allow_range: Option<bool>,
     pub budget_reserve: Option<u64>,
     pub max_response_time: Option<At<Dur>>,
+    /// `repositories` and `permissions`: what a `github-app` token is narrowed to.
+    pub github_scope: Option<At<crate::secret::github_app::Scope>>,
 }
 
 /// One `[agents.NAME]` table, or the lab's single agent.

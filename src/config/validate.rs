@@ -14,6 +14,8 @@ use super::*;
 use crate::authorize::rule::{Rate, Rule};
 use crate::secret::{BaoToken, SecretSource, SecretSpec};
 
+mod tokens;
+
 const DEFAULT_LISTEN: &str = "127.0.0.1:8791";
 const DEFAULT_AUDIT_LOG: &str = "events.jsonl";
 const DEFAULT_MAX_REQUEST_BYTES: u64 = 262_144;
@@ -82,7 +84,7 @@ pub(super) fn validate(file: &Path, spec: Spec) -> Result<Config, ConfigError> {
 
     let mut secrets = Vec::new();
     for s in &spec.secrets {
-        secrets.push(secret(&cx, s)?);
+        secrets.push(secret(&cx, s, &spec.secrets)?);
     }
 
     let upstream_timeout = cx.duration_or(&spec.upstream_timeout, DEFAULT_UPSTREAM_TIMEOUT)?;
@@ -102,6 +104,7 @@ pub(super) fn validate(file: &Path, spec: Spec) -> Result<Config, ConfigError> {
     for r in &spec.routes {
         routes.push(route(&cx, r, &secrets, upstream_timeout, scan)?);
     }
+    tokens::scope_routes(&cx, &spec.routes, &mut routes, &mut secrets)?;
     for (i, a) in routes.iter().enumerate() {
         if let Some(b) = routes[..i].iter().find(|b| b.prefix == a.prefix) {
             return cx.err(
@@ -211,7 +214,8 @@ fn listeners(cx: &Cx, spec: &Spec) -> Result<Vec<Listen>, ConfigError> {
     Ok(listen)
 }
 
-fn secret(cx: &Cx, s: &SecretSpecRaw) -> Result<SecretSpec, ConfigError> {
+/// `all`: every secret of the file, for sources that read another (`client_secret = "NAME"`).
+fn secret(cx: &Cx, s: &SecretSpecRaw, all: &[SecretSpecRaw]) -> Result<SecretSpec, ConfigError> {
     let kind = s.source.value.as_str();
     let need = |v: &Option<String>, k: &str| -> Result<String, ConfigError> {
         match v {
@@ -270,16 +274,12 @@ fn secret(cx: &Cx, s: &SecretSpecRaw) -> Result<SecretSpec, ConfigError> {
             endpoint: s.endpoint.clone(),
             field: s.field.clone(),
         },
-        "oauth2-client-credentials" | "github-app" => {
-            return cx.err(
-                &s.source.pos,
-                format!("source {kind} is not supported by this build yet"),
-            )
-        }
+        "oauth2" | "oauth2-client-credentials" => tokens::oauth2(cx, s, all)?,
+        "github-app" => tokens::github_app(cx, s, all)?,
         other => {
             return cx.err(
                 &s.source.pos,
-                format!("unknown source {other:?}; use env, file, command, openbao, aws-secrets-manager or none"),
+                format!("unknown source {other:?}; use env, file, command, openbao, aws-secrets-manager, oauth2, github-app or none"),
             )
         }
     };

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 
+use super::github_app::GitHubApp;
+use super::oauth2::OAuth2;
 use super::Secret;
 
 /// Validated settings for one named secret.
@@ -81,6 +83,10 @@ pub enum SecretSource {
         /// whole string.
         field: Option<String>,
     },
+    /// An access token from an OAuth 2.0 token endpoint (`oauth2`).
+    OAuth2(std::sync::Arc<OAuth2>),
+    /// A GitHub App installation token (`github-app`), possibly narrowed to a route's scope.
+    GitHubApp(std::sync::Arc<GitHubApp>),
 }
 
 /// Where keygate reads its own OpenBao token from (`token_env` or `token_file`, exactly one).
@@ -200,6 +206,38 @@ pub enum FetchError {
         /// The most output read, in bytes.
         limit: usize,
     },
+    /// A token endpoint (OAuth2, GitHub) could not be reached or did not answer in time.
+    #[error("secret {secret}: cannot get a token: {reason}")]
+    TokenUnreachable {
+        /// The secret's name.
+        secret: String,
+        /// What failed (the URL without query, the transport error); never a body.
+        reason: String,
+    },
+    /// A token endpoint refused: its status and its error *code* only, never its body (which
+    /// may describe or echo what was sent).
+    #[error(
+        "secret {secret}: the {endpoint} refused to issue a token ({status}, error code {code})"
+    )]
+    TokenRefused {
+        /// The secret's name.
+        secret: String,
+        /// Which endpoint (`token endpoint`, `GitHub installation token endpoint`).
+        endpoint: &'static str,
+        /// The HTTP status.
+        status: u16,
+        /// The provider's `error` field if it is a plain code, else `(none)`/`(unreadable)`.
+        code: String,
+    },
+    /// A token could not be requested or read (a key that is not one, an answer without a
+    /// token).
+    #[error("secret {secret}: {what}")]
+    TokenAnswer {
+        /// The secret's name.
+        secret: String,
+        /// What was wrong, as fixed text.
+        what: &'static str,
+    },
     /// The source is valid config but this build cannot fetch from it.
     #[error("secret {secret}: source {kind} is not supported by this build of keygate")]
     Unsupported {
@@ -241,6 +279,10 @@ impl SecretSource {
             } => {
                 format!("aws-secrets-manager:{region}/{secret_id}")
             }
+            SecretSource::OAuth2(o) => format!("oauth2:{}", o.settings.token_url),
+            SecretSource::GitHubApp(g) => {
+                format!("github-app:{}", g.settings.installation_id)
+            }
         }
     }
 
@@ -277,6 +319,10 @@ impl SecretSpec {
             SecretSource::Command { argv, timeout, env } => {
                 run_command(&secret, argv, *timeout, env).await?
             }
+            SecretSource::OAuth2(o) => return self.checked(o.fetch(&self.name).await?).map(Some),
+            SecretSource::GitHubApp(g) => {
+                return self.checked(g.fetch(&self.name).await?).map(Some)
+            }
             SecretSource::OpenBao { .. } => {
                 return Err(FetchError::Unsupported {
                     secret,
@@ -290,7 +336,12 @@ impl SecretSpec {
                 })
             }
         };
-        let value = Secret::new(&self.name, raw);
+        self.checked(Secret::new(&self.name, raw)).map(Some)
+    }
+
+    /// Refuses a value no credential can be: empty, too large, or too short to redact.
+    fn checked(&self, value: Secret) -> Result<Secret, FetchError> {
+        let secret = self.name.clone();
         if value.is_empty() {
             return Err(FetchError::Empty {
                 secret,
@@ -315,7 +366,7 @@ impl SecretSpec {
                 min: crate::redact::MIN_KNOWN_LEN,
             });
         }
-        Ok(Some(value))
+        Ok(value)
     }
 }
 

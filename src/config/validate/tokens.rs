@@ -1,0 +1,237 @@
+//! Validation of the token-minting sources, `oauth2` and `github-app`, and of the per-route
+//! scope of a GitHub App token. Both take credentials from other secrets by name
+//! (`client_secret = "NAME"`), resolved here to a copy of that secret's spec; such a secret must
+//! be a plain source, so references cannot form a cycle.
+
+use std::sync::Arc;
+
+use super::super::spec::{RouteSpec, SecretSpecRaw};
+use super::{expand_home, Cx, DEFAULT_COMMAND_TIMEOUT};
+use crate::config::{ConfigError, Route, SecretId};
+use crate::secret::github_app::{GitHubApp, GitHubAppSettings, Scope};
+use crate::secret::oauth2::{ClientAuth, Grant, OAuth2, OAuth2Settings};
+use crate::secret::{SecretSource, SecretSpec};
+
+/// The sources that read other secrets; none of them may be read by another.
+const MINTING: &[&str] = &["oauth2", "oauth2-client-credentials", "github-app"];
+
+/// `source = "oauth2"` (and the older `oauth2-client-credentials`).
+pub(super) fn oauth2(
+    cx: &Cx,
+    s: &SecretSpecRaw,
+    all: &[SecretSpecRaw],
+) -> Result<SecretSource, ConfigError> {
+    let t = &s.token;
+    let at = |k: &str| s.table.child(k);
+    let token_url = match &t.token_url {
+        Some(u) => u.clone(),
+        None => return cx.err(&at("token_url"), "source oauth2 needs token_url"),
+    };
+    check_url(&token_url).or_else(|m| cx.err(&at("token_url"), m))?;
+    let default_grant = if s.source.value == "oauth2-client-credentials" {
+        "client_credentials"
+    } else {
+        t.grant.as_deref().unwrap_or("client_credentials")
+    };
+    let grant = match default_grant {
+        "client_credentials" => Grant::ClientCredentials,
+        "refresh_token" => match &t.refresh_token {
+            Some(r) => Grant::RefreshToken {
+                initial: referenced(cx, s, "refresh_token", r, all)?,
+            },
+            None => {
+                return cx.err(
+                    &at("refresh_token"),
+                    "grant refresh_token needs refresh_token = \"NAME\" (the secret holding the first refresh token)",
+                )
+            }
+        },
+        other => {
+            return cx.err(
+                &at("grant"),
+                format!("unknown grant {other:?}; use client_credentials or refresh_token"),
+            )
+        }
+    };
+    let client_id = match &t.client_id {
+        Some(c) if !c.is_empty() => c.clone(),
+        _ => return cx.err(&at("client_id"), "source oauth2 needs client_id"),
+    };
+    let client_secret = match &t.client_secret {
+        Some(c) => Some(referenced(cx, s, "client_secret", c, all)?),
+        None => None,
+    };
+    if client_secret.is_none() && matches!(grant, Grant::ClientCredentials) {
+        return cx.err(
+            &at("client_secret"),
+            "grant client_credentials needs client_secret = \"NAME\" (the secret holding it)",
+        );
+    }
+    let client_auth = match t.client_auth.as_deref() {
+        None | Some("basic") => ClientAuth::Basic,
+        Some("post") => ClientAuth::Post,
+        Some(other) => {
+            return cx.err(
+                &at("client_auth"),
+                format!("unknown client_auth {other:?}; use basic or post"),
+            )
+        }
+    };
+    Ok(SecretSource::OAuth2(Arc::new(OAuth2::new(
+        OAuth2Settings {
+            token_url,
+            grant,
+            client_id,
+            client_secret,
+            client_auth,
+            scope: t.scope.clone(),
+            audience: t.audience.clone(),
+            ca_file: t.ca_file.as_deref().map(expand_home),
+            timeout: cx.duration_or(&s.timeout, DEFAULT_COMMAND_TIMEOUT)?,
+        },
+    ))))
+}
+
+/// `source = "github-app"`.
+pub(super) fn github_app(
+    cx: &Cx,
+    s: &SecretSpecRaw,
+    all: &[SecretSpecRaw],
+) -> Result<SecretSource, ConfigError> {
+    let t = &s.token;
+    let at = |k: &str| s.table.child(k);
+    let app_id = match &t.app_id {
+        Some(a) if !a.is_empty() && a.bytes().all(|b| b.is_ascii_alphanumeric()) => a.clone(),
+        Some(_) => return cx.err(&at("app_id"), "app_id must be the app's id or client id"),
+        None => return cx.err(&at("app_id"), "source github-app needs app_id"),
+    };
+    let installation_id = match t.installation_id.as_deref().map(str::parse::<u64>) {
+        Some(Ok(n)) => n,
+        Some(Err(_)) => return cx.err(&at("installation_id"), "installation_id must be a number"),
+        None => {
+            return cx.err(
+                &at("installation_id"),
+                "source github-app needs installation_id",
+            )
+        }
+    };
+    let private_key = match &t.private_key {
+        Some(k) => referenced(cx, s, "private_key", k, all)?,
+        None => return cx.err(
+            &at("private_key"),
+            "source github-app needs private_key = \"NAME\" (the secret holding the app's PEM key)",
+        ),
+    };
+    let api_url = t
+        .api_url
+        .clone()
+        .unwrap_or_else(|| "https://api.github.com".into());
+    check_url(&api_url).or_else(|m| cx.err(&at("api_url"), m))?;
+    Ok(SecretSource::GitHubApp(Arc::new(GitHubApp::new(
+        GitHubAppSettings {
+            app_id,
+            installation_id,
+            private_key,
+            api_url,
+            ca_file: t.ca_file.as_deref().map(expand_home),
+            timeout: cx.duration_or(&s.timeout, DEFAULT_COMMAND_TIMEOUT)?,
+            scope: None,
+        },
+    ))))
+}
+
+/// Gives each route that names `repositories` or `permissions` its own secret, `NAME@ROUTE`,
+/// minting tokens narrowed to that scope. `routes` are in the order of `specs`.
+pub(super) fn scope_routes(
+    cx: &Cx,
+    specs: &[RouteSpec],
+    routes: &mut [Route],
+    secrets: &mut Vec<SecretSpec>,
+) -> Result<(), ConfigError> {
+    for (spec, route) in specs.iter().zip(routes.iter_mut()) {
+        let Some(scope) = &spec.github_scope else {
+            continue;
+        };
+        let base = route.secret.and_then(|id| secrets.get(id.0));
+        let Some((base, SecretSource::GitHubApp(app))) = base.map(|b| (b, &b.source)) else {
+            return cx.err(
+                &scope.pos,
+                "repositories and permissions narrow a github-app secret's token; this route's secret is not one",
+            );
+        };
+        check_scope(&scope.value).or_else(|m| cx.err(&scope.pos, m))?;
+        let mut settings = app.settings.clone();
+        settings.scope = Some(scope.value.clone());
+        let derived = SecretSpec {
+            name: format!("{}@{}", base.name, route.name),
+            source: SecretSource::GitHubApp(Arc::new(GitHubApp::new(settings))),
+            ttl: base.ttl,
+            lazy: base.lazy,
+        };
+        route.secret = Some(SecretId(secrets.len()));
+        secrets.push(derived);
+    }
+    Ok(())
+}
+
+fn check_scope(scope: &Scope) -> Result<(), String> {
+    if scope.repositories.len() > 500 {
+        return Err("GitHub narrows a token to at most 500 repositories".into());
+    }
+    if let Some(r) = scope.repositories.iter().find(|r| {
+        r.is_empty()
+            || !r
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    }) {
+        return Err(format!(
+            "{r:?} is not a repository name (name only, without owner/)"
+        ));
+    }
+    for (name, level) in &scope.permissions {
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+            return Err(format!("{name:?} is not a GitHub permission name"));
+        }
+        if !["read", "write", "admin"].contains(&level.as_str()) {
+            return Err(format!(
+                "permission {name} must be \"read\", \"write\" or \"admin\""
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The spec of the secret `name` that `key` of `s` refers to.
+fn referenced(
+    cx: &Cx,
+    s: &SecretSpecRaw,
+    key: &str,
+    name: &str,
+    all: &[SecretSpecRaw],
+) -> Result<Box<SecretSpec>, ConfigError> {
+    let pos = s.table.child(key);
+    let Some(other) = all.iter().find(|o| o.name == name) else {
+        return cx.err(&pos, format!("no [secrets.{name}] is defined"));
+    };
+    if other.name == s.name || MINTING.contains(&other.source.value.as_str()) {
+        return cx.err(
+            &pos,
+            format!("[secrets.{name}] must be a plain source (env, file, command, ...), not one that reads other secrets"),
+        );
+    }
+    Ok(Box::new(super::secret(cx, other, &[])?))
+}
+
+/// A token endpoint gets a client secret or a signed JWT: https, or http only to this machine.
+fn check_url(url: &str) -> Result<(), String> {
+    let uri: http::Uri = url.parse().map_err(|_| format!("{url:?} is not a URL"))?;
+    let host = uri.host().unwrap_or("");
+    match uri.scheme_str() {
+        Some("https") if !host.is_empty() => Ok(()),
+        Some("http") if ["127.0.0.1", "localhost", "[::1]", "::1"].contains(&host) => Ok(()),
+        Some("http") => Err(format!(
+            "{url}: credentials are sent there, so it must be https (http only to 127.0.0.1)"
+        )),
+        _ => Err(format!("{url:?} is not an http(s) URL")),
+    }
+}
