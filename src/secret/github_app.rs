@@ -93,6 +93,27 @@ impl GitHubApp {
         }
     }
 
+    /// `github-app:INSTALLATION` and the scope, so the effective policy (and its version)
+    /// changes when a route's repositories or permissions do.
+    pub fn label(&self) -> String {
+        let s = &self.settings;
+        let mut label = format!("github-app:{}", s.installation_id);
+        if let Some(scope) = &s.scope {
+            if !scope.repositories.is_empty() {
+                label.push_str(&format!(" repositories={}", scope.repositories.join(",")));
+            }
+            if !scope.permissions.is_empty() {
+                let p: Vec<String> = scope
+                    .permissions
+                    .iter()
+                    .map(|(k, v)| format!("{k}:{v}"))
+                    .collect();
+                label.push_str(&format!(" permissions={}", p.join(",")));
+            }
+        }
+        label
+    }
+
     /// Mints a fresh installation token for the secret `name`.
     pub(crate) async fn fetch(&self, name: &str) -> Result<Secret, FetchError> {
         let s = &self.settings;

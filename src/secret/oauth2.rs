@@ -137,6 +137,12 @@ impl OAuth2 {
         let _ = self.store.set(store);
     }
 
+    /// `oauth2:URL` (without its query), for status and the effective policy.
+    pub fn label(&self) -> String {
+        let url = &self.settings.token_url;
+        format!("oauth2:{}", url.split('?').next().unwrap_or(url))
+    }
+
     /// Fetches a fresh access token for the secret `name`.
     pub(crate) async fn fetch(&self, name: &str) -> Result<Secret, FetchError> {
         let client = self.client(name)?;

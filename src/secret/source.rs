@@ -279,10 +279,8 @@ impl SecretSource {
             } => {
                 format!("aws-secrets-manager:{region}/{secret_id}")
             }
-            SecretSource::OAuth2(o) => format!("oauth2:{}", o.settings.token_url),
-            SecretSource::GitHubApp(g) => {
-                format!("github-app:{}", g.settings.installation_id)
-            }
+            SecretSource::OAuth2(o) => o.label(),
+            SecretSource::GitHubApp(g) => g.label(),
         }
     }
 

@@ -235,3 +235,81 @@ fn check_url(url: &str) -> Result<(), String> {
         _ => Err(format!("{url:?} is not an http(s) URL")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::Config;
+
+    const CS: &str = "[secrets.cs]\nsource = \"env\"\nname = \"CS\"\n";
+
+    fn load(text: &str) -> Result<Config, crate::config::ConfigError> {
+        Config::from_text(Path::new("c.toml"), text)
+    }
+
+    fn oauth(extra: &str) -> String {
+        format!("{CS}[secrets.crm]\nsource = \"oauth2\"\ntoken_url = \"https://idp.example/token\"\nclient_id = \"x\"\n{extra}")
+    }
+
+    #[test]
+    fn an_oauth2_secret_reads_its_client_secret_from_a_defined_plain_secret() {
+        assert!(load(&oauth("client_secret = \"cs\"\n")).is_ok());
+        let e = load(&oauth("client_secret = \"nope\"\n")).unwrap_err();
+        assert_eq!(e.key, "secrets.crm.client_secret", "{e}");
+        assert!(e.message.contains("no [secrets.nope]"), "{e}");
+        let e = load(&oauth("client_secret = \"crm\"\n")).unwrap_err();
+        assert!(e.message.contains("plain source"), "{e}");
+    }
+
+    #[test]
+    fn a_token_endpoint_over_plain_http_is_refused_unless_it_is_this_machine() {
+        let local =
+            oauth("client_secret = \"cs\"\n").replace("https://idp.example", "http://127.0.0.1:9");
+        assert!(load(&local).is_ok());
+        let remote = oauth("client_secret = \"cs\"\n").replace("https://", "http://");
+        let e = load(&remote).unwrap_err();
+        assert_eq!(e.key, "secrets.crm.token_url", "{e}");
+    }
+
+    #[test]
+    fn the_refresh_grant_needs_the_secret_holding_the_first_refresh_token() {
+        let e = load(&oauth(
+            "grant = \"refresh_token\"\nclient_secret = \"cs\"\n",
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "secrets.crm.refresh_token", "{e}");
+        assert!(load(&oauth(
+            "grant = \"refresh_token\"\nrefresh_token = \"cs\"\n"
+        ))
+        .is_ok());
+        let e = load(&oauth("grant = \"password\"\nclient_secret = \"cs\"\n")).unwrap_err();
+        assert_eq!(e.key, "secrets.crm.grant", "{e}");
+    }
+
+    fn github(route_extra: &str) -> String {
+        format!("{CS}[secrets.gh]\nsource = \"github-app\"\napp_id = 1\ninstallation_id = 2\nprivate_key = \"cs\"\n[routes.r]\nprefix = \"/r\"\nupstream = \"https://api.github.com\"\nsecret = \"gh\"\n{route_extra}")
+    }
+
+    #[test]
+    fn a_route_scope_gives_the_route_its_own_github_app_secret() {
+        let c = load(&github("repositories = [\"keygate\"]\n")).unwrap();
+        let secret = c.routes[0].secret.unwrap();
+        assert_eq!(c.secrets[secret.0].name, "gh@r");
+        let plain = load(&github("")).unwrap();
+        assert_eq!(plain.secrets[plain.routes[0].secret.unwrap().0].name, "gh");
+        assert_ne!(c.policy_version(), plain.policy_version());
+    }
+
+    #[test]
+    fn a_route_scope_with_an_unknown_permission_level_is_refused_at_its_line() {
+        let e = load(&github("permissions = { contents = \"all\" }\n")).unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (13, "routes.r.permissions"),
+            "{e}"
+        );
+        let e = load(&github("repositories = [\"o/keygate\"]\n")).unwrap_err();
+        assert_eq!(e.key, "routes.r.repositories", "{e}");
+    }
+}
