@@ -101,23 +101,30 @@ impl Credentials {
             .map(|e| {
                 let name = &e.spec.name;
                 let cached = e.cached.load();
-                let (key_id, age) = match cached.as_ref() {
+                let (key_id, age, source_expiry) = match cached.as_ref() {
                     Some(c) => (
                         Some(c.secret.key_id().to_string()),
                         Some(c.fetched.elapsed()),
+                        c.secret.expires(),
                     ),
-                    None => (None, None),
+                    None => (None, None, None),
                 };
                 let ago = |d: Duration| std::time::SystemTime::now().checked_sub(d);
                 let last_fetch = age
                     .and_then(ago)
                     .map(|t| humantime::format_rfc3339_seconds(t).to_string());
-                let expires = match (age, e.spec.ttl) {
-                    (Some(a), Some(ttl)) => std::time::SystemTime::now()
-                        .checked_add(ttl.saturating_sub(a))
-                        .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+                let ttl_end = match (age, e.spec.ttl) {
+                    (Some(a), Some(ttl)) => {
+                        std::time::SystemTime::now().checked_add(ttl.saturating_sub(a))
+                    }
                     _ => None,
                 };
+                // The earlier of the TTL's end and the source's own (an OAuth2 `expires_in`).
+                let expires = match (ttl_end, source_expiry) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+                .map(|t| humantime::format_rfc3339_seconds(t).to_string());
                 let failed = e.failed.load().as_ref().map(|f| f.1.clone());
                 serde_json::json!({
                     "name": name,

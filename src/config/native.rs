@@ -85,6 +85,9 @@ struct RawSecret {
     private_key: Option<String>,
     api_url: Option<String>,
     ca_file: Option<String>,
+    // keychain
+    service: Option<String>,
+    account: Option<String>,
 }
 
 /// An id GitHub shows as a number and users may quote.
@@ -232,6 +235,8 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
                     private_key: s.private_key.clone(),
                     api_url: s.api_url.clone(),
                     ca_file: s.ca_file.clone(),
+                    service: s.service.clone(),
+                    account: s.account.clone(),
                 },
             }
         })

@@ -161,6 +161,9 @@ pub(crate) struct TokenKeys {
     pub private_key: Option<String>,
     pub api_url: Option<String>,
     pub ca_file: Option<String>,
+    /// `keychain`: the entry's service and account.
+    pub service: Option<String>,
+    pub account: Option<String>,
 }
 
 impl Default for Pos {

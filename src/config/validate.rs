@@ -276,10 +276,11 @@ fn secret(cx: &Cx, s: &SecretSpecRaw, all: &[SecretSpecRaw]) -> Result<SecretSpe
         },
         "oauth2" | "oauth2-client-credentials" => tokens::oauth2(cx, s, all)?,
         "github-app" => tokens::github_app(cx, s, all)?,
+        "keychain" => tokens::keychain(cx, s)?,
         other => {
             return cx.err(
                 &s.source.pos,
-                format!("unknown source {other:?}; use env, file, command, openbao, aws-secrets-manager, oauth2, github-app or none"),
+                format!("unknown source {other:?}; use env, file, command, keychain, openbao, aws-secrets-manager, oauth2, github-app or none"),
             )
         }
     };

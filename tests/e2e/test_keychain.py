@@ -1,6 +1,6 @@
-"""The OS keychain through the `command` source, as the README documents it: `secret-tool lookup`
+"""The OS keychain: the `keychain` source and the `command` source with `secret-tool lookup`, both
 against a real Secret Service (gnome-keyring-daemon on its own D-Bus session bus), with keygate
-passing only `DBUS_*` (and its base set) to the command."""
+passing only `DBUS_*` (and its base set) to the tool."""
 
 from __future__ import annotations
 
@@ -81,21 +81,23 @@ def store(env: dict, account: str, value: str):
     )
 
 
-def keychain_config(upstream: str, account: str) -> str:
+def keychain_config(upstream: str, account: str, *, as_command: bool = False) -> str:
     config = native_config(upstream, agent_routes=("openai",))
-    return config.replace(
-        '[secrets.openai]\nsource = "env"\nname = "OPENAI_API_KEY"\n',
-        f'[secrets.openai]\nsource = "command"\nargv = ["secret-tool", "lookup", "service", "keygate", "account", "{account}"]\n',
-    )
+    if as_command:
+        source = f'source = "command"\nargv = ["secret-tool", "lookup", "service", "keygate", "account", "{account}"]\n'
+    else:
+        source = f'source = "keychain"\nservice = "keygate"\naccount = "{account}"\n'
+    return config.replace('[secrets.openai]\nsource = "env"\nname = "OPENAI_API_KEY"\n', f"[secrets.openai]\n{source}")
 
 
-def test_keychain_entry_read_with_secret_tool_is_attached_and_redacted(keygate, fake_upstream, secret_service):
+@pytest.mark.parametrize("as_command", [False, True], ids=["keychain-source", "command-secret-tool"])
+def test_keychain_entry_is_attached_and_redacted(keygate, fake_upstream, secret_service, as_command):
     value = fake_secret("sk-proj-keychain")
     store(secret_service, "openai", value)
     token = new_token()
     fake_upstream.echo_key = True
     kg = keygate(
-        keychain_config(fake_upstream.url, "openai"),
+        keychain_config(fake_upstream.url, "openai", as_command=as_command),
         env={"KEYGATE_AGENT_TOKEN": token, "ANTHROPIC_API_KEY": fake_secret("sk-ant-unused"), "DBUS_SESSION_BUS_ADDRESS": secret_service["DBUS_SESSION_BUS_ADDRESS"]},
     )
     with kg.client() as c:

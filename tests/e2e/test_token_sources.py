@@ -102,6 +102,23 @@ def test_oauth2_client_credentials_token_is_attached_and_reused_until_shortly_be
     assert record["key_id"].startswith("crm#") and provider.access_tokens[0] not in str(record)
 
 
+def test_oauth2_status_shows_key_id_last_fetch_and_the_token_expiry_never_a_token(keygate, keygate_bin, provider, tmp_path):
+    import json
+
+    from conftest import run_keygate
+
+    token = new_token()
+    env = oauth_env(provider, token)
+    kg = keygate(oauth_config(provider, tmp_path / "state"), env=env)
+    assert get(kg, token, "/crm/contacts").status_code == 200
+    out = run_keygate(keygate_bin, ["status", "--config", str(kg.config_path), "--json"], tmp_path, env=env)
+    assert out.returncode == 0, out.stderr
+    (crm,) = [x for x in json.loads(out.stdout)["secrets"] if x["name"] == "crm"]
+    assert crm["source"] == f"oauth2:{provider.url}/oauth/token"
+    assert crm["key_id"].startswith("crm#") and crm["last_fetch"] and crm["expires"], crm
+    assert provider.access_tokens[0] not in out.stdout and provider.client_secret not in out.stdout
+
+
 def test_oauth2_token_that_expires_within_the_renewal_margin_is_fetched_for_every_request(keygate, provider, tmp_path):
     provider.expires_in = 20  # inside keygate's 30 s margin: never fresh enough to reuse
     token = new_token()

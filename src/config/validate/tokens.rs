@@ -140,6 +140,48 @@ pub(super) fn github_app(
     ))))
 }
 
+/// `source = "keychain"`: the OS keychain's entry (`service`, `account`), read by the platform's
+/// own tool as a `command` source (`secret-tool lookup` for the Secret Service on Linux,
+/// `security find-generic-password` on macOS), so it runs with a cleared environment (plus
+/// `DBUS_*`), in its own process group, under the command timeout.
+pub(super) fn keychain(cx: &Cx, s: &SecretSpecRaw) -> Result<SecretSource, ConfigError> {
+    let t = &s.token;
+    let (service, account) = match (&t.service, &t.account) {
+        (Some(svc), Some(acc)) if !svc.is_empty() && !acc.is_empty() => (svc.clone(), acc.clone()),
+        _ => {
+            return cx.err(
+                &s.table.child("service"),
+                "source keychain needs service and account (the entry's attributes)",
+            )
+        }
+    };
+    let argv = if cfg!(target_os = "macos") {
+        vec![
+            "security".into(),
+            "find-generic-password".into(),
+            "-s".into(),
+            service,
+            "-a".into(),
+            account,
+            "-w".into(),
+        ]
+    } else {
+        vec![
+            "secret-tool".into(),
+            "lookup".into(),
+            "service".into(),
+            service,
+            "account".into(),
+            account,
+        ]
+    };
+    Ok(SecretSource::Command {
+        argv,
+        timeout: cx.duration_or(&s.timeout, DEFAULT_COMMAND_TIMEOUT)?,
+        env: Vec::new(),
+    })
+}
+
 /// Gives each route that names `repositories` or `permissions` its own secret, `NAME@ROUTE`,
 /// minting tokens narrowed to that scope. `routes` are in the order of `specs`.
 pub(super) fn scope_routes(
@@ -285,6 +327,22 @@ mod tests {
         .is_ok());
         let e = load(&oauth("grant = \"password\"\nclient_secret = \"cs\"\n")).unwrap_err();
         assert_eq!(e.key, "secrets.crm.grant", "{e}");
+    }
+
+    #[test]
+    fn a_keychain_secret_is_read_by_the_platforms_tool_and_needs_service_and_account() {
+        let c = load(
+            "[secrets.k]\nsource = \"keychain\"\nservice = \"keygate\"\naccount = \"openai\"\n",
+        )
+        .unwrap();
+        let label = c.secrets[0].source.label();
+        assert!(
+            label == "command:secret-tool lookup"
+                || label == "command:security find-generic-password",
+            "{label}"
+        );
+        let e = load("[secrets.k]\nsource = \"keychain\"\nservice = \"keygate\"\n").unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (1, "secrets.k.service"), "{e}");
     }
 
     fn github(route_extra: &str) -> String {
