@@ -147,6 +147,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
         budget_reserve: None,
         max_response_time: None,
         github_scope: None,
+        env: Vec::new(),
     };
     let agent = AgentSpec {
         name: if raw.client_token_env.is_some() {
@@ -199,6 +200,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
             allowed_paths,
             client_auth: raw.client_token_env.is_some(),
         }),
+        run: Default::default(),
     })
 }
 
