@@ -10,9 +10,11 @@
 pub mod github_app;
 pub mod http;
 pub mod oauth2;
+pub mod openbao;
 mod source;
 
-pub use source::{BaoToken, FetchError, SecretSource, SecretSpec};
+pub use openbao::BaoToken;
+pub use source::{FetchError, SecretSource, SecretSpec};
 
 use std::fmt;
 

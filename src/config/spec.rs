@@ -147,6 +147,17 @@ pub(crate) struct SecretSpecRaw {
     pub secret_id: Option<String>,
     pub region: Option<String>,
     pub endpoint: Option<String>,
+    /// openbao (and oauth2, github-app): a PEM CA file, the login (`auth`, `auth_mount`, `role_id`, `role`, and the
+    /// secrets holding the AppRole secret id or the JWT), a dynamic secret's path and params.
+    pub ca_file: Option<String>,
+    pub auth: Option<String>,
+    pub auth_mount: Option<String>,
+    pub role_id: Option<String>,
+    pub role: Option<String>,
+    pub secret_id_from: Option<String>,
+    pub jwt_from: Option<String>,
+    pub dynamic: Option<String>,
+    pub params: Option<std::collections::BTreeMap<String, String>>,
     /// `oauth2` and `github-app`.
     pub token: TokenKeys,
 }
@@ -169,7 +180,6 @@ pub(crate) struct TokenKeys {
     /// The name of another secret.
     pub private_key: Option<String>,
     pub api_url: Option<String>,
-    pub ca_file: Option<String>,
     /// `keychain`: the entry's service and account.
     pub service: Option<String>,
     pub account: Option<String>,
@@ -195,6 +205,8 @@ pub(crate) struct RouteSpec {
     pub upstream: At<String>,
     pub secret: Option<At<String>>,
     pub inject: Option<At<String>>,
+    /// `request`, `run` or `ttl` for a dynamic OpenBao secret.
+    pub jit: Option<At<String>>,
     pub inject_format: Option<String>,
     pub basic_username: Option<String>,
     pub allow: Vec<At<RuleSpec>>,

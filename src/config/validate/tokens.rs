@@ -86,7 +86,7 @@ pub(super) fn oauth2(
             client_auth,
             scope: t.scope.clone(),
             audience: t.audience.clone(),
-            ca_file: t.ca_file.as_deref().map(expand_home),
+            ca_file: s.ca_file.as_deref().map(expand_home),
             timeout: cx.duration_or(&s.timeout, DEFAULT_COMMAND_TIMEOUT)?,
         },
     ))))
@@ -133,7 +133,7 @@ pub(super) fn github_app(
             installation_id,
             private_key,
             api_url,
-            ca_file: t.ca_file.as_deref().map(expand_home),
+            ca_file: s.ca_file.as_deref().map(expand_home),
             timeout: cx.duration_or(&s.timeout, DEFAULT_COMMAND_TIMEOUT)?,
             scope: None,
         },
@@ -261,7 +261,24 @@ fn referenced(
             format!("[secrets.{name}] must be a plain source (env, file, command, ...), not one that reads other secrets"),
         );
     }
-    Ok(Box::new(super::secret(cx, other, &[])?))
+    // An openbao secret may itself log in with another secret; that one must be plain too, or
+    // references could go round (oauth2 -> openbao -> oauth2 -> ...).
+    let logins = [&other.secret_id_from, &other.jwt_from];
+    if let Some(login) = logins.into_iter().flatten().find(|login| {
+        all.iter()
+            .any(|o| &o.name == *login && MINTING.contains(&o.source.value.as_str()))
+    }) {
+        return cx.err(
+            &pos,
+            format!("[secrets.{name}] logs in with [secrets.{login}], which reads other secrets itself; name a plain source"),
+        );
+    }
+    Ok(Box::new(super::secret(
+        cx,
+        other,
+        all,
+        &std::collections::BTreeMap::new(),
+    )?))
 }
 
 /// A token endpoint gets a client secret or a signed JWT: https, or http only to this machine.
@@ -302,6 +319,16 @@ mod tests {
         assert!(e.message.contains("no [secrets.nope]"), "{e}");
         let e = load(&oauth("client_secret = \"crm\"\n")).unwrap_err();
         assert!(e.message.contains("plain source"), "{e}");
+    }
+
+    #[test]
+    fn references_that_go_round_through_an_openbao_login_are_refused_not_followed() {
+        let text = "[secrets.bao]\nsource = \"openbao\"\naddress = \"http://127.0.0.1:8200\"\nauth = \"jwt\"\nrole = \"r\"\njwt_from = \"crm\"\npath = \"p\"\nfield = \"f\"\n[secrets.crm]\nsource = \"oauth2\"\ntoken_url = \"https://idp.example/token\"\nclient_id = \"x\"\nclient_secret = \"bao\"\n";
+        let e = load(text).unwrap_err();
+        assert!(
+            e.message.contains("reads other secrets") || e.message.contains("plain"),
+            "{e}"
+        );
     }
 
     #[test]
