@@ -63,7 +63,7 @@ pub fn build(config: Config, fixed: &Fixed) -> Result<State, String> {
             max_request_bytes: config.max_request_bytes,
         },
         policy: Policy::new(&config).shared(fixed.control.store.as_ref(), &config),
-        credentials: Credentials::new(&config),
+        credentials: Credentials::new(&config).keep_state_in(fixed.control.store.as_ref()),
         tokens,
         forwarder,
         audit: fixed.audit.clone(),

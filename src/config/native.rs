@@ -106,6 +106,39 @@ struct RawSecret {
     jwt_from: Option<String>,
     dynamic: Option<String>,
     params: Option<BTreeMap<String, String>>,
+    // oauth2, github-app
+    token_url: Option<String>,
+    grant: Option<String>,
+    client_id: Option<String>,
+    client_secret: Option<String>,
+    client_auth: Option<String>,
+    refresh_token: Option<String>,
+    scope: Option<String>,
+    audience: Option<String>,
+    app_id: Option<IdText>,
+    installation_id: Option<IdText>,
+    private_key: Option<String>,
+    api_url: Option<String>,
+    // keychain
+    service: Option<String>,
+    account: Option<String>,
+}
+
+/// An id GitHub shows as a number and users may quote.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum IdText {
+    Number(u64),
+    Text(String),
+}
+
+impl IdText {
+    fn text(&self) -> String {
+        match self {
+            IdText::Number(n) => n.to_string(),
+            IdText::Text(t) => t.clone(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -130,6 +163,9 @@ struct RawRoute {
     max_response_time: Option<Spanned<String>>,
     budget_reserve: Option<u64>,
     allow_range: Option<bool>,
+    /// `github-app` secrets: the repositories and permissions the route's token is narrowed to.
+    repositories: Option<Spanned<Vec<String>>>,
+    permissions: Option<Spanned<BTreeMap<String, String>>>,
     #[serde(default)]
     env: BTreeMap<String, Spanned<String>>,
     /// `request`, `run` or `ttl`: how long a dynamic OpenBao credential serves.
@@ -223,6 +259,22 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
                 secret_id: s.secret_id.clone(),
                 region: s.region.clone(),
                 endpoint: s.endpoint.clone(),
+                token: super::spec::TokenKeys {
+                    token_url: s.token_url.clone(),
+                    grant: s.grant.clone(),
+                    client_id: s.client_id.clone(),
+                    client_secret: s.client_secret.clone(),
+                    client_auth: s.client_auth.clone(),
+                    refresh_token: s.refresh_token.clone(),
+                    scope: s.scope.clone(),
+                    audience: s.audience.clone(),
+                    app_id: s.app_id.as_ref().map(IdText::text),
+                    installation_id: s.installation_id.as_ref().map(IdText::text),
+                    private_key: s.private_key.clone(),
+                    api_url: s.api_url.clone(),
+                    service: s.service.clone(),
+                    account: s.account.clone(),
+                },
                 ca_file: s.ca_file.clone(),
                 auth: s.auth.clone(),
                 auth_mount: s.auth_mount.clone(),
@@ -281,6 +333,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
                 allow_range: r.allow_range,
                 budget_reserve: r.budget_reserve,
                 max_response_time: lines.dur(&r.max_response_time, key("max_response_time")),
+                github_scope: github_scope(&lines, r, &key),
                 env: r
                     .env
                     .iter()
@@ -382,6 +435,32 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
             })
             .unwrap_or_default(),
     })
+}
+
+/// A route's `repositories` and `permissions`, at the line of whichever was written first.
+fn github_scope(
+    lines: &Lines<'_>,
+    r: &RawRoute,
+    key: &dyn Fn(&str) -> String,
+) -> Option<At<crate::secret::github_app::Scope>> {
+    let pos = match (&r.repositories, &r.permissions) {
+        (Some(v), _) => lines.at(v, key("repositories")),
+        (None, Some(v)) => lines.at(v, key("permissions")),
+        (None, None) => return None,
+    };
+    let scope = crate::secret::github_app::Scope {
+        repositories: r
+            .repositories
+            .as_ref()
+            .map(|v| v.get_ref().clone())
+            .unwrap_or_default(),
+        permissions: r
+            .permissions
+            .as_ref()
+            .map(|v| v.get_ref().clone())
+            .unwrap_or_default(),
+    };
+    Some(At::new(scope, pos))
 }
 
 /// Turns a toml error into `file:line: key: message`, naming the key written on that line.

@@ -147,6 +147,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
         allow_range: None,
         budget_reserve: None,
         max_response_time: None,
+        github_scope: None,
         env: Vec::new(),
     };
     let agent = AgentSpec {

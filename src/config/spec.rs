@@ -151,7 +151,7 @@ pub(crate) struct SecretSpecRaw {
     pub secret_id: Option<String>,
     pub region: Option<String>,
     pub endpoint: Option<String>,
-    /// openbao: a PEM CA file, the login (`auth`, `auth_mount`, `role_id`, `role`, and the
+    /// openbao (and oauth2, github-app): a PEM CA file, the login (`auth`, `auth_mount`, `role_id`, `role`, and the
     /// secrets holding the AppRole secret id or the JWT), a dynamic secret's path and params.
     pub ca_file: Option<String>,
     pub auth: Option<String>,
@@ -162,6 +162,31 @@ pub(crate) struct SecretSpecRaw {
     pub jwt_from: Option<String>,
     pub dynamic: Option<String>,
     pub params: Option<std::collections::BTreeMap<String, String>>,
+    /// `oauth2` and `github-app`.
+    pub token: TokenKeys,
+}
+
+/// The keys of the token-minting sources (`oauth2`, `github-app`), as written.
+#[derive(Debug, Default)]
+pub(crate) struct TokenKeys {
+    pub token_url: Option<String>,
+    pub grant: Option<String>,
+    pub client_id: Option<String>,
+    /// The name of another secret.
+    pub client_secret: Option<String>,
+    pub client_auth: Option<String>,
+    /// The name of another secret.
+    pub refresh_token: Option<String>,
+    pub scope: Option<String>,
+    pub audience: Option<String>,
+    pub app_id: Option<String>,
+    pub installation_id: Option<String>,
+    /// The name of another secret.
+    pub private_key: Option<String>,
+    pub api_url: Option<String>,
+    /// `keychain`: the entry's service and account.
+    pub service: Option<String>,
+    pub account: Option<String>,
 }
 
 impl Default for Pos {
@@ -200,6 +225,8 @@ pub(crate) struct RouteSpec {
     pub allow_range: Option<bool>,
     pub budget_reserve: Option<u64>,
     pub max_response_time: Option<At<Dur>>,
+    /// `repositories` and `permissions`: what a `github-app` token is narrowed to.
+    pub github_scope: Option<At<crate::secret::github_app::Scope>>,
     /// `[routes.R.env]`: `(name, template)` as written, for `keygate run`.
     pub env: Vec<At<(String, String)>>,
 }

@@ -18,6 +18,8 @@ use crate::authorize::rule::{Rate, Rule};
 use crate::secret::openbao::Jit;
 use crate::secret::{BaoToken, SecretSource, SecretSpec};
 
+mod tokens;
+
 const DEFAULT_LISTEN: &str = "127.0.0.1:8791";
 const DEFAULT_AUDIT_LOG: &str = "events.jsonl";
 const DEFAULT_MAX_REQUEST_BYTES: u64 = 262_144;
@@ -110,6 +112,7 @@ pub(super) fn validate(file: &Path, spec: Spec) -> Result<Config, ConfigError> {
     for r in &spec.routes {
         routes.push(route(&cx, r, &secrets, upstream_timeout, scan)?);
     }
+    tokens::scope_routes(&cx, &spec.routes, &mut routes, &mut secrets)?;
     for (i, a) in routes.iter().enumerate() {
         if let Some(b) = routes[..i].iter().find(|b| b.prefix == a.prefix) {
             return cx.err(
@@ -345,6 +348,7 @@ fn listeners(cx: &Cx, spec: &Spec) -> Result<Vec<Listen>, ConfigError> {
     Ok(listen)
 }
 
+/// `all`: every secret of the file, for sources that read another (`client_secret = "NAME"`).
 fn secret(
     cx: &Cx,
     s: &SecretSpecRaw,
@@ -391,16 +395,13 @@ fn secret(
             endpoint: s.endpoint.clone(),
             field: s.field.clone(),
         },
-        "oauth2-client-credentials" | "github-app" => {
-            return cx.err(
-                &s.source.pos,
-                format!("source {kind} is not supported by this build yet"),
-            )
-        }
+        "oauth2" | "oauth2-client-credentials" => tokens::oauth2(cx, s, all)?,
+        "github-app" => tokens::github_app(cx, s, all)?,
+        "keychain" => tokens::keychain(cx, s)?,
         other => {
             return cx.err(
                 &s.source.pos,
-                format!("unknown source {other:?}; use env, file, command, openbao, aws-secrets-manager or none"),
+                format!("unknown source {other:?}; use env, file, command, keychain, openbao, aws-secrets-manager, oauth2, github-app or none"),
             )
         }
     };
