@@ -497,7 +497,21 @@ impl Reach {
                     Auth::Jwt { jwt, .. } => self.source(&jwt.source),
                 }
             }
-            _ => {}
+            SecretSource::OAuth2(o) => {
+                let settings = &o.settings;
+                self.read_only.extend(settings.ca_file.iter().cloned());
+                if let Some(secret) = &settings.client_secret {
+                    self.source(&secret.source);
+                }
+                if let crate::secret::oauth2::Grant::RefreshToken { initial } = &settings.grant {
+                    self.source(&initial.source);
+                }
+            }
+            SecretSource::GitHubApp(app) => {
+                self.read_only.extend(app.settings.ca_file.iter().cloned());
+                self.source(&app.settings.private_key.source);
+            }
+            SecretSource::None | SecretSource::AwsSecretsManager { .. } => {}
         }
     }
 
