@@ -13,6 +13,7 @@
 
 pub mod approval;
 mod budget;
+mod person;
 pub mod rule;
 pub mod usage;
 
@@ -79,6 +80,8 @@ pub use budget::{Reservation, RetryAfter, TokenBudget};
 pub struct Policy {
     buckets: Vec<Option<Mutex<Bucket>>>,
     budgets: Vec<Option<Arc<TokenBudget>>>,
+    /// Per-person limits of agents that act for many people (`rate_per_person`, ...).
+    people: Vec<Option<Arc<person::PerPerson>>>,
 }
 
 struct Bucket {
@@ -88,6 +91,20 @@ struct Bucket {
     per_sec: f64,
 }
 
+impl Bucket {
+    fn full(r: &Rate, now: Instant) -> Bucket {
+        Bucket {
+            tokens: r.count as f64,
+            last: now,
+            capacity: r.count as f64,
+            per_sec: r.count as f64 / r.per.as_secs_f64(),
+        }
+    }
+}
+
+/// The person per-person limits count against when no front end named one.
+const NO_PERSON: &str = "(unnamed)";
+
 impl Policy {
     /// A rate bucket and a token budget for each agent that configures one, each starting full.
     pub fn new(config: &Config) -> Policy {
@@ -96,22 +113,14 @@ impl Policy {
             buckets: config
                 .agents
                 .iter()
-                .map(|a| {
-                    a.rate.as_ref().map(|r| {
-                        Mutex::new(Bucket {
-                            tokens: r.count as f64,
-                            last: now,
-                            capacity: r.count as f64,
-                            per_sec: r.count as f64 / r.per.as_secs_f64(),
-                        })
-                    })
-                })
+                .map(|a| a.rate.as_ref().map(|r| Mutex::new(Bucket::full(r, now))))
                 .collect(),
             budgets: config
                 .agents
                 .iter()
                 .map(|a| a.budget.as_ref().map(|b| TokenBudget::new(b.limit, b.per)))
                 .collect(),
+            people: config.agents.iter().map(person::PerPerson::of).collect(),
         }
     }
 
@@ -121,6 +130,7 @@ impl Policy {
         &self,
         config: &Config,
         agent: AgentId,
+        person: Option<&str>,
         method: &Method,
         routed: Routed,
     ) -> Result<Authorized, Rejection> {
@@ -140,7 +150,7 @@ impl Policy {
             || !r
                 .allow
                 .iter()
-                .any(|rule| rule.matches(method, &routed.path))
+                .any(|rule| rule.matches(method, &routed.path, routed.query.as_deref()))
         {
             return Err(Rejection::new(
                 Code::PathNotAllowed,
@@ -172,6 +182,9 @@ impl Policy {
                 .with_retry_after(wait.secs()));
             }
         }
+        if let Some(Some(people)) = self.people.get(agent.0) {
+            people.admit(&a.name, person.unwrap_or(NO_PERSON))?;
+        }
         // Approval (`r.approval`) is the last check, made by `approval::Approvals::gate` once the
         // request is known well enough to show a person; it waits, so it cannot be made here.
         Ok(Authorized {
@@ -182,9 +195,11 @@ impl Policy {
         })
     }
 
-    /// Whether the agent has a token budget, so its requests are reserved for and metered.
-    pub fn budgeted(&self, agent: AgentId) -> bool {
+    /// Whether the agent (or its people) has a token budget, so its requests are reserved for
+    /// and metered.
+    pub fn budgeted(&self, agent: AgentId, _person: Option<&str>) -> bool {
         matches!(self.budgets.get(agent.0), Some(Some(_)))
+            || matches!(self.people.get(agent.0), Some(Some(p)) if p.has_budget())
     }
 
     /// Output tokens to book for a request whose body names no maximum: the route's
@@ -203,30 +218,66 @@ impl Policy {
         &self,
         config: &Config,
         agent: AgentId,
+        person: Option<&str>,
         tokens: u64,
     ) -> Result<Option<Reservation>, Rejection> {
-        let Some(Some(b)) = self.budgets.get(agent.0) else {
-            return Ok(None);
-        };
         let name = &config.agents[agent].name;
+        // The person's share first: if the agent's whole budget then refuses, the person's
+        // booking is released uncharged.
+        let personal = match self.people.get(agent.0) {
+            Some(Some(people)) => {
+                let who = person.unwrap_or(NO_PERSON);
+                match people.budget_of(name, who)? {
+                    Some(b) => Some(b.try_reserve(tokens).map_err(|wait| {
+                        Rejection::new(
+                            Code::BudgetExhausted,
+                            format!(
+                                "this request may use up to {tokens} tokens, more than is left of {who}'s budget of {} for this period (agent {name})",
+                                b.limit()
+                            ),
+                        )
+                        .with_retry_after(wait.secs())
+                    })?),
+                    None => None,
+                }
+            }
+            _ => None,
+        };
+        let Some(Some(b)) = self.budgets.get(agent.0) else {
+            return Ok(personal);
+        };
+        let release = |personal: Option<Reservation>| {
+            if let Some(p) = personal {
+                p.settle(0);
+            }
+        };
         match b.try_reserve(tokens) {
-            Ok(r) => Ok(Some(r)),
-            Err(wait) if tokens > b.limit() => Err(Rejection::new(
+            Ok(r) => Ok(Some(match personal {
+                Some(p) => r.and(p),
+                None => r,
+            })),
+            Err(wait) if tokens > b.limit() => Err({
+                release(personal);
+                Rejection::new(
                 Code::BudgetExhausted,
                 format!(
                     "this request may use up to {tokens} tokens, more than agent {name}'s whole budget of {} per period; lower max_tokens",
                     b.limit()
                 ),
             )
-            .with_retry_after(wait.secs())),
-            Err(wait) => Err(Rejection::new(
+            .with_retry_after(wait.secs())
+            }),
+            Err(wait) => Err({
+                release(personal);
+                Rejection::new(
                 Code::BudgetExhausted,
                 format!(
                     "this request may use up to {tokens} tokens, more than is left of agent {name}'s budget of {} for this period (requests in flight count until they finish)",
                     b.limit()
                 ),
             )
-            .with_retry_after(wait.secs())),
+            .with_retry_after(wait.secs())
+            }),
         }
     }
 }
@@ -270,6 +321,16 @@ impl Policy {
     /// counter (requests still in flight on the old policy settle into it); one whose limit or
     /// period changed starts from what it had spent in the current window.
     pub fn carry_budgets(&mut self, config: &Config, old: &Policy, old_config: &Config) {
+        for (slot, a) in self.people.iter_mut().zip(&config.agents) {
+            let Some(i) = old_config.agents.iter().position(|o| o.name == a.name) else {
+                continue;
+            };
+            if let Some(Some(prev)) = old.people.get(i) {
+                if prev.same_limits(a) {
+                    *slot = Some(prev.clone());
+                }
+            }
+        }
         for (slot, a) in self.budgets.iter_mut().zip(&config.agents) {
             let Some(b) = &a.budget else { continue };
             let Some(i) = old_config.agents.iter().position(|o| o.name == a.name) else {
@@ -304,7 +365,10 @@ fn take(bucket: &Mutex<Bucket>) -> Result<(), Duration> {
         Ok(b) => b,
         Err(poisoned) => poisoned.into_inner(),
     };
-    let now = Instant::now();
+    take_now(&mut b, Instant::now())
+}
+
+fn take_now(b: &mut Bucket, now: Instant) -> Result<(), Duration> {
     let elapsed = now.duration_since(b.last).as_secs_f64();
     b.last = now;
     b.tokens = (b.tokens + elapsed * b.per_sec).min(b.capacity);

@@ -382,7 +382,7 @@ pub fn check_main(config_path: &Path, json: bool) -> ExitCode {
     for l in &config.listen {
         if let Listen::Tcp(a) = l {
             if !a.ip().is_loopback() {
-                eprintln!("keygate: warning: {a} is reachable from other machines");
+                eprintln!("keygate: warning: {a} is reachable from other machines in plaintext (allow_plaintext_non_loopback): tokens and answers cross the network unencrypted; prefer https:// with tls");
             }
         }
     }

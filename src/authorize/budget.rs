@@ -113,6 +113,7 @@ impl TokenBudget {
             budget: self.clone(),
             amount: n,
             settled: false,
+            also: None,
         })
     }
 
@@ -171,6 +172,9 @@ pub struct Reservation {
     budget: Arc<TokenBudget>,
     amount: u64,
     settled: bool,
+    /// A second budget the same request is booked against (the person's, beside the agent's);
+    /// settled with this one.
+    also: Option<Box<Reservation>>,
 }
 
 impl Reservation {
@@ -184,6 +188,15 @@ impl Reservation {
     pub fn settle(mut self, actual: u64) {
         self.settled = true;
         self.budget.finish(self.amount, actual);
+        if let Some(also) = self.also.take() {
+            also.settle(actual);
+        }
+    }
+
+    /// This booking and `other`, settled (or dropped) together.
+    pub fn and(mut self, other: Reservation) -> Reservation {
+        self.also = Some(Box::new(other));
+        self
     }
 }
 

@@ -18,6 +18,8 @@ use super::*;
 struct Raw {
     listen: Option<Spanned<Vec<String>>>,
     allow_non_loopback: Option<bool>,
+    allow_plaintext_non_loopback: Option<bool>,
+    tls: Option<Spanned<RawTls>>,
     mode: Option<Mode>,
     audit_log: Option<String>,
     audit_chain: Option<bool>,
@@ -37,6 +39,14 @@ struct Raw {
     routes: BTreeMap<String, RawRoute>,
     #[serde(default)]
     agents: BTreeMap<String, RawAgent>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: String,
+    key: String,
+    client_ca: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -95,6 +105,7 @@ struct RawRoute {
     max_response_time: Option<Spanned<String>>,
     budget_reserve: Option<u64>,
     allow_range: Option<bool>,
+    query: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -108,6 +119,10 @@ struct RawAgent {
     budget_reserve: Option<Spanned<u64>>,
     #[serde(default)]
     unix_uids: Vec<u32>,
+    person_header: Option<Spanned<String>>,
+    client_cert_subject: Option<Spanned<String>>,
+    rate_per_person: Option<Spanned<String>>,
+    budget_tokens_per_person: Option<Spanned<RawBudget>>,
 }
 
 #[derive(Deserialize)]
@@ -232,6 +247,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
                 allow_range: r.allow_range,
                 budget_reserve: r.budget_reserve,
                 max_response_time: lines.dur(&r.max_response_time, key("max_response_time")),
+                query: r.query.as_ref().map(|q| lines.spanned(q, key("query"))),
             }
         })
         .collect();
@@ -256,6 +272,25 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
                     At::new((v.per.clone(), v.limit), lines.at(b, key("budget_tokens")))
                 }),
                 unix_uids: a.unix_uids.clone(),
+                person_header: a
+                    .person_header
+                    .as_ref()
+                    .map(|h| lines.spanned(h, key("person_header"))),
+                client_cert_subject: a
+                    .client_cert_subject
+                    .as_ref()
+                    .map(|h| lines.spanned(h, key("client_cert_subject"))),
+                rate_per_person: a
+                    .rate_per_person
+                    .as_ref()
+                    .map(|r| lines.spanned(r, key("rate_per_person"))),
+                budget_per_person: a.budget_tokens_per_person.as_ref().map(|b| {
+                    let v = b.get_ref();
+                    At::new(
+                        (v.per.clone(), v.limit),
+                        lines.at(b, key("budget_tokens_per_person")),
+                    )
+                }),
             }
         })
         .collect();
@@ -264,6 +299,18 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
         format: Format::Native,
         listen,
         allow_non_loopback: raw.allow_non_loopback.unwrap_or(false),
+        allow_plaintext_non_loopback: raw.allow_plaintext_non_loopback.unwrap_or(false),
+        tls: raw.tls.as_ref().map(|t| {
+            let v = t.get_ref();
+            At::new(
+                super::spec::TlsSpec {
+                    cert: v.cert.clone(),
+                    key: v.key.clone(),
+                    client_ca: v.client_ca.clone(),
+                },
+                lines.at(t, "tls"),
+            )
+        }),
         mode: raw.mode,
         audit_log: raw.audit_log.as_deref().map(expand_home),
         audit_chain: raw.audit_chain,
