@@ -43,7 +43,7 @@ pub struct Tokens {
     /// Unix-socket peers known by uid (`[agents.A] unix_uids`).
     by_uid: HashMap<u32, usize>,
     /// Verified client certificates known by subject (`[agents.A] client_cert_subject`).
-    by_subject: HashMap<String, usize>,
+    by_subject: Vec<(String, usize)>,
     /// Each agent's `person_header`, read only once that agent has authenticated.
     person_headers: Vec<Option<HeaderName>>,
     /// The refusal for a request with no token: the backend companion's config answers as
@@ -95,10 +95,10 @@ impl Tokens {
         let mut by_hash = HashMap::new();
         let mut open_agent = None;
         let mut by_uid = HashMap::new();
-        let mut by_subject = HashMap::new();
+        let mut by_subject = Vec::new();
         for (i, agent) in config.agents.iter().enumerate() {
             if let Some(subject) = &agent.client_cert_subject {
-                by_subject.insert(subject.clone(), i);
+                by_subject.push((subject.clone(), i));
             }
             for uid in &agent.unix_uids {
                 by_uid.insert(*uid, i);
@@ -248,9 +248,17 @@ impl Tokens {
                     .extensions
                     .get::<crate::listen::ConnInfo>()
                     .and_then(|c| c.client_subject.as_deref());
-                match subject.and_then(|s| self.by_subject.get(s)) {
-                    Some(&agent) => Ok(found(agent)),
-                    None => Err(e),
+                let Some(subject) = subject else {
+                    return Err(e);
+                };
+                let mut matching = self
+                    .by_subject
+                    .iter()
+                    .filter(|(want, _)| crate::listen::tls::subject_matches(want, subject));
+                // A certificate that two agents' subjects both describe names neither.
+                match (matching.next(), matching.next()) {
+                    (Some(&(_, agent)), None) => Ok(found(agent)),
+                    _ => Err(e),
                 }
             }
         }
@@ -393,7 +401,7 @@ mod tests {
             agent_names: vec!["a".into()],
             open_agent: None,
             by_uid: HashMap::from([(4242, 0)]),
-            by_subject: HashMap::from([("CN=ci".to_string(), 0)]),
+            by_subject: vec![("CN=ci".to_string(), 0)],
             person_headers: vec![None],
             missing: Code::MissingToken,
         }

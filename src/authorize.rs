@@ -130,6 +130,18 @@ impl Policy {
         &self,
         config: &Config,
         agent: AgentId,
+        method: &Method,
+        routed: Routed,
+    ) -> Result<Authorized, Rejection> {
+        self.authorize_for(config, agent, None, method, routed)
+    }
+
+    /// [`Policy::authorize`] for a request a front end made for `person`, who is also held to
+    /// the agent's per-person limits.
+    pub fn authorize_for(
+        &self,
+        config: &Config,
+        agent: AgentId,
         person: Option<&str>,
         method: &Method,
         routed: Routed,
@@ -197,7 +209,7 @@ impl Policy {
 
     /// Whether the agent (or its people) has a token budget, so its requests are reserved for
     /// and metered.
-    pub fn budgeted(&self, agent: AgentId, _person: Option<&str>) -> bool {
+    pub fn budgeted(&self, agent: AgentId) -> bool {
         matches!(self.budgets.get(agent.0), Some(Some(_)))
             || matches!(self.people.get(agent.0), Some(Some(p)) if p.has_budget())
     }
@@ -215,6 +227,17 @@ impl Policy {
     /// with 429 `budget_exhausted` and the time until the period resets. `None` for an agent
     /// without a budget.
     pub fn reserve(
+        &self,
+        config: &Config,
+        agent: AgentId,
+        tokens: u64,
+    ) -> Result<Option<Reservation>, Rejection> {
+        self.reserve_for(config, agent, None, tokens)
+    }
+
+    /// [`Policy::reserve`], booking against `person`'s budget too where the agent has
+    /// per-person budgets.
+    pub fn reserve_for(
         &self,
         config: &Config,
         agent: AgentId,

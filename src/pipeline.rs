@@ -198,9 +198,9 @@ async fn process(
     let authorized =
         state
             .policy
-            .authorize(config, agent, person.as_deref(), &head.method, routed)?;
+            .authorize_for(config, agent, person.as_deref(), &head.method, routed)?;
     // A budgeted request books what it may cost, which its body says.
-    let budgeted = state.policy.budgeted(agent, person.as_deref()) && !body.is_end_stream();
+    let budgeted = state.policy.budgeted(agent) && !body.is_end_stream();
 
     // scan (and read the body where policy needs all of it)
     let declared = approval::declared_length(&head);
@@ -243,7 +243,7 @@ async fn process(
     }
     let reservation = state
         .policy
-        .reserve(config, agent, person.as_deref(), plan.reserve)?;
+        .reserve_for(config, agent, person.as_deref(), plan.reserve)?;
 
     // forward
     let route_id = authorized.route();

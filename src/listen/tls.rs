@@ -85,9 +85,26 @@ pub fn normalize_subject(s: &str) -> String {
         .join(", ")
 }
 
+/// Whether a certificate's subject has every attribute `wanted` names (`CN=ci-runner` matches
+/// `O=Example, CN=ci-runner`): the CA is trusted to issue names, config picks out the ones that
+/// make an agent.
+pub fn subject_matches(wanted: &str, subject: &str) -> bool {
+    let have: Vec<&str> = subject.split(", ").collect();
+    wanted.split(", ").all(|w| have.contains(&w))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn configured_attributes_must_all_be_in_the_subject() {
+        let cert = "O=trustme, OU=Testing, CN=ci-runner";
+        assert!(subject_matches("CN=ci-runner", cert));
+        assert!(subject_matches("O=trustme, CN=ci-runner", cert));
+        assert!(!subject_matches("CN=ci", cert));
+        assert!(!subject_matches("O=other, CN=ci-runner", cert));
+    }
 
     #[test]
     fn subjects_compare_in_one_spelling() {
