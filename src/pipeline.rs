@@ -179,8 +179,14 @@ async fn process(
     let agent = who.agent;
     authenticate::strip_caller_credentials(&mut head.headers);
     pending.record().agent(&config.agents[agent]);
-    if who.person.is_some() {
-        pending.record().person = who.person.clone();
+    if let Some(p) = &who.person {
+        // The front end's header is agent-written text: the record gets it through the scan.
+        let named = state
+            .credentials
+            .scanner()
+            .redact(p.as_bytes())
+            .into_owned();
+        pending.record().person = Some(String::from_utf8_lossy(&named).into_owned());
     }
     // Per-person limits key on the person the audit names.
     let person = pending.record().person.clone();

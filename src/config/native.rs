@@ -477,6 +477,38 @@ mod tests {
     }
 
     #[test]
+    fn a_route_query_key_constrains_rules_that_name_no_query() {
+        let c = load(&format!(
+            "{ROUTE}query = [\"beta\"]\nallow = [\"POST /v1/messages\", \"GET /v1/models?limit\"]\n"
+        ))
+        .unwrap();
+        let post = http::Method::POST;
+        let get = http::Method::GET;
+        let rules = &c.routes[0].allow;
+        assert!(rules[0].matches(&post, "/v1/messages", Some("beta=true")));
+        assert!(!rules[0].matches(&post, "/v1/messages", Some("x=1")));
+        assert!(rules[1].matches(&get, "/v1/models", Some("limit=2")));
+        assert!(!rules[1].matches(&get, "/v1/models", Some("beta=1")));
+    }
+
+    #[test]
+    fn tls_and_https_listeners_go_together() {
+        let https = "listen = [\"https://0.0.0.0:8443\"]\n";
+        let e = load(https).unwrap_err();
+        assert_eq!(e.key, "listen", "{e}");
+        let tls = "tls = { cert = \"c.pem\", key = \"k.pem\" }\n";
+        let e = load(tls).unwrap_err();
+        assert_eq!(e.key, "tls", "{e}");
+        let c = load(&format!("{https}{tls}")).unwrap();
+        assert_eq!(c.listen, vec![Listen::Tls("0.0.0.0:8443".parse().unwrap())]);
+        let e = load(&format!(
+            "{https}{tls}[agents.ci]\nclient_cert_subject = \"CN=ci\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "agents.ci.client_cert_subject", "{e}");
+    }
+
+    #[test]
     fn budget_reserve_is_read_for_routes_and_budgeted_agents_only() {
         let c = load(&format!(
             "{ROUTE}budget_reserve = 16\n[agents.x]\nbudget_tokens = {{ per = \"day\", limit = 5000 }}\nbudget_reserve = 512\n"

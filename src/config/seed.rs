@@ -459,6 +459,32 @@ mod tests {
         assert_eq!(c.seed.unwrap().secret_source, "command:op read");
     }
 
+    const COMPANION: &str = include_str!("../../tests/fixtures/backend/server_config.dry-run.json");
+
+    #[test]
+    fn companion_config_is_told_apart_by_its_keys_and_has_one_front_end() {
+        let c = load(COMPANION).unwrap();
+        let a = &c.agents[0];
+        assert_eq!(a.token_env.as_deref(), Some("BACKEND_TOKEN"));
+        assert_eq!(
+            a.person_header.as_ref().map(|h| h.as_str()),
+            Some("x-user-id")
+        );
+        assert!(!a.open);
+        let seed = c.seed.unwrap();
+        assert_eq!(seed.backend, Some(Some("OPENAI_API_KEY".into())));
+        assert_eq!(seed.secret_source, "env:OPENAI_API_KEY");
+    }
+
+    #[test]
+    fn companion_config_names_a_wrong_key_and_needs_its_token() {
+        let e = load(&COMPANION.replace("\"secret_env\"", "\"secret_envv\"")).unwrap_err();
+        assert_eq!(e.key, "secret_envv", "{e}");
+        let e =
+            load(&COMPANION.replace("\"backend_token_env\": \"BACKEND_TOKEN\",", "")).unwrap_err();
+        assert_eq!(e.key, "backend_token_env", "{e}");
+    }
+
     #[test]
     fn public_bind_is_refused() {
         let e = load(&DRY_RUN.replace("\"127.0.0.1\"", "\"0.0.0.0\"")).unwrap_err();

@@ -141,6 +141,8 @@ def test_method_override_query_parameter_is_refused(query_rules, fake_upstream, 
 
 # === a trusted front end names the person; per-person limits ===
 
+PROVIDER_KEY = fake_secret("sk-proj-person")
+
 FRONT = """[agents.front]
 token_env = "AGENT_TOKEN"
 person_header = "X-User-Id"
@@ -155,7 +157,7 @@ def front_end(keygate, fake_upstream, limits: str):
     token, solo = new_token(), new_token()
     kg = keygate(
         native(fake_upstream.url, allow='"POST /v1/chat/completions"', agents=FRONT.format(limits=limits)),
-        env={"AGENT_TOKEN": token, "SOLO_TOKEN": solo, "OPENAI_API_KEY": fake_secret("sk-proj-p")},
+        env={"AGENT_TOKEN": token, "SOLO_TOKEN": solo, "OPENAI_API_KEY": PROVIDER_KEY},
     )
 
     def chat(person: str | None, tok: str = token) -> httpx.Response:
@@ -208,6 +210,15 @@ def test_person_header_is_required_from_a_front_end_and_ignored_from_other_agent
     assert records[other.headers["x-request-id"]]["person"] != "carol"
     # The front end's person header is not passed upstream.
     assert fake_upstream.requests[0].header("x-user-id") is None
+
+
+def test_a_held_secret_sent_as_the_person_is_kept_out_of_the_audit_log(keygate, fake_upstream):
+    kg, chat, _ = front_end(keygate, fake_upstream, "")
+    r = chat(PROVIDER_KEY)
+    record = kg.audit_record(r.headers["x-request-id"])
+    assert record["person"].startswith("[REDACTED"), record["person"]
+    assert PROVIDER_KEY not in kg.audit_path.read_text()
+    assert all(req.header("x-user-id") is None for req in fake_upstream.requests)
 
 
 # === the TLS listener ===
