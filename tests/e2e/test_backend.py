@@ -17,7 +17,7 @@ import openai
 import pytest
 import trustme
 
-from conftest import DEADLINE, REPO, error_code, fake_secret, new_token, poll, run_keygate
+from conftest import DEADLINE, REPO, error_code, fake_secret, lab_config, new_token, poll, run_keygate
 from fake_upstream import CHAT_TEXT
 
 COMPANION = REPO / "tests" / "fixtures" / "backend" / "server_config.dry-run.json"
@@ -79,6 +79,21 @@ def test_companion_config_refuses_a_query_string_as_the_lab_does(companion):
     for r in refused:
         assert (r.status_code, error_code(r)) == (403, "path_not_allowed"), r.request.url
     assert plain.status_code == 200
+
+
+def test_lab_broker_config_refuses_a_query_string_and_forwards_the_bare_path(keygate, fake_upstream):
+    token = new_token()
+    kg = keygate(
+        lab_config("env.example", fake_upstream.url),
+        env={"BROKER_CLIENT_TOKEN": token, "OPENAI_API_KEY": fake_secret("sk-proj-lab")},
+    )
+    headers = {"X-Broker-Token": token}
+    with kg.client() as c:
+        with_query = c.post("/v1/chat/completions?x=1", json=CHAT, headers=headers)
+        bare = c.post("/v1/chat/completions", json=CHAT, headers=headers)
+    assert (with_query.status_code, error_code(with_query)) == (403, "path_not_allowed")
+    assert bare.status_code == 200, bare.text
+    assert [r.target for r in fake_upstream.requests] == ["/v1/chat/completions"]
 
 
 def test_companion_answers_another_get_with_401_before_a_token_not_the_lab_404(companion):
@@ -336,3 +351,8 @@ def test_plaintext_non_loopback_listener_is_refused_unless_allowed_and_then_chec
     https = run_keygate(keygate_bin, ["check", "--config", str(path)], tmp_path)
     assert https.returncode == 0, https.stderr
     assert "warning" not in https.stderr
+    # ... and check reads its certificate files as serve would.
+    key.write_text("not a key\n")
+    broken = run_keygate(keygate_bin, ["check", "--config", str(path)], tmp_path)
+    assert broken.returncode == 2
+    assert ": tls: " in broken.stderr and "not a key" not in broken.stderr
