@@ -191,6 +191,14 @@ async fn process(
     // Per-person limits key on the person the audit names.
     let person = pending.record().person.clone();
     pending.record().token_id = who.token_id.clone();
+    if let Some(run) = who
+        .token_id
+        .as_deref()
+        .and_then(|t| state.control.runs.get(t))
+    {
+        pending.record().person = Some(run.person);
+        pending.record().run_id = Some(run.run_id);
+    }
     state
         .control
         .check_frozen(Some(&config.agents[agent].name))?;

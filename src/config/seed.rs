@@ -181,6 +181,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
         budget_reserve: None,
         max_response_time: None,
         query: None,
+        env: Vec::new(),
     };
     let agent = AgentSpec {
         name: if raw.client_token_env.is_some() {
@@ -240,6 +241,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
             client_auth: raw.client_token_env.is_some(),
             backend: None,
         }),
+        run: Default::default(),
     })
 }
 
@@ -310,6 +312,7 @@ fn parse_backend(file: &Path, text: &str) -> Result<Spec, ConfigError> {
         budget_reserve: None,
         max_response_time: None,
         query: None,
+        env: Vec::new(),
     };
     let agent = AgentSpec {
         name: "backend".into(),
@@ -369,6 +372,7 @@ fn parse_backend(file: &Path, text: &str) -> Result<Spec, ConfigError> {
                 secret_env: raw.secret_env,
             }),
         }),
+        run: Default::default(),
     })
 }
 

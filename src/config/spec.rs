@@ -115,6 +115,15 @@ pub(crate) struct Spec {
     pub routes: Vec<RouteSpec>,
     pub agents: Vec<AgentSpec>,
     pub seed: Option<SeedSpec>,
+    /// `[run]`: what `keygate run` drops and allows.
+    pub run: RunSpec,
+}
+
+/// `[run]`: `drop_env = [names]`, `allow_ports = [ports]`.
+#[derive(Debug, Default)]
+pub(crate) struct RunSpec {
+    pub drop_env: Vec<String>,
+    pub allow_ports: Vec<u16>,
 }
 
 /// One `[secrets.NAME]` table, or the lab's `secret_source`.
@@ -182,6 +191,8 @@ pub(crate) struct RouteSpec {
     /// `query = ["beta"]`: the query parameters this route's rules allow, unless a rule names
     /// its own (`POST /v1/messages?beta`).
     pub query: Option<At<Vec<String>>>,
+    /// `[routes.R.env]`: `(name, template)` as written, for `keygate run`.
+    pub env: Vec<At<(String, String)>>,
 }
 
 /// One `[agents.NAME]` table, or the lab's single agent.
