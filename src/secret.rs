@@ -8,9 +8,11 @@
 //! redaction engine is built from the held values.
 
 pub mod http;
+pub mod openbao;
 mod source;
 
-pub use source::{BaoToken, FetchError, SecretSource, SecretSpec};
+pub use openbao::BaoToken;
+pub use source::{FetchError, SecretSource, SecretSpec};
 
 use std::fmt;
 
