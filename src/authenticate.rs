@@ -49,6 +49,8 @@ pub struct Tokens {
     /// The refusal for a request with no token: the backend companion's config answers as
     /// the companion did (`backend_token_required`).
     missing: Code,
+    /// Issued tokens live in a shared store, handed over by [`Tokens::use_store`].
+    shared: bool,
 }
 
 /// Longest person name a front end may send; longer is refused, not cut.
@@ -141,18 +143,31 @@ impl Tokens {
                 Some(_) => Code::BackendTokenRequired,
                 None => Code::MissingToken,
             },
+            shared: matches!(config.state, crate::config::StateBackend::Redis(_)),
         };
         tokens.refresh();
         Ok(tokens)
     }
 
+    /// Reads issued tokens from `store` (a shared store, opened once by `serve`) from now on.
+    pub fn use_store(&self, store: SharedStore) {
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            *seen = (Some(store), None);
+        }
+        self.refresh();
+    }
+
     /// Re-reads issued tokens if they changed (the store's token revision; one small query when
     /// they did not). A store that cannot be read keeps the previous set and is reported.
     pub fn refresh(&self) {
-        let Some(dir) = &self.state_dir else { return };
         let store = {
             let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
             if seen.0.is_none() {
+                // A shared store is handed over by `use_store`; the embedded one is opened here.
+                let Some(dir) = self.state_dir.as_ref().filter(|_| !self.shared) else {
+                    return;
+                };
                 match store::open(dir) {
                     Ok(s) => seen.0 = Some(s),
                     Err(e) => {
@@ -194,7 +209,7 @@ impl Tokens {
 
     /// Whether issued tokens can change while running (a state_dir is configured).
     pub fn has_store(&self) -> bool {
-        self.state_dir.is_some()
+        self.state_dir.is_some() || self.shared
     }
 
     /// The agent whose token the request carries, or a 401.
@@ -404,6 +419,7 @@ mod tests {
             by_subject: vec![("CN=ci".to_string(), 0)],
             person_headers: vec![None],
             missing: Code::MissingToken,
+            shared: false,
         }
     }
 

@@ -15,6 +15,7 @@ pub mod approval;
 mod budget;
 mod person;
 pub mod rule;
+mod shared;
 pub mod usage;
 
 pub use rule::{Rate, Rule};
@@ -80,7 +81,10 @@ pub use budget::{Reservation, RetryAfter, TokenBudget};
 pub struct Policy {
     buckets: Vec<Option<Mutex<Bucket>>>,
     budgets: Vec<Option<Arc<TokenBudget>>>,
-    /// Per-person limits of agents that act for many people (`rate_per_person`, ...).
+    /// With a shared store, rates and budgets are decided in it instead ([`shared`]).
+    shared: Option<shared::Shared>,
+    /// Per-person limits of agents that act for many people (`rate_per_person`, ...); kept in
+    /// memory, also with a shared store.
     people: Vec<Option<Arc<person::PerPerson>>>,
 }
 
@@ -113,14 +117,53 @@ impl Policy {
             buckets: config
                 .agents
                 .iter()
-                .map(|a| a.rate.as_ref().map(|r| Mutex::new(Bucket::full(r, now))))
+                .map(|a| {
+                    a.rate.as_ref().map(|r| {
+                        Mutex::new(Bucket {
+                            tokens: r.count as f64,
+                            last: now,
+                            capacity: r.count as f64,
+                            per_sec: r.count as f64 / r.per.as_secs_f64(),
+                        })
+                    })
+                })
                 .collect(),
             budgets: config
                 .agents
                 .iter()
                 .map(|a| a.budget.as_ref().map(|b| TokenBudget::new(b.limit, b.per)))
                 .collect(),
+            shared: None,
             people: config.agents.iter().map(person::PerPerson::of).collect(),
+        }
+    }
+
+    /// Decides rates and budgets in `store` when several keygates share it; the in-memory
+    /// counters are then not used.
+    pub fn shared(
+        mut self,
+        store: Option<&Arc<dyn crate::state::StateStore>>,
+        config: &Config,
+    ) -> Policy {
+        if let Some(s) = store.filter(|s| s.shared()) {
+            self.buckets.iter_mut().for_each(|b| *b = None);
+            self.budgets.iter_mut().for_each(|b| *b = None);
+            self.shared = Some(shared::Shared::new(s.clone(), config));
+        }
+        self
+    }
+
+    /// The rate check made in a shared store (nothing without one): refuses with 429
+    /// `rate_limited`, or 503 `state_unavailable` when the store cannot be reached, unless
+    /// rate limits fail open; then says so for the audit record (`rate_fail_open`).
+    pub async fn shared_rate(
+        &self,
+        config: &Config,
+        agent: AgentId,
+    ) -> Result<Option<&'static str>, Rejection> {
+        match &self.shared {
+            Some(s) => s.rate(config, agent).await,
+            None => Ok(None),
         }
     }
 
@@ -211,6 +254,7 @@ impl Policy {
     /// and metered.
     pub fn budgeted(&self, agent: AgentId) -> bool {
         matches!(self.budgets.get(agent.0), Some(Some(_)))
+            || self.shared.as_ref().is_some_and(|s| s.budgeted(agent))
             || matches!(self.people.get(agent.0), Some(Some(p)) if p.has_budget())
     }
 
@@ -226,83 +270,102 @@ impl Policy {
     /// Books `tokens` against the agent's budget (check and charge in one step), or refuses
     /// with 429 `budget_exhausted` and the time until the period resets. `None` for an agent
     /// without a budget.
-    pub fn reserve(
+    pub async fn reserve(
         &self,
         config: &Config,
         agent: AgentId,
         tokens: u64,
     ) -> Result<Option<Reservation>, Rejection> {
-        self.reserve_for(config, agent, None, tokens)
+        self.reserve_for(config, agent, None, tokens).await
     }
 
     /// [`Policy::reserve`], booking against `person`'s budget too where the agent has
-    /// per-person budgets.
-    pub fn reserve_for(
+    /// per-person budgets. The person's share is booked first: if the agent's budget then
+    /// refuses, the person's booking is released uncharged.
+    pub async fn reserve_for(
         &self,
         config: &Config,
         agent: AgentId,
         person: Option<&str>,
         tokens: u64,
     ) -> Result<Option<Reservation>, Rejection> {
-        let name = &config.agents[agent].name;
-        // The person's share first: if the agent's whole budget then refuses, the person's
-        // booking is released uncharged.
-        let personal = match self.people.get(agent.0) {
-            Some(Some(people)) => {
-                let who = person.unwrap_or(NO_PERSON);
-                match people.budget_of(name, who)? {
-                    Some(b) => Some(b.try_reserve(tokens).map_err(|wait| {
-                        Rejection::new(
-                            Code::BudgetExhausted,
-                            format!(
-                                "this request may use up to {tokens} tokens, more than is left of {who}'s budget of {} for this period (agent {name})",
-                                b.limit()
-                            ),
-                        )
-                        .with_retry_after(wait.secs())
-                    })?),
-                    None => None,
+        let personal = self.reserve_person(config, agent, person, tokens)?;
+        let agents = self.reserve_agent(config, agent, tokens).await;
+        match (agents, personal) {
+            (Ok(Some(r)), Some(p)) => Ok(Some(r.and(p))),
+            (Ok(None), p) => Ok(p),
+            (Ok(r), None) => Ok(r),
+            (Err(e), p) => {
+                if let Some(p) = p {
+                    p.settle(0);
                 }
+                Err(e)
             }
-            _ => None,
-        };
-        let Some(Some(b)) = self.budgets.get(agent.0) else {
-            return Ok(personal);
-        };
-        let release = |personal: Option<Reservation>| {
-            if let Some(p) = personal {
-                p.settle(0);
-            }
-        };
-        match b.try_reserve(tokens) {
-            Ok(r) => Ok(Some(match personal {
-                Some(p) => r.and(p),
-                None => r,
-            })),
-            Err(wait) if tokens > b.limit() => Err({
-                release(personal);
-                Rejection::new(
-                Code::BudgetExhausted,
-                format!(
-                    "this request may use up to {tokens} tokens, more than agent {name}'s whole budget of {} per period; lower max_tokens",
-                    b.limit()
-                ),
-            )
-            .with_retry_after(wait.secs())
-            }),
-            Err(wait) => Err({
-                release(personal);
-                Rejection::new(
-                Code::BudgetExhausted,
-                format!(
-                    "this request may use up to {tokens} tokens, more than is left of agent {name}'s budget of {} for this period (requests in flight count until they finish)",
-                    b.limit()
-                ),
-            )
-            .with_retry_after(wait.secs())
-            }),
         }
     }
+
+    fn reserve_person(
+        &self,
+        config: &Config,
+        agent: AgentId,
+        person: Option<&str>,
+        tokens: u64,
+    ) -> Result<Option<Reservation>, Rejection> {
+        let Some(Some(people)) = self.people.get(agent.0) else {
+            return Ok(None);
+        };
+        let name = &config.agents[agent].name;
+        let who = person.unwrap_or(NO_PERSON);
+        let Some(b) = people.budget_of(name, who)? else {
+            return Ok(None);
+        };
+        b.try_reserve(tokens).map(Some).map_err(|wait| {
+            Rejection::new(
+                Code::BudgetExhausted,
+                format!(
+                    "this request may use up to {tokens} tokens, more than is left of {who}'s budget of {} for this period (agent {name})",
+                    b.limit()
+                ),
+            )
+            .with_retry_after(wait.secs())
+        })
+    }
+
+    async fn reserve_agent(
+        &self,
+        config: &Config,
+        agent: AgentId,
+        tokens: u64,
+    ) -> Result<Option<Reservation>, Rejection> {
+        if let Some(s) = &self.shared {
+            return s.reserve(config, agent, tokens).await;
+        }
+        let Some(Some(b)) = self.budgets.get(agent.0) else {
+            return Ok(None);
+        };
+        match b.try_reserve(tokens) {
+            Ok(r) => Ok(Some(r)),
+            Err(wait) => Err(over_budget(config, agent, tokens, b.limit(), wait)),
+        }
+    }
+}
+
+/// The 429 `budget_exhausted` refusal: the request alone is larger than the budget, or it does
+/// not fit in what is left of the period.
+fn over_budget(
+    config: &Config,
+    agent: AgentId,
+    tokens: u64,
+    limit: u64,
+    wait: RetryAfter,
+) -> Rejection {
+    let name = &config.agents[agent].name;
+    let message = if tokens > limit {
+        format!("this request may use up to {tokens} tokens, more than agent {name}'s whole budget of {limit} per period; lower max_tokens")
+    } else {
+        format!("this request may use up to {tokens} tokens, more than is left of agent {name}'s budget of {limit} for this period (requests in flight count until they finish)")
+    };
+    Rejection::new(Code::BudgetExhausted, message).with_retry_after(wait.secs())
 }
 
 impl Policy {
@@ -375,6 +438,9 @@ impl Policy {
 
     /// (spent, limit) of each budgeted agent, for status and metrics.
     pub fn budget_usage(&self) -> Vec<Option<(u64, u64)>> {
+        if let Some(s) = &self.shared {
+            return s.usage();
+        }
         self.budgets
             .iter()
             .map(|b| b.as_ref().map(|b| (b.snapshot().1, b.limit())))

@@ -86,6 +86,7 @@ pub async fn handle(
         &scanner,
     );
     record.person = state.default_person.clone();
+    record.instance = state.control.instance.clone();
     let mut pending = state.audit.begin(record);
 
     // An HTTP/1 request refused before its body was read leaves that body on the connection;
@@ -174,6 +175,7 @@ async fn process(
         return Ok(Answer::Local(resp, Decision::Allow, Reason::Healthz));
     }
 
+    state.control.check_state()?;
     state.control.check_frozen(None)?;
 
     // authenticate
@@ -215,6 +217,8 @@ async fn process(
         state
             .policy
             .authorize_for(config, agent, person.as_deref(), &head.method, routed)?;
+    // A shared store decides the rate on the server, for every keygate at once.
+    pending.record().state = state.policy.shared_rate(config, agent).await?;
     // A budgeted request books what it may cost, which its body says.
     let budgeted = state.policy.budgeted(agent) && !body.is_end_stream();
 
@@ -262,7 +266,8 @@ async fn process(
     }
     let reservation = state
         .policy
-        .reserve_for(config, agent, person.as_deref(), plan.reserve)?;
+        .reserve_for(config, agent, person.as_deref(), plan.reserve)
+        .await?;
 
     // forward
     let route_id = authorized.route();

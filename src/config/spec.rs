@@ -100,6 +100,10 @@ pub(crate) struct Spec {
     pub audit_fail_closed: Option<bool>,
     pub state_dir: Option<PathBuf>,
     pub admin_socket: Option<PathBuf>,
+    /// `state = { backend = … }`; `None` is the embedded store.
+    pub state: Option<StateSpec>,
+    /// `instance = "name"`.
+    pub instance: Option<At<String>>,
     /// `approval_notify = [argv…]`.
     pub approval_notify: Option<At<Vec<String>>>,
     pub max_request_bytes: Option<u64>,
@@ -267,4 +271,18 @@ pub(crate) struct SeedSpec {
 pub(crate) struct BackendSpec {
     /// `secret_env`: the variable holding the provider key, named in dry-run answers.
     pub secret_env: Option<String>,
+}
+
+/// `state = { backend, url, tls, username, password_from, rate_limits, max_stale }` as written.
+#[derive(Debug)]
+pub(crate) struct StateSpec {
+    /// The inline table, for errors about a key it lacks.
+    pub table: Pos,
+    pub backend: At<String>,
+    pub url: Option<At<String>>,
+    pub tls: Option<bool>,
+    pub username: Option<String>,
+    pub password_from: Option<At<String>>,
+    pub rate_limits: Option<At<String>>,
+    pub max_stale: Option<At<Dur>>,
 }
