@@ -71,6 +71,8 @@ struct RawSecret {
     secret_id: Option<String>,
     region: Option<String>,
     endpoint: Option<String>,
+    /// aws-secrets-manager, aws-credentials: the shared-file profile of keygate's AWS keys.
+    profile: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -95,6 +97,9 @@ struct RawRoute {
     max_response_time: Option<Spanned<String>>,
     budget_reserve: Option<u64>,
     allow_range: Option<bool>,
+    /// `inject = "aws-sigv4"`: the region and signing name of the service.
+    region: Option<String>,
+    service: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -184,6 +189,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
                 secret_id: s.secret_id.clone(),
                 region: s.region.clone(),
                 endpoint: s.endpoint.clone(),
+                profile: s.profile.clone(),
             }
         })
         .collect();
@@ -232,6 +238,8 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
                 allow_range: r.allow_range,
                 budget_reserve: r.budget_reserve,
                 max_response_time: lines.dur(&r.max_response_time, key("max_response_time")),
+                region: r.region.clone(),
+                service: r.service.clone(),
             }
         })
         .collect();

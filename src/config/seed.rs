@@ -146,6 +146,8 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
         allow_range: None,
         budget_reserve: None,
         max_response_time: None,
+        region: None,
+        service: None,
     };
     let agent = AgentSpec {
         name: if raw.client_token_env.is_some() {

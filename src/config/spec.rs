@@ -138,6 +138,7 @@ pub(crate) struct SecretSpecRaw {
     pub secret_id: Option<String>,
     pub region: Option<String>,
     pub endpoint: Option<String>,
+    pub profile: Option<String>,
 }
 
 impl Default for Pos {
@@ -174,6 +175,9 @@ pub(crate) struct RouteSpec {
     pub allow_range: Option<bool>,
     pub budget_reserve: Option<u64>,
     pub max_response_time: Option<At<Dur>>,
+    /// `inject = "aws-sigv4"`: region and service the request is signed for.
+    pub region: Option<String>,
+    pub service: Option<String>,
 }
 
 /// One `[agents.NAME]` table, or the lab's single agent.

@@ -269,6 +269,10 @@ fn secret(cx: &Cx, s: &SecretSpecRaw) -> Result<SecretSpec, ConfigError> {
             region: need(&s.region, "region")?,
             endpoint: s.endpoint.clone(),
             field: s.field.clone(),
+            profile: s.profile.clone(),
+        },
+        "aws-credentials" => SecretSource::AwsCredentials {
+            profile: s.profile.clone(),
         },
         "oauth2-client-credentials" | "github-app" => {
             return cx.err(
@@ -279,7 +283,7 @@ fn secret(cx: &Cx, s: &SecretSpecRaw) -> Result<SecretSpec, ConfigError> {
         other => {
             return cx.err(
                 &s.source.pos,
-                format!("unknown source {other:?}; use env, file, command, openbao, aws-secrets-manager or none"),
+                format!("unknown source {other:?}; use env, file, command, openbao, aws-secrets-manager, aws-credentials or none"),
             )
         }
     };
@@ -339,10 +343,20 @@ fn route(
         None => None,
     };
     let inject = match &r.inject {
+        Some(i) if i.value == "aws-sigv4" => crate::config::sigv4_inject(
+            r.region.as_deref(),
+            r.service.as_deref(),
+            r.secret.is_some(),
+        )
+        .or_else(|m| cx.err(&i.pos, m))?,
         Some(i) => parse_inject(&i.value, r.inject_format.clone(), r.basic_username.clone())
             .or_else(|m| cx.err(&i.pos, m))?,
         None => Inject::Bearer,
     };
+    if !matches!(inject, Inject::AwsSigV4 { .. }) && (r.region.is_some() || r.service.is_some()) {
+        let pos = r.inject.as_ref().map_or(&r.prefix.pos, |i| &i.pos);
+        return cx.err(pos, "region and service are keys of inject = \"aws-sigv4\"");
+    }
     let mut allow = Vec::new();
     for rule in &r.allow {
         let parsed = match &rule.value {
@@ -420,6 +434,9 @@ fn sets_itself(inject: &Inject, header: &str) -> bool {
         Inject::Header { name, .. } => name.as_str() == lower,
         Inject::Bearer | Inject::Basic { .. } => lower == "authorization",
         Inject::Query { .. } => false,
+        Inject::AwsSigV4 { .. } => {
+            lower == "authorization" || crate::secret::aws::signs_header(&lower)
+        }
     };
     injected
         || RESERVED_HEADERS.contains(&lower.as_str())
@@ -529,9 +546,8 @@ fn parse_inject(
             Ok(Inject::Header { name, format })
         }
         ("query", Some(name)) if !name.is_empty() => Ok(Inject::Query { name: name.into() }),
-        ("aws-sigv4", _) => Err("aws-sigv4 injection is not supported by this build yet".into()),
         _ => Err(format!(
-            "{s:?} is not one of bearer, header:NAME, basic, query:NAME"
+            "{s:?} is not one of bearer, header:NAME, basic, query:NAME, aws-sigv4"
         )),
     }
 }

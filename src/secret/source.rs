@@ -68,8 +68,8 @@ pub enum SecretSource {
         /// The field of that secret whose value is the credential.
         field: String,
     },
-    /// A secret in AWS Secrets Manager; this build cannot fetch it yet
-    /// ([`FetchError::Unsupported`]).
+    /// A secret in AWS Secrets Manager, read with GetSecretValue signed by keygate's own AWS
+    /// credentials; its `VersionId` is the key id.
     AwsSecretsManager {
         /// The secret's name or ARN.
         secret_id: String,
@@ -80,6 +80,14 @@ pub enum SecretSource {
         /// A key of the secret's JSON string whose value is the credential; `None` uses the
         /// whole string.
         field: Option<String>,
+        /// The shared-file profile keygate's own AWS credentials come from (`profile`).
+        profile: Option<String>,
+    },
+    /// keygate's own AWS credentials from the standard chain, for `inject = "aws-sigv4"` routes
+    /// (`source = "aws-credentials"`).
+    AwsCredentials {
+        /// The shared-file profile (`profile`); `None` tries the environment first.
+        profile: Option<String>,
     },
 }
 
@@ -200,6 +208,17 @@ pub enum FetchError {
         /// The most output read, in bytes.
         limit: usize,
     },
+    /// AWS answered with an error, or keygate's own AWS credentials could not be found. The
+    /// reason carries a status and AWS's error code at most, never an answer's body.
+    #[error("secret {secret}: {origin}: {reason}")]
+    Aws {
+        /// The secret's name.
+        secret: String,
+        /// The source's label.
+        origin: String,
+        /// What failed.
+        reason: String,
+    },
     /// The source is valid config but this build cannot fetch from it.
     #[error("secret {secret}: source {kind} is not supported by this build of keygate")]
     Unsupported {
@@ -241,6 +260,10 @@ impl SecretSource {
             } => {
                 format!("aws-secrets-manager:{region}/{secret_id}")
             }
+            SecretSource::AwsCredentials { profile } => match profile {
+                Some(p) => format!("aws-credentials:profile {p}"),
+                None => "aws-credentials".into(),
+            },
         }
     }
 
@@ -283,14 +306,24 @@ impl SecretSpec {
                     kind: "openbao",
                 })
             }
-            SecretSource::AwsSecretsManager { .. } => {
-                return Err(FetchError::Unsupported {
-                    secret,
-                    kind: "aws-secrets-manager",
-                })
+            SecretSource::AwsSecretsManager { .. } | SecretSource::AwsCredentials { .. } => {
+                let value =
+                    super::aws::fetch(&self.name, &self.source)
+                        .await
+                        .map_err(|reason| FetchError::Aws {
+                            secret,
+                            origin: self.source.label(),
+                            reason,
+                        })?;
+                return self.checked(value).map(Some);
             }
         };
-        let value = Secret::new(&self.name, raw);
+        self.checked(Secret::new(&self.name, raw)).map(Some)
+    }
+
+    /// Refuses a value no credential can be (empty, too large, too short to redact).
+    fn checked(&self, value: Secret) -> Result<Secret, FetchError> {
+        let secret = self.name.clone();
         if value.is_empty() {
             return Err(FetchError::Empty {
                 secret,
@@ -315,7 +348,7 @@ impl SecretSpec {
                 min: crate::redact::MIN_KNOWN_LEN,
             });
         }
-        Ok(Some(value))
+        Ok(value)
     }
 }
 
