@@ -99,12 +99,19 @@ impl Credentials {
                 let last_fetch = age
                     .and_then(ago)
                     .map(|t| humantime::format_rfc3339_seconds(t).to_string());
-                let expires = match (age, e.spec.ttl) {
-                    (Some(a), Some(ttl)) => std::time::SystemTime::now()
-                        .checked_add(ttl.saturating_sub(a))
-                        .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+                let by_ttl = match (age, e.spec.ttl) {
+                    (Some(a), Some(ttl)) => {
+                        std::time::SystemTime::now().checked_add(ttl.saturating_sub(a))
+                    }
                     _ => None,
                 };
+                // The source's own expiry (a lease, temporary AWS keys), when sooner.
+                let by_source = cached.as_ref().and_then(|c| c.secret.expires());
+                let expires = match (by_ttl, by_source) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+                .map(|t| humantime::format_rfc3339_seconds(t).to_string());
                 let failed = e.failed.load().as_ref().map(|f| f.1.clone());
                 serde_json::json!({
                     "name": name,
@@ -317,6 +324,41 @@ impl Entry {
         }
         Some(c.secret.clone())
     }
+}
+
+/// `keygate check --fetch`: fetches every secret of `config` once (lazy ones too) and reports
+/// each as `describe` does, with `error` set where the fetch failed. Never a value.
+pub fn fetch_report(config: &Config) -> Result<Vec<serde_json::Value>, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let creds = Credentials::new(config);
+    rt.block_on(async {
+        let mut set = tokio::task::JoinSet::new();
+        for (i, entry) in creds.entries.iter().enumerate() {
+            let spec = entry.spec.clone();
+            set.spawn(async move { (i, spec.fetch().await) });
+        }
+        while let Some(joined) = set.join_next().await {
+            if let Ok((i, fetched)) = joined {
+                if let Some(entry) = creds.entries.get(i) {
+                    let _ = creds.keep(&entry.spec.name.clone(), entry, fetched);
+                }
+            }
+        }
+    });
+    Ok(creds
+        .describe()
+        .into_iter()
+        .map(|mut d| {
+            d["error"] = d["last_error"].take();
+            if let Some(m) = d.as_object_mut() {
+                m.remove("last_error");
+            }
+            d
+        })
+        .collect())
 }
 
 /// Teaches a redactor a held value, labelled by its key id.

@@ -276,7 +276,11 @@ impl SecretSource {
     pub fn prefetchable(&self) -> bool {
         matches!(
             self,
-            SecretSource::Env { .. } | SecretSource::File { .. } | SecretSource::Command { .. }
+            SecretSource::Env { .. }
+                | SecretSource::File { .. }
+                | SecretSource::Command { .. }
+                | SecretSource::AwsSecretsManager { .. }
+                | SecretSource::AwsCredentials { .. }
         )
     }
 }

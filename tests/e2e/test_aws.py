@@ -1,0 +1,307 @@
+"""AWS against a real AWS API: `moto_server` started with INITIAL_NO_AUTH_ACTION_COUNT, so after the
+set-up calls every request's SigV4 signature is checked against the IAM access key moto issued,
+as AWS does (a wrong signature gets 403 SignatureDoesNotMatch).
+
+- the `aws-secrets-manager` source: GetSecretValue signed with keygate's own keys, a JSON field
+  as the credential, the secret's VersionId as the audit key id;
+- `inject = "aws-sigv4"`: keygate signs the agent's request with its own keys (the agent's
+  signature headers dropped), whole bodies by hash, streamed S3 bodies as UNSIGNED-PAYLOAD;
+- `keygate check --fetch` reports key id and fetch time, never a value;
+- the AWS canary: the secret access key and session token never come back to the agent, nor
+  reach the audit log or keygate's output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import DEADLINE, b64, fake_secret, new_token, poll, run_keygate
+
+MOTO_BIN = Path(sys.executable).parent / "moto_server"
+REDACTED = re.compile(r"\[REDACTED:[^\]]+\]")
+REGION = "us-east-1"
+
+if not MOTO_BIN.exists():
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"moto_server is missing at {MOTO_BIN} (scripts/test installs it)", pytrace=False)
+    pytest.skip(f"moto_server is not installed at {MOTO_BIN}; scripts/test installs it", allow_module_level=True)
+
+import boto3  # noqa: E402 - installed with moto; only needed when moto is
+
+
+@dataclass
+class Moto:
+    url: str
+    access_key_id: str
+    secret_access_key: str
+
+    def client(self, service: str, secret_key: str | None = None):
+        return boto3.client(
+            service,
+            endpoint_url=self.url,
+            region_name=REGION,
+            aws_access_key_id=self.access_key_id,
+            aws_secret_access_key=secret_key or self.secret_access_key,
+        )
+
+    def env(self) -> dict[str, str]:
+        """keygate's own AWS credentials, as the standard chain reads them."""
+        return {"AWS_ACCESS_KEY_ID": self.access_key_id, "AWS_SECRET_ACCESS_KEY": self.secret_access_key}
+
+
+@pytest.fixture
+def moto(tmp_path):
+    """A moto_server that checks signatures after three unsigned set-up calls (create a user, give
+    it every permission, issue its access key)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "INITIAL_NO_AUTH_ACTION_COUNT": "3",
+        "NO_PROXY": "*",
+    }
+    log = open(tmp_path / "moto.log", "wb")
+    proc = subprocess.Popen(
+        [str(MOTO_BIN), "-H", "127.0.0.1", "-p", str(port)],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def ready():
+            if proc.poll() is not None:
+                raise AssertionError(f"moto_server exited: {(tmp_path / 'moto.log').read_text()}")
+            try:
+                with urllib.request.urlopen(f"{url}/moto-api/", timeout=1):
+                    return True
+            except OSError:
+                return None
+
+        poll(ready, "moto_server to answer", timeout=30)
+        iam = boto3.client("iam", endpoint_url=url, region_name=REGION, aws_access_key_id="setup", aws_secret_access_key="setup")
+        iam.create_user(UserName="keygate")
+        iam.put_user_policy(
+            UserName="keygate",
+            PolicyName="all",
+            PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}),
+        )
+        key = iam.create_access_key(UserName="keygate")["AccessKey"]
+        yield Moto(url, key["AccessKeyId"], key["SecretAccessKey"])
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=DEADLINE)
+        log.close()
+
+
+def sm_config(moto: Moto, upstream: str, *, secret_id: str, field: str | None = "api_key") -> str:
+    field_line = f'field = "{field}"' if field else ""
+    return f"""\
+listen = ["127.0.0.1:0"]
+
+[secrets.aws_sm]
+source = "aws-secrets-manager"
+secret_id = "{secret_id}"
+region = "{REGION}"
+endpoint = "{moto.url}"
+{field_line}
+
+[routes.openai]
+prefix = "/openai"
+upstream = "{upstream}"
+secret = "aws_sm"
+allow = ["POST /v1/chat/completions"]
+
+[agents.coder]
+token_env = "KEYGATE_AGENT_TOKEN"
+"""
+
+
+def sigv4_config(upstream: str, service: str, allow: str, extra: str = "") -> str:
+    return f"""\
+listen = ["127.0.0.1:0"]
+
+[secrets.aws]
+source = "aws-credentials"
+
+[routes.aws]
+prefix = "/aws"
+upstream = "{upstream}"
+secret = "aws"
+inject = "aws-sigv4"
+region = "{REGION}"
+service = "{service}"
+allow = [{allow}]
+{extra}
+[agents.coder]
+token_env = "KEYGATE_AGENT_TOKEN"
+"""
+
+
+def test_aws_secrets_manager_json_field_is_the_credential_and_its_version_the_key_id(keygate, fake_upstream, moto):
+    api_key = fake_secret("sk-proj-fromAwsSm")
+    created = moto.client("secretsmanager").create_secret(Name="openai", SecretString=json.dumps({"api_key": api_key, "org": "x"}))
+    token = new_token()
+    kg = keygate(sm_config(moto, fake_upstream.url, secret_id="openai"), env={"KEYGATE_AGENT_TOKEN": token, **moto.env()})
+    with kg.client() as c:
+        r = c.post("/openai/v1/chat/completions", json={"model": "gpt-fake"}, headers={"X-Broker-Token": token})
+    assert r.status_code == 200, r.text
+    assert fake_upstream.requests[-1].header("authorization") == f"Bearer {api_key}"
+    assert kg.audit_record(r.headers["x-request-id"])["key_id"] == f"aws_sm#{created['VersionId']}"
+
+
+def test_aws_secrets_manager_missing_secret_fails_start_up_naming_the_error_code_only(keygate, fake_upstream, moto, keygate_bin, tmp_path):
+    cfg = tmp_path / "missing.toml"
+    cfg.write_text(sm_config(moto, fake_upstream.url, secret_id="no-such-secret"))
+    result = run_keygate(keygate_bin, ["serve", "--config", str(cfg)], tmp_path, env={"KEYGATE_AGENT_TOKEN": new_token(), **moto.env()})
+    assert result.returncode != 0
+    assert "ResourceNotFoundException" in result.stderr, result.stderr
+    assert "aws_sm" in result.stderr
+    assert moto.secret_access_key not in result.stdout + result.stderr
+
+
+def test_aws_secrets_manager_with_wrong_keys_is_refused_by_moto_with_403(keygate, fake_upstream, moto, keygate_bin, tmp_path):
+    """The control for every signing test here: moto really checks signatures."""
+    moto.client("secretsmanager").create_secret(Name="openai", SecretString=json.dumps({"api_key": fake_secret("sk-proj-x")}))
+    cfg = tmp_path / "wrong.toml"
+    cfg.write_text(sm_config(moto, fake_upstream.url, secret_id="openai"))
+    wrong = {**moto.env(), "AWS_SECRET_ACCESS_KEY": "wrong" + moto.secret_access_key[5:]}
+    result = run_keygate(keygate_bin, ["check", "--fetch", "--config", str(cfg)], tmp_path, env={"KEYGATE_AGENT_TOKEN": new_token(), **wrong})
+    assert result.returncode == 1, result.stderr
+    assert "GetSecretValue answered 403" in result.stdout, result.stdout
+    assert wrong["AWS_SECRET_ACCESS_KEY"] not in result.stdout + result.stderr
+
+
+def test_check_fetch_reports_key_id_and_fetch_time_of_every_secret_without_a_value(moto, keygate_bin, tmp_path, fake_upstream):
+    api_key = fake_secret("sk-proj-checkFetch")
+    created = moto.client("secretsmanager").create_secret(Name="openai", SecretString=json.dumps({"api_key": api_key}))
+    env_key = fake_secret("sk-ant-api03-checkFetch")
+    cfg = tmp_path / "fetch.toml"
+    cfg.write_text(
+        sm_config(moto, fake_upstream.url, secret_id="openai")
+        + '\n[secrets.env_one]\nsource = "env"\nname = "ENV_ONE"\n\n[secrets.missing]\nsource = "env"\nname = "NOT_SET_HERE"\nfetch = "first-use"\n'
+    )
+    env = {"KEYGATE_AGENT_TOKEN": new_token(), "ENV_ONE": env_key, **moto.env()}
+    result = run_keygate(keygate_bin, ["check", "--fetch", "--json", "--config", str(cfg)], tmp_path, env=env)
+    assert result.returncode == 1, result.stderr  # `missing` cannot be fetched
+    report = {s["name"]: s for s in json.loads(result.stdout)["fetch"]}
+    assert report["aws_sm"]["key_id"] == f"aws_sm#{created['VersionId']}"
+    assert report["aws_sm"]["last_fetch"] and report["aws_sm"]["error"] is None
+    assert report["env_one"]["key_id"].startswith("env_one#") and report["env_one"]["error"] is None
+    assert "NOT_SET_HERE" in report["missing"]["error"] and report["missing"]["key_id"] is None
+    output = result.stdout + result.stderr
+    for value in (api_key, env_key, moto.secret_access_key):
+        assert value not in output
+
+
+def test_check_fetch_exits_0_when_every_secret_is_fetched(moto, keygate_bin, tmp_path, fake_upstream):
+    moto.client("secretsmanager").create_secret(Name="openai", SecretString=json.dumps({"api_key": fake_secret("sk-proj-ok")}))
+    cfg = tmp_path / "ok.toml"
+    cfg.write_text(sm_config(moto, fake_upstream.url, secret_id="openai"))
+    result = run_keygate(keygate_bin, ["check", "--fetch", "--config", str(cfg)], tmp_path, env={"KEYGATE_AGENT_TOKEN": new_token(), **moto.env()})
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_sigv4_route_request_signed_by_keygate_is_accepted_by_moto(keygate, moto):
+    moto.client("secretsmanager").create_secret(Name="listed-by-agent", SecretString="value-not-read-here")
+    token = new_token()
+    kg = keygate(sigv4_config(moto.url, "secretsmanager", '"POST /"'), env={"KEYGATE_AGENT_TOKEN": token, **moto.env()})
+    agent_headers = {
+        "X-Broker-Token": token,
+        "Content-Type": "application/x-amz-json-1.1",
+        "X-Amz-Target": "secretsmanager.ListSecrets",
+        # An agent's own signature attempt: dropped, or moto would refuse the mix.
+        "X-Amz-Date": "19990101T000000Z",
+        "X-Amz-Security-Token": "agent-made-up-token",
+    }
+    with kg.client() as c:
+        r = c.post("/aws/", content=b"{}", headers=agent_headers)
+    assert r.status_code == 200, r.text
+    assert [s["Name"] for s in r.json()["SecretList"]] == ["listed-by-agent"]
+    record = kg.audit_record(r.headers["x-request-id"])
+    assert record["key_id"].startswith("aws#ak-") and record["status"] == 200
+
+
+def test_sigv4_route_with_keys_moto_does_not_know_gets_moto_403(keygate, moto):
+    token = new_token()
+    wrong = {**moto.env(), "AWS_SECRET_ACCESS_KEY": "wrong" + moto.secret_access_key[5:]}
+    kg = keygate(sigv4_config(moto.url, "secretsmanager", '"POST /"'), env={"KEYGATE_AGENT_TOKEN": token, **wrong})
+    with kg.client() as c:
+        r = c.post("/aws/", content=b"{}", headers={"X-Broker-Token": token, "Content-Type": "application/x-amz-json-1.1", "X-Amz-Target": "secretsmanager.ListSecrets"})
+    assert r.status_code == 403, r.text
+
+
+def test_sigv4_s3_streamed_upload_is_signed_unsigned_payload_and_reads_back(keygate, moto):
+    moto.client("s3").create_bucket(Bucket="kg-bucket")
+    token = new_token()
+    kg = keygate(
+        sigv4_config(moto.url, "s3", '"PUT /kg-bucket/*", "GET /kg-bucket/*"', extra='request_scan = "off"\n'),
+        env={"KEYGATE_AGENT_TOKEN": token, **moto.env()},
+    )
+    data = os.urandom(256 * 1024).hex().encode()  # 512 KiB, sent in chunks
+
+    def chunks():
+        for i in range(0, len(data), 64 * 1024):
+            yield data[i : i + 64 * 1024]
+
+    with kg.client() as c:
+        put = c.put("/aws/kg-bucket/blob.txt", content=chunks(), headers={"X-Broker-Token": token})
+        assert put.status_code == 200, put.text
+        got = c.get("/aws/kg-bucket/blob.txt", headers={"X-Broker-Token": token})
+    assert got.status_code == 200, got.text
+    assert got.content == data
+    # Read through moto directly too: the object is what the agent sent.
+    assert moto.client("s3").get_object(Bucket="kg-bucket", Key="blob.txt")["Body"].read() == data
+
+
+def test_aws_canary_secret_key_and_session_token_never_leave_keygate(keygate, fake_upstream, moto):
+    """The upstream does its worst: it answers with the session token (which it received in
+    x-amz-security-token) and the secret key, raw and base64. The agent sees markers; the secret
+    key and token are in no response, audit line or log line, even at trace level."""
+    session_token = "IQoJb3JpZ2luX2VjEJr" + secrets.token_urlsafe(48)
+    secret_key = "kgAwsCanary" + secrets.token_hex(15)
+    fake_upstream.raw_body = json.dumps(
+        {"raw": [secret_key, session_token], "b64": [b64(secret_key), b64(session_token)]}
+    ).encode()
+    token = new_token()
+    env = {
+        "KEYGATE_AGENT_TOKEN": token,
+        "AWS_ACCESS_KEY_ID": "AKIAKEYGATECANARY000",
+        "AWS_SECRET_ACCESS_KEY": secret_key,
+        "AWS_SESSION_TOKEN": session_token,
+        "KEYGATE_LOG": "trace",
+    }
+    kg = keygate(sigv4_config(fake_upstream.url, "bedrock", '"POST /model/**"'), env=env)
+    with kg.client() as c:
+        r = c.post("/aws/model/m/invoke", json={"prompt": "hi"}, headers={"X-Broker-Token": token})
+    assert r.status_code == 200, r.text
+    # The upstream really got the token, signed: the checks below are not vacuous.
+    sent = fake_upstream.requests[-1]
+    assert sent.header("x-amz-security-token") == session_token
+    assert "x-amz-security-token" in sent.header("authorization")
+    body = r.json()
+    assert all(REDACTED.fullmatch(v) for v in body["raw"] + body["b64"]), body
+    kg.audit_records(n=1)
+    assert kg.stop() == 0
+    seen = r.text + "".join(f"{k}: {v}" for k, v in r.headers.multi_items())
+    for place, text in {"response": seen, "audit": kg.audit_path.read_text(), "stdout": kg.stdout_text(), "stderr": kg.stderr_text()}.items():
+        for name, value in {"secret key": secret_key, "session token": session_token}.items():
+            assert value not in text and b64(value) not in text, f"{name} in {place}"
