@@ -13,6 +13,7 @@ as AWS does (a wrong signature gets 403 SignatureDoesNotMatch).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -256,11 +257,11 @@ def test_sigv4_s3_streamed_upload_is_signed_unsigned_payload_and_reads_back(keyg
         sigv4_config(moto.url, "s3", '"PUT /kg-bucket/*", "GET /kg-bucket/*"', extra='request_scan = "off"\n'),
         env={"KEYGATE_AGENT_TOKEN": token, **moto.env()},
     )
-    data = os.urandom(256 * 1024).hex().encode()  # 512 KiB, sent in chunks
+    data = os.urandom(96 * 1024).hex().encode()  # 192 KiB (under max_request_bytes), in chunks
 
     def chunks():
-        for i in range(0, len(data), 64 * 1024):
-            yield data[i : i + 64 * 1024]
+        for i in range(0, len(data), 16 * 1024):
+            yield data[i : i + 16 * 1024]
 
     with kg.client() as c:
         put = c.put("/aws/kg-bucket/blob.txt", content=chunks(), headers={"X-Broker-Token": token})
@@ -270,6 +271,21 @@ def test_sigv4_s3_streamed_upload_is_signed_unsigned_payload_and_reads_back(keyg
     assert got.content == data
     # Read through moto directly too: the object is what the agent sent.
     assert moto.client("s3").get_object(Bucket="kg-bucket", Key="blob.txt")["Body"].read() == data
+
+
+def test_sigv4_s3_streamed_body_goes_unsigned_payload_and_a_whole_one_by_hash(keygate, fake_upstream):
+    token = new_token()
+    env = {"KEYGATE_AGENT_TOKEN": token, "AWS_ACCESS_KEY_ID": "AKIAKEYGATESTREAM000", "AWS_SECRET_ACCESS_KEY": "s" * 40}
+    streamed = keygate(sigv4_config(fake_upstream.url, "s3", '"PUT /b/*"', extra='request_scan = "off"\n'), env=env)
+    whole = keygate(sigv4_config(fake_upstream.url, "s3", '"PUT /b/*"'), env=env)
+    for kg, want in ((streamed, "UNSIGNED-PAYLOAD"), (whole, hashlib.sha256(b"abc" * 1000).hexdigest())):
+        with kg.client() as c:
+            r = c.put("/aws/b/k", content=iter([b"abc" * 500, b"abc" * 500]), headers={"X-Broker-Token": token})
+        assert r.status_code == 200, r.text
+        sent = fake_upstream.requests[-1]
+        assert sent.body == b"abc" * 1000
+        assert sent.header("x-amz-content-sha256") == want
+        assert "x-amz-content-sha256" in sent.header("authorization")
 
 
 def test_aws_canary_secret_key_and_session_token_never_leave_keygate(keygate, fake_upstream, moto):
@@ -296,6 +312,8 @@ def test_aws_canary_secret_key_and_session_token_never_leave_keygate(keygate, fa
     # The upstream really got the token, signed: the checks below are not vacuous.
     sent = fake_upstream.requests[-1]
     assert sent.header("x-amz-security-token") == session_token
+    # A body read whole is committed to by its hash (moto does not check it; this does).
+    assert sent.header("x-amz-content-sha256") == hashlib.sha256(sent.body).hexdigest()
     assert "x-amz-security-token" in sent.header("authorization")
     body = r.json()
     assert all(REDACTED.fullmatch(v) for v in body["raw"] + body["b64"]), body
