@@ -301,6 +301,7 @@ pub enum Inject {
     /// The request is signed with AWS Signature Version 4 by the route's AWS keys (a secret
     /// holding `{"AccessKeyId":…,"SecretAccessKey":…}`, as `aws-credentials` fetches); the
     /// agent's own signature headers are dropped.
+    #[serde(rename = "aws_sigv4")]
     AwsSigV4 {
         /// The region signed for (`region`).
         region: String,
