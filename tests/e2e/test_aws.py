@@ -285,3 +285,11 @@ def test_sigv4_s3_streamed_body_goes_unsigned_payload_and_a_whole_one_by_hash(ke
         assert sent.body == b"abc" * 1000
         assert sent.header("x-amz-content-sha256") == want
         assert "x-amz-content-sha256" in sent.header("authorization")
+    # S3 refuses a chunked upload (411 MissingContentLength): a streamed body the agent gave a
+    # length keeps it on the way out.
+    with streamed.client() as c:
+        r = c.put("/aws/b/k", content=b"xyz" * 1000, headers={"X-Broker-Token": token})
+    assert r.status_code == 200, r.text
+    sent = fake_upstream.requests[-1]
+    assert (sent.header("content-length"), sent.header("transfer-encoding")) == ("3000", None)
+    assert sent.header("x-amz-content-sha256") == "UNSIGNED-PAYLOAD" and sent.body == b"xyz" * 1000
