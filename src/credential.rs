@@ -204,11 +204,11 @@ impl Credentials {
         }
     }
 
-    /// Fetches every secret whose source can be fetched (env, file, command) at once, so that
-    /// the request scan knows every held value before the first request: a key of one route
+    /// Fetches every secret whose source can be fetched (env, file, command, AWS) at once, so
+    /// that the request scan knows every held value before the first request: a key of one route
     /// sent in another route's request is refused from the start. Returns the failures, as
     /// (secret name, message naming the source, never a value). Sources this build cannot fetch
-    /// (OpenBao, AWS Secrets Manager) are left to their first use.
+    /// (OpenBao) are left to their first use.
     pub async fn prefetch(&self) -> Vec<(String, String)> {
         let mut set = tokio::task::JoinSet::new();
         for (i, entry) in self.entries.iter().enumerate() {
