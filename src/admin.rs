@@ -48,6 +48,8 @@ pub struct Control {
     pub metrics: metrics::Metrics,
     /// Where the admin socket listens, once it does.
     pub admin_socket: std::sync::OnceLock<PathBuf>,
+    /// `keygate run` leases in force: token id -> run id and person.
+    pub runs: crate::launcher::lease::Runs,
 }
 
 impl Control {
@@ -83,6 +85,7 @@ impl Control {
             frozen: ArcSwap::from_pointee(frozen),
             metrics: metrics::Metrics::new(),
             admin_socket: std::sync::OnceLock::new(),
+            runs: Default::default(),
         }
     }
 

@@ -102,6 +102,9 @@ pub struct Record {
     /// The id of the token the agent presented (`tok_…`), never the token.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_id: Option<String>,
+    /// The `keygate run` the token was leased for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
     /// The approval this request waited for, and who decided it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub approval_id: Option<String>,

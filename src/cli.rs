@@ -94,6 +94,28 @@ pub enum Command {
     /// What would break: rehearse a revocation without changing anything.
     #[command(subcommand)]
     Drill(DrillCommand),
+    /// Run an agent with a token minted for this run only (revoked when it ends), provider keys
+    /// removed from its environment, SDK variables pointing at keygate, in a Landlock sandbox.
+    Run {
+        /// Config file of the keygate to act on.
+        #[arg(long, env = "KEYGATE_CONFIG")]
+        config: PathBuf,
+        /// The agent the run's token is for (the config's only agent when omitted).
+        #[arg(long)]
+        agent: Option<String>,
+        /// The token's lifetime, a backstop to the lease: 30m, 12h (default 12h).
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Require the sandbox: fail where the kernel has no Landlock (default: on where supported).
+        #[arg(long, conflicts_with = "no_sandbox")]
+        sandbox: bool,
+        /// Run without the sandbox.
+        #[arg(long)]
+        no_sandbox: bool,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
 }
 
 /// `keygate approvals ...`.
@@ -260,6 +282,12 @@ pub struct CheckArgs {
 
 /// Parses the command line and runs the subcommand; returns its exit code.
 pub fn main() -> ExitCode {
+    // The sandbox helper restricts its own thread and execs: it runs before anything else could
+    // start a thread (and is no command a person types).
+    let mut raw = std::env::args_os().skip(1);
+    if raw.next().as_deref() == Some(std::ffi::OsStr::new(crate::launcher::sandbox::SUBCOMMAND)) {
+        return crate::launcher::sandbox::exec_main(raw.collect());
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -305,6 +333,26 @@ pub fn main() -> ExitCode {
         }
         Command::Audit(AuditCommand::Key { config }) => audit_key(&config),
         Command::Drill(cmd) => crate::admin::drill::main(cmd),
+        Command::Run {
+            config,
+            agent,
+            ttl,
+            sandbox,
+            no_sandbox,
+            command,
+        } => crate::launcher::main(crate::launcher::RunArgs {
+            config,
+            agent,
+            ttl,
+            sandbox: if sandbox {
+                Some(true)
+            } else if no_sandbox {
+                Some(false)
+            } else {
+                None
+            },
+            command,
+        }),
         cmd => admin_command(cmd),
     }
 }

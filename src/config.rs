@@ -122,6 +122,17 @@ pub struct Config {
     pub agents: Vec<Agent>,
     /// The lab broker's fields, kept for `/healthz` when the config came from its JSON format.
     pub seed: Option<SeedInfo>,
+    /// `[run]`: what `keygate run` also drops from the agent's environment and lets it reach.
+    pub run: RunSettings,
+}
+
+/// `[run]`: settings for `keygate run`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RunSettings {
+    /// Variables removed from the agent's environment besides the built-in list of provider keys.
+    pub drop_env: Vec<String>,
+    /// Local TCP ports the sandboxed agent may connect to besides keygate's own (dev servers).
+    pub allow_ports: Vec<u16>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -199,6 +210,10 @@ pub struct Route {
     pub budget_reserve: Option<u64>,
     /// Whether `Range` (and `If-Range`, `Request-Range`) go upstream; off, they are dropped.
     pub allow_range: bool,
+    /// `[routes.R.env]`: variables `keygate run` sets for the agent, `{token}` and `{base_url}`
+    /// filled in.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<(String, String)>,
 }
 
 /// Bounds on every connection a listener accepts (`[connections]`), so idle or stalled peers

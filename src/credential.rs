@@ -125,6 +125,20 @@ impl Credentials {
             .collect()
     }
 
+    /// Hex SHA-256 of every value held so far (trimmed), so `keygate run` can be told which of
+    /// its variables hold one without any value crossing the admin socket.
+    pub fn held_hashes(&self) -> Vec<String> {
+        use sha2::{Digest, Sha256};
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.iter()
+            .map(|s| {
+                #[allow(clippy::disallowed_methods)] // credential stage: only a hash leaves
+                let v = s.expose();
+                hex::encode(Sha256::digest(v.trim_ascii()))
+            })
+            .collect()
+    }
+
     /// The redactor for everything that flows back to an agent: every value held so far.
     pub fn redactor(&self) -> Arc<Redactor> {
         self.redactor.load_full()

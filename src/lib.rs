@@ -19,6 +19,7 @@ pub mod error;
 pub mod forward;
 pub mod guard;
 pub mod hook;
+pub mod launcher;
 pub mod listen;
 pub mod local;
 pub mod pipeline;

@@ -178,6 +178,14 @@ async fn process(
     authenticate::strip_caller_credentials(&mut head.headers);
     pending.record().agent(&config.agents[agent]);
     pending.record().token_id = who.token_id.clone();
+    if let Some(run) = who
+        .token_id
+        .as_deref()
+        .and_then(|t| state.control.runs.get(t))
+    {
+        pending.record().person = Some(run.person);
+        pending.record().run_id = Some(run.run_id);
+    }
     state
         .control
         .check_frozen(Some(&config.agents[agent].name))?;

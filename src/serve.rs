@@ -185,6 +185,8 @@ async fn serve(
     }
     if let Some(s) = &store {
         let state = live.state.load_full();
+        // A run's token lives no longer than its lease, and a stopped keygate holds none.
+        crate::launcher::lease::revoke_all(&state.control, &**s);
         if let Err(e) = s.save_spent(&state.policy.budget_spent(&state.config)) {
             tracing::error!(error = %e, "cannot save budgets at exit");
         }

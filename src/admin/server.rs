@@ -73,20 +73,21 @@ pub async fn run(
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let uid = match stream.peer_cred() {
-            Ok(c) => c.uid(),
+        let (uid, pid) = match stream.peer_cred() {
+            Ok(c) => (c.uid(), c.pid()),
             Err(_) => continue,
         };
         let live = live.clone();
         let svc = service_fn(move |req| {
             let live = live.clone();
-            async move { Ok::<_, Infallible>(answer(&live, uid, own, req).await) }
+            async move { Ok::<_, Infallible>(answer(&live, uid, pid, own, req).await) }
         });
         tokio::spawn(async move {
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), svc);
+                .serve_connection(TokioIo::new(stream), svc)
+                .with_upgrades();
             // Approvals and reloads answer within seconds; nothing here streams.
             let _ = tokio::time::timeout(Duration::from_secs(120), conn).await;
         });
@@ -108,7 +109,13 @@ fn refuse(status: StatusCode, message: impl Into<String>) -> Response<Full<Bytes
     reply(status, json!({"ok": false, "error": message.into()}))
 }
 
-async fn answer(live: &Live, uid: u32, own: u32, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn answer(
+    live: &Arc<Live>,
+    uid: u32,
+    pid: Option<i32>,
+    own: u32,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     if uid != own {
         tracing::warn!(uid, "admin socket: refused a connection from another user");
         return refuse(
@@ -116,8 +123,17 @@ async fn answer(live: &Live, uid: u32, own: u32, req: Request<Incoming>) -> Resp
             format!("uid {uid} may not use this keygate's admin socket; only uid {own} may"),
         );
     }
+    // An agent sandboxed by `keygate run` runs as this uid; no_new_privs, which it can never
+    // drop, tells it apart (Landlock checks connecting to a socket file only from ABI 9).
+    if pid.is_some_and(crate::launcher::sandbox::no_new_privs) {
+        tracing::warn!(?pid, "admin socket: refused a sandboxed process");
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "a process with no_new_privs set (an agent in keygate run's sandbox) may not use the admin socket",
+        );
+    }
     let by = super::person(uid);
-    let (head, body) = req.into_parts();
+    let (mut head, body) = req.into_parts();
     let body = match Limited::new(body, MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => return refuse(StatusCode::PAYLOAD_TOO_LARGE, "admin request too large"),
@@ -153,6 +169,10 @@ async fn answer(live: &Live, uid: u32, own: u32, req: Request<Incoming>) -> Resp
             .unwrap_or_else(|e| Err(e.to_string()))
     };
     match (head.method.clone(), head.uri.path()) {
+        (Method::POST, "/lease") => {
+            let upgrade = head.extensions.remove::<hyper::upgrade::OnUpgrade>();
+            crate::launcher::lease::open(live.clone(), upgrade, uid, pid, &args).await
+        }
         (Method::GET, "/status") => reply(StatusCode::OK, super::client::status_json(&state)),
         (Method::GET, "/metrics") => {
             let budgets: Vec<(String, Option<(u64, u64)>)> = state

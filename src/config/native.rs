@@ -37,6 +37,16 @@ struct Raw {
     routes: BTreeMap<String, RawRoute>,
     #[serde(default)]
     agents: BTreeMap<String, RawAgent>,
+    run: Option<RawRun>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRun {
+    #[serde(default)]
+    drop_env: Vec<String>,
+    #[serde(default)]
+    allow_ports: Vec<u16>,
 }
 
 #[derive(Deserialize)]
@@ -100,6 +110,8 @@ struct RawRoute {
     /// `inject = "aws-sigv4"`: the region and signing name of the service.
     region: Option<String>,
     service: Option<String>,
+    #[serde(default)]
+    env: BTreeMap<String, Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -240,6 +252,13 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
                 max_response_time: lines.dur(&r.max_response_time, key("max_response_time")),
                 region: r.region.clone(),
                 service: r.service.clone(),
+                env: r
+                    .env
+                    .iter()
+                    .map(|(k, v)| {
+                        At::new((k.clone(), v.get_ref().clone()), lines.at(v, key("env")))
+                    })
+                    .collect(),
             }
         })
         .collect();
@@ -305,6 +324,13 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
         routes,
         agents,
         seed: None,
+        run: raw
+            .run
+            .map(|r| super::spec::RunSpec {
+                drop_env: r.drop_env,
+                allow_ports: r.allow_ports,
+            })
+            .unwrap_or_default(),
     })
 }
 
@@ -364,6 +390,16 @@ mod tests {
     fn bad_rule_names_the_route_key_and_line() {
         let e = load("[routes.a]\nprefix = \"/a\"\nupstream = \"http://127.0.0.1:1\"\nallow = [\n  \"POST /ok\",\n  \"FETCH\",\n]\n").unwrap_err();
         assert_eq!((e.line, e.key.as_str()), (6, "routes.a.allow"), "{e}");
+    }
+
+    #[test]
+    fn route_env_for_keygate_run_is_read_and_a_bad_template_names_its_line() {
+        let c = load("[run]\ndrop_env = [\"MY_TOKEN\"]\nallow_ports = [3000]\n[routes.a]\nprefix = \"/a\"\nupstream = \"http://127.0.0.1:1\"\n[routes.a.env]\nA_TOKEN = \"{token}\"\nA_URL = \"{base_url}/v1\"\n").unwrap();
+        assert_eq!(c.routes[0].env.len(), 2);
+        assert_eq!(c.run.drop_env, ["MY_TOKEN"]);
+        assert_eq!(c.run.allow_ports, [3000]);
+        let e = load("[routes.a]\nprefix = \"/a\"\nupstream = \"http://127.0.0.1:1\"\n[routes.a.env]\nA_TOKEN = \"{secret}\"\n").unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (5, "routes.a.env"), "{e}");
     }
 
     #[test]

@@ -148,6 +148,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
         max_response_time: None,
         region: None,
         service: None,
+        env: Vec::new(),
     };
     let agent = AgentSpec {
         name: if raw.client_token_env.is_some() {
@@ -200,6 +201,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
             allowed_paths,
             client_auth: raw.client_token_env.is_some(),
         }),
+        run: Default::default(),
     })
 }
 

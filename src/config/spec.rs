@@ -110,6 +110,15 @@ pub(crate) struct Spec {
     pub routes: Vec<RouteSpec>,
     pub agents: Vec<AgentSpec>,
     pub seed: Option<SeedSpec>,
+    /// `[run]`: what `keygate run` drops and allows.
+    pub run: RunSpec,
+}
+
+/// `[run]`: `drop_env = [names]`, `allow_ports = [ports]`.
+#[derive(Debug, Default)]
+pub(crate) struct RunSpec {
+    pub drop_env: Vec<String>,
+    pub allow_ports: Vec<u16>,
 }
 
 /// One `[secrets.NAME]` table, or the lab's `secret_source`.
@@ -178,6 +187,8 @@ pub(crate) struct RouteSpec {
     /// `inject = "aws-sigv4"`: region and service the request is signed for.
     pub region: Option<String>,
     pub service: Option<String>,
+    /// `[routes.R.env]`: `(name, template)` as written, for `keygate run`.
+    pub env: Vec<At<(String, String)>>,
 }
 
 /// One `[agents.NAME]` table, or the lab's single agent.

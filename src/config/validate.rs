@@ -164,6 +164,10 @@ pub(super) fn validate(file: &Path, spec: Spec) -> Result<Config, ConfigError> {
         routes,
         agents,
         seed,
+        run: RunSettings {
+            drop_env: spec.run.drop_env,
+            allow_ports: spec.run.allow_ports,
+        },
     })
 }
 
@@ -400,7 +404,14 @@ fn route(
         }
     };
     let timeout = cx.duration_or(&r.timeout, default_timeout)?;
+    let mut env = Vec::new();
+    for e in &r.env {
+        let (k, v) = &e.value;
+        crate::launcher::check_env_entry(k, v).or_else(|m| cx.err(&e.pos, m))?;
+        env.push((k.clone(), v.clone()));
+    }
     Ok(Route {
+        env,
         name: r.name.clone(),
         prefix,
         upstream,

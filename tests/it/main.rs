@@ -10,6 +10,7 @@ mod support;
 
 mod dos;
 mod hook_claude_code;
+mod launcher;
 mod proxy;
 mod redact_cli;
 mod redact_response;

@@ -1,0 +1,392 @@
+//! keygate's side of `keygate run`: the lease.
+//!
+//! `POST /lease` on the admin socket (with `Upgrade: keygate-lease`) mints a token for one run
+//! and answers `101`; on the upgraded connection keygate writes one JSON line (the token, what
+//! to set and drop in the agent's environment, what the sandbox denies and allows) and then
+//! holds the connection. When it drops (the launcher closed it, exited or was SIGKILLed; the
+//! kernel closes its socket either way) or the run's TTL passes, the token is revoked in the
+//! store and the in-memory token set is re-read at once, so the next request with it gets 401.
+//!
+//! The run's person and id are kept in [`Runs`] so every audit record of the run names them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::authenticate::store::{hash_hex, mint, Issued};
+use crate::config::{Config, Listen};
+use crate::pipeline::State;
+use crate::reload::Live;
+use crate::secret::SecretSource;
+
+/// A run's lifetime when the launcher names none: a backstop, the lease ends it sooner.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(12 * 3600);
+
+/// The run a token was leased for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunInfo {
+    /// `run_` + 16 hex digits.
+    pub run_id: String,
+    /// The user name of the uid that started the run.
+    pub person: String,
+}
+
+/// Runs holding a lease, by token id.
+#[derive(Default)]
+pub struct Runs {
+    by_token: Mutex<HashMap<String, RunInfo>>,
+}
+
+impl Runs {
+    /// The run this token id was leased for, if it is still running.
+    pub fn get(&self, token_id: &str) -> Option<RunInfo> {
+        self.lock().get(token_id).cloned()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, RunInfo>> {
+        self.by_token.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Token ids of every run still holding a lease (revoked when keygate stops).
+    pub fn token_ids(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+}
+
+/// Revokes every leased token: keygate is stopping and its leases end with it.
+pub fn revoke_all(control: &crate::admin::Control, store: &dyn crate::state::StateStore) {
+    for id in control.runs.token_ids() {
+        if let Err(e) = store.revoke_tokens(Some(&id), None) {
+            tracing::error!(token_id = id, error = %e, "cannot revoke a run's token at exit");
+        }
+    }
+}
+
+fn refuse(status: StatusCode, message: impl Into<String>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(
+        json!({"ok": false, "error": message.into()}).to_string() + "\n",
+    )));
+    *r.status_mut() = status;
+    r
+}
+
+/// Answers `POST /lease`: mints the run's token and hands the connection to the lease task.
+pub(crate) async fn open(
+    live: Arc<Live>,
+    on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    uid: u32,
+    pid: Option<i32>,
+    args: &Value,
+) -> Response<Full<Bytes>> {
+    let Some(on_upgrade) = on_upgrade else {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "a lease needs `Connection: upgrade` and `Upgrade: keygate-lease`",
+        );
+    };
+    let state = live.state.load_full();
+    let config = &state.config;
+    let store = state
+        .control
+        .store
+        .clone()
+        .filter(|_| state.tokens.has_store());
+    let Some(store) = store else {
+        return refuse(
+            StatusCode::CONFLICT,
+            "keygate run needs a token store: add state_dir = \"~/.local/state/keygate\" to the config",
+        );
+    };
+    let agent = match pick_agent(config, args["agent"].as_str()) {
+        Ok(a) => a,
+        Err(e) => return refuse(StatusCode::NOT_FOUND, e),
+    };
+    let ttl = args["ttl_secs"]
+        .as_u64()
+        .map_or(DEFAULT_TTL, Duration::from_secs);
+    if ttl < Duration::from_secs(1) {
+        return refuse(StatusCode::BAD_REQUEST, "a run's ttl must be at least 1s");
+    }
+    let token = zeroize::Zeroizing::new(mint());
+    let sha = hash_hex(token.as_bytes());
+    let created = crate::state::now();
+    let issued = Issued {
+        id: format!("tok_{}", &sha[..12]),
+        agent: agent.clone(),
+        sha256: sha,
+        created,
+        expires: created.saturating_add(ttl.as_secs()),
+        revoked: false,
+    };
+    let token_id = issued.id.clone();
+    let added = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.add_token(&issued))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+    };
+    if let Err(e) = added {
+        return refuse(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot store the run's token: {e}"),
+        );
+    }
+    let run = RunInfo {
+        run_id: format!("run_{:016x}", rand::random::<u64>()),
+        person: crate::admin::person(uid),
+    };
+    state
+        .control
+        .runs
+        .lock()
+        .insert(token_id.clone(), run.clone());
+    refresh(&live).await;
+
+    let reply = grant(&state, &agent, &token, &token_id, &run, args);
+    let record = json!({
+        "time": crate::audit::now_rfc3339(),
+        "event": "run_start",
+        "by": run.person,
+        "peer_uid": uid,
+        "peer_pid": pid,
+        "run_id": run.run_id,
+        "agent": agent,
+        "token_id": token_id,
+        "ttl_secs": ttl.as_secs(),
+        "command": args["command"].as_str().unwrap_or(""),
+        "policy_version": state.policy_version,
+    });
+    write_event(&state, record).await;
+    tokio::spawn(hold(live.clone(), on_upgrade, reply, token_id, run, ttl));
+
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    r.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("upgrade"),
+    );
+    r.headers_mut().insert(
+        http::header::UPGRADE,
+        http::HeaderValue::from_static("keygate-lease"),
+    );
+    r
+}
+
+/// Holds the lease until the launcher's connection drops or the TTL passes, then revokes.
+async fn hold(
+    live: Arc<Live>,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    reply: zeroize::Zeroizing<String>,
+    token_id: String,
+    run: RunInfo,
+    ttl: Duration,
+) {
+    let why = match on_upgrade.await {
+        Ok(io) => {
+            let mut io = TokioIo::new(io);
+            if let Err(e) = io.write_all(reply.as_bytes()).await {
+                format!("could not hand the token over: {e}")
+            } else {
+                drop(reply);
+                let mut buf = [0u8; 256];
+                let read_to_end = async {
+                    loop {
+                        match io.read(&mut buf).await {
+                            Ok(0) => break "the launcher closed the lease".to_string(),
+                            Ok(_) => continue,
+                            Err(e) => break format!("the lease connection failed: {e}"),
+                        }
+                    }
+                };
+                let why = tokio::select! {
+                    w = read_to_end => w,
+                    _ = tokio::time::sleep(ttl) => "the run's ttl passed".to_string(),
+                };
+                end(&live, &token_id, &run, &why).await;
+                // Tells a launcher that is waiting for it that the token is dead now.
+                let _ = io.write_all(b"{\"revoked\":true}\n").await;
+                let _ = io.shutdown().await;
+                return;
+            }
+        }
+        Err(e) => format!("the lease connection was not upgraded: {e}"),
+    };
+    end(&live, &token_id, &run, &why).await;
+}
+
+/// Revokes the run's token, forgets the run, and re-reads tokens so the revocation holds for the
+/// very next request.
+async fn end(live: &Arc<Live>, token_id: &str, run: &RunInfo, why: &str) {
+    let state = live.state.load_full();
+    if let Some(store) = state.control.store.clone() {
+        let id = token_id.to_string();
+        let revoked = tokio::task::spawn_blocking(move || store.revoke_tokens(Some(&id), None))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        if let Err(e) = revoked {
+            tracing::error!(token_id, error = %e, "cannot revoke a run's token; it expires at its ttl");
+        }
+    }
+    state.control.runs.lock().remove(token_id);
+    refresh(live).await;
+    let record = json!({
+        "time": crate::audit::now_rfc3339(),
+        "event": "run_end",
+        "by": run.person,
+        "run_id": run.run_id,
+        "token_id": token_id,
+        "reason": why,
+        "policy_version": state.policy_version,
+    });
+    write_event(&state, record).await;
+}
+
+async fn refresh(live: &Arc<Live>) {
+    let state = live.state.load_full();
+    let _ = tokio::task::spawn_blocking(move || state.tokens.refresh()).await;
+}
+
+async fn write_event(state: &State, record: Value) {
+    let audit = state.audit.clone();
+    let written = tokio::task::spawn_blocking(move || audit.event(&record))
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+    if let Err(e) = written {
+        tracing::error!(error = %e, "cannot audit a run's start or end");
+    }
+}
+
+/// The agent named, else the only agent the config has.
+fn pick_agent(config: &Config, asked: Option<&str>) -> Result<String, String> {
+    let names: Vec<&str> = config.agents.iter().map(|a| a.name.as_str()).collect();
+    match asked {
+        Some(a) if names.contains(&a) => Ok(a.to_string()),
+        Some(a) => Err(format!(
+            "no agent {a} in the config (agents: {})",
+            names.join(", ")
+        )),
+        None if names.len() == 1 => Ok(names[0].to_string()),
+        None => Err(format!(
+            "say which agent the run is for: keygate run --agent A (agents: {})",
+            names.join(", ")
+        )),
+    }
+}
+
+/// What the launcher needs: the token, the agent's environment, the sandbox's lists.
+fn grant(
+    state: &State,
+    agent: &str,
+    token: &str,
+    token_id: &str,
+    run: &RunInfo,
+    args: &Value,
+) -> zeroize::Zeroizing<String> {
+    let config = &state.config;
+    let base = state
+        .listen_urls
+        .iter()
+        .find(|u| u.starts_with("http://"))
+        .cloned()
+        .unwrap_or_default();
+    let agent_cfg = config.agents.iter().find(|a| a.name == agent);
+    let routes: Vec<&crate::config::Route> = match agent_cfg.and_then(|a| a.routes.as_ref()) {
+        Some(ids) => ids.iter().map(|id| &config.routes[*id]).collect(),
+        None => config.routes.iter().collect(),
+    };
+    let mut set = serde_json::Map::new();
+    if !base.is_empty() {
+        for r in &routes {
+            let route_base = format!("{base}{}", r.prefix.trim_end_matches('/'));
+            for (k, v) in super::sdk_env(r, &route_base, token) {
+                set.insert(k, v.into());
+            }
+            for (k, v) in &r.env {
+                let v = v
+                    .replace("{token}", token)
+                    .replace("{base_url}", &route_base);
+                set.insert(k.clone(), v.into());
+            }
+        }
+    }
+    // Names that hold a value keygate holds, matched by hash: no value crosses the socket.
+    let held = state.credentials.held_hashes();
+    let mut drop: Vec<String> = config.run.drop_env.clone();
+    for a in &config.agents {
+        drop.extend(a.token_env.iter().cloned());
+    }
+    for s in &config.secrets {
+        if let SecretSource::Env { var } = &s.source {
+            drop.push(var.clone());
+        }
+    }
+    if let Some(vars) = args["env_sha256"].as_object() {
+        for (name, h) in vars {
+            if h.as_str().is_some_and(|h| held.iter().any(|x| x == h)) {
+                drop.push(name.clone());
+            }
+        }
+    }
+    drop.sort();
+    drop.dedup();
+    let mut deny: Vec<String> = vec![config.file.display().to_string()];
+    if let Some(d) = crate::state::dir(config) {
+        deny.push(d.display().to_string());
+    }
+    if let Some(s) = state.control.admin_socket.get() {
+        deny.push(s.display().to_string());
+    }
+    deny.push(state.audit.path().display().to_string());
+    for s in &config.secrets {
+        if let SecretSource::File { path } = &s.source {
+            deny.push(path.display().to_string());
+        }
+    }
+    // Relative paths are keygate's (its working directory), not the launcher's.
+    let deny: Vec<String> = deny
+        .into_iter()
+        .map(|p| {
+            std::fs::canonicalize(&p)
+                .or_else(|_| std::path::absolute(&p))
+                .map_or(p, |a| a.display().to_string())
+        })
+        .collect();
+    let mut ports: Vec<u16> = config
+        .listen
+        .iter()
+        .filter_map(|l| match l {
+            Listen::Tcp(a) => Some(a.port()),
+            Listen::Unix(_) => None,
+        })
+        .filter(|p| *p != 0)
+        .collect();
+    ports.push(state.listen_port);
+    ports.extend(&config.run.allow_ports);
+    ports.sort_unstable();
+    ports.dedup();
+    zeroize::Zeroizing::new(
+        json!({
+            "token": token,
+            "token_id": token_id,
+            "run_id": run.run_id,
+            "agent": agent,
+            "person": run.person,
+            "base_url": base,
+            "set": set,
+            "drop": drop,
+            "deny": deny,
+            "ports": ports,
+        })
+        .to_string()
+            + "\n",
+    )
+}
