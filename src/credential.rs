@@ -20,7 +20,7 @@ use crate::authorize::Authorized;
 use crate::config::{Config, Inject, Route, SecretId};
 use crate::error::{Code, Rejection};
 use crate::redact::{Redactor, RedactorBuilder};
-use crate::secret::{KeyId, Secret, SecretSpec};
+use crate::secret::{KeyId, Secret, SecretSource, SecretSpec};
 
 /// After a failed fetch, callers within this window get the same error instead of each running the
 /// secret command again (a locked password manager would otherwise be asked once per request).
@@ -31,6 +31,9 @@ const EXPIRY_MARGIN: Duration = Duration::from_secs(30);
 
 /// How many values of one secret stay known to the redactor after rotations.
 const REMEMBERED_VALUES: usize = 2;
+
+/// How many dynamic credentials (leases) of one secret stay known to the redactor.
+const REMEMBERED_LEASES: usize = 256;
 
 /// Every configured secret, fetched at first use and reused until its TTL ends; the only holder
 /// that exposes a value.
@@ -105,13 +108,12 @@ impl Credentials {
                     }
                     _ => None,
                 };
-                // The source's own expiry (a lease, temporary AWS keys), when sooner.
                 let by_source = cached.as_ref().and_then(|c| c.secret.expires());
-                let expires = match (by_ttl, by_source) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                }
-                .map(|t| humantime::format_rfc3339_seconds(t).to_string());
+                let expires = [by_ttl, by_source]
+                    .into_iter()
+                    .flatten()
+                    .min()
+                    .map(|t| humantime::format_rfc3339_seconds(t).to_string());
                 let failed = e.failed.load().as_ref().map(|f| f.1.clone());
                 serde_json::json!({
                     "name": name,
@@ -171,6 +173,33 @@ impl Credentials {
         if entry.spec.source.is_none() {
             return Ok(None);
         }
+        if let SecretSource::OpenBao(bao) = &entry.spec.source {
+            if bao.per_request() {
+                // `jit = "request"`: a credential of its own, never cached, revoked when the
+                // request's `LeaseHold` is dropped. A failing server is asked at most once per
+                // backoff window, as for cached sources.
+                if let Some(f) = entry.failed.load().as_ref() {
+                    if f.0.elapsed() < FAILURE_BACKOFF {
+                        return Err(Rejection::new(Code::SecretUnavailable, f.1.clone()));
+                    }
+                }
+                return match bao.fetch(name).await {
+                    Ok(s) => {
+                        let s = Arc::new(s);
+                        self.remember(s.clone());
+                        Ok(Some(s))
+                    }
+                    Err(e) => {
+                        let msg = e.to_string();
+                        tracing::warn!(secret = %name, error = %msg, "secret fetch failed");
+                        entry
+                            .failed
+                            .store(Some(Arc::new((Instant::now(), msg.clone()))));
+                        Err(Rejection::new(Code::SecretUnavailable, msg))
+                    }
+                };
+            }
+        }
         if let Some(c) = entry.fresh() {
             return Ok(Some(c));
         }
@@ -218,11 +247,11 @@ impl Credentials {
         }
     }
 
-    /// Fetches every secret whose source can be fetched (env, file, command, AWS) at once, so
-    /// that the request scan knows every held value before the first request: a key of one route
-    /// sent in another route's request is refused from the start. Returns the failures, as
-    /// (secret name, message naming the source, never a value). Sources this build cannot fetch
-    /// (OpenBao) are left to their first use.
+    /// Fetches every secret at once (env, file, command, OpenBao, AWS), so that the request scan
+    /// knows every held value before the first request: a key of one route sent in another
+    /// route's request is refused from the start. Returns the failures, as (secret name, message
+    /// naming the source, never a value). OpenBao leases issued per request are left to their
+    /// first use.
     pub async fn prefetch(&self) -> Vec<(String, String)> {
         let mut set = tokio::task::JoinSet::new();
         for (i, entry) in self.entries.iter().enumerate() {
@@ -250,6 +279,31 @@ impl Credentials {
         }
         failures.sort();
         failures
+    }
+
+    /// A request starts using `secret` (of the route `authorized` names): a dynamic credential's
+    /// lease stays alive, renewed as needed, until the returned hold is dropped, when a lease no
+    /// longer handed out is revoked. `None` for a secret without a lease.
+    pub fn hold(
+        &self,
+        config: &Config,
+        authorized: &Authorized,
+        secret: &Secret,
+    ) -> Option<crate::secret::openbao::LeaseHold> {
+        let id = config.routes[authorized.route()].secret?;
+        match &self.entries.get(id.0)?.spec.source {
+            SecretSource::OpenBao(bao) => bao.hold(secret),
+            _ => None,
+        }
+    }
+
+    /// At shutdown: revokes every dynamic credential still held, within `deadline`.
+    pub async fn shutdown(&self, deadline: Duration) {
+        for e in &self.entries {
+            if let SecretSource::OpenBao(bao) = &e.spec.source {
+                bao.shutdown(deadline).await;
+            }
+        }
     }
 
     /// Looks at the upstream's answer: a 401 means the key may have been rotated at its source,
@@ -298,7 +352,14 @@ impl Credentials {
             .filter(|(_, s)| s.key_id().as_str().split('#').next() == Some(name.as_str()))
             .map(|(i, _)| i)
             .collect();
-        if same.len() > REMEMBERED_VALUES {
+        // A dynamic credential per request means many live values at once; they stay known
+        // up to a larger bound, so none in use is forgotten while its answer streams.
+        let keep = if secret.lease().is_some() {
+            REMEMBERED_LEASES
+        } else {
+            REMEMBERED_VALUES
+        };
+        if same.len() > keep {
             held.remove(same[0]);
         }
         let mut b = Redactor::builder();
@@ -361,6 +422,8 @@ pub fn fetch_report(config: &Config) -> Result<Vec<serde_json::Value>, String> {
                 }
             }
         }
+        // A check leaves nothing behind: a dynamic credential it was issued is revoked now.
+        creds.shutdown(Duration::from_secs(5)).await;
     });
     Ok(creds
         .describe()
@@ -373,6 +436,43 @@ pub fn fetch_report(config: &Config) -> Result<Vec<serde_json::Value>, String> {
             d
         })
         .collect())
+}
+
+/// A response body that keeps a dynamic credential's lease alive until the body is sent (or
+/// abandoned): dropping it drops the [`LeaseHold`](crate::secret::openbao::LeaseHold).
+pub struct HeldBody {
+    inner: crate::forward::Body,
+    _hold: Option<crate::secret::openbao::LeaseHold>,
+}
+
+impl HeldBody {
+    /// Wraps `inner`; the hold goes when the body does.
+    pub fn new(
+        inner: crate::forward::Body,
+        hold: Option<crate::secret::openbao::LeaseHold>,
+    ) -> HeldBody {
+        HeldBody { inner, _hold: hold }
+    }
+}
+
+impl http_body::Body for HeldBody {
+    type Data = bytes::Bytes;
+    type Error = crate::forward::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Teaches a redactor a held value, labelled by its key id.

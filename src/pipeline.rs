@@ -141,6 +141,8 @@ struct Upstream {
     reservation: Option<Reservation>,
     /// keygate asked for the usage chunk the client did not: it is removed on the way back.
     strip_usage_chunk: bool,
+    /// A dynamic credential's lease, kept alive until the answer is sent.
+    hold: Option<crate::secret::openbao::LeaseHold>,
 }
 
 async fn process(
@@ -247,6 +249,9 @@ async fn process(
 
     // credential
     let secret = state.credentials.get(config, &authorized).await?;
+    let hold = secret
+        .as_ref()
+        .and_then(|s| state.credentials.hold(config, &authorized, s));
     let mut query = head.uri.query().map(str::to_string);
     if let Some(secret) = &secret {
         pending.record().key_id = Some(secret.key_id().to_string());
@@ -284,6 +289,7 @@ async fn process(
         route: route_id,
         reservation,
         strip_usage_chunk: plan.strip_usage_chunk,
+        hold,
     }))
 }
 
@@ -391,6 +397,10 @@ fn returning(
         watch.wrap(StripUsageChunk::new(body)).boxed()
     } else {
         watch.wrap(body).boxed()
+    };
+    let body = match up.hold {
+        Some(hold) => credential::HeldBody::new(body, Some(hold)).boxed(),
+        None => body,
     };
     Response::from_parts(head, body)
 }

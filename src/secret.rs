@@ -9,9 +9,11 @@
 
 pub mod aws;
 pub mod http;
+pub mod openbao;
 mod source;
 
-pub use source::{BaoToken, FetchError, SecretSource, SecretSpec};
+pub use openbao::BaoToken;
+pub use source::{FetchError, SecretSource, SecretSpec};
 
 use std::fmt;
 

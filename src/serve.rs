@@ -107,6 +107,20 @@ async fn serve(
         return (fail(2, &e), None);
     }
     if let Some(s) = &store {
+        // Before the listener opens, so no request can use a lease a crashed keygate left.
+        match crate::launcher::lease::revoke_orphans(&**s) {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                tokens = n,
+                "revoked run tokens left by a keygate that stopped without ending its leases"
+            ),
+            Err(e) => {
+                return (
+                    fail(2, &format!("cannot revoke leftover run tokens: {e}")),
+                    None,
+                )
+            }
+        }
         match s.spent() {
             Ok(spent) => {
                 let config = state.config.clone();
@@ -180,6 +194,12 @@ async fn serve(
     tracing::info!(signal = name, "shutting down");
     let _ = tx.send(true);
     let _ = server.await;
+    // Dynamic credentials end with keygate: revoked now, not left to their TTL.
+    live.state
+        .load_full()
+        .credentials
+        .shutdown(Duration::from_secs(5))
+        .await;
     if let Some(a) = admin {
         let _ = a.await;
     }

@@ -34,6 +34,10 @@ pub struct Issued {
     /// Set by `token revoke`; a revoked token is refused but kept so `list` can show it.
     #[serde(default)]
     pub revoked: bool,
+    /// Minted for a `keygate run` lease: valid only while a running keygate holds the lease, so
+    /// a keygate starting after a crash revokes it.
+    #[serde(default)]
+    pub lease: bool,
 }
 
 #[derive(Default, Serialize, Deserialize)]
@@ -157,6 +161,7 @@ pub fn issue(dir: &Path, agent: &str, ttl: Duration) -> Result<(String, Issued),
         created,
         expires: created.saturating_add(ttl.as_secs()),
         revoked: false,
+        lease: false,
     };
     open(dir)?.add_token(&rec)?;
     Ok((token, rec))
@@ -211,6 +216,7 @@ mod tests {
             created: now(),
             expires: now() + 3600,
             revoked: false,
+            lease: false,
         };
         let json = serde_json::to_vec(&File {
             tokens: vec![old.clone()],

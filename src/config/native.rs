@@ -83,6 +83,16 @@ struct RawSecret {
     endpoint: Option<String>,
     /// aws-secrets-manager, aws-credentials: the shared-file profile of keygate's AWS keys.
     profile: Option<String>,
+    // openbao: TLS, login, dynamic secrets
+    ca_file: Option<String>,
+    auth: Option<String>,
+    auth_mount: Option<String>,
+    role_id: Option<String>,
+    role: Option<String>,
+    secret_id_from: Option<String>,
+    jwt_from: Option<String>,
+    dynamic: Option<String>,
+    params: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Deserialize)]
@@ -112,6 +122,8 @@ struct RawRoute {
     service: Option<String>,
     #[serde(default)]
     env: BTreeMap<String, Spanned<String>>,
+    /// `request`, `run` or `ttl`: how long a dynamic OpenBao credential serves.
+    jit: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -202,6 +214,15 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
                 region: s.region.clone(),
                 endpoint: s.endpoint.clone(),
                 profile: s.profile.clone(),
+                ca_file: s.ca_file.clone(),
+                auth: s.auth.clone(),
+                auth_mount: s.auth_mount.clone(),
+                role_id: s.role_id.clone(),
+                role: s.role.clone(),
+                secret_id_from: s.secret_id_from.clone(),
+                jwt_from: s.jwt_from.clone(),
+                dynamic: s.dynamic.clone(),
+                params: s.params.clone(),
             }
         })
         .collect();
@@ -216,6 +237,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
                 upstream: lines.spanned(&r.upstream, key("upstream")),
                 secret: r.secret.as_ref().map(|s| lines.spanned(s, key("secret"))),
                 inject: r.inject.as_ref().map(|i| lines.spanned(i, key("inject"))),
+                jit: r.jit.as_ref().map(|j| lines.spanned(j, key("jit"))),
                 inject_format: r.inject_format.clone(),
                 basic_username: r.basic_username.clone(),
                 allow: r

@@ -126,6 +126,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
         upstream: At::new(upstream_base_url.clone(), at("upstream_base_url")),
         secret: has_secret.then(|| At::new("default".into(), secret_pos.clone())),
         inject: None,
+        jit: None,
         inject_format: None,
         basic_username: None,
         allow: allowed_paths

@@ -148,6 +148,17 @@ pub(crate) struct SecretSpecRaw {
     pub region: Option<String>,
     pub endpoint: Option<String>,
     pub profile: Option<String>,
+    /// openbao: a PEM CA file, the login (`auth`, `auth_mount`, `role_id`, `role`, and the
+    /// secrets holding the AppRole secret id or the JWT), a dynamic secret's path and params.
+    pub ca_file: Option<String>,
+    pub auth: Option<String>,
+    pub auth_mount: Option<String>,
+    pub role_id: Option<String>,
+    pub role: Option<String>,
+    pub secret_id_from: Option<String>,
+    pub jwt_from: Option<String>,
+    pub dynamic: Option<String>,
+    pub params: Option<std::collections::BTreeMap<String, String>>,
 }
 
 impl Default for Pos {
@@ -170,6 +181,8 @@ pub(crate) struct RouteSpec {
     pub upstream: At<String>,
     pub secret: Option<At<String>>,
     pub inject: Option<At<String>>,
+    /// `request`, `run` or `ttl` for a dynamic OpenBao secret.
+    pub jit: Option<At<String>>,
     pub inject_format: Option<String>,
     pub basic_username: Option<String>,
     pub allow: Vec<At<RuleSpec>>,

@@ -2,7 +2,9 @@
 //! defined here once; names (agent → route → secret) are resolved to ids here, so nothing looks
 //! a name up per request.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
@@ -12,6 +14,7 @@ use super::spec::{
 };
 use super::*;
 use crate::authorize::rule::{Rate, Rule};
+use crate::secret::openbao::Jit;
 use crate::secret::{BaoToken, SecretSource, SecretSpec};
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:8791";
@@ -80,9 +83,10 @@ pub(super) fn validate(file: &Path, spec: Spec) -> Result<Config, ConfigError> {
 
     let listen = listeners(&cx, &spec)?;
 
+    let jits = route_jits(&cx, &spec)?;
     let mut secrets = Vec::new();
     for s in &spec.secrets {
-        secrets.push(secret(&cx, s)?);
+        secrets.push(secret(&cx, s, &spec.secrets, &jits)?);
     }
 
     let upstream_timeout = cx.duration_or(&spec.upstream_timeout, DEFAULT_UPSTREAM_TIMEOUT)?;
@@ -215,7 +219,12 @@ fn listeners(cx: &Cx, spec: &Spec) -> Result<Vec<Listen>, ConfigError> {
     Ok(listen)
 }
 
-fn secret(cx: &Cx, s: &SecretSpecRaw) -> Result<SecretSpec, ConfigError> {
+fn secret(
+    cx: &Cx,
+    s: &SecretSpecRaw,
+    all: &[SecretSpecRaw],
+    jits: &BTreeMap<String, Jit>,
+) -> Result<SecretSpec, ConfigError> {
     let kind = s.source.value.as_str();
     let need = |v: &Option<String>, k: &str| -> Result<String, ConfigError> {
         match v {
@@ -249,25 +258,7 @@ fn secret(cx: &Cx, s: &SecretSpecRaw) -> Result<SecretSpec, ConfigError> {
             }
             SecretSource::Command { argv, timeout, env }
         }
-        "openbao" | "vault" => {
-            let token = match (&s.token_env, &s.token_file) {
-                (Some(e), None) => BaoToken::Env(e.clone()),
-                (None, Some(f)) => BaoToken::File(expand_home(f)),
-                _ => {
-                    return cx.err(
-                        &s.table.child("token_env"),
-                        "openbao needs exactly one of token_env or token_file",
-                    )
-                }
-            };
-            SecretSource::OpenBao {
-                address: need(&s.address, "address")?,
-                token,
-                mount: s.mount.clone().unwrap_or_else(|| "secret".into()),
-                path: need(&s.path, "path")?,
-                field: need(&s.field, "field")?,
-            }
-        }
+        "openbao" | "vault" => openbao(cx, s, all, jits)?,
         "aws-secrets-manager" => SecretSource::AwsSecretsManager {
             secret_id: need(&s.secret_id, "secret_id")?,
             region: need(&s.region, "region")?,
@@ -314,6 +305,136 @@ fn secret(cx: &Cx, s: &SecretSpecRaw) -> Result<SecretSpec, ConfigError> {
         ttl,
         lazy,
     })
+}
+
+/// The `jit` each dynamic OpenBao secret serves with, from the routes that use it (`ttl` when
+/// none says). Routes sharing one secret must agree: it is one lease cache.
+fn route_jits(cx: &Cx, spec: &Spec) -> Result<BTreeMap<String, Jit>, ConfigError> {
+    let mut jits: BTreeMap<String, Jit> = BTreeMap::new();
+    for r in &spec.routes {
+        let Some(j) = &r.jit else { continue };
+        let jit = match j.value.as_str() {
+            "request" => Jit::Request,
+            "run" => Jit::Run,
+            "ttl" => Jit::Ttl,
+            other => {
+                return cx.err(
+                    &j.pos,
+                    format!("unknown jit {other:?}; use request, run or ttl"),
+                )
+            }
+        };
+        let dynamic = r.secret.as_ref().and_then(|name| {
+            spec.secrets
+                .iter()
+                .find(|s| s.name == name.value && s.dynamic.is_some())
+        });
+        let Some(secret) = dynamic else {
+            return cx.err(
+                &j.pos,
+                "jit needs the route's secret to be an openbao source with dynamic = \"PATH\"",
+            );
+        };
+        if let Some(prev) = jits.insert(secret.name.clone(), jit) {
+            if prev != jit {
+                return cx.err(
+                    &j.pos,
+                    format!(
+                        "routes using secret {} name different jit values; they share one lease",
+                        secret.name
+                    ),
+                );
+            }
+        }
+    }
+    Ok(jits)
+}
+
+/// An `openbao` source: where, how keygate logs in, and what it reads.
+fn openbao(
+    cx: &Cx,
+    s: &SecretSpecRaw,
+    all: &[SecretSpecRaw],
+    jits: &BTreeMap<String, Jit>,
+) -> Result<SecretSource, ConfigError> {
+    use crate::secret::openbao::{Auth, Bao, Read, Settings};
+    let need = |v: &Option<String>, k: &str| -> Result<String, ConfigError> {
+        match v {
+            Some(v) if !v.is_empty() => Ok(v.clone()),
+            _ => cx.err(&s.table.child(k), format!("source openbao needs {k}")),
+        }
+    };
+    // The secret id or JWT comes from another secret, which cannot itself be an openbao one:
+    // no login depends on another login.
+    let other = |key: &str, name: &Option<String>| -> Result<Box<SecretSpec>, ConfigError> {
+        let name = need(name, key)?;
+        match all.iter().find(|o| o.name == name) {
+            Some(o) if !matches!(o.source.value.as_str(), "openbao" | "vault") => {
+                Ok(Box::new(secret(cx, o, all, jits)?))
+            }
+            Some(_) => cx.err(
+                &s.table.child(key),
+                format!("{key} names secret {name}, an openbao source; name an env, file or command secret"),
+            ),
+            None => cx.err(&s.table.child(key), format!("no [secrets.{name}] is defined")),
+        }
+    };
+    let auth_mount = |default: &str| s.auth_mount.clone().unwrap_or_else(|| default.into());
+    let auth = match s.auth.as_deref() {
+        None | Some("token") => Auth::Token(match (&s.token_env, &s.token_file) {
+            (Some(e), None) => BaoToken::Env(e.clone()),
+            (None, Some(f)) => BaoToken::File(expand_home(f)),
+            _ => {
+                return cx.err(
+                    &s.table.child("token_env"),
+                    "openbao needs exactly one of token_env or token_file (or auth = \"approle\" or \"jwt\")",
+                )
+            }
+        }),
+        Some("approle") => Auth::AppRole {
+            mount: auth_mount("approle"),
+            role_id: need(&s.role_id, "role_id")?,
+            secret_id: other("secret_id_from", &s.secret_id_from)?,
+        },
+        Some("jwt") => Auth::Jwt {
+            mount: auth_mount("jwt"),
+            role: need(&s.role, "role")?,
+            jwt: other("jwt_from", &s.jwt_from)?,
+        },
+        Some(other) => {
+            return cx.err(
+                &s.table.child("auth"),
+                format!("unknown auth {other:?}; use token, approle or jwt"),
+            )
+        }
+    };
+    let address = need(&s.address, "address")?;
+    if !(address.starts_with("http://") || address.starts_with("https://")) {
+        return cx.err(
+            &s.table.child("address"),
+            "address must be an http:// or https:// URL",
+        );
+    }
+    let read = match &s.dynamic {
+        Some(path) => Read::Dynamic {
+            path: path.trim_matches('/').to_string(),
+            field: need(&s.field, "field")?,
+            params: s.params.clone().unwrap_or_default(),
+        },
+        None => Read::Kv {
+            mount: s.mount.clone().unwrap_or_else(|| "secret".into()),
+            path: need(&s.path, "path")?,
+            field: need(&s.field, "field")?,
+        },
+    };
+    let settings = Settings {
+        address: address.trim_end_matches('/').to_string(),
+        ca_file: s.ca_file.as_deref().map(expand_home),
+        auth,
+        read,
+        jit: jits.get(&s.name).copied().unwrap_or(Jit::Ttl),
+    };
+    Ok(SecretSource::OpenBao(Arc::new(Bao::new(settings))))
 }
 
 fn route(

@@ -60,6 +60,20 @@ impl Runs {
     }
 }
 
+/// Revokes leased tokens left by a keygate that stopped without ending its leases (SIGKILL, a
+/// power cut): no launcher can still hold a lease on a connection to a process that is gone, so
+/// each is revoked rather than left to its TTL. Returns how many.
+pub fn revoke_orphans(store: &dyn crate::state::StateStore) -> Result<usize, String> {
+    let tokens = store.tokens().map_err(|e| e.to_string())?;
+    let mut n = 0;
+    for t in tokens.iter().filter(|t| !t.revoked && t.lease) {
+        n += store
+            .revoke_tokens(Some(&t.id), None)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(n)
+}
+
 /// Revokes every leased token: keygate is stopping and its leases end with it.
 pub fn revoke_all(control: &crate::admin::Control, store: &dyn crate::state::StateStore) {
     for id in control.runs.token_ids() {
@@ -124,6 +138,7 @@ pub(crate) async fn open(
         created,
         expires: created.saturating_add(ttl.as_secs()),
         revoked: false,
+        lease: true,
     };
     let token_id = issued.id.clone();
     let added = {

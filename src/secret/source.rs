@@ -54,20 +54,9 @@ pub enum SecretSource {
         /// env secrets) is not.
         env: Vec<String>,
     },
-    /// A field of an OpenBao (or Vault) KV secret; this build cannot fetch it yet
-    /// ([`FetchError::Unsupported`]).
-    OpenBao {
-        /// The server's base URL.
-        address: String,
-        /// Where keygate's own OpenBao token is read from.
-        token: BaoToken,
-        /// The KV mount (`secret` by default).
-        mount: String,
-        /// The secret's path inside the mount.
-        path: String,
-        /// The field of that secret whose value is the credential.
-        field: String,
-    },
+    /// A KV v2 field or a dynamic secret from OpenBao (or Vault), with the source's own state
+    /// (keygate's token, the leases it holds), shared by every clone of the config.
+    OpenBao(std::sync::Arc<super::openbao::Bao>),
     /// A secret in AWS Secrets Manager, read with GetSecretValue signed by keygate's own AWS
     /// credentials; its `VersionId` is the key id.
     AwsSecretsManager {
@@ -89,15 +78,6 @@ pub enum SecretSource {
         /// The shared-file profile (`profile`); `None` tries the environment first.
         profile: Option<String>,
     },
-}
-
-/// Where keygate reads its own OpenBao token from (`token_env` or `token_file`, exactly one).
-#[derive(Clone, Debug)]
-pub enum BaoToken {
-    /// An environment variable, by name.
-    Env(String),
-    /// A file, `~/` expanded.
-    File(PathBuf),
 }
 
 /// Why a secret could not be fetched. Every variant names the source; none carries the value,
@@ -219,6 +199,15 @@ pub enum FetchError {
         /// What failed.
         reason: String,
     },
+    /// OpenBao could not give the value: login, token renewal or the read failed. The reason
+    /// names the endpoint and the answer's status, never the answer's body or a token.
+    #[error("secret {secret}: openbao: {reason}")]
+    OpenBao {
+        /// The secret's name.
+        secret: String,
+        /// What failed.
+        reason: String,
+    },
     /// The source is valid config but this build cannot fetch from it.
     #[error("secret {secret}: source {kind} is not supported by this build of keygate")]
     Unsupported {
@@ -247,14 +236,7 @@ impl SecretSource {
                     argv.iter().take(2).cloned().collect::<Vec<_>>().join(" ")
                 )
             }
-            SecretSource::OpenBao {
-                address,
-                mount,
-                path,
-                ..
-            } => {
-                format!("openbao:{address}/{mount}/{path}")
-            }
+            SecretSource::OpenBao(bao) => bao.label(),
             SecretSource::AwsSecretsManager {
                 secret_id, region, ..
             } => {
@@ -281,7 +263,7 @@ impl SecretSource {
                 | SecretSource::Command { .. }
                 | SecretSource::AwsSecretsManager { .. }
                 | SecretSource::AwsCredentials { .. }
-        )
+        ) || matches!(self, SecretSource::OpenBao(bao) if !bao.per_request())
     }
 }
 
@@ -304,12 +286,7 @@ impl SecretSpec {
             SecretSource::Command { argv, timeout, env } => {
                 run_command(&secret, argv, *timeout, env).await?
             }
-            SecretSource::OpenBao { .. } => {
-                return Err(FetchError::Unsupported {
-                    secret,
-                    kind: "openbao",
-                })
-            }
+            SecretSource::OpenBao(bao) => return checked(self, bao.fetch(&self.name).await?),
             SecretSource::AwsSecretsManager { .. } | SecretSource::AwsCredentials { .. } => {
                 let value =
                     super::aws::fetch(&self.name, &self.source)
@@ -319,41 +296,41 @@ impl SecretSpec {
                             origin: self.source.label(),
                             reason,
                         })?;
-                return self.checked(value).map(Some);
+                return checked(self, value);
             }
         };
-        self.checked(Secret::new(&self.name, raw)).map(Some)
+        checked(self, Secret::new(&self.name, raw))
     }
+}
 
-    /// Refuses a value no credential can be (empty, too large, too short to redact).
-    fn checked(&self, value: Secret) -> Result<Secret, FetchError> {
-        let secret = self.name.clone();
-        if value.is_empty() {
-            return Err(FetchError::Empty {
-                secret,
-                origin: self.source.label(),
-            });
-        }
-        // Bounded for every source, not only commands: the redactor builds an automaton from every
-        // spelling of every held value, and that must stay small enough never to fail.
-        if value.len() > MAX_COMMAND_OUTPUT {
-            return Err(FetchError::ValueTooLarge {
-                secret,
-                origin: self.source.label(),
-                limit: MAX_COMMAND_OUTPUT,
-            });
-        }
-        // The redactor ignores values this short (they would match everywhere); a credential
-        // keygate cannot keep out of responses is refused rather than used.
-        if value.len() < crate::redact::MIN_KNOWN_LEN {
-            return Err(FetchError::TooShort {
-                secret,
-                origin: self.source.label(),
-                min: crate::redact::MIN_KNOWN_LEN,
-            });
-        }
-        Ok(value)
+/// The bounds every fetched value must meet, whichever its source.
+fn checked(spec: &SecretSpec, value: Secret) -> Result<Option<Secret>, FetchError> {
+    let secret = spec.name.clone();
+    if value.is_empty() {
+        return Err(FetchError::Empty {
+            secret,
+            origin: spec.source.label(),
+        });
     }
+    // Bounded for every source, not only commands: the redactor builds an automaton from every
+    // spelling of every held value, and that must stay small enough never to fail.
+    if value.len() > MAX_COMMAND_OUTPUT {
+        return Err(FetchError::ValueTooLarge {
+            secret,
+            origin: spec.source.label(),
+            limit: MAX_COMMAND_OUTPUT,
+        });
+    }
+    // The redactor ignores values this short (they would match everywhere); a credential
+    // keygate cannot keep out of responses is refused rather than used.
+    if value.len() < crate::redact::MIN_KNOWN_LEN {
+        return Err(FetchError::TooShort {
+            secret,
+            origin: spec.source.label(),
+            min: crate::redact::MIN_KNOWN_LEN,
+        });
+    }
+    Ok(Some(value))
 }
 
 async fn read_private_file(secret: &str, path: &PathBuf) -> Result<Vec<u8>, FetchError> {

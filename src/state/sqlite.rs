@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS tokens (
     sha256 TEXT NOT NULL,
     created INTEGER NOT NULL,
     expires INTEGER NOT NULL,
-    revoked INTEGER NOT NULL DEFAULT 0
+    revoked INTEGER NOT NULL DEFAULT 0,
+    lease INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
@@ -79,6 +80,15 @@ impl Sqlite {
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(|e| err(&e))?;
         conn.execute_batch(SCHEMA).map_err(|e| err(&e))?;
+        // Stores made before `keygate run` have no lease column; ADD COLUMN keeps their rows.
+        let has_lease: bool = conn
+            .prepare("SELECT 1 FROM pragma_table_info('tokens') WHERE name = 'lease'")
+            .and_then(|mut st| st.exists([]))
+            .map_err(|e| err(&e))?;
+        if !has_lease {
+            conn.execute_batch("ALTER TABLE tokens ADD COLUMN lease INTEGER NOT NULL DEFAULT 0")
+                .map_err(|e| err(&e))?;
+        }
         Ok(Sqlite {
             conn: Mutex::new(conn),
             path,
@@ -288,7 +298,7 @@ impl Sqlite {
     pub(crate) fn tokens_impl(&self) -> Result<Vec<Issued>, StateError> {
         self.with(|c| {
             let mut st = c.prepare(
-                "SELECT id, agent, sha256, created, expires, revoked FROM tokens ORDER BY created, id",
+                "SELECT id, agent, sha256, created, expires, revoked, lease FROM tokens ORDER BY created, id",
             )?;
             let rows = st.query_map([], |r| {
                 Ok(Issued {
@@ -298,6 +308,7 @@ impl Sqlite {
                     created: r.get::<_, i64>(3)? as u64,
                     expires: r.get::<_, i64>(4)? as u64,
                     revoked: r.get::<_, i64>(5)? != 0,
+                    lease: r.get::<_, i64>(6)? != 0,
                 })
             })?;
             rows.collect()
@@ -314,15 +325,16 @@ impl Sqlite {
                 params![super::now() as i64],
             )?;
             tx.execute(
-                "INSERT OR IGNORE INTO tokens (id, agent, sha256, created, expires, revoked)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT OR IGNORE INTO tokens (id, agent, sha256, created, expires, revoked, lease)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![
                     t.id,
                     t.agent,
                     t.sha256,
                     t.created as i64,
                     t.expires as i64,
-                    i64::from(t.revoked)
+                    i64::from(t.revoked),
+                    i64::from(t.lease)
                 ],
             )?;
             bump_tokens(&tx)?;
@@ -362,6 +374,27 @@ impl Sqlite {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_store_from_before_leases_keeps_its_tokens_and_gains_the_lease_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let c = Connection::open(dir.path().join("state.db")).unwrap();
+            c.execute_batch(
+                "CREATE TABLE tokens (id TEXT PRIMARY KEY, agent TEXT NOT NULL, sha256 TEXT NOT NULL,
+                 created INTEGER NOT NULL, expires INTEGER NOT NULL, revoked INTEGER NOT NULL DEFAULT 0);
+                 INSERT INTO tokens VALUES ('tok_old', 'coder', 'ab', 1, 99999999999, 0);",
+            )
+            .unwrap();
+        }
+        let s = Sqlite::open(dir.path()).unwrap();
+        let t = s.tokens().unwrap();
+        assert_eq!(t.len(), 1);
+        assert!(t[0].id == "tok_old" && !t[0].lease);
+        // Opening it again finds the column there and changes nothing.
+        drop(s);
+        assert_eq!(Sqlite::open(dir.path()).unwrap().tokens().unwrap().len(), 1);
+    }
 
     #[test]
     fn freezes_budgets_and_approvals_survive_reopening() {

@@ -265,6 +265,45 @@ async fn run_token_is_refused_after_the_launcher_is_sigkilled() {
     assert!(refused, "the token outlived the SIGKILLed launcher");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_token_left_by_a_sigkilled_keygate_is_refused_by_the_next_one() {
+    let (_up, mut kg, config) = setup("").await;
+    let work = tempfile::tempdir().unwrap();
+    let mut c = launcher(
+        &config,
+        &["--no-sandbox"],
+        "echo \"$OPENAI_API_KEY\" > token.txt; exec sleep 20",
+        work.path(),
+        &[],
+    );
+    let mut run = c.spawn().unwrap();
+    let token_file = work.path().join("token.txt");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !token_file.exists() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let token = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    let before = status_with(&kg, &token);
+    // A crash: keygate cannot end the lease, and the token is still in the store.
+    kg.kill();
+    let _ = run.kill();
+    let _ = run.wait();
+    let text = std::fs::read_to_string(&config).unwrap();
+    let next = Keygate::start(&text, &[("OPENAI_API_KEY", &provider_key())]);
+    let after = status_with(&next, &token);
+    assert_eq!(
+        before, 200,
+        "the run's token worked while its lease was held"
+    );
+    assert_eq!(
+        after, 401,
+        "a restarted keygate honoured a lease nobody holds"
+    );
+}
+
 fn landlock_missing(out: &Output) -> bool {
     let err = String::from_utf8_lossy(&out.stderr);
     if err.contains("does not support Landlock") {

@@ -126,6 +126,12 @@ impl Drop for Keygate {
 }
 
 impl Keygate {
+    /// Kills keygate with SIGKILL, as a crash would, keeping its directory (config, state).
+    pub(crate) fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Starts keygate on `config` (TOML text; `AUDIT` is replaced by the audit path) with `env`.
     pub(crate) fn start(config: &str, env: &[(&str, &str)]) -> Keygate {
         let dir = tempfile::tempdir().unwrap();
