@@ -438,6 +438,34 @@ pub fn fetch_report(config: &Config) -> Result<Vec<serde_json::Value>, String> {
         .collect())
 }
 
+/// The shared state store's password, fetched from its secret on a thread of its own (the
+/// caller may be an admin command without a runtime, or `serve` inside one). It goes only into
+/// the store's connection settings.
+pub fn store_password(spec: &SecretSpec) -> Result<zeroize::Zeroizing<String>, String> {
+    let fetched = std::thread::scope(|s| {
+        s.spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            rt.block_on(spec.fetch()).map_err(|e| e.to_string())
+        })
+        .join()
+        .unwrap_or_else(|_| Err("fetching the store's password failed".into()))
+    })?;
+    let Some(secret) = fetched else {
+        return Err(format!(
+            "secret {} (source none) holds no password",
+            spec.name
+        ));
+    };
+    #[allow(clippy::disallowed_methods)] // credential stage: the store's connection needs it
+    let value = secret.expose();
+    String::from_utf8(value.to_vec())
+        .map(zeroize::Zeroizing::new)
+        .map_err(|_| format!("secret {}: the store's password is not UTF-8", spec.name))
+}
+
 /// A response body that keeps a dynamic credential's lease alive until the body is sent (or
 /// abandoned): dropping it drops the [`LeaseHold`](crate::secret::openbao::LeaseHold).
 pub struct HeldBody {

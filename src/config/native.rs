@@ -10,6 +10,7 @@ use toml::Spanned;
 
 use super::spec::{
     AgentSpec, At, ConnectionsSpec, Dur, ListenSpec, Pos, RouteSpec, RuleSpec, SecretSpecRaw, Spec,
+    StateSpec,
 };
 use super::*;
 
@@ -24,6 +25,8 @@ struct Raw {
     audit_fail_closed: Option<bool>,
     state_dir: Option<String>,
     admin_socket: Option<String>,
+    state: Option<Spanned<RawState>>,
+    instance: Option<Spanned<String>>,
     approval_notify: Option<Spanned<Vec<String>>>,
     max_request_bytes: Option<u64>,
     upstream_timeout: Option<Spanned<String>>,
@@ -47,6 +50,18 @@ struct RawRun {
     drop_env: Vec<String>,
     #[serde(default)]
     allow_ports: Vec<u16>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    backend: Spanned<String>,
+    url: Option<Spanned<String>>,
+    tls: Option<bool>,
+    username: Option<String>,
+    password_from: Option<Spanned<String>>,
+    rate_limits: Option<Spanned<String>>,
+    max_stale: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -319,6 +334,27 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
         audit_fail_closed: raw.audit_fail_closed,
         state_dir: raw.state_dir.as_deref().map(expand_home),
         admin_socket: raw.admin_socket.as_deref().map(expand_home),
+        state: raw.state.as_ref().map(|st| {
+            let v = st.get_ref();
+            let key = |k: &str| format!("state.{k}");
+            StateSpec {
+                table: lines.at(st, "state"),
+                backend: lines.spanned(&v.backend, key("backend")),
+                url: v.url.as_ref().map(|u| lines.spanned(u, key("url"))),
+                tls: v.tls,
+                username: v.username.clone(),
+                password_from: v
+                    .password_from
+                    .as_ref()
+                    .map(|p| lines.spanned(p, key("password_from"))),
+                rate_limits: v
+                    .rate_limits
+                    .as_ref()
+                    .map(|r| lines.spanned(r, key("rate_limits"))),
+                max_stale: lines.dur(&v.max_stale, key("max_stale")),
+            }
+        }),
+        instance: raw.instance.as_ref().map(|i| lines.spanned(i, "instance")),
         approval_notify: raw
             .approval_notify
             .as_ref()

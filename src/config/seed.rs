@@ -183,6 +183,8 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
         audit_fail_closed: None,
         state_dir: None,
         admin_socket: None,
+        state: None,
+        instance: None,
         approval_notify: None,
         max_request_bytes: raw.max_request_bytes,
         upstream_timeout: raw

@@ -95,6 +95,10 @@ pub(crate) struct Spec {
     pub audit_fail_closed: Option<bool>,
     pub state_dir: Option<PathBuf>,
     pub admin_socket: Option<PathBuf>,
+    /// `state = { backend = … }`; `None` is the embedded store.
+    pub state: Option<StateSpec>,
+    /// `instance = "name"`.
+    pub instance: Option<At<String>>,
     /// `approval_notify = [argv…]`.
     pub approval_notify: Option<At<Vec<String>>>,
     pub max_request_bytes: Option<u64>,
@@ -238,4 +242,18 @@ pub(crate) struct SeedSpec {
     pub upstream_base_url: String,
     pub allowed_paths: Vec<String>,
     pub client_auth: bool,
+}
+
+/// `state = { backend, url, tls, username, password_from, rate_limits, max_stale }` as written.
+#[derive(Debug)]
+pub(crate) struct StateSpec {
+    /// The inline table, for errors about a key it lacks.
+    pub table: Pos,
+    pub backend: At<String>,
+    pub url: Option<At<String>>,
+    pub tls: Option<bool>,
+    pub username: Option<String>,
+    pub password_from: Option<At<String>>,
+    pub rate_limits: Option<At<String>>,
+    pub max_stale: Option<At<Dur>>,
 }
