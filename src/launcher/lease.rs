@@ -436,7 +436,7 @@ fn grant(
         .listen
         .iter()
         .filter_map(|l| match l {
-            Listen::Tcp(a) => Some(a.port()),
+            Listen::Tcp(a) | Listen::Tls(a) => Some(a.port()),
             Listen::Unix(_) => None,
         })
         .filter(|p| *p != 0)
@@ -511,7 +511,21 @@ impl Reach {
                 self.read_only.extend(app.settings.ca_file.iter().cloned());
                 self.source(&app.settings.private_key.source);
             }
-            SecretSource::None | SecretSource::AwsSecretsManager { .. } => {}
+            // keygate's own AWS credentials: the variables are always dropped (`AWS_*`); the
+            // shared files are denied where they exist (a missing one would freeze `~`).
+            SecretSource::AwsSecretsManager { .. } | SecretSource::AwsCredentials { .. } => {
+                let home = std::env::var_os("HOME").map(PathBuf::from);
+                for (var, name) in [
+                    ("AWS_SHARED_CREDENTIALS_FILE", "credentials"),
+                    ("AWS_CONFIG_FILE", "config"),
+                ] {
+                    let path = std::env::var_os(var)
+                        .map(PathBuf::from)
+                        .or_else(|| home.as_ref().map(|h| h.join(".aws").join(name)));
+                    self.files.extend(path.filter(|p| p.exists()));
+                }
+            }
+            SecretSource::None => {}
         }
     }
 
