@@ -241,6 +241,9 @@ fn open_lease(
         "command": args.command.first(),
         "env_sha256": env_sha256,
         "heartbeat_secs": heartbeat_wish(),
+        // Only an agent that can signal the launcher can SIGSTOP it to keep its token: without
+        // the sandbox, or on a kernel without Landlock signal scoping (ABI < 6).
+        "heartbeat_watch": args.sandbox == Some(false) || !sandbox::scopes_signals(),
     })
     .to_string();
     let head = format!(

@@ -196,6 +196,9 @@ pub(crate) async fn open(
     refresh(&live).await;
 
     let heartbeat = heartbeat_of(args);
+    // A launcher whose agent cannot signal it (Landlock signal scoping) asks keygate not to
+    // watch its heartbeat, so a person's Ctrl-Z of the whole job does not end the run.
+    let watched = args["heartbeat_watch"].as_bool().unwrap_or(true);
     let reply = grant(&state, &agent, &token, &token_id, &run, args, heartbeat);
     let record = json!({
         "time": crate::audit::now_rfc3339(),
@@ -207,6 +210,7 @@ pub(crate) async fn open(
         "agent": agent,
         "token_id": token_id,
         "ttl_secs": ttl.as_secs(),
+        "heartbeat_watched": watched,
         "command": args["command"].as_str().unwrap_or(""),
         "policy_version": state.policy_version,
     });
@@ -218,7 +222,7 @@ pub(crate) async fn open(
         token_id,
         run,
         ttl,
-        heartbeat * MISSED_BEATS,
+        watched.then(|| heartbeat * MISSED_BEATS),
     ));
 
     let mut r = Response::new(Full::new(Bytes::new()));
@@ -243,7 +247,7 @@ async fn hold(
     token_id: String,
     run: RunInfo,
     ttl: Duration,
-    silence: Duration,
+    silence: Option<Duration>,
 ) {
     let why = match on_upgrade.await {
         Ok(io) => {
@@ -255,14 +259,19 @@ async fn hold(
                 let mut buf = [0u8; 256];
                 let read_to_end = async {
                     loop {
-                        match tokio::time::timeout(silence, io.read(&mut buf)).await {
+                        let read = io.read(&mut buf);
+                        let beat = match silence {
+                            Some(s) => tokio::time::timeout(s, read).await,
+                            None => Ok(read.await),
+                        };
+                        match beat {
                             Ok(Ok(0)) => break "the launcher closed the lease".to_string(),
                             Ok(Ok(_)) => continue,
                             Ok(Err(e)) => break format!("the lease connection failed: {e}"),
                             Err(_) => {
                                 break format!(
                                     "no heartbeat from the launcher for {}s (stopped or hung)",
-                                    silence.as_secs()
+                                    silence.unwrap_or_default().as_secs()
                                 )
                             }
                         }

@@ -188,6 +188,16 @@ pub fn apply(plan: &Plan) -> Result<RulesetStatus, String> {
     Ok(status.ruleset)
 }
 
+/// Whether this kernel's Landlock keeps a sandboxed process from signalling processes outside
+/// its sandbox (ABI 6), so the agent cannot stop its launcher.
+pub fn scopes_signals() -> bool {
+    Ruleset::default()
+        .set_compatibility(CompatLevel::HardRequirement)
+        .scope(Scope::Signal)
+        .and_then(|r| r.create())
+        .is_ok()
+}
+
 /// Fails unless the kernel enforces everything up to `abi` (filesystem and TCP rules).
 fn demand(abi: ABI) -> Result<(), String> {
     Ruleset::default()

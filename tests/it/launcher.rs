@@ -830,3 +830,70 @@ async fn run_token_is_refused_once_a_sigstopped_launcher_misses_its_heartbeats()
     assert_eq!(before, 200, "the run's token worked while the launcher ran");
     assert!(refused, "the token outlived a stopped launcher's heartbeat");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandboxed_run_stopped_like_ctrl_z_keeps_its_token_when_the_agent_cannot_signal_the_launcher(
+) {
+    let (_up, kg, config) = setup("").await;
+    let work = tempfile::tempdir().unwrap();
+    let mut c = launcher(
+        &config,
+        &[],
+        "echo \"$OPENAI_API_KEY\" > token.txt; echo $$ > pid.txt; exec sleep 25",
+        work.path(),
+        &[("KEYGATE_RUN_HEARTBEAT_SECS", "1")],
+    );
+    let mut child = c.spawn().unwrap();
+    let token_file = work.path().join("token.txt");
+    let pid_file = work.path().join("pid.txt");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(pid_file.exists() && token_file.exists()) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let token = std::fs::read_to_string(&token_file)
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let agent_pid = std::fs::read_to_string(&pid_file)
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let start = std::fs::read_to_string(&kg.audit).unwrap_or_default();
+    let watched = start
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|r| r["event"] == "run_start")
+        .map(|r| r["heartbeat_watched"].clone());
+    let launcher_pid = child.id().to_string();
+    if watched != Some(serde_json::Value::Bool(false)) {
+        let _ = Command::new("kill").args(["-9", &launcher_pid]).status();
+        let _ = Command::new("kill").args(["-9", &agent_pid]).status();
+        let _ = child.wait();
+        // Only a kernel without Landlock signal scoping (ABI < 6) watches a sandboxed run.
+        eprintln!("skipped: this kernel cannot keep the agent from signalling ({watched:?})");
+        return;
+    }
+    // The terminal's job control stops the whole job; longer than three missed heartbeats.
+    let _ = Command::new("kill")
+        .args(["-STOP", &launcher_pid, &agent_pid])
+        .status();
+    let kg = Arc::new(kg);
+    let k = kg.clone();
+    let t = token.clone();
+    let refused =
+        tokio::task::spawn_blocking(move || refused_within(&k, &t, Duration::from_secs(5)))
+            .await
+            .unwrap();
+    let _ = Command::new("kill")
+        .args(["-CONT", &launcher_pid, &agent_pid])
+        .status();
+    let after = status_with(&kg, &token);
+    let _ = Command::new("kill").args(["-9", &launcher_pid]).status();
+    let _ = Command::new("kill").args(["-9", &agent_pid]).status();
+    let _ = child.wait();
+    assert!(
+        !refused,
+        "a stopped job lost its token though its agent cannot stop the launcher"
+    );
+    assert_eq!(after, 200, "the resumed run's token works");
+}
