@@ -390,6 +390,12 @@ impl Entry {
                 return None;
             }
         }
+        // A lease the server no longer knows (its renewal was refused) is fetched afresh.
+        if let SecretSource::OpenBao(bao) = &self.spec.source {
+            if bao.lease_gone(&c.secret) {
+                return None;
+            }
+        }
         // A value its source says expires is replaced a little before, so a request in flight
         // does not reach the upstream with a credential that died on the way.
         if let Some(at) = c.secret.expires() {

@@ -23,11 +23,14 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
+#[cfg(test)]
+pub(crate) mod fake;
+
 use super::http::{BackendClient, HttpError, DEFAULT_TIMEOUT};
 use super::{FetchError, Secret, SecretSpec};
 
 /// The validated settings of one `openbao` source.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Settings {
     /// The server's base URL (`address`), without a trailing `/`.
     pub address: String,
@@ -42,7 +45,7 @@ pub struct Settings {
 }
 
 /// How keygate gets its own OpenBao token.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum Auth {
     /// A token kept in keygate's environment or in a file (`token_env`, `token_file`), read
     /// again whenever a new one is needed.
@@ -77,7 +80,7 @@ pub enum BaoToken {
 }
 
 /// What the source reads.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum Read {
     /// A field of a KV v2 secret; the secret's version is the key id (`name#vN`).
     Kv {
@@ -155,7 +158,25 @@ pub(crate) struct Lease {
     /// No longer handed out: revoked as soon as `users` is zero.
     retired: AtomicBool,
     revoked: AtomicBool,
+    /// The server no longer knows it (renewal refused as expired or unknown): not handed out.
+    dead: AtomicBool,
     jit: Jit,
+}
+
+impl Lease {
+    fn new(id: Zeroizing<String>, renewable: bool, ttl: Duration, jit: Jit) -> Lease {
+        Lease {
+            id,
+            renewable,
+            ttl,
+            expires: Mutex::new(Instant::now() + ttl),
+            users: AtomicUsize::new(0),
+            retired: AtomicBool::new(jit == Jit::Request),
+            revoked: AtomicBool::new(false),
+            dead: AtomicBool::new(false),
+            jit,
+        }
+    }
 }
 
 /// A request's use of a dynamic credential: while it lives the lease is renewed as needed; when
@@ -208,6 +229,13 @@ struct DynamicAnswer {
     #[serde(default)]
     renewable: bool,
     data: BTreeMap<String, serde_json::Value>,
+}
+
+/// Only the lease of an answer otherwise unreadable, so that it can still be revoked.
+#[derive(Deserialize)]
+struct LeaseOnly {
+    #[serde(default)]
+    lease_id: String,
 }
 
 #[derive(Deserialize)]
@@ -358,10 +386,25 @@ impl Bao {
                 Ok(Secret::new(name, value.to_vec()).versioned(name, &version))
             }
             Read::Dynamic { field, .. } => {
-                let d: DynamicAnswer =
-                    serde_json::from_slice(&answer.body).map_err(|_| malformed())?;
+                let d: DynamicAnswer = match serde_json::from_slice(&answer.body) {
+                    Ok(d) => d,
+                    Err(_) => {
+                        // Unreadable as a whole, it may still have issued a lease: revoke it,
+                        // or every retry would leave one more behind.
+                        if let Ok(l) = serde_json::from_slice::<LeaseOnly>(&answer.body) {
+                            self.discard(Zeroizing::new(l.lease_id), false, 0);
+                        }
+                        return Err(malformed());
+                    }
+                };
                 let lease_id = Zeroizing::new(d.lease_id);
-                let value = field_bytes(&d.data, field, path)?;
+                let value = match field_bytes(&d.data, field, path) {
+                    Ok(v) => v,
+                    Err(f) => {
+                        self.discard(lease_id, d.renewable, d.lease_duration);
+                        return Err(f);
+                    }
+                };
                 if lease_id.is_empty() {
                     return Err(Failed(format!(
                         "{path}: the answer has no lease; use a KV secret for a static value"
@@ -372,20 +415,13 @@ impl Bao {
                 let mut secret = Secret::new(name, value.to_vec())
                     .versioned(name, &version)
                     .leased(lease_id.to_string());
-                // `run` renews its lease for as long as keygate runs, so the cache keeps it.
-                if self.settings.jit == Jit::Ttl && d.lease_duration > 0 {
+                // `run` renews its lease for as long as keygate runs, so the cache keeps it;
+                // one that cannot be renewed is cached only for its TTL.
+                let renewed = self.settings.jit == Jit::Run && d.renewable;
+                if self.settings.jit != Jit::Request && !renewed && d.lease_duration > 0 {
                     secret = secret.expiring(SystemTime::now() + ttl);
                 }
-                self.track(Lease {
-                    id: lease_id,
-                    renewable: d.renewable,
-                    ttl,
-                    expires: Mutex::new(Instant::now() + ttl),
-                    users: AtomicUsize::new(0),
-                    retired: AtomicBool::new(self.settings.jit == Jit::Request),
-                    revoked: AtomicBool::new(false),
-                    jit: self.settings.jit,
-                });
+                self.track(Lease::new(lease_id, d.renewable, ttl, self.settings.jit));
                 Ok(secret)
             }
         }
@@ -403,6 +439,17 @@ impl Bao {
             bao: self.clone(),
             lease,
         })
+    }
+
+    /// Whether the lease of `secret` (from this source) is known to be gone at the server
+    /// (renewal refused as expired or unknown): such a value is no longer handed out.
+    pub fn lease_gone(&self, secret: &Secret) -> bool {
+        let Some(id) = secret.lease() else {
+            return false;
+        };
+        !lock(&self.leases)
+            .iter()
+            .any(|l| l.id.as_str() == id && !l.dead.load(Ordering::Acquire))
     }
 
     /// Revokes every lease still held, within `deadline`; called at shutdown. Nothing is
@@ -451,6 +498,18 @@ impl Bao {
         }
     }
 
+    /// A lease the server no longer knows: not handed out again, nothing to revoke.
+    fn bury(&self, lease: &Arc<Lease>) {
+        lease.dead.store(true, Ordering::Release);
+        lease.retired.store(true, Ordering::Release);
+        lease.revoked.store(true, Ordering::Release);
+        lock(&self.leases).retain(|l| !Arc::ptr_eq(l, lease));
+        let mut current = lock(&self.current);
+        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, lease)) {
+            *current = None;
+        }
+    }
+
     fn track(self: &Arc<Self>, lease: Lease) {
         let lease = Arc::new(lease);
         lock(&self.leases).push(lease.clone());
@@ -470,19 +529,51 @@ impl Bao {
         }
     }
 
+    /// A lease the server issued with an answer keygate cannot use: tracked (so shutdown
+    /// still sees it) and revoked at once.
+    fn discard(self: &Arc<Self>, id: Zeroizing<String>, renewable: bool, ttl_s: u64) {
+        if id.is_empty() {
+            return;
+        }
+        let lease = Arc::new(Lease::new(
+            id,
+            renewable,
+            Duration::from_secs(ttl_s),
+            Jit::Request,
+        ));
+        lease.retired.store(true, Ordering::Release);
+        lock(&self.leases).push(lease.clone());
+        self.revoke_later(lease);
+    }
+
+    /// Revokes in the background; a failed revocation is tried again a few times, then left
+    /// tracked for shutdown's last attempt.
     fn revoke_later(self: &Arc<Self>, lease: Arc<Lease>) {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
         let bao = self.clone();
-        rt.spawn(async move { bao.revoke(&lease).await });
+        rt.spawn(async move {
+            let mut wait = REVOKE_RETRY_FIRST;
+            for _ in 0..REVOKE_ATTEMPTS {
+                if bao.revoke(&lease).await != Revoked::Retry
+                    || bao.closed.load(Ordering::Acquire)
+                {
+                    return;
+                }
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+            tracing::warn!(source = %bao.label(), "lease revocation kept failing; trying again at shutdown, else it ends with its TTL");
+        });
     }
 
-    async fn revoke(self: &Arc<Self>, lease: &Lease) {
+    /// One attempt. The lease stays tracked until the server confirmed it (or said it has no
+    /// such lease), so a failure can be retried.
+    async fn revoke(self: &Arc<Self>, lease: &Arc<Lease>) -> Revoked {
         if lease.revoked.swap(true, Ordering::AcqRel) {
-            return;
+            return Revoked::Done;
         }
-        lock(&self.leases).retain(|l| !std::ptr::eq(Arc::as_ptr(l), lease));
         let body = serde_json::json!({ "lease_id": lease.id.as_str() });
         let result = match self.token().await {
             Ok(token) => {
@@ -496,21 +587,36 @@ impl Bao {
             }
             Err(f) => Err(f),
         };
-        match result {
+        let outcome = match result {
             Ok(a) if a.status.is_success() => {
-                tracing::debug!(source = %self.label(), "lease revoked")
+                tracing::debug!(source = %self.label(), "lease revoked");
+                Revoked::Done
+            }
+            Ok(a) if matches!(a.status.as_u16(), 400 | 404) => {
+                // Expired or unknown: nothing is left to revoke, and asking again cannot help.
+                tracing::debug!(source = %self.label(), status = %a.status, "lease already gone");
+                Revoked::Done
             }
             Ok(a) => {
-                tracing::warn!(source = %self.label(), status = %a.status, "lease revocation refused; it ends with its TTL")
+                tracing::warn!(source = %self.label(), status = %a.status, "lease revocation refused; will try again");
+                Revoked::Retry
             }
             Err(Failed(reason)) => {
-                tracing::warn!(source = %self.label(), error = %reason, "lease revocation failed; it ends with its TTL")
+                tracing::warn!(source = %self.label(), error = %reason, "lease revocation failed; will try again");
+                Revoked::Retry
             }
+        };
+        match outcome {
+            Revoked::Done => {
+                lock(&self.leases).retain(|l| !Arc::ptr_eq(l, lease));
+            }
+            Revoked::Retry => lease.revoked.store(false, Ordering::Release),
         }
+        outcome
     }
 
-    async fn renew_lease(self: &Arc<Self>, lease: &Lease) -> Result<(), Failed> {
-        let token = self.token().await?;
+    async fn renew_lease(self: &Arc<Self>, lease: &Lease) -> Result<(), Renewal> {
+        let token = self.token().await.map_err(Renewal::Later)?;
         let body = serde_json::json!({
             "lease_id": lease.id.as_str(),
             "increment": lease.ttl.as_secs(),
@@ -522,12 +628,17 @@ impl Bao {
                 Some(&token),
                 Some(body.to_string().into_bytes()),
             )
-            .await?;
+            .await
+            .map_err(Renewal::Later)?;
+        if matches!(a.status.as_u16(), 400 | 404) {
+            // OpenBao's answer for a lease that expired, was revoked or never existed.
+            return Err(Renewal::Gone(status_failure("sys/leases/renew", a.status)));
+        }
         if !a.status.is_success() {
-            return Err(status_failure("sys/leases/renew", a.status));
+            return Err(Renewal::Later(status_failure("sys/leases/renew", a.status)));
         }
         let r: RenewAnswer = serde_json::from_slice(&a.body)
-            .map_err(|_| Failed("sys/leases/renew: unexpected answer".into()))?;
+            .map_err(|_| Renewal::Later(Failed("sys/leases/renew: unexpected answer".into())))?;
         *lock(&lease.expires) = Instant::now() + Duration::from_secs(r.lease_duration);
         Ok(())
     }
@@ -680,36 +791,63 @@ impl Bao {
 
 impl Drop for Bao {
     fn drop(&mut self) {
-        // A reload replaced this source: whatever it still holds is no longer handed out.
-        let live: Vec<Arc<Lease>> = lock(&self.leases).drain(..).collect();
-        if live.is_empty() || self.closed.load(Ordering::Acquire) {
+        // A reload replaced this source: whatever it still holds (leases, a token it logged in
+        // for) is no longer used. `&mut self` means no renewal or request holds a lock now (each
+        // holds an `Arc` while it does), so both are taken without waiting.
+        if *self.closed.get_mut() {
+            return;
+        }
+        let live: Vec<Arc<Lease>> = match self.leases.get_mut() {
+            Ok(l) => l.drain(..).collect(),
+            Err(p) => p.into_inner().drain(..).collect(),
+        };
+        let token = self.token.get_mut().take();
+        let own_token = token.is_some() && !matches!(self.settings.auth, Auth::Token(_));
+        if live.is_empty() && !own_token {
             return;
         }
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(source = %self.label(), "a replaced OpenBao source could not revoke what it held; it ends with its TTL");
             return;
         };
-        let settings = Settings {
-            address: self.settings.address.clone(),
-            ca_file: self.settings.ca_file.clone(),
-            auth: Auth::Token(BaoToken::Env(String::new())),
-            read: Read::Kv {
-                mount: String::new(),
-                path: String::new(),
-                field: String::new(),
-            },
-            jit: self.settings.jit,
-        };
-        // The held token goes to a stand-in source that only revokes.
-        let token = self.token.try_lock().ok().and_then(|mut t| t.take());
-        let Some(token) = token else { return };
-        let heir = Arc::new(Bao::new(settings));
-        if let Ok(mut t) = heir.token.try_lock() {
-            *t = Some(token);
+        // A stand-in with the same settings (so it can log in again if it must) revokes the
+        // leases, then the token if keygate logged in for it.
+        let mut heir = Bao::new(self.settings.clone());
+        *heir.token.get_mut() = token;
+        match heir.leases.get_mut() {
+            Ok(l) => l.extend(live),
+            Err(p) => p.into_inner().extend(live),
         }
-        heir.leases.lock().map(|mut l| l.extend(live)).ok();
-        rt.spawn(async move { heir.shutdown(Duration::from_secs(10)).await });
+        let heir = Arc::new(heir);
+        rt.spawn(async move { heir.shutdown(HANDOVER_DEADLINE).await });
     }
 }
+
+/// The outcome of one revocation attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Revoked {
+    /// Revoked, or the server has no such lease: no longer tracked.
+    Done,
+    /// Failed (network, server error): still tracked, tried again.
+    Retry,
+}
+
+/// Why a renewal failed.
+enum Renewal {
+    /// The server no longer knows the lease (expired, revoked): its value is dead.
+    Gone(Failed),
+    /// The server could not be asked or failed: try again while the lease has time left.
+    Later(Failed),
+}
+
+/// A failed revocation is tried again after this, then twice as long each time.
+const REVOKE_RETRY_FIRST: Duration = Duration::from_millis(500);
+
+/// How many times a revocation is tried before it is left for shutdown (about 15 s in all).
+const REVOKE_ATTEMPTS: u32 = 5;
+
+/// How long a replaced source's stand-in has to revoke what it held.
+const HANDOVER_DEADLINE: Duration = Duration::from_secs(10);
 
 /// The server refused the token for this path: the caller logs in again, once.
 struct Denied(String);
@@ -775,6 +913,9 @@ async fn renew_token(bao: Weak<Bao>, token: Weak<Token>) {
     }
 }
 
+/// After a failed renewal, the next attempt waits at least this long.
+const RENEW_RETRY: Duration = Duration::from_secs(2);
+
 /// Renews a lease while it is needed: while a request uses it, or for `run` until shutdown.
 async fn renew_while_needed(bao: Weak<Bao>, lease: Arc<Lease>) {
     loop {
@@ -793,9 +934,23 @@ async fn renew_while_needed(bao: Weak<Bao>, lease: Arc<Lease>) {
         if !in_use {
             return;
         }
-        if let Err(Failed(reason)) = b.renew_lease(&lease).await {
-            tracing::warn!(source = %b.label(), error = %reason, "lease could not be renewed");
-            return;
+        match b.renew_lease(&lease).await {
+            Ok(()) => {}
+            Err(Renewal::Gone(Failed(reason))) => {
+                tracing::warn!(source = %b.label(), error = %reason, "lease is gone at the server; its value is dropped and fetched afresh");
+                b.bury(&lease);
+                return;
+            }
+            Err(Renewal::Later(Failed(reason))) => {
+                if Instant::now() >= *lock(&lease.expires) {
+                    tracing::warn!(source = %b.label(), error = %reason, "lease expired before it could be renewed; its value is dropped");
+                    b.bury(&lease);
+                    return;
+                }
+                tracing::warn!(source = %b.label(), error = %reason, "lease could not be renewed; trying again");
+                drop(b);
+                tokio::time::sleep(RENEW_RETRY).await;
+            }
         }
     }
 }
@@ -988,6 +1143,162 @@ mod tests {
         assert!(
             dbg.contains("openai") && !dbg.contains("not-a-real-token"),
             "{dbg}"
+        );
+    }
+
+    fn token_file() -> tempfile::NamedTempFile {
+        // NamedTempFile is created 0600, as token_file demands.
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), "fake-bao-token").unwrap();
+        f
+    }
+
+    fn dynamic_source(address: &str, jit: Jit, token: &std::path::Path) -> Arc<Bao> {
+        Arc::new(Bao::new(Settings {
+            address: address.into(),
+            ca_file: None,
+            auth: Auth::Token(BaoToken::File(token.into())),
+            read: Read::Dynamic {
+                path: "database/creds/agent".into(),
+                field: "password".into(),
+                params: BTreeMap::new(),
+            },
+            jit,
+        }))
+    }
+
+    fn creds(lease: &str, ttl_s: u64, data: &str) -> (u16, String) {
+        let body = format!(
+            r#"{{"lease_id":"database/creds/agent/{lease}","lease_duration":{ttl_s},"renewable":true,"data":{data}}}"#
+        );
+        (200, body)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lease_issued_with_an_unusable_answer_is_revoked_not_leaked() {
+        let fake = fake::FakeBao::start(|c, n| match c.path.as_str() {
+            // First the field is missing, then the data is not even a map.
+            "database/creds/agent" if n == 0 => creds("first", 60, r#"{"username":"u"}"#),
+            "database/creds/agent" => creds("second", 60, r#""not a map""#),
+            "sys/leases/revoke" => (204, String::new()),
+            _ => (404, "{}".into()),
+        })
+        .await;
+        let token = token_file();
+        let bao = dynamic_source(&fake.address, Jit::Request, token.path());
+        let e = bao.fetch("v").await.unwrap_err().to_string();
+        assert!(e.contains("no field password"), "{e}");
+        let e = bao.fetch("v").await.unwrap_err().to_string();
+        assert!(e.contains("not what OpenBao sends"), "{e}");
+        let revoked = fake.wait_for("sys/leases/revoke", 2).await;
+        let bodies: Vec<&str> = revoked.iter().map(|c| c.body.as_str()).collect();
+        assert_eq!(bodies.len(), 2, "{bodies:?}");
+        assert!(
+            bodies.iter().any(|b| b.contains("agent/first")),
+            "{bodies:?}"
+        );
+        assert!(
+            bodies.iter().any(|b| b.contains("agent/second")),
+            "{bodies:?}"
+        );
+        assert!(lock(&bao.leases).is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_usable_answer_keeps_its_lease_until_its_request_is_done() {
+        let fake = fake::FakeBao::start(|c, _| match c.path.as_str() {
+            "database/creds/agent" => creds("one", 60, r#"{"password":"pw-1"}"#),
+            "sys/leases/revoke" => (204, String::new()),
+            _ => (404, "{}".into()),
+        })
+        .await;
+        let token = token_file();
+        let bao = dynamic_source(&fake.address, Jit::Request, token.path());
+        let secret = bao.fetch("v").await.unwrap();
+        let hold = bao.hold(&secret).unwrap();
+        assert!(fake.calls_to("sys/leases/revoke").is_empty());
+        drop(hold);
+        assert_eq!(fake.wait_for("sys/leases/revoke", 1).await.len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_revocation_is_tried_again_and_the_lease_tracked_until_it_succeeds() {
+        let fake = fake::FakeBao::start(|c, n| match c.path.as_str() {
+            "database/creds/agent" => creds("one", 60, r#"{"password":"pw-1"}"#),
+            "sys/leases/revoke" if n == 0 => (500, "{}".into()),
+            "sys/leases/revoke" => (204, String::new()),
+            _ => (404, "{}".into()),
+        })
+        .await;
+        let token = token_file();
+        let bao = dynamic_source(&fake.address, Jit::Request, token.path());
+        let secret = bao.fetch("v").await.unwrap();
+        drop(bao.hold(&secret));
+        let calls = fake.wait_for("sys/leases/revoke", 2).await;
+        assert_eq!(calls.len(), 2, "the failed revocation was not tried again");
+        assert!(calls[1].method == "PUT" && calls[1].body.contains("agent/one"));
+        for _ in 0..100 {
+            if lock(&bao.leases).is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the lease is still tracked after its revocation succeeded");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lease_whose_renewal_is_refused_as_gone_is_no_longer_handed_out() {
+        let fake = fake::FakeBao::start(|c, _| match c.path.as_str() {
+            "database/creds/agent" => creds("one", 2, r#"{"password":"pw-1"}"#),
+            "sys/leases/renew" => (400, r#"{"errors":["lease not found"]}"#.into()),
+            _ => (404, "{}".into()),
+        })
+        .await;
+        let token = token_file();
+        let bao = dynamic_source(&fake.address, Jit::Run, token.path());
+        let secret = bao.fetch("v").await.unwrap();
+        assert!(!bao.lease_gone(&secret));
+        fake.wait_for("sys/leases/renew", 1).await;
+        for _ in 0..250 {
+            if bao.lease_gone(&secret) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("a lease the server refused to renew is still handed out");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replaced_approle_source_revokes_its_own_token_even_with_no_lease() {
+        let fake = fake::FakeBao::start(|c, _| match c.path.as_str() {
+            "auth/approle/login" => (
+                200,
+                r#"{"auth":{"client_token":"logged-in-1","lease_duration":300,"renewable":true}}"#
+                    .into(),
+            ),
+            "secret/data/openai" => (
+                200,
+                r#"{"data":{"data":{"api_key":"v1"},"metadata":{"version":1}}}"#.into(),
+            ),
+            "auth/token/revoke-self" => (204, String::new()),
+            _ => (404, "{}".into()),
+        })
+        .await;
+        let text = format!("[secrets.v]\nsource = \"openbao\"\naddress = \"{}\"\nauth = \"approle\"\nrole_id = \"r\"\nsecret_id_from = \"sid\"\npath = \"openai\"\nfield = \"api_key\"\n[secrets.sid]\nsource = \"command\"\nargv = [\"echo\", \"role-secret-id-1\"]\n", fake.address);
+        let c = load(&text, "").unwrap();
+        let v = c.secrets.iter().find(|s| s.name == "v").unwrap();
+        let crate::secret::SecretSource::OpenBao(bao) = v.source.clone() else {
+            panic!("not openbao")
+        };
+        bao.fetch("v").await.unwrap();
+        // A renewal of the token may be running: the hand-over must not depend on it.
+        drop(bao);
+        drop(c);
+        let revoked = fake.wait_for("auth/token/revoke-self", 1).await;
+        assert_eq!(
+            revoked.len(),
+            1,
+            "the replaced source's token was left behind"
         );
     }
 
