@@ -192,9 +192,13 @@ impl Credentials {
                     Err(e) => {
                         let msg = e.to_string();
                         tracing::warn!(secret = %name, error = %msg, "secret fetch failed");
-                        entry
-                            .failed
-                            .store(Some(Arc::new((Instant::now(), msg.clone()))));
+                        // At `max_leases` the server is fine: the next request may find a lease
+                        // come free, so this is not remembered as a failure.
+                        if !matches!(e, crate::secret::FetchError::LeasesExhausted { .. }) {
+                            entry
+                                .failed
+                                .store(Some(Arc::new((Instant::now(), msg.clone()))));
+                        }
                         Err(Rejection::new(Code::SecretUnavailable, msg))
                     }
                 };

@@ -42,6 +42,9 @@ pub struct Settings {
     pub read: Read,
     /// How long a dynamic secret's lease serves (the routes' `jit`).
     pub jit: Jit,
+    /// How many of its leases may be outstanding (issued, not yet revoked) at once
+    /// (`max_leases`); past it a fetch waits [`LEASE_WAIT`], then is refused.
+    pub max_leases: usize,
 }
 
 /// How keygate gets its own OpenBao token.
@@ -126,6 +129,8 @@ pub struct Bao {
     current: Mutex<Option<Arc<Lease>>>,
     /// Set once [`Bao::shutdown`] ran: nothing is renewed after.
     closed: AtomicBool,
+    /// One permit per outstanding lease (`max_leases`).
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Bao {
@@ -161,6 +166,8 @@ pub(crate) struct Lease {
     /// The server no longer knows it (renewal refused as expired or unknown): not handed out.
     dead: AtomicBool,
     jit: Jit,
+    /// Its place under `max_leases`, given back once it is revoked or gone.
+    slot: Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
 }
 
 impl Lease {
@@ -175,6 +182,7 @@ impl Lease {
             revoked: AtomicBool::new(false),
             dead: AtomicBool::new(false),
             jit,
+            slot: Mutex::new(None),
         }
     }
 }
@@ -288,12 +296,13 @@ impl Bao {
     /// A source with nothing fetched yet.
     pub fn new(settings: Settings) -> Bao {
         Bao {
-            settings,
             client: OnceLock::new(),
             token: tokio::sync::Mutex::new(None),
             leases: Mutex::new(Vec::new()),
             current: Mutex::new(None),
             closed: AtomicBool::new(false),
+            slots: Arc::new(tokio::sync::Semaphore::new(settings.max_leases.max(1))),
+            settings,
         }
     }
 
@@ -319,7 +328,23 @@ impl Bao {
     /// Reads the value: a KV field (key id `name#vN`) or a new dynamic credential (key id
     /// `name#lease-FINGERPRINT`, its lease tracked here).
     pub async fn fetch(self: &Arc<Self>, name: &str) -> Result<Secret, FetchError> {
-        self.fetch_inner(name)
+        let mut slot = match self.settings.read {
+            Read::Dynamic { .. } => {
+                let wait = tokio::time::timeout(LEASE_WAIT, self.slots.clone().acquire_owned());
+                match wait.await {
+                    Ok(Ok(permit)) => Some(permit),
+                    _ => {
+                        return Err(FetchError::LeasesExhausted {
+                            secret: name.to_string(),
+                            max: self.settings.max_leases,
+                            waited_s: LEASE_WAIT.as_secs(),
+                        })
+                    }
+                }
+            }
+            Read::Kv { .. } => None,
+        };
+        self.fetch_inner(name, &mut slot)
             .await
             .map_err(|Failed(reason)| FetchError::OpenBao {
                 secret: name.to_string(),
@@ -327,12 +352,12 @@ impl Bao {
             })
     }
 
-    async fn fetch_inner(self: &Arc<Self>, name: &str) -> Result<Secret, Failed> {
+    async fn fetch_inner(self: &Arc<Self>, name: &str, slot: &mut Slot) -> Result<Secret, Failed> {
         // A token the server no longer accepts (revoked, expired early) gets one fresh login.
-        match self.read(name).await {
+        match self.read(name, slot).await {
             Err(Denied(_)) => {
                 self.forget_token().await;
-                self.read(name).await.map_err(|Denied(path)| {
+                self.read(name, slot).await.map_err(|Denied(path)| {
                     Failed(format!(
                         "{path} answered 403 (permission denied), also after a fresh login"
                     ))
@@ -342,7 +367,11 @@ impl Bao {
         }
     }
 
-    async fn read(self: &Arc<Self>, name: &str) -> Result<Result<Secret, Failed>, Denied> {
+    async fn read(
+        self: &Arc<Self>,
+        name: &str,
+        slot: &mut Slot,
+    ) -> Result<Result<Secret, Failed>, Denied> {
         let token = match self.token().await {
             Ok(t) => t,
             Err(f) => return Ok(Err(f)),
@@ -365,7 +394,7 @@ impl Bao {
         if answer.status == StatusCode::FORBIDDEN {
             return Err(Denied(path));
         }
-        Ok(self.parse(name, &path, answer))
+        Ok(self.parse(name, &path, answer, slot))
     }
 
     fn parse(
@@ -373,6 +402,7 @@ impl Bao {
         name: &str,
         path: &str,
         answer: super::http::Answer,
+        slot: &mut Slot,
     ) -> Result<Secret, Failed> {
         if !answer.status.is_success() {
             return Err(status_failure(path, answer.status));
@@ -392,7 +422,7 @@ impl Bao {
                         // Unreadable as a whole, it may still have issued a lease: revoke it,
                         // or every retry would leave one more behind.
                         if let Ok(l) = serde_json::from_slice::<LeaseOnly>(&answer.body) {
-                            self.discard(Zeroizing::new(l.lease_id), false, 0);
+                            self.discard(Zeroizing::new(l.lease_id), false, 0, slot.take());
                         }
                         return Err(malformed());
                     }
@@ -401,7 +431,7 @@ impl Bao {
                 let value = match field_bytes(&d.data, field, path) {
                     Ok(v) => v,
                     Err(f) => {
-                        self.discard(lease_id, d.renewable, d.lease_duration);
+                        self.discard(lease_id, d.renewable, d.lease_duration, slot.take());
                         return Err(f);
                     }
                 };
@@ -421,7 +451,9 @@ impl Bao {
                 if self.settings.jit != Jit::Request && !renewed && d.lease_duration > 0 {
                     secret = secret.expiring(SystemTime::now() + ttl);
                 }
-                self.track(Lease::new(lease_id, d.renewable, ttl, self.settings.jit));
+                let lease = Lease::new(lease_id, d.renewable, ttl, self.settings.jit);
+                *lock(&lease.slot) = slot.take();
+                self.track(lease);
                 Ok(secret)
             }
         }
@@ -504,6 +536,7 @@ impl Bao {
         lease.retired.store(true, Ordering::Release);
         lease.revoked.store(true, Ordering::Release);
         lock(&self.leases).retain(|l| !Arc::ptr_eq(l, lease));
+        lock(&lease.slot).take();
         let mut current = lock(&self.current);
         if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, lease)) {
             *current = None;
@@ -531,7 +564,7 @@ impl Bao {
 
     /// A lease the server issued with an answer keygate cannot use: tracked (so shutdown
     /// still sees it) and revoked at once.
-    fn discard(self: &Arc<Self>, id: Zeroizing<String>, renewable: bool, ttl_s: u64) {
+    fn discard(self: &Arc<Self>, id: Zeroizing<String>, renewable: bool, ttl_s: u64, slot: Slot) {
         if id.is_empty() {
             return;
         }
@@ -541,6 +574,7 @@ impl Bao {
             Duration::from_secs(ttl_s),
             Jit::Request,
         ));
+        *lock(&lease.slot) = slot;
         lease.retired.store(true, Ordering::Release);
         lock(&self.leases).push(lease.clone());
         self.revoke_later(lease);
@@ -565,6 +599,10 @@ impl Bao {
                 wait *= 2;
             }
             tracing::warn!(source = %bao.label(), "lease revocation kept failing; trying again at shutdown, else it ends with its TTL");
+            // Once its TTL is over the server has let it go: its place under `max_leases` too.
+            let end = *lock(&lease.expires);
+            tokio::time::sleep_until(end.into()).await;
+            bao.bury(&lease);
         });
     }
 
@@ -609,6 +647,7 @@ impl Bao {
         match outcome {
             Revoked::Done => {
                 lock(&self.leases).retain(|l| !Arc::ptr_eq(l, lease));
+                lock(&lease.slot).take();
             }
             Revoked::Retry => lease.revoked.store(false, Ordering::Release),
         }
@@ -845,6 +884,12 @@ const REVOKE_RETRY_FIRST: Duration = Duration::from_millis(500);
 
 /// How many times a revocation is tried before it is left for shutdown (about 15 s in all).
 const REVOKE_ATTEMPTS: u32 = 5;
+
+/// How long a dynamic fetch waits for a lease to come free under `max_leases`.
+pub const LEASE_WAIT: Duration = Duration::from_secs(3);
+
+/// A fetch's place under `max_leases`, moved into the lease it gets.
+type Slot = Option<tokio::sync::OwnedSemaphorePermit>;
 
 /// How long a replaced source's stand-in has to revoke what it held.
 const HANDOVER_DEADLINE: Duration = Duration::from_secs(10);
@@ -1164,6 +1209,7 @@ mod tests {
                 params: BTreeMap::new(),
             },
             jit,
+            max_leases: 64,
         }))
     }
 
@@ -1300,6 +1346,50 @@ mod tests {
             1,
             "the replaced source's token was left behind"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn past_max_leases_a_fetch_waits_then_is_refused_and_a_freed_lease_lets_the_next_one_in()
+    {
+        let fake = fake::FakeBao::start(|c, n| match c.path.as_str() {
+            "database/creds/agent" => creds(&format!("l{n}"), 60, r#"{"password":"pw-long-1"}"#),
+            "sys/leases/revoke" => (204, String::new()),
+            _ => (404, "{}".into()),
+        })
+        .await;
+        let token = token_file();
+        let mut settings =
+            Arc::into_inner(dynamic_source(&fake.address, Jit::Request, token.path()))
+                .unwrap()
+                .settings
+                .clone();
+        settings.max_leases = 1;
+        let bao = Arc::new(Bao::new(settings));
+        let first = bao.fetch("v").await.unwrap();
+        let hold = bao.hold(&first).unwrap();
+        let e = bao.fetch("v").await.unwrap_err();
+        assert!(
+            matches!(e, FetchError::LeasesExhausted { max: 1, .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("max_leases"), "{e}");
+        assert_eq!(
+            fake.calls_to("database/creds/agent").len(),
+            1,
+            "no lease past the bound"
+        );
+        drop(hold);
+        let second = bao.fetch("v").await.unwrap();
+        assert_ne!(first.key_id(), second.key_id());
+    }
+
+    #[test]
+    fn max_leases_is_for_dynamic_secrets_and_at_least_one() {
+        assert!(load(&format!("{DYNAMIC}max_leases = 8\n"), "").is_ok());
+        let e = load(&format!("{DYNAMIC}max_leases = 0\n"), "").unwrap_err();
+        assert!(e.contains("max_leases must be between"), "{e}");
+        let e = load(&format!("{KV}max_leases = 8\n"), "").unwrap_err();
+        assert!(e.contains("only to a dynamic secret"), "{e}");
     }
 
     #[test]
