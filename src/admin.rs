@@ -36,6 +36,21 @@ pub struct Frozen {
     pub agents: BTreeMap<String, Freeze>,
 }
 
+impl Frozen {
+    fn from_list(list: Vec<Freeze>) -> Frozen {
+        let mut frozen = Frozen::default();
+        for f in list {
+            match &f.agent {
+                None => frozen.all = Some(f),
+                Some(a) => {
+                    frozen.agents.insert(a.clone(), f);
+                }
+            }
+        }
+        frozen
+    }
+}
+
 /// The control plane of a running keygate: freezes, approvals and metrics, shared by every
 /// request state so they outlive a reload.
 pub struct Control {
@@ -48,6 +63,8 @@ pub struct Control {
     pub metrics: metrics::Metrics,
     /// Where the admin socket listens, once it does.
     pub admin_socket: std::sync::OnceLock<PathBuf>,
+    /// This keygate's name in audit records and approvals (`instance`).
+    pub instance: Option<String>,
     /// `keygate run` leases in force: token id -> run id and person.
     pub runs: crate::launcher::lease::Runs,
 }
@@ -58,16 +75,7 @@ impl Control {
         let mut frozen = Frozen::default();
         if let Some(s) = &store {
             match s.freezes() {
-                Ok(list) => {
-                    for f in list {
-                        match &f.agent {
-                            None => frozen.all = Some(f),
-                            Some(a) => {
-                                frozen.agents.insert(a.clone(), f);
-                            }
-                        }
-                    }
-                }
+                Ok(list) => frozen = Frozen::from_list(list),
                 Err(e) => {
                     // Fail closed: a freeze that cannot be read might be in force.
                     tracing::error!(error = %e, "cannot read freezes from the state store; starting frozen");
@@ -85,8 +93,40 @@ impl Control {
             frozen: ArcSwap::from_pointee(frozen),
             metrics: metrics::Metrics::new(),
             admin_socket: std::sync::OnceLock::new(),
+            instance: None,
             runs: Default::default(),
         }
+    }
+
+    /// Names this keygate in its audit records and pending approvals.
+    pub fn with_instance(mut self, instance: Option<String>) -> Control {
+        self.instance = instance;
+        self
+    }
+
+    /// Re-reads freezes from a shared store (another keygate froze or unfroze). A store that
+    /// cannot be read keeps the view; the staleness check refuses requests if that lasts.
+    pub fn sync_freezes(&self) -> Result<(), crate::state::StateError> {
+        if let Some(s) = &self.store {
+            let f = Frozen::from_list(s.freezes()?);
+            self.frozen.store(Arc::new(f));
+        }
+        Ok(())
+    }
+
+    /// Refuses with 503 `state_unavailable` while a shared store has not been reached for longer
+    /// than `max_stale`: a revocation or freeze made meanwhile might be unseen.
+    pub fn check_state(&self) -> Result<(), Rejection> {
+        let Some(s) = self.store.as_ref().filter(|s| s.shared()) else {
+            return Ok(());
+        };
+        if s.fresh() {
+            return Ok(());
+        }
+        Err(Rejection::new(
+            Code::StateUnavailable,
+            "keygate cannot reach its shared state store, so revocations and freezes cannot be confirmed; retry shortly",
+        ))
     }
 
     /// A snapshot of what is frozen now, for `status`.

@@ -115,6 +115,13 @@ pub struct Record {
     /// values), refused or only reported.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub scan_findings: Vec<String>,
+    /// The keygate that decided (`instance`), where several share one state store.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    /// A decision made without the shared state store: `rate_fail_open` (allowed while the
+    /// store was unreachable, as `rate_limits = "fail-open"` says).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<&'static str>,
 }
 
 /// What keygate decided. `Error` is also the value of a record nobody finished.
@@ -208,6 +215,9 @@ pub struct Lifecycle {
     pub config: String,
     /// The policy version in force, as in the request records that follow.
     pub policy_version: String,
+    /// The keygate that wrote the log (`instance`), where several share one state store.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
 }
 
 /// The process on the other end of a Unix socket, from the socket's peer credentials.
@@ -861,6 +871,7 @@ mod tests {
             version: "test",
             config: "test.toml".into(),
             policy_version: "p".into(),
+            instance: None,
         }
     }
 

@@ -42,6 +42,8 @@ pub struct Tokens {
     open_agent: Option<usize>,
     /// Unix-socket peers known by uid (`[agents.A] unix_uids`).
     by_uid: HashMap<u32, usize>,
+    /// Issued tokens live in a shared store, handed over by [`Tokens::use_store`].
+    shared: bool,
 }
 
 type SharedStore = Arc<dyn crate::state::StateStore>;
@@ -115,18 +117,31 @@ impl Tokens {
             agent_names: config.agents.iter().map(|a| a.name.clone()).collect(),
             open_agent,
             by_uid,
+            shared: matches!(config.state, crate::config::StateBackend::Redis(_)),
         };
         tokens.refresh();
         Ok(tokens)
     }
 
+    /// Reads issued tokens from `store` (a shared store, opened once by `serve`) from now on.
+    pub fn use_store(&self, store: SharedStore) {
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            *seen = (Some(store), None);
+        }
+        self.refresh();
+    }
+
     /// Re-reads issued tokens if they changed (the store's token revision; one small query when
     /// they did not). A store that cannot be read keeps the previous set and is reported.
     pub fn refresh(&self) {
-        let Some(dir) = &self.state_dir else { return };
         let store = {
             let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
             if seen.0.is_none() {
+                // A shared store is handed over by `use_store`; the embedded one is opened here.
+                let Some(dir) = self.state_dir.as_ref().filter(|_| !self.shared) else {
+                    return;
+                };
                 match store::open(dir) {
                     Ok(s) => seen.0 = Some(s),
                     Err(e) => {
@@ -168,7 +183,7 @@ impl Tokens {
 
     /// Whether issued tokens can change while running (a state_dir is configured).
     pub fn has_store(&self) -> bool {
-        self.state_dir.is_some()
+        self.state_dir.is_some() || self.shared
     }
 
     /// The agent whose token the request carries, or a 401.
@@ -318,6 +333,7 @@ mod tests {
             agent_names: vec!["a".into()],
             open_agent: None,
             by_uid: HashMap::from([(4242, 0)]),
+            shared: false,
         }
     }
 

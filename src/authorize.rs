@@ -14,6 +14,7 @@
 pub mod approval;
 mod budget;
 pub mod rule;
+mod shared;
 pub mod usage;
 
 pub use rule::{Rate, Rule};
@@ -79,6 +80,8 @@ pub use budget::{Reservation, RetryAfter, TokenBudget};
 pub struct Policy {
     buckets: Vec<Option<Mutex<Bucket>>>,
     budgets: Vec<Option<Arc<TokenBudget>>>,
+    /// With a shared store, rates and budgets are decided in it instead ([`shared`]).
+    shared: Option<shared::Shared>,
 }
 
 struct Bucket {
@@ -112,6 +115,36 @@ impl Policy {
                 .iter()
                 .map(|a| a.budget.as_ref().map(|b| TokenBudget::new(b.limit, b.per)))
                 .collect(),
+            shared: None,
+        }
+    }
+
+    /// Decides rates and budgets in `store` when several keygates share it; the in-memory
+    /// counters are then not used.
+    pub fn shared(
+        mut self,
+        store: Option<&Arc<dyn crate::state::StateStore>>,
+        config: &Config,
+    ) -> Policy {
+        if let Some(s) = store.filter(|s| s.shared()) {
+            self.buckets.iter_mut().for_each(|b| *b = None);
+            self.budgets.iter_mut().for_each(|b| *b = None);
+            self.shared = Some(shared::Shared::new(s.clone(), config));
+        }
+        self
+    }
+
+    /// The rate check made in a shared store (nothing without one): refuses with 429
+    /// `rate_limited`, or 503 `state_unavailable` when the store cannot be reached, unless
+    /// rate limits fail open; then says so for the audit record (`rate_fail_open`).
+    pub async fn shared_rate(
+        &self,
+        config: &Config,
+        agent: AgentId,
+    ) -> Result<Option<&'static str>, Rejection> {
+        match &self.shared {
+            Some(s) => s.rate(config, agent).await,
+            None => Ok(None),
         }
     }
 
@@ -185,6 +218,7 @@ impl Policy {
     /// Whether the agent has a token budget, so its requests are reserved for and metered.
     pub fn budgeted(&self, agent: AgentId) -> bool {
         matches!(self.budgets.get(agent.0), Some(Some(_)))
+            || self.shared.as_ref().is_some_and(|s| s.budgeted(agent))
     }
 
     /// Output tokens to book for a request whose body names no maximum: the route's
@@ -199,36 +233,41 @@ impl Policy {
     /// Books `tokens` against the agent's budget (check and charge in one step), or refuses
     /// with 429 `budget_exhausted` and the time until the period resets. `None` for an agent
     /// without a budget.
-    pub fn reserve(
+    pub async fn reserve(
         &self,
         config: &Config,
         agent: AgentId,
         tokens: u64,
     ) -> Result<Option<Reservation>, Rejection> {
+        if let Some(s) = &self.shared {
+            return s.reserve(config, agent, tokens).await;
+        }
         let Some(Some(b)) = self.budgets.get(agent.0) else {
             return Ok(None);
         };
-        let name = &config.agents[agent].name;
         match b.try_reserve(tokens) {
             Ok(r) => Ok(Some(r)),
-            Err(wait) if tokens > b.limit() => Err(Rejection::new(
-                Code::BudgetExhausted,
-                format!(
-                    "this request may use up to {tokens} tokens, more than agent {name}'s whole budget of {} per period; lower max_tokens",
-                    b.limit()
-                ),
-            )
-            .with_retry_after(wait.secs())),
-            Err(wait) => Err(Rejection::new(
-                Code::BudgetExhausted,
-                format!(
-                    "this request may use up to {tokens} tokens, more than is left of agent {name}'s budget of {} for this period (requests in flight count until they finish)",
-                    b.limit()
-                ),
-            )
-            .with_retry_after(wait.secs())),
+            Err(wait) => Err(over_budget(config, agent, tokens, b.limit(), wait)),
         }
     }
+}
+
+/// The 429 `budget_exhausted` refusal: the request alone is larger than the budget, or it does
+/// not fit in what is left of the period.
+fn over_budget(
+    config: &Config,
+    agent: AgentId,
+    tokens: u64,
+    limit: u64,
+    wait: RetryAfter,
+) -> Rejection {
+    let name = &config.agents[agent].name;
+    let message = if tokens > limit {
+        format!("this request may use up to {tokens} tokens, more than agent {name}'s whole budget of {limit} per period; lower max_tokens")
+    } else {
+        format!("this request may use up to {tokens} tokens, more than is left of agent {name}'s budget of {limit} for this period (requests in flight count until they finish)")
+    };
+    Rejection::new(Code::BudgetExhausted, message).with_retry_after(wait.secs())
 }
 
 impl Policy {
@@ -291,6 +330,9 @@ impl Policy {
 
     /// (spent, limit) of each budgeted agent, for status and metrics.
     pub fn budget_usage(&self) -> Vec<Option<(u64, u64)>> {
+        if let Some(s) = &self.shared {
+            return s.usage();
+        }
         self.budgets
             .iter()
             .map(|b| b.as_ref().map(|b| (b.snapshot().1, b.limit())))

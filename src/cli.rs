@@ -211,8 +211,10 @@ pub enum AuditCommand {
     /// The chain must begin at a `start` record (or at --from-hash); a tail not closed by a
     /// `stop` record or a checkpoint is reported, and fails with --strict.
     Verify {
-        /// The audit log to check.
-        file: PathBuf,
+        /// The audit log(s) to check: several keygates sharing one state store each keep their
+        /// own chained log; give them all to check each (one result per file).
+        #[arg(required = true, num_args = 1..)]
+        file: Vec<PathBuf>,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -318,14 +320,30 @@ pub fn main() -> ExitCode {
                 },
                 (head, _) => head,
             };
-            audit_verify(
-                &file,
-                json,
-                strict,
-                from_hash,
-                key.as_deref(),
-                End { head, to_hash },
-            )
+            if file.len() > 1 && (head.is_some() || to_hash.is_some() || from_hash.is_some()) {
+                return usage(
+                    "--head, --config, --to-hash and --from-hash name one log's ends; give one file with them",
+                );
+            }
+            // Each file is its own chain; the worst result is the exit code.
+            let mut code = ExitCode::SUCCESS;
+            for f in &file {
+                let c = audit_verify(
+                    f,
+                    json,
+                    strict,
+                    from_hash.clone(),
+                    key.as_deref(),
+                    End {
+                        head: head.clone(),
+                        to_hash: to_hash.clone(),
+                    },
+                );
+                if c != ExitCode::SUCCESS {
+                    code = c;
+                }
+            }
+            code
         }
         Command::Audit(AuditCommand::Key { config }) => audit_key(&config),
         Command::Drill(cmd) => crate::admin::drill::main(cmd),

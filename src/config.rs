@@ -122,8 +122,56 @@ pub struct Config {
     pub agents: Vec<Agent>,
     /// The lab broker's fields, kept for `/healthz` when the config came from its JSON format.
     pub seed: Option<SeedInfo>,
+    /// Where tokens, freezes, approvals, budgets and rates live (`state`): the embedded store in
+    /// `state_dir` unless a shared Redis/Valkey is configured.
+    pub state: StateBackend,
+    /// This keygate's name (`instance`), written in each audit record and pending approval;
+    /// the host name when unset and the state is shared.
+    pub instance: Option<String>,
     /// `[run]`: what `keygate run` also drops from the agent's environment and lets it reach.
     pub run: RunSettings,
+}
+
+/// Where the control-plane state lives.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "backend", rename_all = "snake_case")]
+pub enum StateBackend {
+    /// SQLite in `state_dir` (the default): one keygate.
+    Embedded,
+    /// A Redis or Valkey server shared by several keygates.
+    Redis(RedisState),
+}
+
+/// `state = { backend = "redis", … }`: how to reach the shared store. Holds no password, only
+/// the secret that has it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RedisState {
+    /// `redis://host:port/db` or `unix:/path` (`rediss://` implies `tls`).
+    pub url: String,
+    /// TLS to the server (`rediss://`).
+    pub tls: bool,
+    /// The ACL user (`AUTH username password`), if any.
+    pub username: Option<String>,
+    /// The secret (a `[secrets.NAME]` entry) that holds the password, if any.
+    #[serde(skip)]
+    pub password_from: Option<SecretId>,
+    /// What a rate-limit decision does while the store is unreachable.
+    pub rate_limits: FailMode,
+    /// How old the replicated view of tokens and freezes may grow (no successful sync) before
+    /// every request is refused with 503 `state_unavailable`.
+    #[serde(with = "humantime_serde")]
+    pub max_stale: Duration,
+}
+
+/// Whether a decision that needs an unreachable store refuses (`closed`) or lets the request
+/// through, audited as such (`open`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailMode {
+    /// Refuse with 503 `state_unavailable` (the default).
+    FailClosed,
+    /// Allow, and say so in the audit record (`state: "rate_fail_open"`).
+    FailOpen,
 }
 
 /// `[run]`: settings for `keygate run`.
@@ -461,6 +509,7 @@ impl Config {
             "max_request_bytes": self.max_request_bytes,
             "allowed_origins": self.allowed_origins,
             "approval_notify": self.approval_notify,
+            "state": self.state,
             "secrets": secrets,
             "routes": self.routes.iter().map(|r| self.route_policy(r)).collect::<Vec<_>>(),
             "agents": self.agents.iter().map(|a| self.agent_policy(a)).collect::<Vec<_>>(),

@@ -28,7 +28,7 @@ use crate::secret::{KeyId, Secret, SecretSource, SecretSpec};
 const FAILURE_BACKOFF: Duration = Duration::from_secs(1);
 
 /// How long before its source-given expiry a value is fetched afresh.
-const EXPIRY_MARGIN: Duration = Duration::from_secs(30);
+pub(crate) const EXPIRY_MARGIN: Duration = Duration::from_secs(30);
 
 /// How many values of one secret stay known to the redactor after rotations.
 const REMEMBERED_VALUES: usize = 2;
@@ -89,6 +89,19 @@ impl Credentials {
             stored: Mutex::new(0),
             building: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Gives the sources that keep state across restarts (an OAuth2 refresh token rotated by its
+    /// provider) the store to keep it in.
+    pub fn keep_state_in(self, store: Option<&Arc<dyn crate::state::StateStore>>) -> Credentials {
+        if let Some(store) = store {
+            for e in &self.entries {
+                if let crate::secret::SecretSource::OAuth2(o) = &e.spec.source {
+                    o.keep_in(store.clone());
+                }
+            }
+        }
+        self
     }
 
     /// Each secret as `keygate status` shows it: name, source, key id of the value held, when it
@@ -470,6 +483,34 @@ impl Entry {
         }
         Some(c.secret.clone())
     }
+}
+
+/// The shared state store's password, fetched from its secret on a thread of its own (the
+/// caller may be an admin command without a runtime, or `serve` inside one). It goes only into
+/// the store's connection settings.
+pub fn store_password(spec: &SecretSpec) -> Result<zeroize::Zeroizing<String>, String> {
+    let fetched = std::thread::scope(|s| {
+        s.spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            rt.block_on(spec.fetch()).map_err(|e| e.to_string())
+        })
+        .join()
+        .unwrap_or_else(|_| Err("fetching the store's password failed".into()))
+    })?;
+    let Some(secret) = fetched else {
+        return Err(format!(
+            "secret {} (source none) holds no password",
+            spec.name
+        ));
+    };
+    #[allow(clippy::disallowed_methods)] // credential stage: the store's connection needs it
+    let value = secret.expose();
+    String::from_utf8(value.to_vec())
+        .map(zeroize::Zeroizing::new)
+        .map_err(|_| format!("secret {}: the store's password is not UTF-8", spec.name))
 }
 
 /// A response body that keeps a dynamic credential's lease alive until the body is sent (or

@@ -120,6 +120,8 @@ catalogue! {
     TooManyConnections = "too_many_connections", SERVICE_UNAVAILABLE, Keygate;
     /// The route needs a person's approval and there is no channel to ask.
     ApprovalUnavailable = "approval_unavailable", SERVICE_UNAVAILABLE, Keygate;
+    /// The shared state store (Redis/Valkey) cannot be reached, and the decision needs it.
+    StateUnavailable = "state_unavailable", SERVICE_UNAVAILABLE, Keygate;
     /// keygate, or this agent, is frozen (`keygate freeze`).
     Frozen = "frozen", SERVICE_UNAVAILABLE, Keygate;
     /// The upstream sent no response head within the route's timeout.

@@ -84,6 +84,7 @@ pub async fn handle(
         &scanner,
     );
     record.person = state.default_person.clone();
+    record.instance = state.control.instance.clone();
     let mut pending = state.audit.begin(record);
 
     // An HTTP/1 request refused before its body was read leaves that body on the connection;
@@ -172,6 +173,7 @@ async fn process(
         return Ok(Answer::Local(resp, Decision::Allow, Reason::Healthz));
     }
 
+    state.control.check_state()?;
     state.control.check_frozen(None)?;
 
     // authenticate
@@ -201,6 +203,8 @@ async fn process(
     let authorized = state
         .policy
         .authorize(config, agent, &head.method, routed)?;
+    // A shared store decides the rate on the server, for every keygate at once.
+    pending.record().state = state.policy.shared_rate(config, agent).await?;
     // A budgeted request books what it may cost, which its body says.
     let budgeted = state.policy.budgeted(agent) && !body.is_end_stream();
 
@@ -245,7 +249,7 @@ async fn process(
         pending.record().key_id = Some(secret.key_id().to_string());
         credential::attach(config, &authorized, secret, &mut head.headers, &mut query)?;
     }
-    let reservation = state.policy.reserve(config, agent, plan.reserve)?;
+    let reservation = state.policy.reserve(config, agent, plan.reserve).await?;
 
     // forward
     let route_id = authorized.route();

@@ -29,6 +29,7 @@ mod engine;
 mod headers;
 mod json_view;
 mod known;
+mod search;
 mod sse;
 
 use std::borrow::Cow;

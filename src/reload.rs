@@ -50,6 +50,9 @@ pub struct Fixed {
 pub fn build(config: Config, fixed: &Fixed) -> Result<State, String> {
     let tokens =
         Tokens::from_config(&config).map_err(|e| format!("{}: {e}", config.file.display()))?;
+    if let Some(s) = fixed.control.store.as_ref().filter(|s| s.shared()) {
+        tokens.use_store(s.clone());
+    }
     let forwarder =
         Forwarder::new(config.connect_timeout).map_err(|e| format!("cannot set up TLS: {e}"))?;
     let config = Arc::new(config);
@@ -58,8 +61,8 @@ pub fn build(config: Config, fixed: &Fixed) -> Result<State, String> {
             allowed_origins: config.allowed_origins.clone(),
             max_request_bytes: config.max_request_bytes,
         },
-        policy: Policy::new(&config),
-        credentials: Credentials::new(&config),
+        policy: Policy::new(&config).shared(fixed.control.store.as_ref(), &config),
+        credentials: Credentials::new(&config).keep_state_in(fixed.control.store.as_ref()),
         tokens,
         forwarder,
         audit: fixed.audit.clone(),

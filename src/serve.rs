@@ -72,7 +72,12 @@ async fn serve(
         Ok(a) => a,
         Err(e) => return (fail(2, &e), None),
     };
-    let control = Arc::new(Control::new(store.clone()));
+    let instance = match (&config.instance, &store) {
+        (Some(i), _) => Some(i.clone()),
+        (None, Some(s)) => s.instance().map(str::to_string),
+        (None, None) => None,
+    };
+    let control = Arc::new(Control::new(store.clone()).with_instance(instance.clone()));
     {
         let c = control.clone();
         audit.observe(Box::new(move |r| c.metrics.observe(r)));
@@ -137,6 +142,7 @@ async fn serve(
         version: env!("CARGO_PKG_VERSION"),
         config: config_path.display().to_string(),
         policy_version: policy_version.clone(),
+        instance: instance.clone(),
     };
     // Written and confirmed before the first request, so a log that cannot be written is known
     // (and every request refused with 503) before anything could be forwarded unaudited.
@@ -175,7 +181,9 @@ async fn serve(
     tracing::info!(listeners = ?urls, "keygate serving");
 
     spawn_token_refresh(live.clone());
-    if let Some(s) = &store {
+    if let Some(s) = store.as_ref().filter(|s| s.shared()) {
+        crate::state::sync::spawn(live.clone(), s.clone());
+    } else if let Some(s) = &store {
         spawn_budget_saver(live.clone(), s.clone());
     }
     let server = tokio::spawn(listen::run(
@@ -222,6 +230,21 @@ async fn serve(
 /// cannot be used (or trusted: someone else could have written tokens or lifted a freeze there)
 /// is an error; the default location failing leaves keygate running with state in memory only.
 fn open_store(config: &Config) -> Result<Option<Arc<dyn crate::state::StateStore>>, String> {
+    if let crate::config::StateBackend::Redis(_) = config.state {
+        let store = crate::state::open_configured(config).map_err(|e| e.to_string())?;
+        if let Some(s) = &store {
+            // Bookings this keygate left in the store when it last stopped are gone with their
+            // requests.
+            let budgeted: Vec<String> = config
+                .agents
+                .iter()
+                .filter(|a| a.budget.is_some())
+                .map(|a| a.name.clone())
+                .collect();
+            s.forget_in_flight(&budgeted).map_err(|e| e.to_string())?;
+        }
+        return Ok(store);
+    }
     let Some(dir) = crate::state::dir(config) else {
         return Ok(None);
     };
@@ -484,8 +507,10 @@ pub fn token_main(config_path: &Path, cmd: TokenAction) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(2, &e.to_string()),
     };
-    let Some(dir) = config.state_dir.clone() else {
-        return fail(2, &store::StoreError::NoStateDir.to_string());
+    let st = match store::open_for(&config) {
+        Ok(s) => s,
+        Err(e @ store::StoreError::NoStateDir) => return fail(2, &e.to_string()),
+        Err(e) => return fail(1, &e.to_string()),
     };
     match cmd {
         TokenAction::Issue { agent, ttl } => {
@@ -502,7 +527,7 @@ pub fn token_main(config_path: &Path, cmd: TokenAction) -> ExitCode {
                 Ok(t) => t,
                 Err(e) => return fail(2, &format!("--ttl: {e}")),
             };
-            match store::issue(&dir, &agent, ttl) {
+            match store::issue_in(&*st, &agent, ttl) {
                 Ok((token, rec)) => {
                     println!("{token}");
                     eprintln!(
@@ -516,7 +541,7 @@ pub fn token_main(config_path: &Path, cmd: TokenAction) -> ExitCode {
                 Err(e) => fail(1, &e.to_string()),
             }
         }
-        TokenAction::List { json } => match store::read(&dir) {
+        TokenAction::List { json } => match st.tokens() {
             Ok(list) => {
                 let now = store::now();
                 let rows: Vec<serde_json::Value> = list
@@ -550,7 +575,7 @@ pub fn token_main(config_path: &Path, cmd: TokenAction) -> ExitCode {
                     "say which: a token id, or --agent NAME for all of an agent's tokens",
                 );
             }
-            match store::revoke(&dir, id.as_deref(), agent.as_deref()) {
+            match st.revoke_tokens(id.as_deref(), agent.as_deref()) {
                 Ok(n) => {
                     eprintln!("revoked {n} token(s)");
                     if n == 0 {

@@ -7,10 +7,15 @@
 //! shaped so a shared store (Redis/Valkey) can follow: [`StateStore::charge`] checks and charges
 //! in one atomic step, never a read then a write.
 
+pub mod redis;
 pub mod sqlite;
+pub mod sync;
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -172,6 +177,67 @@ impl ApprovalState {
     }
 }
 
+/// A decision a shared store makes per request, awaited on the request's runtime.
+pub type Decision<T> = Pin<Box<dyn Future<Output = Result<T, StateError>> + Send + 'static>>;
+
+/// The answer to a budget booking.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Booking {
+    /// Booked against the window.
+    Booked,
+    /// Refused: it does not fit; the window ends in this long.
+    Refused(Duration),
+}
+
+/// What another keygate changed in a shared store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Issued tokens changed (issue, revoke).
+    Tokens,
+    /// Freezes changed.
+    Freezes,
+    /// An approval was decided.
+    Approval(String),
+    /// Messages may have been missed (the subscription was re-established): re-read everything.
+    Resync,
+}
+
+impl Event {
+    /// Reads a message from the events channel; anything unknown asks for a full re-sync.
+    pub fn parse(s: &str) -> Event {
+        match s {
+            "tokens" => Event::Tokens,
+            "freezes" => Event::Freezes,
+            _ => match s.strip_prefix("approval:") {
+                Some(id) => Event::Approval(id.to_string()),
+                None => Event::Resync,
+            },
+        }
+    }
+}
+
+/// The store's connection, as `status` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Health {
+    /// The last round trip succeeded.
+    pub connected: bool,
+    /// The last success is recent enough to trust the replicated view (`max_stale`).
+    pub fresh: bool,
+    /// Milliseconds since the last successful round trip.
+    pub last_ok_ms_ago: Option<u64>,
+    /// How often the connection was lost (and re-established by itself) since start-up.
+    pub reconnects: u64,
+    /// The last error seen, if any.
+    pub last_error: Option<String>,
+}
+
+fn not_shared<T>() -> Result<T, StateError> {
+    Err(StateError::Store {
+        path: PathBuf::from("(embedded)"),
+        message: "the embedded store decides budgets and rates in memory".into(),
+    })
+}
+
 /// Durable control-plane state. Every method is a short synchronous operation; callers on the
 /// async runtime run them off the request path (admin actions, write-behind).
 pub trait StateStore: Send + Sync {
@@ -216,6 +282,96 @@ pub trait StateStore: Send + Sync {
     /// A number that changes whenever the issued tokens change, from any process: a running
     /// keygate re-reads them only then.
     fn tokens_revision(&self) -> Result<u64, StateError>;
+
+    /// What a secret source keeps across restarts (an OAuth2 source's rotated refresh token),
+    /// by key. A store that keeps none answers `None`, and the source starts from its config.
+    fn source_state(&self, key: &str) -> Result<Option<String>, StateError> {
+        let _ = key;
+        Ok(None)
+    }
+    /// Saves a secret source's state under `key`, replacing what was there.
+    fn put_source_state(&self, key: &str, value: &str) -> Result<(), StateError> {
+        let _ = value;
+        Err(StateError::Store {
+            path: PathBuf::from(self.location()),
+            message: format!("this store does not keep secret-source state ({key})"),
+        })
+    }
+    /// Whether several keygates share this store: budgets and rates are then decided in it, per
+    /// request, and changes arrive as [`Event`]s.
+    fn shared(&self) -> bool {
+        false
+    }
+    /// This keygate's name in a shared store.
+    fn instance(&self) -> Option<&str> {
+        None
+    }
+    /// The connection's health; an embedded store is always reachable.
+    fn health(&self) -> Health {
+        Health {
+            connected: true,
+            fresh: true,
+            ..Health::default()
+        }
+    }
+    /// Whether the replicated view is recent enough to serve from (`max_stale`); checked on
+    /// every request, so cheaper than [`StateStore::health`].
+    fn fresh(&self) -> bool {
+        true
+    }
+    /// Changes made by other keygates, for a shared store.
+    fn events(&self) -> Option<tokio::sync::broadcast::Receiver<Event>> {
+        None
+    }
+    /// One approval by id.
+    fn approval(&self, id: &str) -> Result<Option<ApprovalRow>, StateError> {
+        Ok(self.approvals(10_000)?.into_iter().find(|r| r.id == id))
+    }
+    /// Decides an approval that is pending in the store, whichever keygate holds its request:
+    /// the decided row, or `None` when it is not pending (decided already, or unknown).
+    fn decide_approval(
+        &self,
+        _id: &str,
+        _state: ApprovalState,
+        _by: &str,
+        _reason: Option<&str>,
+    ) -> Result<Option<ApprovalRow>, StateError> {
+        Ok(None)
+    }
+    /// Books `n` tokens against the agent's budget of `limit` per `per` (windows aligned to the
+    /// store's clock), atomically, or refuses. Shared stores only.
+    fn reserve_budget(
+        &self,
+        _agent: &str,
+        _per: Duration,
+        _limit: u64,
+        _n: u64,
+    ) -> Decision<Booking> {
+        Box::pin(async { not_shared() })
+    }
+    /// Replaces a booking of `booked` tokens by the `used` ones. Shared stores only.
+    fn settle_budget(
+        &self,
+        _agent: &str,
+        _per: Duration,
+        _booked: u64,
+        _used: u64,
+    ) -> Decision<()> {
+        Box::pin(async { not_shared() })
+    }
+    /// Drops this keygate's bookings left by a previous run (its requests are gone).
+    fn forget_in_flight(&self, _agents: &[String]) -> Result<(), StateError> {
+        Ok(())
+    }
+    /// Tokens charged in the agent's current window, for `status` and metrics.
+    fn budget_usage(&self, _agent: &str) -> Result<u64, StateError> {
+        not_shared()
+    }
+    /// Takes one request from the agent's bucket (`capacity`, refilled at `per_sec`); `Some`
+    /// is the wait until one is there. Shared stores only.
+    fn take_rate(&self, _agent: &str, _capacity: u64, _per_sec: f64) -> Decision<Option<Duration>> {
+        Box::pin(async { not_shared() })
+    }
 }
 
 /// The state directory: `state_dir` from the config, else `$XDG_STATE_HOME/keygate`, else
@@ -237,6 +393,46 @@ pub fn default_dir() -> Option<PathBuf> {
         .map(|h| PathBuf::from(h).join(".local/state/keygate"))
 }
 
+/// Opens the store the config names: the shared one for `state = { backend = "redis" }` (its
+/// password fetched from `password_from`), else the embedded one in `dir`.
+pub fn open_configured(config: &Config) -> Result<Option<Arc<dyn StateStore>>, StateError> {
+    match &config.state {
+        crate::config::StateBackend::Redis(r) => {
+            let password = match r.password_from {
+                Some(id) => Some(
+                    crate::credential::store_password(&config.secrets[id]).map_err(|m| {
+                        StateError::Store {
+                            path: PathBuf::from(&r.url),
+                            message: m,
+                        }
+                    })?,
+                ),
+                None => None,
+            };
+            let instance = instance_name(config);
+            Ok(Some(Arc::new(redis::RedisStore::open(
+                r, &instance, password,
+            )?)))
+        }
+        crate::config::StateBackend::Embedded => match dir(config) {
+            Some(d) => open(&d).map(Some),
+            None => Ok(None),
+        },
+    }
+}
+
+/// This keygate's name: `instance` from the config, else the host name.
+pub fn instance_name(config: &Config) -> String {
+    if let Some(i) = &config.instance {
+        return i.clone();
+    }
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "keygate".into())
+}
+
 /// Opens the embedded store in `dir`, creating it (mode 0700) if needed.
 pub fn open(dir: &Path) -> Result<Arc<dyn StateStore>, StateError> {
     check_trust(dir)?;
@@ -249,4 +445,33 @@ pub fn now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_from_other_keygates_are_read_and_anything_unknown_asks_for_a_full_resync() {
+        assert_eq!(Event::parse("tokens"), Event::Tokens);
+        assert_eq!(Event::parse("freezes"), Event::Freezes);
+        assert_eq!(
+            Event::parse("approval:apr_00ff"),
+            Event::Approval("apr_00ff".into())
+        );
+        assert_eq!(Event::parse("something new"), Event::Resync);
+    }
+
+    #[test]
+    fn the_embedded_store_is_not_shared_and_refuses_shared_decisions() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path()).unwrap();
+        assert!(!s.shared() && s.instance().is_none() && s.health().fresh);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert!(rt
+            .block_on(s.reserve_budget("a", Duration::from_secs(60), 10, 1))
+            .is_err());
+    }
 }

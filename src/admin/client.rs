@@ -60,6 +60,14 @@ pub fn status_json(state: &State) -> Value {
         "listeners": state.listen_urls,
         "admin_socket": control.admin_socket.get(),
         "state_store": control.store.as_ref().map(|s| s.location()),
+        "state": control.store.as_ref().map(|s| {
+            let mut h = serde_json::to_value(s.health()).unwrap_or_default();
+            h["location"] = s.location().into();
+            h["shared"] = s.shared().into();
+            h["instance"] = s.instance().into();
+            h
+        }),
+        "instance": control.instance,
         "frozen": *frozen,
         "routes": routes,
         "agents": agents,
@@ -214,19 +222,22 @@ pub fn run(
 }
 
 fn offline_freeze(config: &Config, on: bool, args: Value) -> ExitCode {
-    let Some(dir) = crate::state::dir(config) else {
-        return fail(2, "no state directory: set state_dir in the config");
+    let store = match crate::state::open_configured(config) {
+        Ok(Some(s)) => s,
+        Ok(None) => return fail(2, "no state directory: set state_dir in the config"),
+        Err(e) => return fail(1, &e.to_string()),
     };
+    let dir = store.location();
     let agent = args["agent"].as_str();
     let by = super::person(nix::unistd::geteuid().as_raw());
-    match crate::state::open(&dir).and_then(|s| s.set_freeze(agent, on, &by)) {
+    match store.set_freeze(agent, on, &by) {
         Ok(()) => {
             let what = agent.map_or("everything".to_string(), |a| format!("agent {a}"));
             let verb = if on { "frozen" } else { "unfrozen" };
             println!("{verb}: {what}");
             eprintln!(
-                "keygate: keygate is not running; saved in {}, it holds from the next start",
-                dir.display()
+                "keygate: keygate is not running; saved in {dir}, it holds from the next start (at once for keygates sharing that store)"
+
             );
             ExitCode::SUCCESS
         }
@@ -251,6 +262,22 @@ pub fn print_status(v: &Value) {
     println!("listeners   {}", listeners.join(", "));
     println!("admin       {}", s(&v["admin_socket"]));
     println!("state       {}", s(&v["state_store"]));
+    if v["state"]["shared"].as_bool() == Some(true) {
+        let st = &v["state"];
+        let link = if st["connected"].as_bool() == Some(true) {
+            "connected".to_string()
+        } else {
+            format!(
+                "UNREACHABLE, reconnecting by itself (last error: {})",
+                s(&st["last_error"])
+            )
+        };
+        println!(
+            "            instance {}, {link}, reconnected {} time(s)",
+            s(&st["instance"]),
+            st["reconnects"]
+        );
+    }
     let audit_ok = v["audit"]["healthy"].as_bool().unwrap_or(false);
     println!(
         "audit       {} ({})",

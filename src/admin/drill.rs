@@ -99,7 +99,15 @@ pub fn drill(
         })
         .collect();
     let now = crate::authenticate::store::now();
+    let shared = matches!(config.state, crate::config::StateBackend::Redis(_));
     let tokens: Vec<Value> = match &config.state_dir {
+        _ if shared => crate::authenticate::store::open_for(config)
+            .and_then(|s| Ok(s.tokens()?))
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .filter(|t| !t.revoked && t.expires > now && dead_agents.contains(&&t.agent))
+            .map(|t| json!({"id": t.id, "agent": t.agent}))
+            .collect(),
         Some(dir) => crate::authenticate::store::read(dir)
             .map_err(|e| e.to_string())?
             .into_iter()

@@ -156,6 +156,9 @@ async fn answer(
             "peer_uid": uid,
             "policy_version": state.policy_version,
         });
+        if let Some(i) = &control.instance {
+            rec["instance"] = i.clone().into();
+        }
         if let (Some(m), Value::Object(x)) = (rec.as_object_mut(), extra) {
             m.extend(x);
         }
@@ -196,10 +199,18 @@ async fn answer(
             );
             r
         }
-        (Method::GET, "/approvals") => reply(
-            StatusCode::OK,
-            json!({"ok": true, "pending": control.approvals.list()}),
-        ),
+        (Method::GET, "/approvals") => {
+            let approvals = control.approvals.clone();
+            // Pending approvals of other keygates are read from a shared store (a blocking call).
+            let pending = tokio::task::spawn_blocking(move || {
+                let mut all = approvals.list();
+                all.extend(approvals.list_elsewhere());
+                all
+            })
+            .await
+            .unwrap_or_default();
+            reply(StatusCode::OK, json!({"ok": true, "pending": pending}))
+        }
         (Method::POST, "/reload") => match live.reload(&by).await {
             Ok(v) => reply(StatusCode::OK, json!({"ok": true, "policy_version": v})),
             Err(e) => refuse(StatusCode::UNPROCESSABLE_ENTITY, e),
@@ -236,12 +247,32 @@ async fn answer(
                     reason: reason.clone(),
                 }
             };
-            match control.approvals.decide(id, verdict) {
+            let decided = match control.approvals.decide(id, verdict.clone()) {
+                Some(info) => Some(serde_json::to_value(&info).unwrap_or_default()),
+                None => {
+                    // Another keygate sharing the store may hold the request.
+                    let (approvals, id2, v) =
+                        (control.approvals.clone(), id.to_string(), verdict.clone());
+                    match tokio::task::spawn_blocking(move || approvals.decide_elsewhere(&id2, &v))
+                        .await
+                    {
+                        Ok(Ok(found)) => found,
+                        Ok(Err(e)) => {
+                            return refuse(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                format!("cannot reach the shared state store: {e}"),
+                            )
+                        }
+                        Err(_) => None,
+                    }
+                }
+            };
+            match decided {
                 Some(info) => {
                     let name = if p == "/approve" { "approve" } else { "deny" };
                     let rec = event(
                         name,
-                        json!({"approval_id": id, "request_id": info.request_id, "agent": info.agent, "route": info.route, "reason": reason}),
+                        json!({"approval_id": id, "request_id": info["request_id"], "agent": info["agent"], "route": info["route"], "held_by": info["instance"], "reason": reason}),
                     );
                     // The request record carries `approved_by` too; this one says when.
                     let mut rec = rec;

@@ -142,6 +142,18 @@ fn migrate(dir: &Path, store: &dyn StateStore) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Opens the store the config names: the shared one when `state` says so, else the embedded one
+/// in `state_dir` (migrating a `tokens.json`).
+pub fn open_for(config: &crate::config::Config) -> Result<Arc<dyn StateStore>, StoreError> {
+    if let crate::config::StateBackend::Redis(_) = config.state {
+        return crate::state::open_configured(config)?.ok_or(StoreError::NoStateDir);
+    }
+    match &config.state_dir {
+        Some(dir) => open(dir),
+        None => Err(StoreError::NoStateDir),
+    }
+}
+
 /// Reads the issued tokens; a store not created yet is empty.
 pub fn read(dir: &Path) -> Result<Vec<Issued>, StoreError> {
     Ok(open(dir)?.tokens()?)
@@ -149,6 +161,15 @@ pub fn read(dir: &Path) -> Result<Vec<Issued>, StoreError> {
 
 /// Issues a token for `agent`, valid for `ttl`; returns the token (shown once) and its record.
 pub fn issue(dir: &Path, agent: &str, ttl: Duration) -> Result<(String, Issued), StoreError> {
+    issue_in(&*open(dir)?, agent, ttl)
+}
+
+/// Issues a token for `agent` in `store`, valid for `ttl`.
+pub fn issue_in(
+    store: &dyn StateStore,
+    agent: &str,
+    ttl: Duration,
+) -> Result<(String, Issued), StoreError> {
     if ttl < Duration::from_secs(1) {
         return Err(StoreError::TtlTooShort(ttl));
     }
@@ -163,7 +184,7 @@ pub fn issue(dir: &Path, agent: &str, ttl: Duration) -> Result<(String, Issued),
         revoked: false,
         lease: false,
     };
-    open(dir)?.add_token(&rec)?;
+    store.add_token(&rec)?;
     Ok((token, rec))
 }
 

@@ -47,6 +47,9 @@ pub struct PendingApproval {
     pub request_id: String,
     /// When the request began waiting, RFC 3339 UTC.
     pub created: String,
+    /// The keygate holding the request, where several share one state store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
 }
 
 /// What a person decided.
@@ -80,6 +83,8 @@ pub struct Approvals {
     store: Option<Arc<dyn StateStore>>,
     /// Whether a person can be reached at all (the admin socket is up).
     channel: std::sync::atomic::AtomicBool,
+    /// This keygate's name in a shared store, written into each pending approval.
+    instance: Option<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -96,11 +101,14 @@ impl Approvals {
                 Ok(list) => once.extend(list),
                 Err(e) => tracing::error!(error = %e, "cannot read approved tokens"),
             }
-            // Requests that were waiting when keygate stopped are gone with their connections.
+            // Requests that were waiting when keygate stopped are gone with their connections;
+            // in a shared store, only this keygate's own.
+            let mine =
+                |r: &ApprovalRow| !s.shared() || r.request["instance"].as_str() == s.instance();
             if let Ok(rows) = s.approvals(1000) {
                 for mut row in rows
                     .into_iter()
-                    .filter(|r| r.state == ApprovalState::Pending)
+                    .filter(|r| r.state == ApprovalState::Pending && mine(r))
                 {
                     row.state = ApprovalState::Abandoned;
                     row.decided = Some(crate::state::now());
@@ -111,8 +119,107 @@ impl Approvals {
         Approvals {
             waiting: Mutex::new(HashMap::new()),
             approved_once: Mutex::new(once),
+            instance: store
+                .as_ref()
+                .and_then(|s| s.instance())
+                .map(str::to_string),
             store,
             channel: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The shared store, if approvals are shared between keygates.
+    fn shared(&self) -> Option<&Arc<dyn StateStore>> {
+        self.store.as_ref().filter(|s| s.shared())
+    }
+
+    /// Decides an approval whose request another keygate holds, through the shared store: the
+    /// decided request as `approvals list` showed it, or `None` when none is pending there.
+    /// The keygate holding it hears of the decision at once (an event) or within a second (its
+    /// re-sync).
+    pub fn decide_elsewhere(
+        &self,
+        id: &str,
+        verdict: &Verdict,
+    ) -> Result<Option<serde_json::Value>, String> {
+        let Some(s) = self.shared() else {
+            return Ok(None);
+        };
+        let (state, by, reason) = match verdict {
+            Verdict::Approved { by } => (ApprovalState::Approved, by, None),
+            Verdict::Denied { by, reason } => (ApprovalState::Denied, by, reason.as_deref()),
+        };
+        s.decide_approval(id, state, by, reason)
+            .map(|row| row.map(|r| r.request))
+            .map_err(|e| e.to_string())
+    }
+
+    /// Hands a decision made through the shared store to the request waiting here, if one is.
+    pub fn sync_one(&self, id: &str) {
+        if !lock(&self.waiting).contains_key(id) {
+            return;
+        }
+        let Some(s) = self.shared() else { return };
+        match s.approval(id) {
+            Ok(Some(row)) => {
+                let verdict = match row.state {
+                    ApprovalState::Approved => Verdict::Approved {
+                        by: row.decided_by.unwrap_or_default(),
+                    },
+                    ApprovalState::Denied => Verdict::Denied {
+                        by: row.decided_by.unwrap_or_default(),
+                        reason: row.reason,
+                    },
+                    _ => return,
+                };
+                if let Some(w) = lock(&self.waiting).remove(id) {
+                    tracing::info!(approval = %id, "decided through the shared store");
+                    let _ = w.tx.send(verdict);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(approval = %id, error = %e, "cannot read an approval"),
+        }
+    }
+
+    /// Checks every request waiting here against the shared store (the backstop for a lost
+    /// event).
+    pub fn sync_waiting(&self) {
+        if let Some(s) = self.shared() {
+            // Tokens approved once through another keygate count here too.
+            match s.approved_tokens() {
+                Ok(list) => lock(&self.approved_once).extend(list),
+                Err(e) => tracing::warn!(error = %e, "cannot re-read approved tokens"),
+            }
+        }
+        let ids: Vec<String> = lock(&self.waiting).keys().cloned().collect();
+        for id in ids {
+            self.sync_one(&id);
+        }
+    }
+
+    /// Approvals pending on other keygates sharing the store, as their `approvals list` shows
+    /// them.
+    pub fn list_elsewhere(&self) -> Vec<serde_json::Value> {
+        let Some(s) = self.shared() else {
+            return Vec::new();
+        };
+        let now = crate::state::now();
+        let here = lock(&self.waiting).keys().cloned().collect::<HashSet<_>>();
+        match s.approvals(200) {
+            Ok(rows) => rows
+                .into_iter()
+                .filter(|r| r.state == ApprovalState::Pending && !here.contains(&r.id))
+                .map(|r| {
+                    let mut v = r.request;
+                    v["age_seconds"] = now.saturating_sub(r.created).into();
+                    v
+                })
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list approvals pending elsewhere");
+                Vec::new()
+            }
         }
     }
 
@@ -142,6 +249,34 @@ impl Approvals {
 
     /// Hands a person's decision to the waiting request; `None` when no request waits on `id`.
     pub fn decide(&self, id: &str, verdict: Verdict) -> Option<PendingApproval> {
+        if let Some(s) = self
+            .shared()
+            .filter(|_| lock(&self.waiting).contains_key(id))
+        {
+            // Held here, but a person at another keygate may decide it at the same moment: the
+            // store's compare-and-set says whose decision counts.
+            let (state, by, reason) = match &verdict {
+                Verdict::Approved { by } => (ApprovalState::Approved, by.as_str(), None),
+                Verdict::Denied { by, reason } => {
+                    (ApprovalState::Denied, by.as_str(), reason.as_deref())
+                }
+            };
+            match s.decide_approval(id, state, by, reason) {
+                Ok(Some(_)) => {}
+                // Decided elsewhere first: that decision goes to the request. A row not (yet)
+                // in the store is decided here.
+                Ok(None) => {
+                    if let Ok(Some(_)) = s.approval(id) {
+                        self.sync_one(id);
+                        return None;
+                    }
+                }
+                // The store is unreachable, so nobody else can decide it either.
+                Err(e) => {
+                    tracing::warn!(approval = %id, error = %e, "deciding without the shared store")
+                }
+            }
+        }
         let w = lock(&self.waiting).remove(id)?;
         let info = w.info.clone();
         let (state, by, reason) = match &verdict {
@@ -184,6 +319,7 @@ impl Approvals {
             token_id: ask.token_id,
             request_id: record.request_id.clone(),
             created: crate::audit::now_rfc3339(),
+            instance: self.instance.clone(),
         };
         self.gate(
             &ask.route.approval,

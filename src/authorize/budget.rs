@@ -110,7 +110,7 @@ impl TokenBudget {
         }
         w.reserved += n;
         Ok(Reservation {
-            budget: self.clone(),
+            budget: Target::Local(self.clone()),
             amount: n,
             settled: false,
         })
@@ -166,14 +166,46 @@ impl TokenBudget {
 
 /// Tokens booked for one request. [`settle`](Reservation::settle) it with what the upstream
 /// reported; dropping it unsettled charges all of it.
-#[derive(Debug)]
 pub struct Reservation {
-    budget: Arc<TokenBudget>,
+    budget: Target,
     amount: u64,
     settled: bool,
 }
 
+/// Where a reservation was booked.
+enum Target {
+    /// This keygate's in-memory budget.
+    Local(Arc<TokenBudget>),
+    /// A shared store's budget (several keygates).
+    Shared(super::shared::Booked),
+}
+
+impl std::fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reservation")
+            .field("amount", &self.amount)
+            .field("shared", &matches!(self.budget, Target::Shared(_)))
+            .finish()
+    }
+}
+
 impl Reservation {
+    /// A booking of `amount` tokens made in a shared store.
+    pub(super) fn shared(booked: super::shared::Booked, amount: u64) -> Reservation {
+        Reservation {
+            budget: Target::Shared(booked),
+            amount,
+            settled: false,
+        }
+    }
+
+    fn finish(&self, charge: u64) {
+        match &self.budget {
+            Target::Local(b) => b.finish(self.amount, charge),
+            Target::Shared(b) => b.settle(self.amount, charge),
+        }
+    }
+
     /// Tokens booked, before settling.
     pub fn amount(&self) -> u64 {
         self.amount
@@ -183,14 +215,14 @@ impl Reservation {
     /// upstream used more than was booked, charged on top.
     pub fn settle(mut self, actual: u64) {
         self.settled = true;
-        self.budget.finish(self.amount, actual);
+        self.finish(actual);
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
         if !self.settled {
-            self.budget.finish(self.amount, self.amount);
+            self.finish(self.amount);
         }
     }
 }

@@ -10,6 +10,7 @@ use toml::Spanned;
 
 use super::spec::{
     AgentSpec, At, ConnectionsSpec, Dur, ListenSpec, Pos, RouteSpec, RuleSpec, SecretSpecRaw, Spec,
+    StateSpec,
 };
 use super::*;
 
@@ -24,6 +25,8 @@ struct Raw {
     audit_fail_closed: Option<bool>,
     state_dir: Option<String>,
     admin_socket: Option<String>,
+    state: Option<Spanned<RawState>>,
+    instance: Option<Spanned<String>>,
     approval_notify: Option<Spanned<Vec<String>>>,
     max_request_bytes: Option<u64>,
     upstream_timeout: Option<Spanned<String>>,
@@ -47,6 +50,18 @@ struct RawRun {
     drop_env: Vec<String>,
     #[serde(default)]
     allow_ports: Vec<u16>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    backend: Spanned<String>,
+    url: Option<Spanned<String>>,
+    tls: Option<bool>,
+    username: Option<String>,
+    password_from: Option<Spanned<String>>,
+    rate_limits: Option<Spanned<String>>,
+    max_stale: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -93,6 +108,39 @@ struct RawSecret {
     params: Option<BTreeMap<String, String>>,
     /// openbao dynamic: how many leases may be outstanding at once.
     max_leases: Option<Spanned<usize>>,
+    // oauth2, github-app
+    token_url: Option<String>,
+    grant: Option<String>,
+    client_id: Option<String>,
+    client_secret: Option<String>,
+    client_auth: Option<String>,
+    refresh_token: Option<String>,
+    scope: Option<String>,
+    audience: Option<String>,
+    app_id: Option<IdText>,
+    installation_id: Option<IdText>,
+    private_key: Option<String>,
+    api_url: Option<String>,
+    // keychain
+    service: Option<String>,
+    account: Option<String>,
+}
+
+/// An id GitHub shows as a number and users may quote.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum IdText {
+    Number(u64),
+    Text(String),
+}
+
+impl IdText {
+    fn text(&self) -> String {
+        match self {
+            IdText::Number(n) => n.to_string(),
+            IdText::Text(t) => t.clone(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -117,6 +165,9 @@ struct RawRoute {
     max_response_time: Option<Spanned<String>>,
     budget_reserve: Option<u64>,
     allow_range: Option<bool>,
+    /// `github-app` secrets: the repositories and permissions the route's token is narrowed to.
+    repositories: Option<Spanned<Vec<String>>>,
+    permissions: Option<Spanned<BTreeMap<String, String>>>,
     #[serde(default)]
     env: BTreeMap<String, Spanned<String>>,
     /// `request`, `run` or `ttl`: how long a dynamic OpenBao credential serves.
@@ -210,6 +261,22 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
                 secret_id: s.secret_id.clone(),
                 region: s.region.clone(),
                 endpoint: s.endpoint.clone(),
+                token: super::spec::TokenKeys {
+                    token_url: s.token_url.clone(),
+                    grant: s.grant.clone(),
+                    client_id: s.client_id.clone(),
+                    client_secret: s.client_secret.clone(),
+                    client_auth: s.client_auth.clone(),
+                    refresh_token: s.refresh_token.clone(),
+                    scope: s.scope.clone(),
+                    audience: s.audience.clone(),
+                    app_id: s.app_id.as_ref().map(IdText::text),
+                    installation_id: s.installation_id.as_ref().map(IdText::text),
+                    private_key: s.private_key.clone(),
+                    api_url: s.api_url.clone(),
+                    service: s.service.clone(),
+                    account: s.account.clone(),
+                },
                 ca_file: s.ca_file.clone(),
                 auth: s.auth.clone(),
                 auth_mount: s.auth_mount.clone(),
@@ -272,6 +339,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
                 allow_range: r.allow_range,
                 budget_reserve: r.budget_reserve,
                 max_response_time: lines.dur(&r.max_response_time, key("max_response_time")),
+                github_scope: github_scope(&lines, r, &key),
                 env: r
                     .env
                     .iter()
@@ -317,6 +385,27 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
         audit_fail_closed: raw.audit_fail_closed,
         state_dir: raw.state_dir.as_deref().map(expand_home),
         admin_socket: raw.admin_socket.as_deref().map(expand_home),
+        state: raw.state.as_ref().map(|st| {
+            let v = st.get_ref();
+            let key = |k: &str| format!("state.{k}");
+            StateSpec {
+                table: lines.at(st, "state"),
+                backend: lines.spanned(&v.backend, key("backend")),
+                url: v.url.as_ref().map(|u| lines.spanned(u, key("url"))),
+                tls: v.tls,
+                username: v.username.clone(),
+                password_from: v
+                    .password_from
+                    .as_ref()
+                    .map(|p| lines.spanned(p, key("password_from"))),
+                rate_limits: v
+                    .rate_limits
+                    .as_ref()
+                    .map(|r| lines.spanned(r, key("rate_limits"))),
+                max_stale: lines.dur(&v.max_stale, key("max_stale")),
+            }
+        }),
+        instance: raw.instance.as_ref().map(|i| lines.spanned(i, "instance")),
         approval_notify: raw
             .approval_notify
             .as_ref()
@@ -352,6 +441,32 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
             })
             .unwrap_or_default(),
     })
+}
+
+/// A route's `repositories` and `permissions`, at the line of whichever was written first.
+fn github_scope(
+    lines: &Lines<'_>,
+    r: &RawRoute,
+    key: &dyn Fn(&str) -> String,
+) -> Option<At<crate::secret::github_app::Scope>> {
+    let pos = match (&r.repositories, &r.permissions) {
+        (Some(v), _) => lines.at(v, key("repositories")),
+        (None, Some(v)) => lines.at(v, key("permissions")),
+        (None, None) => return None,
+    };
+    let scope = crate::secret::github_app::Scope {
+        repositories: r
+            .repositories
+            .as_ref()
+            .map(|v| v.get_ref().clone())
+            .unwrap_or_default(),
+        permissions: r
+            .permissions
+            .as_ref()
+            .map(|v| v.get_ref().clone())
+            .unwrap_or_default(),
+    };
+    Some(At::new(scope, pos))
 }
 
 /// Turns a toml error into `file:line: key: message`, naming the key written on that line.

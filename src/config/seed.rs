@@ -147,6 +147,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
         allow_range: None,
         budget_reserve: None,
         max_response_time: None,
+        github_scope: None,
         env: Vec::new(),
     };
     let agent = AgentSpec {
@@ -181,6 +182,8 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
         audit_fail_closed: None,
         state_dir: None,
         admin_socket: None,
+        state: None,
+        instance: None,
         approval_notify: None,
         max_request_bytes: raw.max_request_bytes,
         upstream_timeout: raw

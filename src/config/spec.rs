@@ -95,6 +95,10 @@ pub(crate) struct Spec {
     pub audit_fail_closed: Option<bool>,
     pub state_dir: Option<PathBuf>,
     pub admin_socket: Option<PathBuf>,
+    /// `state = { backend = … }`; `None` is the embedded store.
+    pub state: Option<StateSpec>,
+    /// `instance = "name"`.
+    pub instance: Option<At<String>>,
     /// `approval_notify = [argv…]`.
     pub approval_notify: Option<At<Vec<String>>>,
     pub max_request_bytes: Option<u64>,
@@ -147,7 +151,7 @@ pub(crate) struct SecretSpecRaw {
     pub secret_id: Option<String>,
     pub region: Option<String>,
     pub endpoint: Option<String>,
-    /// openbao: a PEM CA file, the login (`auth`, `auth_mount`, `role_id`, `role`, and the
+    /// openbao (and oauth2, github-app): a PEM CA file, the login (`auth`, `auth_mount`, `role_id`, `role`, and the
     /// secrets holding the AppRole secret id or the JWT), a dynamic secret's path and params.
     pub ca_file: Option<String>,
     pub auth: Option<String>,
@@ -160,6 +164,31 @@ pub(crate) struct SecretSpecRaw {
     pub params: Option<std::collections::BTreeMap<String, String>>,
     /// openbao dynamic: the bound on outstanding leases.
     pub max_leases: Option<At<usize>>,
+    /// `oauth2` and `github-app`.
+    pub token: TokenKeys,
+}
+
+/// The keys of the token-minting sources (`oauth2`, `github-app`), as written.
+#[derive(Debug, Default)]
+pub(crate) struct TokenKeys {
+    pub token_url: Option<String>,
+    pub grant: Option<String>,
+    pub client_id: Option<String>,
+    /// The name of another secret.
+    pub client_secret: Option<String>,
+    pub client_auth: Option<String>,
+    /// The name of another secret.
+    pub refresh_token: Option<String>,
+    pub scope: Option<String>,
+    pub audience: Option<String>,
+    pub app_id: Option<String>,
+    pub installation_id: Option<String>,
+    /// The name of another secret.
+    pub private_key: Option<String>,
+    pub api_url: Option<String>,
+    /// `keychain`: the entry's service and account.
+    pub service: Option<String>,
+    pub account: Option<String>,
 }
 
 impl Default for Pos {
@@ -198,6 +227,8 @@ pub(crate) struct RouteSpec {
     pub allow_range: Option<bool>,
     pub budget_reserve: Option<u64>,
     pub max_response_time: Option<At<Dur>>,
+    /// `repositories` and `permissions`: what a `github-app` token is narrowed to.
+    pub github_scope: Option<At<crate::secret::github_app::Scope>>,
     /// `[routes.R.env]`: `(name, template)` as written, for `keygate run`.
     pub env: Vec<At<(String, String)>>,
 }
@@ -236,4 +267,18 @@ pub(crate) struct SeedSpec {
     pub upstream_base_url: String,
     pub allowed_paths: Vec<String>,
     pub client_auth: bool,
+}
+
+/// `state = { backend, url, tls, username, password_from, rate_limits, max_stale }` as written.
+#[derive(Debug)]
+pub(crate) struct StateSpec {
+    /// The inline table, for errors about a key it lacks.
+    pub table: Pos,
+    pub backend: At<String>,
+    pub url: Option<At<String>>,
+    pub tls: Option<bool>,
+    pub username: Option<String>,
+    pub password_from: Option<At<String>>,
+    pub rate_limits: Option<At<String>>,
+    pub max_stale: Option<At<Dur>>,
 }

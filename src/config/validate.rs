@@ -11,11 +11,14 @@ use http::{HeaderName, HeaderValue};
 
 use super::spec::{
     AgentSpec, At, ConnectionsSpec, Dur, ListenSpec, Pos, RouteSpec, RuleSpec, SecretSpecRaw, Spec,
+    StateSpec,
 };
 use super::*;
 use crate::authorize::rule::{Rate, Rule};
 use crate::secret::openbao::Jit;
 use crate::secret::{BaoToken, SecretSource, SecretSpec};
+
+mod tokens;
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:8791";
 const DEFAULT_AUDIT_LOG: &str = "events.jsonl";
@@ -25,6 +28,9 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_APPROVAL_TIMEOUT: Duration = Duration::from_secs(120);
 const DEFAULT_REQUEST_SCAN: RequestScan = RequestScan::Refuse;
+/// How long a keygate keeps serving from its view of tokens and freezes without reaching the
+/// shared store.
+const DEFAULT_MAX_STALE: Duration = Duration::from_secs(5);
 /// The lab broker's `upstream_timeout_seconds` allowed at most a day.
 const MAX_SECONDS: f64 = 86_400.0;
 
@@ -106,6 +112,7 @@ pub(super) fn validate(file: &Path, spec: Spec) -> Result<Config, ConfigError> {
     for r in &spec.routes {
         routes.push(route(&cx, r, &secrets, upstream_timeout, scan)?);
     }
+    tokens::scope_routes(&cx, &spec.routes, &mut routes, &mut secrets)?;
     for (i, a) in routes.iter().enumerate() {
         if let Some(b) = routes[..i].iter().find(|b| b.prefix == a.prefix) {
             return cx.err(
@@ -147,6 +154,21 @@ pub(super) fn validate(file: &Path, spec: Spec) -> Result<Config, ConfigError> {
         None => Vec::new(),
     };
 
+    let state = match &spec.state {
+        Some(st) => state_backend(&cx, st, &secrets)?,
+        None => StateBackend::Embedded,
+    };
+    let instance = match &spec.instance {
+        Some(i) if !valid_instance(&i.value) => {
+            return cx.err(
+                &i.pos,
+                "an instance name is 1 to 64 letters, digits, '.', '_' or '-'",
+            )
+        }
+        Some(i) => Some(i.value.clone()),
+        None => None,
+    };
+
     Ok(Config {
         file: file.to_path_buf(),
         format: spec.format,
@@ -168,11 +190,118 @@ pub(super) fn validate(file: &Path, spec: Spec) -> Result<Config, ConfigError> {
         routes,
         agents,
         seed,
+        state,
+        instance,
         run: RunSettings {
             drop_env: spec.run.drop_env,
             allow_ports: spec.run.allow_ports,
         },
     })
+}
+
+fn valid_instance(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// `state = { backend = "redis", … }`, checked: a URL keygate can use and that holds no
+/// password (config says where secrets live, never what), a `password_from` naming a secret.
+fn state_backend(
+    cx: &Cx,
+    st: &StateSpec,
+    secrets: &[SecretSpec],
+) -> Result<StateBackend, ConfigError> {
+    match st.backend.value.as_str() {
+        "sqlite" | "embedded" => return Ok(StateBackend::Embedded),
+        "redis" | "valkey" => {}
+        other => {
+            return cx.err(
+                &st.backend.pos,
+                format!(
+                    "unknown state backend {other:?}; write \"sqlite\" (the default) or \"redis\""
+                ),
+            )
+        }
+    }
+    let Some(url) = &st.url else {
+        return cx.err(
+            &st.table.child("url"),
+            "backend redis needs url = \"redis://host:port\" or \"unix:/path\"",
+        );
+    };
+    let u = url.value.as_str();
+    let tls = st.tls.unwrap_or(false) || u.starts_with("rediss://");
+    if let Some(rest) = u
+        .strip_prefix("redis://")
+        .or_else(|| u.strip_prefix("rediss://"))
+    {
+        let authority = rest.split('/').next().unwrap_or("");
+        if authority.contains('@') {
+            return cx.err(
+                &url.pos,
+                "the url must not carry a user or password; write username = \"…\" and password_from = \"SECRET\" (a [secrets.SECRET] entry)",
+            );
+        }
+        if authority.is_empty() {
+            return cx.err(&url.pos, "the url names no host");
+        }
+    } else if let Some(path) = u
+        .strip_prefix("unix:")
+        .or_else(|| u.strip_prefix("redis+unix:"))
+    {
+        if path.is_empty() {
+            return cx.err(&url.pos, "unix: needs the socket's path");
+        }
+        if tls {
+            return cx.err(&url.pos, "tls does not apply to a Unix socket");
+        }
+    } else {
+        return cx.err(
+            &url.pos,
+            "write redis://host:port, rediss://host:port (TLS) or unix:/path",
+        );
+    }
+    let password_from = match &st.password_from {
+        Some(p) => match secrets.iter().position(|s| s.name == p.value) {
+            Some(i) => Some(SecretId(i)),
+            None => {
+                return cx.err(
+                    &p.pos,
+                    format!("no [secrets.{}] holds the store's password", p.value),
+                )
+            }
+        },
+        None => None,
+    };
+    let rate_limits = match st.rate_limits.as_ref().map(|r| r.value.as_str()) {
+        None | Some("fail-closed") => FailMode::FailClosed,
+        Some("fail-open") => FailMode::FailOpen,
+        Some(other) => {
+            return cx.err(
+                &st.rate_limits
+                    .as_ref()
+                    .map(|r| r.pos.clone())
+                    .unwrap_or_else(|| st.table.clone()),
+                format!("{other:?}: write \"fail-closed\" (the default) or \"fail-open\""),
+            )
+        }
+    };
+    let max_stale = cx.duration_or(&st.max_stale, DEFAULT_MAX_STALE)?;
+    // `tls = true` on a redis:// url means the same as rediss://.
+    let url = match u.strip_prefix("redis://").filter(|_| tls) {
+        Some(rest) => format!("rediss://{rest}"),
+        None => u.to_string(),
+    };
+    Ok(StateBackend::Redis(RedisState {
+        url,
+        tls,
+        username: st.username.clone().filter(|u| !u.is_empty()),
+        password_from,
+        rate_limits,
+        max_stale,
+    }))
 }
 
 fn connections(cx: &Cx, c: &ConnectionsSpec) -> Result<Connections, ConfigError> {
@@ -219,6 +348,7 @@ fn listeners(cx: &Cx, spec: &Spec) -> Result<Vec<Listen>, ConfigError> {
     Ok(listen)
 }
 
+/// `all`: every secret of the file, for sources that read another (`client_secret = "NAME"`).
 fn secret(
     cx: &Cx,
     s: &SecretSpecRaw,
@@ -265,16 +395,13 @@ fn secret(
             endpoint: s.endpoint.clone(),
             field: s.field.clone(),
         },
-        "oauth2-client-credentials" | "github-app" => {
-            return cx.err(
-                &s.source.pos,
-                format!("source {kind} is not supported by this build yet"),
-            )
-        }
+        "oauth2" | "oauth2-client-credentials" => tokens::oauth2(cx, s, all)?,
+        "github-app" => tokens::github_app(cx, s, all)?,
+        "keychain" => tokens::keychain(cx, s)?,
         other => {
             return cx.err(
                 &s.source.pos,
-                format!("unknown source {other:?}; use env, file, command, openbao, aws-secrets-manager or none"),
+                format!("unknown source {other:?}; use env, file, command, keychain, openbao, aws-secrets-manager, oauth2, github-app or none"),
             )
         }
     };

@@ -63,7 +63,13 @@ impl Runs {
 /// Revokes leased tokens left by a keygate that stopped without ending its leases (SIGKILL, a
 /// power cut): no launcher can still hold a lease on a connection to a process that is gone, so
 /// each is revoked rather than left to its TTL. Returns how many.
+///
+/// A shared store (Redis) also holds the live leases of other instances, which cannot be told
+/// apart yet: there the TTL remains the backstop.
 pub fn revoke_orphans(store: &dyn crate::state::StateStore) -> Result<usize, String> {
+    if store.shared() {
+        return Ok(0);
+    }
     let tokens = store.tokens().map_err(|e| e.to_string())?;
     let mut n = 0;
     for t in tokens.iter().filter(|t| !t.revoked && t.lease) {

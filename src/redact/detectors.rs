@@ -168,6 +168,11 @@ static UPPER_DIGIT: ByteSet = byte_set(&[AZ, DIGITS], b"");
 static BASE64_BODY: ByteSet = byte_set(&[AZ, LOWER, DIGITS], b"/+");
 static AUTH_VALUE: ByteSet = byte_set(&[AZ, LOWER, DIGITS], b"._~+/=-");
 static PASSWORD_VALUE: ByteSet = byte_set(&[AZ, LOWER, DIGITS], b"!#%&*+-./=?@^_|~");
+// Sets tested once per byte of a scan: a table lookup, where `b"…".contains(&b)` is a call.
+static TOKEN: ByteSet = byte_set(&[AZ, LOWER, DIGITS], b"_.+/=-");
+static IDENT_REST: ByteSet = byte_set(&[AZ, LOWER, DIGITS], b"_.-");
+static ASSIGNED: ByteSet = byte_set(&[AZ, LOWER, DIGITS], b"!#%&*+-./=?@^_|~>");
+static SYMBOL: ByteSet = byte_set(&[], b"._~+/=-");
 
 /// What a detector's match looks like after its anchor.
 enum Shape {
@@ -523,10 +528,15 @@ pub(crate) struct Detectors {
     dense: dfa::DFA,
     /// The longest anchor literal.
     longest: usize,
+    /// Whether some literal occurs inside another. If none does, anchors end in the order they
+    /// start, so the walk hands each out as soon as it ends.
+    nested: bool,
     /// Anchor pattern id -> indices into `SPECS`.
     by_anchor: Vec<Vec<usize>>,
     /// Anchor literals, for the stream's "could this tail still start an anchor" question.
     pub(crate) literals: Vec<Vec<u8>>,
+    /// Per entry of `SPECS`: its `literal_heads` as 16-byte masked compares.
+    heads: Vec<Vec<Head>>,
     pem_header: Regex,
     pem_end: Regex,
 }
@@ -597,6 +607,10 @@ struct Memo {
     upper: Next,
     lower: Next,
     symbol: Next,
+    /// Not a letter or digit (`high_entropy`'s fourth class).
+    other: Next,
+    /// `&`, where a query parameter may start (`query_cut`).
+    amp: Next,
 }
 
 /// What one scan of a buffer remembers between anchors (see [`Next`]).
@@ -619,8 +633,6 @@ struct Window {
     lo: usize,
     hi: usize,
     counts: [u16; 256],
-    /// Bytes that are lower-case, upper-case, digits, other.
-    classes: [u16; 4],
     /// The sum of `c * log2(c)` over `counts`, in fixed point (see [`clogc_table`]).
     sum: i64,
     clogc: &'static [i64; 257],
@@ -632,13 +644,13 @@ impl Default for Window {
             lo: 0,
             hi: 0,
             counts: [0; 256],
-            classes: [0; 4],
             sum: 0,
             clogc: clogc_table(),
         }
     }
 }
 
+#[cfg(test)]
 fn class_of(b: u8) -> usize {
     match b {
         b'a'..=b'z' => 0,
@@ -667,14 +679,12 @@ impl Window {
         let c = &mut self.counts[usize::from(b)];
         self.sum += self.clogc[usize::from(*c) + 1] - self.clogc[usize::from(*c)];
         *c += 1;
-        self.classes[class_of(b)] += 1;
     }
 
     fn remove(&mut self, b: u8) {
         let c = &mut self.counts[usize::from(b)];
         self.sum += self.clogc[usize::from(*c) - 1] - self.clogc[usize::from(*c)];
         *c -= 1;
-        self.classes[class_of(b)] -= 1;
     }
 
     /// Moves the window to `buf[vs..ve]` (the same `buf` on every call).
@@ -702,15 +712,29 @@ impl Window {
         ve - vs <= 256
     }
 
-    /// `high_entropy(v)` for the window's bytes `v`, from the counts.
+    /// `high_entropy(v)` for the window's bytes `v`, the entropy from the counts.
+    #[cfg(test)]
     fn high_entropy(&self, v: &[u8]) -> bool {
-        let classes = self.classes.iter().filter(|&&c| c > 0).count();
-        let digits = self.classes[2] > 0;
+        let mut classes = [false; 4];
+        for &b in v {
+            classes[class_of(b)] = true;
+        }
+        let digits = classes[2];
+        let classes = classes.iter().filter(|&&c| c).count();
         if classes < 2 || (classes == 2 && (v.len() < 20 || !digits)) {
             return false;
         }
+        self.enough_bits(v)
+    }
+
+    /// `shannon_bits(v) >= 3.0` for the window's bytes `v` (at most 256 of them), from the
+    /// counts: H = (n log2 n - sum c log2 c) / n, both terms from the fixed-point table.
+    fn enough_bits(&self, v: &[u8]) -> bool {
+        if v.is_empty() {
+            return shannon_bits(v) >= 3.0;
+        }
         let n = v.len() as f64;
-        let bits = n.log2() - self.sum as f64 / 4_294_967_296.0 / n;
+        let bits = (self.clogc[v.len()] - self.sum) as f64 / 4_294_967_296.0 / n;
         // Within rounding of the threshold the direct count decides, so that the verdict is
         // exactly `high_entropy`'s.
         if (bits - 3.0).abs() < 1e-6 {
@@ -729,7 +753,43 @@ struct Anchors<'a> {
     /// Dense mode: the DFA state, the next byte to read, and the end of the last hit.
     walk: Option<(StateID, usize, usize)>,
     /// Anchors the walk found and has not handed out, in order of their starts.
-    found: std::collections::VecDeque<(usize, PatternID)>,
+    found: Queue,
+    /// `Detectors::nested`, or true to test the queue with the real literals.
+    nested: bool,
+}
+
+/// A queue kept in order of starts: a vector read from `head` (a `VecDeque`'s insert cost a
+/// tenth of a dense walk). Anchors usually arrive in order, so an insert is usually a push.
+#[derive(Default)]
+struct Queue {
+    items: Vec<(usize, PatternID)>,
+    head: usize,
+}
+
+impl Queue {
+    fn front(&self) -> Option<&(usize, PatternID)> {
+        self.items.get(self.head)
+    }
+
+    fn pop_front(&mut self) {
+        self.head += 1;
+        if self.head == self.items.len() {
+            self.items.clear();
+            self.head = 0;
+        } else if self.head >= 64 {
+            // Dense anchors may never let it run dry: keep it small.
+            self.items.drain(..self.head);
+            self.head = 0;
+        }
+    }
+
+    fn insert(&mut self, item: (usize, PatternID)) {
+        let slot = self.items[self.head..]
+            .iter()
+            .rposition(|&(a, _)| a < item.0)
+            .map_or(self.head, |k| self.head + k + 1);
+        self.items.insert(slot, item);
+    }
 }
 
 /// Bytes the walk goes without a hit before it hands back to the prefiltered search.
@@ -755,6 +815,38 @@ impl Iterator for Anchors<'_> {
             return Some((m.start(), m.pattern()));
         };
         let dense = &self.d.dense;
+        if !self.nested {
+            // An anchor that ends here starts after every anchor that ended earlier (else one
+            // would hold the other), and before every one that ends later (likewise).
+            loop {
+                let stop = (last_end + DENSE_GAP + 1).min(buf.len());
+                while pos < stop {
+                    sid = dense.next_state(Anchored::No, sid, buf[pos]);
+                    pos += 1;
+                    if dense.is_match(sid) {
+                        break;
+                    }
+                }
+                if dense.is_match(sid) && pos > last_end {
+                    // One pattern per match state: two ending together would be nested.
+                    let pid = dense.match_pattern(sid, 0);
+                    let at = pos - dense.pattern_len(pid);
+                    self.walk = Some((sid, pos, pos));
+                    self.from = at + 1;
+                    return Some((at, pid));
+                }
+                if pos >= buf.len() {
+                    self.walk = Some((sid, pos, last_end));
+                    self.from = buf.len();
+                    return None;
+                }
+                if pos - last_end > DENSE_GAP {
+                    self.walk = None;
+                    self.from = self.from.max(pos + 1 - longest);
+                    return self.next();
+                }
+            }
+        }
         loop {
             // An anchor is final once no anchor still unfound can start at or before it:
             // those end after `pos`, so start at or after `pos + 1 - longest`.
@@ -776,20 +868,27 @@ impl Iterator for Anchors<'_> {
                 self.from = self.from.max(pos + 1 - longest);
                 return self.next();
             }
-            sid = dense.next_state(Anchored::No, sid, buf[pos]);
-            pos += 1;
-            if dense.is_match(sid) {
+            // Walk to the next hit, or to where the front anchor is final, or to where the
+            // gap hands back to the search, whichever comes first, testing only for hits.
+            let stop = match self.found.front() {
+                Some(&(at, _)) => at + longest,
+                None => last_end + DENSE_GAP + 1,
+            }
+            .min(buf.len());
+            while pos < stop {
+                sid = dense.next_state(Anchored::No, sid, buf[pos]);
+                pos += 1;
+                if dense.is_match(sid) {
+                    break;
+                }
+            }
+            if dense.is_match(sid) && pos > last_end {
                 last_end = pos;
                 for i in 0..dense.match_len(sid) {
                     let pid = dense.match_pattern(sid, i);
                     let at = pos - dense.pattern_len(pid);
                     // Few anchors are pending at once (they all end within `longest` bytes).
-                    let slot = self
-                        .found
-                        .iter()
-                        .rposition(|&(a, _)| a < at)
-                        .map_or(0, |k| k + 1);
-                    self.found.insert(slot, (at, pid));
+                    self.found.insert((at, pid));
                 }
             }
         }
@@ -829,12 +928,28 @@ impl Detectors {
             .build(&literals)
             .expect("anchor automaton from constant literals");
         let longest = literals.iter().map(Vec::len).max().unwrap_or(0);
+        let nested = literals.iter().any(|a| {
+            literals
+                .iter()
+                .any(|b| a != b && memchr::memmem::find(b, a).is_some())
+        });
         Detectors {
             anchors,
             dense,
             longest,
+            nested,
             by_anchor,
             literals,
+            heads: SPECS
+                .iter()
+                .map(|s| match s.shape {
+                    Shape::Run { literal_heads, .. } => literal_heads
+                        .iter()
+                        .map(|l| Head::new(l.as_bytes()))
+                        .collect(),
+                    _ => Vec::new(),
+                })
+                .collect(),
             pem_header: compile(r"^-{5}BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-{5}"),
             pem_end: compile(r"-{5}END[A-Z0-9 ]{0,40}-{5}"),
         }
@@ -869,9 +984,24 @@ impl Detectors {
             buf,
             from: 0,
             walk: None,
-            found: std::collections::VecDeque::new(),
+            found: Queue::default(),
+            nested: self.nested,
         }
         .map(move |(at, pid)| (at, self.by_anchor[pid.as_usize()].as_slice()))
+    }
+
+    /// `anchors` through the walk's queue, as if some literal were nested in another.
+    #[cfg(test)]
+    fn anchors_queued<'a>(&'a self, buf: &'a [u8]) -> impl Iterator<Item = usize> + 'a {
+        Anchors {
+            d: self,
+            buf,
+            from: 0,
+            walk: None,
+            found: Queue::default(),
+            nested: true,
+        }
+        .map(|(at, _)| at)
     }
 
     pub(crate) fn name(&self, det: usize) -> &'static str {
@@ -958,7 +1088,6 @@ impl Detectors {
             Shape::Jwt => self.eval_jwt(st, buf, at, end),
             Shape::Run {
                 parse,
-                literal_heads,
                 head_max,
                 value,
                 min,
@@ -971,10 +1100,13 @@ impl Detectors {
                 let window = &buf[at..end.min(at + head_max)];
                 let head_len = match parse {
                     Some(parse) => parse(window),
-                    None => literal_heads
-                        .iter()
-                        .find(|l| window.starts_with(l.as_bytes()))
-                        .map(|l| l.len()),
+                    None => {
+                        let p = Head::prefix(window);
+                        self.heads[det]
+                            .iter()
+                            .find(|h| h.starts(window, p))
+                            .map(|h| h.len)
+                    }
                 };
                 let Some(head_len) = head_len else {
                     return Eval::Miss;
@@ -987,9 +1119,12 @@ impl Detectors {
                     return Eval::Miss;
                 }
                 let mut ve = vs + run.min(*max);
-                if spec.name == "password_assignment" {
+                // `password_assignment`, the one detector judged by entropy.
+                if matches!(plausible, Plausible::HighEntropy) {
                     // In a URL `&name=` starts the next parameter (`?page_token=…&limit=10`).
-                    ve = query_cut(buf, vs, ve);
+                    if memo.amp.find(buf, vs, |b| b == b'&') < ve {
+                        ve = query_cut(buf, vs, ve);
+                    }
                     if ve - vs < *min {
                         return Eval::Miss;
                     }
@@ -1022,10 +1157,13 @@ impl Detectors {
                     Plausible::HighEntropy => {
                         let v = &buf[vs..ve];
                         // The window counts up to 256 bytes; this detector's values are
-                        // at most 128.
+                        // at most 128. Classes first: they are looked up, not counted, and
+                        // most dense values fail them.
                         let high = if Window::fits(vs, ve) {
-                            st.entropy.set(buf, vs, ve);
-                            st.entropy.high_entropy(v)
+                            memo.enough_classes(buf, vs, ve) && {
+                                st.entropy.set(buf, vs, ve);
+                                st.entropy.enough_bits(v)
+                            }
                         } else {
                             high_entropy(v)
                         };
@@ -1141,8 +1279,20 @@ impl Memo {
     fn has_lower(&mut self, buf: &[u8], s: usize, e: usize) -> bool {
         self.lower.find(buf, s, |b| b.is_ascii_lowercase()) < e
     }
+    fn has_other(&mut self, buf: &[u8], s: usize, e: usize) -> bool {
+        self.other.find(buf, s, |b| !b.is_ascii_alphanumeric()) < e
+    }
+    /// The character classes of `buf[s..e]` pass `high_entropy`'s first rule.
+    fn enough_classes(&mut self, buf: &[u8], s: usize, e: usize) -> bool {
+        let digits = self.has_digit(buf, s, e);
+        let classes = usize::from(self.has_lower(buf, s, e))
+            + usize::from(self.has_upper(buf, s, e))
+            + usize::from(digits)
+            + usize::from(self.has_other(buf, s, e));
+        !(classes < 2 || (classes == 2 && (e - s < 20 || !digits)))
+    }
     fn has_symbol(&mut self, buf: &[u8], s: usize, e: usize) -> bool {
-        self.symbol.find(buf, s, |b| b"._~+/=-".contains(&b)) < e
+        self.symbol.find(buf, s, |b| SYMBOL[usize::from(b)]) < e
     }
 }
 
@@ -1384,11 +1534,12 @@ fn assignment_reads(w: &[u8]) -> (Option<bool>, usize) {
 
 fn assignment_verdict(w: &[u8], read: &std::cell::Cell<usize>) -> Option<bool> {
     let at = |i: usize| {
-        read.set(read.get().max(i + 1));
+        // Indices come in non-decreasing order: the last is the furthest.
+        read.set(i + 1);
         w.get(i).copied()
     };
     let mut i = 0;
-    while at(i)?.is_ascii_alphanumeric() || b"_.-".contains(&at(i)?) {
+    while IDENT_REST[usize::from(at(i)?)] {
         i += 1;
         // No keyword head has a longer identifier (keyword + 32); bounded so that a long run
         // of letters costs the same at every anchor inside it.
@@ -1415,7 +1566,7 @@ fn assignment_verdict(w: &[u8], read: &std::cell::Cell<usize>) -> Option<bool> {
     let mut run = 0;
     for k in i + 1..i + 65 {
         let b = at(k)?;
-        if b.is_ascii_alphanumeric() || b"!#%&*+-./=?@^_|~>".contains(&b) {
+        if ASSIGNED[usize::from(b)] {
             run += 1;
             if run >= 8 {
                 return Some(true);
@@ -1430,7 +1581,46 @@ fn assignment_verdict(w: &[u8], read: &std::cell::Cell<usize>) -> Option<bool> {
 }
 
 pub(crate) fn is_token(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"_.+/=-".contains(&b)
+    TOKEN[usize::from(b)]
+}
+
+/// A literal head of at most 16 bytes, compared with a window's first 16 bytes at once (a
+/// `memcmp` call per literal was a tenth of a dense `sk-` scan).
+struct Head {
+    mask: u128,
+    value: u128,
+    len: usize,
+}
+
+impl Head {
+    fn new(lit: &[u8]) -> Head {
+        assert!(lit.len() <= 16, "literal heads are at most 16 bytes");
+        let mask = if lit.len() == 16 {
+            u128::MAX
+        } else {
+            (1u128 << (8 * lit.len())) - 1
+        };
+        Head {
+            mask,
+            value: Head::prefix(lit),
+            len: lit.len(),
+        }
+    }
+
+    /// The first 16 bytes of `w`, zero-padded, little-endian.
+    fn prefix(w: &[u8]) -> u128 {
+        if let Some(b) = w.first_chunk::<16>() {
+            return u128::from_le_bytes(*b);
+        }
+        let mut b = [0u8; 16];
+        b[..w.len()].copy_from_slice(w);
+        u128::from_le_bytes(b)
+    }
+
+    /// Whether `w`, whose `prefix` is `p`, starts with this literal.
+    fn starts(&self, w: &[u8], p: u128) -> bool {
+        w.len() >= self.len && p & self.mask == self.value
+    }
 }
 
 /// `password` -> `password`, `Password`, `PASSWORD`; token anchors are taken as written.
@@ -1504,6 +1694,13 @@ mod tests {
                 assert!(a == b || !b.starts_with(a), "{a:?} is a prefix of {b:?}");
             }
         }
+    }
+
+    /// The walk's fast path (anchors handed out as they end) needs this; with a nested literal
+    /// the walk still works, through its queue, only slower.
+    #[test]
+    fn no_anchor_literal_occurs_inside_another() {
+        assert!(!get().nested);
     }
 
     #[test]
@@ -1677,6 +1874,25 @@ mod tests {
                 .filter(|&i| d.literals.iter().any(|l| buf[i..].starts_with(l)))
                 .collect();
             proptest::prop_assert_eq!(got, want);
+        }
+    }
+
+    proptest::proptest! {
+        /// The walk's queue (used when a literal is nested in another) hands out the same
+        /// anchors as its fast path.
+        #[test]
+        fn queued_walk_finds_what_the_fast_walk_finds(
+            pieces in proptest::collection::vec((0usize..64, 0usize..100), 0..60),
+        ) {
+            let d = get();
+            let mut buf = Vec::new();
+            for (lit, gap) in pieces {
+                buf.extend(std::iter::repeat_n(b'x', if gap >= 80 { 100 } else { gap % 4 }));
+                let l = &d.literals[lit % d.literals.len()];
+                buf.extend_from_slice(&l[..if gap % 5 == 0 { l.len() - 1 } else { l.len() }]);
+            }
+            let fast: Vec<usize> = d.anchors(&buf).map(|(at, _)| at).collect();
+            proptest::prop_assert_eq!(d.anchors_queued(&buf).collect::<Vec<_>>(), fast);
         }
     }
 

@@ -14,11 +14,10 @@
 //!    leftmost-longest automaton is then at rest there, and restarting it there reproduces the
 //!    whole-buffer matches.
 
-use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind};
-
 use super::detectors::{self, DetectorSet, Detectors, Eval, Wake};
 use super::json_view::Escapes;
 use super::known::{self, Prefixes};
+use super::search::Searcher;
 
 // No Debug here or below: the automaton and prefixes hold every secret's spellings.
 pub(crate) struct Engine {
@@ -27,7 +26,7 @@ pub(crate) struct Engine {
 }
 
 struct Known {
-    automaton: AhoCorasick,
+    automaton: Searcher,
     /// Pattern id -> index into `labels`.
     label_of: Vec<u32>,
     labels: Vec<String>,
@@ -125,22 +124,7 @@ impl Engine {
             }
         }
         let known = (!patterns.is_empty()).then(|| {
-            // Invariant: patterns are non-empty and bounded (every held value is at most 64 KiB,
-            // `secret::source`), so the default automaton, which has no size limit short of
-            // memory, always builds; only the optional DFA can refuse, and then it is skipped.
-            // A DFA when it stays small: with many patterns the SIMD prefilter drops out and the
-            // DFA is then several times faster than the NFA on the no-match path.
-            let total: usize = patterns.iter().map(Vec::len).sum();
-            let kind = (total <= 256 * 1024).then_some(AhoCorasickKind::DFA);
-            let build = |kind| {
-                AhoCorasick::builder()
-                    .match_kind(MatchKind::LeftmostLongest)
-                    .kind(kind)
-                    .build(&patterns)
-            };
-            let automaton = build(kind)
-                .or_else(|_| build(None))
-                .expect("known-value automaton from bounded patterns");
+            let automaton = Searcher::new(&patterns);
             let mut lower: Vec<Vec<u8>> = patterns.iter().map(|p| p.to_ascii_lowercase()).collect();
             lower.sort();
             lower.dedup();
@@ -248,18 +232,18 @@ impl Engine {
             if !eof {
                 *safe = (*safe).min(k.prefixes.tail_start(buf));
             }
-            for m in k.automaton.find_iter(buf) {
+            k.automaton.for_each(buf, &mut |pattern, start, end| {
                 out(
                     Hit {
-                        key: m.start(),
-                        start: m.start(),
-                        end: m.end(),
-                        label: Label::Known(k.label_of[m.pattern().as_usize()]),
+                        key: start,
+                        start,
+                        end,
+                        label: Label::Known(k.label_of[pattern]),
                         priority: 0,
                     },
                     known_tier,
                 );
-            }
+            });
             if let Some(esc) = &escapes {
                 if let Some(at) = esc.incomplete.filter(|_| !eof) {
                     *safe = (*safe).min(at);
@@ -268,19 +252,20 @@ impl Engine {
                     if !eof {
                         *safe = (*safe).min(view.start_of(k.prefixes.tail_start(&view.bytes)));
                     }
-                    for m in k.automaton.find_iter(&view.bytes) {
-                        let start = view.start_of(m.start());
-                        out(
-                            Hit {
-                                key: start,
-                                start,
-                                end: view.end_of(m.end()),
-                                label: Label::Known(k.label_of[m.pattern().as_usize()]),
-                                priority: 0,
-                            },
-                            known_tier,
-                        );
-                    }
+                    k.automaton
+                        .for_each(&view.bytes, &mut |pattern, start, end| {
+                            let start = view.start_of(start);
+                            out(
+                                Hit {
+                                    key: start,
+                                    start,
+                                    end: view.end_of(end),
+                                    label: Label::Known(k.label_of[pattern]),
+                                    priority: 0,
+                                },
+                                known_tier,
+                            );
+                        });
                 }
             }
         }
