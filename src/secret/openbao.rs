@@ -837,8 +837,8 @@ impl Drop for Bao {
             return;
         }
         let live: Vec<Arc<Lease>> = match self.leases.get_mut() {
-            Ok(l) => l.drain(..).collect(),
-            Err(p) => p.into_inner().drain(..).collect(),
+            Ok(l) => std::mem::take(l),
+            Err(p) => std::mem::take(p.into_inner()),
         };
         let token = self.token.get_mut().take();
         let own_token = token.is_some() && !matches!(self.settings.auth, Auth::Token(_));
