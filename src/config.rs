@@ -83,9 +83,11 @@ pub struct Config {
     pub file: PathBuf,
     /// The format the file was written in; a lab config keeps the lab broker's behaviours.
     pub format: Format,
-    /// Where agents connect; never empty, and TCP addresses are loopback unless
-    /// `allow_non_loopback` is set.
+    /// Where agents connect; never empty, and plaintext TCP addresses are loopback unless
+    /// `allow_plaintext_non_loopback` (or its older name `allow_non_loopback`) is set.
     pub listen: Vec<Listen>,
+    /// Certificate and key of the `https://` listeners; set exactly when there is one.
+    pub tls: Option<TlsFiles>,
     /// Whether allowed requests are forwarded or only described.
     pub mode: Mode,
     /// The JSONL audit log appended to (`audit_log`, the lab's `event_log`; `events.jsonl` by
@@ -205,14 +207,38 @@ pub enum Mode {
     DryRun,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(untagged)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 /// One address agents connect to.
 pub enum Listen {
     /// A TCP address such as `127.0.0.1:8791`.
     Tcp(std::net::SocketAddr),
     /// A Unix socket (`unix:/path`, `~/` expanded); audit records name the connecting process.
     Unix(PathBuf),
+    /// A TLS listener (`https://0.0.0.0:8443`) with the certificate in [`Config::tls`]: the
+    /// backend mode, where agents on other machines connect.
+    Tls(std::net::SocketAddr),
+}
+
+impl Serialize for Listen {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Listen::Tcp(a) => s.collect_str(a),
+            Listen::Unix(p) => s.collect_str(&format_args!("unix:{}", p.display())),
+            Listen::Tls(a) => s.collect_str(&format_args!("https://{a}")),
+        }
+    }
+}
+
+/// The files of the TLS listeners (`tls = { cert, key, client_ca }`), read when keygate starts
+/// and again at each `keygate reload`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TlsFiles {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key of the leaf.
+    pub key: PathBuf,
+    /// PEM CA certificates; when set, every client must present a certificate they issued.
+    pub client_ca: Option<PathBuf>,
 }
 
 /// One upstream keygate forwards to (`[routes.NAME]`): which requests reach it, what they may
@@ -361,6 +387,63 @@ pub enum Inject {
         /// every spelling an upstream may read as it, are dropped first.
         name: String,
     },
+    /// The request is signed with AWS Signature Version 4 by the route's AWS keys (a secret
+    /// holding `{"AccessKeyId":…,"SecretAccessKey":…}`, as `aws-credentials` fetches); the
+    /// agent's own signature headers are dropped.
+    #[serde(rename = "aws_sigv4")]
+    AwsSigV4 {
+        /// The region signed for (`region`).
+        region: String,
+        /// The signing name of the service (`service`: `s3`, `bedrock`, …).
+        service: String,
+        /// Whether a streamed body is sent as `UNSIGNED-PAYLOAD` (S3 allows it); otherwise the
+        /// body is read whole (up to `max_request_bytes`) and its hash signed.
+        unsigned_payload: bool,
+    },
+}
+
+impl Inject {
+    /// Whether the body must be read whole before the credential is attached (its hash is
+    /// signed).
+    pub fn needs_whole_body(&self) -> bool {
+        matches!(
+            self,
+            Inject::AwsSigV4 {
+                unsigned_payload: false,
+                ..
+            }
+        )
+    }
+}
+
+/// `inject = "aws-sigv4"` with its route keys `region` and `service`.
+pub(crate) fn sigv4_inject(
+    region: Option<&str>,
+    service: Option<&str>,
+    has_secret: bool,
+) -> Result<Inject, String> {
+    let ok = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    };
+    let (Some(region), Some(service)) = (region, service) else {
+        return Err(
+            "aws-sigv4 needs region and service (e.g. region = \"us-east-1\", service = \"s3\")"
+                .into(),
+        );
+    };
+    if !ok(region) || !ok(service) {
+        return Err("region and service must be plain names such as us-east-1 and bedrock".into());
+    }
+    if !has_secret {
+        return Err("aws-sigv4 needs secret = a secret with source = \"aws-credentials\"".into());
+    }
+    Ok(Inject::AwsSigV4 {
+        region: region.into(),
+        service: service.into(),
+        unsigned_payload: service == "s3",
+    })
 }
 
 /// Whether a person approves a route's requests before they are forwarded (`approval`).
@@ -420,6 +503,25 @@ pub struct Agent {
     /// Output tokens this agent's request books when its body names no `max_tokens`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub budget_reserve: Option<u64>,
+    /// A trusted front end names the person it calls for in this header (`person_header`); it
+    /// becomes the audit `person` and keys the per-person limits. Read only after this agent
+    /// authenticated; a request without it gets 400 `user_header_required`.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "ser_opt_header_name"
+    )]
+    pub person_header: Option<HeaderName>,
+    /// The subject of a verified client certificate that is this agent (`client_cert_subject`,
+    /// e.g. `CN=ci-runner`), on a TLS listener with `client_ca`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_cert_subject: Option<String>,
+    /// Requests allowed per period for each person of this agent (`rate_per_person`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_per_person: Option<Rate>,
+    /// Tokens allowed per period for each person of this agent (`budget_tokens_per_person`), on
+    /// top of the agent's own budget.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget_per_person: Option<Budget>,
 }
 
 /// An agent's token budget: at most `limit` tokens in each period of `per`, periods counted
@@ -448,6 +550,8 @@ pub struct SeedInfo {
     pub client_auth: bool,
     /// The secret's source label (`env:NAME`, `command:op read`, `none`), never its value.
     pub secret_source: String,
+    /// Set when the file is the backend companion's config: its `secret_env`, if any.
+    pub backend: Option<Option<String>>,
 }
 
 impl Config {
@@ -503,6 +607,7 @@ impl Config {
             "format": self.format,
             "mode": self.mode,
             "listen": self.listen,
+            "tls": self.tls,
             "audit_log": self.audit_log,
             "audit_chain": self.audit_chain,
             "audit_fail_closed": self.audit_fail_closed,
@@ -568,6 +673,16 @@ fn ser_headers<S: serde::Serializer>(
         m.serialize_entry(k.as_str(), v.to_str().unwrap_or("(binary)"))?;
     }
     m.end()
+}
+
+fn ser_opt_header_name<S: serde::Serializer>(
+    h: &Option<HeaderName>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match h {
+        Some(h) => s.serialize_str(h.as_str()),
+        None => s.serialize_none(),
+    }
 }
 
 fn ser_header_name<S: serde::Serializer>(h: &HeaderName, s: S) -> Result<S::Ok, S::Error> {

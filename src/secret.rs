@@ -8,6 +8,7 @@
 //! redaction engine is built from the held values.
 
 pub mod github_app;
+pub mod aws;
 pub mod http;
 pub mod oauth2;
 pub mod openbao;

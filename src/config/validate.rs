@@ -88,6 +88,7 @@ pub(super) fn validate(file: &Path, spec: Spec) -> Result<Config, ConfigError> {
     let cx = Cx { file };
 
     let listen = listeners(&cx, &spec)?;
+    let tls = tls_files(&cx, &spec, &listen)?;
 
     let jits = route_jits(&cx, &spec)?;
     let mut secrets = Vec::new();
@@ -128,7 +129,30 @@ pub(super) fn validate(file: &Path, spec: Spec) -> Result<Config, ConfigError> {
 
     let mut agents = Vec::new();
     for a in &spec.agents {
-        agents.push(agent(&cx, a, &routes)?);
+        let built = agent(&cx, a, &routes)?;
+        if let (Some(subject), false) = (
+            &a.client_cert_subject,
+            tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+        ) {
+            return cx.err(
+                &subject.pos,
+                "client_cert_subject needs tls = { ..., client_ca = FILE }, so that client certificates are verified",
+            );
+        }
+        if let Some(subject) = &built.client_cert_subject {
+            if let Some(other) = agents
+                .iter()
+                .find(|o: &&Agent| o.client_cert_subject.as_ref() == Some(subject))
+            {
+                return cx.err(
+                    &a.client_cert_subject
+                        .as_ref()
+                        .map_or(a_pos(a), |s| s.pos.clone()),
+                    format!("agent {} already has this client_cert_subject", other.name),
+                );
+            }
+        }
+        agents.push(built);
     }
 
     let seed = spec.seed.map(|s| SeedInfo {
@@ -137,6 +161,7 @@ pub(super) fn validate(file: &Path, spec: Spec) -> Result<Config, ConfigError> {
         upstream_base_url: s.upstream_base_url,
         allowed_paths: s.allowed_paths,
         client_auth: s.client_auth,
+        backend: s.backend.map(|b| b.secret_env),
         secret_source: secrets
             .first()
             .map(|x| x.source.label())
@@ -173,6 +198,7 @@ pub(super) fn validate(file: &Path, spec: Spec) -> Result<Config, ConfigError> {
         file: file.to_path_buf(),
         format: spec.format,
         listen,
+        tls,
         mode: spec.mode.unwrap_or(Mode::Proxy),
         audit_log: spec
             .audit_log
@@ -344,8 +370,50 @@ fn listeners(cx: &Cx, spec: &Spec) -> Result<Vec<Listen>, ConfigError> {
     if listen.is_empty() {
         return cx.err(pos, "at least one listener is needed");
     }
-    check_loopback(&listen, spec.allow_non_loopback).or_else(|m| cx.err(pos, m))?;
+    check_loopback(
+        &listen,
+        spec.allow_plaintext_non_loopback || spec.allow_non_loopback,
+    )
+    .or_else(|m| cx.err(pos, m))?;
     Ok(listen)
+}
+
+/// `tls` is set exactly when there is an `https://` listener. The files are read when the
+/// listener's state is built (`listen::tls`), so that `keygate reload` reads them again.
+fn tls_files(cx: &Cx, spec: &Spec, listen: &[Listen]) -> Result<Option<TlsFiles>, ConfigError> {
+    let https = listen.iter().any(|l| matches!(l, Listen::Tls(_)));
+    match (&spec.tls, https) {
+        (None, false) => Ok(None),
+        (None, true) => cx.err(
+            &spec.listen.pos,
+            "an https:// listener needs tls = { cert = FILE, key = FILE }",
+        ),
+        (Some(t), false) => cx.err(
+            &t.pos,
+            "tls is set but no listener is https://; write listen = [\"https://0.0.0.0:8443\"]",
+        ),
+        (Some(t), true) => {
+            let file = |f: &str, key: &str| -> Result<PathBuf, ConfigError> {
+                if f.is_empty() {
+                    return cx.err(&t.pos.child(key), "must name a PEM file");
+                }
+                Ok(expand_home(f))
+            };
+            Ok(Some(TlsFiles {
+                cert: file(&t.value.cert, "cert")?,
+                key: file(&t.value.key, "key")?,
+                client_ca: match &t.value.client_ca {
+                    Some(ca) => Some(file(ca, "client_ca")?),
+                    None => None,
+                },
+            }))
+        }
+    }
+}
+
+/// Where an agent's table was written, for an error about the agent as a whole.
+fn a_pos(a: &AgentSpec) -> Pos {
+    Pos::new(0, format!("agents.{}", a.name))
 }
 
 /// `all`: every secret of the file, for sources that read another (`client_secret = "NAME"`).
@@ -394,6 +462,10 @@ fn secret(
             region: need(&s.region, "region")?,
             endpoint: s.endpoint.clone(),
             field: s.field.clone(),
+            profile: s.profile.clone(),
+        },
+        "aws-credentials" => SecretSource::AwsCredentials {
+            profile: s.profile.clone(),
         },
         "oauth2" | "oauth2-client-credentials" => tokens::oauth2(cx, s, all)?,
         "github-app" => tokens::github_app(cx, s, all)?,
@@ -401,7 +473,7 @@ fn secret(
         other => {
             return cx.err(
                 &s.source.pos,
-                format!("unknown source {other:?}; use env, file, command, keychain, openbao, aws-secrets-manager, oauth2, github-app or none"),
+                format!("unknown source {other:?}; use env, file, command, keychain, openbao, aws-secrets-manager, oauth2, github-app, aws-credentials or none"),
             )
         }
     };
@@ -614,10 +686,20 @@ fn route(
         None => None,
     };
     let inject = match &r.inject {
+        Some(i) if i.value == "aws-sigv4" => crate::config::sigv4_inject(
+            r.region.as_deref(),
+            r.service.as_deref(),
+            r.secret.is_some(),
+        )
+        .or_else(|m| cx.err(&i.pos, m))?,
         Some(i) => parse_inject(&i.value, r.inject_format.clone(), r.basic_username.clone())
             .or_else(|m| cx.err(&i.pos, m))?,
         None => Inject::Bearer,
     };
+    if !matches!(inject, Inject::AwsSigV4 { .. }) && (r.region.is_some() || r.service.is_some()) {
+        let pos = r.inject.as_ref().map_or(&r.prefix.pos, |i| &i.pos);
+        return cx.err(pos, "region and service are keys of inject = \"aws-sigv4\"");
+    }
     let mut allow = Vec::new();
     for rule in &r.allow {
         let parsed = match &rule.value {
@@ -627,7 +709,13 @@ fn route(
             }
             RuleSpec::ExactPost(p) => Rule::exact("POST", p),
         };
-        allow.push(parsed.or_else(|m| cx.err(&rule.pos, m))?);
+        let parsed = match (&r.query, parsed) {
+            (Some(q), Ok(rule)) => rule
+                .default_query(&q.value)
+                .or_else(|m| cx.err(&q.pos, m))?,
+            (_, parsed) => parsed.or_else(|m| cx.err(&rule.pos, m))?,
+        };
+        allow.push(parsed);
     }
     let mut extra_headers = Vec::new();
     for h in &r.extra_headers {
@@ -702,6 +790,9 @@ fn sets_itself(inject: &Inject, header: &str) -> bool {
         Inject::Header { name, .. } => name.as_str() == lower,
         Inject::Bearer | Inject::Basic { .. } => lower == "authorization",
         Inject::Query { .. } => false,
+        Inject::AwsSigV4 { .. } => {
+            lower == "authorization" || crate::secret::aws::signs_header(&lower)
+        }
     };
     injected
         || RESERVED_HEADERS.contains(&lower.as_str())
@@ -726,23 +817,38 @@ fn agent(cx: &Cx, a: &AgentSpec, routes: &[Route]) -> Result<Agent, ConfigError>
         Some(r) => Some(Rate::parse(&r.value).or_else(|m| cx.err(&r.pos, m))?),
         None => None,
     };
-    let budget = match &a.budget {
-        Some(b) => {
-            let (per, limit) = &b.value;
-            let per = match per.as_str() {
-                "minute" => Duration::from_secs(60),
-                "hour" => Duration::from_secs(3600),
-                "day" => Duration::from_secs(86_400),
-                other => match parse_duration(other) {
-                    Ok(d) if !d.is_zero() => d,
-                    _ => return cx.err(&b.pos, "per must be minute, hour, day or a duration"),
-                },
-            };
-            Some(Budget { limit: *limit, per })
+    let budget_per_person = parse_budget(cx, &a.budget_per_person)?;
+    let budget = parse_budget(cx, &a.budget)?;
+    let rate_per_person = match &a.rate_per_person {
+        Some(r) => Some(Rate::parse(&r.value).or_else(|m| cx.err(&r.pos, m))?),
+        None => None,
+    };
+    let person_header = match &a.person_header {
+        Some(h) => {
+            let name = HeaderName::from_bytes(h.value.as_bytes())
+                .or_else(|_| cx.err(&h.pos, format!("{:?} is not a header name", h.value)))?;
+            if RESERVED_HEADERS.contains(&name.as_str())
+                || crate::authenticate::caller::CALLER_CREDENTIAL_HEADERS.contains(&name.as_str())
+            {
+                return cx.err(
+                    &h.pos,
+                    format!(
+                        "{name} carries credentials or framing; name the person in another header"
+                    ),
+                );
+            }
+            Some(name)
         }
         None => None,
     };
-    if let (Some(r), None) = (&a.budget_reserve, &budget) {
+    let client_cert_subject = match &a.client_cert_subject {
+        Some(s) if s.value.trim().is_empty() => {
+            return cx.err(&s.pos, "write the subject, e.g. \"CN=ci-runner\"")
+        }
+        Some(s) => Some(crate::listen::normalize_subject(&s.value)),
+        None => None,
+    };
+    if let (Some(r), None, None) = (&a.budget_reserve, &budget, &budget_per_person) {
         return cx.err(
             &r.pos,
             "budget_reserve applies to a token budget; set budget_tokens too",
@@ -758,7 +864,27 @@ fn agent(cx: &Cx, a: &AgentSpec, routes: &[Route]) -> Result<Agent, ConfigError>
         budget,
         budget_reserve: a.budget_reserve.as_ref().map(|r| r.value),
         unix_uids: a.unix_uids.clone(),
+        person_header,
+        client_cert_subject,
+        rate_per_person,
+        budget_per_person,
     })
+}
+
+/// `budget_tokens = { per, limit }` and its per-person twin.
+fn parse_budget(cx: &Cx, b: &Option<At<(String, u64)>>) -> Result<Option<Budget>, ConfigError> {
+    let Some(b) = b else { return Ok(None) };
+    let (per, limit) = &b.value;
+    let per = match per.as_str() {
+        "minute" => Duration::from_secs(60),
+        "hour" => Duration::from_secs(3600),
+        "day" => Duration::from_secs(86_400),
+        other => match parse_duration(other) {
+            Ok(d) if !d.is_zero() => d,
+            _ => return cx.err(&b.pos, "per must be minute, hour, day or a duration"),
+        },
+    };
+    Ok(Some(Budget { limit: *limit, per }))
 }
 
 /// Parses an upstream base URL: `http` or `https`, a host, an optional path, no query, no
@@ -811,14 +937,19 @@ fn parse_inject(
             Ok(Inject::Header { name, format })
         }
         ("query", Some(name)) if !name.is_empty() => Ok(Inject::Query { name: name.into() }),
-        ("aws-sigv4", _) => Err("aws-sigv4 injection is not supported by this build yet".into()),
         _ => Err(format!(
-            "{s:?} is not one of bearer, header:NAME, basic, query:NAME"
+            "{s:?} is not one of bearer, header:NAME, basic, query:NAME, aws-sigv4"
         )),
     }
 }
 
 fn parse_listen(s: &str) -> Result<Listen, String> {
+    if let Some(addr) = s.strip_prefix("https://") {
+        return addr
+            .parse::<std::net::SocketAddr>()
+            .map(Listen::Tls)
+            .map_err(|_| format!("{s:?}: write https://IP:PORT, e.g. https://0.0.0.0:8443"));
+    }
     if let Some(path) = s.strip_prefix("unix:") {
         if path.is_empty() {
             return Err("unix: needs a socket path".into());
@@ -836,7 +967,7 @@ fn check_loopback(listen: &[Listen], allow_non_loopback: bool) -> Result<(), Str
         if let Listen::Tcp(addr) = l {
             if !addr.ip().is_loopback() && !allow_non_loopback {
                 return Err(format!(
-                    "{addr} is not a loopback address; keygate listens on 127.0.0.1 or ::1 unless allow_non_loopback = true"
+                    "{addr} is not a loopback address and has no TLS; listen on https://{addr} with tls = {{ cert, key }}, or set allow_plaintext_non_loopback = true"
                 ));
             }
         }

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -165,6 +166,28 @@ def test_oauth2_rotated_refresh_token_is_kept_in_the_state_store_across_a_restar
     # stored, but never in the clear where a log reader looks
     for rt in provider.issued_refresh_tokens:
         assert rt not in kg2.stderr_text() + "\n".join(kg2.audit_lines())
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed (scripts/test installs it)")
+def test_oauth2_rotated_refresh_token_is_kept_in_a_shared_redis_store_across_a_restart(keygate, provider, tmp_path):
+    from test_shared_state import Redis
+
+    redis = Redis(tmp_path).start()
+    try:
+        token = new_token()
+        config = oauth_config(provider, tmp_path / "state", grant="refresh_token")
+        config = f'state = {{ backend = "redis", url = "{redis.url}" }}\n' + config
+        kg = keygate(config, env=oauth_env(provider, token))
+        assert get(kg, token, "/crm/contacts").status_code == 200
+        kg.stop()
+        # Another keygate on the same store (here: the same one restarted) uses the rotation.
+        kg2 = keygate(config, env=oauth_env(provider, token))
+        r = get(kg2, token, "/crm/contacts")
+        assert r.status_code == 200, r.text
+        assert provider.token_requests[-1]["form"]["refresh_token"] == provider.issued_refresh_tokens[1]
+        kg2.stop()
+    finally:
+        redis.stop()
 
 
 def test_oauth2_a_new_configured_refresh_token_wins_over_the_stored_rotation_of_the_old_one(keygate, provider, tmp_path):
