@@ -9,6 +9,7 @@
 //! [`Secret::expose`]. Every value ever held (current and the one before a rotation) is taught to
 //! the response redactor.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -46,6 +47,12 @@ pub struct Credentials {
     /// not carry.
     scanner: ArcSwap<Redactor>,
     held: Mutex<Vec<Arc<Secret>>>,
+    /// Bumped each time a value is added to `held`.
+    generation: AtomicU64,
+    /// The generation of `held` the installed redactor and scanner were built from.
+    stored: Mutex<u64>,
+    /// One rebuild at a time for [`Credentials::remember_coalesced`].
+    building: tokio::sync::Mutex<()>,
 }
 
 struct Entry {
@@ -78,6 +85,9 @@ impl Credentials {
             redactor: ArcSwap::from_pointee(Redactor::builder().build()),
             scanner: ArcSwap::from_pointee(scan_builder().build()),
             held: Mutex::new(Vec::new()),
+            generation: AtomicU64::new(0),
+            stored: Mutex::new(0),
+            building: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -199,15 +209,19 @@ impl Credentials {
                 return match bao.fetch(name).await {
                     Ok(s) => {
                         let s = Arc::new(s);
-                        self.remember(s.clone());
+                        self.remember_coalesced(s.clone()).await;
                         Ok(Some(s))
                     }
                     Err(e) => {
                         let msg = e.to_string();
                         tracing::warn!(secret = %name, error = %msg, "secret fetch failed");
-                        entry
-                            .failed
-                            .store(Some(Arc::new((Instant::now(), msg.clone()))));
+                        // At `max_leases` the server is fine: the next request may find a lease
+                        // come free, so this is not remembered as a failure.
+                        if !matches!(e, crate::secret::FetchError::LeasesExhausted { .. }) {
+                            entry
+                                .failed
+                                .store(Some(Arc::new((Instant::now(), msg.clone()))));
+                        }
                         Err(Rejection::new(Code::SecretUnavailable, msg))
                     }
                 };
@@ -344,12 +358,39 @@ impl Credentials {
     }
 
     fn remember(&self, secret: Arc<Secret>) {
-        let mut held = match self.held.lock() {
-            Ok(h) => h,
-            Err(p) => p.into_inner(),
-        };
-        if held.iter().any(|s| s.key_id() == secret.key_id()) {
+        if let Some(held) = self.add(secret) {
+            let (redactor, scanner) = build_engines(&held.0);
+            self.store_engines(held.1, redactor, scanner);
+        }
+    }
+
+    /// As [`Credentials::remember`], for a value per request (`jit = "request"`): the engines
+    /// are rebuilt off the runtime's workers, and requests arriving while one rebuild runs share
+    /// the next, so N concurrent fetches cost about two rebuilds, not N, each holding no lock.
+    /// Returns once the redactor knows `secret`.
+    async fn remember_coalesced(&self, secret: Arc<Secret>) {
+        let Some((_, generation)) = self.add(secret) else {
             return;
+        };
+        let _one = self.building.lock().await;
+        if *lock(&self.stored) >= generation {
+            return; // a rebuild that started after this value was added has it
+        }
+        let (held, generation) = self.snapshot();
+        let built = tokio::task::spawn_blocking(move || build_engines(&held)).await;
+        let (redactor, scanner) = match built {
+            Ok(engines) => engines,
+            Err(_) => build_engines(&self.snapshot().0),
+        };
+        self.store_engines(generation, redactor, scanner);
+    }
+
+    /// Adds a value not held yet (dropping the oldest of its secret past the bound); returns
+    /// what is held then, and its generation.
+    fn add(&self, secret: Arc<Secret>) -> Option<(Vec<Arc<Secret>>, u64)> {
+        let mut held = lock(&self.held);
+        if held.iter().any(|s| s.key_id() == secret.key_id()) {
+            return None;
         }
         held.push(secret.clone());
         let name = secret
@@ -375,15 +416,39 @@ impl Credentials {
         if same.len() > keep {
             held.remove(same[0]);
         }
-        let mut b = Redactor::builder();
-        let mut scan = scan_builder();
-        for s in held.iter() {
-            b = teach(b, s);
-            scan = teach(scan, s);
-        }
-        self.redactor.store(Arc::new(b.build()));
-        self.scanner.store(Arc::new(scan.build()));
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        Some((held.clone(), generation))
     }
+
+    fn snapshot(&self) -> (Vec<Arc<Secret>>, u64) {
+        let held = lock(&self.held);
+        (held.clone(), self.generation.load(Ordering::Acquire))
+    }
+
+    /// Installs engines built from generation `generation`, unless newer ones are in place.
+    fn store_engines(&self, generation: u64, redactor: Redactor, scanner: Redactor) {
+        let mut stored = lock(&self.stored);
+        if generation > *stored {
+            self.redactor.store(Arc::new(redactor));
+            self.scanner.store(Arc::new(scanner));
+            *stored = generation;
+        }
+    }
+}
+
+/// The response redactor and the request scanner for `held`.
+fn build_engines(held: &[Arc<Secret>]) -> (Redactor, Redactor) {
+    let mut b = Redactor::builder();
+    let mut scan = scan_builder();
+    for s in held {
+        b = teach(b, s);
+        scan = teach(scan, s);
+    }
+    (b.build(), scan.build())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The request scan's strong half: held values are added to it; generic detectors run apart
@@ -400,6 +465,12 @@ impl Entry {
         let c = c.as_ref()?;
         if let Some(ttl) = self.spec.ttl {
             if c.fetched.elapsed() >= ttl {
+                return None;
+            }
+        }
+        // A lease the server no longer knows (its renewal was refused) is fetched afresh.
+        if let SecretSource::OpenBao(bao) = &self.spec.source {
+            if bao.lease_gone(&c.secret) {
                 return None;
             }
         }
@@ -783,6 +854,51 @@ mod tests {
         let body = [b"echo: ".as_slice(), a.expose()].concat();
         let red = creds.redactor().redact(&body).into_owned();
         assert!(!red.windows(a.expose().len()).any(|w| w == a.expose()));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_per_request_values_are_each_known_to_the_redactor_when_their_fetch_returns()
+    {
+        let c = config("");
+        let creds = Arc::new(Credentials::new(&c));
+        let values: Vec<Arc<Secret>> = (0..24)
+            .map(|i| {
+                let v = format!("pw-{i:04}-{}", "x".repeat(16)).into_bytes();
+                Arc::new(
+                    Secret::new("k", v)
+                        .versioned("k", &format!("lease-{i}"))
+                        .leased(format!("database/creds/agent/{i}")),
+                )
+            })
+            .collect();
+        let started = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for s in values.clone() {
+            let creds = creds.clone();
+            tasks.spawn(async move {
+                creds.remember_coalesced(s.clone()).await;
+                // What the request's answer will be redacted with, right after its fetch.
+                let body = [b"echo: ".as_slice(), s.expose()].concat();
+                let red = creds.redactor().redact(&body).into_owned();
+                !red.windows(s.expose().len()).any(|w| w == s.expose())
+            });
+        }
+        while let Some(known) = tasks.join_next().await {
+            assert!(
+                known.unwrap(),
+                "a value was handed out before the redactor knew it"
+            );
+        }
+        let coalesced = started.elapsed();
+        let one_by_one = Credentials::new(&c);
+        let started = Instant::now();
+        for s in values {
+            one_by_one.remember(s);
+        }
+        eprintln!(
+            "24 per-request values: coalesced {coalesced:?}, one rebuild each {:?}",
+            started.elapsed()
+        );
     }
 
     #[test]

@@ -175,6 +175,9 @@ async fn serve(
     };
 
     ready_line(&urls, &config, &policy_version, control.admin_socket.get());
+    // Not kept for the whole run: a reload must be able to drop the first config, whose
+    // OpenBao sources then revoke what they hold.
+    drop(config);
     tracing::info!(listeners = ?urls, "keygate serving");
 
     spawn_token_refresh(live.clone());

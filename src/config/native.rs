@@ -118,6 +118,8 @@ struct RawSecret {
     jwt_from: Option<String>,
     dynamic: Option<String>,
     params: Option<BTreeMap<String, String>>,
+    /// openbao dynamic: how many leases may be outstanding at once.
+    max_leases: Option<Spanned<usize>>,
     // oauth2, github-app
     token_url: Option<String>,
     grant: Option<String>,
@@ -305,6 +307,10 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
                 jwt_from: s.jwt_from.clone(),
                 dynamic: s.dynamic.clone(),
                 params: s.params.clone(),
+                max_leases: s
+                    .max_leases
+                    .as_ref()
+                    .map(|m| lines.spanned(m, key("max_leases"))),
             }
         })
         .collect();

@@ -168,6 +168,8 @@ pub(crate) struct SecretSpecRaw {
     pub jwt_from: Option<String>,
     pub dynamic: Option<String>,
     pub params: Option<std::collections::BTreeMap<String, String>>,
+    /// openbao dynamic: the bound on outstanding leases.
+    pub max_leases: Option<At<usize>>,
     /// `oauth2` and `github-app`.
     pub token: TokenKeys,
 }

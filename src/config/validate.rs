@@ -545,6 +545,12 @@ fn route_jits(cx: &Cx, spec: &Spec) -> Result<BTreeMap<String, Jit>, ConfigError
     Ok(jits)
 }
 
+/// Outstanding leases of one dynamic OpenBao secret when `max_leases` is not set.
+const DEFAULT_MAX_LEASES: usize = 64;
+
+/// The largest `max_leases`: a bound that large is no bound on what the redactor must hold.
+const MAX_MAX_LEASES: usize = 4096;
+
 /// An `openbao` source: where, how keygate logs in, and what it reads.
 fn openbao(
     cx: &Cx,
@@ -622,7 +628,24 @@ fn openbao(
             field: need(&s.field, "field")?,
         },
     };
+    let max_leases = match &s.max_leases {
+        None => DEFAULT_MAX_LEASES,
+        Some(m) if s.dynamic.is_none() => {
+            return cx.err(
+                &m.pos,
+                "max_leases applies only to a dynamic secret (dynamic = \"PATH\")",
+            )
+        }
+        Some(m) if m.value == 0 || m.value > MAX_MAX_LEASES => {
+            return cx.err(
+                &m.pos,
+                format!("max_leases must be between 1 and {MAX_MAX_LEASES}"),
+            )
+        }
+        Some(m) => m.value,
+    };
     let settings = Settings {
+        max_leases,
         address: address.trim_end_matches('/').to_string(),
         ca_file: s.ca_file.as_deref().map(expand_home),
         auth,

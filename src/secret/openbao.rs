@@ -23,11 +23,14 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
+#[cfg(test)]
+pub(crate) mod fake;
+
 use super::http::{BackendClient, HttpError, DEFAULT_TIMEOUT};
 use super::{FetchError, Secret, SecretSpec};
 
 /// The validated settings of one `openbao` source.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Settings {
     /// The server's base URL (`address`), without a trailing `/`.
     pub address: String,
@@ -39,10 +42,13 @@ pub struct Settings {
     pub read: Read,
     /// How long a dynamic secret's lease serves (the routes' `jit`).
     pub jit: Jit,
+    /// How many of its leases may be outstanding (issued, not yet revoked) at once
+    /// (`max_leases`); past it a fetch waits [`LEASE_WAIT`], then is refused.
+    pub max_leases: usize,
 }
 
 /// How keygate gets its own OpenBao token.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum Auth {
     /// A token kept in keygate's environment or in a file (`token_env`, `token_file`), read
     /// again whenever a new one is needed.
@@ -77,7 +83,7 @@ pub enum BaoToken {
 }
 
 /// What the source reads.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum Read {
     /// A field of a KV v2 secret; the secret's version is the key id (`name#vN`).
     Kv {
@@ -123,6 +129,8 @@ pub struct Bao {
     current: Mutex<Option<Arc<Lease>>>,
     /// Set once [`Bao::shutdown`] ran: nothing is renewed after.
     closed: AtomicBool,
+    /// One permit per outstanding lease (`max_leases`).
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Bao {
@@ -155,7 +163,28 @@ pub(crate) struct Lease {
     /// No longer handed out: revoked as soon as `users` is zero.
     retired: AtomicBool,
     revoked: AtomicBool,
+    /// The server no longer knows it (renewal refused as expired or unknown): not handed out.
+    dead: AtomicBool,
     jit: Jit,
+    /// Its place under `max_leases`, given back once it is revoked or gone.
+    slot: Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
+}
+
+impl Lease {
+    fn new(id: Zeroizing<String>, renewable: bool, ttl: Duration, jit: Jit) -> Lease {
+        Lease {
+            id,
+            renewable,
+            ttl,
+            expires: Mutex::new(Instant::now() + ttl),
+            users: AtomicUsize::new(0),
+            retired: AtomicBool::new(jit == Jit::Request),
+            revoked: AtomicBool::new(false),
+            dead: AtomicBool::new(false),
+            jit,
+            slot: Mutex::new(None),
+        }
+    }
 }
 
 /// A request's use of a dynamic credential: while it lives the lease is renewed as needed; when
@@ -210,6 +239,13 @@ struct DynamicAnswer {
     data: BTreeMap<String, serde_json::Value>,
 }
 
+/// Only the lease of an answer otherwise unreadable, so that it can still be revoked.
+#[derive(Deserialize)]
+struct LeaseOnly {
+    #[serde(default)]
+    lease_id: String,
+}
+
 #[derive(Deserialize)]
 struct LoginAnswer {
     auth: LoginAuth,
@@ -260,12 +296,13 @@ impl Bao {
     /// A source with nothing fetched yet.
     pub fn new(settings: Settings) -> Bao {
         Bao {
-            settings,
             client: OnceLock::new(),
             token: tokio::sync::Mutex::new(None),
             leases: Mutex::new(Vec::new()),
             current: Mutex::new(None),
             closed: AtomicBool::new(false),
+            slots: Arc::new(tokio::sync::Semaphore::new(settings.max_leases.max(1))),
+            settings,
         }
     }
 
@@ -291,7 +328,23 @@ impl Bao {
     /// Reads the value: a KV field (key id `name#vN`) or a new dynamic credential (key id
     /// `name#lease-FINGERPRINT`, its lease tracked here).
     pub async fn fetch(self: &Arc<Self>, name: &str) -> Result<Secret, FetchError> {
-        self.fetch_inner(name)
+        let mut slot = match self.settings.read {
+            Read::Dynamic { .. } => {
+                let wait = tokio::time::timeout(LEASE_WAIT, self.slots.clone().acquire_owned());
+                match wait.await {
+                    Ok(Ok(permit)) => Some(permit),
+                    _ => {
+                        return Err(FetchError::LeasesExhausted {
+                            secret: name.to_string(),
+                            max: self.settings.max_leases,
+                            waited_s: LEASE_WAIT.as_secs(),
+                        })
+                    }
+                }
+            }
+            Read::Kv { .. } => None,
+        };
+        self.fetch_inner(name, &mut slot)
             .await
             .map_err(|Failed(reason)| FetchError::OpenBao {
                 secret: name.to_string(),
@@ -299,12 +352,12 @@ impl Bao {
             })
     }
 
-    async fn fetch_inner(self: &Arc<Self>, name: &str) -> Result<Secret, Failed> {
+    async fn fetch_inner(self: &Arc<Self>, name: &str, slot: &mut Slot) -> Result<Secret, Failed> {
         // A token the server no longer accepts (revoked, expired early) gets one fresh login.
-        match self.read(name).await {
+        match self.read(name, slot).await {
             Err(Denied(_)) => {
                 self.forget_token().await;
-                self.read(name).await.map_err(|Denied(path)| {
+                self.read(name, slot).await.map_err(|Denied(path)| {
                     Failed(format!(
                         "{path} answered 403 (permission denied), also after a fresh login"
                     ))
@@ -314,7 +367,11 @@ impl Bao {
         }
     }
 
-    async fn read(self: &Arc<Self>, name: &str) -> Result<Result<Secret, Failed>, Denied> {
+    async fn read(
+        self: &Arc<Self>,
+        name: &str,
+        slot: &mut Slot,
+    ) -> Result<Result<Secret, Failed>, Denied> {
         let token = match self.token().await {
             Ok(t) => t,
             Err(f) => return Ok(Err(f)),
@@ -337,7 +394,7 @@ impl Bao {
         if answer.status == StatusCode::FORBIDDEN {
             return Err(Denied(path));
         }
-        Ok(self.parse(name, &path, answer))
+        Ok(self.parse(name, &path, answer, slot))
     }
 
     fn parse(
@@ -345,6 +402,7 @@ impl Bao {
         name: &str,
         path: &str,
         answer: super::http::Answer,
+        slot: &mut Slot,
     ) -> Result<Secret, Failed> {
         if !answer.status.is_success() {
             return Err(status_failure(path, answer.status));
@@ -358,10 +416,25 @@ impl Bao {
                 Ok(Secret::new(name, value.to_vec()).versioned(name, &version))
             }
             Read::Dynamic { field, .. } => {
-                let d: DynamicAnswer =
-                    serde_json::from_slice(&answer.body).map_err(|_| malformed())?;
+                let d: DynamicAnswer = match serde_json::from_slice(&answer.body) {
+                    Ok(d) => d,
+                    Err(_) => {
+                        // Unreadable as a whole, it may still have issued a lease: revoke it,
+                        // or every retry would leave one more behind.
+                        if let Ok(l) = serde_json::from_slice::<LeaseOnly>(&answer.body) {
+                            self.discard(Zeroizing::new(l.lease_id), false, 0, slot.take());
+                        }
+                        return Err(malformed());
+                    }
+                };
                 let lease_id = Zeroizing::new(d.lease_id);
-                let value = field_bytes(&d.data, field, path)?;
+                let value = match field_bytes(&d.data, field, path) {
+                    Ok(v) => v,
+                    Err(f) => {
+                        self.discard(lease_id, d.renewable, d.lease_duration, slot.take());
+                        return Err(f);
+                    }
+                };
                 if lease_id.is_empty() {
                     return Err(Failed(format!(
                         "{path}: the answer has no lease; use a KV secret for a static value"
@@ -372,20 +445,15 @@ impl Bao {
                 let mut secret = Secret::new(name, value.to_vec())
                     .versioned(name, &version)
                     .leased(lease_id.to_string());
-                // `run` renews its lease for as long as keygate runs, so the cache keeps it.
-                if self.settings.jit == Jit::Ttl && d.lease_duration > 0 {
+                // `run` renews its lease for as long as keygate runs, so the cache keeps it;
+                // one that cannot be renewed is cached only for its TTL.
+                let renewed = self.settings.jit == Jit::Run && d.renewable;
+                if self.settings.jit != Jit::Request && !renewed && d.lease_duration > 0 {
                     secret = secret.expiring(SystemTime::now() + ttl);
                 }
-                self.track(Lease {
-                    id: lease_id,
-                    renewable: d.renewable,
-                    ttl,
-                    expires: Mutex::new(Instant::now() + ttl),
-                    users: AtomicUsize::new(0),
-                    retired: AtomicBool::new(self.settings.jit == Jit::Request),
-                    revoked: AtomicBool::new(false),
-                    jit: self.settings.jit,
-                });
+                let lease = Lease::new(lease_id, d.renewable, ttl, self.settings.jit);
+                *lock(&lease.slot) = slot.take();
+                self.track(lease);
                 Ok(secret)
             }
         }
@@ -403,6 +471,17 @@ impl Bao {
             bao: self.clone(),
             lease,
         })
+    }
+
+    /// Whether the lease of `secret` (from this source) is known to be gone at the server
+    /// (renewal refused as expired or unknown): such a value is no longer handed out.
+    pub fn lease_gone(&self, secret: &Secret) -> bool {
+        let Some(id) = secret.lease() else {
+            return false;
+        };
+        !lock(&self.leases)
+            .iter()
+            .any(|l| l.id.as_str() == id && !l.dead.load(Ordering::Acquire))
     }
 
     /// Revokes every lease still held, within `deadline`; called at shutdown. Nothing is
@@ -451,6 +530,19 @@ impl Bao {
         }
     }
 
+    /// A lease the server no longer knows: not handed out again, nothing to revoke.
+    fn bury(&self, lease: &Arc<Lease>) {
+        lease.dead.store(true, Ordering::Release);
+        lease.retired.store(true, Ordering::Release);
+        lease.revoked.store(true, Ordering::Release);
+        lock(&self.leases).retain(|l| !Arc::ptr_eq(l, lease));
+        lock(&lease.slot).take();
+        let mut current = lock(&self.current);
+        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, lease)) {
+            *current = None;
+        }
+    }
+
     fn track(self: &Arc<Self>, lease: Lease) {
         let lease = Arc::new(lease);
         lock(&self.leases).push(lease.clone());
@@ -470,19 +562,56 @@ impl Bao {
         }
     }
 
+    /// A lease the server issued with an answer keygate cannot use: tracked (so shutdown
+    /// still sees it) and revoked at once.
+    fn discard(self: &Arc<Self>, id: Zeroizing<String>, renewable: bool, ttl_s: u64, slot: Slot) {
+        if id.is_empty() {
+            return;
+        }
+        let lease = Arc::new(Lease::new(
+            id,
+            renewable,
+            Duration::from_secs(ttl_s),
+            Jit::Request,
+        ));
+        *lock(&lease.slot) = slot;
+        lease.retired.store(true, Ordering::Release);
+        lock(&self.leases).push(lease.clone());
+        self.revoke_later(lease);
+    }
+
+    /// Revokes in the background; a failed revocation is tried again a few times, then left
+    /// tracked for shutdown's last attempt.
     fn revoke_later(self: &Arc<Self>, lease: Arc<Lease>) {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
         let bao = self.clone();
-        rt.spawn(async move { bao.revoke(&lease).await });
+        rt.spawn(async move {
+            let mut wait = REVOKE_RETRY_FIRST;
+            for _ in 0..REVOKE_ATTEMPTS {
+                if bao.revoke(&lease).await != Revoked::Retry
+                    || bao.closed.load(Ordering::Acquire)
+                {
+                    return;
+                }
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+            tracing::warn!(source = %bao.label(), "lease revocation kept failing; trying again at shutdown, else it ends with its TTL");
+            // Once its TTL is over the server has let it go: its place under `max_leases` too.
+            let end = *lock(&lease.expires);
+            tokio::time::sleep_until(end.into()).await;
+            bao.bury(&lease);
+        });
     }
 
-    async fn revoke(self: &Arc<Self>, lease: &Lease) {
+    /// One attempt. The lease stays tracked until the server confirmed it (or said it has no
+    /// such lease), so a failure can be retried.
+    async fn revoke(self: &Arc<Self>, lease: &Arc<Lease>) -> Revoked {
         if lease.revoked.swap(true, Ordering::AcqRel) {
-            return;
+            return Revoked::Done;
         }
-        lock(&self.leases).retain(|l| !std::ptr::eq(Arc::as_ptr(l), lease));
         let body = serde_json::json!({ "lease_id": lease.id.as_str() });
         let result = match self.token().await {
             Ok(token) => {
@@ -496,21 +625,37 @@ impl Bao {
             }
             Err(f) => Err(f),
         };
-        match result {
+        let outcome = match result {
             Ok(a) if a.status.is_success() => {
-                tracing::debug!(source = %self.label(), "lease revoked")
+                tracing::debug!(source = %self.label(), "lease revoked");
+                Revoked::Done
+            }
+            Ok(a) if matches!(a.status.as_u16(), 400 | 404) => {
+                // Expired or unknown: nothing is left to revoke, and asking again cannot help.
+                tracing::debug!(source = %self.label(), status = %a.status, "lease already gone");
+                Revoked::Done
             }
             Ok(a) => {
-                tracing::warn!(source = %self.label(), status = %a.status, "lease revocation refused; it ends with its TTL")
+                tracing::warn!(source = %self.label(), status = %a.status, "lease revocation refused; will try again");
+                Revoked::Retry
             }
             Err(Failed(reason)) => {
-                tracing::warn!(source = %self.label(), error = %reason, "lease revocation failed; it ends with its TTL")
+                tracing::warn!(source = %self.label(), error = %reason, "lease revocation failed; will try again");
+                Revoked::Retry
             }
+        };
+        match outcome {
+            Revoked::Done => {
+                lock(&self.leases).retain(|l| !Arc::ptr_eq(l, lease));
+                lock(&lease.slot).take();
+            }
+            Revoked::Retry => lease.revoked.store(false, Ordering::Release),
         }
+        outcome
     }
 
-    async fn renew_lease(self: &Arc<Self>, lease: &Lease) -> Result<(), Failed> {
-        let token = self.token().await?;
+    async fn renew_lease(self: &Arc<Self>, lease: &Lease) -> Result<(), Renewal> {
+        let token = self.token().await.map_err(Renewal::Later)?;
         let body = serde_json::json!({
             "lease_id": lease.id.as_str(),
             "increment": lease.ttl.as_secs(),
@@ -522,12 +667,17 @@ impl Bao {
                 Some(&token),
                 Some(body.to_string().into_bytes()),
             )
-            .await?;
+            .await
+            .map_err(Renewal::Later)?;
+        if matches!(a.status.as_u16(), 400 | 404) {
+            // OpenBao's answer for a lease that expired, was revoked or never existed.
+            return Err(Renewal::Gone(status_failure("sys/leases/renew", a.status)));
+        }
         if !a.status.is_success() {
-            return Err(status_failure("sys/leases/renew", a.status));
+            return Err(Renewal::Later(status_failure("sys/leases/renew", a.status)));
         }
         let r: RenewAnswer = serde_json::from_slice(&a.body)
-            .map_err(|_| Failed("sys/leases/renew: unexpected answer".into()))?;
+            .map_err(|_| Renewal::Later(Failed("sys/leases/renew: unexpected answer".into())))?;
         *lock(&lease.expires) = Instant::now() + Duration::from_secs(r.lease_duration);
         Ok(())
     }
@@ -680,36 +830,69 @@ impl Bao {
 
 impl Drop for Bao {
     fn drop(&mut self) {
-        // A reload replaced this source: whatever it still holds is no longer handed out.
-        let live: Vec<Arc<Lease>> = lock(&self.leases).drain(..).collect();
-        if live.is_empty() || self.closed.load(Ordering::Acquire) {
+        // A reload replaced this source: whatever it still holds (leases, a token it logged in
+        // for) is no longer used. `&mut self` means no renewal or request holds a lock now (each
+        // holds an `Arc` while it does), so both are taken without waiting.
+        if *self.closed.get_mut() {
+            return;
+        }
+        let live: Vec<Arc<Lease>> = match self.leases.get_mut() {
+            Ok(l) => std::mem::take(l),
+            Err(p) => std::mem::take(p.into_inner()),
+        };
+        let token = self.token.get_mut().take();
+        let own_token = token.is_some() && !matches!(self.settings.auth, Auth::Token(_));
+        if live.is_empty() && !own_token {
             return;
         }
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(source = %self.label(), "a replaced OpenBao source could not revoke what it held; it ends with its TTL");
             return;
         };
-        let settings = Settings {
-            address: self.settings.address.clone(),
-            ca_file: self.settings.ca_file.clone(),
-            auth: Auth::Token(BaoToken::Env(String::new())),
-            read: Read::Kv {
-                mount: String::new(),
-                path: String::new(),
-                field: String::new(),
-            },
-            jit: self.settings.jit,
-        };
-        // The held token goes to a stand-in source that only revokes.
-        let token = self.token.try_lock().ok().and_then(|mut t| t.take());
-        let Some(token) = token else { return };
-        let heir = Arc::new(Bao::new(settings));
-        if let Ok(mut t) = heir.token.try_lock() {
-            *t = Some(token);
+        // A stand-in with the same settings (so it can log in again if it must) revokes the
+        // leases, then the token if keygate logged in for it.
+        let mut heir = Bao::new(self.settings.clone());
+        *heir.token.get_mut() = token;
+        match heir.leases.get_mut() {
+            Ok(l) => l.extend(live),
+            Err(p) => p.into_inner().extend(live),
         }
-        heir.leases.lock().map(|mut l| l.extend(live)).ok();
-        rt.spawn(async move { heir.shutdown(Duration::from_secs(10)).await });
+        let heir = Arc::new(heir);
+        rt.spawn(async move { heir.shutdown(HANDOVER_DEADLINE).await });
     }
 }
+
+/// The outcome of one revocation attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Revoked {
+    /// Revoked, or the server has no such lease: no longer tracked.
+    Done,
+    /// Failed (network, server error): still tracked, tried again.
+    Retry,
+}
+
+/// Why a renewal failed.
+enum Renewal {
+    /// The server no longer knows the lease (expired, revoked): its value is dead.
+    Gone(Failed),
+    /// The server could not be asked or failed: try again while the lease has time left.
+    Later(Failed),
+}
+
+/// A failed revocation is tried again after this, then twice as long each time.
+const REVOKE_RETRY_FIRST: Duration = Duration::from_millis(500);
+
+/// How many times a revocation is tried before it is left for shutdown (about 15 s in all).
+const REVOKE_ATTEMPTS: u32 = 5;
+
+/// How long a dynamic fetch waits for a lease to come free under `max_leases`.
+pub const LEASE_WAIT: Duration = Duration::from_secs(3);
+
+/// A fetch's place under `max_leases`, moved into the lease it gets.
+type Slot = Option<tokio::sync::OwnedSemaphorePermit>;
+
+/// How long a replaced source's stand-in has to revoke what it held.
+const HANDOVER_DEADLINE: Duration = Duration::from_secs(10);
 
 /// The server refused the token for this path: the caller logs in again, once.
 struct Denied(String);
@@ -775,6 +958,9 @@ async fn renew_token(bao: Weak<Bao>, token: Weak<Token>) {
     }
 }
 
+/// After a failed renewal, the next attempt waits at least this long.
+const RENEW_RETRY: Duration = Duration::from_secs(2);
+
 /// Renews a lease while it is needed: while a request uses it, or for `run` until shutdown.
 async fn renew_while_needed(bao: Weak<Bao>, lease: Arc<Lease>) {
     loop {
@@ -793,9 +979,23 @@ async fn renew_while_needed(bao: Weak<Bao>, lease: Arc<Lease>) {
         if !in_use {
             return;
         }
-        if let Err(Failed(reason)) = b.renew_lease(&lease).await {
-            tracing::warn!(source = %b.label(), error = %reason, "lease could not be renewed");
-            return;
+        match b.renew_lease(&lease).await {
+            Ok(()) => {}
+            Err(Renewal::Gone(Failed(reason))) => {
+                tracing::warn!(source = %b.label(), error = %reason, "lease is gone at the server; its value is dropped and fetched afresh");
+                b.bury(&lease);
+                return;
+            }
+            Err(Renewal::Later(Failed(reason))) => {
+                if Instant::now() >= *lock(&lease.expires) {
+                    tracing::warn!(source = %b.label(), error = %reason, "lease expired before it could be renewed; its value is dropped");
+                    b.bury(&lease);
+                    return;
+                }
+                tracing::warn!(source = %b.label(), error = %reason, "lease could not be renewed; trying again");
+                drop(b);
+                tokio::time::sleep(RENEW_RETRY).await;
+            }
         }
     }
 }
@@ -989,6 +1189,210 @@ mod tests {
             dbg.contains("openai") && !dbg.contains("not-a-real-token"),
             "{dbg}"
         );
+    }
+
+    fn token_file() -> tempfile::NamedTempFile {
+        // NamedTempFile is created 0600, as token_file demands.
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), "fake-bao-token").unwrap();
+        f
+    }
+
+    fn dynamic_source(address: &str, jit: Jit, token: &std::path::Path) -> Arc<Bao> {
+        Arc::new(Bao::new(Settings {
+            address: address.into(),
+            ca_file: None,
+            auth: Auth::Token(BaoToken::File(token.into())),
+            read: Read::Dynamic {
+                path: "database/creds/agent".into(),
+                field: "password".into(),
+                params: BTreeMap::new(),
+            },
+            jit,
+            max_leases: 64,
+        }))
+    }
+
+    fn creds(lease: &str, ttl_s: u64, data: &str) -> (u16, String) {
+        let body = format!(
+            r#"{{"lease_id":"database/creds/agent/{lease}","lease_duration":{ttl_s},"renewable":true,"data":{data}}}"#
+        );
+        (200, body)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lease_issued_with_an_unusable_answer_is_revoked_not_leaked() {
+        let fake = fake::FakeBao::start(|c, n| match c.path.as_str() {
+            // First the field is missing, then the data is not even a map.
+            "database/creds/agent" if n == 0 => creds("first", 60, r#"{"username":"u"}"#),
+            "database/creds/agent" => creds("second", 60, r#""not a map""#),
+            "sys/leases/revoke" => (204, String::new()),
+            _ => (404, "{}".into()),
+        })
+        .await;
+        let token = token_file();
+        let bao = dynamic_source(&fake.address, Jit::Request, token.path());
+        let e = bao.fetch("v").await.unwrap_err().to_string();
+        assert!(e.contains("no field password"), "{e}");
+        let e = bao.fetch("v").await.unwrap_err().to_string();
+        assert!(e.contains("not what OpenBao sends"), "{e}");
+        let revoked = fake.wait_for("sys/leases/revoke", 2).await;
+        let bodies: Vec<&str> = revoked.iter().map(|c| c.body.as_str()).collect();
+        assert_eq!(bodies.len(), 2, "{bodies:?}");
+        assert!(
+            bodies.iter().any(|b| b.contains("agent/first")),
+            "{bodies:?}"
+        );
+        assert!(
+            bodies.iter().any(|b| b.contains("agent/second")),
+            "{bodies:?}"
+        );
+        assert!(lock(&bao.leases).is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_usable_answer_keeps_its_lease_until_its_request_is_done() {
+        let fake = fake::FakeBao::start(|c, _| match c.path.as_str() {
+            "database/creds/agent" => creds("one", 60, r#"{"password":"pw-1"}"#),
+            "sys/leases/revoke" => (204, String::new()),
+            _ => (404, "{}".into()),
+        })
+        .await;
+        let token = token_file();
+        let bao = dynamic_source(&fake.address, Jit::Request, token.path());
+        let secret = bao.fetch("v").await.unwrap();
+        let hold = bao.hold(&secret).unwrap();
+        assert!(fake.calls_to("sys/leases/revoke").is_empty());
+        drop(hold);
+        assert_eq!(fake.wait_for("sys/leases/revoke", 1).await.len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_revocation_is_tried_again_and_the_lease_tracked_until_it_succeeds() {
+        let fake = fake::FakeBao::start(|c, n| match c.path.as_str() {
+            "database/creds/agent" => creds("one", 60, r#"{"password":"pw-1"}"#),
+            "sys/leases/revoke" if n == 0 => (500, "{}".into()),
+            "sys/leases/revoke" => (204, String::new()),
+            _ => (404, "{}".into()),
+        })
+        .await;
+        let token = token_file();
+        let bao = dynamic_source(&fake.address, Jit::Request, token.path());
+        let secret = bao.fetch("v").await.unwrap();
+        drop(bao.hold(&secret));
+        let calls = fake.wait_for("sys/leases/revoke", 2).await;
+        assert_eq!(calls.len(), 2, "the failed revocation was not tried again");
+        assert!(calls[1].method == "PUT" && calls[1].body.contains("agent/one"));
+        for _ in 0..100 {
+            if lock(&bao.leases).is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the lease is still tracked after its revocation succeeded");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lease_whose_renewal_is_refused_as_gone_is_no_longer_handed_out() {
+        let fake = fake::FakeBao::start(|c, _| match c.path.as_str() {
+            "database/creds/agent" => creds("one", 2, r#"{"password":"pw-1"}"#),
+            "sys/leases/renew" => (400, r#"{"errors":["lease not found"]}"#.into()),
+            _ => (404, "{}".into()),
+        })
+        .await;
+        let token = token_file();
+        let bao = dynamic_source(&fake.address, Jit::Run, token.path());
+        let secret = bao.fetch("v").await.unwrap();
+        assert!(!bao.lease_gone(&secret));
+        fake.wait_for("sys/leases/renew", 1).await;
+        for _ in 0..250 {
+            if bao.lease_gone(&secret) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("a lease the server refused to renew is still handed out");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replaced_approle_source_revokes_its_own_token_even_with_no_lease() {
+        let fake = fake::FakeBao::start(|c, _| match c.path.as_str() {
+            "auth/approle/login" => (
+                200,
+                // Built at run time: the repository self-check refuses key-like literals.
+                format!(
+                    r#"{{"auth":{{"client_token":"{}","lease_duration":300,"renewable":true}}}}"#,
+                    ["logged", "in", "1"].join("-")
+                ),
+            ),
+            "secret/data/openai" => (
+                200,
+                r#"{"data":{"data":{"api_key":"v1"},"metadata":{"version":1}}}"#.into(),
+            ),
+            "auth/token/revoke-self" => (204, String::new()),
+            _ => (404, "{}".into()),
+        })
+        .await;
+        let text = format!("[secrets.v]\nsource = \"openbao\"\naddress = \"{}\"\nauth = \"approle\"\nrole_id = \"r\"\nsecret_id_from = \"sid\"\npath = \"openai\"\nfield = \"api_key\"\n[secrets.sid]\nsource = \"command\"\nargv = [\"echo\", \"role-secret-id-1\"]\n", fake.address);
+        let c = load(&text, "").unwrap();
+        let v = c.secrets.iter().find(|s| s.name == "v").unwrap();
+        let crate::secret::SecretSource::OpenBao(bao) = v.source.clone() else {
+            panic!("not openbao")
+        };
+        bao.fetch("v").await.unwrap();
+        // A renewal of the token may be running: the hand-over must not depend on it.
+        drop(bao);
+        drop(c);
+        let revoked = fake.wait_for("auth/token/revoke-self", 1).await;
+        assert_eq!(
+            revoked.len(),
+            1,
+            "the replaced source's token was left behind"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn past_max_leases_a_fetch_waits_then_is_refused_and_a_freed_lease_lets_the_next_one_in()
+    {
+        let fake = fake::FakeBao::start(|c, n| match c.path.as_str() {
+            "database/creds/agent" => creds(&format!("l{n}"), 60, r#"{"password":"pw-long-1"}"#),
+            "sys/leases/revoke" => (204, String::new()),
+            _ => (404, "{}".into()),
+        })
+        .await;
+        let token = token_file();
+        let mut settings =
+            Arc::into_inner(dynamic_source(&fake.address, Jit::Request, token.path()))
+                .unwrap()
+                .settings
+                .clone();
+        settings.max_leases = 1;
+        let bao = Arc::new(Bao::new(settings));
+        let first = bao.fetch("v").await.unwrap();
+        let hold = bao.hold(&first).unwrap();
+        let e = bao.fetch("v").await.unwrap_err();
+        assert!(
+            matches!(e, FetchError::LeasesExhausted { max: 1, .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("max_leases"), "{e}");
+        assert_eq!(
+            fake.calls_to("database/creds/agent").len(),
+            1,
+            "no lease past the bound"
+        );
+        drop(hold);
+        let second = bao.fetch("v").await.unwrap();
+        assert_ne!(first.key_id(), second.key_id());
+    }
+
+    #[test]
+    fn max_leases_is_for_dynamic_secrets_and_at_least_one() {
+        assert!(load(&format!("{DYNAMIC}max_leases = 8\n"), "").is_ok());
+        let e = load(&format!("{DYNAMIC}max_leases = 0\n"), "").unwrap_err();
+        assert!(e.contains("max_leases must be between"), "{e}");
+        let e = load(&format!("{KV}max_leases = 8\n"), "").unwrap_err();
+        assert!(e.contains("only to a dynamic secret"), "{e}");
     }
 
     #[test]

@@ -246,6 +246,17 @@ pub enum FetchError {
         /// What failed.
         reason: String,
     },
+    /// Every lease a dynamic OpenBao secret may have outstanding (`max_leases`) is in use and
+    /// none came free in time. Not remembered as a failure: the next request may find one.
+    #[error("secret {secret}: openbao: all {max} leases allowed (max_leases) are in use; none came free within {waited_s} s")]
+    LeasesExhausted {
+        /// The secret's name.
+        secret: String,
+        /// The bound (`max_leases`).
+        max: usize,
+        /// How long the request waited.
+        waited_s: u64,
+    },
     /// The source is valid config but this build cannot fetch from it.
     #[error("secret {secret}: source {kind} is not supported by this build of keygate")]
     Unsupported {

@@ -172,6 +172,36 @@ def test_openbao_approle_login_reads_the_secret(keygate, fake_upstream, openbao)
     assert "auth/approle/login" not in paths, paths
 
 
+def approle_tokens(openbao) -> list[str]:
+    """The live tokens of AppRole logins; one revoked between the list and its lookup is gone."""
+    accessors = openbao.api("LIST", "auth/token/accessors")["data"]["keys"]
+    found = [openbao.api("POST", "auth/token/lookup-accessor", {"accessor": a}, ok=False) for a in accessors]
+    return [a for a, f in zip(accessors, found) if f.get("data", {}).get("path") == "auth/approle/login"]
+
+
+def test_openbao_reloads_with_approle_leave_no_token_of_a_replaced_source_behind(keygate, fake_upstream, openbao):
+    openbao.kv_put("openai", {"api_key": fake_secret("sk-proj-reload")})
+    openbao.policy("kv-read", KV_READ)
+    openbao.api("POST", "sys/auth/approle", {"type": "approle"})
+    openbao.api("POST", "auth/approle/role/keygate", {"token_policies": ["kv-read"], "token_ttl": "5m"})
+    role_id = openbao.api("GET", "auth/approle/role/keygate/role-id")["data"]["role_id"]
+    secret_id = openbao.api("POST", "auth/approle/role/keygate/secret-id")["data"]["secret_id"]
+    auth = f'auth = "approle"\nrole_id = "{role_id}"\nsecret_id_from = "approle_sid"'
+    secret = kv_secret(openbao.addr, auth=auth) + '\n[secrets.approle_sid]\nsource = "env"\nname = "BAO_SECRET_ID"\n'
+    token = new_token()
+    kg = keygate(config(fake_upstream.url, secret), env={"KEYGATE_AGENT_TOKEN": token, "BAO_SECRET_ID": secret_id})
+    assert chat(kg, token).status_code == 200
+    assert len(approle_tokens(openbao)) == 1
+    for _ in range(3):
+        before = set(approle_tokens(openbao))
+        kg.proc.send_signal(signal.SIGHUP)
+        # The reloaded keygate logs in afresh at its first read: a token not seen before.
+        poll(lambda: chat(kg, token).status_code == 200 and set(approle_tokens(openbao)) - before, "a read through the reloaded source")
+    poll(lambda: len(approle_tokens(openbao)) == 1, "the replaced sources' tokens to be revoked, leaving the live one")
+    assert kg.stop() == 0
+    assert approle_tokens(openbao) == []
+
+
 def test_openbao_token_at_its_max_ttl_is_replaced_by_a_fresh_approle_login(keygate, fake_upstream, openbao):
     value = fake_secret("sk-proj-relogin")
     openbao.kv_put("openai", {"api_key": value})
