@@ -577,7 +577,22 @@ struct Next {
 
 impl Next {
     fn find(&mut self, buf: &[u8], from: usize, pred: impl Fn(u8) -> bool) -> usize {
-        let scan = |a: usize, b: usize| (a..b).find(|&i| pred(buf[i])).unwrap_or(b);
+        // The first call of each question in a scan may read the whole buffer: test 16 bytes
+        // at a time without a branch per byte, then find the byte in the block that has it.
+        let scan = |a: usize, b: usize| {
+            let s = &buf[a..b];
+            let mut i = 0;
+            for block in s.chunks_exact(16) {
+                if block.iter().fold(false, |any, &x| any | pred(x)) {
+                    break;
+                }
+                i += 16;
+            }
+            s[i..]
+                .iter()
+                .position(|&x| pred(x))
+                .map_or(b, |k| a + i + k)
+        };
         if self.used && from >= self.lo && from <= self.next {
             return self.next;
         }
