@@ -42,9 +42,19 @@ pub struct Tokens {
     open_agent: Option<usize>,
     /// Unix-socket peers known by uid (`[agents.A] unix_uids`).
     by_uid: HashMap<u32, usize>,
+    /// Verified client certificates known by subject (`[agents.A] client_cert_subject`).
+    by_subject: Vec<(String, usize)>,
+    /// Each agent's `person_header`, read only once that agent has authenticated.
+    person_headers: Vec<Option<HeaderName>>,
+    /// The refusal for a request with no token: the backend companion's config answers as
+    /// the companion did (`backend_token_required`).
+    missing: Code,
     /// Issued tokens live in a shared store, handed over by [`Tokens::use_store`].
     shared: bool,
 }
+
+/// Longest person name a front end may send; longer is refused, not cut.
+const MAX_PERSON: usize = 128;
 
 type SharedStore = Arc<dyn crate::state::StateStore>;
 
@@ -55,6 +65,8 @@ pub struct Identity {
     pub agent: AgentId,
     /// `tok_` + the first 12 hex digits of the token's SHA-256, as `token list` shows it.
     pub token_id: Option<String>,
+    /// The person a trusted front end named (`person_header`); `None` for other agents.
+    pub person: Option<String>,
 }
 
 /// A start-up problem with tokens: the lab broker refuses to start when `client_token_env` names
@@ -85,7 +97,11 @@ impl Tokens {
         let mut by_hash = HashMap::new();
         let mut open_agent = None;
         let mut by_uid = HashMap::new();
+        let mut by_subject = Vec::new();
         for (i, agent) in config.agents.iter().enumerate() {
+            if let Some(subject) = &agent.client_cert_subject {
+                by_subject.push((subject.clone(), i));
+            }
             for uid in &agent.unix_uids {
                 by_uid.insert(*uid, i);
             }
@@ -117,6 +133,16 @@ impl Tokens {
             agent_names: config.agents.iter().map(|a| a.name.clone()).collect(),
             open_agent,
             by_uid,
+            by_subject,
+            person_headers: config
+                .agents
+                .iter()
+                .map(|a| a.person_header.clone())
+                .collect(),
+            missing: match config.seed.as_ref().and_then(|s| s.backend.as_ref()) {
+                Some(_) => Code::BackendTokenRequired,
+                None => Code::MissingToken,
+            },
             shared: matches!(config.state, crate::config::StateBackend::Redis(_)),
         };
         tokens.refresh();
@@ -191,31 +217,65 @@ impl Tokens {
         self.by_token(headers).map(|(agent, _)| AgentId(agent))
     }
 
-    /// The caller's identity: a valid token, else a Unix-socket peer uid mapped to an agent (no
-    /// token needed; whatever the SDK sent as its key is stripped like any caller credential).
+    /// The caller's identity: a valid token, else a Unix-socket peer uid or a verified client
+    /// certificate mapped to an agent (no token needed; whatever the SDK sent as its key is
+    /// stripped like any caller credential). Then, for an agent that is a trusted front end,
+    /// the person it names in its `person_header`, which it then removes.
     pub fn identify(
         &self,
-        headers: &HeaderMap,
+        head: &mut http::request::Parts,
         peer: &crate::guard::Peer,
     ) -> Result<Identity, Rejection> {
-        match self.by_token(headers) {
+        let mut who = self.agent_of(head, peer)?;
+        if let Some(Some(name)) = self.person_headers.get(who.agent.0) {
+            who.person = Some(person_in(&head.headers, name)?);
+            head.headers.remove(name);
+        }
+        Ok(who)
+    }
+
+    fn agent_of(
+        &self,
+        head: &http::request::Parts,
+        peer: &crate::guard::Peer,
+    ) -> Result<Identity, Rejection> {
+        let found = |agent| Identity {
+            agent: AgentId(agent),
+            token_id: None,
+            person: None,
+        };
+        match self.by_token(&head.headers) {
             Ok((agent, hash)) => Ok(Identity {
-                agent: AgentId(agent),
                 token_id: hash.map(|h| format!("tok_{}", &hex::encode(h)[..12])),
+                ..found(agent)
             }),
             // A refusal that is not about a missing or unknown token (two different tokens)
-            // stands; only the absence of a valid token falls back to the peer's uid.
+            // stands; only the absence of a valid token falls back to the peer's uid or
+            // certificate.
             Err(e) if e.code == Code::AmbiguousCredentials => Err(e),
-            Err(e) => match peer {
-                crate::guard::Peer::Unix { uid, .. } => match self.by_uid.get(uid) {
-                    Some(&agent) => Ok(Identity {
-                        agent: AgentId(agent),
-                        token_id: None,
-                    }),
-                    None => Err(e),
-                },
-                _ => Err(e),
-            },
+            Err(e) => {
+                if let crate::guard::Peer::Unix { uid, .. } = peer {
+                    if let Some(&agent) = self.by_uid.get(uid) {
+                        return Ok(found(agent));
+                    }
+                }
+                let subject = head
+                    .extensions
+                    .get::<crate::listen::ConnInfo>()
+                    .and_then(|c| c.client_subject.as_deref());
+                let Some(subject) = subject else {
+                    return Err(e);
+                };
+                let mut matching = self
+                    .by_subject
+                    .iter()
+                    .filter(|(want, _)| crate::listen::tls::subject_matches(want, subject));
+                // A certificate that two agents' subjects both describe names neither.
+                match (matching.next(), matching.next()) {
+                    (Some(&(_, agent)), None) => Ok(found(agent)),
+                    _ => Err(e),
+                }
+            }
         }
     }
 
@@ -276,11 +336,34 @@ impl Tokens {
             ))
         } else {
             Err(Rejection::new(
-                Code::MissingToken,
-                "a keygate token is required: send it as the SDK api key (Authorization: Bearer, x-api-key) or in X-Broker-Token",
+                self.missing,
+                "a keygate token is required: send it as the SDK api key (Authorization: Bearer, x-api-key) or in X-Broker-Token or X-Backend-Token",
             ))
         }
     }
+}
+
+/// The person a front end names: one header instance, printable ASCII without spaces at the
+/// ends, at most [`MAX_PERSON`] bytes, so the audit `person` is one unambiguous name.
+fn person_in(headers: &HeaderMap, name: &HeaderName) -> Result<String, Rejection> {
+    let refuse = |why: &str| {
+        Err(Rejection::new(
+            Code::UserHeaderRequired,
+            format!("this caller must name the person in one {name} header: {why}"),
+        ))
+    };
+    let mut values = headers.get_all(name).iter();
+    let (Some(v), None) = (values.next(), values.next()) else {
+        return refuse("it is missing or sent more than once");
+    };
+    let Ok(v) = v.to_str() else {
+        return refuse("it is not printable ASCII");
+    };
+    let v = v.trim();
+    if v.is_empty() || v.len() > MAX_PERSON || v.bytes().any(|b| b.is_ascii_control()) {
+        return refuse("it is empty, too long or holds control characters");
+    }
+    Ok(v.to_string())
 }
 
 fn hash(token: &[u8]) -> [u8; 32] {
@@ -333,8 +416,17 @@ mod tests {
             agent_names: vec!["a".into()],
             open_agent: None,
             by_uid: HashMap::from([(4242, 0)]),
+            by_subject: vec![("CN=ci".to_string(), 0)],
+            person_headers: vec![None],
+            missing: Code::MissingToken,
             shared: false,
         }
+    }
+
+    fn parts(pairs: &[(&str, &str)]) -> http::request::Parts {
+        let mut req = http::Request::new(());
+        *req.headers_mut() = headers(pairs);
+        req.into_parts().0
     }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
@@ -421,22 +513,78 @@ mod tests {
             pid: None,
         };
         let id = t
-            .identify(&headers(&[("x-api-key", "dummy")]), &mapped)
+            .identify(&mut parts(&[("x-api-key", "dummy")]), &mapped)
             .unwrap();
         assert_eq!(
             id,
             Identity {
                 agent: AgentId(0),
-                token_id: None
+                token_id: None,
+                person: None,
             }
         );
-        let e = t.identify(&headers(&[]), &other).unwrap_err();
+        let e = t.identify(&mut parts(&[]), &other).unwrap_err();
         assert_eq!(e.code.as_str(), "missing_token");
         let id = t
-            .identify(&headers(&[("x-api-key", "kg_abc")]), &other)
+            .identify(&mut parts(&[("x-api-key", "kg_abc")]), &other)
             .unwrap();
         let want = format!("tok_{}", &store::hash_hex(b"kg_abc")[..12]);
         assert_eq!(id.token_id.as_deref(), Some(want.as_str()));
+    }
+
+    #[test]
+    fn a_front_end_names_the_person_only_after_it_authenticated() {
+        let mut t = tokens("kg_abc");
+        t.person_headers = vec![Some(HeaderName::from_static("x-user-id"))];
+        let tcp = crate::guard::Peer::Tcp(([127, 0, 0, 1], 9).into());
+        let mut head = parts(&[("x-api-key", "kg_abc"), ("x-user-id", " alice ")]);
+        let who = t.identify(&mut head, &tcp).unwrap();
+        assert_eq!(who.person.as_deref(), Some("alice"));
+        assert!(head.headers.get("x-user-id").is_none(), "stripped");
+        let e = t
+            .identify(&mut parts(&[("x-user-id", "alice")]), &tcp)
+            .unwrap_err();
+        assert_eq!(e.code.as_str(), "missing_token");
+        for bad in [
+            vec![("x-api-key", "kg_abc")],
+            vec![("x-api-key", "kg_abc"), ("x-user-id", "")],
+            vec![
+                ("x-api-key", "kg_abc"),
+                ("x-user-id", "a"),
+                ("x-user-id", "b"),
+            ],
+        ] {
+            let e = t.identify(&mut parts(&bad), &tcp).unwrap_err();
+            assert_eq!(e.code.as_str(), "user_header_required", "{bad:?}");
+        }
+        let long = "a".repeat(MAX_PERSON + 1);
+        let e = t
+            .identify(
+                &mut parts(&[("x-api-key", "kg_abc"), ("x-user-id", &long)]),
+                &tcp,
+            )
+            .unwrap_err();
+        assert_eq!(e.code.as_str(), "user_header_required");
+    }
+
+    #[test]
+    fn a_verified_certificate_subject_is_its_agent() {
+        let t = tokens("kg_abc");
+        let tcp = crate::guard::Peer::Tcp(([127, 0, 0, 1], 9).into());
+        let with = |subject: &str| {
+            let mut p = parts(&[]);
+            p.extensions.insert(crate::listen::ConnInfo {
+                client_subject: Some(subject.into()),
+                exposed: false,
+            });
+            p
+        };
+        assert_eq!(
+            t.identify(&mut with("CN=ci"), &tcp).unwrap().agent,
+            AgentId(0)
+        );
+        let e = t.identify(&mut with("CN=other"), &tcp).unwrap_err();
+        assert_eq!(e.code.as_str(), "missing_token");
     }
 
     #[test]
@@ -446,6 +594,7 @@ mod tests {
             ("x-api-key", "y"),
             ("api-key", "z"),
             ("x-broker-token", "w"),
+            ("x-backend-token", "v"),
             ("accept", "*/*"),
         ]);
         strip_caller_credentials(&mut h);

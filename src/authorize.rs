@@ -13,6 +13,7 @@
 
 pub mod approval;
 mod budget;
+mod person;
 pub mod rule;
 mod shared;
 pub mod usage;
@@ -82,6 +83,9 @@ pub struct Policy {
     budgets: Vec<Option<Arc<TokenBudget>>>,
     /// With a shared store, rates and budgets are decided in it instead ([`shared`]).
     shared: Option<shared::Shared>,
+    /// Per-person limits of agents that act for many people (`rate_per_person`, ...); kept in
+    /// memory, also with a shared store.
+    people: Vec<Option<Arc<person::PerPerson>>>,
 }
 
 struct Bucket {
@@ -90,6 +94,20 @@ struct Bucket {
     capacity: f64,
     per_sec: f64,
 }
+
+impl Bucket {
+    fn full(r: &Rate, now: Instant) -> Bucket {
+        Bucket {
+            tokens: r.count as f64,
+            last: now,
+            capacity: r.count as f64,
+            per_sec: r.count as f64 / r.per.as_secs_f64(),
+        }
+    }
+}
+
+/// The person per-person limits count against when no front end named one.
+const NO_PERSON: &str = "(unnamed)";
 
 impl Policy {
     /// A rate bucket and a token budget for each agent that configures one, each starting full.
@@ -116,6 +134,7 @@ impl Policy {
                 .map(|a| a.budget.as_ref().map(|b| TokenBudget::new(b.limit, b.per)))
                 .collect(),
             shared: None,
+            people: config.agents.iter().map(person::PerPerson::of).collect(),
         }
     }
 
@@ -157,6 +176,19 @@ impl Policy {
         method: &Method,
         routed: Routed,
     ) -> Result<Authorized, Rejection> {
+        self.authorize_for(config, agent, None, method, routed)
+    }
+
+    /// [`Policy::authorize`] for a request a front end made for `person`, who is also held to
+    /// the agent's per-person limits.
+    pub fn authorize_for(
+        &self,
+        config: &Config,
+        agent: AgentId,
+        person: Option<&str>,
+        method: &Method,
+        routed: Routed,
+    ) -> Result<Authorized, Rejection> {
         let a: &Agent = &config.agents[agent];
         let r: &Route = &config.routes[routed.route];
         if let Some(allowed) = &a.routes {
@@ -173,7 +205,7 @@ impl Policy {
             || !r
                 .allow
                 .iter()
-                .any(|rule| rule.matches(method, &routed.path))
+                .any(|rule| rule.matches(method, &routed.path, routed.query.as_deref()))
         {
             return Err(Rejection::new(
                 Code::PathNotAllowed,
@@ -205,6 +237,9 @@ impl Policy {
                 .with_retry_after(wait.secs()));
             }
         }
+        if let Some(Some(people)) = self.people.get(agent.0) {
+            people.admit(&a.name, person.unwrap_or(NO_PERSON))?;
+        }
         // Approval (`r.approval`) is the last check, made by `approval::Approvals::gate` once the
         // request is known well enough to show a person; it waits, so it cannot be made here.
         Ok(Authorized {
@@ -215,10 +250,12 @@ impl Policy {
         })
     }
 
-    /// Whether the agent has a token budget, so its requests are reserved for and metered.
+    /// Whether the agent (or its people) has a token budget, so its requests are reserved for
+    /// and metered.
     pub fn budgeted(&self, agent: AgentId) -> bool {
         matches!(self.budgets.get(agent.0), Some(Some(_)))
             || self.shared.as_ref().is_some_and(|s| s.budgeted(agent))
+            || matches!(self.people.get(agent.0), Some(Some(p)) if p.has_budget())
     }
 
     /// Output tokens to book for a request whose body names no maximum: the route's
@@ -234,6 +271,67 @@ impl Policy {
     /// with 429 `budget_exhausted` and the time until the period resets. `None` for an agent
     /// without a budget.
     pub async fn reserve(
+        &self,
+        config: &Config,
+        agent: AgentId,
+        tokens: u64,
+    ) -> Result<Option<Reservation>, Rejection> {
+        self.reserve_for(config, agent, None, tokens).await
+    }
+
+    /// [`Policy::reserve`], booking against `person`'s budget too where the agent has
+    /// per-person budgets. The person's share is booked first: if the agent's budget then
+    /// refuses, the person's booking is released uncharged.
+    pub async fn reserve_for(
+        &self,
+        config: &Config,
+        agent: AgentId,
+        person: Option<&str>,
+        tokens: u64,
+    ) -> Result<Option<Reservation>, Rejection> {
+        let personal = self.reserve_person(config, agent, person, tokens)?;
+        let agents = self.reserve_agent(config, agent, tokens).await;
+        match (agents, personal) {
+            (Ok(Some(r)), Some(p)) => Ok(Some(r.and(p))),
+            (Ok(None), p) => Ok(p),
+            (Ok(r), None) => Ok(r),
+            (Err(e), p) => {
+                if let Some(p) = p {
+                    p.settle(0);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn reserve_person(
+        &self,
+        config: &Config,
+        agent: AgentId,
+        person: Option<&str>,
+        tokens: u64,
+    ) -> Result<Option<Reservation>, Rejection> {
+        let Some(Some(people)) = self.people.get(agent.0) else {
+            return Ok(None);
+        };
+        let name = &config.agents[agent].name;
+        let who = person.unwrap_or(NO_PERSON);
+        let Some(b) = people.budget_of(name, who)? else {
+            return Ok(None);
+        };
+        b.try_reserve(tokens).map(Some).map_err(|wait| {
+            Rejection::new(
+                Code::BudgetExhausted,
+                format!(
+                    "this request may use up to {tokens} tokens, more than is left of {who}'s budget of {} for this period (agent {name})",
+                    b.limit()
+                ),
+            )
+            .with_retry_after(wait.secs())
+        })
+    }
+
+    async fn reserve_agent(
         &self,
         config: &Config,
         agent: AgentId,
@@ -309,6 +407,16 @@ impl Policy {
     /// counter (requests still in flight on the old policy settle into it); one whose limit or
     /// period changed starts from what it had spent in the current window.
     pub fn carry_budgets(&mut self, config: &Config, old: &Policy, old_config: &Config) {
+        for (slot, a) in self.people.iter_mut().zip(&config.agents) {
+            let Some(i) = old_config.agents.iter().position(|o| o.name == a.name) else {
+                continue;
+            };
+            if let Some(Some(prev)) = old.people.get(i) {
+                if prev.same_limits(a) {
+                    *slot = Some(prev.clone());
+                }
+            }
+        }
         for (slot, a) in self.budgets.iter_mut().zip(&config.agents) {
             let Some(b) = &a.budget else { continue };
             let Some(i) = old_config.agents.iter().position(|o| o.name == a.name) else {
@@ -346,7 +454,10 @@ fn take(bucket: &Mutex<Bucket>) -> Result<(), Duration> {
         Ok(b) => b,
         Err(poisoned) => poisoned.into_inner(),
     };
-    let now = Instant::now();
+    take_now(&mut b, Instant::now())
+}
+
+fn take_now(b: &mut Bucket, now: Instant) -> Result<(), Duration> {
     let elapsed = now.duration_since(b.last).as_secs_f64();
     b.last = now;
     b.tokens = (b.tokens + elapsed * b.per_sec).min(b.capacity);

@@ -83,9 +83,11 @@ pub struct Config {
     pub file: PathBuf,
     /// The format the file was written in; a lab config keeps the lab broker's behaviours.
     pub format: Format,
-    /// Where agents connect; never empty, and TCP addresses are loopback unless
-    /// `allow_non_loopback` is set.
+    /// Where agents connect; never empty, and plaintext TCP addresses are loopback unless
+    /// `allow_plaintext_non_loopback` (or its older name `allow_non_loopback`) is set.
     pub listen: Vec<Listen>,
+    /// Certificate and key of the `https://` listeners; set exactly when there is one.
+    pub tls: Option<TlsFiles>,
     /// Whether allowed requests are forwarded or only described.
     pub mode: Mode,
     /// The JSONL audit log appended to (`audit_log`, the lab's `event_log`; `events.jsonl` by
@@ -205,14 +207,38 @@ pub enum Mode {
     DryRun,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(untagged)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 /// One address agents connect to.
 pub enum Listen {
     /// A TCP address such as `127.0.0.1:8791`.
     Tcp(std::net::SocketAddr),
     /// A Unix socket (`unix:/path`, `~/` expanded); audit records name the connecting process.
     Unix(PathBuf),
+    /// A TLS listener (`https://0.0.0.0:8443`) with the certificate in [`Config::tls`]: the
+    /// backend mode, where agents on other machines connect.
+    Tls(std::net::SocketAddr),
+}
+
+impl Serialize for Listen {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Listen::Tcp(a) => s.collect_str(a),
+            Listen::Unix(p) => s.collect_str(&format_args!("unix:{}", p.display())),
+            Listen::Tls(a) => s.collect_str(&format_args!("https://{a}")),
+        }
+    }
+}
+
+/// The files of the TLS listeners (`tls = { cert, key, client_ca }`), read when keygate starts
+/// and again at each `keygate reload`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TlsFiles {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key of the leaf.
+    pub key: PathBuf,
+    /// PEM CA certificates; when set, every client must present a certificate they issued.
+    pub client_ca: Option<PathBuf>,
 }
 
 /// One upstream keygate forwards to (`[routes.NAME]`): which requests reach it, what they may
@@ -420,6 +446,25 @@ pub struct Agent {
     /// Output tokens this agent's request books when its body names no `max_tokens`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub budget_reserve: Option<u64>,
+    /// A trusted front end names the person it calls for in this header (`person_header`); it
+    /// becomes the audit `person` and keys the per-person limits. Read only after this agent
+    /// authenticated; a request without it gets 400 `user_header_required`.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "ser_opt_header_name"
+    )]
+    pub person_header: Option<HeaderName>,
+    /// The subject of a verified client certificate that is this agent (`client_cert_subject`,
+    /// e.g. `CN=ci-runner`), on a TLS listener with `client_ca`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_cert_subject: Option<String>,
+    /// Requests allowed per period for each person of this agent (`rate_per_person`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_per_person: Option<Rate>,
+    /// Tokens allowed per period for each person of this agent (`budget_tokens_per_person`), on
+    /// top of the agent's own budget.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget_per_person: Option<Budget>,
 }
 
 /// An agent's token budget: at most `limit` tokens in each period of `per`, periods counted
@@ -448,6 +493,8 @@ pub struct SeedInfo {
     pub client_auth: bool,
     /// The secret's source label (`env:NAME`, `command:op read`, `none`), never its value.
     pub secret_source: String,
+    /// Set when the file is the backend companion's config: its `secret_env`, if any.
+    pub backend: Option<Option<String>>,
 }
 
 impl Config {
@@ -503,6 +550,7 @@ impl Config {
             "format": self.format,
             "mode": self.mode,
             "listen": self.listen,
+            "tls": self.tls,
             "audit_log": self.audit_log,
             "audit_chain": self.audit_chain,
             "audit_fail_closed": self.audit_fail_closed,
@@ -568,6 +616,16 @@ fn ser_headers<S: serde::Serializer>(
         m.serialize_entry(k.as_str(), v.to_str().unwrap_or("(binary)"))?;
     }
     m.end()
+}
+
+fn ser_opt_header_name<S: serde::Serializer>(
+    h: &Option<HeaderName>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match h {
+        Some(h) => s.serialize_str(h.as_str()),
+        None => s.serialize_none(),
+    }
 }
 
 fn ser_header_name<S: serde::Serializer>(h: &HeaderName, s: S) -> Result<S::Ok, S::Error> {

@@ -27,7 +27,7 @@ use crate::secret::{KeyId, Secret, SecretSource, SecretSpec};
 const FAILURE_BACKOFF: Duration = Duration::from_secs(1);
 
 /// How long before its source-given expiry a value is fetched afresh.
-const EXPIRY_MARGIN: Duration = Duration::from_secs(30);
+pub(crate) const EXPIRY_MARGIN: Duration = Duration::from_secs(30);
 
 /// How many values of one secret stay known to the redactor after rotations.
 const REMEMBERED_VALUES: usize = 2;
@@ -79,6 +79,19 @@ impl Credentials {
             scanner: ArcSwap::from_pointee(scan_builder().build()),
             held: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Gives the sources that keep state across restarts (an OAuth2 refresh token rotated by its
+    /// provider) the store to keep it in.
+    pub fn keep_state_in(self, store: Option<&Arc<dyn crate::state::StateStore>>) -> Credentials {
+        if let Some(store) = store {
+            for e in &self.entries {
+                if let crate::secret::SecretSource::OAuth2(o) = &e.spec.source {
+                    o.keep_in(store.clone());
+                }
+            }
+        }
+        self
     }
 
     /// Each secret as `keygate status` shows it: name, source, key id of the value held, when it

@@ -70,6 +70,11 @@ catalogue! {
     MethodOverrideNotAllowed = "method_override_not_allowed", BAD_REQUEST, Agent;
     /// Different tokens in the credential headers of one request.
     AmbiguousCredentials = "ambiguous_credentials", BAD_REQUEST, Agent;
+    /// A backend front end's request without the person header its agent names
+    /// (`person_header`, the companion's `X-User-Id`), or with a value that is not a plain name.
+    UserHeaderRequired = "user_header_required", BAD_REQUEST, Agent;
+    /// The backend companion's config: no `X-Backend-Token` (or other token header).
+    BackendTokenRequired = "backend_token_required", UNAUTHORIZED, Agent;
     /// No keygate token in any accepted header.
     MissingToken = "missing_token", UNAUTHORIZED, Agent;
     /// The token is unknown or revoked.

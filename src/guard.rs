@@ -59,7 +59,13 @@ impl Guard {
                 "the request-target must be a path (origin-form), not a URL or authority",
             ));
         }
-        if matches!(peer, Peer::Tcp(_)) {
+        let exposed = head
+            .extensions
+            .get::<crate::listen::ConnInfo>()
+            .is_some_and(|c| c.exposed);
+        // A listener bound to a public address is reached by whatever name other machines use
+        // for it; the loopback-name check stops DNS rebinding only for local listeners.
+        if matches!(peer, Peer::Tcp(_)) && !exposed {
             let host = match (head.headers.get(header::HOST), uri.authority()) {
                 (Some(h), _) => h.to_str().ok().map(str::to_string),
                 (None, Some(a)) => Some(a.as_str().to_string()),
@@ -189,8 +195,9 @@ fn check_method_override(headers: &HeaderMap, method: &Method) -> Result<(), Rej
     Ok(())
 }
 
-/// The parameter Rails, Laravel and Symfony read as the real method of a POST.
-const METHOD_PARAM: &str = "_method";
+/// The parameters frameworks read as the real method of a POST: `_method` (Rails, Laravel,
+/// Symfony) and the override header's name as a parameter (some Java and .NET stacks).
+const METHOD_PARAMS: [&str; 2] = ["_method", "x-http-method-override"];
 
 /// Refuses a `_method` parameter (in a query string or a form body) naming another method than
 /// the request's: any spelling a framework reads as `_method` (case, percent-encoding, `+`,
@@ -199,9 +206,12 @@ const METHOD_PARAM: &str = "_method";
 fn check_override_params(pairs: &[u8], method: &Method, place: &str) -> Result<(), Rejection> {
     for pair in pairs.split(|b| *b == b'&' || *b == b';') {
         let pair = String::from_utf8_lossy(pair);
-        if !crate::credential::names_param(&pair, METHOD_PARAM) {
+        let Some(param) = METHOD_PARAMS
+            .iter()
+            .find(|p| crate::credential::names_param(&pair, p))
+        else {
             continue;
-        }
+        };
         let value = pair
             .split_once('=')
             .map_or("", |(_, v)| v)
@@ -209,11 +219,7 @@ fn check_override_params(pairs: &[u8], method: &Method, place: &str) -> Result<(
         let value = percent_encoding::percent_decode_str(&value)
             .decode_utf8()
             .ok();
-        override_refused(
-            value.as_deref(),
-            method,
-            &format!("the {METHOD_PARAM} {place}"),
-        )?;
+        override_refused(value.as_deref(), method, &format!("the {param} {place}"))?;
     }
     Ok(())
 }

@@ -10,8 +10,16 @@
 //! `too_many_connections`. Each request carries a [`Closer`] for its connection, which the
 //! response watch uses to drop a client that stopped reading.
 //!
-//! Architecture invariant: TCP listeners are loopback unless config says otherwise (checked in
-//! `config`); Unix sockets are created mode 0600.
+//! An `https://` listener ([`tls`]) does the TLS handshake within the first-request deadline,
+//! at most as many at once as the listener has connection slots, and tells each request who the
+//! client certificate named ([`ConnInfo`]).
+//!
+//! Architecture invariant: plaintext TCP listeners are loopback unless config says otherwise
+//! (checked in `config`); Unix sockets are created mode 0600.
+
+pub mod tls;
+
+pub use tls::normalize_subject;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -48,6 +56,18 @@ pub enum Bound {
     Tcp(TcpListener),
     /// A Unix socket listener and its socket file, removed when the listener stops.
     Unix(UnixListener, PathBuf),
+    /// A TCP listener that speaks TLS first.
+    Tls(TcpListener),
+}
+
+/// What the listener knows of a request's connection, in the request's extensions.
+#[derive(Clone, Debug, Default)]
+pub struct ConnInfo {
+    /// The subject of the client's verified certificate (TLS listener with `client_ca`).
+    pub client_subject: Option<Arc<str>>,
+    /// The listener is bound to a non-loopback address: other machines reach it by their own
+    /// name for it, so `Host` is not required to be a loopback name.
+    pub exposed: bool,
 }
 
 impl Bound {
@@ -59,6 +79,17 @@ impl Bound {
                 Err(_) => "http://(unknown)".into(),
             },
             Bound::Unix(_, p) => format!("unix:{}", p.display()),
+            Bound::Tls(l) => match l.local_addr() {
+                Ok(a) => format!("https://{a}"),
+                Err(_) => "https://(unknown)".into(),
+            },
+        }
+    }
+
+    fn exposed(&self) -> bool {
+        match self {
+            Bound::Tcp(l) | Bound::Tls(l) => l.local_addr().is_ok_and(|a| !a.ip().is_loopback()),
+            Bound::Unix(..) => false,
         }
     }
 }
@@ -75,6 +106,12 @@ pub async fn bind(listen: &[Listen]) -> Result<Vec<Bound>, String> {
                 out.push(Bound::Tcp(tl));
             }
             Listen::Unix(path) => out.push(bind_unix(path)?),
+            Listen::Tls(addr) => {
+                let tl = TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| format!("cannot listen on https://{addr}: {e}"))?;
+                out.push(Bound::Tls(tl));
+            }
         }
     }
     Ok(out)
@@ -127,6 +164,7 @@ pub async fn run(
         let limits = limits.clone();
         tasks.spawn(async move {
             let name: Arc<str> = b.url().into();
+            let exposed = b.exposed();
             tracing::info!(listener = %name, max_connections = max, "listener limits");
             loop {
                 let accepted = tokio::select! {
@@ -143,10 +181,15 @@ pub async fn run(
                             limits: limits.clone(),
                             stop: stop.clone(),
                             alive: alive.clone(),
+                            info: ConnInfo {
+                                client_subject: None,
+                                exposed,
+                            },
                         };
                         match io {
                             Io::Tcp(s) => conn.serve(s),
                             Io::Unix(s) => conn.serve(s),
+                            Io::Tls(s) => conn.handshake(s),
                         }
                     }
                     Err(e) => {
@@ -193,6 +236,8 @@ struct Slots {
     open: Mutex<HashMap<u64, Arc<Tracked>>>,
     next_id: AtomicU64,
     refusing: AtomicUsize,
+    /// TLS handshakes under way; at most `max`, so silent peers cannot hold descriptors.
+    handshaking: AtomicUsize,
 }
 
 /// What the listener knows of one open connection.
@@ -214,6 +259,7 @@ impl Slots {
             open: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
             refusing: AtomicUsize::new(0),
+            handshaking: AtomicUsize::new(0),
         }
     }
 
@@ -322,6 +368,8 @@ impl HttpBody for InFlightBody {
 enum Io {
     Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
+    /// Not yet handshaken.
+    Tls(tokio::net::TcpStream),
 }
 
 async fn accept(b: &Bound) -> std::io::Result<(Io, Peer)> {
@@ -342,6 +390,11 @@ async fn accept(b: &Bound) -> std::io::Result<(Io, Peer)> {
                 },
             ))
         }
+        Bound::Tls(l) => {
+            let (s, addr) = l.accept().await?;
+            let _ = s.set_nodelay(true);
+            Ok((Io::Tls(s), Peer::Tcp(addr)))
+        }
     }
 }
 
@@ -356,6 +409,7 @@ struct Accepted {
     limits: Connections,
     stop: watch::Receiver<bool>,
     alive: mpsc::Sender<()>,
+    info: ConnInfo,
 }
 
 fn builder() -> auto::Builder<TokioExecutor> {
@@ -378,6 +432,37 @@ fn builder() -> auto::Builder<TokioExecutor> {
 }
 
 impl Accepted {
+    /// The TLS handshake, bounded in time (the first-request deadline) and in number; then the
+    /// connection is served like any other, its requests knowing the client's certificate.
+    fn handshake(mut self, stream: tokio::net::TcpStream) {
+        let Some(config) = self.state.state.load().tls.clone() else {
+            // Config refuses an https:// listener without tls, so this is not reached.
+            return;
+        };
+        if self.slots.handshaking.fetch_add(1, Ordering::AcqRel) >= self.slots.max {
+            self.slots.handshaking.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        let within = self.limits.first_request_timeout;
+        tokio::spawn(async move {
+            let acceptor = tokio_rustls::TlsAcceptor::from(config);
+            let done = tokio::time::timeout(within, acceptor.accept(stream)).await;
+            self.slots.handshaking.fetch_sub(1, Ordering::AcqRel);
+            match done {
+                Ok(Ok(tls)) => {
+                    self.info.client_subject = tls::client_subject(tls.get_ref().1).map(Into::into);
+                    self.serve(tls);
+                }
+                Ok(Err(e)) => {
+                    tracing::info!(listener = %self.listener, peer = ?self.peer, error = %e, "TLS handshake refused")
+                }
+                Err(_) => {
+                    tracing::info!(listener = %self.listener, peer = ?self.peer, "TLS handshake timed out")
+                }
+            }
+        });
+    }
+
     fn serve<S>(self, stream: S)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -393,6 +478,7 @@ impl Accepted {
             limits,
             mut stop,
             alive,
+            info,
         } = self;
         let leave = Leave(slots.clone(), id);
         let svc = {
@@ -401,6 +487,7 @@ impl Accepted {
             service_fn(move |mut req| {
                 let in_flight = InFlight::enter(&tracked, &slots);
                 req.extensions_mut().insert(tracked.close.clone());
+                req.extensions_mut().insert(info.clone());
                 let answer =
                     pipeline::handle(state.state.load_full(), peer.clone(), listener.clone(), req);
                 async move {

@@ -57,8 +57,16 @@ pub fn healthz(
     json_response(StatusCode::OK, Bytes::from(v.to_string()))
 }
 
-/// What would have been sent, with the credential named by its id; no secret is fetched.
-pub fn dry_run(c: &Config, authorized: &Authorized, head: &Parts, body: &[u8]) -> Response<Bytes> {
+/// What would have been sent, with the credential named by its id; no secret is fetched. The
+/// backend companion's config adds its fields (`user_id`, `forward.upstream_base_url`,
+/// `forward.secret_source_env`, `forward.would_attach_provider_token`).
+pub fn dry_run(
+    c: &Config,
+    authorized: &Authorized,
+    head: &Parts,
+    body: &[u8],
+    person: Option<&str>,
+) -> Response<Bytes> {
     let route = &c.routes[authorized.route()];
     let up = &route.upstream;
     let base = up.url.trim_end_matches('/');
@@ -81,7 +89,7 @@ pub fn dry_run(c: &Config, authorized: &Authorized, head: &Parts, body: &[u8]) -
         .unwrap_or(false);
     let mut headers: Vec<&str> = head.headers.keys().map(|k| k.as_str()).collect();
     headers.sort_unstable();
-    let answer = serde_json::json!({
+    let mut answer = serde_json::json!({
         "ok": true,
         "mode": "dry_run",
         "forward": {
@@ -99,6 +107,12 @@ pub fn dry_run(c: &Config, authorized: &Authorized, head: &Parts, body: &[u8]) -
         "request": parsed,
         "request_bytes": body.len(),
     });
+    if let Some(secret_env) = c.seed.as_ref().and_then(|s| s.backend.as_ref()) {
+        answer["user_id"] = person.into();
+        answer["forward"]["upstream_base_url"] = up.url.clone().into();
+        answer["forward"]["secret_source_env"] = secret_env.clone().into();
+        answer["forward"]["would_attach_provider_token"] = attaches.into();
+    }
     if stream {
         let text = format!("data: {answer}\n\ndata: [DONE]\n\n");
         let mut resp = Response::new(Bytes::from(text));

@@ -61,6 +61,8 @@ pub struct State {
     pub listen_port: u16,
     /// Freezes, approvals, metrics: what outlives a reload.
     pub control: Arc<crate::admin::Control>,
+    /// The `https://` listeners' TLS, rebuilt with the state so a reload reads renewed files.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Serves one request. Never fails: every outcome is an HTTP answer with one audit record.
@@ -177,10 +179,21 @@ async fn process(
     state.control.check_frozen(None)?;
 
     // authenticate
-    let who = state.tokens.identify(&head.headers, peer)?;
+    let who = state.tokens.identify(&mut head, peer)?;
     let agent = who.agent;
     authenticate::strip_caller_credentials(&mut head.headers);
     pending.record().agent(&config.agents[agent]);
+    if let Some(p) = &who.person {
+        // The front end's header is agent-written text: the record gets it through the scan.
+        let named = state
+            .credentials
+            .scanner()
+            .redact(p.as_bytes())
+            .into_owned();
+        pending.record().person = Some(String::from_utf8_lossy(&named).into_owned());
+    }
+    // Per-person limits key on the person the audit names.
+    let person = pending.record().person.clone();
     pending.record().token_id = who.token_id.clone();
     if let Some(run) = who
         .token_id
@@ -195,14 +208,15 @@ async fn process(
         .check_frozen(Some(&config.agents[agent].name))?;
 
     // route
-    let routed = route::select(&config.routes, head.uri.path())?;
+    let routed = route::select(&config.routes, &head.uri)?;
     let route = &config.routes[routed.route];
     pending.record().route(route, config.secret_of(route));
 
     // authorize
-    let authorized = state
-        .policy
-        .authorize(config, agent, &head.method, routed)?;
+    let authorized =
+        state
+            .policy
+            .authorize_for(config, agent, person.as_deref(), &head.method, routed)?;
     // A shared store decides the rate on the server, for every keygate at once.
     pending.record().state = state.policy.shared_rate(config, agent).await?;
     // A budgeted request books what it may cost, which its body says.
@@ -223,7 +237,8 @@ async fn process(
                 }
             }
             if config.mode == Mode::DryRun {
-                let resp = local::dry_run(config, &authorized, &head, &bytes);
+                let resp =
+                    local::dry_run(config, &authorized, &head, &bytes, who.person.as_deref());
                 return Ok(Answer::Local(resp, Decision::DryRun, Reason::DryRun));
             }
             let seen = approval::Seen::whole(route, &bytes);
@@ -249,7 +264,10 @@ async fn process(
         pending.record().key_id = Some(secret.key_id().to_string());
         credential::attach(config, &authorized, secret, &mut head.headers, &mut query)?;
     }
-    let reservation = state.policy.reserve(config, agent, plan.reserve).await?;
+    let reservation = state
+        .policy
+        .reserve_for(config, agent, person.as_deref(), plan.reserve)
+        .await?;
 
     // forward
     let route_id = authorized.route();

@@ -55,14 +55,19 @@ pub fn build(config: Config, fixed: &Fixed) -> Result<State, String> {
     }
     let forwarder =
         Forwarder::new(config.connect_timeout).map_err(|e| format!("cannot set up TLS: {e}"))?;
+    let tls = match &config.tls {
+        Some(files) => Some(crate::listen::tls::server_config(files)?),
+        None => None,
+    };
     let config = Arc::new(config);
     Ok(State {
+        tls,
         guard: Guard {
             allowed_origins: config.allowed_origins.clone(),
             max_request_bytes: config.max_request_bytes,
         },
         policy: Policy::new(&config).shared(fixed.control.store.as_ref(), &config),
-        credentials: Credentials::new(&config),
+        credentials: Credentials::new(&config).keep_state_in(fixed.control.store.as_ref()),
         tokens,
         forwarder,
         audit: fixed.audit.clone(),

@@ -25,10 +25,13 @@ pub struct Routed {
     pub path: String,
     /// The raw (still encoded) relative path, forwarded as is after the upstream's base path.
     pub raw_path: String,
+    /// The raw query string, when the target had a `?`; allow rules may constrain it.
+    pub query: Option<String>,
 }
 
 /// Picks the route with the longest prefix that matches (routes are sorted longest first).
-pub fn select(routes: &[Route], raw_path: &str) -> Result<Routed, Rejection> {
+pub fn select(routes: &[Route], target: &http::Uri) -> Result<Routed, Rejection> {
+    let raw_path = target.path();
     let decoded = check_path(raw_path)
         .map_err(|why| Rejection::new(Code::InvalidPath, format!("path refused: {why}")))?;
     for (i, r) in routes.iter().enumerate() {
@@ -49,6 +52,7 @@ pub fn select(routes: &[Route], raw_path: &str) -> Result<Routed, Rejection> {
             route: RouteId(i),
             path: rel.to_string(),
             raw_path: raw_rel.to_string(),
+            query: target.query().map(str::to_string),
         });
     }
     Err(Rejection::new(

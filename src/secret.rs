@@ -7,7 +7,9 @@
 //! [`Secret::expose`], called where a credential is attached to an upstream request and where the
 //! redaction engine is built from the held values.
 
+pub mod github_app;
 pub mod http;
+pub mod oauth2;
 pub mod openbao;
 mod source;
 

@@ -409,6 +409,18 @@ pub fn check_main(config_path: &Path, json: bool) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(2, &e.to_string()),
     };
+    // The certificate files are read as serve reads them, so check finds a bad one first.
+    if let Some(files) = &config.tls {
+        if let Err(e) = crate::listen::tls::server_config(files) {
+            let e = crate::config::ConfigError {
+                file: config.file.clone(),
+                line: 0,
+                key: "tls".into(),
+                message: e,
+            };
+            return fail(2, &e.to_string());
+        }
+    }
     let mut policy = config.effective_policy();
     policy["policy_version"] = config.policy_version().into();
     if json {
@@ -427,7 +439,7 @@ pub fn check_main(config_path: &Path, json: bool) -> ExitCode {
     for l in &config.listen {
         if let Listen::Tcp(a) = l {
             if !a.ip().is_loopback() {
-                eprintln!("keygate: warning: {a} is reachable from other machines");
+                eprintln!("keygate: warning: {a} is reachable from other machines in plaintext (allow_plaintext_non_loopback): tokens and answers cross the network unencrypted; prefer https:// with tls");
             }
         }
     }

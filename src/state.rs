@@ -283,6 +283,20 @@ pub trait StateStore: Send + Sync {
     /// keygate re-reads them only then.
     fn tokens_revision(&self) -> Result<u64, StateError>;
 
+    /// What a secret source keeps across restarts (an OAuth2 source's rotated refresh token),
+    /// by key. A store that keeps none answers `None`, and the source starts from its config.
+    fn source_state(&self, key: &str) -> Result<Option<String>, StateError> {
+        let _ = key;
+        Ok(None)
+    }
+    /// Saves a secret source's state under `key`, replacing what was there.
+    fn put_source_state(&self, key: &str, value: &str) -> Result<(), StateError> {
+        let _ = value;
+        Err(StateError::Store {
+            path: PathBuf::from(self.location()),
+            message: format!("this store does not keep secret-source state ({key})"),
+        })
+    }
     /// Whether several keygates share this store: budgets and rates are then decided in it, per
     /// request, and changes arrive as [`Event`]s.
     fn shared(&self) -> bool {

@@ -2,5 +2,11 @@
 //! headers at load and `authenticate` strips them from every request.
 
 /// Headers that may carry the caller's credential; all are removed before forwarding.
-pub const CALLER_CREDENTIAL_HEADERS: [&str; 4] =
-    ["x-broker-token", "authorization", "x-api-key", "api-key"];
+/// `x-backend-token` is the lab's backend companion's header.
+pub const CALLER_CREDENTIAL_HEADERS: [&str; 5] = [
+    "x-broker-token",
+    "x-backend-token",
+    "authorization",
+    "x-api-key",
+    "api-key",
+];

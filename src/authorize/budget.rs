@@ -113,6 +113,7 @@ impl TokenBudget {
             budget: Target::Local(self.clone()),
             amount: n,
             settled: false,
+            also: None,
         })
     }
 
@@ -170,6 +171,9 @@ pub struct Reservation {
     budget: Target,
     amount: u64,
     settled: bool,
+    /// A second budget the same request is booked against (the person's, beside the agent's);
+    /// settled with this one.
+    also: Option<Box<Reservation>>,
 }
 
 /// Where a reservation was booked.
@@ -196,6 +200,7 @@ impl Reservation {
             budget: Target::Shared(booked),
             amount,
             settled: false,
+            also: None,
         }
     }
 
@@ -216,6 +221,15 @@ impl Reservation {
     pub fn settle(mut self, actual: u64) {
         self.settled = true;
         self.finish(actual);
+        if let Some(also) = self.also.take() {
+            also.settle(actual);
+        }
+    }
+
+    /// This booking and `other`, settled (or dropped) together.
+    pub fn and(mut self, other: Reservation) -> Reservation {
+        self.also = Some(Box::new(other));
+        self
     }
 }
 

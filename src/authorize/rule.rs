@@ -7,12 +7,23 @@ use std::time::Duration;
 use http::Method;
 use serde::Serialize;
 
-/// One allow rule: `POST /v1/chat/completions`, `GET /v1/files/*`, `* /v1/**`.
+/// One allow rule: `POST /v1/chat/completions`, `GET /v1/files/*`, `* /v1/**`, and with the
+/// query parameters it allows: `POST /v1/messages?beta` (only `beta`), `GET /v1/models?` (none).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rule {
     method: Option<Method>,
     segments: Vec<Segment>,
+    query: Query,
     text: String,
+}
+
+/// Which query strings a rule allows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Query {
+    /// Any (a rule written without `?`, and no route `query` key).
+    Any,
+    /// Only parameters of these names (decoded); an empty list allows no query string at all.
+    Only(Vec<String>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,7 +60,10 @@ impl Rule {
                 return Err(format!("method {m} must be upper case"));
             }
         }
-        let path = path.trim();
+        let (path, query) = match path.trim().split_once('?') {
+            Some((p, q)) => (p, Query::Only(parse_names(q)?)),
+            None => (path.trim(), Query::Any),
+        };
         if !path.starts_with('/') {
             return Err(format!("path {path:?} must start with /"));
         }
@@ -77,8 +91,18 @@ impl Rule {
         Ok(Rule {
             method,
             segments,
+            query,
             text: s.trim().to_string(),
         })
+    }
+
+    /// The rule with the route's `query` names, unless it names its own.
+    pub fn default_query(mut self, names: &[String]) -> Result<Rule, String> {
+        if self.query == Query::Any {
+            self.query = Query::Only(parse_names(&names.join("&"))?);
+            self.text = format!("{}?{}", self.text, names.join("&"));
+        }
+        Ok(self)
     }
 
     /// A rule for one exact path (the lab's `allowed_paths`): `*` in it is literal.
@@ -91,14 +115,22 @@ impl Rule {
         Ok(Rule {
             method: Some(method.clone()),
             segments,
+            query: Query::Only(Vec::new()),
             text: format!("{method} {path}"),
         })
     }
 
-    /// Whether the rule allows this method on this path.
-    pub fn matches(&self, method: &Method, path: &str) -> bool {
+    /// Whether the rule allows this method on this path with this query string (`None`: the
+    /// target had no `?`).
+    pub fn matches(&self, method: &Method, path: &str, query: Option<&str>) -> bool {
         if self.method.as_ref().is_some_and(|m| m != method) {
             return false;
+        }
+        if let (Query::Only(names), Some(q)) = (&self.query, query) {
+            // The lab compared the whole target, so even a bare `?` is another path there.
+            if names.is_empty() || !query_names(q).all(|n| n.is_some_and(|n| names.contains(&n))) {
+                return false;
+            }
         }
         let Some(path) = path.strip_prefix('/') else {
             return false;
@@ -119,6 +151,39 @@ impl Rule {
         }
         parts.next().is_none()
     }
+}
+
+/// The names a rule's `?a&b` allows: plain names, as an upstream decodes them.
+fn parse_names(q: &str) -> Result<Vec<String>, String> {
+    q.split('&')
+        .filter(|n| !n.is_empty())
+        .map(|n| {
+            if n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.[]".contains(&b))
+            {
+                Ok(n.to_string())
+            } else {
+                Err(format!(
+                    "query parameter {n:?}: write plain names, e.g. \"POST /v1/messages?beta\""
+                ))
+            }
+        })
+        .collect()
+}
+
+/// Each parameter's name in a query string, decoded as a server reads it (`+` is a space,
+/// percent-decoding); `None` for a name that is not UTF-8, which no rule allows.
+fn query_names(q: &str) -> impl Iterator<Item = Option<String>> + '_ {
+    q.split(['&', ';']).filter(|p| !p.is_empty()).map(|pair| {
+        let name = pair
+            .split_once('=')
+            .map_or(pair, |(n, _)| n)
+            .replace('+', " ");
+        percent_encoding::percent_decode_str(&name)
+            .decode_utf8()
+            .ok()
+            .map(|n| n.into_owned())
+    })
 }
 
 /// `60/min`: at most `count` requests per `per`, refilled continuously.
@@ -165,25 +230,47 @@ mod tests {
     }
 
     #[test]
+    fn a_query_rule_allows_its_named_parameters_only() {
+        let r = Rule::parse("POST /v1/messages?beta").unwrap();
+        let p = |q| r.matches(&m("POST"), "/v1/messages", q);
+        assert!(p(None) && p(Some("beta=true")) && p(Some("beta")) && p(Some("%62eta=1")));
+        assert!(!p(Some("beta=1&other=2")) && !p(Some("other=2")));
+        let none = Rule::parse("GET /v1/models?").unwrap();
+        assert!(none.matches(&m("GET"), "/v1/models", None));
+        assert!(!none.matches(&m("GET"), "/v1/models", Some("a=1")));
+        let any = Rule::parse("GET /v1/models").unwrap();
+        assert!(any.matches(&m("GET"), "/v1/models", Some("after=x&limit=2")));
+        let lab = Rule::exact("POST", "/v1/chat/completions").unwrap();
+        assert!(!lab.matches(&m("POST"), "/v1/chat/completions", Some("x=1")));
+        assert!(!lab.matches(&m("POST"), "/v1/chat/completions", Some("")));
+        assert!(Rule::parse("POST /x?a=1").is_err());
+        let routed = Rule::parse("GET /v1/models")
+            .unwrap()
+            .default_query(&["limit".into()])
+            .unwrap();
+        assert!(!routed.matches(&m("GET"), "/v1/models", Some("after=x")));
+    }
+
+    #[test]
     fn rule_matches_method_and_exact_segments() {
         let r = Rule::parse("POST /v1/chat/completions").unwrap();
-        assert!(r.matches(&m("POST"), "/v1/chat/completions"));
-        assert!(!r.matches(&m("GET"), "/v1/chat/completions"));
-        assert!(!r.matches(&m("POST"), "/v1/chat/completions/x"));
-        assert!(!r.matches(&m("POST"), "/v1/chat"));
-        assert!(!r.matches(&m("POST"), "/v1/chat/completions/"));
+        assert!(r.matches(&m("POST"), "/v1/chat/completions", None));
+        assert!(!r.matches(&m("GET"), "/v1/chat/completions", None));
+        assert!(!r.matches(&m("POST"), "/v1/chat/completions/x", None));
+        assert!(!r.matches(&m("POST"), "/v1/chat", None));
+        assert!(!r.matches(&m("POST"), "/v1/chat/completions/", None));
     }
 
     #[test]
     fn star_is_one_segment_and_double_star_the_rest() {
         let one = Rule::parse("GET /v1/files/*").unwrap();
-        assert!(one.matches(&m("GET"), "/v1/files/abc"));
-        assert!(!one.matches(&m("GET"), "/v1/files/abc/content"));
-        assert!(!one.matches(&m("GET"), "/v1/files/"));
+        assert!(one.matches(&m("GET"), "/v1/files/abc", None));
+        assert!(!one.matches(&m("GET"), "/v1/files/abc/content", None));
+        assert!(!one.matches(&m("GET"), "/v1/files/", None));
         let rest = Rule::parse("* /v1/**").unwrap();
-        assert!(rest.matches(&m("DELETE"), "/v1/files/abc/content"));
-        assert!(rest.matches(&m("GET"), "/v1"));
-        assert!(!rest.matches(&m("GET"), "/v2/x"));
+        assert!(rest.matches(&m("DELETE"), "/v1/files/abc/content", None));
+        assert!(rest.matches(&m("GET"), "/v1", None));
+        assert!(!rest.matches(&m("GET"), "/v2/x", None));
     }
 
     #[test]
@@ -217,9 +304,9 @@ mod tests {
             prop_assume!(!segs.iter().any(|s| s == "." || s == ".."));
             let path = format!("/{}", segs.join("/"));
             let rule = Rule::parse(&format!("POST {path}")).unwrap();
-            prop_assert!(rule.matches(&Method::POST, &path));
+            prop_assert!(rule.matches(&Method::POST, &path, None));
             let other_path = format!("/{}", other.join("/"));
-            prop_assert_eq!(rule.matches(&Method::POST, &other_path), other_path == path);
+            prop_assert_eq!(rule.matches(&Method::POST, &other_path, None), other_path == path);
         }
 
         // `*` never lets a request cross a segment boundary.
@@ -228,8 +315,8 @@ mod tests {
             let rule = Rule::parse("GET /f/*").unwrap();
             let one = format!("/f/{a}");
             let two = format!("/f/{a}/{b}");
-            prop_assert!(rule.matches(&Method::GET, &one));
-            prop_assert!(!rule.matches(&Method::GET, &two));
+            prop_assert!(rule.matches(&Method::GET, &one, None));
+            prop_assert!(!rule.matches(&Method::GET, &two, None));
         }
     }
 }

@@ -19,6 +19,8 @@ use super::*;
 struct Raw {
     listen: Option<Spanned<Vec<String>>>,
     allow_non_loopback: Option<bool>,
+    allow_plaintext_non_loopback: Option<bool>,
+    tls: Option<Spanned<RawTls>>,
     mode: Option<Mode>,
     audit_log: Option<String>,
     audit_chain: Option<bool>,
@@ -50,6 +52,14 @@ struct RawRun {
     drop_env: Vec<String>,
     #[serde(default)]
     allow_ports: Vec<u16>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: String,
+    key: String,
+    client_ca: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -106,6 +116,39 @@ struct RawSecret {
     jwt_from: Option<String>,
     dynamic: Option<String>,
     params: Option<BTreeMap<String, String>>,
+    // oauth2, github-app
+    token_url: Option<String>,
+    grant: Option<String>,
+    client_id: Option<String>,
+    client_secret: Option<String>,
+    client_auth: Option<String>,
+    refresh_token: Option<String>,
+    scope: Option<String>,
+    audience: Option<String>,
+    app_id: Option<IdText>,
+    installation_id: Option<IdText>,
+    private_key: Option<String>,
+    api_url: Option<String>,
+    // keychain
+    service: Option<String>,
+    account: Option<String>,
+}
+
+/// An id GitHub shows as a number and users may quote.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum IdText {
+    Number(u64),
+    Text(String),
+}
+
+impl IdText {
+    fn text(&self) -> String {
+        match self {
+            IdText::Number(n) => n.to_string(),
+            IdText::Text(t) => t.clone(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -130,6 +173,10 @@ struct RawRoute {
     max_response_time: Option<Spanned<String>>,
     budget_reserve: Option<u64>,
     allow_range: Option<bool>,
+    /// `github-app` secrets: the repositories and permissions the route's token is narrowed to.
+    repositories: Option<Spanned<Vec<String>>>,
+    permissions: Option<Spanned<BTreeMap<String, String>>>,
+    query: Option<Spanned<Vec<String>>>,
     #[serde(default)]
     env: BTreeMap<String, Spanned<String>>,
     /// `request`, `run` or `ttl`: how long a dynamic OpenBao credential serves.
@@ -147,6 +194,10 @@ struct RawAgent {
     budget_reserve: Option<Spanned<u64>>,
     #[serde(default)]
     unix_uids: Vec<u32>,
+    person_header: Option<Spanned<String>>,
+    client_cert_subject: Option<Spanned<String>>,
+    rate_per_person: Option<Spanned<String>>,
+    budget_tokens_per_person: Option<Spanned<RawBudget>>,
 }
 
 #[derive(Deserialize)]
@@ -223,6 +274,22 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
                 secret_id: s.secret_id.clone(),
                 region: s.region.clone(),
                 endpoint: s.endpoint.clone(),
+                token: super::spec::TokenKeys {
+                    token_url: s.token_url.clone(),
+                    grant: s.grant.clone(),
+                    client_id: s.client_id.clone(),
+                    client_secret: s.client_secret.clone(),
+                    client_auth: s.client_auth.clone(),
+                    refresh_token: s.refresh_token.clone(),
+                    scope: s.scope.clone(),
+                    audience: s.audience.clone(),
+                    app_id: s.app_id.as_ref().map(IdText::text),
+                    installation_id: s.installation_id.as_ref().map(IdText::text),
+                    private_key: s.private_key.clone(),
+                    api_url: s.api_url.clone(),
+                    service: s.service.clone(),
+                    account: s.account.clone(),
+                },
                 ca_file: s.ca_file.clone(),
                 auth: s.auth.clone(),
                 auth_mount: s.auth_mount.clone(),
@@ -281,6 +348,8 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
                 allow_range: r.allow_range,
                 budget_reserve: r.budget_reserve,
                 max_response_time: lines.dur(&r.max_response_time, key("max_response_time")),
+                github_scope: github_scope(&lines, r, &key),
+                query: r.query.as_ref().map(|q| lines.spanned(q, key("query"))),
                 env: r
                     .env
                     .iter()
@@ -312,6 +381,25 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
                     At::new((v.per.clone(), v.limit), lines.at(b, key("budget_tokens")))
                 }),
                 unix_uids: a.unix_uids.clone(),
+                person_header: a
+                    .person_header
+                    .as_ref()
+                    .map(|h| lines.spanned(h, key("person_header"))),
+                client_cert_subject: a
+                    .client_cert_subject
+                    .as_ref()
+                    .map(|h| lines.spanned(h, key("client_cert_subject"))),
+                rate_per_person: a
+                    .rate_per_person
+                    .as_ref()
+                    .map(|r| lines.spanned(r, key("rate_per_person"))),
+                budget_per_person: a.budget_tokens_per_person.as_ref().map(|b| {
+                    let v = b.get_ref();
+                    At::new(
+                        (v.per.clone(), v.limit),
+                        lines.at(b, key("budget_tokens_per_person")),
+                    )
+                }),
             }
         })
         .collect();
@@ -320,6 +408,18 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
         format: Format::Native,
         listen,
         allow_non_loopback: raw.allow_non_loopback.unwrap_or(false),
+        allow_plaintext_non_loopback: raw.allow_plaintext_non_loopback.unwrap_or(false),
+        tls: raw.tls.as_ref().map(|t| {
+            let v = t.get_ref();
+            At::new(
+                super::spec::TlsSpec {
+                    cert: v.cert.clone(),
+                    key: v.key.clone(),
+                    client_ca: v.client_ca.clone(),
+                },
+                lines.at(t, "tls"),
+            )
+        }),
         mode: raw.mode,
         audit_log: raw.audit_log.as_deref().map(expand_home),
         audit_chain: raw.audit_chain,
@@ -382,6 +482,32 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
             })
             .unwrap_or_default(),
     })
+}
+
+/// A route's `repositories` and `permissions`, at the line of whichever was written first.
+fn github_scope(
+    lines: &Lines<'_>,
+    r: &RawRoute,
+    key: &dyn Fn(&str) -> String,
+) -> Option<At<crate::secret::github_app::Scope>> {
+    let pos = match (&r.repositories, &r.permissions) {
+        (Some(v), _) => lines.at(v, key("repositories")),
+        (None, Some(v)) => lines.at(v, key("permissions")),
+        (None, None) => return None,
+    };
+    let scope = crate::secret::github_app::Scope {
+        repositories: r
+            .repositories
+            .as_ref()
+            .map(|v| v.get_ref().clone())
+            .unwrap_or_default(),
+        permissions: r
+            .permissions
+            .as_ref()
+            .map(|v| v.get_ref().clone())
+            .unwrap_or_default(),
+    };
+    Some(At::new(scope, pos))
 }
 
 /// Turns a toml error into `file:line: key: message`, naming the key written on that line.
@@ -521,6 +647,38 @@ mod tests {
         ))
         .unwrap_err();
         assert_eq!(e.key, "agents.x.budget_tokens", "{e}");
+    }
+
+    #[test]
+    fn a_route_query_key_constrains_rules_that_name_no_query() {
+        let c = load(&format!(
+            "{ROUTE}query = [\"beta\"]\nallow = [\"POST /v1/messages\", \"GET /v1/models?limit\"]\n"
+        ))
+        .unwrap();
+        let post = http::Method::POST;
+        let get = http::Method::GET;
+        let rules = &c.routes[0].allow;
+        assert!(rules[0].matches(&post, "/v1/messages", Some("beta=true")));
+        assert!(!rules[0].matches(&post, "/v1/messages", Some("x=1")));
+        assert!(rules[1].matches(&get, "/v1/models", Some("limit=2")));
+        assert!(!rules[1].matches(&get, "/v1/models", Some("beta=1")));
+    }
+
+    #[test]
+    fn tls_and_https_listeners_go_together() {
+        let https = "listen = [\"https://0.0.0.0:8443\"]\n";
+        let e = load(https).unwrap_err();
+        assert_eq!(e.key, "listen", "{e}");
+        let tls = "tls = { cert = \"c.pem\", key = \"k.pem\" }\n";
+        let e = load(tls).unwrap_err();
+        assert_eq!(e.key, "tls", "{e}");
+        let c = load(&format!("{https}{tls}")).unwrap();
+        assert_eq!(c.listen, vec![Listen::Tls("0.0.0.0:8443".parse().unwrap())]);
+        let e = load(&format!(
+            "{https}{tls}[agents.ci]\nclient_cert_subject = \"CN=ci\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "agents.ci.client_cert_subject", "{e}");
     }
 
     #[test]

@@ -2,6 +2,10 @@
 //! statuses. It is lowered into the common [`Spec`] as one route at `/` whose allow rules are
 //! `POST <path>` for each allowed path, with the secret attached as a bearer token; the same
 //! validation as the native format's then applies (so an extra header cannot replace the key).
+//!
+//! The lab's backend companion (`backend-broker/server.py`, `server_config.*.json`) is the second
+//! JSON format, told apart by its keys (`backend_token_env`, `secret_env`): one agent whose token
+//! arrives in `X-Backend-Token`, a trusted front end that names the person in `X-User-Id`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -69,7 +73,37 @@ fn default_port() -> u16 {
 /// The lab broker bounded a secret command to between a millisecond and an hour.
 const COMMAND_SECONDS: (f64, f64) = (0.001, 3600.0);
 
+/// The backend companion's config: the lab broker's listener and route keys, its own token and
+/// secret variables.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    #[serde(default = "default_host")]
+    listen_host: String,
+    #[serde(default = "default_port")]
+    listen_port: u16,
+    mode: Option<Mode>,
+    upstream_base_url: Option<String>,
+    allowed_paths: Option<Vec<String>>,
+    backend_token_env: Option<String>,
+    secret_env: Option<String>,
+    max_request_bytes: Option<u64>,
+    upstream_timeout_seconds: Option<f64>,
+    event_log: Option<String>,
+}
+
+/// Keys only the backend companion's config has.
+const BACKEND_KEYS: [&str; 2] = ["backend_token_env", "secret_env"];
+
+/// The header the companion's front end names the person in.
+pub(crate) const BACKEND_PERSON_HEADER: &str = "x-user-id";
+
 pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
+    let is_backend = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text)
+        .is_ok_and(|m| BACKEND_KEYS.iter().any(|k| m.contains_key(*k)));
+    if is_backend {
+        return parse_backend(file, text);
+    }
     let mut de = serde_json::Deserializer::from_str(text);
     let raw: Raw = serde_path_to_error::deserialize(&mut de)
         .map_err(|e| json_error(file, &e.path().to_string(), e.inner()))?;
@@ -147,6 +181,8 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
         allow_range: None,
         budget_reserve: None,
         max_response_time: None,
+        github_scope: None,
+        query: None,
         env: Vec::new(),
     };
     let agent = AgentSpec {
@@ -163,6 +199,10 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
         budget: None,
         budget_reserve: None,
         unix_uids: Vec::new(),
+        person_header: None,
+        client_cert_subject: None,
+        rate_per_person: None,
+        budget_per_person: None,
     };
 
     Ok(Spec {
@@ -175,6 +215,8 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
             at("listen_host"),
         ),
         allow_non_loopback: raw.allow_non_loopback,
+        allow_plaintext_non_loopback: false,
+        tls: None,
         mode: Some(mode),
         audit_log: raw.event_log.map(PathBuf::from),
         audit_chain: None,
@@ -201,8 +243,144 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
             upstream_base_url,
             allowed_paths,
             client_auth: raw.client_token_env.is_some(),
+            backend: None,
         }),
         run: Default::default(),
+    })
+}
+
+/// The backend companion's config, lowered as the lab broker's is, with one agent: the front
+/// end holding `backend_token_env`'s token, which names the person in `X-User-Id`.
+fn parse_backend(file: &Path, text: &str) -> Result<Spec, ConfigError> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let raw: RawBackend = serde_path_to_error::deserialize(&mut de)
+        .map_err(|e| json_error(file, &e.path().to_string(), e.inner()))?;
+    de.end().map_err(|e| json_error(file, "", &e))?;
+    let at = |key: &str| Pos::new(key_line(text, key), key);
+    let missing = |key: &str| ConfigError {
+        file: file.to_path_buf(),
+        line: 1,
+        key: key.to_string(),
+        message: format!("missing field `{key}`"),
+    };
+    let mode = raw.mode.ok_or_else(|| missing("mode"))?;
+    let upstream_base_url = raw
+        .upstream_base_url
+        .ok_or_else(|| missing("upstream_base_url"))?;
+    let allowed_paths = raw.allowed_paths.ok_or_else(|| missing("allowed_paths"))?;
+    // The companion serves many people behind one front end: without its token anyone who
+    // reaches the port could name any person.
+    let token_env = raw
+        .backend_token_env
+        .ok_or_else(|| missing("backend_token_env"))?;
+
+    let secret_pos = at("secret_env");
+    let secret = SecretSpecRaw {
+        name: "default".into(),
+        table: secret_pos.clone(),
+        source: At::new(
+            if raw.secret_env.is_some() {
+                "env"
+            } else {
+                "none"
+            }
+            .into(),
+            secret_pos.clone(),
+        ),
+        var: raw.secret_env.clone(),
+        ..Default::default()
+    };
+    let route = RouteSpec {
+        name: "default".into(),
+        prefix: At::new("/".into(), Pos::new(1, "prefix")),
+        upstream: At::new(upstream_base_url.clone(), at("upstream_base_url")),
+        secret: raw
+            .secret_env
+            .is_some()
+            .then(|| At::new("default".into(), secret_pos.clone())),
+        inject: None,
+        inject_format: None,
+        basic_username: None,
+        allow: allowed_paths
+            .iter()
+            .map(|p| At::new(RuleSpec::ExactPost(p.clone()), at("allowed_paths")))
+            .collect(),
+        classification: None,
+        extra_headers: Vec::new(),
+        approval: None,
+        approval_timeout: None,
+        timeout: None,
+        require_json: Some(true),
+        request_scan: None,
+        allow_range: None,
+        budget_reserve: None,
+        max_response_time: None,
+        query: None,
+        github_scope: None,
+        env: Vec::new(),
+        jit: None,
+    };
+    let agent = AgentSpec {
+        name: "backend".into(),
+        person: None,
+        token_env: Some(token_env),
+        open: false,
+        routes: None,
+        rate: None,
+        budget: None,
+        budget_reserve: None,
+        unix_uids: Vec::new(),
+        person_header: Some(At::new(
+            BACKEND_PERSON_HEADER.into(),
+            at("backend_token_env"),
+        )),
+        client_cert_subject: None,
+        rate_per_person: None,
+        budget_per_person: None,
+    };
+    Ok(Spec {
+        format: Format::Seed,
+        listen: At::new(
+            Some(vec![ListenSpec::HostPort(
+                raw.listen_host.clone(),
+                raw.listen_port,
+            )]),
+            at("listen_host"),
+        ),
+        allow_non_loopback: false,
+        allow_plaintext_non_loopback: false,
+        tls: None,
+        mode: Some(mode),
+        audit_log: raw.event_log.map(PathBuf::from),
+        audit_chain: None,
+        audit_fail_closed: None,
+        state_dir: None,
+        admin_socket: None,
+        approval_notify: None,
+        max_request_bytes: raw.max_request_bytes,
+        upstream_timeout: raw
+            .upstream_timeout_seconds
+            .map(|t| At::new(Dur::Seconds(t), at("upstream_timeout_seconds"))),
+        connect_timeout: None,
+        allowed_origins: Vec::new(),
+        request_scan: None,
+        connections: None,
+        secrets: vec![secret],
+        routes: vec![route],
+        agents: vec![agent],
+        seed: Some(SeedSpec {
+            listen_host: raw.listen_host,
+            listen_port: raw.listen_port,
+            upstream_base_url,
+            allowed_paths,
+            client_auth: true,
+            backend: Some(super::spec::BackendSpec {
+                secret_env: raw.secret_env,
+            }),
+        }),
+        run: Default::default(),
+        state: None,
+        instance: None,
     })
 }
 
@@ -291,6 +469,32 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(c.seed.unwrap().secret_source, "command:op read");
+    }
+
+    const COMPANION: &str = include_str!("../../tests/fixtures/backend/server_config.dry-run.json");
+
+    #[test]
+    fn companion_config_is_told_apart_by_its_keys_and_has_one_front_end() {
+        let c = load(COMPANION).unwrap();
+        let a = &c.agents[0];
+        assert_eq!(a.token_env.as_deref(), Some("BACKEND_TOKEN"));
+        assert_eq!(
+            a.person_header.as_ref().map(|h| h.as_str()),
+            Some("x-user-id")
+        );
+        assert!(!a.open);
+        let seed = c.seed.unwrap();
+        assert_eq!(seed.backend, Some(Some("OPENAI_API_KEY".into())));
+        assert_eq!(seed.secret_source, "env:OPENAI_API_KEY");
+    }
+
+    #[test]
+    fn companion_config_names_a_wrong_key_and_needs_its_token() {
+        let e = load(&COMPANION.replace("\"secret_env\"", "\"secret_envv\"")).unwrap_err();
+        assert_eq!(e.key, "secret_envv", "{e}");
+        let e =
+            load(&COMPANION.replace("\"backend_token_env\": \"BACKEND_TOKEN\",", "")).unwrap_err();
+        assert_eq!(e.key, "backend_token_env", "{e}");
     }
 
     #[test]

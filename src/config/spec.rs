@@ -78,7 +78,8 @@ pub(crate) enum ListenSpec {
 pub(crate) enum RuleSpec {
     /// `METHOD /path` with `*` and `**`.
     Pattern(String),
-    /// One exact path for `POST` (the lab's `allowed_paths`): `*` in it is literal.
+    /// One exact path for `POST` (the lab's `allowed_paths`): `*` in it is literal, and a
+    /// request with a query string does not match (the lab compared the whole target).
     ExactPost(String),
 }
 
@@ -89,6 +90,10 @@ pub(crate) struct Spec {
     /// `None`: the default listener.
     pub listen: At<Option<Vec<ListenSpec>>>,
     pub allow_non_loopback: bool,
+    /// `allow_plaintext_non_loopback`: a non-loopback listener without TLS.
+    pub allow_plaintext_non_loopback: bool,
+    /// `tls = { cert, key, client_ca }`, for `https://` listeners.
+    pub tls: Option<At<TlsSpec>>,
     pub mode: Option<Mode>,
     pub audit_log: Option<PathBuf>,
     pub audit_chain: Option<bool>,
@@ -151,7 +156,7 @@ pub(crate) struct SecretSpecRaw {
     pub secret_id: Option<String>,
     pub region: Option<String>,
     pub endpoint: Option<String>,
-    /// openbao: a PEM CA file, the login (`auth`, `auth_mount`, `role_id`, `role`, and the
+    /// openbao (and oauth2, github-app): a PEM CA file, the login (`auth`, `auth_mount`, `role_id`, `role`, and the
     /// secrets holding the AppRole secret id or the JWT), a dynamic secret's path and params.
     pub ca_file: Option<String>,
     pub auth: Option<String>,
@@ -162,6 +167,31 @@ pub(crate) struct SecretSpecRaw {
     pub jwt_from: Option<String>,
     pub dynamic: Option<String>,
     pub params: Option<std::collections::BTreeMap<String, String>>,
+    /// `oauth2` and `github-app`.
+    pub token: TokenKeys,
+}
+
+/// The keys of the token-minting sources (`oauth2`, `github-app`), as written.
+#[derive(Debug, Default)]
+pub(crate) struct TokenKeys {
+    pub token_url: Option<String>,
+    pub grant: Option<String>,
+    pub client_id: Option<String>,
+    /// The name of another secret.
+    pub client_secret: Option<String>,
+    pub client_auth: Option<String>,
+    /// The name of another secret.
+    pub refresh_token: Option<String>,
+    pub scope: Option<String>,
+    pub audience: Option<String>,
+    pub app_id: Option<String>,
+    pub installation_id: Option<String>,
+    /// The name of another secret.
+    pub private_key: Option<String>,
+    pub api_url: Option<String>,
+    /// `keychain`: the entry's service and account.
+    pub service: Option<String>,
+    pub account: Option<String>,
 }
 
 impl Default for Pos {
@@ -200,6 +230,11 @@ pub(crate) struct RouteSpec {
     pub allow_range: Option<bool>,
     pub budget_reserve: Option<u64>,
     pub max_response_time: Option<At<Dur>>,
+    /// `repositories` and `permissions`: what a `github-app` token is narrowed to.
+    pub github_scope: Option<At<crate::secret::github_app::Scope>>,
+    /// `query = ["beta"]`: the query parameters this route's rules allow, unless a rule names
+    /// its own (`POST /v1/messages?beta`).
+    pub query: Option<At<Vec<String>>>,
     /// `[routes.R.env]`: `(name, template)` as written, for `keygate run`.
     pub env: Vec<At<(String, String)>>,
 }
@@ -219,6 +254,22 @@ pub(crate) struct AgentSpec {
     pub budget_reserve: Option<At<u64>>,
     /// `unix_uids = [1001]`: Unix-socket peers that are this agent.
     pub unix_uids: Vec<u32>,
+    /// `person_header = "X-User-Id"`: this agent is a trusted front end that names the person.
+    pub person_header: Option<At<String>>,
+    /// `client_cert_subject = "CN=…"`: a verified client certificate with this subject is this
+    /// agent.
+    pub client_cert_subject: Option<At<String>>,
+    pub rate_per_person: Option<At<String>>,
+    /// `(per, limit)`.
+    pub budget_per_person: Option<At<(String, u64)>>,
+}
+
+/// `tls = { cert = FILE, key = FILE, client_ca = FILE }`.
+#[derive(Clone, Debug)]
+pub(crate) struct TlsSpec {
+    pub cert: String,
+    pub key: String,
+    pub client_ca: Option<String>,
 }
 
 /// `[connections]`: bounds on every accepted connection.
@@ -238,6 +289,15 @@ pub(crate) struct SeedSpec {
     pub upstream_base_url: String,
     pub allowed_paths: Vec<String>,
     pub client_auth: bool,
+    /// The backend companion's `secret_env` when the file is its config (`backend_token_env`).
+    pub backend: Option<BackendSpec>,
+}
+
+/// What the lab's backend companion (`backend-broker/server.py`) adds to the lab broker.
+#[derive(Debug, Clone)]
+pub(crate) struct BackendSpec {
+    /// `secret_env`: the variable holding the provider key, named in dry-run answers.
+    pub secret_env: Option<String>,
 }
 
 /// `state = { backend, url, tls, username, password_from, rate_limits, max_stale }` as written.

@@ -18,6 +18,8 @@ use crate::authorize::rule::{Rate, Rule};
 use crate::secret::openbao::Jit;
 use crate::secret::{BaoToken, SecretSource, SecretSpec};
 
+mod tokens;
+
 const DEFAULT_LISTEN: &str = "127.0.0.1:8791";
 const DEFAULT_AUDIT_LOG: &str = "events.jsonl";
 const DEFAULT_MAX_REQUEST_BYTES: u64 = 262_144;
@@ -86,6 +88,7 @@ pub(super) fn validate(file: &Path, spec: Spec) -> Result<Config, ConfigError> {
     let cx = Cx { file };
 
     let listen = listeners(&cx, &spec)?;
+    let tls = tls_files(&cx, &spec, &listen)?;
 
     let jits = route_jits(&cx, &spec)?;
     let mut secrets = Vec::new();
@@ -110,6 +113,7 @@ pub(super) fn validate(file: &Path, spec: Spec) -> Result<Config, ConfigError> {
     for r in &spec.routes {
         routes.push(route(&cx, r, &secrets, upstream_timeout, scan)?);
     }
+    tokens::scope_routes(&cx, &spec.routes, &mut routes, &mut secrets)?;
     for (i, a) in routes.iter().enumerate() {
         if let Some(b) = routes[..i].iter().find(|b| b.prefix == a.prefix) {
             return cx.err(
@@ -125,7 +129,30 @@ pub(super) fn validate(file: &Path, spec: Spec) -> Result<Config, ConfigError> {
 
     let mut agents = Vec::new();
     for a in &spec.agents {
-        agents.push(agent(&cx, a, &routes)?);
+        let built = agent(&cx, a, &routes)?;
+        if let (Some(subject), false) = (
+            &a.client_cert_subject,
+            tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+        ) {
+            return cx.err(
+                &subject.pos,
+                "client_cert_subject needs tls = { ..., client_ca = FILE }, so that client certificates are verified",
+            );
+        }
+        if let Some(subject) = &built.client_cert_subject {
+            if let Some(other) = agents
+                .iter()
+                .find(|o: &&Agent| o.client_cert_subject.as_ref() == Some(subject))
+            {
+                return cx.err(
+                    &a.client_cert_subject
+                        .as_ref()
+                        .map_or(a_pos(a), |s| s.pos.clone()),
+                    format!("agent {} already has this client_cert_subject", other.name),
+                );
+            }
+        }
+        agents.push(built);
     }
 
     let seed = spec.seed.map(|s| SeedInfo {
@@ -134,6 +161,7 @@ pub(super) fn validate(file: &Path, spec: Spec) -> Result<Config, ConfigError> {
         upstream_base_url: s.upstream_base_url,
         allowed_paths: s.allowed_paths,
         client_auth: s.client_auth,
+        backend: s.backend.map(|b| b.secret_env),
         secret_source: secrets
             .first()
             .map(|x| x.source.label())
@@ -170,6 +198,7 @@ pub(super) fn validate(file: &Path, spec: Spec) -> Result<Config, ConfigError> {
         file: file.to_path_buf(),
         format: spec.format,
         listen,
+        tls,
         mode: spec.mode.unwrap_or(Mode::Proxy),
         audit_log: spec
             .audit_log
@@ -341,10 +370,53 @@ fn listeners(cx: &Cx, spec: &Spec) -> Result<Vec<Listen>, ConfigError> {
     if listen.is_empty() {
         return cx.err(pos, "at least one listener is needed");
     }
-    check_loopback(&listen, spec.allow_non_loopback).or_else(|m| cx.err(pos, m))?;
+    check_loopback(
+        &listen,
+        spec.allow_plaintext_non_loopback || spec.allow_non_loopback,
+    )
+    .or_else(|m| cx.err(pos, m))?;
     Ok(listen)
 }
 
+/// `tls` is set exactly when there is an `https://` listener. The files are read when the
+/// listener's state is built (`listen::tls`), so that `keygate reload` reads them again.
+fn tls_files(cx: &Cx, spec: &Spec, listen: &[Listen]) -> Result<Option<TlsFiles>, ConfigError> {
+    let https = listen.iter().any(|l| matches!(l, Listen::Tls(_)));
+    match (&spec.tls, https) {
+        (None, false) => Ok(None),
+        (None, true) => cx.err(
+            &spec.listen.pos,
+            "an https:// listener needs tls = { cert = FILE, key = FILE }",
+        ),
+        (Some(t), false) => cx.err(
+            &t.pos,
+            "tls is set but no listener is https://; write listen = [\"https://0.0.0.0:8443\"]",
+        ),
+        (Some(t), true) => {
+            let file = |f: &str, key: &str| -> Result<PathBuf, ConfigError> {
+                if f.is_empty() {
+                    return cx.err(&t.pos.child(key), "must name a PEM file");
+                }
+                Ok(expand_home(f))
+            };
+            Ok(Some(TlsFiles {
+                cert: file(&t.value.cert, "cert")?,
+                key: file(&t.value.key, "key")?,
+                client_ca: match &t.value.client_ca {
+                    Some(ca) => Some(file(ca, "client_ca")?),
+                    None => None,
+                },
+            }))
+        }
+    }
+}
+
+/// Where an agent's table was written, for an error about the agent as a whole.
+fn a_pos(a: &AgentSpec) -> Pos {
+    Pos::new(0, format!("agents.{}", a.name))
+}
+
+/// `all`: every secret of the file, for sources that read another (`client_secret = "NAME"`).
 fn secret(
     cx: &Cx,
     s: &SecretSpecRaw,
@@ -391,16 +463,13 @@ fn secret(
             endpoint: s.endpoint.clone(),
             field: s.field.clone(),
         },
-        "oauth2-client-credentials" | "github-app" => {
-            return cx.err(
-                &s.source.pos,
-                format!("source {kind} is not supported by this build yet"),
-            )
-        }
+        "oauth2" | "oauth2-client-credentials" => tokens::oauth2(cx, s, all)?,
+        "github-app" => tokens::github_app(cx, s, all)?,
+        "keychain" => tokens::keychain(cx, s)?,
         other => {
             return cx.err(
                 &s.source.pos,
-                format!("unknown source {other:?}; use env, file, command, openbao, aws-secrets-manager or none"),
+                format!("unknown source {other:?}; use env, file, command, keychain, openbao, aws-secrets-manager, oauth2, github-app or none"),
             )
         }
     };
@@ -603,7 +672,13 @@ fn route(
             }
             RuleSpec::ExactPost(p) => Rule::exact("POST", p),
         };
-        allow.push(parsed.or_else(|m| cx.err(&rule.pos, m))?);
+        let parsed = match (&r.query, parsed) {
+            (Some(q), Ok(rule)) => rule
+                .default_query(&q.value)
+                .or_else(|m| cx.err(&q.pos, m))?,
+            (_, parsed) => parsed.or_else(|m| cx.err(&rule.pos, m))?,
+        };
+        allow.push(parsed);
     }
     let mut extra_headers = Vec::new();
     for h in &r.extra_headers {
@@ -702,23 +777,38 @@ fn agent(cx: &Cx, a: &AgentSpec, routes: &[Route]) -> Result<Agent, ConfigError>
         Some(r) => Some(Rate::parse(&r.value).or_else(|m| cx.err(&r.pos, m))?),
         None => None,
     };
-    let budget = match &a.budget {
-        Some(b) => {
-            let (per, limit) = &b.value;
-            let per = match per.as_str() {
-                "minute" => Duration::from_secs(60),
-                "hour" => Duration::from_secs(3600),
-                "day" => Duration::from_secs(86_400),
-                other => match parse_duration(other) {
-                    Ok(d) if !d.is_zero() => d,
-                    _ => return cx.err(&b.pos, "per must be minute, hour, day or a duration"),
-                },
-            };
-            Some(Budget { limit: *limit, per })
+    let budget_per_person = parse_budget(cx, &a.budget_per_person)?;
+    let budget = parse_budget(cx, &a.budget)?;
+    let rate_per_person = match &a.rate_per_person {
+        Some(r) => Some(Rate::parse(&r.value).or_else(|m| cx.err(&r.pos, m))?),
+        None => None,
+    };
+    let person_header = match &a.person_header {
+        Some(h) => {
+            let name = HeaderName::from_bytes(h.value.as_bytes())
+                .or_else(|_| cx.err(&h.pos, format!("{:?} is not a header name", h.value)))?;
+            if RESERVED_HEADERS.contains(&name.as_str())
+                || crate::authenticate::caller::CALLER_CREDENTIAL_HEADERS.contains(&name.as_str())
+            {
+                return cx.err(
+                    &h.pos,
+                    format!(
+                        "{name} carries credentials or framing; name the person in another header"
+                    ),
+                );
+            }
+            Some(name)
         }
         None => None,
     };
-    if let (Some(r), None) = (&a.budget_reserve, &budget) {
+    let client_cert_subject = match &a.client_cert_subject {
+        Some(s) if s.value.trim().is_empty() => {
+            return cx.err(&s.pos, "write the subject, e.g. \"CN=ci-runner\"")
+        }
+        Some(s) => Some(crate::listen::normalize_subject(&s.value)),
+        None => None,
+    };
+    if let (Some(r), None, None) = (&a.budget_reserve, &budget, &budget_per_person) {
         return cx.err(
             &r.pos,
             "budget_reserve applies to a token budget; set budget_tokens too",
@@ -734,7 +824,27 @@ fn agent(cx: &Cx, a: &AgentSpec, routes: &[Route]) -> Result<Agent, ConfigError>
         budget,
         budget_reserve: a.budget_reserve.as_ref().map(|r| r.value),
         unix_uids: a.unix_uids.clone(),
+        person_header,
+        client_cert_subject,
+        rate_per_person,
+        budget_per_person,
     })
+}
+
+/// `budget_tokens = { per, limit }` and its per-person twin.
+fn parse_budget(cx: &Cx, b: &Option<At<(String, u64)>>) -> Result<Option<Budget>, ConfigError> {
+    let Some(b) = b else { return Ok(None) };
+    let (per, limit) = &b.value;
+    let per = match per.as_str() {
+        "minute" => Duration::from_secs(60),
+        "hour" => Duration::from_secs(3600),
+        "day" => Duration::from_secs(86_400),
+        other => match parse_duration(other) {
+            Ok(d) if !d.is_zero() => d,
+            _ => return cx.err(&b.pos, "per must be minute, hour, day or a duration"),
+        },
+    };
+    Ok(Some(Budget { limit: *limit, per }))
 }
 
 /// Parses an upstream base URL: `http` or `https`, a host, an optional path, no query, no
@@ -795,6 +905,12 @@ fn parse_inject(
 }
 
 fn parse_listen(s: &str) -> Result<Listen, String> {
+    if let Some(addr) = s.strip_prefix("https://") {
+        return addr
+            .parse::<std::net::SocketAddr>()
+            .map(Listen::Tls)
+            .map_err(|_| format!("{s:?}: write https://IP:PORT, e.g. https://0.0.0.0:8443"));
+    }
     if let Some(path) = s.strip_prefix("unix:") {
         if path.is_empty() {
             return Err("unix: needs a socket path".into());
@@ -812,7 +928,7 @@ fn check_loopback(listen: &[Listen], allow_non_loopback: bool) -> Result<(), Str
         if let Listen::Tcp(addr) = l {
             if !addr.ip().is_loopback() && !allow_non_loopback {
                 return Err(format!(
-                    "{addr} is not a loopback address; keygate listens on 127.0.0.1 or ::1 unless allow_non_loopback = true"
+                    "{addr} is not a loopback address and has no TLS; listen on https://{addr} with tls = {{ cert, key }}, or set allow_plaintext_non_loopback = true"
                 ));
             }
         }

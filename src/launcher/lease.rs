@@ -385,7 +385,7 @@ fn grant(
         .listen
         .iter()
         .filter_map(|l| match l {
-            Listen::Tcp(a) => Some(a.port()),
+            Listen::Tcp(a) | Listen::Tls(a) => Some(a.port()),
             Listen::Unix(_) => None,
         })
         .filter(|p| *p != 0)

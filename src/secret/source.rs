@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 
+use super::github_app::GitHubApp;
+use super::oauth2::OAuth2;
 use super::Secret;
 
 /// Validated settings for one named secret.
@@ -70,6 +72,10 @@ pub enum SecretSource {
         /// whole string.
         field: Option<String>,
     },
+    /// An access token from an OAuth 2.0 token endpoint (`oauth2`).
+    OAuth2(std::sync::Arc<OAuth2>),
+    /// A GitHub App installation token (`github-app`), possibly narrowed to a route's scope.
+    GitHubApp(std::sync::Arc<GitHubApp>),
 }
 
 /// Why a secret could not be fetched. Every variant names the source; none carries the value,
@@ -180,6 +186,38 @@ pub enum FetchError {
         /// The most output read, in bytes.
         limit: usize,
     },
+    /// A token endpoint (OAuth2, GitHub) could not be reached or did not answer in time.
+    #[error("secret {secret}: cannot get a token: {reason}")]
+    TokenUnreachable {
+        /// The secret's name.
+        secret: String,
+        /// What failed (the URL without query, the transport error); never a body.
+        reason: String,
+    },
+    /// A token endpoint refused: its status and its error *code* only, never its body (which
+    /// may describe or echo what was sent).
+    #[error(
+        "secret {secret}: the {endpoint} refused to issue a token ({status}, error code {code})"
+    )]
+    TokenRefused {
+        /// The secret's name.
+        secret: String,
+        /// Which endpoint (`token endpoint`, `GitHub installation token endpoint`).
+        endpoint: &'static str,
+        /// The HTTP status.
+        status: u16,
+        /// The provider's `error` field if it is a plain code, else `(none)`/`(unreadable)`.
+        code: String,
+    },
+    /// A token could not be requested or read (a key that is not one, an answer without a
+    /// token).
+    #[error("secret {secret}: {what}")]
+    TokenAnswer {
+        /// The secret's name.
+        secret: String,
+        /// What was wrong, as fixed text.
+        what: &'static str,
+    },
     /// OpenBao could not give the value: login, token renewal or the read failed. The reason
     /// names the endpoint and the answer's status, never the answer's body or a token.
     #[error("secret {secret}: openbao: {reason}")]
@@ -223,6 +261,8 @@ impl SecretSource {
             } => {
                 format!("aws-secrets-manager:{region}/{secret_id}")
             }
+            SecretSource::OAuth2(o) => o.label(),
+            SecretSource::GitHubApp(g) => g.label(),
         }
     }
 
@@ -259,6 +299,8 @@ impl SecretSpec {
             SecretSource::Command { argv, timeout, env } => {
                 run_command(&secret, argv, *timeout, env).await?
             }
+            SecretSource::OAuth2(o) => return checked(self, o.fetch(&self.name).await?),
+            SecretSource::GitHubApp(g) => return checked(self, g.fetch(&self.name).await?),
             SecretSource::OpenBao(bao) => return checked(self, bao.fetch(&self.name).await?),
             SecretSource::AwsSecretsManager { .. } => {
                 return Err(FetchError::Unsupported {

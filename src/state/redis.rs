@@ -750,6 +750,22 @@ return {1, total}
         })
     }
 
+    fn source_state(&self, key: &str) -> Result<Option<String>, StateError> {
+        let key = key.to_string();
+        self.run(move |mut c| async move {
+            c.hget::<_, _, Option<String>>(format!("{P}source_state"), key)
+                .await
+        })
+    }
+
+    fn put_source_state(&self, key: &str, value: &str) -> Result<(), StateError> {
+        let (key, value) = (key.to_string(), value.to_string());
+        self.run(move |mut c| async move {
+            c.hset::<_, _, _, ()>(format!("{P}source_state"), key, value)
+                .await
+        })
+    }
+
     fn approved_tokens(&self) -> Result<Vec<(String, String)>, StateError> {
         let all = self.run(|mut c| async move {
             c.smembers::<_, Vec<String>>(format!("{P}approved_tokens"))

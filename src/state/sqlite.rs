@@ -56,6 +56,10 @@ CREATE TABLE IF NOT EXISTS approved_tokens (
     token_id TEXT NOT NULL,
     PRIMARY KEY (route, token_id)
 );
+CREATE TABLE IF NOT EXISTS source_state (
+    key TEXT PRIMARY KEY,            -- 'oauth2/NAME/refresh_token'
+    value TEXT NOT NULL
+);
 ";
 
 impl Sqlite {
@@ -280,6 +284,29 @@ impl StateStore for Sqlite {
             let mut st = c.prepare("SELECT route, token_id FROM approved_tokens")?;
             let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
             rows.collect()
+        })
+    }
+
+    fn source_state(&self, key: &str) -> Result<Option<String>, StateError> {
+        self.with(|c| {
+            use rusqlite::OptionalExtension;
+            c.query_row(
+                "SELECT value FROM source_state WHERE key = ?1",
+                params![key],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+    }
+
+    fn put_source_state(&self, key: &str, value: &str) -> Result<(), StateError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO source_state (key, value) VALUES (?1, ?2)
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                params![key, value],
+            )?;
+            Ok(())
         })
     }
 }

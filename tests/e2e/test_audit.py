@@ -340,7 +340,9 @@ def test_long_path_is_marked_truncated_and_query_records_names_not_values(keygat
     with kg.client() as c:
         long = c.post(long_path, json=CHAT_BODY, headers=AUTH)
         paged = c.post(f"/v1/chat/completions?limit=5&after={cursor}", json=CHAT_BODY, headers=AUTH)
-    assert paged.status_code == 200, paged.text  # a pagination cursor is ordinary traffic
+    # A lab config refuses any query string, as the lab compares the whole target; the record
+    # still names the parameters, never their values.
+    assert paged.status_code == 403, paged.text
 
     cut = kg.audit_record(long.headers["x-request-id"])
     assert len(cut["path"]) == 2048 and long_path.startswith(cut["path"])

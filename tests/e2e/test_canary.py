@@ -6,6 +6,7 @@ not in any response, not in the audit log, not in keygate's stdout or stderr."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import urllib.parse
@@ -152,3 +153,70 @@ def test_request_carrying_the_held_secret_is_refused_and_not_forwarded(keygate, 
         assert leaks(r.text) == []
         assert kg.audit_record(r.headers["x-request-id"])["decision"] == "deny"
     assert len(fake_upstream.requests) == 1
+
+
+def test_canary_tokens_of_oauth2_and_github_app_sources_never_leave_keygate(keygate, tmp_path):
+    """Every value the token-minting sources hold on the way (client secret, refresh tokens before
+    and after rotation, access tokens, the app's private key, app JWTs, installation tokens)
+    appears in no response, audit line or log, though the resource server echoes the credential
+    it got and the token endpoints repeat what they were sent in their error bodies."""
+    from fake_token_server import FakeTokenServer
+    from test_token_sources import get, github_config, new_token, oauth_config, oauth_env, private_file, rsa_pem
+
+    provider = FakeTokenServer().start()
+    try:
+        private, public = rsa_pem()
+        provider.app_public_key = public
+        token = new_token()
+        gh = github_config(provider, private_file(tmp_path / "app.pem", private))
+        crm = oauth_config(provider, tmp_path / "state", grant="refresh_token").split("[agents.coder]")[0]
+        # one config: the oauth2 secrets and route, then the GitHub ones and the agent
+        config = crm + gh.replace('listen = ["127.0.0.1:0"]\n', "")
+        kg = keygate(config, env={**oauth_env(provider, token), "KEYGATE_LOG": "trace", "RUST_LOG": "trace"})
+        seen: list[str] = []
+
+        def call(path: str):
+            r = get(kg, token, path)
+            seen.extend([r.text] + [f"{k}: {v}" for k, v in r.headers.multi_items()])
+            return r
+
+        for path in ("/crm/me", "/github/repos/o/keygate", "/git/o/keygate.git/info/refs", "/all/user"):
+            r = call(path)
+            assert r.status_code == 200, (path, r.text)
+            assert "[REDACTED:" in r.json()["token"], r.text
+        provider.revoke_all()
+        assert call("/crm/me").status_code == 401  # the 401 body repeats the bearer token
+        assert call("/crm/me").status_code == 200  # refreshed: the refresh token rotated again
+        provider.refresh_token = "rt-elsewhere-" + os.urandom(12).hex()
+        provider.revoke_all()
+        assert call("/crm/me").status_code == 401
+        failed = call("/crm/me")  # the endpoint's error repeats keygate's refresh token
+        assert failed.status_code == 503 and "invalid_grant" in failed.text
+        provider.app_public_key = rsa_pem()[1]
+        provider.revoke_all()
+        call("/all/user")
+        assert call("/all/user").status_code == 503  # the error repeats the app JWT
+
+        held = (
+            [provider.client_secret]
+            + provider.issued_refresh_tokens
+            + provider.access_tokens
+            + provider.installation_tokens
+            + [q["jwt"] for q in provider.installation_requests]
+            + [line for line in private.decode().splitlines() if "-----" not in line][1:3]
+        )
+        assert len(provider.issued_refresh_tokens) == 3 and len(provider.installation_tokens) == 3
+        kg.audit_records(n=10)
+        assert kg.stop() == 0
+        places = {
+            "responses": "\n".join(seen),
+            "audit log": kg.audit_path.read_text(),
+            "keygate stdout": kg.stdout_text(),
+            "keygate stderr": kg.stderr_text(),
+        }
+        for place, text in places.items():
+            for value in held:
+                for form in (value, b64(value), b64(f"x-access-token:{value}")):
+                    assert form not in text, f"a held token ({value[:6]}…) leaked into {place}"
+    finally:
+        provider.stop()
