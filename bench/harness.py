@@ -674,10 +674,12 @@ def main():
 BUDGET_CONNS = [1, 32]
 
 
-def budget_configs(upstream_port):
-    """Two configs from keygate.toml.in that differ only in the budget: `with` has the agent's
-    budget_tokens and a state_dir (SQLite store, written behind once a second); `without` has neither.
-    The rate limit is left out of both so the ratio is the budget's alone."""
+def budget_configs(upstream_port, redis_url=None):
+    """Configs from keygate.toml.in that differ only in the budget: `with` has the agent's
+    budget_tokens and a state_dir (SQLite store, written behind once a second); `without` has neither;
+    `redis` (when a redis-server runs) is `with` plus `state = { backend = "redis" }`, so every
+    decision is an atomic script on the shared store (issue 14). The rate limit is left out of all so
+    the ratio is the budget's alone."""
     text = open(fill("keygate.toml.in", os.path.join(RUN_DIR, "keygate-template.toml"), TMP=RUN_DIR,
                      UPSTREAM_PORT=upstream_port)).read()
     with_lines, without_lines = [], []
@@ -700,7 +702,15 @@ def budget_configs(upstream_port):
         raise RuntimeError("keygate.toml.in has no '#POLICY# budget_tokens' line")
     os.makedirs(os.path.join(RUN_DIR, "budget-state"), exist_ok=True)
     out = {}
-    for name, lines in [("with", with_lines), ("without", without_lines)]:
+    variants = [("with", with_lines), ("without", without_lines)]
+    if redis_url:
+        redis_lines = [l.replace("audit-with.jsonl", "audit-redis.jsonl").replace("budget-state", "redis-state")
+                       for l in with_lines]
+        os.makedirs(os.path.join(RUN_DIR, "redis-state"), exist_ok=True)
+        redis_lines.insert(0, f'state = {{ backend = "redis", url = "{redis_url}" }}')
+        redis_lines.insert(0, 'instance = "bench"')
+        variants.append(("redis", redis_lines))
+    for name, lines in variants:
         path = os.path.join(RUN_DIR, f"keygate-budget-{name}.toml")
         with open(path, "w") as f:
             f.write("\n".join(lines) + "\n")
@@ -743,6 +753,19 @@ def budget_spent(state_dir):
         return {"error": f"{db}: {e}"}
 
 
+def start_redis(cpus):
+    """A private redis-server for the shared-store point, or None when none is installed."""
+    exe = shutil.which("redis-server")
+    if not exe:
+        return None
+    port = free_port()
+    p = spawn("redis", [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+              cpus=cpus, stdout=subprocess.DEVNULL)
+    if not wait_port(port, proc=p):
+        raise RuntimeError("redis-server did not start; see " + os.path.join(RUN_DIR, "redis.stderr"))
+    return f"redis://127.0.0.1:{port}"
+
+
 def budget_scenario(args, secrets, dur, rounds, modes):
     res = {"scenario": "budget", "machine": machine_info(), "load_before": loadavg(), "settings": {
         "seconds_per_point": dur, "rounds": rounds, "modes": modes, "concurrency": BUDGET_CONNS,
@@ -755,26 +778,29 @@ def budget_scenario(args, secrets, dur, rounds, modes):
         pinned = mode == "pinned"
         cpus = SERVER_CPU if pinned else None
         sv.start_upstream(cpus)
-        cfgs = budget_configs(sv.upstream_port)
+        redis_url = start_redis(cpus)
+        cfgs = budget_configs(sv.upstream_port, redis_url)
+        names = list(cfgs)
+        res["settings"]["redis"] = bool(redis_url)
         kg = {}
-        for name in ["with", "without"]:
+        for name in names:
             kg[name] = start_keygate_named(sv, f"keygate-{name}", cfgs[name],
                                            os.path.join(RUN_DIR, f"audit-{name}.jsonl"), cpus)
         log(mode, "keygate with budget:", kg["with"][1], "| without:", kg["without"][1])
-        for name in ["with", "without"]:
+        for name in names:
             run_wrk(kg[name][1], kg[name][2], 32, 1, pinned, check_2xx=True)
         for c in BUDGET_CONNS:
-            per = {"with": [], "without": []}
+            per = {n: [] for n in names}
             for rnd in range(rounds):
-                # alternate which one goes first, so a drift in machine load hits both alike
-                order = ["with", "without"] if rnd % 2 == 0 else ["without", "with"]
+                # alternate which one goes first, so a drift in machine load hits all alike
+                order = names if rnd % 2 == 0 else list(reversed(names))
                 for name in order:
                     r = run_wrk(kg[name][1], kg[name][2], c, dur, pinned, timeout_s=20, check_2xx=True)
                     if r.get("non2xx", -1) < 0:
                         raise RuntimeError("wrk did not check the statuses (post.lua without BENCH_CHECK_2XX?)")
                     per[name].append(r)
             row = {"mode": mode, "conns": c}
-            for name in ["with", "without"]:
+            for name in names:
                 m = median_by(per[name], "rps")
                 row[name] = {"rps": m["rps"], "p50_us": m["lat_p50_us"], "p99_us": m["lat_p99_us"],
                              "requests": sum(r["requests"] for r in per[name]),
@@ -789,9 +815,11 @@ def budget_scenario(args, secrets, dur, rounds, modes):
             w, wo = row["with"], row["without"]
             log(f"{mode} c={c}: with {w['rps']:.0f} req/s p50 {w['p50_us']} p99 {w['p99_us']} | without "
                 f"{wo['rps']:.0f} req/s p50 {wo['p50_us']} p99 {wo['p99_us']} | errors {w['errors']}/{wo['errors']}")
-        stop_named("keygate-with")
-        stop_named("keygate-without")
+        for name in names:
+            stop_named(f"keygate-{name}")
         stop_named("upstream")
+        if redis_url:
+            stop_named("redis")
         res["spent"][mode] = budget_spent(os.path.join(RUN_DIR, "budget-state"))
         spent = res["spent"][mode].get("bench")
         if not isinstance(spent, int) or spent <= 0:
@@ -835,6 +863,19 @@ def render_budget(res):
                  f"{fmt_ratio(ratio(w['rps'], wo['rps']))} | {fmt_us(w['p50_us'])} | {fmt_us(wo['p50_us'])} | "
                  f"{fmt_ratio(ratio(w['p50_us'], wo['p50_us']))} | {fmt_us(w['p99_us'])} | {fmt_us(wo['p99_us'])} | "
                  f"{fmt_ratio(ratio(w['p99_us'], wo['p99_us']))} | {w['errors']}/{wo['errors']} |")
+    shared = [r for r in res["http"] if "redis" in r]
+    if shared:
+        L += ["", "Shared store (issue 14): `redis` = `with` + `state = { backend = \"redis\" }` on a local "
+              "redis-server (one atomic script per decision), as ratios to the embedded default (`with`, SQLite) "
+              "and to no budget (`without`).", "",
+              "| mode | conns | req/s redis | redis/with | redis/without | p50 redis | p50 redis/with | "
+              "p99 redis | p99 redis/with | errors |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in shared:
+            rd, w, wo = r["redis"], r["with"], r["without"]
+            L.append(f"| {r['mode']} | {r['conns']} | {fmt_rps(rd['rps'])} | {fmt_ratio(ratio(rd['rps'], w['rps']))} | "
+                     f"{fmt_ratio(ratio(rd['rps'], wo['rps']))} | {fmt_us(rd['p50_us'])} | "
+                     f"{fmt_ratio(ratio(rd['p50_us'], w['p50_us']))} | {fmt_us(rd['p99_us'])} | "
+                     f"{fmt_ratio(ratio(rd['p99_us'], w['p99_us']))} | {rd['errors']} |")
     if res["problems"]:
         L += ["", "**Not valid:** " + "; ".join(res["problems"])]
     return "\n".join(L) + "\n"

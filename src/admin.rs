@@ -13,6 +13,7 @@
 pub mod client;
 pub mod drill;
 pub mod metrics;
+mod peer;
 pub mod server;
 
 use std::collections::BTreeMap;

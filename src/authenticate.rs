@@ -13,7 +13,7 @@
 pub mod caller;
 pub mod store;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -42,6 +42,9 @@ pub struct Tokens {
     open_agent: Option<usize>,
     /// Unix-socket peers known by uid (`[agents.A] unix_uids`).
     by_uid: HashMap<u32, usize>,
+    /// Token ids revoked in memory (ended leases), refused whether or not the store took the
+    /// revocation; shared by every reloaded state.
+    revoked: Arc<RevokedIds>,
     /// Verified client certificates known by subject (`[agents.A] client_cert_subject`).
     by_subject: Vec<(String, usize)>,
     /// Each agent's `person_header`, read only once that agent has authenticated.
@@ -53,6 +56,32 @@ pub struct Tokens {
     shared: bool,
 }
 
+/// Token ids refused at once, whatever the store says: a lease that ended is dead even when
+/// the store could not record it (the token would otherwise live to its TTL).
+#[derive(Debug, Default)]
+pub struct RevokedIds(Mutex<HashSet<String>>);
+
+impl RevokedIds {
+    /// Refuses this token id from now on.
+    pub fn insert(&self, token_id: &str) {
+        self.lock().insert(token_id.to_string());
+    }
+
+    /// Whether this token id was revoked in memory.
+    pub fn contains(&self, token_id: &str) -> bool {
+        let set = self.lock();
+        !set.is_empty() && set.contains(token_id)
+    }
+
+    /// Forgets ids the store no longer lists as live: it refuses them by itself now.
+    fn keep_only(&self, live: &HashSet<&str>) {
+        self.lock().retain(|id| live.contains(id.as_str()));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
 /// Longest person name a front end may send; longer is refused, not cut.
 const MAX_PERSON: usize = 128;
 
@@ -133,6 +162,7 @@ impl Tokens {
             agent_names: config.agents.iter().map(|a| a.name.clone()).collect(),
             open_agent,
             by_uid,
+            revoked: Arc::default(),
             by_subject,
             person_headers: config
                 .agents
@@ -149,6 +179,12 @@ impl Tokens {
         Ok(tokens)
     }
 
+    /// Shares an in-memory revocation set (kept across reloads by the caller).
+    pub fn with_revoked(mut self, revoked: Arc<RevokedIds>) -> Tokens {
+        self.revoked = revoked;
+        self
+    }
+
     /// Reads issued tokens from `store` (a shared store, opened once by `serve`) from now on.
     pub fn use_store(&self, store: SharedStore) {
         {
@@ -159,35 +195,55 @@ impl Tokens {
     }
 
     /// Re-reads issued tokens if they changed (the store's token revision; one small query when
-    /// they did not). A store that cannot be read keeps the previous set and is reported.
+    /// they did not). A store that cannot be read keeps the previous set and is reported, and
+    /// the revision is recorded only once its tokens were read, so the next refresh tries again.
     pub fn refresh(&self) {
-        let store = {
-            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-            if seen.0.is_none() {
-                // A shared store is handed over by `use_store`; the embedded one is opened here.
-                let Some(dir) = self.state_dir.as_ref().filter(|_| !self.shared) else {
-                    return;
-                };
-                match store::open(dir) {
-                    Ok(s) => seen.0 = Some(s),
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot open the token store; keeping the previous set");
-                        return;
-                    }
-                }
-            }
-            let Some(s) = seen.0.clone() else { return };
-            match s.tokens_revision() {
-                Ok(rev) if seen.1 == Some(rev) => return,
-                Ok(rev) => seen.1 = Some(rev),
+        // Held for the whole refresh: two refreshes racing could otherwise install an older set
+        // over a newer one. Refreshes run off the request path.
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.0.is_none() {
+            // A shared store is handed over by `use_store`; the embedded one is opened here.
+            let Some(dir) = self.state_dir.as_ref().filter(|_| !self.shared) else {
+                return;
+            };
+            match store::open(dir) {
+                Ok(s) => seen.0 = Some(s),
                 Err(e) => {
-                    tracing::error!(error = %e, "cannot read issued tokens; keeping the previous set");
+                    tracing::error!(error = %e, "cannot open the token store; keeping the previous set");
                     return;
                 }
             }
-            s
+        }
+        let Some(store) = seen.0.clone() else { return };
+        let last = seen.1;
+        seen.1 = self.refresh_from(
+            last,
+            || store.tokens_revision().map_err(|e| e.to_string()),
+            || {
+                store
+                    .tokens()
+                    .map_err(store::StoreError::from)
+                    .map_err(|e| e.to_string())
+            },
+        );
+    }
+
+    /// One refresh against `revision` and `read`; returns the revision now installed.
+    fn refresh_from(
+        &self,
+        last: Option<u64>,
+        revision: impl FnOnce() -> Result<u64, String>,
+        read: impl FnOnce() -> Result<Vec<store::Issued>, String>,
+    ) -> Option<u64> {
+        let rev = match revision() {
+            Ok(rev) if last == Some(rev) => return last,
+            Ok(rev) => rev,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read issued tokens; keeping the previous set");
+                return last;
+            }
         };
-        match store.tokens().map_err(store::StoreError::from) {
+        match read() {
             Ok(list) => {
                 let map = list
                     .iter()
@@ -200,9 +256,17 @@ impl Tokens {
                     })
                     .collect();
                 self.issued.store(Arc::new(map));
+                let live: HashSet<&str> = list
+                    .iter()
+                    .filter(|t| !t.revoked)
+                    .map(|t| t.id.as_str())
+                    .collect();
+                self.revoked.keep_only(&live);
+                Some(rev)
             }
             Err(e) => {
-                tracing::error!(error = %e, "cannot read issued tokens; keeping the previous set")
+                tracing::error!(error = %e, "cannot read issued tokens; keeping the previous set");
+                last
             }
         }
     }
@@ -246,7 +310,7 @@ impl Tokens {
         };
         match self.by_token(&head.headers) {
             Ok((agent, hash)) => Ok(Identity {
-                token_id: hash.map(|h| format!("tok_{}", &hex::encode(h)[..12])),
+                token_id: hash.map(|h| token_id(&h)),
                 ..found(agent)
             }),
             // A refusal that is not about a missing or unknown token (two different tokens)
@@ -312,7 +376,7 @@ impl Tokens {
                 }
             }
             if let Some((stored, &(agent, expires))) = issued.get_key_value(&h) {
-                if bool::from(stored.ct_eq(&h)) {
+                if bool::from(stored.ct_eq(&h)) && !self.revoked.contains(&token_id(&h)) {
                     if store::now() < expires {
                         return Ok((agent, Some(h)));
                     }
@@ -341,6 +405,11 @@ impl Tokens {
             ))
         }
     }
+}
+
+/// A token's public id: `tok_` + the first 12 hex digits of its SHA-256.
+fn token_id(hash: &[u8; 32]) -> String {
+    format!("tok_{}", &hex::encode(hash)[..12])
 }
 
 /// The person a front end names: one header instance, printable ASCII without spaces at the
@@ -416,6 +485,7 @@ mod tests {
             agent_names: vec!["a".into()],
             open_agent: None,
             by_uid: HashMap::from([(4242, 0)]),
+            revoked: Arc::default(),
             by_subject: vec![("CN=ci".to_string(), 0)],
             person_headers: vec![None],
             missing: Code::MissingToken,
@@ -642,5 +712,57 @@ mod tests {
             e.to_string().contains("KEYGATE_TEST_SURELY_UNSET_VAR"),
             "{e}"
         );
+    }
+
+    fn issued(token: &str, revoked: bool) -> store::Issued {
+        let sha = hex::encode(hash(token.as_bytes()));
+        store::Issued {
+            id: format!("tok_{}", &sha[..12]),
+            agent: "a".into(),
+            sha256: sha,
+            created: 0,
+            expires: u64::MAX,
+            revoked,
+            lease: true,
+        }
+    }
+
+    fn bearer(token: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("authorization", format!("Bearer {token}").parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn a_token_revoked_in_memory_is_refused_though_the_store_still_lists_it() {
+        let run = format!("kg_{}", "r".repeat(32));
+        let t = tokens("other-token-for-env");
+        let rev = t.refresh_from(None, || Ok(1), || Ok(vec![issued(&run, false)]));
+        assert_eq!(rev, Some(1));
+        assert!(t.authenticate(&bearer(&run)).is_ok());
+        t.revoked.insert(&issued(&run, false).id);
+        let e = t.authenticate(&bearer(&run)).unwrap_err();
+        assert_eq!(e.code, Code::InvalidToken);
+        // Its neighbour: the environment token is untouched.
+        assert!(t.authenticate(&bearer("other-token-for-env")).is_ok());
+        // Once the store says revoked too, the in-memory entry is no longer needed.
+        t.refresh_from(rev, || Ok(2), || Ok(vec![issued(&run, true)]));
+        assert!(t.revoked.0.lock().unwrap().is_empty());
+        assert!(t.authenticate(&bearer(&run)).is_err());
+    }
+
+    #[test]
+    fn a_failed_token_read_does_not_freeze_the_old_set() {
+        let run = format!("kg_{}", "s".repeat(32));
+        let t = tokens("other-token-for-env");
+        t.refresh_from(None, || Ok(1), || Ok(vec![issued(&run, false)]));
+        assert!(t.authenticate(&bearer(&run)).is_ok());
+        // The revision moved (the token was revoked) but the read failed: nothing is recorded…
+        let rev = t.refresh_from(Some(1), || Ok(2), || Err("database is locked".into()));
+        assert_eq!(rev, Some(1));
+        // …so the next refresh at the same revision reads again and sees the revocation.
+        let rev = t.refresh_from(rev, || Ok(2), || Ok(vec![issued(&run, true)]));
+        assert_eq!(rev, Some(2));
+        assert!(t.authenticate(&bearer(&run)).is_err());
     }
 }

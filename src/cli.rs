@@ -276,6 +276,10 @@ pub struct CheckArgs {
     /// Print the effective policy as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Also fetch every secret once and report its key id, expiry and fetch time (never a
+    /// value); exit 1 when one cannot be fetched.
+    #[arg(long)]
+    pub fetch: bool,
 }
 
 /// Parses the command line and runs the subcommand; returns its exit code.
@@ -299,7 +303,7 @@ pub fn main() -> ExitCode {
     };
     match cli.command {
         Command::Serve(args) => crate::serve::serve_main(&args.config, args.audit_log.as_deref()),
-        Command::Check(args) => crate::serve::check_main(&args.config, args.json),
+        Command::Check(args) => crate::serve::check_main(&args.config, args.json, args.fetch),
         Command::Redact(args) => crate::redact::cli::main(args),
         Command::Hook(args) => crate::hook::main(args),
         Command::Token(cmd) => token(cmd),

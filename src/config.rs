@@ -387,6 +387,63 @@ pub enum Inject {
         /// every spelling an upstream may read as it, are dropped first.
         name: String,
     },
+    /// The request is signed with AWS Signature Version 4 by the route's AWS keys (a secret
+    /// holding `{"AccessKeyId":…,"SecretAccessKey":…}`, as `aws-credentials` fetches); the
+    /// agent's own signature headers are dropped.
+    #[serde(rename = "aws_sigv4")]
+    AwsSigV4 {
+        /// The region signed for (`region`).
+        region: String,
+        /// The signing name of the service (`service`: `s3`, `bedrock`, …).
+        service: String,
+        /// Whether a streamed body is sent as `UNSIGNED-PAYLOAD` (S3 allows it); otherwise the
+        /// body is read whole (up to `max_request_bytes`) and its hash signed.
+        unsigned_payload: bool,
+    },
+}
+
+impl Inject {
+    /// Whether the body must be read whole before the credential is attached (its hash is
+    /// signed).
+    pub fn needs_whole_body(&self) -> bool {
+        matches!(
+            self,
+            Inject::AwsSigV4 {
+                unsigned_payload: false,
+                ..
+            }
+        )
+    }
+}
+
+/// `inject = "aws-sigv4"` with its route keys `region` and `service`.
+pub(crate) fn sigv4_inject(
+    region: Option<&str>,
+    service: Option<&str>,
+    has_secret: bool,
+) -> Result<Inject, String> {
+    let ok = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    };
+    let (Some(region), Some(service)) = (region, service) else {
+        return Err(
+            "aws-sigv4 needs region and service (e.g. region = \"us-east-1\", service = \"s3\")"
+                .into(),
+        );
+    };
+    if !ok(region) || !ok(service) {
+        return Err("region and service must be plain names such as us-east-1 and bedrock".into());
+    }
+    if !has_secret {
+        return Err("aws-sigv4 needs secret = a secret with source = \"aws-credentials\"".into());
+    }
+    Ok(Inject::AwsSigV4 {
+        region: region.into(),
+        service: service.into(),
+        unsigned_payload: service == "s3",
+    })
 }
 
 /// Whether a person approves a route's requests before they are forwarded (`approval`).

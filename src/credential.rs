@@ -260,11 +260,11 @@ impl Credentials {
         }
     }
 
-    /// Fetches every secret whose source can be fetched (env, file, command) at once, so that
-    /// the request scan knows every held value before the first request: a key of one route
-    /// sent in another route's request is refused from the start. Returns the failures, as
-    /// (secret name, message naming the source, never a value). Sources this build cannot fetch
-    /// (AWS Secrets Manager), and OpenBao leases issued per request, are left to their first use.
+    /// Fetches every secret at once (env, file, command, OpenBao, AWS), so that the request scan
+    /// knows every held value before the first request: a key of one route sent in another
+    /// route's request is refused from the start. Returns the failures, as (secret name, message
+    /// naming the source, never a value). OpenBao leases issued per request are left to their
+    /// first use.
     pub async fn prefetch(&self) -> Vec<(String, String)> {
         let mut set = tokio::task::JoinSet::new();
         for (i, entry) in self.entries.iter().enumerate() {
@@ -414,6 +414,43 @@ impl Entry {
     }
 }
 
+/// `keygate check --fetch`: fetches every secret of `config` once (lazy ones too) and reports
+/// each as `describe` does, with `error` set where the fetch failed. Never a value.
+pub fn fetch_report(config: &Config) -> Result<Vec<serde_json::Value>, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let creds = Credentials::new(config);
+    rt.block_on(async {
+        let mut set = tokio::task::JoinSet::new();
+        for (i, entry) in creds.entries.iter().enumerate() {
+            let spec = entry.spec.clone();
+            set.spawn(async move { (i, spec.fetch().await) });
+        }
+        while let Some(joined) = set.join_next().await {
+            if let Ok((i, fetched)) = joined {
+                if let Some(entry) = creds.entries.get(i) {
+                    let _ = creds.keep(&entry.spec.name.clone(), entry, fetched);
+                }
+            }
+        }
+        // A check leaves nothing behind: a dynamic credential it was issued is revoked now.
+        creds.shutdown(Duration::from_secs(5)).await;
+    });
+    Ok(creds
+        .describe()
+        .into_iter()
+        .map(|mut d| {
+            d["error"] = d["last_error"].take();
+            if let Some(m) = d.as_object_mut() {
+                m.remove("last_error");
+            }
+            d
+        })
+        .collect())
+}
+
 /// The shared state store's password, fetched from its secret on a thread of its own (the
 /// caller may be an admin command without a runtime, or `serve` inside one). It goes only into
 /// the store's connection settings.
@@ -483,19 +520,118 @@ impl http_body::Body for HeldBody {
 pub fn teach(builder: RedactorBuilder, secret: &Secret) -> RedactorBuilder {
     #[allow(clippy::disallowed_methods)] // credential stage: the redactor must know the value
     let value = secret.expose();
-    builder.known(secret.key_id().as_str(), value)
+    let mut builder = builder.known(secret.key_id().as_str(), value);
+    // An AWS key pair is held as one JSON value but its secret key and session token travel
+    // (and could come back) on their own.
+    if let Some(keys) = crate::secret::aws::Keys::from_json(value) {
+        for part in keys.secret_parts() {
+            builder = builder.known(secret.key_id().as_str(), part);
+        }
+    }
+    builder
 }
 
 /// Attaches the credential as the route says. `query` is the request's query string, extended
-/// for `query:NAME` injection.
+/// for `query:NAME` injection. `body_sha256` is the hash of a body read whole, for a route that
+/// signs requests (`aws-sigv4`); `None` when the body streams.
 pub fn attach(
     config: &Config,
     authorized: &Authorized,
     secret: &Secret,
+    method: &http::Method,
+    body_sha256: Option<&str>,
     headers: &mut HeaderMap,
     query: &mut Option<String>,
 ) -> Result<(), Rejection> {
-    inject(&config.routes[authorized.route()], secret, headers, query)
+    let route = &config.routes[authorized.route()];
+    if let Inject::AwsSigV4 { .. } = route.inject {
+        return sign_aws(
+            route,
+            authorized,
+            secret,
+            method,
+            body_sha256,
+            headers,
+            query,
+        );
+    }
+    inject(route, secret, headers, query)
+}
+
+/// `inject = "aws-sigv4"`: the request is signed for exactly the URL `forward` sends it to.
+// credential stage: the key pair signs the request (it never goes on the wire itself).
+#[allow(clippy::disallowed_methods)]
+fn sign_aws(
+    route: &Route,
+    authorized: &Authorized,
+    secret: &Secret,
+    method: &http::Method,
+    body_sha256: Option<&str>,
+    headers: &mut HeaderMap,
+    query: &mut Option<String>,
+) -> Result<(), Rejection> {
+    use crate::secret::aws;
+    let Inject::AwsSigV4 {
+        region,
+        service,
+        unsigned_payload,
+    } = &route.inject
+    else {
+        return Ok(());
+    };
+    let unavailable = |m: String| Rejection::new(Code::SecretUnavailable, m);
+    let keys = aws::Keys::from_json(secret.expose()).ok_or_else(|| {
+        unavailable(format!(
+            "secret {} is not an AWS key pair (use source = \"aws-credentials\")",
+            secret.key_id()
+        ))
+    })?;
+    let payload = match body_sha256 {
+        Some(h) => aws::Payload::Sha256(h),
+        None if *unsigned_payload => aws::Payload::Unsigned,
+        // Unreachable: the pipeline reads the body whole for such a route.
+        None => {
+            return Err(unavailable(
+                "the request body was not read for signing".into(),
+            ))
+        }
+    };
+    // A presigned URL's parameters from the agent would sit beside keygate's signature.
+    if let Some(q) = query.take() {
+        let mut kept = q;
+        for p in aws::PRESIGN_PARAMS {
+            kept = without_param(&kept, p);
+        }
+        *query = (!kept.is_empty()).then_some(kept);
+    }
+    let up = &route.upstream;
+    let mut url = format!(
+        "{}://{}{}{}",
+        up.scheme,
+        up.authority,
+        up.base_path,
+        authorized.raw_path()
+    );
+    if let Some(q) = query.as_deref() {
+        url.push('?');
+        url.push_str(q);
+    }
+    aws::sign_headers(
+        &keys,
+        aws::Scope { region, service },
+        aws::settings(service),
+        method,
+        &url,
+        headers,
+        payload,
+        std::time::SystemTime::now(),
+    )
+    .map_err(|m| {
+        Rejection::new(
+            Code::SecretUnavailable,
+            format!("route {}: cannot sign the request: {m}", route.name),
+        )
+    })
 }
 
 // credential stage: the one place a value goes on the wire.
@@ -548,6 +684,9 @@ fn inject(
                     .as_bytes(),
             );
             headers.insert(header::AUTHORIZATION, value(&v)?);
+        }
+        Inject::AwsSigV4 { .. } => {
+            return Err(bad());
         }
         Inject::Query { name } => {
             // The RFC 3986 component set: what upstreams expect, and a spelling the redactor

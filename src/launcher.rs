@@ -155,9 +155,57 @@ pub fn main(args: RunArgs) -> ExitCode {
         Ok(x) => x,
         Err(e) => return fail(&e),
     };
+    let beat = match Heartbeat::start(lease.get_ref(), &grant) {
+        Ok(b) => b,
+        Err(e) => return fail(&format!("cannot keep the lease alive: {e}")),
+    };
     let code = run_child(&args, &grant);
+    beat.stop();
     close_lease(&mut lease);
     code
+}
+
+/// The launcher's heartbeat on the lease: a byte every interval keygate named, from a thread,
+/// so keygate ends the lease when the launcher is stopped (SIGSTOP) or hangs.
+struct Heartbeat {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Heartbeat {
+    fn start(lease: &UnixStream, grant: &Value) -> std::io::Result<Heartbeat> {
+        let every = Duration::from_secs(
+            grant["heartbeat_secs"]
+                .as_u64()
+                .unwrap_or(lease::DEFAULT_HEARTBEAT.as_secs())
+                .max(1),
+        );
+        let mut stream = lease.try_clone()?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every)
+            {
+                if stream.write_all(b"\n").is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Heartbeat { stop, thread })
+    }
+
+    fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
+    }
+}
+
+/// The interval the launcher asks for: `KEYGATE_RUN_HEARTBEAT_SECS` (hidden, for tests), else
+/// keygate's default.
+fn heartbeat_wish() -> u64 {
+    std::env::var("KEYGATE_RUN_HEARTBEAT_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(lease::DEFAULT_HEARTBEAT.as_secs())
 }
 
 /// Connects, asks for a lease, and reads the grant line.
@@ -192,6 +240,7 @@ fn open_lease(
         "ttl_secs": ttl.as_secs(),
         "command": args.command.first(),
         "env_sha256": env_sha256,
+        "heartbeat_secs": heartbeat_wish(),
     })
     .to_string();
     let head = format!(
@@ -292,8 +341,15 @@ fn run_child(args: &RunArgs, grant: &Value) -> ExitCode {
             Ok(e) => e,
             Err(e) => return fail(&format!("cannot find keygate's own binary: {e}")),
         };
-        let mut c = std::process::Command::new(exe);
+        let mut c = std::process::Command::new(&exe);
         c.arg(sandbox::SUBCOMMAND);
+        // The binary the launcher runs (and keygate may run next) stays unchangeable too.
+        c.arg("--read-only").arg(&exe);
+        for p in grant["read_only"].as_array().into_iter().flatten() {
+            if let Some(p) = p.as_str() {
+                c.arg("--read-only").arg(p);
+            }
+        }
         if args.sandbox == Some(true) {
             c.arg("--require");
         }

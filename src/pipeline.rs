@@ -224,8 +224,17 @@ async fn process(
 
     // scan (and read the body where policy needs all of it)
     let declared = approval::declared_length(&head);
-    let (body, request_redacted) =
-        request_body(state, route, pending, &mut head, body, budgeted, body_read).await?;
+    let (body, request_redacted) = request_body(
+        state,
+        route,
+        pending,
+        &mut head,
+        body,
+        budgeted || route.inject.needs_whole_body(),
+        body_read,
+    )
+    .await?;
+    let mut body_sha256 = None;
     let mut plan = usage::RequestPlan::default();
     let (body, streamed, seen) = match body {
         RequestBody::Whole(mut bytes) => {
@@ -240,6 +249,9 @@ async fn process(
                 let resp =
                     local::dry_run(config, &authorized, &head, &bytes, who.person.as_deref());
                 return Ok(Answer::Local(resp, Decision::DryRun, Reason::DryRun));
+            }
+            if matches!(route.inject, crate::config::Inject::AwsSigV4 { .. }) {
+                body_sha256 = Some(crate::secret::aws::payload_sha256(&bytes));
             }
             let seen = approval::Seen::whole(route, &bytes);
             (full(bytes), None, seen)
@@ -262,7 +274,17 @@ async fn process(
     let mut query = head.uri.query().map(str::to_string);
     if let Some(secret) = &secret {
         pending.record().key_id = Some(secret.key_id().to_string());
-        credential::attach(config, &authorized, secret, &mut head.headers, &mut query)?;
+        let method = head.method.clone();
+        let hash = body_sha256.as_deref();
+        credential::attach(
+            config,
+            &authorized,
+            secret,
+            &method,
+            hash,
+            &mut head.headers,
+            &mut query,
+        )?;
     }
     let reservation = state
         .policy

@@ -48,8 +48,9 @@ pub struct Fixed {
 
 /// Builds a request state from a loaded config.
 pub fn build(config: Config, fixed: &Fixed) -> Result<State, String> {
-    let tokens =
-        Tokens::from_config(&config).map_err(|e| format!("{}: {e}", config.file.display()))?;
+    let tokens = Tokens::from_config(&config)
+        .map_err(|e| format!("{}: {e}", config.file.display()))?
+        .with_revoked(fixed.control.runs.revoked());
     if let Some(s) = fixed.control.store.as_ref().filter(|s| s.shared()) {
         tokens.use_store(s.clone());
     }

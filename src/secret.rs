@@ -7,6 +7,7 @@
 //! [`Secret::expose`], called where a credential is attached to an upstream request and where the
 //! redaction engine is built from the held values.
 
+pub mod aws;
 pub mod github_app;
 pub mod http;
 pub mod oauth2;

@@ -404,7 +404,7 @@ fn fail(code: u8, msg: &str) -> ExitCode {
 
 /// `keygate check`: validates the config and prints the effective policy (no secret values);
 /// exits 2 when the config does not load.
-pub fn check_main(config_path: &Path, json: bool) -> ExitCode {
+pub fn check_main(config_path: &Path, json: bool, fetch: bool) -> ExitCode {
     let config = match Config::load(config_path) {
         Ok(c) => c,
         Err(e) => return fail(2, &e.to_string()),
@@ -423,6 +423,15 @@ pub fn check_main(config_path: &Path, json: bool) -> ExitCode {
     }
     let mut policy = config.effective_policy();
     policy["policy_version"] = config.policy_version().into();
+    let mut fetch_failed = false;
+    if fetch {
+        let report = match crate::credential::fetch_report(&config) {
+            Ok(r) => r,
+            Err(e) => return fail(1, &e),
+        };
+        fetch_failed = report.iter().any(|s| !s["error"].is_null());
+        policy["fetch"] = report.into();
+    }
     if json {
         println!("{policy}");
     } else {
@@ -442,6 +451,10 @@ pub fn check_main(config_path: &Path, json: bool) -> ExitCode {
                 eprintln!("keygate: warning: {a} is reachable from other machines in plaintext (allow_plaintext_non_loopback): tokens and answers cross the network unencrypted; prefer https:// with tls");
             }
         }
+    }
+    if fetch_failed {
+        eprintln!("keygate: a secret could not be fetched (see \"fetch\")");
+        return ExitCode::from(1);
     }
     ExitCode::SUCCESS
 }

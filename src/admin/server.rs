@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 use tokio::net::UnixListener;
 use tokio::sync::watch;
 
+use super::peer::{Peer, Refusal};
 use crate::authorize::approval::Verdict;
 use crate::reload::Live;
 
@@ -77,10 +78,18 @@ pub async fn run(
             Ok(c) => (c.uid(), c.pid()),
             Err(_) => continue,
         };
+        // Checked when the connection is accepted (while the connecting process surely runs)
+        // and again for each request: both must pass.
+        let peer = Arc::new(Peer::of(&stream, pid));
+        let at_accept = peer.check();
         let live = live.clone();
         let svc = service_fn(move |req| {
             let live = live.clone();
-            async move { Ok::<_, Infallible>(answer(&live, uid, pid, own, req).await) }
+            let peer = peer.clone();
+            async move {
+                let verdict = at_accept.and_then(|()| peer.check());
+                Ok::<_, Infallible>(answer(&live, uid, pid, verdict, own, req).await)
+            }
         });
         tokio::spawn(async move {
             let conn = hyper::server::conn::http1::Builder::new()
@@ -113,6 +122,7 @@ async fn answer(
     live: &Arc<Live>,
     uid: u32,
     pid: Option<i32>,
+    peer: Result<(), Refusal>,
     own: u32,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
@@ -124,13 +134,11 @@ async fn answer(
         );
     }
     // An agent sandboxed by `keygate run` runs as this uid; no_new_privs, which it can never
-    // drop, tells it apart (Landlock checks connecting to a socket file only from ABI 9).
-    if pid.is_some_and(crate::launcher::sandbox::no_new_privs) {
-        tracing::warn!(?pid, "admin socket: refused a sandboxed process");
-        return refuse(
-            StatusCode::FORBIDDEN,
-            "a process with no_new_privs set (an agent in keygate run's sandbox) may not use the admin socket",
-        );
+    // drop, tells it apart (Landlock checks connecting to a socket file only from ABI 9). A
+    // peer that cannot be told apart is refused too.
+    if let Err(why) = peer {
+        tracing::warn!(?pid, ?why, "admin socket: refused a process");
+        return refuse(StatusCode::FORBIDDEN, why.message());
     }
     let by = super::person(uid);
     let (mut head, body) = req.into_parts();

@@ -106,6 +106,8 @@ struct RawSecret {
     secret_id: Option<String>,
     region: Option<String>,
     endpoint: Option<String>,
+    /// aws-secrets-manager, aws-credentials: the shared-file profile of keygate's AWS keys.
+    profile: Option<String>,
     // openbao: TLS, login, dynamic secrets
     ca_file: Option<String>,
     auth: Option<String>,
@@ -177,6 +179,9 @@ struct RawRoute {
     repositories: Option<Spanned<Vec<String>>>,
     permissions: Option<Spanned<BTreeMap<String, String>>>,
     query: Option<Spanned<Vec<String>>>,
+    /// `inject = "aws-sigv4"`: the region and signing name of the service.
+    region: Option<String>,
+    service: Option<String>,
     #[serde(default)]
     env: BTreeMap<String, Spanned<String>>,
     /// `request`, `run` or `ttl`: how long a dynamic OpenBao credential serves.
@@ -290,6 +295,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
                     service: s.service.clone(),
                     account: s.account.clone(),
                 },
+                profile: s.profile.clone(),
                 ca_file: s.ca_file.clone(),
                 auth: s.auth.clone(),
                 auth_mount: s.auth_mount.clone(),
@@ -350,6 +356,8 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
                 max_response_time: lines.dur(&r.max_response_time, key("max_response_time")),
                 github_scope: github_scope(&lines, r, &key),
                 query: r.query.as_ref().map(|q| lines.spanned(q, key("query"))),
+                region: r.region.clone(),
+                service: r.service.clone(),
                 env: r
                     .env
                     .iter()

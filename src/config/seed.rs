@@ -183,6 +183,8 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
         max_response_time: None,
         github_scope: None,
         query: None,
+        region: None,
+        service: None,
         env: Vec::new(),
     };
     let agent = AgentSpec {
@@ -317,6 +319,8 @@ fn parse_backend(file: &Path, text: &str) -> Result<Spec, ConfigError> {
         max_response_time: None,
         query: None,
         github_scope: None,
+        region: None,
+        service: None,
         env: Vec::new(),
         jit: None,
     };

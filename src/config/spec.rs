@@ -156,6 +156,7 @@ pub(crate) struct SecretSpecRaw {
     pub secret_id: Option<String>,
     pub region: Option<String>,
     pub endpoint: Option<String>,
+    pub profile: Option<String>,
     /// openbao (and oauth2, github-app): a PEM CA file, the login (`auth`, `auth_mount`, `role_id`, `role`, and the
     /// secrets holding the AppRole secret id or the JWT), a dynamic secret's path and params.
     pub ca_file: Option<String>,
@@ -235,6 +236,9 @@ pub(crate) struct RouteSpec {
     /// `query = ["beta"]`: the query parameters this route's rules allow, unless a rule names
     /// its own (`POST /v1/messages?beta`).
     pub query: Option<At<Vec<String>>>,
+    /// `inject = "aws-sigv4"`: region and service the request is signed for.
+    pub region: Option<String>,
+    pub service: Option<String>,
     /// `[routes.R.env]`: `(name, template)` as written, for `keygate run`.
     pub env: Vec<At<(String, String)>>,
 }

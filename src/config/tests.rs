@@ -41,6 +41,27 @@ fn config_mistakes_in_either_format_name_file_line_and_key() {
         ),
         (
             "k.toml",
+            route("inject = \"aws-sigv4\"\nregion = \"us-east-1\"\n"),
+            4,
+            "routes.a.inject",
+            "needs region and service",
+        ),
+        (
+            "k.toml",
+            route("inject = \"aws-sigv4\"\nregion = \"us-east-1\"\nservice = \"s3\"\n"),
+            4,
+            "routes.a.inject",
+            "aws-credentials",
+        ),
+        (
+            "k.toml",
+            route("inject = \"bearer\"\nservice = \"s3\"\n"),
+            4,
+            "routes.a.inject",
+            "keys of inject",
+        ),
+        (
+            "k.toml",
             route("timeout = \"0s\"\n"),
             4,
             "routes.a.timeout",
@@ -387,5 +408,16 @@ proptest! {
         if let Err(e) = load("f.json", &text) {
             prop_assert!(e.to_string().starts_with("f.json:"));
         }
+    }
+}
+
+#[test]
+fn an_aws_sigv4_route_streams_only_for_s3() {
+    for (service, whole) in [("s3", false), ("bedrock", true)] {
+        let text = format!(
+            "[secrets.aws]\nsource = \"aws-credentials\"\n{ROUTE}secret = \"aws\"\ninject = \"aws-sigv4\"\nregion = \"eu-west-1\"\nservice = \"{service}\"\n"
+        );
+        let c = load("k.toml", &text).unwrap();
+        assert_eq!(c.routes[0].inject.needs_whole_body(), whole, "{service}");
     }
 }

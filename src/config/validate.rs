@@ -462,6 +462,10 @@ fn secret(
             region: need(&s.region, "region")?,
             endpoint: s.endpoint.clone(),
             field: s.field.clone(),
+            profile: s.profile.clone(),
+        },
+        "aws-credentials" => SecretSource::AwsCredentials {
+            profile: s.profile.clone(),
         },
         "oauth2" | "oauth2-client-credentials" => tokens::oauth2(cx, s, all)?,
         "github-app" => tokens::github_app(cx, s, all)?,
@@ -469,7 +473,7 @@ fn secret(
         other => {
             return cx.err(
                 &s.source.pos,
-                format!("unknown source {other:?}; use env, file, command, keychain, openbao, aws-secrets-manager, oauth2, github-app or none"),
+                format!("unknown source {other:?}; use env, file, command, keychain, openbao, aws-secrets-manager, oauth2, github-app, aws-credentials or none"),
             )
         }
     };
@@ -659,10 +663,20 @@ fn route(
         None => None,
     };
     let inject = match &r.inject {
+        Some(i) if i.value == "aws-sigv4" => crate::config::sigv4_inject(
+            r.region.as_deref(),
+            r.service.as_deref(),
+            r.secret.is_some(),
+        )
+        .or_else(|m| cx.err(&i.pos, m))?,
         Some(i) => parse_inject(&i.value, r.inject_format.clone(), r.basic_username.clone())
             .or_else(|m| cx.err(&i.pos, m))?,
         None => Inject::Bearer,
     };
+    if !matches!(inject, Inject::AwsSigV4 { .. }) && (r.region.is_some() || r.service.is_some()) {
+        let pos = r.inject.as_ref().map_or(&r.prefix.pos, |i| &i.pos);
+        return cx.err(pos, "region and service are keys of inject = \"aws-sigv4\"");
+    }
     let mut allow = Vec::new();
     for rule in &r.allow {
         let parsed = match &rule.value {
@@ -753,6 +767,9 @@ fn sets_itself(inject: &Inject, header: &str) -> bool {
         Inject::Header { name, .. } => name.as_str() == lower,
         Inject::Bearer | Inject::Basic { .. } => lower == "authorization",
         Inject::Query { .. } => false,
+        Inject::AwsSigV4 { .. } => {
+            lower == "authorization" || crate::secret::aws::signs_header(&lower)
+        }
     };
     injected
         || RESERVED_HEADERS.contains(&lower.as_str())
@@ -897,9 +914,8 @@ fn parse_inject(
             Ok(Inject::Header { name, format })
         }
         ("query", Some(name)) if !name.is_empty() => Ok(Inject::Query { name: name.into() }),
-        ("aws-sigv4", _) => Err("aws-sigv4 injection is not supported by this build yet".into()),
         _ => Err(format!(
-            "{s:?} is not one of bearer, header:NAME, basic, query:NAME"
+            "{s:?} is not one of bearer, header:NAME, basic, query:NAME, aws-sigv4"
         )),
     }
 }

@@ -10,6 +10,7 @@
 //! The run's person and id are kept in [`Runs`] so every audit record of the run names them.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,10 +25,26 @@ use crate::authenticate::store::{hash_hex, mint, Issued};
 use crate::config::{Config, Listen};
 use crate::pipeline::State;
 use crate::reload::Live;
+use crate::secret::openbao::{Auth, BaoToken};
 use crate::secret::SecretSource;
 
 /// A run's lifetime when the launcher names none: a backstop, the lease ends it sooner.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(12 * 3600);
+
+/// How often the launcher writes to the lease when it names no interval: keygate ends a lease
+/// that stays silent for [`MISSED_BEATS`] intervals, so a launcher that was stopped (SIGSTOP)
+/// or hangs does not keep its token alive until the TTL.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// Intervals without a heartbeat after which a lease ends.
+pub const MISSED_BEATS: u32 = 3;
+
+/// The interval a launcher asked for, kept within 1 s to 60 s.
+fn heartbeat_of(args: &Value) -> Duration {
+    args["heartbeat_secs"]
+        .as_u64()
+        .map_or(DEFAULT_HEARTBEAT, |s| Duration::from_secs(s.clamp(1, 60)))
+}
 
 /// The run a token was leased for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,6 +59,8 @@ pub struct RunInfo {
 #[derive(Default)]
 pub struct Runs {
     by_token: Mutex<HashMap<String, RunInfo>>,
+    /// Tokens of ended runs, refused by the authenticator whatever the store recorded.
+    revoked: Arc<crate::authenticate::RevokedIds>,
 }
 
 impl Runs {
@@ -52,6 +71,11 @@ impl Runs {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, RunInfo>> {
         self.by_token.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The ended runs' token ids, shared with every state's authenticator.
+    pub fn revoked(&self) -> Arc<crate::authenticate::RevokedIds> {
+        self.revoked.clone()
     }
 
     /// Token ids of every run still holding a lease (revoked when keygate stops).
@@ -171,7 +195,8 @@ pub(crate) async fn open(
         .insert(token_id.clone(), run.clone());
     refresh(&live).await;
 
-    let reply = grant(&state, &agent, &token, &token_id, &run, args);
+    let heartbeat = heartbeat_of(args);
+    let reply = grant(&state, &agent, &token, &token_id, &run, args, heartbeat);
     let record = json!({
         "time": crate::audit::now_rfc3339(),
         "event": "run_start",
@@ -186,7 +211,15 @@ pub(crate) async fn open(
         "policy_version": state.policy_version,
     });
     write_event(&state, record).await;
-    tokio::spawn(hold(live.clone(), on_upgrade, reply, token_id, run, ttl));
+    tokio::spawn(hold(
+        live.clone(),
+        on_upgrade,
+        reply,
+        token_id,
+        run,
+        ttl,
+        heartbeat * MISSED_BEATS,
+    ));
 
     let mut r = Response::new(Full::new(Bytes::new()));
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -201,7 +234,8 @@ pub(crate) async fn open(
     r
 }
 
-/// Holds the lease until the launcher's connection drops or the TTL passes, then revokes.
+/// Holds the lease until the launcher's connection drops, its heartbeat stops or the TTL
+/// passes, then revokes.
 async fn hold(
     live: Arc<Live>,
     on_upgrade: hyper::upgrade::OnUpgrade,
@@ -209,6 +243,7 @@ async fn hold(
     token_id: String,
     run: RunInfo,
     ttl: Duration,
+    silence: Duration,
 ) {
     let why = match on_upgrade.await {
         Ok(io) => {
@@ -220,10 +255,16 @@ async fn hold(
                 let mut buf = [0u8; 256];
                 let read_to_end = async {
                     loop {
-                        match io.read(&mut buf).await {
-                            Ok(0) => break "the launcher closed the lease".to_string(),
-                            Ok(_) => continue,
-                            Err(e) => break format!("the lease connection failed: {e}"),
+                        match tokio::time::timeout(silence, io.read(&mut buf)).await {
+                            Ok(Ok(0)) => break "the launcher closed the lease".to_string(),
+                            Ok(Ok(_)) => continue,
+                            Ok(Err(e)) => break format!("the lease connection failed: {e}"),
+                            Err(_) => {
+                                break format!(
+                                    "no heartbeat from the launcher for {}s (stopped or hung)",
+                                    silence.as_secs()
+                                )
+                            }
                         }
                     }
                 };
@@ -247,6 +288,8 @@ async fn hold(
 /// very next request.
 async fn end(live: &Arc<Live>, token_id: &str, run: &RunInfo, why: &str) {
     let state = live.state.load_full();
+    // Refused from now on, before and whatever the store says.
+    state.control.runs.revoked.insert(token_id);
     if let Some(store) = state.control.store.clone() {
         let id = token_id.to_string();
         let revoked = tokio::task::spawn_blocking(move || store.revoke_tokens(Some(&id), None))
@@ -254,7 +297,7 @@ async fn end(live: &Arc<Live>, token_id: &str, run: &RunInfo, why: &str) {
             .map_err(|e| e.to_string())
             .and_then(|r| r.map_err(|e| e.to_string()));
         if let Err(e) = revoked {
-            tracing::error!(token_id, error = %e, "cannot revoke a run's token; it expires at its ttl");
+            tracing::error!(token_id, error = %e, "cannot revoke a run's token in the store; this keygate refuses it from memory, the store keeps it until its ttl");
         }
     }
     state.control.runs.lock().remove(token_id);
@@ -311,6 +354,7 @@ fn grant(
     token_id: &str,
     run: &RunInfo,
     args: &Value,
+    heartbeat: Duration,
 ) -> zeroize::Zeroizing<String> {
     let config = &state.config;
     let base = state
@@ -341,15 +385,22 @@ fn grant(
     }
     // Names that hold a value keygate holds, matched by hash: no value crosses the socket.
     let held = state.credentials.held_hashes();
+    let mut reach = Reach::default();
+    for s in &config.secrets {
+        reach.source(&s.source);
+    }
+    if let Some(program) = config.approval_notify.first() {
+        reach.program(program);
+    }
+    // keygate's own binary: rewritten, it would run as keygate at the next start.
+    if let Ok(exe) = std::env::current_exe() {
+        reach.read_only.push(exe);
+    }
     let mut drop: Vec<String> = config.run.drop_env.clone();
     for a in &config.agents {
         drop.extend(a.token_env.iter().cloned());
     }
-    for s in &config.secrets {
-        if let SecretSource::Env { var } = &s.source {
-            drop.push(var.clone());
-        }
-    }
+    drop.append(&mut reach.env);
     if let Some(vars) = args["env_sha256"].as_object() {
         for (name, h) in vars {
             if h.as_str().is_some_and(|h| held.iter().any(|x| x == h)) {
@@ -367,19 +418,19 @@ fn grant(
         deny.push(s.display().to_string());
     }
     deny.push(state.audit.path().display().to_string());
-    for s in &config.secrets {
-        if let SecretSource::File { path } = &s.source {
-            deny.push(path.display().to_string());
-        }
-    }
-    // Relative paths are keygate's (its working directory), not the launcher's.
-    let deny: Vec<String> = deny
-        .into_iter()
-        .map(|p| {
-            std::fs::canonicalize(&p)
-                .or_else(|_| std::path::absolute(&p))
-                .map_or(p, |a| a.display().to_string())
-        })
+    deny.extend(reach.files.iter().map(|p| p.display().to_string()));
+    // Relative paths are keygate's (its working directory), not the launcher's; a path that
+    // does not exist yet keeps its place (the sandbox denies it once created).
+    let absolute = |p: String| {
+        crate::launcher::sandbox::resolve(Path::new(&p))
+            .display()
+            .to_string()
+    };
+    let deny: Vec<String> = deny.into_iter().map(absolute).collect();
+    let read_only: Vec<String> = reach
+        .read_only
+        .iter()
+        .map(|p| absolute(p.display().to_string()))
         .collect();
     let mut ports: Vec<u16> = config
         .listen
@@ -405,9 +456,114 @@ fn grant(
             "set": set,
             "drop": drop,
             "deny": deny,
+            "read_only": read_only,
             "ports": ports,
+            "heartbeat_secs": heartbeat.as_secs(),
         })
         .to_string()
             + "\n",
     )
+}
+
+/// What a secret source reaches that the agent must not: variables to drop, files to deny,
+/// programs to keep read-only.
+#[derive(Debug, Default)]
+struct Reach {
+    env: Vec<String>,
+    files: Vec<PathBuf>,
+    read_only: Vec<PathBuf>,
+}
+
+impl Reach {
+    fn source(&mut self, source: &SecretSource) {
+        match source {
+            SecretSource::Env { var } => self.env.push(var.clone()),
+            SecretSource::File { path } => self.files.push(path.clone()),
+            SecretSource::Command { argv, .. } => {
+                if let Some(program) = argv.first() {
+                    self.program(program);
+                }
+            }
+            SecretSource::OpenBao(bao) => {
+                let settings = bao.settings();
+                // The CA decides whom keygate trusts with its OpenBao token.
+                self.read_only.extend(settings.ca_file.iter().cloned());
+                match &settings.auth {
+                    Auth::Token(BaoToken::Env(var)) => self.env.push(var.clone()),
+                    Auth::Token(BaoToken::File(path)) => self.files.push(path.clone()),
+                    // The secret id and the JWT come from other secrets, which are covered as
+                    // secrets of their own; their specs are walked too in case one is inline.
+                    Auth::AppRole { secret_id, .. } => self.source(&secret_id.source),
+                    Auth::Jwt { jwt, .. } => self.source(&jwt.source),
+                }
+            }
+            SecretSource::OAuth2(o) => {
+                let settings = &o.settings;
+                self.read_only.extend(settings.ca_file.iter().cloned());
+                if let Some(secret) = &settings.client_secret {
+                    self.source(&secret.source);
+                }
+                if let crate::secret::oauth2::Grant::RefreshToken { initial } = &settings.grant {
+                    self.source(&initial.source);
+                }
+            }
+            SecretSource::GitHubApp(app) => {
+                self.read_only.extend(app.settings.ca_file.iter().cloned());
+                self.source(&app.settings.private_key.source);
+            }
+            // keygate's own AWS credentials: the variables are always dropped (`AWS_*`); the
+            // shared files are denied where they exist (a missing one would freeze `~`).
+            SecretSource::AwsSecretsManager { .. } | SecretSource::AwsCredentials { .. } => {
+                let home = std::env::var_os("HOME").map(PathBuf::from);
+                for (var, name) in [
+                    ("AWS_SHARED_CREDENTIALS_FILE", "credentials"),
+                    ("AWS_CONFIG_FILE", "config"),
+                ] {
+                    let path = std::env::var_os(var)
+                        .map(PathBuf::from)
+                        .or_else(|| home.as_ref().map(|h| h.join(".aws").join(name)));
+                    self.files.extend(path.filter(|p| p.exists()));
+                }
+            }
+            SecretSource::None => {}
+        }
+    }
+
+    /// A program keygate runs: a path as written (relative to keygate's directory), a bare
+    /// name where keygate's `PATH` finds it.
+    fn program(&mut self, program: &str) {
+        if program.contains('/') {
+            self.read_only.push(PathBuf::from(program));
+            return;
+        }
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        if let Some(found) = std::env::split_paths(&path)
+            .map(|d| d.join(program))
+            .find(|p| p.is_file())
+        {
+            self.read_only.push(found);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_launchers_heartbeat_wish_is_kept_between_one_second_and_a_minute() {
+        assert_eq!(heartbeat_of(&json!({})), DEFAULT_HEARTBEAT);
+        assert_eq!(
+            heartbeat_of(&json!({"heartbeat_secs": 0})),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            heartbeat_of(&json!({"heartbeat_secs": 2})),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            heartbeat_of(&json!({"heartbeat_secs": 86400})),
+            Duration::from_secs(60)
+        );
+    }
 }

@@ -59,8 +59,8 @@ pub enum SecretSource {
     /// A KV v2 field or a dynamic secret from OpenBao (or Vault), with the source's own state
     /// (keygate's token, the leases it holds), shared by every clone of the config.
     OpenBao(std::sync::Arc<super::openbao::Bao>),
-    /// A secret in AWS Secrets Manager; this build cannot fetch it yet
-    /// ([`FetchError::Unsupported`]).
+    /// A secret in AWS Secrets Manager, read with GetSecretValue signed by keygate's own AWS
+    /// credentials; its `VersionId` is the key id.
     AwsSecretsManager {
         /// The secret's name or ARN.
         secret_id: String,
@@ -71,6 +71,14 @@ pub enum SecretSource {
         /// A key of the secret's JSON string whose value is the credential; `None` uses the
         /// whole string.
         field: Option<String>,
+        /// The shared-file profile keygate's own AWS credentials come from (`profile`).
+        profile: Option<String>,
+    },
+    /// keygate's own AWS credentials from the standard chain, for `inject = "aws-sigv4"` routes
+    /// (`source = "aws-credentials"`).
+    AwsCredentials {
+        /// The shared-file profile (`profile`); `None` tries the environment first.
+        profile: Option<String>,
     },
     /// An access token from an OAuth 2.0 token endpoint (`oauth2`).
     OAuth2(std::sync::Arc<OAuth2>),
@@ -218,6 +226,17 @@ pub enum FetchError {
         /// What was wrong, as fixed text.
         what: &'static str,
     },
+    /// AWS answered with an error, or keygate's own AWS credentials could not be found. The
+    /// reason carries a status and AWS's error code at most, never an answer's body.
+    #[error("secret {secret}: {origin}: {reason}")]
+    Aws {
+        /// The secret's name.
+        secret: String,
+        /// The source's label.
+        origin: String,
+        /// What failed.
+        reason: String,
+    },
     /// OpenBao could not give the value: login, token renewal or the read failed. The reason
     /// names the endpoint and the answer's status, never the answer's body or a token.
     #[error("secret {secret}: openbao: {reason}")]
@@ -263,6 +282,10 @@ impl SecretSource {
             }
             SecretSource::OAuth2(o) => o.label(),
             SecretSource::GitHubApp(g) => g.label(),
+            SecretSource::AwsCredentials { profile } => match profile {
+                Some(p) => format!("aws-credentials:profile {p}"),
+                None => "aws-credentials".into(),
+            },
         }
     }
 
@@ -275,7 +298,11 @@ impl SecretSource {
     pub fn prefetchable(&self) -> bool {
         matches!(
             self,
-            SecretSource::Env { .. } | SecretSource::File { .. } | SecretSource::Command { .. }
+            SecretSource::Env { .. }
+                | SecretSource::File { .. }
+                | SecretSource::Command { .. }
+                | SecretSource::AwsSecretsManager { .. }
+                | SecretSource::AwsCredentials { .. }
         ) || matches!(self, SecretSource::OpenBao(bao) if !bao.per_request())
     }
 }
@@ -302,11 +329,16 @@ impl SecretSpec {
             SecretSource::OAuth2(o) => return checked(self, o.fetch(&self.name).await?),
             SecretSource::GitHubApp(g) => return checked(self, g.fetch(&self.name).await?),
             SecretSource::OpenBao(bao) => return checked(self, bao.fetch(&self.name).await?),
-            SecretSource::AwsSecretsManager { .. } => {
-                return Err(FetchError::Unsupported {
-                    secret,
-                    kind: "aws-secrets-manager",
-                })
+            SecretSource::AwsSecretsManager { .. } | SecretSource::AwsCredentials { .. } => {
+                let value =
+                    super::aws::fetch(&self.name, &self.source)
+                        .await
+                        .map_err(|reason| FetchError::Aws {
+                            secret,
+                            origin: self.source.label(),
+                            reason,
+                        })?;
+                return checked(self, value);
             }
         };
         checked(self, Secret::new(&self.name, raw))

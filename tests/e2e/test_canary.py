@@ -5,13 +5,14 @@ not in any response, not in the audit log, not in keygate's stdout or stderr."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import secrets
 import urllib.parse
 
-from conftest import b64, error_code, fake_secret, lab_config
+from conftest import b64, error_code, fake_secret, lab_config, new_token
 
 CLIENT_TOKEN = fake_secret("lab-client-")
 # `+` and `/` make the base64 and percent-encoded forms differ from the raw one; no `-_.~`, so
@@ -220,3 +221,58 @@ def test_canary_tokens_of_oauth2_and_github_app_sources_never_leave_keygate(keyg
                     assert form not in text, f"a held token ({value[:6]}…) leaked into {place}"
     finally:
         provider.stop()
+
+
+def test_aws_canary_secret_key_and_session_token_never_leave_keygate(keygate, fake_upstream):
+    """The upstream does its worst: it answers with the session token (which it received in
+    x-amz-security-token) and the secret key, raw and base64. The agent sees markers; the secret
+    key and token are in no response, audit line or log line, even at trace level."""
+    session_token = "".join(["IQoJb3JpZ2lu", "X2VjEJr", secrets.token_urlsafe(48)])
+    secret_key = "kgAwsCanary" + secrets.token_hex(15)
+    fake_upstream.raw_body = json.dumps(
+        {"raw": [secret_key, session_token], "b64": [b64(secret_key), b64(session_token)]}
+    ).encode()
+    token = new_token()
+    env = {
+        "KEYGATE_AGENT_TOKEN": token,
+        "AWS_ACCESS_KEY_ID": "AKIA" + "KEYGATECANARY000",
+        "AWS_SECRET_ACCESS_KEY": secret_key,
+        "AWS_SESSION_TOKEN": session_token,
+        "KEYGATE_LOG": "trace",
+    }
+    config = f"""\
+listen = ["127.0.0.1:0"]
+
+[secrets.aws]
+source = "aws-credentials"
+
+[routes.bedrock]
+prefix = "/aws"
+upstream = "{fake_upstream.url}"
+secret = "aws"
+inject = "aws-sigv4"
+region = "us-east-1"
+service = "bedrock"
+allow = ["POST /model/**"]
+
+[agents.coder]
+token_env = "KEYGATE_AGENT_TOKEN"
+"""
+    kg = keygate(config, env=env)
+    with kg.client() as c:
+        r = c.post("/aws/model/m/invoke", json={"prompt": "hi"}, headers={"X-Broker-Token": token})
+    assert r.status_code == 200, r.text
+    # The upstream really got the token, signed: the checks below are not vacuous.
+    sent = fake_upstream.requests[-1]
+    assert sent.header("x-amz-security-token") == session_token
+    # A body read whole is committed to by its hash (moto does not check it; this does).
+    assert sent.header("x-amz-content-sha256") == hashlib.sha256(sent.body).hexdigest()
+    assert "x-amz-security-token" in sent.header("authorization")
+    body = r.json()
+    assert all(REDACTED.fullmatch(v) for v in body["raw"] + body["b64"]), body
+    kg.audit_records(n=1)
+    assert kg.stop() == 0
+    seen = r.text + "".join(f"{k}: {v}" for k, v in r.headers.multi_items())
+    for place, text in {"response": seen, "audit": kg.audit_path.read_text(), "stdout": kg.stdout_text(), "stderr": kg.stderr_text()}.items():
+        for name, value in {"secret key": secret_key, "session token": session_token}.items():
+            assert value not in text and b64(value) not in text, f"{name} in {place}"

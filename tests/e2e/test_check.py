@@ -3,6 +3,7 @@ at the file, line and key of a mistake with exit 2."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
@@ -98,3 +99,62 @@ def test_check_refuses_a_route_naming_an_undefined_secret(keygate_bin, tmp_path)
     result = run_keygate(keygate_bin, ["check", "--config", str(path)], tmp_path)
     assert result.returncode == 2, result.stderr
     assert str(path) in result.stderr and "anthropc" in result.stderr
+
+
+AWS_CREDENTIALS_CONFIG = """\
+[secrets.aws]
+source = "aws-credentials"
+{profile}
+[routes.s3]
+prefix = "/s3"
+upstream = "https://s3.amazonaws.com"
+secret = "aws"
+inject = "aws-sigv4"
+region = "us-east-1"
+service = "s3"
+"""
+
+
+def aws_key_id(access_key_id: str) -> str:
+    return "aws#ak-" + hashlib.sha256(access_key_id.encode()).hexdigest()[:8]
+
+
+def test_check_fetch_reads_aws_keys_of_a_named_profile_from_the_shared_files(keygate_bin, tmp_path):
+    akid = "".join(["AKIA", "PROFILEKEYGATE00"])
+    secret_key = fake_secret("profileSecret")
+    home = tmp_path / "home"
+    (home / ".aws").mkdir(parents=True)
+    (home / ".aws" / "credentials").write_text("[default]\naws_access_key_id = AKIDOTHER\naws_secret_access_key = other-other-other\n")
+    (home / ".aws" / "config").write_text(f"[profile keygate]\nregion = us-east-1\naws_access_key_id = {akid}\naws_secret_access_key = {secret_key}\n")
+    path = write(tmp_path, "aws.toml", AWS_CREDENTIALS_CONFIG.format(profile='profile = "keygate"'))
+    # The environment's keys are not used when config names a profile.
+    env = {"AWS_ACCESS_KEY_ID": "AKIDFROMENV", "AWS_SECRET_ACCESS_KEY": "from-env-from-env"}
+    result = run_keygate(keygate_bin, ["check", "--fetch", "--json", "--config", str(path)], tmp_path, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (aws,) = json.loads(result.stdout)["fetch"]
+    assert aws["key_id"] == aws_key_id(akid) and aws["error"] is None
+    assert secret_key not in result.stdout + result.stderr
+
+    missing = write(tmp_path, "aws-missing.toml", AWS_CREDENTIALS_CONFIG.format(profile='profile = "nope"'))
+    result = run_keygate(keygate_bin, ["check", "--fetch", "--json", "--config", str(missing)], tmp_path, env=env)
+    assert result.returncode == 1
+    (aws,) = json.loads(result.stdout)["fetch"]
+    assert "profile nope" in aws["error"] and aws["key_id"] is None
+
+
+def test_check_fetch_reads_temporary_aws_keys_and_their_expiry_from_the_container_endpoint(keygate_bin, tmp_path, fake_upstream):
+    akid = "".join(["ASIA", "CONTAINERKEYGATE"])
+    secret_key = fake_secret("containerSecret")
+    auth = fake_secret("containerAuth")
+    fake_upstream.raw_body = json.dumps(
+        {"AccessKeyId": akid, "SecretAccessKey": secret_key, "Token": fake_secret("containerToken"), "Expiration": "2030-01-02T03:04:05Z"}
+    ).encode()
+    path = write(tmp_path, "aws.toml", AWS_CREDENTIALS_CONFIG.format(profile=""))
+    env = {"AWS_CONTAINER_CREDENTIALS_FULL_URI": f"{fake_upstream.url}/creds", "AWS_CONTAINER_AUTHORIZATION_TOKEN": auth}
+    result = run_keygate(keygate_bin, ["check", "--fetch", "--json", "--config", str(path)], tmp_path, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (aws,) = json.loads(result.stdout)["fetch"]
+    assert aws["key_id"] == aws_key_id(akid)
+    assert aws["expires"] == "2030-01-02T03:04:05Z"
+    assert fake_upstream.requests[-1].header("authorization") == auth
+    assert secret_key not in result.stdout + result.stderr and auth not in result.stdout + result.stderr

@@ -540,3 +540,293 @@ async fn sigterm_sent_to_the_launcher_reaches_the_agent_whose_exit_status_passes
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A sandboxed agent's attempt on the admin socket from a process that is not the one that
+/// connected: connect, fork, let the connecting process exit, and ask from the grandchild.
+const CONNECT_FORK_EXIT: &str = r#"
+import os, socket, sys, time
+sock, out = sys.argv[1], sys.argv[2]
+def ask(s, path, body, upgrade):
+    extra = "Connection: upgrade\r\nUpgrade: keygate-lease\r\n" if upgrade else ""
+    s.sendall(("POST %s HTTP/1.1\r\nHost: k\r\n%sContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (path, extra, len(body), body)).encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(4096)
+        if not chunk:
+            return "closed"
+        data += chunk
+    head, rest = data.split(b"\r\n\r\n", 1)
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        k, _, v = line.partition(b":")
+        if k.strip().lower() == b"content-length":
+            length = int(v.strip())
+    while len(rest) < length:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        rest += chunk
+    return head.split(b" ")[1].decode()
+try:
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sock)
+except OSError as e:
+    open(out, "w").write("approve=connect-refused lease=connect-refused\n")
+    sys.exit(0)
+parent = os.getpid()
+if os.fork():
+    os._exit(0)
+for _ in range(200):
+    if os.getppid() != parent:
+        break
+    time.sleep(0.02)
+try:
+    a = ask(s, "/approve", '{"id":"apr_x"}', False)
+except OSError:
+    a = "closed"
+try:
+    l = ask(s, "/lease", '{}', True)
+except OSError:
+    l = "closed"
+open(out + ".tmp", "w").write("approve=%s lease=%s\n" % (a, l))
+os.rename(out + ".tmp", out)
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandboxed_connect_fork_exit_grandchild_is_refused_on_approve_and_lease() {
+    let (_up, kg, config) = setup("").await;
+    let sock = kg.dir.path().join("state/admin.sock");
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(work.path().join("attack.py"), CONNECT_FORK_EXIT).unwrap();
+    let script = format!(
+        "python3 attack.py {} result.txt; i=0; while [ ! -s result.txt ] && [ $i -lt 150 ]; do sleep 0.05; i=$((i+1)); done; cat result.txt",
+        sock.display()
+    );
+    let c = launcher(&config, &["--sandbox"], &script, work.path(), &[]);
+    let out = tokio::task::spawn_blocking(move || output(c))
+        .await
+        .unwrap();
+    if landlock_missing(&out) {
+        return;
+    }
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        text.contains("approve="),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for refused in ["approve", "lease"] {
+        let ok = ["403", "closed", "connect-refused"]
+            .iter()
+            .any(|v| text.contains(&format!("{refused}={v}")));
+        assert!(ok, "{refused} was not refused:\n{text}");
+    }
+    // Its neighbour: the same admin socket still answers keygate's user outside the sandbox.
+    let outside = Command::new("curl")
+        .args(["-sf", "--unix-socket"])
+        .arg(&sock)
+        .arg("http://keygate/status")
+        .output()
+        .unwrap();
+    assert!(outside.status.success(), "{outside:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_does_not_open_the_config_through_a_symlink_next_to_it() {
+    let (_up, kg, config) = setup("").await;
+    // `peek` points at the directory holding the config: granting it "as itself" would open
+    // its target, and so the config, to the agent.
+    std::os::unix::fs::symlink(".", kg.dir.path().join("peek")).unwrap();
+    std::fs::write(kg.dir.path().join("notes.txt"), "benign").unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let script = format!(
+        "cat {peek}/keygate.toml >/dev/null 2>&1; echo via_link=$?; \
+         cat {cfg} >/dev/null 2>&1; echo direct=$?; \
+         cat {notes} >/dev/null; echo notes=$?",
+        peek = kg.dir.path().join("peek").display(),
+        cfg = config.display(),
+        notes = kg.dir.path().join("notes.txt").display(),
+    );
+    let c = launcher(&config, &["--sandbox"], &script, work.path(), &[]);
+    let out = tokio::task::spawn_blocking(move || output(c))
+        .await
+        .unwrap();
+    if landlock_missing(&out) {
+        return;
+    }
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        !text.contains("via_link=0"),
+        "config read through a symlink:\n{text}"
+    );
+    assert!(!text.contains("direct=0"), "{text}");
+    assert!(
+        text.contains("notes=0"),
+        "a neighbour of the config was denied:\n{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_lets_the_agent_run_but_not_rewrite_the_programs_keygate_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let tools = tempfile::tempdir().unwrap();
+    let fetch = tools.path().join("fetch-key.sh");
+    let notify = tools.path().join("notify.sh");
+    std::fs::write(&fetch, format!("#!/bin/sh\necho {}\n", provider_key())).unwrap();
+    std::fs::write(&notify, "#!/bin/sh\ncat >/dev/null\n").unwrap();
+    std::fs::write(tools.path().join("scratch.txt"), "benign").unwrap();
+    for p in [&fetch, &notify] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    let config = format!(
+        "listen = [\"127.0.0.1:0\"]\naudit_log = \"AUDIT\"\nstate_dir = \"{}\"\n\
+         approval_notify = [\"{}\"]\n\
+         [secrets.k]\nsource = \"command\"\nargv = [\"{}\"]\n\
+         [routes.openai]\nprefix = \"/openai\"\nupstream = \"http://127.0.0.1:9\"\nsecret = \"k\"\n\
+         [agents.coder]\n",
+        dir.path().join("state").display(),
+        notify.display(),
+        fetch.display()
+    );
+    let audit = dir.path().join("audit.jsonl");
+    let kg = Keygate::start_with_audit(&config, &[], dir, audit);
+    let cfg = kg.dir.path().join("keygate.toml");
+    let work = tempfile::tempdir().unwrap();
+    let exe = env!("CARGO_BIN_EXE_keygate");
+    let script = format!(
+        "true 2>/dev/null >> {fetch}; echo fetch_w=$?; \
+         true 2>/dev/null >> {notify}; echo notify_w=$?; \
+         true 2>/dev/null >> {exe}; echo exe_w=$?; \
+         {fetch} >/dev/null; echo fetch_x=$?; \
+         {exe} --version >/dev/null; echo exe_x=$?; \
+         true >> {scratch}; echo scratch_w=$?",
+        fetch = fetch.display(),
+        notify = notify.display(),
+        scratch = tools.path().join("scratch.txt").display(),
+    );
+    let c = launcher(&cfg, &["--sandbox"], &script, work.path(), &[]);
+    let out = tokio::task::spawn_blocking(move || output(c))
+        .await
+        .unwrap();
+    if landlock_missing(&out) {
+        return;
+    }
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    for denied in ["fetch_w", "notify_w", "exe_w"] {
+        assert!(
+            !text.contains(&format!("{denied}=0")),
+            "{denied} was writable:\n{text}"
+        );
+    }
+    for allowed in ["fetch_x", "exe_x", "scratch_w"] {
+        assert!(
+            text.contains(&format!("{allowed}=0")),
+            "{allowed} was denied:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openbao_token_variable_is_dropped_and_token_file_denied_for_the_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let bao = tempfile::tempdir().unwrap();
+    let token_file = bao.path().join("bao-token");
+    std::fs::write(&token_file, "bao-token-from-a-file-1234").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    std::fs::write(bao.path().join("neighbour"), "benign").unwrap();
+    let config = format!(
+        "listen = [\"127.0.0.1:0\"]\naudit_log = \"AUDIT\"\nstate_dir = \"{}\"\n\
+         [secrets.a]\nsource = \"openbao\"\naddress = \"http://127.0.0.1:9\"\ntoken_env = \"MY_BAO\"\npath = \"p\"\nfield = \"f\"\nfetch = \"first-use\"\n\
+         [secrets.b]\nsource = \"openbao\"\naddress = \"http://127.0.0.1:9\"\ntoken_file = \"{}\"\npath = \"p\"\nfield = \"f\"\nfetch = \"first-use\"\n\
+         [routes.ra]\nprefix = \"/a\"\nupstream = \"http://127.0.0.1:9\"\nsecret = \"a\"\n\
+         [routes.rb]\nprefix = \"/b\"\nupstream = \"http://127.0.0.1:9\"\nsecret = \"b\"\n\
+         [agents.coder]\n",
+        dir.path().join("state").display(),
+        token_file.display()
+    );
+    let audit = dir.path().join("audit.jsonl");
+    let kg = Keygate::start_with_audit(&config, &[("MY_BAO", "bao-token-in-env-5678")], dir, audit);
+    let cfg = kg.dir.path().join("keygate.toml");
+    let work = tempfile::tempdir().unwrap();
+    let script = format!(
+        "echo my_bao=${{MY_BAO:-unset}}; \
+         cat {tf} >/dev/null 2>&1; echo token_file=$?; \
+         cat {nb} >/dev/null; echo neighbour=$?",
+        tf = token_file.display(),
+        nb = bao.path().join("neighbour").display(),
+    );
+    let c = launcher(
+        &cfg,
+        &[],
+        &script,
+        work.path(),
+        &[("MY_BAO", "bao-token-in-env-5678")],
+    );
+    let out = tokio::task::spawn_blocking(move || output(c))
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        text.contains("my_bao=unset"),
+        "the OpenBao token variable reached the agent:\n{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("neighbour=0"), "{text}");
+    if landlock_missing(&out) {
+        return;
+    }
+    assert!(
+        !text.contains("token_file=0"),
+        "the OpenBao token file was readable:\n{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_token_is_refused_once_a_sigstopped_launcher_misses_its_heartbeats() {
+    let (_up, kg, config) = setup("").await;
+    let work = tempfile::tempdir().unwrap();
+    let mut c = launcher(
+        &config,
+        &["--no-sandbox"],
+        "echo \"$OPENAI_API_KEY\" > token.txt; echo $$ > pid.txt; exec sleep 25",
+        work.path(),
+        &[("KEYGATE_RUN_HEARTBEAT_SECS", "1")],
+    );
+    let mut child = c.spawn().unwrap();
+    let token_file = work.path().join("token.txt");
+    let pid_file = work.path().join("pid.txt");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(pid_file.exists() && token_file.exists()) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let token = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    let agent_pid = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    let kg = Arc::new(kg);
+    let (k, t) = (kg.clone(), token.clone());
+    let before = tokio::task::spawn_blocking(move || status_with(&k, &t))
+        .await
+        .unwrap();
+    let launcher_pid = child.id().to_string();
+    let _ = Command::new("kill").args(["-STOP", &launcher_pid]).status();
+    let k = kg.clone();
+    let refused =
+        tokio::task::spawn_blocking(move || refused_within(&k, &token, Duration::from_secs(15)))
+            .await
+            .unwrap();
+    let _ = Command::new("kill").args(["-9", &launcher_pid]).status();
+    let _ = Command::new("kill").args(["-9", &agent_pid]).status();
+    let _ = child.wait();
+    assert_eq!(before, 200, "the run's token worked while the launcher ran");
+    assert!(refused, "the token outlived a stopped launcher's heartbeat");
+}
