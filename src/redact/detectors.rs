@@ -577,7 +577,16 @@ struct Next {
 
 impl Next {
     fn find(&mut self, buf: &[u8], from: usize, pred: impl Fn(u8) -> bool) -> usize {
-        let scan = |a: usize, b: usize| (a..b).find(|&i| pred(buf[i])).unwrap_or(b);
+        // Dense anchors' answers are usually within a few bytes: those stay inline; a longer
+        // scan (the first of each question in a scan may read the whole buffer) goes by blocks.
+        let scan = |a: usize, b: usize| {
+            let s = &buf[a..b];
+            let near = s.len().min(8);
+            match s[..near].iter().position(|&x| pred(x)) {
+                Some(k) => a + k,
+                None => a + near + scan_blocks(&s[near..], &pred),
+            }
+        };
         if self.used && from >= self.lo && from <= self.next {
             return self.next;
         }
@@ -597,6 +606,23 @@ impl Next {
         };
         next
     }
+}
+
+/// The first index of `s` whose byte satisfies `pred`, or `s.len()`: 16 bytes are tested per
+/// branch, then the block that has it is searched byte by byte.
+#[inline(never)]
+fn scan_blocks(s: &[u8], pred: &impl Fn(u8) -> bool) -> usize {
+    let mut i = 0;
+    for block in s.chunks_exact(16) {
+        if block.iter().fold(false, |any, &x| any | pred(x)) {
+            break;
+        }
+        i += 16;
+    }
+    s[i..]
+        .iter()
+        .position(|&x| pred(x))
+        .map_or(s.len(), |k| i + k)
 }
 
 /// Per-detector memory of one scan.
