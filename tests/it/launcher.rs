@@ -103,6 +103,64 @@ fn refused_within(kg: &Keygate, token: &str, within: Duration) -> bool {
     }
 }
 
+/// A `keygate run` whose agent (`sh`) wrote its token and pid and then sleeps; killed, agent
+/// and launcher, when dropped.
+struct LongRun {
+    child: std::process::Child,
+    token: String,
+    agent_pid: String,
+    _work: tempfile::TempDir,
+}
+
+impl LongRun {
+    async fn start(config: &Path, flags: &[&str], env: &[(&str, &str)]) -> LongRun {
+        let work = tempfile::tempdir().unwrap();
+        let mut c = launcher(
+            config,
+            flags,
+            "echo \"$OPENAI_API_KEY\" > token.txt; echo $$ > pid.txt; exec sleep 25",
+            work.path(),
+            env,
+        );
+        let child = c.spawn().unwrap();
+        let (token_file, pid_file) = (work.path().join("token.txt"), work.path().join("pid.txt"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(pid_file.exists() && token_file.exists()) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let read = |p: &Path| {
+            std::fs::read_to_string(p)
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        };
+        LongRun {
+            token: read(&token_file),
+            agent_pid: read(&pid_file),
+            child,
+            _work: work,
+        }
+    }
+
+    fn launcher_pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .args([sig, &self.launcher_pid(), &self.agent_pid])
+            .status();
+    }
+}
+
+impl Drop for LongRun {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-9", &self.agent_pid]).status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn env_file(path: &Path) -> Vec<(String, String)> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -220,44 +278,19 @@ async fn run_passes_the_exit_status_and_death_by_signal_and_revokes_a_sigkilled_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_token_is_refused_after_the_launcher_is_sigkilled() {
     let (_up, kg, config) = setup("").await;
-    let work = tempfile::tempdir().unwrap();
-    let c = launcher(
-        &config,
-        &["--no-sandbox"],
-        "echo \"$OPENAI_API_KEY\" > token.txt; echo $$ > pid.txt; exec sleep 20",
-        work.path(),
-        &[],
-    );
-    let mut c = c;
-    let mut child = c.spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let token_file = work.path().join("token.txt");
-    let pid_file = work.path().join("pid.txt");
-    while !(pid_file.exists() && token_file.exists()) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let token = std::fs::read_to_string(&token_file)
-        .unwrap()
-        .trim()
-        .to_string();
-    let agent_pid = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .to_string();
-    let t = token.clone();
+    let mut run = LongRun::start(&config, &["--no-sandbox"], &[]).await;
     let kg = Arc::new(kg);
-    let k = kg.clone();
+    let (k, t) = (kg.clone(), run.token.clone());
     let before = tokio::task::spawn_blocking(move || status_with(&k, &t))
         .await
         .unwrap();
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let k = kg.clone();
+    run.child.kill().unwrap();
+    run.child.wait().unwrap();
+    let (k, t) = (kg.clone(), run.token.clone());
     let refused =
-        tokio::task::spawn_blocking(move || refused_within(&k, &token, Duration::from_secs(10)))
+        tokio::task::spawn_blocking(move || refused_within(&k, &t, Duration::from_secs(10)))
             .await
             .unwrap();
-    let _ = Command::new("kill").args(["-9", &agent_pid]).status();
     assert_eq!(
         before, 200,
         "the run's token worked while the run held its lease"
@@ -268,29 +301,12 @@ async fn run_token_is_refused_after_the_launcher_is_sigkilled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_token_left_by_a_sigkilled_keygate_is_refused_by_the_next_one() {
     let (_up, mut kg, config) = setup("").await;
-    let work = tempfile::tempdir().unwrap();
-    let mut c = launcher(
-        &config,
-        &["--no-sandbox"],
-        "echo \"$OPENAI_API_KEY\" > token.txt; exec sleep 20",
-        work.path(),
-        &[],
-    );
-    let mut run = c.spawn().unwrap();
-    let token_file = work.path().join("token.txt");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !token_file.exists() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let token = std::fs::read_to_string(&token_file)
-        .unwrap()
-        .trim()
-        .to_string();
-    let before = status_with(&kg, &token);
+    let run = LongRun::start(&config, &["--no-sandbox"], &[]).await;
+    let before = status_with(&kg, &run.token);
     // A crash: keygate cannot end the lease, and the token is still in the store.
     kg.kill();
-    let _ = run.kill();
-    let _ = run.wait();
+    let token = run.token.clone();
+    drop(run);
     let text = std::fs::read_to_string(&config).unwrap();
     let next = Keygate::start(&text, &[("OPENAI_API_KEY", &provider_key())]);
     let after = status_with(&next, &token);
@@ -789,44 +805,25 @@ async fn openbao_token_variable_is_dropped_and_token_file_denied_for_the_agent()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_token_is_refused_once_a_sigstopped_launcher_misses_its_heartbeats() {
     let (_up, kg, config) = setup("").await;
-    let work = tempfile::tempdir().unwrap();
-    let mut c = launcher(
+    let run = LongRun::start(
         &config,
         &["--no-sandbox"],
-        "echo \"$OPENAI_API_KEY\" > token.txt; echo $$ > pid.txt; exec sleep 25",
-        work.path(),
         &[("KEYGATE_RUN_HEARTBEAT_SECS", "1")],
-    );
-    let mut child = c.spawn().unwrap();
-    let token_file = work.path().join("token.txt");
-    let pid_file = work.path().join("pid.txt");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !(pid_file.exists() && token_file.exists()) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let token = std::fs::read_to_string(&token_file)
-        .unwrap()
-        .trim()
-        .to_string();
-    let agent_pid = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .to_string();
+    )
+    .await;
     let kg = Arc::new(kg);
-    let (k, t) = (kg.clone(), token.clone());
+    let (k, t) = (kg.clone(), run.token.clone());
     let before = tokio::task::spawn_blocking(move || status_with(&k, &t))
         .await
         .unwrap();
-    let launcher_pid = child.id().to_string();
-    let _ = Command::new("kill").args(["-STOP", &launcher_pid]).status();
-    let k = kg.clone();
+    let _ = Command::new("kill")
+        .args(["-STOP", &run.launcher_pid()])
+        .status();
+    let (k, t) = (kg.clone(), run.token.clone());
     let refused =
-        tokio::task::spawn_blocking(move || refused_within(&k, &token, Duration::from_secs(15)))
+        tokio::task::spawn_blocking(move || refused_within(&k, &t, Duration::from_secs(15)))
             .await
             .unwrap();
-    let _ = Command::new("kill").args(["-9", &launcher_pid]).status();
-    let _ = Command::new("kill").args(["-9", &agent_pid]).status();
-    let _ = child.wait();
     assert_eq!(before, 200, "the run's token worked while the launcher ran");
     assert!(refused, "the token outlived a stopped launcher's heartbeat");
 }
@@ -835,62 +832,28 @@ async fn run_token_is_refused_once_a_sigstopped_launcher_misses_its_heartbeats()
 async fn a_sandboxed_run_stopped_like_ctrl_z_keeps_its_token_when_the_agent_cannot_signal_the_launcher(
 ) {
     let (_up, kg, config) = setup("").await;
-    let work = tempfile::tempdir().unwrap();
-    let mut c = launcher(
-        &config,
-        &[],
-        "echo \"$OPENAI_API_KEY\" > token.txt; echo $$ > pid.txt; exec sleep 25",
-        work.path(),
-        &[("KEYGATE_RUN_HEARTBEAT_SECS", "1")],
-    );
-    let mut child = c.spawn().unwrap();
-    let token_file = work.path().join("token.txt");
-    let pid_file = work.path().join("pid.txt");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !(pid_file.exists() && token_file.exists()) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let token = std::fs::read_to_string(&token_file)
+    let run = LongRun::start(&config, &[], &[("KEYGATE_RUN_HEARTBEAT_SECS", "1")]).await;
+    let watched = std::fs::read_to_string(&kg.audit)
         .unwrap_or_default()
-        .trim()
-        .to_string();
-    let agent_pid = std::fs::read_to_string(&pid_file)
-        .unwrap_or_default()
-        .trim()
-        .to_string();
-    let start = std::fs::read_to_string(&kg.audit).unwrap_or_default();
-    let watched = start
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .find(|r| r["event"] == "run_start")
         .map(|r| r["heartbeat_watched"].clone());
-    let launcher_pid = child.id().to_string();
     if watched != Some(serde_json::Value::Bool(false)) {
-        let _ = Command::new("kill").args(["-9", &launcher_pid]).status();
-        let _ = Command::new("kill").args(["-9", &agent_pid]).status();
-        let _ = child.wait();
         // Only a kernel without Landlock signal scoping (ABI < 6) watches a sandboxed run.
         eprintln!("skipped: this kernel cannot keep the agent from signalling ({watched:?})");
         return;
     }
     // The terminal's job control stops the whole job; longer than three missed heartbeats.
-    let _ = Command::new("kill")
-        .args(["-STOP", &launcher_pid, &agent_pid])
-        .status();
+    run.signal("-STOP");
     let kg = Arc::new(kg);
-    let k = kg.clone();
-    let t = token.clone();
+    let (k, t) = (kg.clone(), run.token.clone());
     let refused =
         tokio::task::spawn_blocking(move || refused_within(&k, &t, Duration::from_secs(5)))
             .await
             .unwrap();
-    let _ = Command::new("kill")
-        .args(["-CONT", &launcher_pid, &agent_pid])
-        .status();
-    let after = status_with(&kg, &token);
-    let _ = Command::new("kill").args(["-9", &launcher_pid]).status();
-    let _ = Command::new("kill").args(["-9", &agent_pid]).status();
-    let _ = child.wait();
+    run.signal("-CONT");
+    let after = status_with(&kg, &run.token);
     assert!(
         !refused,
         "a stopped job lost its token though its agent cannot stop the launcher"
