@@ -154,39 +154,18 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
     .into();
     let has_secret = secret.source.value != "none";
 
-    let route = RouteSpec {
-        name: "default".into(),
-        prefix: At::new("/".into(), Pos::new(1, "prefix")),
-        upstream: At::new(upstream_base_url.clone(), at("upstream_base_url")),
-        secret: has_secret.then(|| At::new("default".into(), secret_pos.clone())),
-        inject: None,
-        jit: None,
-        inject_format: None,
-        basic_username: None,
-        allow: allowed_paths
+    let route = lab_route(
+        At::new(upstream_base_url.clone(), at("upstream_base_url")),
+        has_secret.then(|| At::new("default".into(), secret_pos.clone())),
+        allowed_paths
             .iter()
             .map(|p| At::new(RuleSpec::ExactPost(p.clone()), at("allowed_paths")))
             .collect(),
-        classification: None,
-        extra_headers: raw
-            .extra_headers
+        raw.extra_headers
             .iter()
             .map(|(k, v)| At::new((k.clone(), v.clone()), at(k)))
             .collect(),
-        approval: None,
-        approval_timeout: None,
-        timeout: None,
-        require_json: Some(true),
-        request_scan: None,
-        allow_range: None,
-        budget_reserve: None,
-        max_response_time: None,
-        github_scope: None,
-        query: None,
-        region: None,
-        service: None,
-        env: Vec::new(),
-    };
+    );
     let agent = AgentSpec {
         name: if raw.client_token_env.is_some() {
             "client".into()
@@ -251,6 +230,42 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
     })
 }
 
+/// The one route of a lab config (broker or backend companion): everything at `/` to the
+/// upstream, exact POST paths, JSON bodies, with the lab's defaults for every native key.
+fn lab_route(
+    upstream: At<String>,
+    secret: Option<At<String>>,
+    allow: Vec<At<RuleSpec>>,
+    extra_headers: Vec<At<(String, String)>>,
+) -> RouteSpec {
+    RouteSpec {
+        name: "default".into(),
+        prefix: At::new("/".into(), Pos::new(1, "prefix")),
+        upstream,
+        secret,
+        inject: None,
+        jit: None,
+        inject_format: None,
+        basic_username: None,
+        allow,
+        classification: None,
+        extra_headers,
+        approval: None,
+        approval_timeout: None,
+        timeout: None,
+        require_json: Some(true),
+        request_scan: None,
+        allow_range: None,
+        budget_reserve: None,
+        max_response_time: None,
+        github_scope: None,
+        query: None,
+        region: None,
+        service: None,
+        env: Vec::new(),
+    }
+}
+
 /// The backend companion's config, lowered as the lab broker's is, with one agent: the front
 /// end holding `backend_token_env`'s token, which names the person in `X-User-Id`.
 fn parse_backend(file: &Path, text: &str) -> Result<Spec, ConfigError> {
@@ -292,38 +307,17 @@ fn parse_backend(file: &Path, text: &str) -> Result<Spec, ConfigError> {
         var: raw.secret_env.clone(),
         ..Default::default()
     };
-    let route = RouteSpec {
-        name: "default".into(),
-        prefix: At::new("/".into(), Pos::new(1, "prefix")),
-        upstream: At::new(upstream_base_url.clone(), at("upstream_base_url")),
-        secret: raw
-            .secret_env
+    let route = lab_route(
+        At::new(upstream_base_url.clone(), at("upstream_base_url")),
+        raw.secret_env
             .is_some()
             .then(|| At::new("default".into(), secret_pos.clone())),
-        inject: None,
-        inject_format: None,
-        basic_username: None,
-        allow: allowed_paths
+        allowed_paths
             .iter()
             .map(|p| At::new(RuleSpec::ExactPost(p.clone()), at("allowed_paths")))
             .collect(),
-        classification: None,
-        extra_headers: Vec::new(),
-        approval: None,
-        approval_timeout: None,
-        timeout: None,
-        require_json: Some(true),
-        request_scan: None,
-        allow_range: None,
-        budget_reserve: None,
-        max_response_time: None,
-        query: None,
-        github_scope: None,
-        region: None,
-        service: None,
-        env: Vec::new(),
-        jit: None,
-    };
+        Vec::new(),
+    );
     let agent = AgentSpec {
         name: "backend".into(),
         person: None,
