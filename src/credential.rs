@@ -53,6 +53,9 @@ pub struct Credentials {
     stored: Mutex<u64>,
     /// One rebuild at a time for [`Credentials::remember_coalesced`].
     building: tokio::sync::Mutex<()>,
+    /// `jit = "run"`: the credential of each `keygate run`, by (secret, run id), until the run
+    /// ends ([`Credentials::end_run`]).
+    per_run: Mutex<std::collections::HashMap<(usize, String), Arc<Secret>>>,
 }
 
 struct Entry {
@@ -85,6 +88,7 @@ impl Credentials {
             redactor: ArcSwap::from_pointee(Redactor::builder().build()),
             scanner: ArcSwap::from_pointee(scan_builder().build()),
             held: Mutex::new(Vec::new()),
+            per_run: Mutex::new(std::collections::HashMap::new()),
             generation: AtomicU64::new(0),
             stored: Mutex::new(0),
             building: tokio::sync::Mutex::new(()),
@@ -175,11 +179,13 @@ impl Credentials {
     }
 
     /// The secret of the route `authorized` names, or `None` when the route attaches none.
-    /// Only an [`Authorized`] request gets a credential.
+    /// Only an [`Authorized`] request gets a credential. `run` is the `keygate run` the
+    /// request's token was leased for: a `jit = "run"` secret gives each run its own value.
     pub async fn get(
         &self,
         config: &Config,
         authorized: &Authorized,
+        run: Option<&str>,
     ) -> Result<Option<Arc<Secret>>, Rejection> {
         let route = &config.routes[authorized.route()];
         let Some(id) = route.secret else {
@@ -195,6 +201,11 @@ impl Credentials {
         let name = &entry.spec.name;
         if entry.spec.source.is_none() {
             return Ok(None);
+        }
+        if let (SecretSource::OpenBao(bao), Some(run)) = (&entry.spec.source, run) {
+            if bao.per_run() {
+                return self.get_for_run(id.0, entry, bao, run).await;
+            }
         }
         if let SecretSource::OpenBao(bao) = &entry.spec.source {
             if bao.per_request() {
@@ -241,6 +252,68 @@ impl Credentials {
         }
         let fetched = entry.spec.fetch().await;
         self.keep(name, entry, fetched)
+    }
+
+    /// `jit = "run"` for a request of a `keygate run`: the run's own credential, fetched once
+    /// (one fetch at a time per secret) and kept until the run ends or its lease is gone.
+    async fn get_for_run(
+        &self,
+        index: usize,
+        entry: &Entry,
+        bao: &Arc<crate::secret::openbao::Bao>,
+        run: &str,
+    ) -> Result<Option<Arc<Secret>>, Rejection> {
+        let key = (index, run.to_string());
+        let cached = || {
+            let map = self.per_run.lock().unwrap_or_else(|p| p.into_inner());
+            map.get(&key).filter(|s| !bao.lease_gone(s)).cloned()
+        };
+        if let Some(s) = cached() {
+            return Ok(Some(s));
+        }
+        let _one_fetch = entry.fetch.lock().await;
+        if let Some(s) = cached() {
+            return Ok(Some(s));
+        }
+        match bao.fetch_for_run(&entry.spec.name).await {
+            Ok(s) => {
+                let s = Arc::new(s);
+                self.remember_coalesced(s.clone()).await;
+                let old = self
+                    .per_run
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key, s.clone());
+                if let Some(old) = old {
+                    bao.retire(&old);
+                }
+                Ok(Some(s))
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                tracing::warn!(secret = %entry.spec.name, error = %msg, "secret fetch failed");
+                Err(Rejection::new(Code::SecretUnavailable, msg))
+            }
+        }
+    }
+
+    /// A `keygate run` ended: the credentials fetched for it are revoked once no request uses
+    /// them.
+    pub fn end_run(&self, run: &str) {
+        let ended: Vec<(usize, Arc<Secret>)> = {
+            let mut map = self.per_run.lock().unwrap_or_else(|p| p.into_inner());
+            let keys: Vec<(usize, String)> = map.keys().filter(|k| k.1 == run).cloned().collect();
+            keys.into_iter()
+                .filter_map(|k| map.remove(&k).map(|s| (k.0, s)))
+                .collect()
+        };
+        for (index, secret) in ended {
+            if let Some(SecretSource::OpenBao(bao)) =
+                self.entries.get(index).map(|e| &e.spec.source)
+            {
+                bao.retire(&secret);
+            }
+        }
     }
 
     /// Records the outcome of a fetch: a value is cached and taught to the redactor and the
@@ -837,7 +910,7 @@ mod tests {
 
     async fn fetch(creds: &Credentials, c: &Config) -> Arc<Secret> {
         let authorized = Authorized::for_test(0, 0);
-        creds.get(c, &authorized).await.unwrap().unwrap()
+        creds.get(c, &authorized, None).await.unwrap().unwrap()
     }
 
     #[tokio::test]

@@ -267,7 +267,11 @@ async fn process(
     approvals.check(ask, pending.record()).await?;
 
     // credential
-    let secret = state.credentials.get(config, &authorized).await?;
+    let run = pending.record().run_id.clone();
+    let secret = state
+        .credentials
+        .get(config, &authorized, run.as_deref())
+        .await?;
     let hold = secret
         .as_ref()
         .and_then(|s| state.credentials.hold(config, &authorized, s));

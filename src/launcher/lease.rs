@@ -299,6 +299,8 @@ async fn end(live: &Arc<Live>, token_id: &str, run: &RunInfo, why: &str) {
     let state = live.state.load_full();
     // Refused from now on, before and whatever the store says.
     state.control.runs.revoked.insert(token_id);
+    // `jit = "run"` credentials die with the run.
+    state.credentials.end_run(&run.run_id);
     if let Some(store) = state.control.store.clone() {
         let id = token_id.to_string();
         let revoked = tokio::task::spawn_blocking(move || store.revoke_tokens(Some(&id), None))

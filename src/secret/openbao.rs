@@ -325,9 +325,41 @@ impl Bao {
         matches!(self.settings.read, Read::Dynamic { .. }) && self.settings.jit == Jit::Request
     }
 
+    /// Whether each `keygate run` gets a credential of its own (`jit = "run"` on a dynamic
+    /// secret), revoked when the run ends.
+    pub fn per_run(&self) -> bool {
+        matches!(self.settings.read, Read::Dynamic { .. }) && self.settings.jit == Jit::Run
+    }
+
     /// Reads the value: a KV field (key id `name#vN`) or a new dynamic credential (key id
     /// `name#lease-FINGERPRINT`, its lease tracked here).
     pub async fn fetch(self: &Arc<Self>, name: &str) -> Result<Secret, FetchError> {
+        self.fetch_scoped(name, false).await
+    }
+
+    /// A new dynamic credential for one `keygate run`: renewed while the run lasts and revoked
+    /// by [`Bao::retire`] when it ends; it never replaces the credential shared by requests
+    /// that belong to no run.
+    pub async fn fetch_for_run(self: &Arc<Self>, name: &str) -> Result<Secret, FetchError> {
+        self.fetch_scoped(name, true).await
+    }
+
+    /// The value `secret` is no longer handed out: its lease is revoked once no request uses it.
+    pub fn retire(self: &Arc<Self>, secret: &Secret) {
+        let Some(id) = secret.lease() else { return };
+        let lease = lock(&self.leases)
+            .iter()
+            .find(|l| l.id.as_str() == id)
+            .cloned();
+        if let Some(lease) = lease {
+            lease.retired.store(true, Ordering::Release);
+            if lease.users.load(Ordering::Acquire) == 0 {
+                self.revoke_later(lease);
+            }
+        }
+    }
+
+    async fn fetch_scoped(self: &Arc<Self>, name: &str, own: bool) -> Result<Secret, FetchError> {
         let mut slot = match self.settings.read {
             Read::Dynamic { .. } => {
                 let wait = tokio::time::timeout(LEASE_WAIT, self.slots.clone().acquire_owned());
@@ -344,7 +376,7 @@ impl Bao {
             }
             Read::Kv { .. } => None,
         };
-        self.fetch_inner(name, &mut slot)
+        self.fetch_inner(name, &mut slot, own)
             .await
             .map_err(|Failed(reason)| FetchError::OpenBao {
                 secret: name.to_string(),
@@ -352,12 +384,17 @@ impl Bao {
             })
     }
 
-    async fn fetch_inner(self: &Arc<Self>, name: &str, slot: &mut Slot) -> Result<Secret, Failed> {
+    async fn fetch_inner(
+        self: &Arc<Self>,
+        name: &str,
+        slot: &mut Slot,
+        own: bool,
+    ) -> Result<Secret, Failed> {
         // A token the server no longer accepts (revoked, expired early) gets one fresh login.
-        match self.read(name, slot).await {
+        match self.read(name, slot, own).await {
             Err(Denied(_)) => {
                 self.forget_token().await;
-                self.read(name, slot).await.map_err(|Denied(path)| {
+                self.read(name, slot, own).await.map_err(|Denied(path)| {
                     Failed(format!(
                         "{path} answered 403 (permission denied), also after a fresh login"
                     ))
@@ -371,6 +408,7 @@ impl Bao {
         self: &Arc<Self>,
         name: &str,
         slot: &mut Slot,
+        own: bool,
     ) -> Result<Result<Secret, Failed>, Denied> {
         let token = match self.token().await {
             Ok(t) => t,
@@ -394,7 +432,7 @@ impl Bao {
         if answer.status == StatusCode::FORBIDDEN {
             return Err(Denied(path));
         }
-        Ok(self.parse(name, &path, answer, slot))
+        Ok(self.parse(name, &path, answer, slot, own))
     }
 
     fn parse(
@@ -403,6 +441,7 @@ impl Bao {
         path: &str,
         answer: super::http::Answer,
         slot: &mut Slot,
+        own: bool,
     ) -> Result<Secret, Failed> {
         if !answer.status.is_success() {
             return Err(status_failure(path, answer.status));
@@ -453,7 +492,7 @@ impl Bao {
                 }
                 let lease = Lease::new(lease_id, d.renewable, ttl, self.settings.jit);
                 *lock(&lease.slot) = slot.take();
-                self.track(lease);
+                self.track(lease, !own);
                 Ok(secret)
             }
         }
@@ -543,10 +582,12 @@ impl Bao {
         }
     }
 
-    fn track(self: &Arc<Self>, lease: Lease) {
+    /// Tracks a new lease; `shared` makes it the one cached for every request (`run`, `ttl`),
+    /// replacing (and retiring) the one before.
+    fn track(self: &Arc<Self>, lease: Lease, shared: bool) {
         let lease = Arc::new(lease);
         lock(&self.leases).push(lease.clone());
-        if lease.jit != Jit::Request {
+        if shared && lease.jit != Jit::Request {
             let old = lock(&self.current).replace(lease.clone());
             if let Some(old) = old {
                 old.retired.store(true, Ordering::Release);

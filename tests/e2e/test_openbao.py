@@ -383,6 +383,47 @@ def test_openbao_run_lease_is_shared_by_requests_and_revoked_at_shutdown(keygate
     assert openbao.leases("pki/issue/agent") == [], "keygate revokes its leases when it stops"
 
 
+def test_openbao_run_lease_is_one_per_keygate_run_and_revoked_when_the_run_ends(keygate, keygate_bin, fake_upstream, openbao, tmp_path):
+    import subprocess
+
+    enable_pki(openbao)
+    token = new_token()
+    state = f'state_dir = "{tmp_path / "state"}"\n'
+    kg = keygate(
+        state + config(fake_upstream.url, dynamic_secret(openbao.addr), jit="run"),
+        env={"KEYGATE_AGENT_TOKEN": token, "BAO_TOKEN": openbao.root},
+    )
+    shared = kg.audit_record(chat(kg, token).headers["x-request-id"])["key_id"]
+    assert len(openbao.leases("pki/issue/agent")) == 1, "requests outside a run share one lease"
+    call = (
+        'curl -s -o /dev/null -w "%{http_code}\\n" -H "Authorization: Bearer $OPENAI_API_KEY" '
+        '-H "content-type: application/json" -d \'{"model":"m","messages":[]}\' "$OPENAI_BASE_URL/chat/completions"'
+    )
+
+    def one_run() -> set[str]:
+        out = subprocess.run(
+            [str(keygate_bin), "run", "--config", str(kg.config_path), "--no-sandbox", "--", "sh", "-c",
+             f"{call}; {call}"],
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")}, cwd=tmp_path,
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=DEADLINE,
+        )
+        assert out.returncode == 0 and out.stdout.split() == ["200", "200"], (out.stdout, out.stderr)
+        records = [r for r in kg.audit_records() if r.get("run_id") and r.get("request_id")]
+        last_run = records[-1]["run_id"]
+        return {r["key_id"] for r in records if r["run_id"] == last_run}
+
+    first = one_run()
+    assert len(first) == 1 and shared not in first, "a run's requests share the run's own lease"
+    poll(lambda: len(openbao.leases("pki/issue/agent")) == 1, "the ended run's lease to be revoked")
+    second = one_run()
+    assert len(second) == 1 and second != first, "the next run gets a lease of its own"
+    poll(lambda: len(openbao.leases("pki/issue/agent")) == 1, "the second run's lease to be revoked")
+    # The shared lease outside runs was never touched.
+    assert kg.audit_record(chat(kg, token).headers["x-request-id"])["key_id"] == shared
+    assert kg.stop() == 0
+    assert openbao.leases("pki/issue/agent") == []
+
+
 def test_openbao_ttl_lease_is_cached_then_replaced_and_the_old_one_revoked(keygate, fake_upstream, openbao):
     enable_pki(openbao)
     token = new_token()
