@@ -213,15 +213,15 @@ impl GitHubApp {
     }
 
     fn client(&self, name: &str) -> Result<BackendClient, FetchError> {
-        if let Some(c) = self.client.get() {
-            return Ok(c.clone());
-        }
-        let c = BackendClient::new(self.settings.ca_file.as_deref(), self.settings.timeout)
-            .map_err(|e| FetchError::TokenUnreachable {
-                secret: name.into(),
-                reason: e.to_string(),
-            })?;
-        Ok(self.client.get_or_init(|| c).clone())
+        BackendClient::cached(
+            &self.client,
+            self.settings.ca_file.as_deref(),
+            self.settings.timeout,
+        )
+        .map_err(|e| FetchError::TokenUnreachable {
+            secret: name.into(),
+            reason: e.to_string(),
+        })
     }
 }
 

@@ -139,6 +139,20 @@ impl BackendClient {
         Ok(BackendClient { client, timeout })
     }
 
+    /// The client kept in `cell`, made on first use: a source builds its client (and reads its
+    /// CA file) once, not per token fetch.
+    pub fn cached(
+        cell: &std::sync::OnceLock<BackendClient>,
+        ca_file: Option<&Path>,
+        timeout: Duration,
+    ) -> Result<BackendClient, HttpError> {
+        if let Some(c) = cell.get() {
+            return Ok(c.clone());
+        }
+        let c = BackendClient::new(ca_file, timeout)?;
+        Ok(cell.get_or_init(|| c).clone())
+    }
+
     /// Sends one request and reads the whole answer, within the client's deadline. Redirects
     /// are not followed (a 3xx is an answer like any other): a token must not be sent on to
     /// wherever a manager points.

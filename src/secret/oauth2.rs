@@ -221,15 +221,15 @@ impl OAuth2 {
     }
 
     fn client(&self, name: &str) -> Result<BackendClient, FetchError> {
-        if let Some(c) = self.client.get() {
-            return Ok(c.clone());
-        }
-        let c = BackendClient::new(self.settings.ca_file.as_deref(), self.settings.timeout)
-            .map_err(|e| FetchError::TokenUnreachable {
-                secret: name.into(),
-                reason: e.to_string(),
-            })?;
-        Ok(self.client.get_or_init(|| c).clone())
+        BackendClient::cached(
+            &self.client,
+            self.settings.ca_file.as_deref(),
+            self.settings.timeout,
+        )
+        .map_err(|e| FetchError::TokenUnreachable {
+            secret: name.into(),
+            reason: e.to_string(),
+        })
     }
 
     /// The refresh token to start from: the stored rotation of the configured one, else the

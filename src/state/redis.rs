@@ -260,25 +260,7 @@ impl RedisStore {
     {
         let fut = f(self.conn.clone());
         let health = self.health.clone();
-        let out = block_on(&self.rt, async move {
-            match tokio::time::timeout(OP_TIMEOUT, fut).await {
-                Ok(Ok(v)) => {
-                    health.ok();
-                    Ok(v)
-                }
-                Ok(Err(e)) => {
-                    let m = e.to_string();
-                    if is_connection_error(&e) {
-                        health.failed(&m);
-                    }
-                    Err(m)
-                }
-                Err(_) => {
-                    health.failed("timed out");
-                    Err("timed out".to_string())
-                }
-            }
-        });
+        let out = block_on(&self.rt, bounded(fut, health));
         match out {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(m)) | Err(m) => Err(self.error(m)),
@@ -295,25 +277,7 @@ impl RedisStore {
         let fut = f(self.conn.clone(), self.scripts.clone());
         let health = self.health.clone();
         let location = self.location.clone();
-        let task = self.rt.spawn(async move {
-            match tokio::time::timeout(OP_TIMEOUT, fut).await {
-                Ok(Ok(v)) => {
-                    health.ok();
-                    Ok(v)
-                }
-                Ok(Err(e)) => {
-                    let m = e.to_string();
-                    if is_connection_error(&e) {
-                        health.failed(&m);
-                    }
-                    Err(m)
-                }
-                Err(_) => {
-                    health.failed("timed out");
-                    Err("timed out".to_string())
-                }
-            }
-        });
+        let task = self.rt.spawn(bounded(fut, health));
         Box::pin(async move {
             let m = match task.await {
                 Ok(Ok(v)) => return Ok(v),
@@ -402,6 +366,31 @@ fn connection_info(
 /// The URL without any query string, for `status` and errors.
 fn redacted_location(url: &str) -> String {
     format!("redis:{}", url.split('?').next().unwrap_or(url))
+}
+
+/// One store operation within [`OP_TIMEOUT`], its outcome reported to the health watch (a lost
+/// connection or a timeout marks the store unreachable).
+async fn bounded<T>(
+    fut: impl Future<Output = redis::RedisResult<T>>,
+    health: Arc<Watch>,
+) -> Result<T, String> {
+    match tokio::time::timeout(OP_TIMEOUT, fut).await {
+        Ok(Ok(v)) => {
+            health.ok();
+            Ok(v)
+        }
+        Ok(Err(e)) => {
+            let m = e.to_string();
+            if is_connection_error(&e) {
+                health.failed(&m);
+            }
+            Err(m)
+        }
+        Err(_) => {
+            health.failed("timed out");
+            Err("timed out".to_string())
+        }
+    }
 }
 
 async fn pinger(mut conn: ConnectionManager, health: Arc<Watch>) {
