@@ -288,6 +288,13 @@ pub struct Route {
     /// filled in.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub env: Vec<(String, String)>,
+    /// `placeholder_env`: the variable `keygate run` sets to the run's placeholder for this
+    /// route (`crate::placeholder`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub placeholder_env: Option<String>,
+    /// `placeholder_in`: where beyond credential headers the placeholder is replaced.
+    #[serde(skip_serializing_if = "crate::placeholder::Positions::is_empty")]
+    pub placeholder_in: crate::placeholder::Positions,
 }
 
 /// Bounds on every connection a listener accepts (`[connections]`), so idle or stalled peers

@@ -91,6 +91,9 @@ catalogue! {
     OriginNotAllowed = "origin_not_allowed", FORBIDDEN, Agent;
     /// The request carries a held secret or a credential (exfiltration scan).
     SecretInRequest = "secret_in_request", FORBIDDEN, Agent;
+    /// A credential position holds neither the route's placeholder of the caller's run nor
+    /// nothing (a foreign token, another run's or an ended run's placeholder).
+    PlaceholderMismatch = "placeholder_mismatch", FORBIDDEN, Agent;
     /// No route prefix matches the path.
     RouteNotFound = "route_not_found", NOT_FOUND, Agent;
     /// The request body sent nothing for `request_body_timeout`.

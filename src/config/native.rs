@@ -188,6 +188,8 @@ struct RawRoute {
     env: BTreeMap<String, Spanned<String>>,
     /// `request`, `run` or `ttl`: how long a dynamic OpenBao credential serves.
     jit: Option<Spanned<String>>,
+    placeholder_env: Option<Spanned<String>>,
+    placeholder_in: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -362,6 +364,14 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
                 max_response_time: lines.dur(&r.max_response_time, key("max_response_time")),
                 github_scope: github_scope(&lines, r, &key),
                 query: r.query.as_ref().map(|q| lines.spanned(q, key("query"))),
+                placeholder_env: r
+                    .placeholder_env
+                    .as_ref()
+                    .map(|v| lines.spanned(v, key("placeholder_env"))),
+                placeholder_in: r
+                    .placeholder_in
+                    .as_ref()
+                    .map(|v| lines.spanned(v, key("placeholder_in"))),
                 region: r.region.clone(),
                 service: r.service.clone(),
                 env: r

@@ -260,6 +260,8 @@ fn lab_route(
         max_response_time: None,
         github_scope: None,
         query: None,
+        placeholder_env: None,
+        placeholder_in: None,
         region: None,
         service: None,
         env: Vec::new(),

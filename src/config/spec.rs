@@ -243,6 +243,10 @@ pub(crate) struct RouteSpec {
     pub service: Option<String>,
     /// `[routes.R.env]`: `(name, template)` as written, for `keygate run`.
     pub env: Vec<At<(String, String)>>,
+    /// The variable `keygate run` sets to the route's placeholder.
+    pub placeholder_env: Option<At<String>>,
+    /// Where else the placeholder is replaced: `"query"`, `"body"`.
+    pub placeholder_in: Option<At<Vec<String>>>,
 }
 
 /// One `[agents.NAME]` table, or the lab's single agent.

@@ -755,8 +755,36 @@ fn route(
         crate::launcher::check_env_entry(k, v).or_else(|m| cx.err(&e.pos, m))?;
         env.push((k.clone(), v.clone()));
     }
+    let placeholder_env = match &r.placeholder_env {
+        Some(v) => {
+            crate::launcher::check_env_entry(&v.value, "").or_else(|m| cx.err(&v.pos, m))?;
+            Some(v.value.clone())
+        }
+        None => None,
+    };
+    let placeholder_in = match &r.placeholder_in {
+        Some(v) => crate::placeholder::Positions::parse(&v.value).or_else(|m| cx.err(&v.pos, m))?,
+        None => crate::placeholder::Positions::default(),
+    };
+    if placeholder_env.is_some() || !placeholder_in.is_empty() {
+        if let Some(at) = r
+            .placeholder_env
+            .as_ref()
+            .map(|v| &v.pos)
+            .or(r.placeholder_in.as_ref().map(|v| &v.pos))
+        {
+            if secret.is_none() {
+                return cx.err(
+                    at,
+                    "a placeholder stands in for the route's secret: set secret too",
+                );
+            }
+        }
+    }
     Ok(Route {
         env,
+        placeholder_env,
+        placeholder_in,
         name: r.name.clone(),
         prefix,
         upstream,

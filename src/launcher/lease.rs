@@ -61,6 +61,8 @@ pub struct Runs {
     by_token: Mutex<HashMap<String, RunInfo>>,
     /// Tokens of ended runs, refused by the authenticator whatever the store recorded.
     revoked: Arc<crate::authenticate::RevokedIds>,
+    /// The live runs' placeholders, minted with the lease and forgotten when it ends.
+    pub placeholders: crate::placeholder::Registry,
 }
 
 impl Runs {
@@ -299,6 +301,7 @@ async fn end(live: &Arc<Live>, token_id: &str, run: &RunInfo, why: &str) {
     let state = live.state.load_full();
     // Refused from now on, before and whatever the store says.
     state.control.runs.revoked.insert(token_id);
+    state.control.runs.placeholders.forget_run(token_id);
     // `jit = "run"` credentials die with the run.
     state.credentials.end_run(&run.run_id);
     if let Some(store) = state.control.store.clone() {
@@ -392,6 +395,17 @@ fn grant(
                     .replace("{base_url}", &route_base);
                 set.insert(k.clone(), v.into());
             }
+        }
+    }
+    let placeholders = state
+        .control
+        .runs
+        .placeholders
+        .mint_for_run(token_id, agent, &routes);
+    for r in &routes {
+        let value = placeholders.iter().find(|(name, _)| *name == r.name);
+        if let (Some(var), Some((_, value))) = (&r.placeholder_env, value) {
+            set.insert(var.clone(), value.clone().into());
         }
     }
     // Names that hold a value keygate holds, matched by hash: no value crosses the socket.
