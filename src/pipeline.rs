@@ -181,10 +181,13 @@ async fn process(
     // authenticate (a live placeholder is its run's capability: `placeholder`)
     let runs = &state.control.runs;
     let lifted = placeholder::lift(&mut head.headers, &runs.placeholders)?;
+    let placeholder_route = route::select(&config.routes, &head.uri)
+        .is_ok_and(|r| placeholder::enabled(&config.routes[r.route]));
     let who = placeholder::identify(
         state.tokens.identify(&mut head, peer),
         &lifted,
         config,
+        placeholder_route,
         |t| runs.get(t).is_some() && !runs.revoked().contains(t),
     )?;
     let caller_token = who.token_id.clone();

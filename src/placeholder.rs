@@ -305,13 +305,27 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 /// Completes `authenticate`: a request with no token is its placeholder's run; one with a token
-/// and a placeholder must carry its own run's.
+/// and a placeholder must carry its own run's. On a placeholder route (`placeholder_route`), a
+/// second credential next to the token, or one next to a placeholder, is a foreign credential:
+/// 403 `placeholder_mismatch` says so rather than 401.
 pub fn identify(
     found: Result<Identity, Rejection>,
     lifted: &Lifted,
     config: &Config,
+    placeholder_route: bool,
     live_run: impl Fn(&str) -> bool,
 ) -> Result<Identity, Rejection> {
+    let foreign = |e: &Rejection| {
+        e.code == Code::AmbiguousCredentials
+            || (lifted.owner.is_some() && e.code == Code::InvalidToken)
+    };
+    if let Err(e) = &found {
+        if placeholder_route && foreign(e) {
+            return Err(mismatch(
+                "this route takes its placeholder or no credential; the request carries another credential",
+            ));
+        }
+    }
     let Some(owner) = &lifted.owner else {
         return found;
     };

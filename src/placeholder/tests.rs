@@ -153,26 +153,26 @@ fn a_request_with_only_a_placeholder_is_its_runs_and_a_token_must_be_the_same_ru
     let mut h = headers(&[("x-api-key", HeaderValue::from_str(&gh).unwrap())]);
     let lifted = lift(&mut h, &reg).unwrap();
     let missing = Err(Rejection::new(Code::MissingToken, "none"));
-    let who = identify(missing, &lifted, &c, |_| true).unwrap();
+    let who = identify(missing, &lifted, &c, true, |_| true).unwrap();
     assert_eq!(who.token_id.as_deref(), Some("tok_run1"));
     assert_eq!(who.agent, AgentId(0));
     // The run's lease ended between the lookup and now.
     let missing = Err(Rejection::new(Code::MissingToken, "none"));
-    let e = identify(missing, &lifted, &c, |_| false).unwrap_err();
+    let e = identify(missing, &lifted, &c, true, |_| false).unwrap_err();
     assert_eq!(e.code, Code::PlaceholderMismatch);
     let other_run = Ok(Identity {
         agent: AgentId(0),
         token_id: Some("tok_run9".into()),
         person: None,
     });
-    let e = identify(other_run, &lifted, &c, |_| true).unwrap_err();
+    let e = identify(other_run, &lifted, &c, true, |_| true).unwrap_err();
     assert_eq!(e.code, Code::PlaceholderMismatch);
     let same_run = Ok(Identity {
         agent: AgentId(0),
         token_id: Some("tok_run1".into()),
         person: None,
     });
-    assert!(identify(same_run, &lifted, &c, |_| true).is_ok());
+    assert!(identify(same_run, &lifted, &c, true, |_| true).is_ok());
 }
 
 #[test]

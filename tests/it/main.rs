@@ -11,6 +11,7 @@ mod support;
 mod dos;
 mod hook_claude_code;
 mod launcher;
+mod placeholder;
 mod proxy;
 mod redact_cli;
 mod redact_response;
