@@ -23,6 +23,7 @@ pub mod launcher;
 pub mod listen;
 pub mod local;
 pub mod pipeline;
+pub mod proxy;
 pub mod redact;
 pub mod reload;
 pub mod route;

@@ -208,7 +208,8 @@ async fn process(
         .check_frozen(Some(&config.agents[agent].name))?;
 
     // route
-    let routed = route::select(&config.routes, &head.uri)?;
+    let via = head.extensions.get::<crate::proxy::Via>();
+    let routed = route::select(&config.routes, via.map(|v| v.host.as_str()), &head.uri)?;
     let route = &config.routes[routed.route];
     pending.record().route(route, config.secret_of(route));
 
@@ -448,7 +449,8 @@ fn full(b: Bytes) -> Body {
         .boxed()
 }
 
-fn new_request_id() -> String {
+/// `req_` + 24 hex digits: a request's id in its record, its answer and its errors.
+pub(crate) fn new_request_id() -> String {
     use rand::Rng;
     let n: u128 = rand::rng().random();
     format!("req_{:024x}", n >> 32)
