@@ -163,6 +163,10 @@ pub enum Reason {
     ClientStalled,
     /// The answer ran past the route's `max_response_time`.
     MaxResponseTimeExceeded,
+    /// A CONNECT whose tunnel keygate terminates: each request in it has its own record.
+    TunnelTerminated,
+    /// A CONNECT tunnelled without inspection (`egress_allow`, `egress = "tunnel"`).
+    TunnelPassed,
     /// Refused with this code.
     Refused(crate::error::Code),
     /// The record was dropped unfinished; the reason it had so far.
@@ -182,6 +186,8 @@ impl Reason {
             Reason::ClientDisconnected => "client_disconnected",
             Reason::ClientStalled => "client_stalled",
             Reason::MaxResponseTimeExceeded => "max_response_time_exceeded",
+            Reason::TunnelTerminated => "tunnel_terminated",
+            Reason::TunnelPassed => "tunnel_passed",
             Reason::Refused(code) => code.as_str(),
             Reason::Aborted(_) => "aborted",
         }
@@ -577,6 +583,25 @@ pub struct Pending {
 }
 
 impl Pending {
+    /// Moves the record into a new owner (a task that finishes it later); this one is spent.
+    pub fn take(&mut self) -> Pending {
+        Pending {
+            record: self.record.take(),
+            log: self.log.clone(),
+        }
+    }
+
+    /// Whether the record is still to be written by this owner.
+    pub fn is_open(&self) -> bool {
+        self.record.is_some()
+    }
+
+    /// Drops the record unwritten: only for a request handed on whole to a stage that writes
+    /// its own record for it (the forward proxy's absolute-form requests go to the pipeline).
+    pub fn handed_over(mut self) {
+        self.record = None;
+    }
+
     /// The record being filled in, to set fields as the request goes through the stages.
     pub fn record(&mut self) -> &mut Record {
         // `record` is Some until it is sent, and nothing writes to a sent record (its owner is

@@ -24,6 +24,7 @@ pub mod listen;
 pub mod local;
 pub mod pipeline;
 pub mod placeholder;
+pub mod proxy;
 pub mod redact;
 pub mod reload;
 pub mod route;

@@ -181,7 +181,11 @@ async fn process(
     // authenticate (a live placeholder is its run's capability: `placeholder`)
     let runs = &state.control.runs;
     let lifted = placeholder::lift(&mut head.headers, &runs.placeholders)?;
-    let placeholder_route = route::select(&config.routes, &head.uri)
+    let via_host = head
+        .extensions
+        .get::<crate::proxy::Via>()
+        .map(|v| v.host.clone());
+    let placeholder_route = route::select(&config.routes, via_host.as_deref(), &head.uri)
         .is_ok_and(|r| placeholder::enabled(&config.routes[r.route]));
     let who = placeholder::identify(
         state.tokens.identify(&mut head, peer),
@@ -219,7 +223,8 @@ async fn process(
         .check_frozen(Some(&config.agents[agent].name))?;
 
     // route
-    let routed = route::select(&config.routes, &head.uri)?;
+    let via = head.extensions.get::<crate::proxy::Via>();
+    let routed = route::select(&config.routes, via.map(|v| v.host.as_str()), &head.uri)?;
     let route = &config.routes[routed.route];
     pending.record().route(route, config.secret_of(route));
 
@@ -485,7 +490,8 @@ fn full(b: Bytes) -> Body {
         .boxed()
 }
 
-fn new_request_id() -> String {
+/// `req_` + 24 hex digits: a request's id in its record, its answer and its errors.
+pub(crate) fn new_request_id() -> String {
     use rand::Rng;
     let n: u128 = rand::rng().random();
     format!("req_{:024x}", n >> 32)

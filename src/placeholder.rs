@@ -87,9 +87,11 @@ impl Positions {
     }
 }
 
-/// Whether a route hands out placeholders, and so checks its credential positions.
+/// Whether a route hands out placeholders, and so checks its credential positions: one that
+/// asks for them, and every forward-proxy route (`host`), whose tools send their own
+/// credential headers.
 pub fn enabled(route: &Route) -> bool {
-    route.placeholder_env.is_some() || !route.placeholder_in.is_empty()
+    route.placeholder_env.is_some() || !route.placeholder_in.is_empty() || route.host.is_some()
 }
 
 /// A fresh placeholder for `route`.

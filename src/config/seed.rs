@@ -227,6 +227,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
             backend: None,
         }),
         run: Default::default(),
+        proxy: Default::default(),
     })
 }
 
@@ -265,6 +266,7 @@ fn lab_route(
         region: None,
         service: None,
         env: Vec::new(),
+        proxy: Default::default(),
     }
 }
 
@@ -379,6 +381,7 @@ fn parse_backend(file: &Path, text: &str) -> Result<Spec, ConfigError> {
             }),
         }),
         run: Default::default(),
+        proxy: Default::default(),
         state: None,
         instance: None,
     })

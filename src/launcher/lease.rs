@@ -408,6 +408,11 @@ fn grant(
             set.insert(var.clone(), value.clone().into());
         }
     }
+    let files = state
+        .control
+        .proxy
+        .get()
+        .map(|proxy| super::files::grant(proxy, token, &routes, &placeholders, &mut set));
     // Names that hold a value keygate holds, matched by hash: no value crosses the socket.
     let held = state.credentials.held_hashes();
     let mut reach = Reach::default();
@@ -468,6 +473,9 @@ fn grant(
         .collect();
     ports.push(state.listen_port);
     ports.extend(&config.run.allow_ports);
+    if let Some(proxy) = state.control.proxy.get() {
+        ports.extend(proxy.addrs.iter().map(|a| a.port()));
+    }
     ports.sort_unstable();
     ports.dedup();
     zeroize::Zeroizing::new(
@@ -484,6 +492,7 @@ fn grant(
             "read_only": read_only,
             "ports": ports,
             "heartbeat_secs": heartbeat.as_secs(),
+            "files": files,
         })
         .to_string()
             + "\n",
