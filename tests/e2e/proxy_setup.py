@@ -38,6 +38,10 @@ class ProxyBench:
         auth = f"keygate:{token}@" if token else ""
         return f"http://{auth}127.0.0.1:{self.proxy_port}"
 
+    def curl_argv(self, *args: str) -> tuple[list[str], dict]:
+        argv = ["curl", "-sS", "-N", "--max-time", str(DEADLINE), "--noproxy", "", "-x", self.proxy_url(), "--cacert", str(self.keygate_ca), *args]
+        return argv, {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.tmp)}
+
     def curl(self, *args: str, token: str | None = "default", cacert: Path | None = None) -> subprocess.CompletedProcess:
         """curl through keygate's proxy; stdout is the body, then a line `STATUS CONNECT_STATUS`."""
         argv = [
@@ -57,7 +61,7 @@ def status_of(done: subprocess.CompletedProcess) -> tuple[int, int, str]:
     return int(code), int(connect), body
 
 
-def start_bench(keygate, keygate_bin, tmp_path: Path, *, wrong_ca: bool = False, extra: str = "", listen_port: int = 0, mirror_at: str | None = None) -> ProxyBench:
+def start_bench(keygate, keygate_bin, tmp_path: Path, *, wrong_ca: bool = False, extra: str = "", listen_port: int = 0, mirror_at: str | None = None, key: str | None = None, env: dict | None = None) -> ProxyBench:
     ca = trustme.CA()
     upstream_ca = tmp_path / "upstream-ca.pem"
     ca.cert_pem.write_to_path(str(upstream_ca))
@@ -71,7 +75,7 @@ def start_bench(keygate, keygate_bin, tmp_path: Path, *, wrong_ca: bool = False,
     state = tmp_path / "state"
     state.mkdir(mode=0o700, exist_ok=True)
     token = new_token()
-    key = fake_secret("ghp_")
+    key = key or fake_secret("ghp_")
     config = f"""\
 listen = ["127.0.0.1:{listen_port}"]
 proxy_listen = ["127.0.0.1:0"]
@@ -94,7 +98,7 @@ allow = ["GET /user", "GET /echo", "POST /v1/chat/completions"]
 routes = ["gh"]
 token_env = "KEYGATE_AGENT_TOKEN"
 {extra}"""
-    kg = keygate(config, env={"KEYGATE_AGENT_TOKEN": token, "GH_KEY": key})
+    kg = keygate(config, env={"KEYGATE_AGENT_TOKEN": token, "GH_KEY": key, **(env or {})})
     exported = run_keygate(keygate_bin, ["ca", "export", "--config", str(kg.config_path)], tmp_path)
     assert exported.returncode == 0, exported.stderr
     assert exported.stdout.startswith("-----BEGIN CERTIFICATE-----") and "PRIVATE" not in exported.stdout
