@@ -97,17 +97,20 @@ fn client(r: &Route, host: &str, connect_timeout: Duration) -> Result<RouteClien
 pub fn is_certificate_error(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cause = Some(e);
     while let Some(c) = cause {
-        let tls = c.downcast_ref::<rustls::Error>().or_else(|| {
-            c.downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        });
         if let Some(rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented) =
-            tls
+            c.downcast_ref::<rustls::Error>()
         {
             return true;
         }
-        cause = c.source();
+        // hyper-rustls wraps tokio-rustls' io::Error in another; an io::Error's `source` skips
+        // the error it wraps, so it is unwrapped by hand.
+        cause = match c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => c.source(),
+        };
     }
     false
 }

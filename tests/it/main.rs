@@ -9,6 +9,7 @@
 mod support;
 
 mod dos;
+mod forward_proxy;
 mod hook_claude_code;
 mod launcher;
 mod placeholder;
