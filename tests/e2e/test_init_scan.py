@@ -57,7 +57,7 @@ def test_init_yes_moves_env_and_dotenv_keys_into_a_config_the_openai_sdk_works_t
     assert_never_shown(keys, out.stdout, out.stderr)
     assert "OPENAI_BASE_URL=http://127.0.0.1:0/openai/v1" in out.stdout
     assert "keygate run --config" in out.stdout and "token issue" in out.stdout
-    after = (proj / ".env").read_text()
+    after = (proj / ".env").read_bytes().decode()
     assert_never_shown(keys, after)
     kept = [line for line in before.splitlines(keepends=True) if "_API_KEY" not in line]
     assert [line for line in after.splitlines(keepends=True) if "_API_KEY" not in line] == kept
@@ -76,10 +76,12 @@ def test_init_yes_moves_env_and_dotenv_keys_into_a_config_the_openai_sdk_works_t
     for host in PROVIDER_HOSTS:
         assert host in text
         text = text.replace(host, fake_upstream.url)
-    kg = keygate(text, env=env)
-    issued = run_keygate(keygate_bin, ["token", "issue", "--agent", "coder", "--config", str(kg.config_path)], tmp_path, env=env)
+    # Issued before serve starts, from the same state_dir (a running keygate would take up to a
+    # second to see it).
+    issued = run_keygate(keygate_bin, ["token", "issue", "--agent", "coder", "--config", str(config)], tmp_path, env=env)
     assert issued.returncode == 0, issued.stderr
     token = issued.stdout.strip()
+    kg = keygate(text, env=env)
 
     client = openai.OpenAI(base_url=f"{kg.url}/openai/v1", api_key=token, max_retries=0, timeout=DEADLINE)
     completion = client.chat.completions.create(model="gpt-fake", messages=[{"role": "user", "content": "hi"}])
@@ -270,7 +272,7 @@ def test_scan_fix_moves_a_dotenv_key_into_a_secret_file_that_init_then_serves(ke
 
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
     assert_never_shown((key,), fixed.stdout, fixed.stderr)
-    assert (proj / ".env").read_text() == '# keep me\r\nA=1\nOPENAI_API_KEY="keygate-held:openai" # prod\nB=2'
+    assert (proj / ".env").read_bytes().decode() == '# keep me\r\nA=1\nOPENAI_API_KEY="keygate-held:openai" # prod\nB=2'
     secret = config_dir(tmp_path) / "secrets" / "openai"
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600 and secret.read_text().strip() == key
     again = scan(keygate_bin, tmp_path, str(proj), "--no-env", "--no-history")
