@@ -529,3 +529,34 @@ fn print_next(config: &Path, chosen: &[Chosen], listen: &str) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_config_with_every_known_provider_passes_validation() {
+        let dir = tempfile::tempdir().unwrap();
+        let chosen: Vec<Chosen> = findkeys::PROVIDERS
+            .iter()
+            .map(|p| Chosen {
+                key: Found {
+                    provider: p,
+                    var: p.vars[0].to_string(),
+                    value: zeroize::Zeroizing::new(String::new()),
+                    origin: Origin::Env,
+                },
+                same: Vec::new(),
+                source: Source::File(dir.path().join(p.id)),
+                upstream: p
+                    .upstream
+                    .unwrap_or("https://example.openai.azure.com")
+                    .to_string(),
+            })
+            .collect();
+        let path = dir.path().join("keygate.toml");
+        std::fs::write(&path, config_text(&chosen, "127.0.0.1:8791", dir.path())).unwrap();
+        let config = crate::config::Config::load(&path).unwrap();
+        assert_eq!(config.routes.len(), findkeys::PROVIDERS.len());
+    }
+}
