@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import stat
+import subprocess
 from pathlib import Path
 
 import httpx
 import openai
 
-from conftest import DEADLINE, fake_secret, run_keygate
+from conftest import DEADLINE, base_env, fake_secret, run_keygate
 
 PROVIDER_HOSTS = ("https://api.openai.com", "https://api.anthropic.com", "https://api.mistral.ai")
 
@@ -285,3 +287,28 @@ def test_scan_fix_moves_a_dotenv_key_into_a_secret_file_that_init_then_serves(ke
     checked = run_keygate(keygate_bin, ["check", "--fetch", "--config", str(config)], tmp_path)
     assert checked.returncode == 0, checked.stderr
     assert "[routes.openai]" in config.read_text()
+
+
+def test_init_asks_on_a_terminal_and_protects_only_the_keys_answered_yes(keygate_bin, tmp_path):
+    openai_key = fake_secret("sk-proj-ask")
+    anthropic_key = fake_secret("sk-ant-api03-ask")
+    proj = project_with_dotenv(tmp_path, f"OPENAI_API_KEY={openai_key}\nANTHROPIC_API_KEY={anthropic_key}\n")
+    master, slave = pty.openpty()
+    try:
+        os.write(master, b"n\n\n")  # no to OpenAI, Enter (yes) to Anthropic
+        out = subprocess.run(
+            [str(keygate_bin), "init", "--dir", str(proj)],
+            stdin=slave, capture_output=True, text=True, env=base_env(tmp_path), cwd=tmp_path,
+            timeout=DEADLINE, start_new_session=True,
+        )
+    finally:
+        os.close(slave)
+        os.close(master)
+
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("[Y/n]") == 2
+    assert_never_shown((openai_key, anthropic_key), out.stdout, out.stderr)
+    text = (config_dir(tmp_path) / "keygate.toml").read_text()
+    assert "[routes.anthropic]" in text and "[routes.openai]" not in text
+    env_after = (proj / ".env").read_text()
+    assert f"OPENAI_API_KEY={openai_key}\n" in env_after and anthropic_key not in env_after
