@@ -12,14 +12,14 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::support::Keygate;
 
-const HOST: &str = "api.example.test";
+pub(crate) const HOST: &str = "api.example.test";
 
 /// A test CA and a TLS upstream for `HOST` that records each request's `Authorization` and
 /// answers with it in the body (as a careless API might).
-struct TlsUpstream {
-    port: u16,
-    ca_pem: String,
-    seen: Arc<Mutex<Vec<String>>>,
+pub(crate) struct TlsUpstream {
+    pub(crate) port: u16,
+    pub(crate) ca_pem: String,
+    pub(crate) seen: Arc<Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -36,7 +36,7 @@ fn test_ca() -> (rcgen::Certificate, KeyPair) {
     (p.self_signed(&key).unwrap(), key)
 }
 
-async fn tls_upstream() -> TlsUpstream {
+pub(crate) async fn tls_upstream() -> TlsUpstream {
     let (ca, ca_key) = test_ca();
     let leaf_key = KeyPair::generate().unwrap();
     let leaf = CertificateParams::new(vec![HOST.to_string()])

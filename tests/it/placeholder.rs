@@ -210,3 +210,75 @@ async fn placeholder_of_an_ended_run_is_refused_and_kgph_text_in_a_body_not_opte
     assert!(text.contains("placeholder_mismatch"), "{text}");
     assert_eq!(up.seen.lock().unwrap().len(), 1);
 }
+
+/// Through the forward proxy: `keygate run` sets HTTPS_PROXY (the run's token as proxy
+/// credentials) and the CA variables, and the agent's tools send only the placeholder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tools_through_the_proxy_send_placeholders_and_the_tls_upstream_sees_the_real_key() {
+    use crate::forward_proxy::{tls_upstream, HOST};
+    let up = tls_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("upstream-ca.pem");
+    std::fs::write(&ca_file, &up.ca_pem).unwrap();
+    let config = format!(
+        "listen = [\"127.0.0.1:0\"]\nproxy_listen = [\"127.0.0.1:0\"]\naudit_log = \"AUDIT\"\n\
+         state_dir = \"{state}\"\n\
+         [secrets.gh]\nsource = \"env\"\nname = \"GH_REAL\"\n\
+         [routes.gh]\nhost = \"{HOST}\"\nupstream = \"https://127.0.0.1:{port}\"\n\
+         upstream_ca = \"{ca}\"\nsecret = \"gh\"\nallow = [\"GET /user\"]\n\
+         placeholder_env = \"GITHUB_TOKEN\"\n\
+         [agents.coder]\n",
+        state = dir.path().join("state").display(),
+        port = up.port,
+        ca = ca_file.display(),
+    );
+    let audit = dir.path().join("audit.jsonl");
+    let kg = Keygate::start_with_audit(&config, &[("GH_REAL", &real_key())], dir, audit);
+    let work = tempfile::tempdir().unwrap();
+    // curl and Python's urllib read HTTPS_PROXY and the CA variables keygate run sets.
+    let script = format!(
+        r#"
+        env > env.txt
+        curl -s -o curl.txt -w '%{{http_code}}' -u "x-access-token:$GITHUB_TOKEN" https://{HOST}/user > curl.code
+        curl -s -o foreign.txt -w '%{{http_code}}' -H "Authorization: Bearer $FOREIGN" https://{HOST}/user > foreign.code
+        python3 -c 'import os, urllib.request as u
+r = u.Request("https://{HOST}/user", headers={{"Authorization": "Bearer " + os.environ["GITHUB_TOKEN"]}})
+print(u.urlopen(r, timeout=10).status)' > py.code 2> py.err
+    "#
+    );
+    let foreign = foreign_key();
+    let out = run_agent(&kg, &script, work.path(), &[("FOREIGN", &foreign)]);
+    assert!(out.status.success(), "{out:?}");
+    let env = read(work.path(), "env.txt");
+    assert!(env.contains("HTTPS_PROXY=http://keygate:kg_"), "{env}");
+    assert_eq!(read(work.path(), "curl.code"), "200");
+    assert_eq!(
+        read(work.path(), "py.code").trim(),
+        "200",
+        "{}",
+        read(work.path(), "py.err")
+    );
+    assert_eq!(read(work.path(), "foreign.code"), "403");
+    assert!(read(work.path(), "foreign.txt").contains("placeholder_mismatch"));
+    let key = real_key();
+    let seen = up.seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        vec![
+            basic(&format!("x-access-token:{key}")),
+            format!("Bearer {key}")
+        ],
+        "the upstream saw the real key, and nothing of the refused request"
+    );
+    assert!(
+        !all_files(work.path()).contains(&key),
+        "the agent saw the key"
+    );
+    // The run's CA bundle and git/AWS files are gone with the run.
+    let bundle = env
+        .lines()
+        .find_map(|l| l.strip_prefix("SSL_CERT_FILE="))
+        .unwrap()
+        .to_string();
+    assert!(!Path::new(&bundle).exists(), "{bundle} outlived the run");
+}
