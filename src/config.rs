@@ -646,7 +646,7 @@ impl Config {
                 (s.name.clone(), v)
             })
             .collect();
-        serde_json::json!({
+        let mut policy = serde_json::json!({
             "format": self.format,
             "mode": self.mode,
             "listen": self.listen,
@@ -661,7 +661,16 @@ impl Config {
             "secrets": secrets,
             "routes": self.routes.iter().map(|r| self.route_policy(r)).collect::<Vec<_>>(),
             "agents": self.agents.iter().map(|a| self.agent_policy(a)).collect::<Vec<_>>(),
-        })
+        });
+        // Egress decides requests too; written only with a proxy listener, so a config without
+        // one keeps its policy version.
+        if let (false, Some(m)) = (self.proxy.listen.is_empty(), policy.as_object_mut()) {
+            m.insert(
+                "proxy".into(),
+                serde_json::to_value(&self.proxy).unwrap_or_default(),
+            );
+        }
+        policy
     }
 
     /// A route as the policy shows it: ids by name, as written in config.

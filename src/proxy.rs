@@ -180,6 +180,7 @@ pub async fn run(
                             shared: shared.clone(),
                             peer: Arc::new(Peer::Tcp(addr)),
                             listener: name.clone(),
+                            stop: stop.clone(),
                         };
                         let alive = alive.clone();
                         tokio::spawn(async move {
@@ -209,6 +210,8 @@ struct Conn {
     shared: Arc<Shared>,
     peer: Arc<Peer>,
     listener: Arc<str>,
+    /// Turns true when keygate stops: connections finish their request and close.
+    stop: watch::Receiver<bool>,
 }
 
 fn http1() -> hyper::server::conn::http1::Builder {
@@ -227,10 +230,16 @@ impl Conn {
             let this = this.clone();
             async move { Ok::<_, Infallible>(this.request(req).await) }
         });
-        let _ = http1()
+        let conn = http1()
             .serve_connection(TokioIo::new(stream), svc)
-            .with_upgrades()
-            .await;
+            .with_upgrades();
+        tokio::pin!(conn);
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = stop.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
+        }
+        let _ = conn.await;
     }
 
     /// A request on the proxy listener itself: CONNECT, or absolute-form plain HTTP.
@@ -481,6 +490,14 @@ impl Conn {
             pipeline::handle(state, this.peer.clone(), this.listener.clone(), req)
         });
         let conn = http1().serve_connection(TokioIo::new(tls), svc);
+        tokio::pin!(conn);
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = watch.idle(TUNNEL_IDLE) => return,
+            // Stopping: the request in flight finishes, an idle keep-alive tunnel closes now.
+            _ = stop.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
+        }
         tokio::select! {
             _ = conn => {}
             _ = watch.idle(TUNNEL_IDLE) => {}

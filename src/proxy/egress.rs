@@ -59,6 +59,13 @@ pub(super) async fn open(
             {
                 return to_keygate();
             }
+            // Link-local holds cloud metadata services (169.254.169.254): never by DNS.
+            if addrs.iter().any(|a| link_local(a.ip())) {
+                return Err(Rejection::new(
+                    Code::EgressDenied,
+                    format!("{} resolves to a link-local address; refused", target.host),
+                ));
+            }
             addrs
         }
     };
@@ -72,6 +79,18 @@ pub(super) async fn open(
         Code::TunnelUnreachable,
         format!("{}:{} could not be reached", target.host, target.port),
     ))
+}
+
+fn link_local(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_link_local(),
+        std::net::IpAddr::V6(v6) => {
+            (v6.segments()[0] & 0xffc0) == 0xfe80
+                || v6
+                    .to_ipv4_mapped()
+                    .is_some_and(|v4| v4.is_link_local() || v4.is_loopback())
+        }
+    }
 }
 
 /// Copies both ways until either side closes or the tunnel is idle for `idle`.
@@ -174,5 +193,25 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Activity<S> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_local_and_mapped_loopback_answers_are_caught_and_public_ones_pass() {
+        for bad in [
+            "169.254.169.254",
+            "fe80::1",
+            "::ffff:169.254.169.254",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(link_local(bad.parse().unwrap()), "{bad}");
+        }
+        for ok in ["140.82.112.6", "2606:4700::1111", "10.0.0.5"] {
+            assert!(!link_local(ok.parse().unwrap()), "{ok}");
+        }
     }
 }

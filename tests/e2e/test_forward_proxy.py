@@ -139,3 +139,35 @@ def test_absolute_form_http_goes_through_the_pipeline_for_a_route_host_only(benc
     assert status_of(other)[0] == 403 and "egress_denied" in other.stdout
     recs = bench.kg.audit_records(2)
     assert sorted(r["decision"] for r in recs) == ["allow", "deny"]
+
+
+def _tls_in_tunnel(bench, sni: str) -> bool:
+    """CONNECT to the route's host, then a TLS handshake naming `sni`; whether it completed."""
+    import ssl
+
+    auth = base64.b64encode(f"keygate:{bench.token}".encode()).decode()
+    with socket.create_connection(("127.0.0.1", bench.proxy_port), timeout=10) as s:
+        s.sendall(f"CONNECT {HOST}:443 HTTP/1.1\r\nHost: {HOST}:443\r\nProxy-Authorization: Basic {auth}\r\n\r\n".encode())
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            chunk = s.recv(1)
+            assert chunk, head
+            head += chunk
+        assert head.startswith(b"HTTP/1.1 200"), head
+        ctx = ssl.create_default_context(cafile=str(bench.keygate_ca))
+        ctx.check_hostname = False  # keygate is the one that must check the name here
+        try:
+            with ctx.wrap_socket(s, server_hostname=sni):
+                return True
+        except (ssl.SSLError, OSError):
+            return False
+
+
+def test_tls_inside_a_tunnel_must_name_the_connect_host(bench):
+    assert not _tls_in_tunnel(bench, "other.example.test")
+    (rec,) = connects(bench.kg)
+    assert rec["decision"] == "deny" and rec["reason"] == "tunnel_handshake_failed"
+    # Benign neighbour: the CONNECT's own host completes the handshake.
+    assert _tls_in_tunnel(bench, HOST)
+    recs = connects(bench.kg, 2)
+    assert sorted(r["reason"] for r in recs) == ["tunnel_handshake_failed", "tunnel_terminated"]
