@@ -37,10 +37,11 @@ const RANDOM_LEN: usize = 32;
 
 /// Headers a tool puts its key in, beyond the route's own inject header: a placeholder there is
 /// replaced, any other value refused on a placeholder route.
-pub const TOKEN_HEADERS: [&str; 5] = [
+pub const TOKEN_HEADERS: [&str; 6] = [
     "authorization",
     "x-api-key",
     "api-key",
+    "x-goog-api-key",
     "private-token",
     "x-auth-token",
 ];
