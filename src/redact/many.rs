@@ -11,6 +11,14 @@
 //! zero, the patterns whose window ends in that block are checked at that offset, longest
 //! first, with their first 8 bytes compared as one word before the rest.
 //!
+//! Probing window by window is a chain of dependent loads (the next probe's offset is this
+//! probe's result), so a cheaper test runs first, with independent probes: every
+//! `stride = window - BLOCK + 1` bytes, is the block there one of the blocks at any offset of
+//! any pattern's window (a bit set)? A match's window always holds the block at the next
+//! multiple of `stride` at or after its start, so where that block is in no window, no match
+//! starts in the `stride` offsets before it, and only where it is do the window probes run, over
+//! those offsets.
+//!
 //! Matches are reported as a leftmost-longest automaton reports them: offsets are visited in
 //! order, the first offset where some pattern matches gives the match (the longest pattern
 //! there; patterns are distinct, so it is unique), and the search resumes at its end.
@@ -20,9 +28,11 @@
 const BLOCK: usize = 4;
 /// log2 of the shift table's size (one byte per slot: 64 KiB, in L2).
 const BITS: u32 = 16;
-/// A longer window allows longer skips but puts more blocks in the table, which then skips
-/// less; past this the second effect wins (measured with 600 spellings of 50 held keys).
-const MAX_WINDOW: usize = 16;
+/// A longer window allows longer skips but puts more blocks in the tables, which then rule out
+/// less; past this the second effect wins.
+const MAX_WINDOW: usize = 32;
+/// log2 of the block set's size in bits (32 KiB, in L1).
+const SET_BITS: u32 = 18;
 
 /// The searcher. No `Debug`: it holds every secret's spellings.
 pub(crate) struct Many {
@@ -31,6 +41,8 @@ pub(crate) struct Many {
     window: usize,
     /// How far the window may move when its last block hashes to a slot.
     shift: Vec<u8>,
+    /// A bit per hash of every block at any offset of any pattern's window.
+    blocks: Vec<u64>,
     /// For each slot, where its candidates start in `entries` (`TABLE + 1` offsets).
     starts: Vec<u32>,
     /// Candidates (first 8 bytes, pattern id) of each slot, longest pattern first.
@@ -43,6 +55,11 @@ const TABLE: usize = 1 << BITS;
 #[inline(always)]
 fn slot(block: u32) -> usize {
     (block.wrapping_mul(0x9E37_79B1) >> (32 - BITS)) as usize
+}
+
+#[inline(always)]
+fn set_slot(block: u32) -> usize {
+    (block.wrapping_mul(0x85EB_CA6B) >> (32 - SET_BITS)) as usize
 }
 
 #[inline(always)]
@@ -71,8 +88,11 @@ impl Many {
         let max_shift = u8::try_from(window - BLOCK + 1).ok()?;
         let mut shift = vec![max_shift; TABLE];
         let mut counts = vec![0u32; TABLE + 1];
+        let mut blocks = vec![0u64; 1 << (SET_BITS - 6)];
         for p in patterns {
             for end in BLOCK..=window {
+                let b = set_slot(read_u32(p, end - BLOCK));
+                blocks[b / 64] |= 1 << (b % 64);
                 let s = slot(read_u32(p, end - BLOCK));
                 // Distance from this block's end to the window's end.
                 let d = (window - end) as u8;
@@ -101,6 +121,7 @@ impl Many {
             patterns: patterns.to_vec(),
             window,
             shift,
+            blocks,
             starts,
             entries,
             longest: patterns.iter().map(Vec::len).max().unwrap_or(0),
@@ -111,6 +132,12 @@ impl Many {
         self.longest
     }
 
+    #[inline(always)]
+    fn in_some_window(&self, hay: &[u8], at: usize) -> bool {
+        let b = set_slot(read_u32(hay, at));
+        self.blocks[b / 64] & (1 << (b % 64)) != 0
+    }
+
     /// Every leftmost-longest match in `hay`, in order: (pattern id, start, end).
     pub(crate) fn for_each(&self, hay: &[u8], out: &mut dyn FnMut(usize, usize, usize)) {
         let w = self.window;
@@ -119,22 +146,60 @@ impl Many {
         }
         // The last offset whose window fits; every pattern is at least `w` long.
         let last = hay.len() - w;
+        let stride = w - BLOCK + 1;
+        // The block at `q` decides the starts `q + 1 - stride ..= q`; the last start needs
+        // `q <= last + stride - 1 = hay.len() - BLOCK`, so every block read is in bounds.
+        let end = hay.len() - BLOCK;
+        // No match may start before `at` (the end of the last one).
         let mut at = 0;
-        while at <= last {
-            let s = slot(read_u32(hay, at + w - BLOCK));
-            let d = self.shift[s];
-            if d != 0 {
-                at += usize::from(d);
+        let mut q = 0;
+        while q <= end {
+            // Four independent probes at a time: the loads overlap.
+            if q + 3 * stride <= end
+                && !(self.in_some_window(hay, q)
+                    | self.in_some_window(hay, q + stride)
+                    | self.in_some_window(hay, q + 2 * stride)
+                    | self.in_some_window(hay, q + 3 * stride))
+            {
+                q += 4 * stride;
                 continue;
             }
-            match self.verify(hay, at, s) {
+            if self.in_some_window(hay, q) {
+                let lo = at.max(q.saturating_sub(stride - 1));
+                at = self.walk(hay, lo, q.min(last), at, out);
+            }
+            q += stride;
+        }
+    }
+
+    /// The window walk over the starts `lo..=hi`; returns where the next match may start.
+    fn walk(
+        &self,
+        hay: &[u8],
+        lo: usize,
+        hi: usize,
+        mut at: usize,
+        out: &mut dyn FnMut(usize, usize, usize),
+    ) -> usize {
+        let w = self.window;
+        let mut p = lo;
+        while p <= hi {
+            let s = slot(read_u32(hay, p + w - BLOCK));
+            let d = self.shift[s];
+            if d != 0 {
+                p += usize::from(d);
+                continue;
+            }
+            match self.verify(hay, p, s) {
                 Some((id, len)) => {
-                    out(id, at, at + len);
-                    at += len;
+                    out(id, p, p + len);
+                    p += len;
+                    at = p;
                 }
-                None => at += 1,
+                None => p += 1,
             }
         }
+        at
     }
 
     /// The longest pattern of slot `s` that starts at `at`.

@@ -165,6 +165,18 @@ mod tests {
             .collect()
     }
 
+    #[test]
+    fn many_long_patterns_take_the_skip_search_and_short_ones_the_automaton() {
+        let long: Vec<Vec<u8>> = (0..MANY_FROM)
+            .map(|i| format!("held-value-{i:04}-xyz").into_bytes())
+            .collect();
+        assert!(matches!(Searcher::new(&long), Searcher::Many(_)));
+        let mut short = long.clone();
+        short.push(b"seven77".to_vec());
+        assert!(matches!(Searcher::new(&short), Searcher::Dfa(..)));
+        assert!(matches!(Searcher::new(&long[..3]), Searcher::Dfa(..)));
+    }
+
     proptest::proptest! {
         /// The walk finds exactly what the library's `find_iter` finds, on haystacks where
         /// prefilter candidates are dense, sparse, and both in turn.
