@@ -251,6 +251,10 @@ async fn process(
         body_read,
     )
     .await?;
+    if route.request_scan != RequestScan::Off {
+        let scanner = state.credentials.scanner();
+        scan::lifted(&scanner, route.request_scan, &lifted.masked(), pending)?;
+    }
     let mut body_sha256 = None;
     let mut plan = usage::RequestPlan::default();
     let (whole, body, streamed, seen) = match body {

@@ -205,6 +205,60 @@ impl Lifted {
     pub fn owner(&self) -> Option<&Owner> {
         self.owner.as_ref()
     }
+
+    /// What the lifted headers say beyond their placeholders, for the request scan: each value
+    /// with every `kgph_…` blanked, and a Basic value's decoded pair too. The scan must see
+    /// these, or a secret next to a placeholder would ride past it.
+    pub fn masked(&self) -> Vec<(&HeaderName, Vec<u8>)> {
+        let mut out = Vec::new();
+        for (name, values) in &self.headers {
+            for v in values {
+                // A Basic value is judged by its decoded pair: its base64 is opaque text.
+                match basic_decoded(v.as_bytes()) {
+                    Some(decoded) => out.push((name, mask(&decoded))),
+                    None => out.push((name, mask(v.as_bytes()))),
+                }
+            }
+        }
+        out
+    }
+}
+
+/// `text` with every `kgph_…` string replaced by a space.
+fn mask(text: &[u8]) -> Vec<u8> {
+    let mut out = text.to_vec();
+    for c in find_all(text) {
+        out = replace_bytes(&out, &c, b" ");
+    }
+    out
+}
+
+/// Whether a credential header's value is the placeholder and nothing else a tool would not
+/// put there: `P`, `<scheme> P`, or `Basic base64(user:P)` / `Basic base64(P:)`.
+fn credential_form(value: &[u8], p: &[u8]) -> bool {
+    let v = value.trim_ascii();
+    if v == p {
+        return true;
+    }
+    if let Some(decoded) = basic_decoded(v) {
+        let Some(colon) = decoded.iter().position(|&b| b == b':') else {
+            return false;
+        };
+        let (user, pass) = (&decoded[..colon], &decoded[colon + 1..]);
+        return (pass == p && find(user, PREFIX.as_bytes()).is_none())
+            || (user == p && pass.is_empty());
+    }
+    match v.iter().position(|&b| b == b' ') {
+        Some(i) => {
+            let scheme = &v[..i];
+            !scheme.is_empty()
+                && scheme
+                    .iter()
+                    .all(|b| b.is_ascii_alphanumeric() || *b == b'-')
+                && v[i..].trim_ascii() == p
+        }
+        None => false,
+    }
 }
 
 fn mismatch(message: impl Into<String>) -> Rejection {
@@ -437,6 +491,11 @@ pub fn substitute(
         };
         for v in &values {
             let own = candidates(v.as_bytes()).iter().all(|c| c == p.as_bytes());
+            if own && !credential_form(v.as_bytes(), p.as_bytes()) {
+                return Err(mismatch(format!(
+                    "the {name} header holds more than a scheme, a Basic user name and the placeholder"
+                )));
+            }
             if !own {
                 return Err(mismatch(format!(
                     "the placeholder in {name} is not one of route {}",

@@ -132,6 +132,31 @@ pub fn head(
     Ok(redacted)
 }
 
+/// The header values `placeholder::lift` took off the request before [`head`] ran, with their
+/// placeholders blanked. They go upstream as they are (or with the credential in place of the
+/// placeholder), so they cannot be redacted: a strong finding is refused in every mode.
+pub fn lifted(
+    scanner: &Redactor,
+    mode: RequestScan,
+    values: &[(&http::HeaderName, Vec<u8>)],
+    pending: &mut Pending,
+) -> Result<(), Rejection> {
+    let mode = if mode.refuses() {
+        mode
+    } else {
+        RequestScan::Refuse
+    };
+    for (name, value) in values {
+        judge(
+            mode,
+            labels(scanner, value),
+            &format!("header {name}"),
+            pending,
+        )?;
+    }
+    Ok(())
+}
+
 /// A body read whole: refused, or returned redacted (`true` when something was replaced).
 pub async fn body(
     scanner: &Arc<Redactor>,

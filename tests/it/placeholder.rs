@@ -282,3 +282,43 @@ print(u.urlopen(r, timeout=10).status)' > py.code 2> py.err
         .to_string();
     assert!(!Path::new(&bundle).exists(), "{bundle} outlived the run");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placeholder_in_a_header_does_not_hide_a_held_secret_beside_it_from_the_scan() {
+    let (up, kg) = setup().await;
+    let work = tempfile::tempdir().unwrap();
+    // Attack: a held secret next to the placeholder in an ordinary header, and text beyond the
+    // scheme and placeholder in a credential header. Benign: a note with the placeholder only.
+    // The benign request goes first: keygate knows a secret's value once it fetched it.
+    let script = r#"
+        HELD=$(cat held.txt)
+        curl -s -o benign.txt -w '%{http_code}' -H "X-Broker-Token: $KEYGATE_TOKEN" \
+             -H "X-Note: ticket 42 $GITHUB_TOKEN" "$GH_URL/user" > benign.code
+        curl -s -o note.txt -w '%{http_code}' -H "X-Broker-Token: $KEYGATE_TOKEN" \
+             -H "X-Note: $HELD $GITHUB_TOKEN" "$GH_URL/user" > note.code
+        curl -s -o extra.txt -w '%{http_code}' \
+             -H "Authorization: token $GITHUB_TOKEN $HELD" "$GH_URL/user" > extra.code
+        curl -s -o words.txt -w '%{http_code}' \
+             -H "Authorization: token $GITHUB_TOKEN and-more" "$GH_URL/user" > words.code
+    "#;
+    // Written to a file: `keygate run` keeps held values out of the agent's environment.
+    std::fs::write(work.path().join("held.txt"), real_key()).unwrap();
+    let out = run_agent(&kg, script, work.path(), &[]);
+    assert!(out.status.success(), "{out:?}");
+    for name in ["note", "extra"] {
+        assert_eq!(read(work.path(), &format!("{name}.code")), "403", "{name}");
+        assert!(
+            read(work.path(), &format!("{name}.txt")).contains("secret_in_request"),
+            "{name}"
+        );
+    }
+    assert_eq!(read(work.path(), "words.code"), "403");
+    assert!(read(work.path(), "words.txt").contains("placeholder_mismatch"));
+    assert_eq!(read(work.path(), "benign.code"), "200");
+    let seen = up.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "a refused request reached the upstream");
+    assert!(seen[0].headers["x-note"]
+        .to_str()
+        .unwrap()
+        .starts_with("ticket 42 kgph_gh_"));
+}
