@@ -523,6 +523,11 @@ pub fn substitute(
     let Some(p) = placeholder else {
         return Ok(in_header);
     };
+    if signs {
+        // The value is the signing key pair, which never goes on the wire (config refuses
+        // `placeholder_in` here; this holds also if that check is ever lost).
+        return Ok(in_header);
+    }
     if route.placeholder_in.query {
         if let Some(q) = target.query.as_mut() {
             if q.contains(p) {

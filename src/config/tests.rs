@@ -421,3 +421,29 @@ fn an_aws_sigv4_route_streams_only_for_s3() {
         assert_eq!(c.routes[0].inject.needs_whole_body(), whole, "{service}");
     }
 }
+
+#[test]
+fn placeholder_in_is_refused_on_a_signing_route_and_allowed_on_a_header_route() {
+    let aws = "[secrets.aws]\nsource = \"aws-credentials\"\n";
+    let sigv4 = format!(
+        "{aws}{ROUTE}secret = \"aws\"\ninject = \"aws-sigv4\"\nregion = \"eu-west-1\"\nservice = \"s3\"\n"
+    );
+    for position in ["query", "body"] {
+        let text = format!("{sigv4}placeholder_in = [\"{position}\"]\n");
+        let e = load("k.toml", &text).unwrap_err().to_string();
+        assert!(e.contains("routes.a.placeholder_in"), "{e}");
+        assert!(e.contains("signs"), "{e}");
+    }
+    // Benign neighbours: a sigv4 route with a header placeholder only, a bearer route with both.
+    load(
+        "k.toml",
+        &format!("{sigv4}placeholder_env = \"AWS_ACCESS_KEY_ID\"\n"),
+    )
+    .unwrap();
+    let bearer = "[secrets.k]\nsource = \"env\"\nname = \"K\"\n";
+    load(
+        "k.toml",
+        &format!("{bearer}{ROUTE}secret = \"k\"\nplaceholder_in = [\"query\", \"body\"]\n"),
+    )
+    .unwrap();
+}

@@ -778,6 +778,16 @@ fn route(
         Some(v) => crate::placeholder::Positions::parse(&v.value).or_else(|m| cx.err(&v.pos, m))?,
         None => crate::placeholder::Positions::default(),
     };
+    if let (Some(v), Inject::AwsSigV4 { .. }) = (&r.placeholder_in, &inject) {
+        // The stored value is the key pair, not what goes on the wire: replacing a placeholder
+        // with it would send the signing secret upstream.
+        if !placeholder_in.is_empty() {
+            return cx.err(
+                &v.pos,
+                "this route signs its requests (aws-sigv4): its secret is a signing key, never sent, so it has no query or body placeholder",
+            );
+        }
+    }
     if placeholder_env.is_some() || !placeholder_in.is_empty() {
         if let Some(at) = r
             .placeholder_env
