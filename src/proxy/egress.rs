@@ -1,10 +1,12 @@
 //! Tunnels keygate passes through without inspection (`egress_allow`, `egress = "tunnel"`), and
 //! the idle watch every tunnel has.
 //!
-//! A tunnel never reaches keygate itself: an address DNS gives is refused when it is loopback
-//! or unspecified, and an `egress_connect` address when it is one of keygate's listeners.
+//! A tunnel never reaches keygate itself: an address DNS gives is refused when it is (in its
+//! canonical form: `::ffff:a.b.c.d` is a.b.c.d) loopback, unspecified, in 0.0.0.0/8,
+//! link-local or one of keygate's listeners, and an `egress_connect` address when it is one of
+//! keygate's listeners.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -53,18 +55,17 @@ pub(super) async fn open(
                 Ok(Ok(a)) => a.collect(),
                 _ => Vec::new(),
             };
-            if addrs
-                .iter()
-                .any(|a| a.ip().is_loopback() || a.ip().is_unspecified())
-            {
-                return to_keygate();
-            }
-            // Link-local holds cloud metadata services (169.254.169.254): never by DNS.
-            if addrs.iter().any(|a| link_local(a.ip())) {
-                return Err(Rejection::new(
-                    Code::EgressDenied,
-                    format!("{} resolves to a link-local address; refused", target.host),
-                ));
+            for a in &addrs {
+                match dns_verdict(a.ip(), a.port(), own) {
+                    Some(Refusal::Keygate) => return to_keygate(),
+                    Some(Refusal::LinkLocal) => {
+                        return Err(Rejection::new(
+                            Code::EgressDenied,
+                            format!("{} resolves to a link-local address; refused", target.host),
+                        ))
+                    }
+                    None => {}
+                }
             }
             addrs
         }
@@ -79,6 +80,32 @@ pub(super) async fn open(
         Code::TunnelUnreachable,
         format!("{}:{} could not be reached", target.host, target.port),
     ))
+}
+
+/// Why a DNS answer is refused.
+#[derive(Debug, PartialEq, Eq)]
+enum Refusal {
+    /// It leads to this machine, maybe keygate itself.
+    Keygate,
+    /// Link-local holds cloud metadata services (169.254.169.254): never by DNS.
+    LinkLocal,
+}
+
+/// Judges one DNS answer. The address is made canonical first: `::ffff:0.0.0.0` is 0.0.0.0,
+/// which connects to this machine, and a mapped address must not dodge the v4 rules.
+fn dns_verdict(ip: IpAddr, port: u16, own: &[SocketAddr]) -> Option<Refusal> {
+    let ip = ip.to_canonical();
+    let this_network = match ip {
+        IpAddr::V4(v4) => v4.octets()[0] == 0,
+        IpAddr::V6(_) => false,
+    };
+    let listener = own
+        .iter()
+        .any(|o| o.port() == port && (o.ip().to_canonical() == ip || o.ip().is_unspecified()));
+    if ip.is_loopback() || ip.is_unspecified() || this_network || listener {
+        return Some(Refusal::Keygate);
+    }
+    link_local(ip).then_some(Refusal::LinkLocal)
 }
 
 fn link_local(ip: std::net::IpAddr) -> bool {
@@ -199,6 +226,44 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Activity<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dns_answers_leading_to_keygate_in_any_spelling_are_refused_and_public_ones_pass() {
+        let own: Vec<SocketAddr> = vec!["192.168.7.9:8791".parse().unwrap()];
+        for bad in [
+            "::ffff:0.0.0.0",
+            "0.0.0.0",
+            "0.1.2.3",
+            "::ffff:0.1.2.3",
+            "::",
+            "127.0.0.2",
+            "::1",
+            "::ffff:127.0.0.1",
+            "169.254.169.254",
+            "::ffff:169.254.169.254",
+            "fe80::1",
+        ] {
+            let ip: std::net::IpAddr = bad.parse().unwrap();
+            assert!(dns_verdict(ip, 443, &own).is_some(), "{bad}");
+        }
+        // keygate's own non-loopback listener, also spelt as a mapped address.
+        for bad in ["192.168.7.9", "::ffff:192.168.7.9"] {
+            let ip: std::net::IpAddr = bad.parse().unwrap();
+            assert!(dns_verdict(ip, 8791, &own).is_some(), "{bad}");
+        }
+        for ok in [
+            "140.82.112.6",
+            "2606:4700::1111",
+            "10.0.0.5",
+            "::ffff:140.82.112.6",
+        ] {
+            let ip: std::net::IpAddr = ok.parse().unwrap();
+            assert!(dns_verdict(ip, 443, &own).is_none(), "{ok}");
+        }
+        // Same host, another port: not keygate.
+        let ip: std::net::IpAddr = "192.168.7.9".parse().unwrap();
+        assert!(dns_verdict(ip, 443, &own).is_none());
+    }
 
     #[test]
     fn link_local_and_mapped_loopback_answers_are_caught_and_public_ones_pass() {
