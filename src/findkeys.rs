@@ -649,6 +649,10 @@ pub fn rewrite_lines(
     path: &Path,
     edit: &dyn Fn(usize, &str) -> Option<String>,
 ) -> Result<usize, String> {
+    // A symlinked `.env` is rewritten where it points: renaming over the link would leave the
+    // key in its target.
+    let real = std::fs::canonicalize(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let path = real.as_path();
     let text = Zeroizing::new(
         std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?,
     );
@@ -703,6 +707,31 @@ pub fn is_dotenv(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rewriting_a_symlinked_env_edits_its_target_and_keeps_the_link() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real.env");
+        std::fs::write(&real, "A=old\nB=keep\n").unwrap();
+        std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let link = dir.path().join(".env");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let edit = |_: usize, l: &str| l.starts_with("A=").then(|| "A=new".to_string());
+        assert_eq!(rewrite_lines(&link, &edit).unwrap(), 1);
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read_to_string(&real).unwrap(), "A=new\nB=keep\n");
+        let mode = std::fs::metadata(&real).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640);
+        // Benign neighbour: a plain file is rewritten in place.
+        let plain = dir.path().join("plain.env");
+        std::fs::write(&plain, "A=old\n").unwrap();
+        assert_eq!(rewrite_lines(&plain, &edit).unwrap(), 1);
+        assert_eq!(std::fs::read_to_string(&plain).unwrap(), "A=new\n");
+    }
 
     fn key(prefix: &str) -> String {
         // Built at run time: the repository holds no key-shaped literal.

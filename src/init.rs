@@ -469,13 +469,20 @@ fn clean_dotenv(
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
     use std::os::unix::fs::OpenOptionsExt as _;
+    // create_new (O_CREAT|O_EXCL) neither follows a symlink nor reuses an existing file (and
+    // its mode): a backup holds keys, so it is always a new file of ours, owner-only.
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => format!(
+                "{}: already exists (or is a link); keygate writes a backup only as a new file: move it away first",
+                path.display()
+            ),
+            _ => format!("{}: {e}", path.display()),
+        })?;
     f.write_all(bytes)
         .map_err(|e| format!("{}: {e}", path.display()))
 }
@@ -533,6 +540,29 @@ fn print_next(config: &Path, chosen: &[Chosen], listen: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backup_is_never_written_through_a_symlink_or_over_an_existing_file() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let link = dir.path().join(".env.keygate-backup");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        assert!(write_private(&link, b"KEY=x\n").is_err());
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        let existing = dir.path().join("old-backup");
+        std::fs::write(&existing, "old").unwrap();
+        std::fs::set_permissions(&existing, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(write_private(&existing, b"KEY=x\n").is_err());
+        assert_eq!(std::fs::read_to_string(&existing).unwrap(), "old");
+        // Benign neighbour: a fresh backup is written, owner-only.
+        let fresh = dir.path().join("fresh");
+        write_private(&fresh, b"KEY=x\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&fresh).unwrap(), "KEY=x\n");
+        let mode = std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
 
     #[test]
     fn a_config_with_every_known_provider_passes_validation() {
