@@ -305,6 +305,7 @@ async fn process(
         headers: &mut head.headers,
         query: &mut query,
         body: whole.as_mut(),
+        max_body: usize::try_from(config.max_request_bytes).unwrap_or(usize::MAX),
     };
     let in_header = match &secret {
         Some(secret) => credential::replace(secret, route, lifted, ours.as_deref(), target)?,

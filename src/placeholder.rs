@@ -455,6 +455,8 @@ pub struct Target<'a> {
     pub query: &'a mut Option<String>,
     /// The body, when the route opted in and it was read whole.
     pub body: Option<&'a mut Bytes>,
+    /// `max_request_bytes`: the body after replacement stays within it (413 past it).
+    pub max_body: usize,
 }
 
 /// Puts the lifted headers back with the route's placeholder replaced by `value` in credential
@@ -540,6 +542,20 @@ pub fn substitute(
     if let Some(body) = target.body.filter(|_| route.placeholder_in.body) {
         if find(body, p.as_bytes()).is_some() {
             let escaped = escape_for_body(target.headers, value);
+            // Each placeholder grows into the escaped value: bound the result before building it.
+            let count = memchr::memmem::find_iter(body, p.as_bytes()).count();
+            let grown = body
+                .len()
+                .saturating_add(count.saturating_mul(escaped.len().saturating_sub(p.len())));
+            if grown > target.max_body {
+                return Err(Rejection::new(
+                    Code::RequestTooLarge,
+                    format!(
+                        "with its placeholders replaced the body would be {grown} bytes, over max_request_bytes ({})",
+                        target.max_body
+                    ),
+                ));
+            }
             *body = Bytes::from(replace_bytes(body, p.as_bytes(), &escaped));
         }
     }

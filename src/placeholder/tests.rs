@@ -44,6 +44,7 @@ fn run(
         headers: h,
         query,
         body,
+        max_body: 1 << 20,
     };
     substitute(&c.routes[0], lifted, placeholder, b"REAL/+=", target)
 }

@@ -322,3 +322,30 @@ async fn placeholder_in_a_header_does_not_hide_a_held_secret_beside_it_from_the_
         .unwrap()
         .starts_with("ticket 42 kgph_gh_"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placeholders_cannot_grow_a_body_past_max_request_bytes() {
+    let (up, kg) = setup().await;
+    let work = tempfile::tempdir().unwrap();
+    // The body is under the limit (256 KiB), but each placeholder grows into a longer key
+    // spelling: 6 200 of them push
+    // the body past the limit. Benign: one placeholder in a small body.
+    let script = r#"
+        awk -v p="$API_TOKEN" 'BEGIN { printf "{\"k\":\""; for (i = 0; i < 6200; i++) printf "%s ", p; printf "\"}" }' > big.json
+        curl -s -o big.txt -w '%{http_code}' -H "X-Broker-Token: $KEYGATE_TOKEN" \
+             -H 'content-type: application/json' --data-binary @big.json "$API_URL/items" > big.code
+        curl -s -o small.txt -w '%{http_code}' -H "X-Broker-Token: $KEYGATE_TOKEN" \
+             -H 'content-type: application/json' -d "{\"k\":\"$API_TOKEN\"}" "$API_URL/items" > small.code
+    "#;
+    let out = run_agent(&kg, script, work.path(), &[]);
+    assert!(out.status.success(), "{out:?}");
+    let big = std::fs::metadata(work.path().join("big.json"))
+        .unwrap()
+        .len();
+    assert!(big < 256 * 1024, "the test body itself is {big} bytes");
+    assert_eq!(read(work.path(), "big.code"), "413");
+    assert!(read(work.path(), "big.txt").contains("request_too_large"));
+    assert_eq!(read(work.path(), "small.code"), "200");
+    let seen = up.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "the grown body went upstream");
+}
