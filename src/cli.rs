@@ -302,6 +302,29 @@ pub struct CheckArgs {
     pub fetch: bool,
 }
 
+/// Rust ignores SIGPIPE, so once the reader of `keygate check | head` has gone, the next
+/// `println!` panics. A reader that stops reading is its choice, not keygate's failure: end as a
+/// tool killed by SIGPIPE would (status 128 + 13, no message), as every other output command
+/// in a pipeline does. The message is std's own ("failed printing to stdout: …"); any other
+/// panic still reaches the default hook.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.starts_with("failed printing to stdout")
+            && msg.to_ascii_lowercase().contains("broken pipe")
+        {
+            std::process::exit(141);
+        }
+        default(info)
+    }));
+}
+
 /// Parses the command line and runs the subcommand; returns its exit code.
 pub fn main() -> ExitCode {
     // The sandbox helper restricts its own thread and execs: it runs before anything else could
@@ -310,6 +333,7 @@ pub fn main() -> ExitCode {
     if raw.next().as_deref() == Some(std::ffi::OsStr::new(crate::launcher::sandbox::SUBCOMMAND)) {
         return crate::launcher::sandbox::exec_main(raw.collect());
     }
+    quiet_on_closed_stdout();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

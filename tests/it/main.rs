@@ -8,6 +8,7 @@
 
 mod support;
 
+mod cli_output;
 mod dos;
 mod forward_proxy;
 mod hook_claude_code;
