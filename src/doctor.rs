@@ -216,12 +216,62 @@ fn check_config(path: &Path, out: &mut Vec<Finding>) {
             ),
         }
     }
+    check_agent_tokens(&config, out);
     check_secrets(path, &config, out);
     check_upstreams(&config, out);
     check_audit(&config, out);
     check_state_dir(&config, out);
     let running = check_admin_socket(&config, out);
     check_listeners(&config, running, out);
+}
+
+// === agent tokens ===
+
+/// `serve` reads each agent's `token_env` at start and refuses to start when one is unset or two
+/// agents share a value. Checked here without `Tokens::from_config`, which would open (and
+/// tighten) the state store: doctor changes nothing.
+fn check_agent_tokens(config: &Config, out: &mut Vec<Finding>) {
+    use sha2::{Digest, Sha256};
+    let mut seen: Vec<([u8; 32], &str)> = Vec::new();
+    let mut problem = false;
+    for agent in &config.agents {
+        let Some(var) = &agent.token_env else {
+            continue;
+        };
+        let value = zeroize::Zeroizing::new(std::env::var(var).unwrap_or_default());
+        let value = value.trim();
+        let subject = format!("{} (token_env {var})", agent.name);
+        if value.is_empty() {
+            problem = true;
+            out.push(
+                finding("agents", subject, Status::Fail, format!("{var} is not set or empty: serve refuses to start"))
+                    .fix(format!("export {var}=… (a long random string: the token this agent will send) before `keygate serve`")),
+            );
+            continue;
+        }
+        let digest: [u8; 32] = Sha256::digest(value.as_bytes()).into();
+        if let Some((_, other)) = seen.iter().find(|(d, _)| *d == digest) {
+            problem = true;
+            out.push(
+                finding(
+                    "agents",
+                    subject,
+                    Status::Fail,
+                    format!("the same token as agent {other}: serve refuses to start"),
+                )
+                .fix("give each agent its own token"),
+            );
+        }
+        seen.push((digest, &agent.name));
+    }
+    if !problem && !seen.is_empty() {
+        out.push(finding(
+            "agents",
+            "token_env",
+            Status::Ok,
+            "every agent's token variable is set (values not shown)",
+        ));
+    }
 }
 
 // === secrets ===

@@ -182,3 +182,33 @@ def test_doctor_reports_a_bad_config_with_its_line(keygate_bin, tmp_path):
     [bad] = failed(result, "config")
     assert f"{config}:2" in bad["detail"]
     assert "keygate check --config" in bad["fix"]
+
+
+def test_doctor_reports_an_unset_agent_token_variable(keygate_bin, tmp_path, fake_upstream):
+    config, env, _ = good_setup(tmp_path, fake_upstream.url)
+    del env["KEYGATE_AGENT_TOKEN"]
+
+    result = doctor(keygate_bin, tmp_path, config, env)
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    [agents] = failed(result, "agents")
+    assert "KEYGATE_AGENT_TOKEN" in agents["detail"] and agents["fix"].startswith("export KEYGATE_AGENT_TOKEN=")
+
+
+def test_doctor_passes_while_its_own_keygate_runs_on_the_port(keygate_bin, keygate, tmp_path, fake_upstream):
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    config, env, secrets = good_setup(tmp_path, fake_upstream.url, listen=f'["127.0.0.1:{port}"]')
+    anthropic_key = (tmp_path / "anthropic.key").read_text()
+    keygate(config.read_text(), env={**env, "ANTHROPIC_API_KEY": anthropic_key}, audit_log=None)
+
+    result = doctor(keygate_bin, tmp_path, config, env)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    [listen] = [f for f in findings(result) if f["check"] == "listen"]
+    assert "this config's running keygate" in listen["detail"], listen
+    [admin] = [f for f in findings(result) if f["check"] == "admin"]
+    assert "is running" in admin["detail"], admin
+    assert_no_secret_shown(result, secrets)
