@@ -769,7 +769,7 @@ fn check_admin_socket(config: &Config, out: &mut Vec<Finding>) -> bool {
             );
             false
         }
-        Ok(m) => match std::os::unix::net::UnixStream::connect(&path) {
+        Ok(m) => match unix_answers(&path) {
             Ok(_) => {
                 let mode = m.mode() & 0o777;
                 if mode & 0o077 != 0 {
@@ -937,7 +937,7 @@ fn check_unix_listener(path: &Path, running: bool) -> Finding {
             "a file that is not a socket is there",
         )
         .fix(format!("remove {} or listen elsewhere", path.display())),
-        Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => match unix_answers(path) {
             Ok(_) if running => finding(
                 "listen",
                 subject,
@@ -1030,6 +1030,27 @@ fn landlock() -> Finding {
 }
 
 // === helpers ===
+
+/// Whether something accepts connections on the Unix socket at `path`. Non-blocking: a blocking
+/// connect waits while the listener's backlog is full, and doctor never waits on a stalled peer.
+fn unix_answers(path: &Path) -> Result<(), ()> {
+    use nix::errno::Errno;
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(drop)?;
+    let addr = UnixAddr::new(path).map_err(drop)?;
+    match connect(fd.as_raw_fd(), &addr) {
+        // A full backlog still means a listener is there.
+        Ok(()) | Err(Errno::EAGAIN) | Err(Errno::EINPROGRESS) => Ok(()),
+        Err(_) => Err(()),
+    }
+}
 
 fn nearest_existing(p: &Path) -> PathBuf {
     let mut cur = p.to_path_buf();

@@ -489,6 +489,54 @@ fn fail(code: u8, msg: &str) -> ExitCode {
 mod tests {
     use super::*;
 
+    fn unit_for(toml: &str) -> String {
+        let config = Config::from_text(Path::new("/home/u/kg/keygate.toml"), toml).unwrap();
+        let workdir = Path::new("/home/u/kg");
+        let plan = Plan::of(&config, workdir);
+        render(
+            Path::new("/usr/bin/keygate"),
+            Path::new("/home/u/kg/keygate.toml"),
+            workdir,
+            Path::new("/home/u/.config/keygate/service.env"),
+            &plan,
+            None,
+        )
+    }
+
+    const ROUTE: &str = "[routes.r]\nprefix = \"/r\"\nupstream = \"https://example.com\"\n";
+
+    #[test]
+    fn the_unit_grants_writes_only_to_state_audit_and_socket_dirs() {
+        let unit = unit_for(&format!(
+            "listen = [\"unix:/run/user/1000/kg/keygate.sock\"]\nstate_dir = \"/home/u/.local/state/keygate\"\naudit_log = \"logs/audit.jsonl\"\n{ROUTE}"
+        ));
+        let rw: Vec<&str> = unit
+            .lines()
+            .filter_map(|l| l.strip_prefix("ReadWritePaths="))
+            .collect();
+        assert_eq!(
+            rw,
+            [
+                "/home/u/.local/state/keygate",
+                "/home/u/kg/logs",
+                "/run/user/1000/kg"
+            ]
+        );
+        assert!(unit.lines().any(|l| l == "PrivateTmp=yes"));
+        assert!(
+            unit.contains("ExecStart=/usr/bin/keygate serve --config /home/u/kg/keygate.toml\n")
+        );
+    }
+
+    #[test]
+    fn a_socket_under_tmp_drops_private_tmp() {
+        let unit = unit_for(&format!(
+            "listen = [\"unix:/tmp/kg/keygate.sock\"]\nstate_dir = \"/home/u/.local/state/keygate\"\n{ROUTE}"
+        ));
+        assert!(!unit.lines().any(|l| l == "PrivateTmp=yes"));
+        assert!(unit.lines().any(|l| l == "ReadWritePaths=/tmp/kg"));
+    }
+
     #[test]
     fn unit_words_with_spaces_or_percent_are_quoted_and_escaped() {
         assert_eq!(quote("/usr/bin/keygate"), "/usr/bin/keygate");
