@@ -390,30 +390,30 @@ fn check_upstreams(config: &Config, out: &mut Vec<Finding>) {
         return;
     }
     // One probe per distinct upstream; several routes often share one.
-    let mut targets: Vec<(String, bool, String, u16, Vec<String>)> = Vec::new();
+    let mut targets: Vec<Target> = Vec::new();
     for r in &config.routes {
         let tls = r.upstream.scheme == http::uri::Scheme::HTTPS;
-        let host = r
-            .upstream
-            .authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-        let port = r
-            .upstream
-            .authority
-            .port_u16()
-            .unwrap_or(if tls { 443 } else { 80 });
-        let key = format!(
+        let url = format!(
             "{}://{}",
             if tls { "https" } else { "http" },
             r.upstream.authority
         );
-        match targets.iter_mut().find(|t| t.0 == key) {
-            Some(t) => t.4.push(r.name.clone()),
-            None => targets.push((key, tls, host, port, vec![r.name.clone()])),
+        if let Some(t) = targets.iter_mut().find(|t| t.url == url) {
+            t.routes.push(r.name.clone());
+            continue;
         }
+        let authority = &r.upstream.authority;
+        targets.push(Target {
+            url,
+            tls,
+            host: authority
+                .host()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+            port: authority.port_u16().unwrap_or(if tls { 443 } else { 80 }),
+            routes: vec![r.name.clone()],
+        });
     }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -430,11 +430,11 @@ fn check_upstreams(config: &Config, out: &mut Vec<Finding>) {
             return;
         }
     };
-    let tls = tls_client();
+    let client = tls_client();
     let results = rt.block_on(async {
         let mut set = tokio::task::JoinSet::new();
-        for (i, (_, is_tls, host, port, _)) in targets.iter().enumerate() {
-            let (host, port, tls) = (host.clone(), *port, is_tls.then(|| tls.clone()));
+        for (i, t) in targets.iter().enumerate() {
+            let (host, port, tls) = (t.host.clone(), t.port, t.tls.then(|| client.clone()));
             set.spawn(async move {
                 let r = tokio::time::timeout(UPSTREAM_DEADLINE, reach(host, port, tls))
                     .await
@@ -452,35 +452,41 @@ fn check_upstreams(config: &Config, out: &mut Vec<Finding>) {
         }
         results
     });
-    for ((url, is_tls, host, port, routes), r) in targets.into_iter().zip(results) {
-        let subject = format!("{url} (route {})", routes.join(", "));
+    for (t, r) in targets.into_iter().zip(results) {
+        let subject = format!("{} (route {})", t.url, t.routes.join(", "));
+        let (host, port) = (&t.host, t.port);
+        let reach_fix = format!("check the route's upstream URL and that this machine can reach {host}:{port} (DNS, firewall, VPN, proxy)");
         match r {
             Some(Ok(())) => out.push(finding(
                 "upstream",
                 subject,
                 Status::Ok,
-                if is_tls {
+                if t.tls {
                     "reachable, TLS handshake ok"
                 } else {
                     "reachable (plain http)"
                 },
             )),
-            Some(Err(e)) => {
-                let fix = if e.starts_with("TLS") {
-                    format!("check the route's upstream URL (https:// vs http://) and that {host}'s certificate is issued by a public or system-trusted CA")
-                } else {
-                    format!("check the route's upstream URL and that this machine can reach {host}:{port} (DNS, firewall, VPN, proxy)")
-                };
-                out.push(finding("upstream", subject, Status::Fail, e).fix(fix));
-            }
-            None => out.push(finding(
-                "upstream",
-                subject,
-                Status::Fail,
-                "the probe did not finish",
-            )),
+            Some(Err(e)) if e.starts_with("TLS") => out.push(
+                finding("upstream", subject, Status::Fail, e)
+                    .fix(format!("check the route's upstream URL (https:// vs http://) and that {host}'s certificate is issued by a public or system-trusted CA")),
+            ),
+            Some(Err(e)) => out.push(finding("upstream", subject, Status::Fail, e).fix(reach_fix)),
+            None => out.push(
+                finding("upstream", subject, Status::Fail, "the probe did not finish").fix(reach_fix),
+            ),
         }
     }
+}
+
+/// One upstream to probe and the routes that use it.
+struct Target {
+    /// `scheme://authority`, as findings name it.
+    url: String,
+    tls: bool,
+    host: String,
+    port: u16,
+    routes: Vec<String>,
 }
 
 /// The roots `forward` trusts: webpki's and the system's.
