@@ -103,6 +103,19 @@ pub enum Command {
     /// What would break: rehearse a revocation without changing anything.
     #[command(subcommand)]
     Drill(DrillCommand),
+    /// Check a setup: config, secret sources (fetched, never shown), upstreams, audit log, state
+    /// directory, listen ports, admin socket, Landlock; a fix for each problem (exit 1).
+    Doctor(crate::doctor::DoctorArgs),
+    /// Run keygate as a hardened systemd user service.
+    #[command(subcommand)]
+    Service(crate::service::ServiceCommand),
+    /// Print a shell completion script (e.g. `keygate completions bash > ~/.local/share/bash-completion/completions/keygate`).
+    Completions {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
+    /// Print keygate's man page (roff), e.g. `keygate man | man -l -`.
+    Man,
     /// Run an agent with a token minted for this run only (revoked when it ends), provider keys
     /// removed from its environment, SDK variables pointing at keygate, in a Landlock sandbox.
     Run {
@@ -398,6 +411,28 @@ pub fn main() -> ExitCode {
         }
         Command::Audit(AuditCommand::Key { config }) => audit_key(&config),
         Command::Drill(cmd) => crate::admin::drill::main(cmd),
+        Command::Doctor(args) => crate::doctor::main(args),
+        Command::Service(cmd) => crate::service::main(cmd),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "keygate",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("keygate man: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Run {
             config,
             agent,
