@@ -5,8 +5,10 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use schemars::JsonSchema;
 use serde::Deserialize;
-use toml::Spanned;
+
+use super::schema::Spanned;
 
 use super::spec::{
     AgentSpec, At, ConnectionsSpec, Dur, ListenSpec, Pos, RouteSpec, RuleSpec, SecretSpecRaw, Spec,
@@ -14,8 +16,10 @@ use super::spec::{
 };
 use super::*;
 
-#[derive(Deserialize)]
+/// keygate's native config (`keygate.toml`).
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "NativeConfig")]
 struct Raw {
     listen: Option<Spanned<Vec<String>>>,
     allow_non_loopback: Option<bool>,
@@ -43,10 +47,13 @@ struct Raw {
     #[serde(default)]
     agents: BTreeMap<String, RawAgent>,
     run: Option<RawRun>,
+    /// `brief` (default): `/healthz` says only ok, version and mode; `detail` adds the routes.
+    healthz: Option<Healthz>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Run")]
 struct RawRun {
     #[serde(default)]
     drop_env: Vec<String>,
@@ -54,16 +61,18 @@ struct RawRun {
     allow_ports: Vec<u16>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Tls")]
 struct RawTls {
     cert: String,
     key: String,
     client_ca: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "State")]
 struct RawState {
     backend: Spanned<String>,
     url: Option<Spanned<String>>,
@@ -74,8 +83,9 @@ struct RawState {
     max_stale: Option<Spanned<String>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Connections")]
 struct RawConnections {
     first_request_timeout: Option<Spanned<String>>,
     idle_timeout: Option<Spanned<String>>,
@@ -83,8 +93,9 @@ struct RawConnections {
     request_body_timeout: Option<Spanned<String>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Secret")]
 struct RawSecret {
     source: Spanned<String>,
     name: Option<String>,
@@ -139,7 +150,7 @@ struct RawSecret {
 }
 
 /// An id GitHub shows as a number and users may quote.
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(untagged)]
 enum IdText {
     Number(u64),
@@ -155,8 +166,9 @@ impl IdText {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Route")]
 struct RawRoute {
     prefix: Spanned<String>,
     upstream: Spanned<String>,
@@ -190,8 +202,9 @@ struct RawRoute {
     jit: Option<Spanned<String>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Agent")]
 struct RawAgent {
     person: Option<String>,
     token_env: Option<String>,
@@ -207,8 +220,9 @@ struct RawAgent {
     budget_tokens_per_person: Option<Spanned<RawBudget>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Budget")]
 struct RawBudget {
     per: String,
     limit: u64,
@@ -243,6 +257,11 @@ impl Lines<'_> {
             .unwrap_or(0);
         Pos::new(line, header)
     }
+}
+
+/// The native format's schema, a definition in `generator`.
+pub(super) fn schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    generator.subschema_for::<Raw>()
 }
 
 pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
@@ -495,6 +514,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
                 allow_ports: r.allow_ports,
             })
             .unwrap_or_default(),
+        healthz: raw.healthz,
     })
 }
 
