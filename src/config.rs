@@ -218,7 +218,9 @@ pub enum Format {
     Seed,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 /// What keygate does with an allowed request (`mode`).
 pub enum Mode {
@@ -342,7 +344,9 @@ impl Default for Connections {
 }
 
 /// What `/healthz` shows of a native config (`healthz`); the lab formats keep the lab's fields.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Healthz {
     /// `ok`, version, mode, audit state and policy version: nothing about routes or secrets.
@@ -354,7 +358,9 @@ pub enum Healthz {
 
 /// The request exfiltration scan: a request from an agent whose headers or body hold a secret
 /// keygate holds, or something shaped like a credential, is refused or redacted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum RequestScan {
     /// 403 `secret_in_request` for a held secret or a high-confidence credential format;

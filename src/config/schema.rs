@@ -181,10 +181,7 @@ mod tests {
         let reference = std::fs::read_to_string(repo_file(REFERENCE)).unwrap();
         let parts = [
             ("Native TOML keys", vec!["NativeConfig"]),
-            (
-                "Lab JSON keys",
-                vec!["LabBrokerConfig", "LabBackendConfig"],
-            ),
+            ("Lab JSON keys", vec!["LabBrokerConfig", "LabBackendConfig"]),
         ];
         for (part, definitions) in parts {
             let keys: BTreeSet<String> = definitions.iter().flat_map(|d| key_paths(d)).collect();
