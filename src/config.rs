@@ -602,18 +602,22 @@ impl Config {
             key: "(file)".into(),
             message: format!("cannot read {}: {e}", path.display()),
         })?;
-        let config = Self::from_text(path, &text)?;
-        // A file without routes (empty, or only comments) would serve nothing but refusals.
-        // Checked on files only, so tests can build a partial config from text.
-        if config.routes.is_empty() {
+        Self::from_text(path, &text)
+    }
+
+    /// A config to serve needs a route: without one (an empty file, only comments) keygate
+    /// would answer nothing but refusals. Other commands (`redact --config`, the hooks) may read
+    /// a file that only names secrets.
+    pub fn require_routes(&self) -> Result<(), ConfigError> {
+        if self.routes.is_empty() {
             return Err(ConfigError {
-                file: path.to_path_buf(),
+                file: self.file.clone(),
                 line: 1,
                 key: "routes".into(),
                 message: "no routes: add a [routes.NAME] table with prefix and upstream".into(),
             });
         }
-        Ok(config)
+        Ok(())
     }
 
     /// Validates config text as if read from `path`: its extension picks the format, and errors

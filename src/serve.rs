@@ -20,7 +20,7 @@ use crate::reload::{Fixed, Live};
 pub fn serve_main(config_path: &Path, audit_log: Option<&Path>) -> ExitCode {
     init_tracing();
     harden_process();
-    let config = match Config::load(config_path) {
+    let config = match Config::load(config_path).and_then(|c| c.require_routes().map(|()| c)) {
         Ok(c) => c,
         Err(e) => return config_fail(&e),
     };
@@ -423,7 +423,7 @@ fn config_fail(e: &crate::config::ConfigError) -> ExitCode {
 /// `keygate check`: validates the config and prints the effective policy (no secret values);
 /// exits 2 when the config does not load.
 pub fn check_main(config_path: &Path, json: bool, fetch: bool) -> ExitCode {
-    let config = match Config::load(config_path) {
+    let config = match Config::load(config_path).and_then(|c| c.require_routes().map(|()| c)) {
         Ok(c) => c,
         Err(e) => return config_fail(&e),
     };
