@@ -302,12 +302,38 @@ impl Tokens {
         head: &mut http::request::Parts,
         peer: &crate::guard::Peer,
     ) -> Result<Identity, Rejection> {
+        if let Some(via) = head.extensions.get::<crate::proxy::Via>() {
+            return self.proxied(via);
+        }
         let mut who = self.agent_of(head, peer)?;
         if let Some(Some(name)) = self.person_headers.get(who.agent.0) {
             who.person = Some(person_in(&head.headers, name)?);
             head.headers.remove(name);
         }
         Ok(who)
+    }
+
+    /// The caller of a request that came through the forward proxy: the keygate token its
+    /// `Proxy-Authorization` carried (checked again for each request in a tunnel, so a revoked
+    /// token stops a tunnel's next request). The request's own headers are the upstream's and
+    /// name no caller.
+    ///
+    /// The seam for callers that cannot send proxy credentials: a live per-run placeholder in
+    /// the inner request would identify its run here.
+    pub fn proxied(&self, via: &crate::proxy::Via) -> Result<Identity, Rejection> {
+        let mut headers = HeaderMap::new();
+        if let Some(v) = via
+            .token()
+            .and_then(|t| http::HeaderValue::from_bytes(t).ok())
+        {
+            headers.insert(HeaderName::from_static("x-broker-token"), v);
+        }
+        let (agent, hash) = self.by_token(&headers)?;
+        Ok(Identity {
+            agent: AgentId(agent),
+            token_id: hash.map(|h| token_id(&h)),
+            person: None,
+        })
     }
 
     fn agent_of(
@@ -368,7 +394,7 @@ impl Tokens {
                 Some(f) if f != value => {
                     return Err(Rejection::new(
                         Code::AmbiguousCredentials,
-                        "the request carries different tokens in its credential headers (X-Broker-Token, Authorization, x-api-key, api-key); send one token",
+                        "the request carries different tokens in its credential headers (X-Broker-Token, Authorization, x-api-key, api-key, x-goog-api-key); send one token",
                     ))
                 }
                 Some(_) => {}
@@ -531,6 +557,7 @@ mod tests {
             headers(&[("authorization", "bearer  kg_abc")]),
             headers(&[("x-api-key", "kg_abc")]),
             headers(&[("api-key", "kg_abc")]),
+            headers(&[("x-goog-api-key", "kg_abc")]),
             // Anthropic SDKs may send the same key in both.
             headers(&[("authorization", "Bearer kg_abc"), ("x-api-key", "kg_abc")]),
             headers(&[("x-broker-token", "kg_abc"), ("x-broker-token", " kg_abc")]),

@@ -43,6 +43,8 @@ pub type Body = BoxBody<Bytes, BoxError>;
 /// The HTTP client to upstreams (TLS with webpki and native roots, HTTP/1.1 and HTTP/2).
 pub struct Forwarder {
     client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>,
+    /// Forward-proxy routes with their own TLS (`upstream_ca`, SNI = `host`).
+    routes: crate::proxy::upstream::RouteClients,
 }
 
 impl Forwarder {
@@ -72,7 +74,16 @@ impl Forwarder {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(256)
             .build(https);
-        Ok(Forwarder { client })
+        Ok(Forwarder {
+            client,
+            routes: Default::default(),
+        })
+    }
+
+    /// Gives forward-proxy routes that need it their own TLS client (see `proxy::upstream`).
+    pub fn with_routes(mut self, config: &Config) -> Result<Forwarder, String> {
+        self.routes = crate::proxy::upstream::RouteClients::build(config, config.connect_timeout)?;
+        Ok(self)
     }
 
     /// Sends the request to the route `authorized` names; a request body that broke its limit
@@ -112,7 +123,9 @@ impl Forwarder {
             .map_err(|_| Rejection::new(Code::InvalidPath, "the path cannot be sent upstream"))?;
         // hyper's client speaks HTTP/1.1 or negotiates h2 itself; the agent's version is its own.
         head.version = http::Version::HTTP_11;
-        if let Ok(v) = HeaderValue::from_str(up.authority.as_str()) {
+        // A forward-proxy route's upstream serves the host the agent asked for.
+        let host = route.host.as_deref().unwrap_or(up.authority.as_str());
+        if let Ok(v) = HeaderValue::from_str(host) {
             head.headers.insert(header::HOST, v);
         }
         // Redaction reads the response bytes; a compressed body would hide a secret from it.
@@ -130,7 +143,8 @@ impl Forwarder {
         }
         let ranged = head.headers.contains_key(header::RANGE);
         let req = Request::from_parts(head, body);
-        match tokio::time::timeout(route.timeout, self.client.request(req)).await {
+        let client = self.routes.get(authorized.route()).unwrap_or(&self.client);
+        match tokio::time::timeout(route.timeout, client.request(req)).await {
             Ok(Ok(resp)) if resp.status() == StatusCode::PARTIAL_CONTENT && !ranged => {
                 Err(Rejection::new(
                     Code::UpstreamUnexpectedPartial,
@@ -222,6 +236,12 @@ fn check_codings(headers: &HeaderMap, host: &str, redacting: bool) -> Result<(),
 /// A 502 that says what went wrong without echoing the request (whose URL may hold a query
 /// credential): only the host and the innermost I/O error.
 fn upstream_error(host: &str, e: &hyper_util::client::legacy::Error) -> Rejection {
+    if crate::proxy::upstream::is_certificate_error(e) {
+        return Rejection::new(
+            Code::UpstreamCertificateInvalid,
+            format!("upstream {host}: its TLS certificate is not valid for the host"),
+        );
+    }
     let mut cause: Option<&(dyn StdError + 'static)> = e.source();
     let mut io = None;
     while let Some(c) = cause {

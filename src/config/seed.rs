@@ -242,6 +242,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
         }),
         run: Default::default(),
         healthz: None,
+        proxy: Default::default(),
     })
 }
 
@@ -275,9 +276,12 @@ fn lab_route(
         max_response_time: None,
         github_scope: None,
         query: None,
+        placeholder_env: None,
+        placeholder_in: None,
         region: None,
         service: None,
         env: Vec::new(),
+        proxy: Default::default(),
     }
 }
 
@@ -393,6 +397,7 @@ fn parse_backend(file: &Path, text: &str) -> Result<Spec, ConfigError> {
         }),
         run: Default::default(),
         healthz: None,
+        proxy: Default::default(),
         state: None,
         instance: None,
     })
