@@ -651,8 +651,9 @@ impl Config {
     /// A config to serve needs a route: without one (an empty file, only comments) keygate
     /// would answer nothing but refusals. Other commands (`redact --config`, the hooks) may read
     /// a file that only names secrets.
+    /// A forward proxy (`proxy_listen`) may serve egress rules alone.
     pub fn require_routes(&self) -> Result<(), ConfigError> {
-        if self.routes.is_empty() {
+        if self.routes.is_empty() && self.proxy.listen.is_empty() {
             return Err(ConfigError {
                 file: self.file.clone(),
                 line: 1,
