@@ -727,3 +727,45 @@ fn ca_export(config: &std::path::Path) -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod help_tests {
+    use clap::CommandFactory;
+
+    /// Every command, flag and argument a person can type, with its path (`token issue --ttl`).
+    fn walk(cmd: &clap::Command, path: &str, out: &mut Vec<(String, Option<String>)>) {
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            if matches!(id, "help" | "version") || arg.is_hide_set() {
+                continue;
+            }
+            let help = arg.get_help().map(|h| h.to_string());
+            out.push((format!("{path} --{id}"), help));
+        }
+        for sub in cmd.get_subcommands() {
+            if sub.is_hide_set() || sub.get_name() == "help" {
+                continue;
+            }
+            let name = format!("{path} {}", sub.get_name());
+            out.push((name.clone(), sub.get_about().map(|h| h.to_string())));
+            walk(sub, &name, out);
+        }
+    }
+
+    #[test]
+    fn every_command_and_flag_has_help_text_that_does_not_call_it_unavailable() {
+        let mut all = Vec::new();
+        walk(&super::Cli::command(), "keygate", &mut all);
+        assert!(all.len() > 40, "walked too little: {all:?}");
+        let bad: Vec<_> = all
+            .iter()
+            .filter(|(_, help)| {
+                help.as_deref().is_none_or(|h| {
+                    h.trim().is_empty() || h.contains("not available") || h.contains("not yet")
+                })
+            })
+            .map(|(path, _)| path)
+            .collect();
+        assert!(bad.is_empty(), "without useful help text: {bad:?}");
+    }
+}
