@@ -11,6 +11,14 @@
 //! echoes its request could otherwise hand a key back in two halves, each too short for the
 //! redactor to know. A 206 to a request that asked for no range is refused for the same reason.
 //! A 101 is refused too: keygate proxies no upgrade.
+//!
+//! Requests from an HTTP/1 downstream connection go over that connection's own upstream
+//! HTTP/1.1 connection ([`Affinity`], see [`affinity`]); the pooled client serves HTTP/2
+//! downstream connections and upstreams that choose h2.
+
+pub mod affinity;
+
+pub use affinity::Affinity;
 
 use std::error::Error as StdError;
 use std::sync::Arc;
@@ -40,9 +48,14 @@ pub type BoxError = Box<dyn StdError + Send + Sync>;
 /// The body type sent upstream and back: boxed, so adapters (timeouts, redaction) can wrap it.
 pub type Body = BoxBody<Bytes, BoxError>;
 
+/// How upstream connections are made: TCP (with the connect timeout), then TLS for `https`.
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
 /// The HTTP client to upstreams (TLS with webpki and native roots, HTTP/1.1 and HTTP/2).
 pub struct Forwarder {
-    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>,
+    client: Client<Connector, Body>,
+    connector: Connector,
+    pool: Arc<affinity::Pool>,
 }
 
 impl Forwarder {
@@ -71,8 +84,12 @@ impl Forwarder {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(256)
-            .build(https);
-        Ok(Forwarder { client })
+            .build(https.clone());
+        Ok(Forwarder {
+            client,
+            connector: https,
+            pool: Arc::default(),
+        })
     }
 
     /// Sends the request to the route `authorized` names; a request body that broke its limit
@@ -83,7 +100,7 @@ impl Forwarder {
     /// ```compile_fail,E0308
     /// use keygate::{config::Config, forward::{Body, Forwarder}};
     /// async fn skip_authorize(f: &Forwarder, c: &Config, head: http::request::Parts, body: Body) {
-    ///     let _ = f.send(c, (), head, None, body).await;
+    ///     let _ = f.send(c, (), head, None, body, None).await;
     /// }
     /// ```
     pub async fn send(
@@ -93,6 +110,7 @@ impl Forwarder {
         mut head: Parts,
         query: Option<&str>,
         body: Body,
+        affinity: Option<&Affinity>,
     ) -> Result<Response<Incoming>, Rejection> {
         let route = &config.routes[authorized.route()];
         let up = &route.upstream;
@@ -130,7 +148,8 @@ impl Forwarder {
         }
         let ranged = head.headers.contains_key(header::RANGE);
         let req = Request::from_parts(head, body);
-        match tokio::time::timeout(route.timeout, self.client.request(req)).await {
+        let sent = tokio::time::timeout(route.timeout, self.request(req, affinity)).await;
+        match sent {
             Ok(Ok(resp)) if resp.status() == StatusCode::PARTIAL_CONTENT && !ranged => {
                 Err(Rejection::new(
                     Code::UpstreamUnexpectedPartial,
@@ -152,9 +171,9 @@ impl Forwarder {
                 ))
             }
             Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => match find_body_error(&e) {
+            Ok(Err((connect, e))) => match find_body_error(&*e) {
                 Some(BodyError::TooLarge(max)) => Err(Rejection::too_large(*max)),
-                _ => Err(upstream_error(&route.upstream.host, &e)),
+                _ => Err(upstream_error(&route.upstream.host, connect, &*e)),
             },
             Err(_) => Err(Rejection::new(
                 Code::UpstreamTimeout,
@@ -164,6 +183,43 @@ impl Forwarder {
                 ),
             )),
         }
+    }
+}
+
+impl Forwarder {
+    /// Sends over the downstream connection's own upstream connection when there is an
+    /// [`Affinity`] and the upstream speaks HTTP/1.1, else through the pooled client. An error
+    /// says whether it happened while connecting.
+    async fn request(
+        &self,
+        mut req: Request<Body>,
+        affinity: Option<&Affinity>,
+    ) -> Result<Response<Incoming>, (bool, BoxError)> {
+        if let (Some(a), Some(scheme), Some(authority)) =
+            (affinity, req.uri().scheme(), req.uri().authority())
+        {
+            let key = (scheme.clone(), authority.clone());
+            if !self.pool.is_h2(&key) {
+                let absolute = req.uri().clone();
+                // A connection of its own is sent origin-form, as the pooled client does.
+                if let Some(pq) = absolute.path_and_query() {
+                    *req.uri_mut() = Uri::from(pq.clone());
+                }
+                match affinity::send(&self.pool, &self.connector, a, key, req).await {
+                    Ok(resp) => return Ok(resp),
+                    Err(affinity::Failed::Connect(e)) => return Err((true, e)),
+                    Err(affinity::Failed::Request(e)) => return Err((false, e.into())),
+                    Err(affinity::Failed::H2(unsent)) => {
+                        req = *unsent;
+                        *req.uri_mut() = absolute;
+                    }
+                }
+            }
+        }
+        self.client.request(req).await.map_err(|e| {
+            let connect = e.is_connect();
+            (connect, e.into())
+        })
     }
 }
 
@@ -221,8 +277,8 @@ fn check_codings(headers: &HeaderMap, host: &str, redacting: bool) -> Result<(),
 
 /// A 502 that says what went wrong without echoing the request (whose URL may hold a query
 /// credential): only the host and the innermost I/O error.
-fn upstream_error(host: &str, e: &hyper_util::client::legacy::Error) -> Rejection {
-    let mut cause: Option<&(dyn StdError + 'static)> = e.source();
+fn upstream_error(host: &str, connect: bool, e: &(dyn StdError + 'static)) -> Rejection {
+    let mut cause: Option<&(dyn StdError + 'static)> = Some(e);
     let mut io = None;
     while let Some(c) = cause {
         if let Some(ioe) = c.downcast_ref::<std::io::Error>() {
@@ -230,7 +286,7 @@ fn upstream_error(host: &str, e: &hyper_util::client::legacy::Error) -> Rejectio
         }
         cause = c.source();
     }
-    let what = if e.is_connect() {
+    let what = if connect {
         match io {
             Some(std::io::ErrorKind::ConnectionRefused) => "connection refused".to_string(),
             Some(std::io::ErrorKind::TimedOut) => "connect timed out".to_string(),
