@@ -8,6 +8,7 @@
 
 mod support;
 
+mod affinity;
 mod dos;
 mod hook_claude_code;
 mod launcher;
