@@ -185,7 +185,10 @@ async fn affinity_two_callers_never_share_an_upstream_connection_and_each_reques
     let up = numbered_upstream().await;
     let kg = start(up.addr);
     let (ta, tb) = (token("a"), token("b"));
-    let (ka, kb) = (format!("Bearer {}", key("a")), format!("Bearer {}", key("b")));
+    let (ka, kb) = (
+        format!("Bearer {}", key("a")),
+        format!("Bearer {}", key("b")),
+    );
 
     let mut a = downstream(&kg).await;
     let mut b = downstream(&kg).await;
@@ -230,8 +233,8 @@ async fn affinity_two_callers_never_share_an_upstream_connection_and_each_reques
 }
 
 #[tokio::test]
-async fn affinity_a_connection_returned_to_the_pool_serves_the_next_caller_with_its_own_credential(
-) {
+async fn affinity_a_connection_returned_to_the_pool_serves_the_next_caller_with_its_own_credential()
+{
     let up = numbered_upstream().await;
     let kg = start(up.addr);
     let (ta, tb) = (token("a"), token("b"));
@@ -259,7 +262,11 @@ async fn affinity_a_connection_returned_to_the_pool_serves_the_next_caller_with_
 
 /// An upstream that answers one request per connection without saying so (no `Connection:
 /// close`), then closes the connection, as an upstream whose keep-alive timeout ran out does.
-async fn closing_upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+async fn closing_upstream() -> (
+    std::net::SocketAddr,
+    Arc<AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
