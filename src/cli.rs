@@ -30,6 +30,12 @@ pub enum Command {
     Redact(crate::redact::cli::RedactArgs),
     /// Agent-tool hooks (Claude Code PreToolUse/PostToolUse).
     Hook(crate::hook::HookArgs),
+    /// Protect the provider keys you have: find them (environment, .env, tools' files), move
+    /// them into keygate and write a config with a route per provider.
+    Init(crate::init::InitArgs),
+    /// Find plaintext credentials in files, shell history and the environment (never shows
+    /// a value); exit 1 when one is found.
+    Scan(crate::findkeys::sweep::ScanArgs),
     /// Issue, list and revoke agent tokens (kept in the config's state_dir).
     #[command(subcommand)]
     Token(TokenCommand),
@@ -306,6 +312,8 @@ pub fn main() -> ExitCode {
         Command::Check(args) => crate::serve::check_main(&args.config, args.json, args.fetch),
         Command::Redact(args) => crate::redact::cli::main(args),
         Command::Hook(args) => crate::hook::main(args),
+        Command::Init(args) => crate::init::main(args),
+        Command::Scan(args) => crate::findkeys::sweep::main(args),
         Command::Token(cmd) => token(cmd),
         Command::Audit(AuditCommand::Verify {
             file,

@@ -90,7 +90,7 @@ pub(crate) fn build(
 
 /// Fetches every secret the config names, as `keygate serve` would, and adds each under its key
 /// id. A secret that cannot be fetched is an error: redacting without it could pass a leak.
-fn with_config_secrets(
+pub(crate) fn with_config_secrets(
     mut builder: super::RedactorBuilder,
     path: &Path,
 ) -> Result<super::RedactorBuilder, String> {
