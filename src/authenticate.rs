@@ -356,7 +356,7 @@ impl Tokens {
                 Some(f) if f != value => {
                     return Err(Rejection::new(
                         Code::AmbiguousCredentials,
-                        "the request carries different tokens in its credential headers (X-Broker-Token, Authorization, x-api-key, api-key); send one token",
+                        "the request carries different tokens in its credential headers (X-Broker-Token, Authorization, x-api-key, api-key, x-goog-api-key); send one token",
                     ))
                 }
                 Some(_) => {}
@@ -519,6 +519,7 @@ mod tests {
             headers(&[("authorization", "bearer  kg_abc")]),
             headers(&[("x-api-key", "kg_abc")]),
             headers(&[("api-key", "kg_abc")]),
+            headers(&[("x-goog-api-key", "kg_abc")]),
             // Anthropic SDKs may send the same key in both.
             headers(&[("authorization", "Bearer kg_abc"), ("x-api-key", "kg_abc")]),
             headers(&[("x-broker-token", "kg_abc"), ("x-broker-token", " kg_abc")]),

@@ -358,3 +358,40 @@ async fn head_request_is_audited_as_allowed_with_its_length_kept() {
         (Some("allow"), Some("allowed"))
     );
 }
+
+#[tokio::test]
+async fn a_gemini_sdk_sending_its_token_in_x_goog_api_key_gets_the_key_injected_there() {
+    let seen_key = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = seen_key.clone();
+    let up = upstream(Arc::new(move |req: hyper::Request<bytes::Bytes>| {
+        seen.lock().unwrap().push(
+            req.headers()
+                .get_all("x-goog-api-key")
+                .iter()
+                .map(|v| v.to_str().unwrap().to_string())
+                .collect::<Vec<_>>(),
+        );
+        hyper::Response::new(full("{}"))
+    }))
+    .await;
+    let kg = Keygate::start(
+        &config(up.addr, "inject = \"header:x-goog-api-key\"")
+            .replace("\"POST /v1/slow\"", "\"POST /v1beta/models/*\""),
+        &env(),
+    );
+    let req = |token: &str| {
+        hyper::Request::post(format!(
+            "{}/r/v1beta/models/gemini-pro:generateContent",
+            kg.url
+        ))
+        .header("x-goog-api-key", token)
+        .body(full("{}"))
+        .unwrap()
+    };
+    let resp = client().request(req(TOKEN)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    // A wrong token in the same header is refused as any wrong token is.
+    let resp = client().request(req("kg_not_a_token")).await.unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(*seen_key.lock().unwrap(), vec![vec![KEY.to_string()]]);
+}
