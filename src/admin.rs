@@ -68,6 +68,8 @@ pub struct Control {
     pub instance: Option<String>,
     /// `keygate run` leases in force: token id -> run id and person.
     pub runs: crate::launcher::lease::Runs,
+    /// The forward proxy's addresses and CA, once it listens: `keygate run` points tools at it.
+    pub proxy: std::sync::OnceLock<crate::launcher::files::ProxyInfo>,
 }
 
 impl Control {
@@ -96,6 +98,7 @@ impl Control {
             admin_socket: std::sync::OnceLock::new(),
             instance: None,
             runs: Default::default(),
+            proxy: std::sync::OnceLock::new(),
         }
     }
 

@@ -290,12 +290,38 @@ impl Tokens {
         head: &mut http::request::Parts,
         peer: &crate::guard::Peer,
     ) -> Result<Identity, Rejection> {
+        if let Some(via) = head.extensions.get::<crate::proxy::Via>() {
+            return self.proxied(via);
+        }
         let mut who = self.agent_of(head, peer)?;
         if let Some(Some(name)) = self.person_headers.get(who.agent.0) {
             who.person = Some(person_in(&head.headers, name)?);
             head.headers.remove(name);
         }
         Ok(who)
+    }
+
+    /// The caller of a request that came through the forward proxy: the keygate token its
+    /// `Proxy-Authorization` carried (checked again for each request in a tunnel, so a revoked
+    /// token stops a tunnel's next request). The request's own headers are the upstream's and
+    /// name no caller.
+    ///
+    /// The seam for callers that cannot send proxy credentials: a live per-run placeholder in
+    /// the inner request would identify its run here.
+    pub fn proxied(&self, via: &crate::proxy::Via) -> Result<Identity, Rejection> {
+        let mut headers = HeaderMap::new();
+        if let Some(v) = via
+            .token()
+            .and_then(|t| http::HeaderValue::from_bytes(t).ok())
+        {
+            headers.insert(HeaderName::from_static("x-broker-token"), v);
+        }
+        let (agent, hash) = self.by_token(&headers)?;
+        Ok(Identity {
+            agent: AgentId(agent),
+            token_id: hash.map(|h| token_id(&h)),
+            person: None,
+        })
     }
 
     fn agent_of(

@@ -75,6 +75,9 @@ pub enum Command {
         #[arg(long)]
         agent: Option<String>,
     },
+    /// The forward proxy's local CA: `ca export` prints its certificate (PEM) for trust stores.
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Requests waiting for a person's approval.
     #[command(subcommand)]
     Approvals(ApprovalsCommand),
@@ -121,6 +124,17 @@ pub enum Command {
         /// The command and its arguments, after `--`.
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
+    },
+}
+
+/// `keygate ca ...`.
+#[derive(Subcommand, Debug)]
+pub enum CaCommand {
+    /// Print the CA certificate (created on first use in the state directory), never its key.
+    Export {
+        /// Config file naming the state directory.
+        #[arg(long, env = "KEYGATE_CONFIG")]
+        config: PathBuf,
     },
 }
 
@@ -315,6 +329,7 @@ pub fn main() -> ExitCode {
         Command::Init(args) => crate::init::main(args),
         Command::Scan(args) => crate::findkeys::sweep::main(args),
         Command::Token(cmd) => token(cmd),
+        Command::Ca(CaCommand::Export { config }) => ca_export(&config),
         Command::Audit(AuditCommand::Verify {
             file,
             json,
@@ -630,5 +645,26 @@ fn print_report(file: &std::path::Path, r: &crate::audit::Report, signed: bool) 
         Some(tail) => println!("{f}: not closed: {tail}"),
         None if r.closed => println!("{f}: closed by a stop record"),
         None => {}
+    }
+}
+
+/// `keygate ca export`: the forward proxy's CA certificate on stdout.
+fn ca_export(config: &std::path::Path) -> ExitCode {
+    let config = match crate::config::Config::load(config) {
+        Ok(c) => c,
+        Err(e) => return usage(&e.to_string()),
+    };
+    let Some(dir) = crate::state::dir(&config) else {
+        return usage("no state directory: set state_dir in the config (or HOME)");
+    };
+    match crate::proxy::ca::Ca::load_or_create(&dir) {
+        Ok(ca) => {
+            print!("{}", ca.pem());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("keygate: proxy CA: {e}");
+            ExitCode::from(1)
+        }
     }
 }

@@ -132,6 +132,8 @@ pub struct Config {
     pub instance: Option<String>,
     /// `[run]`: what `keygate run` also drops from the agent's environment and lets it reach.
     pub run: RunSettings,
+    /// The forward proxy (`proxy_listen`, `egress`, …); no listener when `listen` is empty.
+    pub proxy: ProxySettings,
 }
 
 /// Where the control-plane state lives.
@@ -174,6 +176,34 @@ pub enum FailMode {
     FailClosed,
     /// Allow, and say so in the audit record (`state: "rate_fail_open"`).
     FailOpen,
+}
+
+/// The forward proxy's settings, checked: loopback listeners, the egress policy for hosts no
+/// route names, the CONNECT ports allowed.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ProxySettings {
+    /// `proxy_listen`: loopback `IP:PORT` only.
+    pub listen: Vec<std::net::SocketAddr>,
+    /// `egress`: what a CONNECT to a host no route names gets.
+    pub egress: Egress,
+    /// `egress_allow`: hosts (exact, or `*.suffix`) tunnelled without inspection.
+    pub egress_allow: Vec<String>,
+    /// `egress_connect`: where a tunnel to an allowed host connects instead of what DNS says
+    /// (self-hosted mirrors, tests).
+    pub egress_connect: Vec<(String, std::net::SocketAddr)>,
+    /// `proxy_ports`: the ports a CONNECT may name (443 by default).
+    pub ports: Vec<u16>,
+}
+
+/// `egress = "deny" | "tunnel"`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Egress {
+    /// Only hosts a route names, or `egress_allow` lists (the default).
+    #[default]
+    Deny,
+    /// Any other host is tunnelled without inspection (still audited).
+    Tunnel,
 }
 
 /// `[run]`: settings for `keygate run`.
@@ -288,6 +318,19 @@ pub struct Route {
     /// filled in.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub env: Vec<(String, String)>,
+    /// `placeholder_env`: the variable `keygate run` sets to the run's placeholder for this
+    /// route (`crate::placeholder`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub placeholder_env: Option<String>,
+    /// `placeholder_in`: where beyond credential headers the placeholder is replaced.
+    #[serde(skip_serializing_if = "crate::placeholder::Positions::is_empty")]
+    pub placeholder_in: crate::placeholder::Positions,
+    /// `host`: the forward proxy serves this host with this route (lower case, no port).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// `upstream_ca`: a PEM file of CAs trusted for this route's upstream besides the system's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_ca: Option<PathBuf>,
 }
 
 /// Bounds on every connection a listener accepts (`[connections]`), so idle or stalled peers
@@ -603,7 +646,7 @@ impl Config {
                 (s.name.clone(), v)
             })
             .collect();
-        serde_json::json!({
+        let mut policy = serde_json::json!({
             "format": self.format,
             "mode": self.mode,
             "listen": self.listen,
@@ -618,7 +661,16 @@ impl Config {
             "secrets": secrets,
             "routes": self.routes.iter().map(|r| self.route_policy(r)).collect::<Vec<_>>(),
             "agents": self.agents.iter().map(|a| self.agent_policy(a)).collect::<Vec<_>>(),
-        })
+        });
+        // Egress decides requests too; written only with a proxy listener, so a config without
+        // one keeps its policy version.
+        if let (false, Some(m)) = (self.proxy.listen.is_empty(), policy.as_object_mut()) {
+            m.insert(
+                "proxy".into(),
+                serde_json::to_value(&self.proxy).unwrap_or_default(),
+            );
+        }
+        policy
     }
 
     /// A route as the policy shows it: ids by name, as written in config.

@@ -702,6 +702,21 @@ pub fn attach(
     inject(route, secret, headers, query)
 }
 
+/// Puts the agent's placeholder headers back with the credential in place of the route's
+/// placeholder, and replaces it in the query and body where the route opted in
+/// (`placeholder::substitute`). Returns whether a header now carries the credential.
+// credential stage: the value replaces its placeholder in the upstream request only.
+#[allow(clippy::disallowed_methods)]
+pub fn replace(
+    secret: &Secret,
+    route: &Route,
+    lifted: crate::placeholder::Lifted,
+    placeholder: Option<&str>,
+    target: crate::placeholder::Target<'_>,
+) -> Result<bool, Rejection> {
+    crate::placeholder::substitute(route, lifted, placeholder, secret.expose(), target)
+}
+
 /// `inject = "aws-sigv4"`: the request is signed for exactly the URL `forward` sends it to.
 // credential stage: the key pair signs the request (it never goes on the wire itself).
 #[allow(clippy::disallowed_methods)]

@@ -91,6 +91,9 @@ catalogue! {
     OriginNotAllowed = "origin_not_allowed", FORBIDDEN, Agent;
     /// The request carries a held secret or a credential (exfiltration scan).
     SecretInRequest = "secret_in_request", FORBIDDEN, Agent;
+    /// A credential position holds neither the route's placeholder of the caller's run nor
+    /// nothing (a foreign token, another run's or an ended run's placeholder).
+    PlaceholderMismatch = "placeholder_mismatch", FORBIDDEN, Agent;
     /// No route prefix matches the path.
     RouteNotFound = "route_not_found", NOT_FOUND, Agent;
     /// The request body sent nothing for `request_body_timeout`.
@@ -131,6 +134,29 @@ catalogue! {
     Frozen = "frozen", SERVICE_UNAVAILABLE, Keygate;
     /// The upstream sent no response head within the route's timeout.
     UpstreamTimeout = "upstream_timeout", GATEWAY_TIMEOUT, Upstream;
+    /// Forward proxy: no valid keygate token in `Proxy-Authorization`.
+    ProxyAuthRequired = "proxy_auth_required", PROXY_AUTHENTICATION_REQUIRED, Agent;
+    /// Forward proxy: a CONNECT target that is not `host:port` with a DNS name.
+    ConnectBadAuthority = "connect_bad_authority", BAD_REQUEST, Agent;
+    /// Forward proxy: CONNECT to an IP address rather than a host name.
+    ConnectIpLiteral = "connect_ip_literal", FORBIDDEN, Agent;
+    /// Forward proxy: CONNECT to keygate itself (its addresses, loopback names).
+    ConnectToKeygate = "connect_to_keygate", FORBIDDEN, Agent;
+    /// Forward proxy: CONNECT to a port not in `proxy_ports` (443 by default).
+    ConnectPortNotAllowed = "connect_port_not_allowed", FORBIDDEN, Agent;
+    /// Forward proxy: a host no route names, with `egress = "deny"` and not in `egress_allow`.
+    EgressDenied = "egress_denied", FORBIDDEN, Agent;
+    /// Forward proxy: a request inside a tunnel names another host than the tunnel's.
+    MisdirectedRequest = "misdirected_request", MISDIRECTED_REQUEST, Agent;
+    /// Forward proxy: the caller holds as many open tunnels as keygate allows one caller.
+    TooManyTunnels = "too_many_tunnels", TOO_MANY_REQUESTS, Agent;
+    /// Forward proxy: the client's TLS handshake in a tunnel failed, timed out or named
+    /// another host (SNI) than its CONNECT.
+    TunnelHandshakeFailed = "tunnel_handshake_failed", BAD_REQUEST, Agent;
+    /// The upstream's TLS certificate is not valid for the route's host.
+    UpstreamCertificateInvalid = "upstream_certificate_invalid", BAD_GATEWAY, Upstream;
+    /// Forward proxy: a tunnelled (uninspected) destination could not be reached.
+    TunnelUnreachable = "tunnel_unreachable", BAD_GATEWAY, Upstream;
 }
 
 impl Serialize for Code {

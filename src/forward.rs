@@ -56,6 +56,8 @@ pub struct Forwarder {
     client: Client<Connector, Body>,
     connector: Connector,
     pool: Arc<affinity::Pool>,
+    /// Forward-proxy routes with their own TLS (`upstream_ca`, SNI = `host`).
+    routes: crate::proxy::upstream::RouteClients,
 }
 
 impl Forwarder {
@@ -89,7 +91,14 @@ impl Forwarder {
             client,
             connector: https,
             pool: Arc::default(),
+            routes: Default::default(),
         })
+    }
+
+    /// Gives forward-proxy routes that need it their own TLS client (see `proxy::upstream`).
+    pub fn with_routes(mut self, config: &Config) -> Result<Forwarder, String> {
+        self.routes = crate::proxy::upstream::RouteClients::build(config, config.connect_timeout)?;
+        Ok(self)
     }
 
     /// Sends the request to the route `authorized` names; a request body that broke its limit
@@ -130,7 +139,9 @@ impl Forwarder {
             .map_err(|_| Rejection::new(Code::InvalidPath, "the path cannot be sent upstream"))?;
         // hyper's client speaks HTTP/1.1 or negotiates h2 itself; the agent's version is its own.
         head.version = http::Version::HTTP_11;
-        if let Ok(v) = HeaderValue::from_str(up.authority.as_str()) {
+        // A forward-proxy route's upstream serves the host the agent asked for.
+        let host = route.host.as_deref().unwrap_or(up.authority.as_str());
+        if let Ok(v) = HeaderValue::from_str(host) {
             head.headers.insert(header::HOST, v);
         }
         // Redaction reads the response bytes; a compressed body would hide a secret from it.
@@ -148,7 +159,15 @@ impl Forwarder {
         }
         let ranged = head.headers.contains_key(header::RANGE);
         let req = Request::from_parts(head, body);
-        let sent = tokio::time::timeout(route.timeout, self.request(req, affinity)).await;
+        // A route with its own TLS (`upstream_ca`) keeps its own pooled client: the affine
+        // connector trusts only the default roots.
+        let sent = match self.routes.get(authorized.route()) {
+            Some(own) => {
+                let sent = async { own.request(req).await.map_err(legacy_error) };
+                tokio::time::timeout(route.timeout, sent).await
+            }
+            None => tokio::time::timeout(route.timeout, self.request(req, affinity)).await,
+        };
         match sent {
             Ok(Ok(resp)) if resp.status() == StatusCode::PARTIAL_CONTENT && !ranged => {
                 Err(Rejection::new(
@@ -216,11 +235,13 @@ impl Forwarder {
                 }
             }
         }
-        self.client.request(req).await.map_err(|e| {
-            let connect = e.is_connect();
-            (connect, e.into())
-        })
+        self.client.request(req).await.map_err(legacy_error)
     }
+}
+
+/// The pooled client's error, and whether it happened while connecting.
+fn legacy_error(e: hyper_util::client::legacy::Error) -> (bool, BoxError) {
+    (e.is_connect(), e.into())
 }
 
 /// Refuses an answer whose body keygate would pass on without being able to read it: a
@@ -278,6 +299,12 @@ fn check_codings(headers: &HeaderMap, host: &str, redacting: bool) -> Result<(),
 /// A 502 that says what went wrong without echoing the request (whose URL may hold a query
 /// credential): only the host and the innermost I/O error.
 fn upstream_error(host: &str, connect: bool, e: &(dyn StdError + 'static)) -> Rejection {
+    if crate::proxy::upstream::is_certificate_error(e) {
+        return Rejection::new(
+            Code::UpstreamCertificateInvalid,
+            format!("upstream {host}: its TLS certificate is not valid for the host"),
+        );
+    }
     let mut cause: Option<&(dyn StdError + 'static)> = Some(e);
     let mut io = None;
     while let Some(c) = cause {

@@ -64,8 +64,12 @@ impl Guard {
             .get::<crate::listen::ConnInfo>()
             .is_some_and(|c| c.exposed);
         // A listener bound to a public address is reached by whatever name other machines use
-        // for it; the loopback-name check stops DNS rebinding only for local listeners.
-        if matches!(peer, Peer::Tcp(_)) && !exposed {
+        // for it; the loopback-name check stops DNS rebinding only for local listeners. Through
+        // the forward proxy, `Host` must name the tunnel's host instead.
+        let via = head.extensions.get::<crate::proxy::Via>();
+        if let Some(via) = via {
+            via.check_host(head)?;
+        } else if matches!(peer, Peer::Tcp(_)) && !exposed {
             let host = match (head.headers.get(header::HOST), uri.authority()) {
                 (Some(h), _) => h.to_str().ok().map(str::to_string),
                 (None, Some(a)) => Some(a.as_str().to_string()),

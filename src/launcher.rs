@@ -12,6 +12,7 @@
 //! The launcher holds no secret: keygate tells it which variable names to drop (names holding a
 //! held value are matched by SHA-256) and never sends it a value.
 
+pub mod files;
 pub mod lease;
 pub mod sandbox;
 
@@ -151,10 +152,22 @@ pub fn main(args: RunArgs) -> ExitCode {
             args.config.display()
         ));
     };
-    let (mut lease, grant) = match open_lease(&sock, &args, ttl) {
+    let (mut lease, mut grant) = match open_lease(&sock, &args, ttl) {
         Ok(x) => x,
         Err(e) => return fail(&e),
     };
+    // The forward proxy's CA bundle, AWS and git files, in a private directory for this run.
+    let files = grant["files"].take();
+    let mut set = grant["set"].take();
+    let run_files = match set.as_object_mut().map(|s| files::prepare(&files, s)) {
+        Some(Ok(f)) => f,
+        Some(Err(e)) => {
+            close_lease(&mut lease);
+            return fail(&format!("cannot write the run's proxy files: {e}"));
+        }
+        None => None,
+    };
+    grant["set"] = set;
     let beat = match Heartbeat::start(lease.get_ref(), &grant) {
         Ok(b) => b,
         Err(e) => return fail(&format!("cannot keep the lease alive: {e}")),
@@ -162,6 +175,9 @@ pub fn main(args: RunArgs) -> ExitCode {
     let code = run_child(&args, &grant);
     beat.stop();
     close_lease(&mut lease);
+    if let Some(f) = run_files {
+        f.remove();
+    }
     code
 }
 

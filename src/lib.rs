@@ -25,6 +25,8 @@ pub mod launcher;
 pub mod listen;
 pub mod local;
 pub mod pipeline;
+pub mod placeholder;
+pub mod proxy;
 pub mod redact;
 pub mod reload;
 pub mod route;

@@ -33,7 +33,7 @@ use crate::forward::{self, Body, Forwarder};
 use crate::guard::{self, timeout, Guard, Peer};
 use crate::redact;
 use crate::redact::body::{End, Observer, RedactingBody};
-use crate::{local, route, scan};
+use crate::{local, placeholder, route, scan};
 
 /// Everything a request needs, built once at start-up.
 pub struct State {
@@ -178,8 +178,23 @@ async fn process(
     state.control.check_state()?;
     state.control.check_frozen(None)?;
 
-    // authenticate
-    let who = state.tokens.identify(&mut head, peer)?;
+    // authenticate (a live placeholder is its run's capability: `placeholder`)
+    let runs = &state.control.runs;
+    let lifted = placeholder::lift(&mut head.headers, &runs.placeholders)?;
+    let via_host = head
+        .extensions
+        .get::<crate::proxy::Via>()
+        .map(|v| v.host.clone());
+    let placeholder_route = route::select(&config.routes, via_host.as_deref(), &head.uri)
+        .is_ok_and(|r| placeholder::enabled(&config.routes[r.route]));
+    let who = placeholder::identify(
+        state.tokens.identify(&mut head, peer),
+        &lifted,
+        config,
+        placeholder_route,
+        |t| runs.get(t).is_some() && !runs.revoked().contains(t),
+    )?;
+    let caller_token = who.token_id.clone();
     let agent = who.agent;
     authenticate::strip_caller_credentials(&mut head.headers);
     pending.record().agent(&config.agents[agent]);
@@ -208,7 +223,8 @@ async fn process(
         .check_frozen(Some(&config.agents[agent].name))?;
 
     // route
-    let routed = route::select(&config.routes, &head.uri)?;
+    let via = head.extensions.get::<crate::proxy::Via>();
+    let routed = route::select(&config.routes, via.map(|v| v.host.as_str()), &head.uri)?;
     let route = &config.routes[routed.route];
     pending.record().route(route, config.secret_of(route));
 
@@ -217,6 +233,7 @@ async fn process(
         state
             .policy
             .authorize_for(config, agent, person.as_deref(), &head.method, routed)?;
+    placeholder::check_foreign(route, &lifted, caller_token.as_deref(), &head.headers)?;
     // A shared store decides the rate on the server, for every keygate at once.
     pending.record().state = state.policy.shared_rate(config, agent).await?;
     // A budgeted request books what it may cost, which its body says.
@@ -230,13 +247,13 @@ async fn process(
         pending,
         &mut head,
         body,
-        budgeted || route.inject.needs_whole_body(),
+        budgeted || route.inject.needs_whole_body() || route.placeholder_in.body,
         body_read,
     )
     .await?;
     let mut body_sha256 = None;
     let mut plan = usage::RequestPlan::default();
-    let (body, streamed, seen) = match body {
+    let (whole, body, streamed, seen) = match body {
         RequestBody::Whole(mut bytes) => {
             if budgeted {
                 let reserve = Policy::default_reserve(config, agent, authorized.route());
@@ -250,15 +267,15 @@ async fn process(
                     local::dry_run(config, &authorized, &head, &bytes, who.person.as_deref());
                 return Ok(Answer::Local(resp, Decision::DryRun, Reason::DryRun));
             }
-            if matches!(route.inject, crate::config::Inject::AwsSigV4 { .. }) {
-                body_sha256 = Some(crate::secret::aws::payload_sha256(&bytes));
-            }
             let seen = approval::Seen::whole(route, &bytes);
-            (full(bytes), None, seen)
+            (Some(bytes), None, None, seen)
         }
-        RequestBody::Streamed(body, count) => {
-            (body, Some(count), approval::Seen::declared(declared))
-        }
+        RequestBody::Streamed(body, count) => (
+            None,
+            Some(body),
+            Some(count),
+            approval::Seen::declared(declared),
+        ),
     };
 
     // authorize, last: a person's approval where the route asks for one (waits, blocking nothing)
@@ -276,20 +293,45 @@ async fn process(
         .as_ref()
         .and_then(|s| state.credentials.hold(config, &authorized, s));
     let mut query = head.uri.query().map(str::to_string);
+    let mut whole = whole;
+    let ours = caller_token
+        .as_deref()
+        .and_then(|t| runs.placeholders.of_run(t, &route.name));
+    let target = placeholder::Target {
+        headers: &mut head.headers,
+        query: &mut query,
+        body: whole.as_mut(),
+    };
+    let in_header = match &secret {
+        Some(secret) => credential::replace(secret, route, lifted, ours.as_deref(), target)?,
+        None => placeholder::substitute(route, lifted, None, b"", target)?,
+    };
     if let Some(secret) = &secret {
         pending.record().key_id = Some(secret.key_id().to_string());
+        if matches!(route.inject, crate::config::Inject::AwsSigV4 { .. }) {
+            body_sha256 = whole.as_deref().map(crate::secret::aws::payload_sha256);
+        }
         let method = head.method.clone();
         let hash = body_sha256.as_deref();
-        credential::attach(
-            config,
-            &authorized,
-            secret,
-            &method,
-            hash,
-            &mut head.headers,
-            &mut query,
-        )?;
+        // A header the agent's tool filled with its placeholder now holds the credential as
+        // the tool spelled it (Basic for git): `attach` would overwrite it.
+        if !in_header {
+            credential::attach(
+                config,
+                &authorized,
+                secret,
+                &method,
+                hash,
+                &mut head.headers,
+                &mut query,
+            )?;
+        }
     }
+    let body = match (whole, body) {
+        (Some(bytes), _) => full(bytes),
+        (None, Some(body)) => body,
+        (None, None) => full(Bytes::new()),
+    };
     let reservation = state
         .policy
         .reserve_for(config, agent, person.as_deref(), plan.reserve)
@@ -456,7 +498,8 @@ fn full(b: Bytes) -> Body {
         .boxed()
 }
 
-fn new_request_id() -> String {
+/// `req_` + 24 hex digits: a request's id in its record, its answer and its errors.
+pub(crate) fn new_request_id() -> String {
     use rand::Rng;
     let n: u128 = rand::rng().random();
     format!("req_{:024x}", n >> 32)

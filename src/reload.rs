@@ -54,8 +54,9 @@ pub fn build(config: Config, fixed: &Fixed) -> Result<State, String> {
     if let Some(s) = fixed.control.store.as_ref().filter(|s| s.shared()) {
         tokens.use_store(s.clone());
     }
-    let forwarder =
-        Forwarder::new(config.connect_timeout).map_err(|e| format!("cannot set up TLS: {e}"))?;
+    let forwarder = Forwarder::new(config.connect_timeout)
+        .map_err(|e| format!("cannot set up TLS: {e}"))?
+        .with_routes(&config)?;
     let tls = match &config.tls {
         Some(files) => Some(crate::listen::tls::server_config(files)?),
         None => None,

@@ -1,6 +1,6 @@
 //! Stage `route`: which upstream a request goes to.
 //!
-//! Input: the request's raw path (and, later, the upstream host for the forward-proxy listener).
+//! Input: the request's raw path, and the host when it came through the forward proxy.
 //! Output: a [`Routed`] naming the route and the path relative to it, or a refusal.
 //!
 //! Paths are matched on their decoded form, but only after every ambiguous spelling has been
@@ -29,12 +29,36 @@ pub struct Routed {
     pub query: Option<String>,
 }
 
-/// Picks the route with the longest prefix that matches (routes are sorted longest first).
-pub fn select(routes: &[Route], target: &http::Uri) -> Result<Routed, Rejection> {
+/// Matches on the (host, path) pair: a request through the forward proxy (`host` set) goes to
+/// the route that names its host, with the whole path; any other to the route with the longest
+/// prefix that matches (routes are sorted longest first). Routes without a prefix serve only
+/// their host.
+pub fn select(
+    routes: &[Route],
+    host: Option<&str>,
+    target: &http::Uri,
+) -> Result<Routed, Rejection> {
     let raw_path = target.path();
     let decoded = check_path(raw_path)
         .map_err(|why| Rejection::new(Code::InvalidPath, format!("path refused: {why}")))?;
+    if let Some(host) = host {
+        return match routes.iter().position(|r| r.host.as_deref() == Some(host)) {
+            Some(i) => Ok(Routed {
+                route: RouteId(i),
+                path: decoded,
+                raw_path: raw_path.to_string(),
+                query: target.query().map(str::to_string),
+            }),
+            None => Err(Rejection::new(
+                Code::RouteNotFound,
+                format!("no route serves host {host}"),
+            )),
+        };
+    }
     for (i, r) in routes.iter().enumerate() {
+        if r.prefix.is_empty() {
+            continue;
+        }
         let Some(rel) = strip_prefix(&decoded, &r.prefix) else {
             continue;
         };

@@ -87,6 +87,20 @@ async fn serve(
         Err(e) => return (fail(2, &e), None),
     };
     let urls: Vec<String> = bound.iter().map(|b| b.url()).collect();
+    // The forward proxy: its listeners and its CA, both before the ready line.
+    let proxy = match start_proxy(&config, &bound).await {
+        Ok(p) => p,
+        Err(e) => return (fail(2, &e), None),
+    };
+    let proxy_urls: Vec<String> = proxy
+        .as_ref()
+        .map(|(l, ..)| {
+            l.iter()
+                .filter_map(|l| l.local_addr().ok())
+                .map(|a| format!("http://{a}"))
+                .collect()
+        })
+        .unwrap_or_default();
     let port = bound
         .iter()
         .find_map(|b| match b {
@@ -174,7 +188,13 @@ async fn serve(
         None => None,
     };
 
-    ready_line(&urls, &config, &policy_version, control.admin_socket.get());
+    ready_line(
+        &urls,
+        &proxy_urls,
+        &config,
+        &policy_version,
+        control.admin_socket.get(),
+    );
     // Not kept for the whole run: a reload must be able to drop the first config, whose
     // OpenBao sources then revoke what they hold.
     drop(config);
@@ -186,6 +206,25 @@ async fn serve(
     } else if let Some(s) = &store {
         spawn_budget_saver(live.clone(), s.clone());
     }
+    if let Some((listeners, ca, _)) = &proxy {
+        let _ = control.proxy.set(crate::launcher::files::ProxyInfo {
+            addrs: listeners
+                .iter()
+                .filter_map(|l| l.local_addr().ok())
+                .collect(),
+            ca_pem: ca.pem().to_string(),
+        });
+    }
+    let proxy_server = proxy.map(|(listeners, ca, own)| {
+        tokio::spawn(crate::proxy::run(
+            listeners,
+            live.clone(),
+            ca,
+            own,
+            rx.clone(),
+            Duration::from_secs(10),
+        ))
+    });
     let server = tokio::spawn(listen::run(
         bound,
         live.clone(),
@@ -205,6 +244,9 @@ async fn serve(
     tracing::info!(signal = name, "shutting down");
     let _ = tx.send(true);
     let _ = server.await;
+    if let Some(p) = proxy_server {
+        let _ = p.await;
+    }
     // Dynamic credentials end with keygate: revoked now, not left to their TTL.
     live.state
         .load_full()
@@ -271,8 +313,39 @@ fn open_audit(config: &Config) -> Result<Arc<AuditLog>, String> {
 }
 
 /// The one line scripts wait for: where keygate listens, in the lab broker's shape.
+/// The forward proxy's listeners, its CA (created on first use) and keygate's own addresses,
+/// when `proxy_listen` is set.
+type ProxyParts = (
+    Vec<tokio::net::TcpListener>,
+    Arc<crate::proxy::ca::Ca>,
+    Vec<std::net::SocketAddr>,
+);
+
+async fn start_proxy(
+    config: &Config,
+    bound: &[listen::Bound],
+) -> Result<Option<ProxyParts>, String> {
+    if config.proxy.listen.is_empty() {
+        return Ok(None);
+    }
+    let dir = crate::state::dir(config)
+        .ok_or("the forward proxy needs a state_dir for its CA (or HOME set)")?;
+    let ca = crate::proxy::ca::Ca::load_or_create(&dir).map_err(|e| format!("proxy CA: {e}"))?;
+    let listeners = crate::proxy::bind(&config.proxy.listen).await?;
+    let mut own: Vec<std::net::SocketAddr> = listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
+    own.extend(bound.iter().filter_map(|b| match b {
+        listen::Bound::Tcp(l) | listen::Bound::Tls(l) => l.local_addr().ok(),
+        listen::Bound::Unix(..) => None,
+    }));
+    Ok(Some((listeners, Arc::new(ca), own)))
+}
+
 fn ready_line(
     urls: &[String],
+    proxy_urls: &[String],
     config: &Config,
     policy_version: &str,
     admin_socket: Option<&std::path::PathBuf>,
@@ -287,6 +360,7 @@ fn ready_line(
         "ok": true,
         "listen": first,
         "listeners": urls,
+        "proxy_listeners": proxy_urls,
         "mode": config.mode,
         "routes": config.routes.iter().map(|r| &r.name).collect::<Vec<_>>(),
         "allowed_paths": config.seed.as_ref().map(|s| &s.allowed_paths),

@@ -35,7 +35,7 @@ impl Record {
         let mut r = Record {
             time: super::now_rfc3339(),
             request_id: request_id.to_string(),
-            method: head.method.to_string(),
+            method: head.method.clone(),
             policy_version: policy_version.to_string(),
             listener: listener.to_string(),
             peer: match peer {
@@ -99,7 +99,8 @@ impl Record {
     /// Names the route, its upstream host and classification, and its secret.
     pub fn route(&mut self, route: &Route, secret: Option<&SecretSpec>) {
         self.route = Some(route.name.clone());
-        self.destination = Some(route.upstream.host.clone());
+        // A forward-proxy route is recorded by the host the agent asked for.
+        self.destination = Some(route.host.as_ref().unwrap_or(&route.upstream.host).clone());
         self.classification = Some(route.classification.clone());
         self.key_id = secret.map(|s| s.name.clone());
     }

@@ -43,6 +43,14 @@ struct Raw {
     #[serde(default)]
     agents: BTreeMap<String, RawAgent>,
     run: Option<RawRun>,
+    /// The forward proxy (issue 15): `proxy_listen`, `egress`, `egress_allow`, …
+    proxy_listen: Option<Spanned<Vec<String>>>,
+    egress: Option<Spanned<String>>,
+    #[serde(default)]
+    egress_allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    egress_connect: BTreeMap<String, Spanned<String>>,
+    proxy_ports: Option<Spanned<Vec<u16>>>,
 }
 
 #[derive(Deserialize)]
@@ -158,8 +166,11 @@ impl IdText {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRoute {
-    prefix: Spanned<String>,
-    upstream: Spanned<String>,
+    prefix: Option<Spanned<String>>,
+    upstream: Option<Spanned<String>>,
+    /// The forward proxy: the host this route serves, and an extra CA for its upstream.
+    host: Option<Spanned<String>>,
+    upstream_ca: Option<Spanned<String>>,
     secret: Option<Spanned<String>>,
     inject: Option<Spanned<String>>,
     inject_format: Option<String>,
@@ -188,6 +199,8 @@ struct RawRoute {
     env: BTreeMap<String, Spanned<String>>,
     /// `request`, `run` or `ttl`: how long a dynamic OpenBao credential serves.
     jit: Option<Spanned<String>>,
+    placeholder_env: Option<Spanned<String>>,
+    placeholder_in: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -321,8 +334,25 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
             let key = |k: &str| format!("routes.{name}.{k}");
             RouteSpec {
                 name: name.clone(),
-                prefix: lines.spanned(&r.prefix, key("prefix")),
-                upstream: lines.spanned(&r.upstream, key("upstream")),
+                // A route the forward proxy serves by host needs neither; an empty prefix is
+                // "not served by path", and the upstream defaults to https://HOST.
+                prefix: match &r.prefix {
+                    Some(p) => lines.spanned(p, key("prefix")),
+                    None => At::new(String::new(), lines.table(&format!("routes.{name}"))),
+                },
+                upstream: match (&r.upstream, &r.host) {
+                    (Some(u), _) => lines.spanned(u, key("upstream")),
+                    (None, Some(h)) => {
+                        At::new(format!("https://{}", h.get_ref()), lines.at(h, key("host")))
+                    }
+                    (None, None) => At::new(String::new(), lines.table(&format!("routes.{name}"))),
+                },
+                proxy: super::spec::RouteProxySpec {
+                    host: r.host.as_ref().map(|h| lines.spanned(h, key("host"))),
+                    upstream_ca: r.upstream_ca.as_ref().map(|c| {
+                        At::new(expand_home(c.get_ref()), lines.at(c, key("upstream_ca")))
+                    }),
+                },
                 secret: r.secret.as_ref().map(|s| lines.spanned(s, key("secret"))),
                 inject: r.inject.as_ref().map(|i| lines.spanned(i, key("inject"))),
                 jit: r.jit.as_ref().map(|j| lines.spanned(j, key("jit"))),
@@ -362,6 +392,14 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
                 max_response_time: lines.dur(&r.max_response_time, key("max_response_time")),
                 github_scope: github_scope(&lines, r, &key),
                 query: r.query.as_ref().map(|q| lines.spanned(q, key("query"))),
+                placeholder_env: r
+                    .placeholder_env
+                    .as_ref()
+                    .map(|v| lines.spanned(v, key("placeholder_env"))),
+                placeholder_in: r
+                    .placeholder_in
+                    .as_ref()
+                    .map(|v| lines.spanned(v, key("placeholder_in"))),
                 region: r.region.clone(),
                 service: r.service.clone(),
                 env: r
@@ -495,6 +533,32 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
                 allow_ports: r.allow_ports,
             })
             .unwrap_or_default(),
+        proxy: super::spec::ProxySpec {
+            listen: raw
+                .proxy_listen
+                .as_ref()
+                .map(|l| lines.spanned(l, "proxy_listen")),
+            egress: raw.egress.as_ref().map(|e| lines.spanned(e, "egress")),
+            egress_allow: raw
+                .egress_allow
+                .iter()
+                .map(|a| lines.spanned(a, "egress_allow"))
+                .collect(),
+            egress_connect: raw
+                .egress_connect
+                .iter()
+                .map(|(k, v)| {
+                    At::new(
+                        (k.clone(), v.get_ref().clone()),
+                        lines.at(v, "egress_connect"),
+                    )
+                })
+                .collect(),
+            ports: raw
+                .proxy_ports
+                .as_ref()
+                .map(|p| lines.spanned(p, "proxy_ports")),
+        },
     })
 }
 

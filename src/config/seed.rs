@@ -227,6 +227,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
             backend: None,
         }),
         run: Default::default(),
+        proxy: Default::default(),
     })
 }
 
@@ -260,9 +261,12 @@ fn lab_route(
         max_response_time: None,
         github_scope: None,
         query: None,
+        placeholder_env: None,
+        placeholder_in: None,
         region: None,
         service: None,
         env: Vec::new(),
+        proxy: Default::default(),
     }
 }
 
@@ -377,6 +381,7 @@ fn parse_backend(file: &Path, text: &str) -> Result<Spec, ConfigError> {
             }),
         }),
         run: Default::default(),
+        proxy: Default::default(),
         state: None,
         instance: None,
     })

@@ -121,6 +121,26 @@ pub(crate) struct Spec {
     pub seed: Option<SeedSpec>,
     /// `[run]`: what `keygate run` drops and allows.
     pub run: RunSpec,
+    /// The forward-proxy keys; all absent in the lab format.
+    pub proxy: ProxySpec,
+}
+
+/// `proxy_listen`, `egress`, `egress_allow`, `egress_connect`, `proxy_ports`.
+#[derive(Debug, Default)]
+pub(crate) struct ProxySpec {
+    pub listen: Option<At<Vec<String>>>,
+    pub egress: Option<At<String>>,
+    pub egress_allow: Vec<At<String>>,
+    /// `(host, "ip:port")`: where a tunnel to that allowed host connects instead of DNS.
+    pub egress_connect: Vec<At<(String, String)>>,
+    pub ports: Option<At<Vec<u16>>>,
+}
+
+/// A route's forward-proxy keys: `host` and `upstream_ca`.
+#[derive(Debug, Default)]
+pub(crate) struct RouteProxySpec {
+    pub host: Option<At<String>>,
+    pub upstream_ca: Option<At<PathBuf>>,
 }
 
 /// `[run]`: `drop_env = [names]`, `allow_ports = [ports]`.
@@ -243,6 +263,12 @@ pub(crate) struct RouteSpec {
     pub service: Option<String>,
     /// `[routes.R.env]`: `(name, template)` as written, for `keygate run`.
     pub env: Vec<At<(String, String)>>,
+    /// The variable `keygate run` sets to the route's placeholder.
+    pub placeholder_env: Option<At<String>>,
+    /// Where else the placeholder is replaced: `"query"`, `"body"`.
+    pub placeholder_in: Option<At<Vec<String>>>,
+    /// `host`, `upstream_ca`: the forward proxy's keys.
+    pub proxy: RouteProxySpec,
 }
 
 /// One `[agents.NAME]` table, or the lab's single agent.

@@ -18,6 +18,7 @@ use crate::authorize::rule::{Rate, Rule};
 use crate::secret::openbao::Jit;
 use crate::secret::{BaoToken, SecretSource, SecretSpec};
 
+mod proxy;
 mod tokens;
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:8791";
@@ -115,7 +116,11 @@ pub(super) fn validate(file: &Path, spec: Spec) -> Result<Config, ConfigError> {
     }
     tokens::scope_routes(&cx, &spec.routes, &mut routes, &mut secrets)?;
     for (i, a) in routes.iter().enumerate() {
-        if let Some(b) = routes[..i].iter().find(|b| b.prefix == a.prefix) {
+        proxy::unique_host(&cx, &spec.routes[i], a, &routes[..i])?;
+        if let Some(b) = routes[..i]
+            .iter()
+            .find(|b| b.prefix == a.prefix && !a.prefix.is_empty())
+        {
             return cx.err(
                 &spec.routes[i].prefix.pos,
                 format!("prefix {} is already used by route {}", a.prefix, b.name),
@@ -222,6 +227,7 @@ pub(super) fn validate(file: &Path, spec: Spec) -> Result<Config, ConfigError> {
             drop_env: spec.run.drop_env,
             allow_ports: spec.run.allow_ports,
         },
+        proxy: proxy::settings(&cx, &spec.proxy)?,
     })
 }
 
@@ -662,8 +668,12 @@ fn route(
     default_timeout: Duration,
     default_scan: RequestScan,
 ) -> Result<Route, ConfigError> {
+    let (host, upstream_ca) = proxy::route_keys(cx, r)?;
     let prefix = r.prefix.value.trim_end_matches('/').to_string();
-    let prefix = if prefix.is_empty() {
+    let prefix = if r.prefix.value.is_empty() {
+        // A route the forward proxy serves by host only: no path reaches it.
+        String::new()
+    } else if prefix.is_empty() {
         "/".to_string()
     } else {
         prefix
@@ -671,7 +681,9 @@ fn route(
     let plain = prefix
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b"/._~-".contains(&b));
-    if !prefix.starts_with('/') || !plain || crate::route::path::check_path(&prefix).is_err() {
+    if !prefix.is_empty()
+        && (!prefix.starts_with('/') || !plain || crate::route::path::check_path(&prefix).is_err())
+    {
         return cx.err(
             &r.prefix.pos,
             "prefix must be a plain path such as /openai (letters, digits, / . _ ~ -)",
@@ -755,8 +767,38 @@ fn route(
         crate::launcher::check_env_entry(k, v).or_else(|m| cx.err(&e.pos, m))?;
         env.push((k.clone(), v.clone()));
     }
+    let placeholder_env = match &r.placeholder_env {
+        Some(v) => {
+            crate::launcher::check_env_entry(&v.value, "").or_else(|m| cx.err(&v.pos, m))?;
+            Some(v.value.clone())
+        }
+        None => None,
+    };
+    let placeholder_in = match &r.placeholder_in {
+        Some(v) => crate::placeholder::Positions::parse(&v.value).or_else(|m| cx.err(&v.pos, m))?,
+        None => crate::placeholder::Positions::default(),
+    };
+    if placeholder_env.is_some() || !placeholder_in.is_empty() {
+        if let Some(at) = r
+            .placeholder_env
+            .as_ref()
+            .map(|v| &v.pos)
+            .or(r.placeholder_in.as_ref().map(|v| &v.pos))
+        {
+            if secret.is_none() {
+                return cx.err(
+                    at,
+                    "a placeholder stands in for the route's secret: set secret too",
+                );
+            }
+        }
+    }
     Ok(Route {
         env,
+        placeholder_env,
+        placeholder_in,
+        host,
+        upstream_ca,
         name: r.name.clone(),
         prefix,
         upstream,

@@ -61,6 +61,8 @@ pub struct Runs {
     by_token: Mutex<HashMap<String, RunInfo>>,
     /// Tokens of ended runs, refused by the authenticator whatever the store recorded.
     revoked: Arc<crate::authenticate::RevokedIds>,
+    /// The live runs' placeholders, minted with the lease and forgotten when it ends.
+    pub placeholders: crate::placeholder::Registry,
 }
 
 impl Runs {
@@ -299,6 +301,7 @@ async fn end(live: &Arc<Live>, token_id: &str, run: &RunInfo, why: &str) {
     let state = live.state.load_full();
     // Refused from now on, before and whatever the store says.
     state.control.runs.revoked.insert(token_id);
+    state.control.runs.placeholders.forget_run(token_id);
     // `jit = "run"` credentials die with the run.
     state.credentials.end_run(&run.run_id);
     if let Some(store) = state.control.store.clone() {
@@ -394,6 +397,22 @@ fn grant(
             }
         }
     }
+    let placeholders = state
+        .control
+        .runs
+        .placeholders
+        .mint_for_run(token_id, agent, &routes);
+    for r in &routes {
+        let value = placeholders.iter().find(|(name, _)| *name == r.name);
+        if let (Some(var), Some((_, value))) = (&r.placeholder_env, value) {
+            set.insert(var.clone(), value.clone().into());
+        }
+    }
+    let files = state
+        .control
+        .proxy
+        .get()
+        .map(|proxy| super::files::grant(proxy, token, &routes, &placeholders, &mut set));
     // Names that hold a value keygate holds, matched by hash: no value crosses the socket.
     let held = state.credentials.held_hashes();
     let mut reach = Reach::default();
@@ -454,6 +473,9 @@ fn grant(
         .collect();
     ports.push(state.listen_port);
     ports.extend(&config.run.allow_ports);
+    if let Some(proxy) = state.control.proxy.get() {
+        ports.extend(proxy.addrs.iter().map(|a| a.port()));
+    }
     ports.sort_unstable();
     ports.dedup();
     zeroize::Zeroizing::new(
@@ -470,6 +492,7 @@ fn grant(
             "read_only": read_only,
             "ports": ports,
             "heartbeat_secs": heartbeat.as_secs(),
+            "files": files,
         })
         .to_string()
             + "\n",

@@ -1200,7 +1200,10 @@ impl Detectors {
                     return Eval::Miss;
                 }
                 let start = if *with_head { at } else { vs };
-                if documented_example(spec, &buf[start..ve]) {
+                // A keygate placeholder stands in for a key; it is not one (`crate::placeholder`).
+                if documented_example(spec, &buf[start..ve])
+                    || buf[vs..ve].starts_with(crate::placeholder::PREFIX.as_bytes())
+                {
                     return Eval::Miss;
                 }
                 Eval::Hit(start, ve)

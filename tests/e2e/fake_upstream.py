@@ -118,6 +118,12 @@ class FakeUpstream:
 
     # === lifecycle ===
 
+    def serve_tls(self, context) -> "FakeUpstream":
+        """Speak TLS with `context` (an `ssl.SSLContext` with its certificate); call before start."""
+        self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+        self.tls = True
+        return self
+
     def start(self) -> "FakeUpstream":
         self._thread.start()
         return self
@@ -138,7 +144,8 @@ class FakeUpstream:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if getattr(self, "tls", False) else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     # === what it saw ===
 

@@ -276,3 +276,57 @@ token_env = "KEYGATE_AGENT_TOKEN"
     for place, text in {"response": seen, "audit": kg.audit_path.read_text(), "stdout": kg.stdout_text(), "stderr": kg.stderr_text()}.items():
         for name, value in {"secret key": secret_key, "session token": session_token}.items():
             assert value not in text and b64(value) not in text, f"{name} in {place}"
+
+
+def test_canary_secret_never_leaves_keygate_through_the_forward_proxy(keygate, keygate_bin, tmp_path):
+    """The same canary through `proxy_listen`: curl with `-x` and keygate's exported CA, a host a
+    route names, the upstream echoing the key in headers, JSON and an SSE stream cut mid-secret."""
+    import subprocess
+
+    from proxy_setup import HOST, start_bench, status_of
+
+    bench = start_bench(keygate, keygate_bin, tmp_path, key=CANARY, env={"RUST_LOG": "trace", "KEYGATE_LOG": "trace"})
+    try:
+        bench.upstream.echo_key = True
+        seen = []
+        done = bench.curl("-i", f"https://{HOST}/echo")
+        assert status_of(done)[:2] == (200, 200), done.stderr
+        seen += [done.stdout, done.stderr]
+        assert "[REDACTED:" in done.stdout
+
+        # Streamed: each second half of the secret is released only after curl printed the
+        # event before it, so keygate streamed while holding back a cut secret.
+        argv, env = bench.curl_argv(
+            "-i", "-H", "content-type: application/json", "--data", '{"stream": true}', f"https://{HOST}/v1/chat/completions"
+        )
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            lines = []
+            for line in proc.stdout:
+                lines.append(line)
+                if line.strip() == 'data: {"n":1}':
+                    bench.upstream.gates["n1"].set()
+                elif line.strip() == 'data: {"n":2}':
+                    bench.upstream.gates["n2"].set()
+            proc.wait(timeout=10)
+            seen += lines + [proc.stderr.read()]
+        finally:
+            proc.kill()
+            proc.wait()
+        assert bench.upstream.gate_timeouts == [], "keygate held the stream back until the upstream gave up"
+        assert any('"n":3' in line for line in lines), lines
+        assert bench.upstream.echoed == [CANARY, CANARY]
+
+        bench.kg.audit_records(n=4)
+        assert bench.kg.stop() == 0
+        places = {
+            "responses": "\n".join(seen),
+            "audit log": bench.kg.audit_path.read_text(),
+            "keygate stdout": bench.kg.stdout_text(),
+            "keygate stderr": bench.kg.stderr_text(),
+        }
+        found = {place: leaks(text) for place, text in places.items() if leaks(text)}
+        assert found == {}, f"the canary secret leaked: {found}"
+    finally:
+        bench.upstream.stop()
+        bench.mirror.stop()

@@ -10,8 +10,10 @@ mod support;
 
 mod affinity;
 mod dos;
+mod forward_proxy;
 mod hook_claude_code;
 mod launcher;
+mod placeholder;
 mod proxy;
 mod redact_cli;
 mod redact_response;

@@ -114,6 +114,8 @@ pub(crate) fn full(s: impl Into<Bytes>) -> BoxBody<Bytes, std::io::Error> {
 pub(crate) struct Keygate {
     child: Child,
     pub url: String,
+    /// The first forward-proxy listener (`proxy_listen`), `http://IP:PORT`.
+    pub proxy_url: Option<String>,
     pub dir: tempfile::TempDir,
     pub audit: PathBuf,
 }
@@ -182,9 +184,11 @@ impl Keygate {
         let v: serde_json::Value =
             serde_json::from_str(&line).unwrap_or_else(|e| panic!("ready line {line:?}: {e}"));
         let url = v["listen"].as_str().unwrap().to_string();
+        let proxy_url = v["proxy_listeners"][0].as_str().map(str::to_string);
         Keygate {
             child,
             url,
+            proxy_url,
             dir,
             audit,
         }

@@ -1,0 +1,542 @@
+//! Placeholders: a harmless string the agent holds where a tool expects its key.
+//!
+//! Each run (`keygate run`) gets, for every route that asks for one (`placeholder_env`,
+//! `placeholder_in`), a placeholder `kgph_<route>_<32 base62>`, minted with the run's lease and
+//! forgotten when the lease ends, like the run's token. keygate replaces it, in the credential
+//! stage and only for its own route, with the real credential; nothing else is rewritten.
+//!
+//! Identity: a live placeholder is a capability of its run. A request that carries one and no
+//! keygate token is the run's request (tools that only know `HTTPS_PROXY` and cannot send proxy
+//! credentials are identified by it); one that carries a token and a placeholder must carry the
+//! placeholder of the token's own run. A placeholder of an ended run, or a `kgph_` string that
+//! was never minted, in a credential position is refused (403 `placeholder_mismatch`).
+//!
+//! Stages: [`lift`] runs before `authenticate` (which strips credential headers and would take a
+//! placeholder for a token); [`identify`] completes `authenticate`; [`check_foreign`] and
+//! [`substitute`] run in the credential stage, the latter called from `credential::replace`, the
+//! one place the value is exposed.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::authenticate::Identity;
+use crate::config::{AgentId, Config, Inject, Route};
+use crate::error::{Code, Rejection};
+
+/// What every placeholder starts with.
+pub const PREFIX: &str = "kgph_";
+
+/// Length of a placeholder's random part: 190 bits, unguessable like a token.
+const RANDOM_LEN: usize = 32;
+
+/// Headers a tool puts its key in, beyond the route's own inject header: a placeholder there is
+/// replaced, any other value refused on a placeholder route.
+pub const TOKEN_HEADERS: [&str; 6] = [
+    "authorization",
+    "x-api-key",
+    "api-key",
+    "x-goog-api-key",
+    "private-token",
+    "x-auth-token",
+];
+
+/// Where, beyond credential headers, a route takes its placeholder (`placeholder_in`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Positions {
+    /// `"query"`: in the query string (replaced by the percent-encoded value).
+    pub query: bool,
+    /// `"body"`: in the request body, read whole up to `max_request_bytes` (replaced by the
+    /// value, JSON- or percent-escaped when the body is JSON or a form).
+    pub body: bool,
+}
+
+impl Positions {
+    /// Whether the route opted into any position beyond headers.
+    pub fn is_empty(&self) -> bool {
+        !self.query && !self.body
+    }
+
+    /// Parses `placeholder_in` entries.
+    pub fn parse(items: &[String]) -> Result<Positions, String> {
+        let mut p = Positions::default();
+        for item in items {
+            match item.as_str() {
+                "query" => p.query = true,
+                "body" => p.body = true,
+                // Always on: listed for people who write it out.
+                "header" | "headers" => {}
+                "websocket" => {
+                    return Err(
+                        "keygate does not forward WebSockets, so there are no frames to replace a placeholder in"
+                            .into(),
+                    )
+                }
+                other => {
+                    return Err(format!(
+                        "placeholder_in: {other:?} is not a position (use \"query\", \"body\")"
+                    ))
+                }
+            }
+        }
+        Ok(p)
+    }
+}
+
+/// Whether a route hands out placeholders, and so checks its credential positions: one that
+/// asks for them, and every forward-proxy route (`host`), whose tools send their own
+/// credential headers.
+pub fn enabled(route: &Route) -> bool {
+    route.placeholder_env.is_some() || !route.placeholder_in.is_empty() || route.host.is_some()
+}
+
+/// A fresh placeholder for `route`.
+pub fn mint(route: &str) -> String {
+    use rand::distr::{Alphanumeric, SampleString};
+    let random = Alphanumeric.sample_string(&mut rand::rng(), RANDOM_LEN);
+    format!("{PREFIX}{route}_{random}")
+}
+
+/// Whose a live placeholder is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owner {
+    /// The run's token id.
+    pub token_id: String,
+    /// The run's agent, by name (indices change with a reload).
+    pub agent: String,
+    /// The route the placeholder stands in for.
+    pub route: String,
+}
+
+/// The live placeholders of every run, shared by every reloaded state; a placeholder is known by
+/// its SHA-256, as tokens are.
+#[derive(Default)]
+pub struct Registry(Mutex<Inner>);
+
+#[derive(Default)]
+struct Inner {
+    by_hash: HashMap<[u8; 32], Owner>,
+    /// token id -> (route, placeholder), to find the run's placeholder for a route.
+    by_run: HashMap<String, Vec<(String, String)>>,
+}
+
+impl Registry {
+    /// Mints the run's placeholders for `routes`, registers them and returns (route, value).
+    pub fn mint_for_run(
+        &self,
+        token_id: &str,
+        agent: &str,
+        routes: &[&Route],
+    ) -> Vec<(String, String)> {
+        let made: Vec<(String, String)> = routes
+            .iter()
+            .filter(|r| enabled(r))
+            .map(|r| (r.name.clone(), mint(&r.name)))
+            .collect();
+        let mut inner = self.lock();
+        for (route, value) in &made {
+            inner.by_hash.insert(
+                hash(value.as_bytes()),
+                Owner {
+                    token_id: token_id.to_string(),
+                    agent: agent.to_string(),
+                    route: route.clone(),
+                },
+            );
+        }
+        inner.by_run.insert(token_id.to_string(), made.clone());
+        made
+    }
+
+    /// Forgets a run's placeholders: its lease ended.
+    pub fn forget_run(&self, token_id: &str) {
+        let mut inner = self.lock();
+        if let Some(list) = inner.by_run.remove(token_id) {
+            for (_, value) in list {
+                inner.by_hash.remove(&hash(value.as_bytes()));
+            }
+        }
+    }
+
+    /// The owner of a live placeholder.
+    pub fn owner(&self, value: &[u8]) -> Option<Owner> {
+        self.lock().by_hash.get(&hash(value)).cloned()
+    }
+
+    /// The run's placeholder for a route.
+    pub fn of_run(&self, token_id: &str, route: &str) -> Option<String> {
+        self.lock()
+            .by_run
+            .get(token_id)?
+            .iter()
+            .find(|(r, _)| r == route)
+            .map(|(_, v)| v.clone())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn hash(v: &[u8]) -> [u8; 32] {
+    Sha256::digest(v).into()
+}
+
+/// What [`lift`] took off the request.
+#[derive(Debug, Default)]
+pub struct Lifted {
+    /// Headers holding a live placeholder, all their values, to be put back (replaced) later.
+    headers: Vec<(HeaderName, Vec<HeaderValue>)>,
+    /// The run the placeholders belong to.
+    owner: Option<Owner>,
+    /// The SHA-256 of every other value in a caller-credential header (`Authorization` and the
+    /// SDK key headers), which `authenticate` strips: on a placeholder route each must be the
+    /// caller's own token.
+    others: Vec<[u8; 32]>,
+}
+
+impl Lifted {
+    /// The run the request's placeholders belong to.
+    pub fn owner(&self) -> Option<&Owner> {
+        self.owner.as_ref()
+    }
+}
+
+fn mismatch(message: impl Into<String>) -> Rejection {
+    Rejection::new(Code::PlaceholderMismatch, message)
+}
+
+/// Takes every header holding a live placeholder off the request (so `authenticate` neither
+/// mistakes it for a token nor strips it), and notes the other values of caller-credential
+/// headers. A `kgph_` string in a credential position that is no live placeholder is refused; in
+/// any other header it is ordinary text.
+pub fn lift(headers: &mut HeaderMap, registry: &Registry) -> Result<Lifted, Rejection> {
+    let mut lifted = Lifted::default();
+    let names: Vec<HeaderName> = headers.keys().cloned().collect();
+    for name in names {
+        let credential_position = TOKEN_HEADERS.contains(&name.as_str());
+        let mut live = false;
+        for value in headers.get_all(&name) {
+            for candidate in candidates(value.as_bytes()) {
+                match registry.owner(&candidate) {
+                    Some(owner) => {
+                        if lifted.owner.as_ref().is_some_and(|o| o.token_id != owner.token_id) {
+                            return Err(mismatch(
+                                "the request carries placeholders of two different runs",
+                            ));
+                        }
+                        lifted.owner = Some(owner);
+                        live = true;
+                    }
+                    None if credential_position => {
+                        return Err(mismatch(format!(
+                            "the {name} header holds a placeholder of no live run (its run ended, or it was never issued)"
+                        )))
+                    }
+                    None => {}
+                }
+            }
+        }
+        if live {
+            let values = headers.get_all(&name).iter().cloned().collect();
+            headers.remove(&name);
+            lifted.headers.push((name, values));
+        } else if crate::authenticate::CALLER_CREDENTIAL_HEADERS.contains(&name.as_str()) {
+            for value in headers.get_all(&name) {
+                lifted.others.push(hash(credential_of(value.as_bytes())));
+            }
+        }
+    }
+    Ok(lifted)
+}
+
+/// A credential header's token, as `authenticate` reads it: a Bearer value without its scheme.
+fn credential_of(v: &[u8]) -> &[u8] {
+    let v = v.trim_ascii();
+    match v.iter().position(|&b| b == b' ') {
+        Some(i) if v[..i].eq_ignore_ascii_case(b"bearer") => v[i..].trim_ascii(),
+        _ => v,
+    }
+}
+
+/// The `kgph_…` strings in a header value, also inside `Basic base64(user:pass)`.
+fn candidates(value: &[u8]) -> Vec<Vec<u8>> {
+    let mut found = find_all(value);
+    if let Some(decoded) = basic_decoded(value) {
+        found.extend(find_all(&decoded));
+    }
+    found
+}
+
+fn basic_decoded(value: &[u8]) -> Option<Vec<u8>> {
+    let v = value.trim_ascii();
+    let i = v.iter().position(|&b| b == b' ')?;
+    if !v[..i].eq_ignore_ascii_case(b"basic") {
+        return None;
+    }
+    base64::engine::general_purpose::STANDARD
+        .decode(v[i..].trim_ascii())
+        .ok()
+}
+
+/// Every maximal `kgph_[A-Za-z0-9_-]+` in `text`.
+fn find_all(text: &[u8]) -> Vec<Vec<u8>> {
+    let word = |b: &u8| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'-';
+    let mut out = Vec::new();
+    let mut i = 0;
+    while let Some(at) = find(&text[i..], PREFIX.as_bytes()) {
+        let start = i + at;
+        // A `kgph_` inside a longer word is not a placeholder's start.
+        if start > 0 && word(&text[start - 1]) {
+            i = start + PREFIX.len();
+            continue;
+        }
+        let len = text[start..].iter().take_while(|b| word(b)).count();
+        out.push(text[start..start + len].to_vec());
+        i = start + len;
+    }
+    out
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    memchr::memmem::find(hay, needle)
+}
+
+/// Completes `authenticate`: a request with no token is its placeholder's run; one with a token
+/// and a placeholder must carry its own run's. On a placeholder route (`placeholder_route`), a
+/// second credential next to the token, or one next to a placeholder, is a foreign credential:
+/// 403 `placeholder_mismatch` says so rather than 401.
+pub fn identify(
+    found: Result<Identity, Rejection>,
+    lifted: &Lifted,
+    config: &Config,
+    placeholder_route: bool,
+    live_run: impl Fn(&str) -> bool,
+) -> Result<Identity, Rejection> {
+    let foreign = |e: &Rejection| {
+        e.code == Code::AmbiguousCredentials
+            || (lifted.owner.is_some() && e.code == Code::InvalidToken)
+    };
+    if let Err(e) = &found {
+        if placeholder_route && foreign(e) {
+            return Err(mismatch(
+                "this route takes its placeholder or no credential; the request carries another credential",
+            ));
+        }
+    }
+    let Some(owner) = &lifted.owner else {
+        return found;
+    };
+    match found {
+        Ok(who) if who.token_id.as_deref() == Some(owner.token_id.as_str()) => Ok(who),
+        Ok(_) => Err(mismatch(
+            "the placeholder belongs to another run than the caller's token",
+        )),
+        Err(e) if matches!(e.code, Code::MissingToken) => {
+            let agent = config
+                .agents
+                .iter()
+                .position(|a| a.name == owner.agent)
+                .filter(|_| live_run(&owner.token_id))
+                .ok_or_else(|| mismatch("the placeholder's run has ended"))?;
+            Ok(Identity {
+                agent: AgentId(agent),
+                token_id: Some(owner.token_id.clone()),
+                person: None,
+            })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// On a placeholder route, refuses a credential the agent sent that is neither the route's
+/// placeholder nor the caller's own token: it is never overwritten, never forwarded.
+pub fn check_foreign(
+    route: &Route,
+    lifted: &Lifted,
+    caller_token_id: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<(), Rejection> {
+    if !enabled(route) {
+        return Ok(());
+    }
+    for h in &lifted.others {
+        let id = format!("tok_{}", &hex::encode(h)[..12]);
+        if caller_token_id != Some(id.as_str()) {
+            return Err(mismatch(format!(
+                "route {} takes its placeholder or no credential; the request carries another credential",
+                route.name
+            )));
+        }
+    }
+    let inject = match &route.inject {
+        Inject::Header { name, .. } => Some(name.as_str()),
+        _ => None,
+    };
+    for name in TOKEN_HEADERS.iter().copied().chain(inject) {
+        if crate::authenticate::CALLER_CREDENTIAL_HEADERS.contains(&name) {
+            // Stripped by `authenticate`; judged above.
+            continue;
+        }
+        if headers.contains_key(name) {
+            return Err(mismatch(format!(
+                "route {} takes its placeholder or no credential in {name}; the request carries another value",
+                route.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The request parts a placeholder may be replaced in.
+pub struct Target<'a> {
+    /// The request headers (credential headers already stripped by `authenticate`).
+    pub headers: &'a mut HeaderMap,
+    /// The query string.
+    pub query: &'a mut Option<String>,
+    /// The body, when the route opted in and it was read whole.
+    pub body: Option<&'a mut Bytes>,
+}
+
+/// Puts the lifted headers back with the route's placeholder replaced by `value` in credential
+/// positions, and replaces it in the query and body where the route opted in. Returns whether a
+/// header now carries the credential (then `attach` leaves the agent's header as it is).
+pub fn substitute(
+    route: &Route,
+    lifted: Lifted,
+    placeholder: Option<&str>,
+    value: &[u8],
+    target: Target<'_>,
+) -> Result<bool, Rejection> {
+    let inject = match &route.inject {
+        Inject::Header { name, .. } => Some(name.clone()),
+        _ => None,
+    };
+    let signs = matches!(route.inject, Inject::AwsSigV4 { .. });
+    let mut in_header = false;
+    for (name, values) in lifted.headers {
+        let credential_position =
+            TOKEN_HEADERS.contains(&name.as_str()) || inject.as_ref() == Some(&name);
+        if !credential_position {
+            // A placeholder in an ordinary header is text the agent wrote: it goes on unchanged.
+            for v in values {
+                target.headers.append(name.clone(), v);
+            }
+            continue;
+        }
+        let Some(p) = placeholder else {
+            return Err(mismatch(format!(
+                "the placeholder in {name} is not one of route {}",
+                route.name
+            )));
+        };
+        for v in &values {
+            let own = candidates(v.as_bytes()).iter().all(|c| c == p.as_bytes());
+            if !own {
+                return Err(mismatch(format!(
+                    "the placeholder in {name} is not one of route {}",
+                    route.name
+                )));
+            }
+        }
+        if signs {
+            // The tool signed with the placeholder; keygate signs anew with the real keys.
+            continue;
+        }
+        for v in values {
+            let mut replaced =
+                replace_header(v.as_bytes(), p.as_bytes(), value).ok_or_else(|| {
+                    Rejection::new(
+                    Code::SecretUnavailable,
+                    "the credential cannot be put in that header (it holds bytes a header may not)",
+                )
+                })?;
+            replaced.set_sensitive(true);
+            target.headers.append(name.clone(), replaced);
+            in_header = true;
+        }
+    }
+    let Some(p) = placeholder else {
+        return Ok(in_header);
+    };
+    if route.placeholder_in.query {
+        if let Some(q) = target.query.as_mut() {
+            if q.contains(p) {
+                let enc = percent_encoding::percent_encode(value, crate::redact::QUERY_COMPONENT)
+                    .to_string();
+                *q = q.replace(p, &enc);
+            }
+        }
+    }
+    if let Some(body) = target.body.filter(|_| route.placeholder_in.body) {
+        if find(body, p.as_bytes()).is_some() {
+            let escaped = escape_for_body(target.headers, value);
+            *body = Bytes::from(replace_bytes(body, p.as_bytes(), &escaped));
+        }
+    }
+    Ok(in_header)
+}
+
+/// A header value with `placeholder` replaced by `value`, also inside `Basic base64(…)`.
+fn replace_header(v: &[u8], placeholder: &[u8], value: &[u8]) -> Option<HeaderValue> {
+    let out = match basic_decoded(v) {
+        Some(decoded) if find(&decoded, placeholder).is_some() => {
+            let pair = zeroize::Zeroizing::new(replace_bytes(&decoded, placeholder, value));
+            let mut out = b"Basic ".to_vec();
+            out.extend_from_slice(
+                base64::engine::general_purpose::STANDARD
+                    .encode(&*pair)
+                    .as_bytes(),
+            );
+            out
+        }
+        _ => replace_bytes(v, placeholder, value),
+    };
+    let out = zeroize::Zeroizing::new(out);
+    HeaderValue::from_bytes(&out).ok()
+}
+
+fn replace_bytes(hay: &[u8], needle: &[u8], with: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(hay.len() + with.len());
+    let mut rest = hay;
+    while let Some(i) = find(rest, needle) {
+        out.extend_from_slice(&rest[..i]);
+        out.extend_from_slice(with);
+        rest = &rest[i + needle.len()..];
+    }
+    out.extend_from_slice(rest);
+    out
+}
+
+/// The value as the body's format spells it: inside a JSON string, or a form field.
+fn escape_for_body(headers: &HeaderMap, value: &[u8]) -> Vec<u8> {
+    let ct = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if ct.contains("json") {
+        let s = String::from_utf8_lossy(value);
+        let quoted = serde_json::to_string(&s).unwrap_or_default();
+        // Always `"…"`: the quotes are the placeholder's string's own.
+        let inner = quoted
+            .strip_prefix('"')
+            .and_then(|q| q.strip_suffix('"'))
+            .unwrap_or("");
+        return inner.as_bytes().to_vec();
+    }
+    if ct.starts_with("application/x-www-form-urlencoded") {
+        return percent_encoding::percent_encode(value, crate::redact::QUERY_COMPONENT)
+            .to_string()
+            .into_bytes();
+    }
+    value.to_vec()
+}
+
+#[cfg(test)]
+mod tests;
