@@ -8,6 +8,7 @@
 
 mod support;
 
+mod affinity;
 mod cli_output;
 mod dos;
 mod forward_proxy;
