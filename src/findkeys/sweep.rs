@@ -277,8 +277,24 @@ impl Sweep {
             return;
         }
         self.files += 1;
-        let bytes = match std::fs::read(path) {
-            Ok(b) => zeroize::Zeroizing::new(b),
+        // Read through the cap here too: shell histories come straight to this function, and a
+        // file may grow between `visit`'s look and the read.
+        let read = || -> std::io::Result<zeroize::Zeroizing<Vec<u8>>> {
+            use std::io::Read as _;
+            let mut b = zeroize::Zeroizing::new(Vec::new());
+            std::fs::File::open(path)?
+                .take(MAX_FILE + 1)
+                .read_to_end(&mut b)?;
+            Ok(b)
+        };
+        let bytes = match read() {
+            Ok(b) if b.len() as u64 > MAX_FILE => {
+                return self.skipped.push((
+                    path.display().to_string(),
+                    format!("larger than {} MiB", MAX_FILE / (1024 * 1024)),
+                ));
+            }
+            Ok(b) => b,
             Err(e) => return self.errors.push(format!("{}: {e}", path.display())),
         };
         if memchr::memchr(0, &bytes[..bytes.len().min(SNIFF)]).is_some() {

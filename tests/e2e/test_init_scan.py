@@ -312,3 +312,25 @@ def test_init_asks_on_a_terminal_and_protects_only_the_keys_answered_yes(keygate
     assert "[routes.anthropic]" in text and "[routes.openai]" not in text
     env_after = (proj / ".env").read_text()
     assert f"OPENAI_API_KEY={openai_key}\n" in env_after and anthropic_key not in env_after
+
+
+def test_scan_skips_a_shell_history_over_the_file_cap_and_reads_a_small_one(keygate_bin, tmp_path):
+    key = fake_secret("gsk_hist")
+    home = tmp_path / "home"
+    home.mkdir()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    history = home / ".bash_history"
+    # 9 MiB of ordinary commands, then a key: over the 8 MiB cap, so never read whole.
+    with history.open("w") as f:
+        f.write("ls -la\n" * (9 * 1024 * 1024 // 7))
+        f.write(f"export GROQ_API_KEY={key}\n")
+    out = scan(keygate_bin, tmp_path, str(empty), "--json", "--no-env")
+    report = json.loads(out.stdout)
+    assert report["found"] == 0, report
+    assert any(s["path"] == str(history) for s in report["skipped"]), report
+    # Benign neighbour: the same key in a small history is found.
+    history.write_text(f"ls\nexport GROQ_API_KEY={key}\n")
+    out = scan(keygate_bin, tmp_path, str(empty), "--json", "--no-env")
+    assert json.loads(out.stdout)["found"] == 1, out.stdout
+    assert_never_shown([key], out.stdout, out.stderr)
