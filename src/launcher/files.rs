@@ -188,30 +188,55 @@ fn write(dir: &Path, name: &str, text: &str) -> Result<String, String> {
     Ok(path.display().to_string())
 }
 
-/// `keygate-run-UID` under `XDG_RUNTIME_DIR` or the temp dir: created 0700, and refused when it
-/// is a link, another user's, or open to others (a shared `/tmp`).
+/// `keygate-run-UID` under `XDG_RUNTIME_DIR`, else `~/.cache`, else the temp dir: created 0700,
+/// and passed over when it is a link, another user's, or open to others (another user may
+/// pre-create it in a shared `/tmp` to block runs, so the next place is tried).
 fn private_base() -> Result<PathBuf, String> {
     let uid = std::fs::metadata("/proc/self")
         .map(|m| m.uid())
         .map_err(|e| format!("/proc/self: {e}"))?;
-    let root = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .filter(|p| p.is_dir())
-        .unwrap_or_else(std::env::temp_dir);
-    let base = root.join(format!("keygate-run-{uid}"));
-    match std::fs::DirBuilder::new().mode(0o700).create(&base) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(format!("{}: {e}", base.display())),
+    let mut roots: Vec<PathBuf> = Vec::new();
+    if let Some(xdg) = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
+        roots.push(xdg);
     }
-    let m = std::fs::symlink_metadata(&base).map_err(|e| format!("{}: {e}", base.display()))?;
-    if !m.is_dir() || m.uid() != uid || m.mode() & 0o077 != 0 {
-        return Err(format!(
-            "{} is not a private directory of this user (0700); remove it",
-            base.display()
-        ));
+    if let Some(home) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        let cache = PathBuf::from(home).join(".cache");
+        let _ = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&cache);
+        roots.push(cache);
     }
-    Ok(base)
+    roots.push(std::env::temp_dir());
+    private_base_in(&roots, uid)
+}
+
+/// The first `ROOT/keygate-run-UID` of `roots` that is (or is now created as) a private
+/// directory of `uid`.
+fn private_base_in(roots: &[PathBuf], uid: u32) -> Result<PathBuf, String> {
+    let mut refused = Vec::new();
+    for root in roots.iter().filter(|r| r.is_dir()) {
+        let base = root.join(format!("keygate-run-{uid}"));
+        match std::fs::DirBuilder::new().mode(0o700).create(&base) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                refused.push(format!("{}: {e}", base.display()));
+                continue;
+            }
+        }
+        match std::fs::symlink_metadata(&base) {
+            Ok(m) if m.is_dir() && m.uid() == uid && m.mode() & 0o077 == 0 => return Ok(base),
+            _ => refused.push(format!(
+                "{} is not a private directory of this user (0700)",
+                base.display()
+            )),
+        }
+    }
+    Err(format!(
+        "no private directory for the run's files: {}",
+        refused.join("; ")
+    ))
 }
 
 /// Removes the directories of runs whose launcher is gone (SIGKILLed before it could).
@@ -233,6 +258,31 @@ fn clean_stale(base: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_dir_another_user_planted_is_passed_over_for_the_next_private_place() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let uid = std::fs::metadata("/proc/self").unwrap().uid();
+        let shared = tempfile::tempdir().unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        let planted = shared.path().join(format!("keygate-run-{uid}"));
+        std::fs::create_dir(&planted).unwrap();
+        std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let roots = [shared.path().to_path_buf(), cache.path().to_path_buf()];
+        let base = private_base_in(&roots, uid).unwrap();
+        assert_eq!(base, cache.path().join(format!("keygate-run-{uid}")));
+        let mode = std::fs::metadata(&base).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        // Benign neighbour: a clean first place is used.
+        let clean = tempfile::tempdir().unwrap();
+        let roots = [clean.path().to_path_buf(), cache.path().to_path_buf()];
+        assert_eq!(
+            private_base_in(&roots, uid).unwrap(),
+            clean.path().join(format!("keygate-run-{uid}"))
+        );
+        // Nowhere private: a clear error, no run.
+        assert!(private_base_in(&roots[..0], uid).is_err());
+    }
 
     #[test]
     fn files_hold_keygates_ca_after_the_system_roots_and_are_named_in_every_variable() {
