@@ -231,6 +231,34 @@ def test_sighup_reloads_and_never_kills_keygate(make):
     assert s.kg.stop() == 0
 
 
+def test_every_sighup_reloads_not_only_the_first(make):
+    # Suspected: after one SIGHUP reload, further SIGHUPs were not acted on. Three SIGHUPs, the
+    # config changed before each: three reload records, each new version serving requests.
+    s = make()
+    cfg = s.kg.config_path
+    good = cfg.read_text()
+    versions = [s.kg.startup["policy_version"]]
+    for i in range(1, 4):
+        cfg.write_text(good + "\n" + "".join(f"[agents.extra{j}]\n" for j in range(i)))
+        s.kg.proc.send_signal(signal.SIGHUP)
+        poll(
+            lambda: len([e for e in s.kg.audit_log() if e.get("event") == "reload"]) == i,
+            f"reload record {i}",
+        )
+        (ev,) = [e for e in s.kg.audit_log() if e.get("event") == "reload"][i - 1 : i]
+        assert ev["by"] == "SIGHUP" and ev["previous_policy_version"] == versions[-1]
+        versions.append(ev["policy_version"])
+        r = chat(s)
+        assert r.status_code == 200
+        assert s.kg.audit_record(r.headers["x-request-id"])["policy_version"] == versions[-1]
+    assert len(set(versions)) == 4, versions
+    # Benign neighbour: an unchanged config reloads too, keeping its version.
+    s.kg.proc.send_signal(signal.SIGHUP)
+    poll(lambda: len([e for e in s.kg.audit_log() if e.get("event") == "reload"]) == 4, "reload record 4")
+    assert s.admin_json("status")["policy_version"] == versions[-1]
+    assert s.kg.stop() == 0
+
+
 # === freeze ===
 
 
