@@ -2,9 +2,11 @@
 //!
 //! Input: a [`Record`] filled in along the pipeline. Output: a line in the audit log.
 //!
-//! Group commit: the task that finishes a request serializes its record and chains it to the line
-//! before (`prev_hash`, `hash`) into a shared batch; one writer thread, woken once per batch (not
-//! per record), writes the batch with one `write(2)`. A request never waits on the disk. A failed write is kept and retried; while the log cannot be written,
+//! Group commit: the task that finishes a request serializes its record (into a buffer its thread
+//! reuses) and appends the bytes to a shared batch; one writer thread, woken once per batch (not
+//! per record), chains each record to the line before (`prev_hash`, `hash`) in the order they
+//! were appended and writes the batch with one `write(2)`. A request never waits on the disk
+//! nor on a hash. A failed write is kept and retried; while the log cannot be written,
 //! [`AuditLog::healthy`] is false and the pipeline refuses new requests with 503
 //! (`audit_unavailable`), so keygate never serves unaudited traffic for longer than it takes to
 //! notice one failed write.
@@ -57,8 +59,9 @@ pub struct Record {
     pub route: Option<String>,
     /// The upstream host the route forwards to (not the full URL).
     pub destination: Option<String>,
-    /// The request's HTTP method.
-    pub method: String,
+    /// The request's HTTP method (kept as the method: a standard one costs no allocation).
+    #[serde(serialize_with = "method_str")]
+    pub method: http::Method,
     /// The request path without its query, cut to [`MAX_PATH`] characters.
     pub path: String,
     /// The path was longer than [`MAX_PATH`] characters and `path` holds its start.
@@ -124,6 +127,10 @@ pub struct Record {
     pub state: Option<&'static str>,
 }
 
+fn method_str<S: serde::Serializer>(m: &http::Method, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(m.as_str())
+}
+
 /// What keygate decided. `Error` is also the value of a record nobody finished.
 #[derive(Debug, Default, Serialize, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -137,6 +144,18 @@ pub enum Decision {
     /// The request ended before keygate decided.
     #[default]
     Error,
+}
+
+impl Decision {
+    /// The name the audit record and the metrics use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Allow => "allow",
+            Decision::Deny => "deny",
+            Decision::DryRun => "dry_run",
+            Decision::Error => "error",
+        }
+    }
 }
 
 /// Why a request ended the way it did: a refusal code, or how an allowed exchange finished.
@@ -247,10 +266,11 @@ pub struct AuditLog {
     path: PathBuf,
 }
 
-/// What request tasks and the writer thread share. A record is serialized and chained by the
-/// task that finishes it, under `pending`'s lock, and the writer takes whole batches: the chain
-/// order is the order records were appended, and the writer is woken once per batch, not per
-/// record (a wake-up per record cost more than the rest of a request).
+/// What request tasks and the writer thread share. A record is serialized by the task that
+/// finishes it and appended under `pending`'s lock; the writer takes whole batches and chains
+/// them: the chain order is the order records were appended (the lock's order, as when tasks
+/// chained them), and the writer is woken once per batch, not per record (a wake-up per record
+/// cost more than the rest of a request).
 struct Shared {
     pending: Mutex<Batch>,
     wake: Condvar,
@@ -264,17 +284,38 @@ struct Shared {
 }
 
 struct Batch {
-    lines: Vec<u8>,
-    prev: Option<String>,
+    /// Serialized records (JSON objects, no `prev_hash`/`hash`), back to back.
+    bodies: Vec<u8>,
+    /// Where each record in `bodies` ends, and whether the writer signs it.
+    entries: Vec<Entry>,
     /// Lifecycle writers waiting to hear whether their batch reached the file.
     acks: Vec<mpsc::Sender<Result<(), String>>>,
     closed: bool,
-    /// Records chained since the last `start`, `checkpoint` or `stop`.
+    /// Records queued since the last `start`, `checkpoint` or `stop`.
     since_checkpoint: usize,
     last_checkpoint: Instant,
-    /// Lines to sign, by the offset of their closing `}` in `lines` and their hash; the writer
-    /// signs them, so a request never waits on a signature.
-    to_sign: Vec<(usize, String)>,
+}
+
+/// One record in a batch: the end of its bytes in `Batch::bodies`.
+#[derive(Clone, Copy)]
+struct Entry {
+    end: usize,
+    /// `start`, `checkpoint` and `stop` records are signed (when there is a key).
+    signed: bool,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty() && self.acks.is_empty()
+    }
+
+    fn push(&mut self, body: &[u8], signed: bool) {
+        self.bodies.extend_from_slice(body);
+        self.entries.push(Entry {
+            end: self.bodies.len(),
+            signed,
+        });
+    }
 }
 
 /// How the log is written; [`Options::new`] has keygate's settings.
@@ -371,15 +412,12 @@ impl AuditLog {
         };
         let shared = Arc::new(Shared {
             pending: Mutex::new(Batch {
-                // A last line cut mid-write (a crash) stays as it was; the next record starts
-                // on a line of its own.
-                lines: if torn { b"\n".to_vec() } else { Vec::new() },
-                prev,
+                bodies: Vec::new(),
+                entries: Vec::new(),
                 acks: Vec::new(),
                 closed: false,
                 since_checkpoint: 0,
                 last_checkpoint: Instant::now(),
-                to_sign: Vec::new(),
             }),
             wake: Condvar::new(),
             healthy: AtomicBool::new(true),
@@ -392,7 +430,13 @@ impl AuditLog {
         let s = shared.clone();
         let writer = std::thread::Builder::new()
             .name("keygate-audit".into())
-            .spawn(move || write_loop(file, &s, lines_before))
+            .spawn(move || {
+                let chain = Chain {
+                    prev: prev.unwrap_or_else(|| GENESIS.to_string()),
+                    hex: String::with_capacity(64),
+                };
+                write_loop(file, &s, lines_before, torn, chain)
+            })
             .map_err(err)?;
         Ok(Arc::new(AuditLog {
             observer: std::sync::OnceLock::new(),
@@ -442,18 +486,22 @@ impl AuditLog {
         if let Some(o) = self.observer.get() {
             o(&record);
         }
-        let body = serialize(&record, &record.request_id);
-        if let Err(()) = self.append(body, None, false) {
+        let appended = with_buffer(|buf| {
+            serialize_into(buf, &record, &record.request_id);
+            self.append(buf, None, false)
+        });
+        if let Err(()) = appended {
             // After close (shutdown): say so where an operator sees it, with the id only.
             tracing::error!(request_id = %record.request_id, "audit log closed; record not written");
         }
     }
 
-    /// Chains `body` (a JSON object without `prev_hash`/`hash`) to the line before and queues it.
-    /// A `lifecycle` record (start, stop) closes a stretch of the chain as a checkpoint does.
+    /// Queues `body` (a JSON object without `prev_hash`/`hash`) for the writer, which chains it
+    /// to the record queued before it. A `lifecycle` record (start, stop) closes a stretch of the
+    /// chain as a checkpoint does.
     fn append(
         &self,
-        body: String,
+        body: &[u8],
         ack: Option<mpsc::Sender<Result<(), String>>>,
         lifecycle: bool,
     ) -> Result<(), ()> {
@@ -462,9 +510,9 @@ impl AuditLog {
         if batch.closed {
             return Err(());
         }
-        let was_empty = batch.lines.is_empty() && batch.acks.is_empty();
+        let was_empty = batch.is_empty();
+        batch.push(body, lifecycle && shared.chain);
         if shared.chain {
-            push_chained(shared, &mut batch, body, lifecycle);
             if lifecycle {
                 batch.since_checkpoint = 0;
                 batch.last_checkpoint = Instant::now();
@@ -474,9 +522,6 @@ impl AuditLog {
                     push_checkpoint(shared, &mut batch);
                 }
             }
-        } else {
-            batch.lines.extend_from_slice(body.as_bytes());
-            batch.lines.push(b'\n');
         }
         if let Some(ack) = ack {
             batch.acks.push(ack);
@@ -493,7 +538,7 @@ impl AuditLog {
     pub fn lifecycle(&self, record: Lifecycle) -> Result<(), String> {
         let (ack, done) = mpsc::channel();
         let body = serialize(&record, record.event);
-        self.append(body, Some(ack), true)
+        self.append(body.as_bytes(), Some(ack), true)
             .map_err(|()| "audit log closed".to_string())?;
         done.recv_timeout(Duration::from_secs(10))
             .unwrap_or_else(|_| Err("audit writer did not answer".into()))
@@ -504,7 +549,7 @@ impl AuditLog {
     pub fn event<T: Serialize>(&self, record: &T) -> Result<(), String> {
         let (ack, done) = mpsc::channel();
         let body = serialize(record, "event");
-        self.append(body, Some(ack), false)
+        self.append(body.as_bytes(), Some(ack), false)
             .map_err(|()| "audit log closed".to_string())?;
         done.recv_timeout(Duration::from_secs(10))
             .unwrap_or_else(|_| Err("audit writer did not answer".into()))
@@ -523,19 +568,6 @@ impl AuditLog {
     }
 }
 
-/// Chains `body` onto the batch; a signed line is marked for the writer to sign.
-fn push_chained(shared: &Shared, batch: &mut Batch, body: String, sign: bool) {
-    let prev = batch.prev.take().unwrap_or_else(|| GENESIS.to_string());
-    let (line, hash) = chain_line(body, &prev);
-    batch.lines.extend_from_slice(line.as_bytes());
-    if sign && shared.key.is_some() {
-        let end = batch.lines.len() - 1;
-        batch.to_sign.push((end, hash.clone()));
-    }
-    batch.lines.push(b'\n');
-    batch.prev = Some(hash);
-}
-
 /// Closes the records since the last checkpoint with a new one; nothing when there are none.
 fn push_checkpoint(shared: &Shared, batch: &mut Batch) {
     if !shared.chain || batch.since_checkpoint == 0 {
@@ -550,23 +582,83 @@ fn push_checkpoint(shared: &Shared, batch: &mut Batch) {
         },
         "checkpoint",
     );
-    push_chained(shared, batch, body, true);
+    batch.push(body.as_bytes(), true);
     batch.since_checkpoint = 0;
     batch.last_checkpoint = Instant::now();
 }
 
-/// Moves `lines` into `out`, inserting `,"sig":"…"` before the closing brace of each line in
-/// `to_sign`.
-fn sign_into(out: &mut Vec<u8>, lines: &[u8], to_sign: &[(usize, String)], key: &AuditKey) {
-    let mut from = 0;
-    for (end, hash) in to_sign {
-        out.extend_from_slice(&lines[from..*end]);
-        out.extend_from_slice(b",\"sig\":\"");
-        out.extend_from_slice(key.sign_hash(hash).as_bytes());
+/// The writer's end of the chain: the hash of the last record queued for the file.
+struct Chain {
+    prev: String,
+    /// Reused for each record's hash in hex.
+    hex: String,
+}
+
+impl Chain {
+    /// Appends `body` to `out` as a line: chained when `chain` (`prev_hash`, then `hash` over
+    /// the line up to and including `prev_hash`, as `chain_line` in the tests makes it) and signed when
+    /// `sign`. Returns whether the line is signed.
+    fn line(
+        &mut self,
+        out: &mut Vec<u8>,
+        body: &[u8],
+        chain: bool,
+        sign: Option<&AuditKey>,
+    ) -> bool {
+        let Some(open) = body.strip_suffix(b"}").filter(|_| chain) else {
+            out.extend_from_slice(body);
+            out.push(b'\n');
+            return false;
+        };
+        let start = out.len();
+        out.extend_from_slice(open);
+        out.extend_from_slice(b",\"prev_hash\":\"");
+        out.extend_from_slice(self.prev.as_bytes());
+        out.extend_from_slice(b"\"}");
+        let digest = Sha256::digest(&out[start..]);
+        out.pop();
+        self.hex.clear();
+        for b in digest {
+            self.hex.push(char::from(HEX[usize::from(b >> 4)]));
+            self.hex.push(char::from(HEX[usize::from(b & 0xf)]));
+        }
+        out.extend_from_slice(b",\"hash\":\"");
+        out.extend_from_slice(self.hex.as_bytes());
         out.push(b'"');
-        from = *end;
+        if let Some(key) = sign {
+            out.extend_from_slice(b",\"sig\":\"");
+            out.extend_from_slice(key.sign_hash(&self.hex).as_bytes());
+            out.push(b'"');
+        }
+        out.extend_from_slice(b"}\n");
+        std::mem::swap(&mut self.prev, &mut self.hex);
+        sign.is_some()
     }
-    out.extend_from_slice(&lines[from..]);
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+thread_local! {
+    /// Each thread's buffer for serializing the records it finishes, so a record costs no
+    /// allocation for its JSON.
+    static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's empty serialization buffer.
+fn with_buffer<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    BUFFER.with(|b| match b.try_borrow_mut() {
+        Ok(mut buf) => {
+            buf.clear();
+            let r = f(&mut buf);
+            // One unusually large record does not keep its memory on every thread.
+            if buf.capacity() > 64 * 1024 {
+                *buf = Vec::new();
+            }
+            r
+        }
+        // Only reachable if `f` re-entered (an observer that writes a record); a buffer of its own.
+        Err(_) => f(&mut Vec::new()),
+    })
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -635,22 +727,25 @@ impl Drop for Pending {
 }
 
 #[allow(clippy::disallowed_methods)] // the writer's own thread waits, never a runtime worker
-fn write_loop(mut file: File, shared: &Shared, lines_before: u64) {
-    // Bytes taken from the batch but not yet on file; retried until they are.
-    let mut unwritten: Vec<u8> = Vec::new();
-    // The batch's buffer is swapped with this one, so neither is reallocated per batch.
+fn write_loop(mut file: File, shared: &Shared, lines_before: u64, torn: bool, mut chain: Chain) {
+    // Bytes taken from the batch but not yet on file; retried until they are. A last line cut
+    // mid-write (a crash) stays as it was; the next record starts on a line of its own.
+    let mut unwritten: Vec<u8> = if torn { b"\n".to_vec() } else { Vec::new() };
+    // The batch's buffers are swapped with these, so none is reallocated per batch.
     let mut taken: Vec<u8> = Vec::new();
-    let mut to_sign: Vec<(usize, String)> = Vec::new();
+    let mut entries: Vec<Entry> = Vec::new();
     let mut failures_at_exit = 0;
     // Lines on file or queued for it, and the last signed record queued (hash, line), which
     // the head file names once it is on file.
-    let mut lines_queued = lines_before;
+    let mut lines_queued = lines_before + u64::from(torn);
     let mut head_due: Option<(String, u64)> = None;
+    // Ends a torn line now; if that fails, the loop retries it before any record.
+    let _ = write_out(&mut file, &mut unwritten);
     loop {
         let (acks, closed) = {
             let mut batch = lock(&shared.pending);
             if unwritten.is_empty() {
-                while batch.lines.is_empty() && batch.acks.is_empty() && !batch.closed {
+                while batch.is_empty() && !batch.closed {
                     // Idle with records since the last checkpoint: wake when one is due.
                     let due = (batch.since_checkpoint > 0)
                         .then(|| batch.last_checkpoint + shared.checkpoint_interval);
@@ -688,22 +783,24 @@ fn write_loop(mut file: File, shared: &Shared, lines_before: u64) {
             if batch.closed || batch.last_checkpoint.elapsed() >= shared.checkpoint_interval {
                 push_checkpoint(shared, &mut batch);
             }
-            std::mem::swap(&mut batch.lines, &mut taken);
-            std::mem::swap(&mut batch.to_sign, &mut to_sign);
+            std::mem::swap(&mut batch.bodies, &mut taken);
+            std::mem::swap(&mut batch.entries, &mut entries);
             (std::mem::take(&mut batch.acks), batch.closed)
         };
-        if shared.head.is_some() {
-            if let Some((end, hash)) = to_sign.last() {
-                head_due = Some((hash.clone(), lines_queued + newlines(&taken[..*end]) + 1));
+        // Chained here, off the requests' path, in the order the records were queued.
+        let mut from = 0;
+        for entry in &entries {
+            let key = shared.key.as_deref().filter(|_| entry.signed);
+            lines_queued += 1;
+            if chain.line(&mut unwritten, &taken[from..entry.end], shared.chain, key)
+                && shared.head.is_some()
+            {
+                head_due = Some((chain.prev.clone(), lines_queued));
             }
-            lines_queued += newlines(&taken);
-        }
-        match &shared.key {
-            Some(key) if !to_sign.is_empty() => sign_into(&mut unwritten, &taken, &to_sign, key),
-            _ => unwritten.extend_from_slice(&taken),
+            from = entry.end;
         }
         taken.clear();
-        to_sign.clear();
+        entries.clear();
         let result = write_out(&mut file, &mut unwritten);
         for ack in acks {
             let _ = ack.send(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
@@ -731,7 +828,7 @@ fn write_loop(mut file: File, shared: &Shared, lines_before: u64) {
                 }
             }
         }
-        if closed && unwritten.is_empty() && lock(&shared.pending).lines.is_empty() {
+        if closed && unwritten.is_empty() && lock(&shared.pending).entries.is_empty() {
             let _ = file.sync_data();
             return;
         }
@@ -790,13 +887,25 @@ fn write_out(file: &mut File, buf: &mut Vec<u8>) -> io::Result<()> {
 /// `prev_hash` of the first record in a new chain.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-/// A record as JSON without `prev_hash` and `hash`, which [`chain_line`] adds in chain order.
+/// A record as JSON without `prev_hash` and `hash`, which the writer adds in chain order.
 fn serialize<T: Serialize>(r: &T, id: &str) -> String {
     // Serializing plain strings and numbers cannot fail; keep a line (and the chain) if it does.
     serde_json::to_string(r)
         .unwrap_or_else(|e| serde_json::json!({"id": id, "error": e.to_string()}).to_string())
 }
 
+/// [`serialize`] into `buf`, straight from the record's fields (no intermediate value).
+fn serialize_into<T: Serialize>(buf: &mut Vec<u8>, r: &T, id: &str) {
+    let start = buf.len();
+    // Serializing plain strings and numbers cannot fail; keep a line (and the chain) if it does.
+    if let Err(e) = serde_json::to_writer(&mut *buf, r) {
+        buf.truncate(start);
+        let fallback = serde_json::json!({"id": id, "error": e.to_string()});
+        let _ = serde_json::to_writer(&mut *buf, &fallback);
+    }
+}
+
+#[cfg(test)]
 /// Appends `"prev_hash"` and then `"hash"` (SHA-256 of the line up to and including
 /// `prev_hash`, closed with `}`) to a serialized record; returns the line and its hash.
 fn chain_line(mut body: String, prev: &str) -> (String, String) {
@@ -960,6 +1069,45 @@ mod tests {
             prev = hash;
         }
         std::fs::write(path, out).unwrap();
+    }
+
+    #[test]
+    fn writer_chains_and_signs_lines_as_chain_line_defines_them() {
+        let key = AuditKey::from_seed([3; 32]);
+        let mut chain = Chain {
+            prev: GENESIS.to_string(),
+            hex: String::new(),
+        };
+        let mut out = Vec::new();
+        let one = serialize(&rec("one"), "one");
+        let two = serialize(&lifecycle("stop"), "stop");
+        assert!(!chain.line(&mut out, one.as_bytes(), true, None));
+        assert!(chain.line(&mut out, two.as_bytes(), true, Some(&key)));
+        let (line_one, hash_one) = chain_line(one, GENESIS);
+        let (mut line_two, hash_two) = chain_line(two, &hash_one);
+        line_two.pop();
+        line_two.push_str(&format!(",\"sig\":\"{}\"}}", key.sign_hash(&hash_two)));
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            format!("{line_one}\n{line_two}\n")
+        );
+        assert_eq!(chain.prev, hash_two);
+        // Unchained, a record is its body on a line.
+        let mut plain = Vec::new();
+        assert!(!chain.line(&mut plain, b"{\"a\":1}", false, Some(&key)));
+        assert_eq!(plain, b"{\"a\":1}\n");
+    }
+
+    #[test]
+    fn decision_names_are_the_ones_records_carry() {
+        for d in [
+            Decision::Allow,
+            Decision::Deny,
+            Decision::DryRun,
+            Decision::Error,
+        ] {
+            assert_eq!(serde_json::to_value(d).unwrap(), d.as_str());
+        }
     }
 
     #[test]

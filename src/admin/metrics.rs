@@ -15,8 +15,9 @@ use crate::audit::{Decision, Reason, Record};
 struct RequestLabels {
     route: String,
     agent: String,
-    decision: String,
-    status: String,
+    // Static and numeric labels cost no allocation per request.
+    decision: &'static str,
+    status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -116,22 +117,17 @@ impl Metrics {
     /// Counts one finished request.
     pub fn observe(&self, r: &Record) {
         let route = r.route.clone().unwrap_or_default();
-        let decision = serde_json::to_value(r.decision)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default();
         self.requests
             .get_or_create(&RequestLabels {
-                route: route.clone(),
+                route,
                 agent: r.agent.clone().unwrap_or_default(),
-                decision,
-                status: r.status.to_string(),
+                decision: r.decision.as_str(),
+                status: r.status,
             })
             .inc();
+        let route = r.route.clone().unwrap_or_default();
         self.latency
-            .get_or_create(&RouteLabels {
-                route: route.clone(),
-            })
+            .get_or_create(&RouteLabels { route })
             .observe(r.latency_ms / 1000.0);
         let upstream_failed = r.blame == Some(crate::error::Blame::Upstream)
             || (r.decision == Decision::Allow
@@ -141,7 +137,9 @@ impl Metrics {
                 ));
         if upstream_failed {
             self.upstream_errors
-                .get_or_create(&RouteLabels { route })
+                .get_or_create(&RouteLabels {
+                    route: r.route.clone().unwrap_or_default(),
+                })
                 .inc();
         }
     }

@@ -35,7 +35,7 @@ impl Record {
         let mut r = Record {
             time: super::now_rfc3339(),
             request_id: request_id.to_string(),
-            method: head.method.to_string(),
+            method: head.method.clone(),
             policy_version: policy_version.to_string(),
             listener: listener.to_string(),
             peer: match peer {

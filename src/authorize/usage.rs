@@ -22,6 +22,8 @@ use serde_json::Value;
 
 use super::budget::Reservation;
 
+mod facts;
+
 /// Output tokens booked for a request whose body names no `max_tokens` (nor `budget_reserve` is
 /// configured): about one long answer.
 pub const DEFAULT_RESERVE: u64 = 4096;
@@ -48,37 +50,31 @@ pub fn plan_request(path: &str, body: &[u8], default_output: u64) -> RequestPlan
     if body.is_empty() {
         return RequestPlan::default();
     }
-    let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(body) else {
+    let Some(facts) = facts::Facts::read(body) else {
         return RequestPlan {
             reserve: default_output,
             ..RequestPlan::default()
         };
     };
-    let max_output = ["max_tokens", "max_output_tokens", "max_completion_tokens"]
+    let max_output = facts
+        .max
         .iter()
-        .filter_map(|k| obj.get(*k).and_then(Value::as_u64))
+        .flatten()
         .max()
+        .copied()
         .unwrap_or(default_output);
     // `n` choices each generate up to the maximum (OpenAI chat allows up to 128).
-    let choices = obj
-        .get("n")
-        .and_then(Value::as_u64)
-        .unwrap_or(1)
-        .clamp(1, 128);
-    let input = object_text_bytes(&obj).div_ceil(BYTES_PER_TOKEN);
+    let choices = facts.n.unwrap_or(1).clamp(1, 128);
+    let input = facts.text.div_ceil(BYTES_PER_TOKEN);
     let mut plan = RequestPlan {
         reserve: max_output.saturating_mul(choices).saturating_add(input),
         ..RequestPlan::default()
     };
-    let streams = obj.get("stream").and_then(Value::as_bool) == Some(true);
-    if streams && path.ends_with("/chat/completions") {
-        let asked = obj
-            .get("stream_options")
-            .and_then(|o| o.get("include_usage"))
-            .and_then(Value::as_bool)
-            == Some(true);
-        if !asked {
-            plan.body = Some(ask_for_usage(body, obj));
+    let streams = facts.stream == Some(true);
+    if streams && path.ends_with("/chat/completions") && facts.include_usage != Some(true) {
+        // Only a stream that must be asked for usage is parsed into a tree, to edit it.
+        if let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(body) {
+            plan.body = Some(ask_for_usage(body, facts.stream_options, obj));
             plan.strip_usage_chunk = true;
         }
     }
@@ -88,9 +84,9 @@ pub fn plan_request(path: &str, body: &[u8], default_output: u64) -> RequestPlan
 /// The body with `stream_options.include_usage: true`. Where the client sent no
 /// `stream_options`, the member is inserted in front so its bytes are otherwise forwarded as
 /// sent; where it did, the object is re-serialized (member order may change, meaning does not).
-fn ask_for_usage(body: &[u8], mut obj: serde_json::Map<String, Value>) -> Bytes {
+fn ask_for_usage(body: &[u8], has_options: bool, mut obj: serde_json::Map<String, Value>) -> Bytes {
     const MEMBER: &[u8] = br#""stream_options":{"include_usage":true}"#;
-    if !obj.contains_key("stream_options") {
+    if !has_options {
         // The body parsed as an object, so its first non-blank byte is `{`.
         if let Some(open) = body.iter().position(|b| *b == b'{') {
             let rest = &body[open + 1..];
@@ -118,6 +114,7 @@ fn ask_for_usage(body: &[u8], mut obj: serde_json::Map<String, Value>) -> Bytes 
     serde_json::to_vec(&obj).map_or_else(|_| Bytes::copy_from_slice(body), Bytes::from)
 }
 
+#[cfg(test)]
 /// Bytes of text in a request: every string value except inline media (base64 `data`,
 /// `file_data`, `data:` URLs), which would make an image look like a novel.
 fn text_bytes(v: &Value) -> u64 {
@@ -130,6 +127,7 @@ fn text_bytes(v: &Value) -> u64 {
     }
 }
 
+#[cfg(test)]
 fn object_text_bytes(o: &serde_json::Map<String, Value>) -> u64 {
     o.iter()
         .filter(|(k, _)| !matches!(k.as_str(), "data" | "file_data" | "b64_json"))
@@ -463,6 +461,41 @@ mod tests {
             4096,
         );
         assert_eq!(p.reserve, 30);
+    }
+
+    #[test]
+    fn body_facts_read_without_a_tree_match_the_parsed_body() {
+        let bodies: &[&[u8]] = &[
+            br#"{"model":"m","max_tokens":100,"messages":[{"role":"user","content":"12\n\u00e9"}]}"#,
+            br#"{"max_output_tokens":7,"max_tokens":-1,"max_completion_tokens":2.0,"n":"3"}"#,
+            br#"{"n":200,"stream":true,"stream_options":{"include_usage":true,"x":["a",{"data":"zz"}]}}"#,
+            br#"{"stream":"yes","stream_options":[1],"input":[null,true,1e3,"data:x","abc"]}"#,
+            br#"{"a":{"b":{"file_data":"xxxx","b64_json":"yy","c":"data","include_usage":false}}}"#,
+            br#"  {"stream_options":{"include_usage":false},"stream":false}  "#,
+        ];
+        for body in bodies {
+            let obj = match serde_json::from_slice::<Value>(body).unwrap() {
+                Value::Object(o) => o,
+                _ => unreachable!(),
+            };
+            let f = facts::Facts::read(body).unwrap();
+            let keys = ["max_tokens", "max_output_tokens", "max_completion_tokens"];
+            for (i, k) in keys.iter().enumerate() {
+                assert_eq!(f.max[i], obj.get(*k).and_then(Value::as_u64), "{k}");
+            }
+            assert_eq!(f.n, obj.get("n").and_then(Value::as_u64));
+            assert_eq!(f.stream, obj.get("stream").and_then(Value::as_bool));
+            assert_eq!(f.stream_options, obj.contains_key("stream_options"));
+            let usage = obj
+                .get("stream_options")
+                .and_then(|o| o.get("include_usage"))
+                .and_then(Value::as_bool);
+            assert_eq!(f.include_usage, usage);
+            assert_eq!(f.text, object_text_bytes(&obj));
+        }
+        for not_an_object in [&b"[1]"[..], b"\"s\"", b"3", b"{} {}", b"{\"a\":", b"nope"] {
+            assert_eq!(facts::Facts::read(not_an_object), None);
+        }
     }
 
     #[test]
