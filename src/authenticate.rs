@@ -23,7 +23,7 @@ use http::{HeaderMap, HeaderName};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::{AgentId, Config};
+use crate::config::{AgentId, Config, Mode};
 use crate::error::{Code, Rejection};
 
 pub use caller::CALLER_CREDENTIAL_HEADERS;
@@ -140,6 +140,18 @@ impl Tokens {
             if let Some(var) = &agent.token_env {
                 let value = std::env::var(var).unwrap_or_default();
                 let value = zeroize::Zeroizing::new(value.trim().to_string());
+                // A dry run fetches no secret and contacts no upstream, so it needs no token
+                // either: with the variable unset, the (first such) agent takes callers without
+                // one, as the lab's dry-run config without `client_token_env` does.
+                if value.is_empty() && config.mode == Mode::DryRun && open_agent.is_none() {
+                    tracing::warn!(
+                        agent = %agent.name,
+                        var = %var,
+                        "dry run: token variable unset, so callers need no token and act as this agent"
+                    );
+                    open_agent = Some(i);
+                    continue;
+                }
                 if value.is_empty() {
                     return Err(TokenError::EnvMissing {
                         agent: agent.name.clone(),

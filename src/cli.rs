@@ -103,6 +103,19 @@ pub enum Command {
     /// What would break: rehearse a revocation without changing anything.
     #[command(subcommand)]
     Drill(DrillCommand),
+    /// Check a setup: config, secret sources (fetched, never shown), upstreams, audit log, state
+    /// directory, listen ports, admin socket, Landlock; a fix for each problem (exit 1).
+    Doctor(crate::doctor::DoctorArgs),
+    /// Run keygate as a hardened systemd user service.
+    #[command(subcommand)]
+    Service(crate::service::ServiceCommand),
+    /// Print a shell completion script (e.g. `keygate completions bash > ~/.local/share/bash-completion/completions/keygate`).
+    Completions {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
+    /// Print keygate's man page (roff), e.g. `keygate man | man -l -`.
+    Man,
     /// Run an agent with a token minted for this run only (revoked when it ends), provider keys
     /// removed from its environment, SDK variables pointing at keygate, in a Landlock sandbox.
     Run {
@@ -302,6 +315,29 @@ pub struct CheckArgs {
     pub fetch: bool,
 }
 
+/// Rust ignores SIGPIPE, so once the reader of `keygate check | head` has gone, the next
+/// `println!` panics. A reader that stops reading is its choice, not keygate's failure: end as a
+/// tool killed by SIGPIPE would (status 128 + 13, no message), as every other output command
+/// in a pipeline does. The message is std's own ("failed printing to stdout: …"); any other
+/// panic still reaches the default hook.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.starts_with("failed printing to stdout")
+            && msg.to_ascii_lowercase().contains("broken pipe")
+        {
+            std::process::exit(141);
+        }
+        default(info)
+    }));
+}
+
 /// Parses the command line and runs the subcommand; returns its exit code.
 pub fn main() -> ExitCode {
     // The sandbox helper restricts its own thread and execs: it runs before anything else could
@@ -310,6 +346,7 @@ pub fn main() -> ExitCode {
     if raw.next().as_deref() == Some(std::ffi::OsStr::new(crate::launcher::sandbox::SUBCOMMAND)) {
         return crate::launcher::sandbox::exec_main(raw.collect());
     }
+    quiet_on_closed_stdout();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -374,6 +411,28 @@ pub fn main() -> ExitCode {
         }
         Command::Audit(AuditCommand::Key { config }) => audit_key(&config),
         Command::Drill(cmd) => crate::admin::drill::main(cmd),
+        Command::Doctor(args) => crate::doctor::main(args),
+        Command::Service(cmd) => crate::service::main(cmd),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "keygate",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("keygate man: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Run {
             config,
             agent,
@@ -666,5 +725,47 @@ fn ca_export(config: &std::path::Path) -> ExitCode {
             eprintln!("keygate: proxy CA: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod help_tests {
+    use clap::CommandFactory;
+
+    /// Every command, flag and argument a person can type, with its path (`token issue --ttl`).
+    fn walk(cmd: &clap::Command, path: &str, out: &mut Vec<(String, Option<String>)>) {
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            if matches!(id, "help" | "version") || arg.is_hide_set() {
+                continue;
+            }
+            let help = arg.get_help().map(|h| h.to_string());
+            out.push((format!("{path} --{id}"), help));
+        }
+        for sub in cmd.get_subcommands() {
+            if sub.is_hide_set() || sub.get_name() == "help" {
+                continue;
+            }
+            let name = format!("{path} {}", sub.get_name());
+            out.push((name.clone(), sub.get_about().map(|h| h.to_string())));
+            walk(sub, &name, out);
+        }
+    }
+
+    #[test]
+    fn every_command_and_flag_has_help_text_that_does_not_call_it_unavailable() {
+        let mut all = Vec::new();
+        walk(&super::Cli::command(), "keygate", &mut all);
+        assert!(all.len() > 40, "walked too little: {all:?}");
+        let bad: Vec<_> = all
+            .iter()
+            .filter(|(_, help)| {
+                help.as_deref().is_none_or(|h| {
+                    h.trim().is_empty() || h.contains("not available") || h.contains("not yet")
+                })
+            })
+            .map(|(path, _)| path)
+            .collect();
+        assert!(bad.is_empty(), "without useful help text: {bad:?}");
     }
 }

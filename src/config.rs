@@ -11,6 +11,7 @@
 //! resolved from the environment by `serve` at start-up and kept only as hashes.
 
 mod native;
+pub mod schema;
 mod seed;
 mod spec;
 #[cfg(test)]
@@ -61,7 +62,7 @@ impl std::ops::Index<SecretId> for Vec<SecretSpec> {
 
 /// A config that could not be loaded: `file:line: key: what is wrong`.
 #[derive(Debug, thiserror::Error)]
-#[error("{}:{line}: {key}: {message}", file.display())]
+#[error("{}", self.describe())]
 pub struct ConfigError {
     /// The config file that was read.
     pub file: PathBuf,
@@ -73,6 +74,25 @@ pub struct ConfigError {
     pub key: String,
     /// What is wrong and, where it helps, how to write it instead.
     pub message: String,
+}
+
+impl ConfigError {
+    /// `file:line: key: message`; an error about the whole file has no line or key to name.
+    fn describe(&self) -> String {
+        if self.line == 0 && self.key == "(file)" {
+            if self.message.starts_with("cannot read ") {
+                return self.message.clone();
+            }
+            return format!("{}: {}", self.file.display(), self.message);
+        }
+        format!(
+            "{}:{}: {}: {}",
+            self.file.display(),
+            self.line,
+            self.key,
+            self.message
+        )
+    }
 }
 
 /// A checked config: every value valid, every default filled in, every name resolved to an id.
@@ -116,6 +136,8 @@ pub struct Config {
     pub connections: Connections,
     /// Browser origins allowed to call keygate; none by default, so a web page cannot.
     pub allowed_origins: Vec<String>,
+    /// What the unauthenticated `/healthz` of a native config says.
+    pub healthz: Healthz,
     /// Every configured secret, indexed by [`SecretId`]: where its value lives, not the value.
     pub secrets: Vec<SecretSpec>,
     /// Longest prefix first, so the first match is the most specific.
@@ -226,7 +248,9 @@ pub enum Format {
     Seed,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 /// What keygate does with an allowed request (`mode`).
 pub enum Mode {
@@ -362,9 +386,24 @@ impl Default for Connections {
     }
 }
 
+/// What `/healthz` shows of a native config (`healthz`); the lab formats keep the lab's fields.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Healthz {
+    /// `ok`, version, mode, audit state and policy version: nothing about routes or secrets.
+    #[default]
+    Brief,
+    /// Also every route's prefix, upstream, secret source label and rules.
+    Detail,
+}
+
 /// The request exfiltration scan: a request from an agent whose headers or body hold a secret
 /// keygate holds, or something shaped like a credential, is refused or redacted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum RequestScan {
     /// 403 `secret_in_request` for a held secret or a high-confidence credential format;
@@ -604,9 +643,25 @@ impl Config {
             file: path.to_path_buf(),
             line: 0,
             key: "(file)".into(),
-            message: format!("cannot read: {e}"),
+            message: format!("cannot read {}: {e}", path.display()),
         })?;
         Self::from_text(path, &text)
+    }
+
+    /// A config to serve needs a route: without one (an empty file, only comments) keygate
+    /// would answer nothing but refusals. Other commands (`redact --config`, the hooks) may read
+    /// a file that only names secrets.
+    /// A forward proxy (`proxy_listen`) may serve egress rules alone.
+    pub fn require_routes(&self) -> Result<(), ConfigError> {
+        if self.routes.is_empty() && self.proxy.listen.is_empty() {
+            return Err(ConfigError {
+                file: self.file.clone(),
+                line: 1,
+                key: "routes".into(),
+                message: "no routes: add a [routes.NAME] table with prefix and upstream".into(),
+            });
+        }
+        Ok(())
     }
 
     /// Validates config text as if read from `path`: its extension picks the format, and errors
@@ -698,7 +753,13 @@ impl Config {
     /// traced to the policy that made it.
     pub fn policy_version(&self) -> String {
         use sha2::{Digest, Sha256};
-        let canonical = serde_json::to_vec(&self.effective_policy()).unwrap_or_default();
+        let mut policy = self.effective_policy();
+        // Where records are written is not policy: `serve --audit-log` reports the version
+        // `check` printed for the same file.
+        if let Some(fields) = policy.as_object_mut() {
+            fields.remove("audit_log");
+        }
+        let canonical = serde_json::to_vec(&policy).unwrap_or_default();
         hex::encode(&Sha256::digest(&canonical)[..6])
     }
 }

@@ -512,12 +512,13 @@ impl Credentials {
 /// The response redactor and the request scanner for `held`.
 fn build_engines(held: &[Arc<Secret>]) -> (Redactor, Redactor) {
     let mut b = Redactor::builder();
-    let mut scan = scan_builder();
     for s in held {
         b = teach(b, s);
-        scan = teach(scan, s);
     }
-    (b.build(), scan.build())
+    // One build of the held values' searchers, shared by both engines.
+    let redactor = b.build();
+    let scanner = redactor.with_detector_set(scan_detectors());
+    (redactor, scanner)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -527,9 +528,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// The request scan's strong half: held values are added to it; generic detectors run apart
 /// (`scan::labels`).
 fn scan_builder() -> crate::redact::RedactorBuilder {
-    Redactor::builder().detector_set(crate::redact::DetectorSet::class(
-        crate::redact::Class::Strong,
-    ))
+    Redactor::builder().detector_set(scan_detectors())
+}
+
+fn scan_detectors() -> crate::redact::DetectorSet {
+    crate::redact::DetectorSet::class(crate::redact::Class::Strong)
 }
 
 impl Entry {

@@ -11,6 +11,14 @@
 //! echoes its request could otherwise hand a key back in two halves, each too short for the
 //! redactor to know. A 206 to a request that asked for no range is refused for the same reason.
 //! A 101 is refused too: keygate proxies no upgrade.
+//!
+//! Requests from an HTTP/1 downstream connection go over that connection's own upstream
+//! HTTP/1.1 connection ([`Affinity`], see [`affinity`]); the pooled client serves HTTP/2
+//! downstream connections and upstreams that choose h2.
+
+pub mod affinity;
+
+pub use affinity::Affinity;
 
 use std::error::Error as StdError;
 use std::sync::Arc;
@@ -40,9 +48,14 @@ pub type BoxError = Box<dyn StdError + Send + Sync>;
 /// The body type sent upstream and back: boxed, so adapters (timeouts, redaction) can wrap it.
 pub type Body = BoxBody<Bytes, BoxError>;
 
+/// How upstream connections are made: TCP (with the connect timeout), then TLS for `https`.
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
 /// The HTTP client to upstreams (TLS with webpki and native roots, HTTP/1.1 and HTTP/2).
 pub struct Forwarder {
-    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>,
+    client: Client<Connector, Body>,
+    connector: Connector,
+    pool: Arc<affinity::Pool>,
     /// Forward-proxy routes with their own TLS (`upstream_ca`, SNI = `host`).
     routes: crate::proxy::upstream::RouteClients,
 }
@@ -73,9 +86,11 @@ impl Forwarder {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(256)
-            .build(https);
+            .build(https.clone());
         Ok(Forwarder {
             client,
+            connector: https,
+            pool: Arc::default(),
             routes: Default::default(),
         })
     }
@@ -94,7 +109,7 @@ impl Forwarder {
     /// ```compile_fail,E0308
     /// use keygate::{config::Config, forward::{Body, Forwarder}};
     /// async fn skip_authorize(f: &Forwarder, c: &Config, head: http::request::Parts, body: Body) {
-    ///     let _ = f.send(c, (), head, None, body).await;
+    ///     let _ = f.send(c, (), head, None, body, None).await;
     /// }
     /// ```
     pub async fn send(
@@ -104,6 +119,7 @@ impl Forwarder {
         mut head: Parts,
         query: Option<&str>,
         body: Body,
+        affinity: Option<&Affinity>,
     ) -> Result<Response<Incoming>, Rejection> {
         let route = &config.routes[authorized.route()];
         let up = &route.upstream;
@@ -143,8 +159,16 @@ impl Forwarder {
         }
         let ranged = head.headers.contains_key(header::RANGE);
         let req = Request::from_parts(head, body);
-        let client = self.routes.get(authorized.route()).unwrap_or(&self.client);
-        match tokio::time::timeout(route.timeout, client.request(req)).await {
+        // A route with its own TLS (`upstream_ca`) keeps its own pooled client: the affine
+        // connector trusts only the default roots.
+        let sent = match self.routes.get(authorized.route()) {
+            Some(own) => {
+                let sent = async { own.request(req).await.map_err(legacy_error) };
+                tokio::time::timeout(route.timeout, sent).await
+            }
+            None => tokio::time::timeout(route.timeout, self.request(req, affinity)).await,
+        };
+        match sent {
             Ok(Ok(resp)) if resp.status() == StatusCode::PARTIAL_CONTENT && !ranged => {
                 Err(Rejection::new(
                     Code::UpstreamUnexpectedPartial,
@@ -166,9 +190,9 @@ impl Forwarder {
                 ))
             }
             Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => match find_body_error(&e) {
+            Ok(Err((connect, e))) => match find_body_error(&*e) {
                 Some(BodyError::TooLarge(max)) => Err(Rejection::too_large(*max)),
-                _ => Err(upstream_error(&route.upstream.host, &e)),
+                _ => Err(upstream_error(&route.upstream.host, connect, &*e)),
             },
             Err(_) => Err(Rejection::new(
                 Code::UpstreamTimeout,
@@ -179,6 +203,45 @@ impl Forwarder {
             )),
         }
     }
+}
+
+impl Forwarder {
+    /// Sends over the downstream connection's own upstream connection when there is an
+    /// [`Affinity`] and the upstream speaks HTTP/1.1, else through the pooled client. An error
+    /// says whether it happened while connecting.
+    async fn request(
+        &self,
+        mut req: Request<Body>,
+        affinity: Option<&Affinity>,
+    ) -> Result<Response<Incoming>, (bool, BoxError)> {
+        if let (Some(a), Some(scheme), Some(authority)) =
+            (affinity, req.uri().scheme(), req.uri().authority())
+        {
+            let key = (scheme.clone(), authority.clone());
+            if !self.pool.is_h2(&key) {
+                let absolute = req.uri().clone();
+                // A connection of its own is sent origin-form, as the pooled client does.
+                if let Some(pq) = absolute.path_and_query() {
+                    *req.uri_mut() = Uri::from(pq.clone());
+                }
+                match affinity::send(&self.pool, &self.connector, a, key, req).await {
+                    Ok(resp) => return Ok(resp),
+                    Err(affinity::Failed::Connect(e)) => return Err((true, e)),
+                    Err(affinity::Failed::Request(e)) => return Err((false, e.into())),
+                    Err(affinity::Failed::H2(unsent)) => {
+                        req = *unsent;
+                        *req.uri_mut() = absolute;
+                    }
+                }
+            }
+        }
+        self.client.request(req).await.map_err(legacy_error)
+    }
+}
+
+/// The pooled client's error, and whether it happened while connecting.
+fn legacy_error(e: hyper_util::client::legacy::Error) -> (bool, BoxError) {
+    (e.is_connect(), e.into())
 }
 
 /// Refuses an answer whose body keygate would pass on without being able to read it: a
@@ -235,14 +298,14 @@ fn check_codings(headers: &HeaderMap, host: &str, redacting: bool) -> Result<(),
 
 /// A 502 that says what went wrong without echoing the request (whose URL may hold a query
 /// credential): only the host and the innermost I/O error.
-fn upstream_error(host: &str, e: &hyper_util::client::legacy::Error) -> Rejection {
+fn upstream_error(host: &str, connect: bool, e: &(dyn StdError + 'static)) -> Rejection {
     if crate::proxy::upstream::is_certificate_error(e) {
         return Rejection::new(
             Code::UpstreamCertificateInvalid,
             format!("upstream {host}: its TLS certificate is not valid for the host"),
         );
     }
-    let mut cause: Option<&(dyn StdError + 'static)> = e.source();
+    let mut cause: Option<&(dyn StdError + 'static)> = Some(e);
     let mut io = None;
     while let Some(c) = cause {
         if let Some(ioe) = c.downcast_ref::<std::io::Error>() {
@@ -250,7 +313,7 @@ fn upstream_error(host: &str, e: &hyper_util::client::legacy::Error) -> Rejectio
         }
         cause = c.source();
     }
-    let what = if e.is_connect() {
+    let what = if connect {
         match io {
             Some(std::io::ErrorKind::ConnectionRefused) => "connection refused".to_string(),
             Some(std::io::ErrorKind::TimedOut) => "connect timed out".to_string(),

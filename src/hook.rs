@@ -44,7 +44,7 @@ pub struct ClaudeCodeArgs {
     /// Also look for the value of this environment variable, labelled by its name. Repeatable.
     #[arg(long = "known-env", value_name = "VAR")]
     pub known_env: Vec<String>,
-    /// Also look for the secrets a keygate config holds (not available in this build yet).
+    /// Also look for the secrets this keygate config holds (each fetched once, as `serve` would).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 }

@@ -41,7 +41,7 @@ use tokio::sync::{mpsc, watch};
 use crate::audit::{Decision, Reason, Record};
 use crate::config::{Connections, Listen};
 use crate::error::{Code, Rejection};
-use crate::forward::{Body, BoxError};
+use crate::forward::{Affinity, Body, BoxError};
 use crate::guard::timeout::Closer;
 use crate::guard::Peer;
 use crate::pipeline::{self, State};
@@ -484,10 +484,17 @@ impl Accepted {
         let svc = {
             let tracked = tracked.clone();
             let slots = slots.clone();
-            service_fn(move |mut req| {
+            // Dropped with the connection, which returns its upstream connection to the pool.
+            let affinity = Affinity::default();
+            service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
                 let in_flight = InFlight::enter(&tracked, &slots);
                 req.extensions_mut().insert(tracked.close.clone());
                 req.extensions_mut().insert(info.clone());
+                // HTTP/1 requests on one connection are sequential, so they can share one
+                // upstream connection; HTTP/2 streams run at once and use the pooled client.
+                if req.version() < http::Version::HTTP_2 {
+                    req.extensions_mut().insert(affinity.clone());
+                }
                 let answer =
                     pipeline::handle(state.state.load_full(), peer.clone(), listener.clone(), req);
                 async move {

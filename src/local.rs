@@ -6,7 +6,7 @@ use http::request::Parts;
 use http::{Response, StatusCode};
 
 use crate::authorize::Authorized;
-use crate::config::{Config, Inject};
+use crate::config::{Config, Healthz, Inject};
 use crate::error::json_response;
 
 /// Whether the request asks for `/healthz`, which needs no token.
@@ -34,6 +34,15 @@ pub fn healthz(
             "audit": audit_ok,
             "policy_version": policy_version,
         }),
+        // Unauthenticated: by default only that keygate is up, never which upstreams and
+        // secret sources it holds; `healthz = "detail"` opts in to the routes.
+        None if c.healthz == Healthz::Brief => serde_json::json!({
+            "ok": true,
+            "version": env!("CARGO_PKG_VERSION"),
+            "mode": c.mode,
+            "audit": audit_ok,
+            "policy_version": policy_version,
+        }),
         None => {
             let routes: serde_json::Map<String, serde_json::Value> = c
                 .routes
@@ -45,6 +54,7 @@ pub fn healthz(
                 .collect();
             serde_json::json!({
                 "ok": true,
+                "version": env!("CARGO_PKG_VERSION"),
                 "listen": listen_urls,
                 "mode": c.mode,
                 "routes": routes,

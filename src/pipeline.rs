@@ -339,9 +339,17 @@ async fn process(
 
     // forward
     let route_id = authorized.route();
+    let affinity = head.extensions.remove::<forward::Affinity>();
     let resp = state
         .forwarder
-        .send(config, authorized, head, query.as_deref(), body)
+        .send(
+            config,
+            authorized,
+            head,
+            query.as_deref(),
+            body,
+            affinity.as_ref(),
+        )
         .await;
     if let Some(count) = streamed {
         pending.record().bytes_in = count.load(Ordering::Relaxed);

@@ -29,6 +29,7 @@ mod engine;
 mod headers;
 mod json_view;
 mod known;
+mod many;
 mod search;
 mod sse;
 
@@ -122,6 +123,16 @@ impl Redactor {
     /// A builder with no known values and no detectors.
     pub fn builder() -> RedactorBuilder {
         RedactorBuilder::default()
+    }
+
+    /// The same held values with other detectors. The known-value searchers are shared, not
+    /// rebuilt: the response redactor and the request scanner hold the same values, so a
+    /// rotation builds them once.
+    pub fn with_detector_set(&self, set: DetectorSet) -> Redactor {
+        Redactor {
+            engine: self.engine.with_detectors(set),
+            text: self.text.with_detectors(set),
+        }
     }
 
     /// Nothing to look for: callers may skip the work.

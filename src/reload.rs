@@ -120,10 +120,12 @@ impl Live {
         let _one = self.lock.lock().await;
         let old = self.state.load_full();
         let path = self.config_path.clone();
-        let loaded = tokio::task::spawn_blocking(move || Config::load(&path))
-            .await
-            .map_err(|e| format!("reload task failed: {e}"))
-            .and_then(|r| r.map_err(|e| e.to_string()));
+        let loaded = tokio::task::spawn_blocking(move || {
+            Config::load(&path).and_then(|c| c.require_routes().map(|()| c))
+        })
+        .await
+        .map_err(|e| format!("reload task failed: {e}"))
+        .and_then(|r| r.map_err(|e| e.to_string()));
         let built = loaded.and_then(|mut config| {
             // The audit log stays the one opened at start-up.
             let open_log = self

@@ -81,9 +81,27 @@ pub fn select(
     }
     Err(Rejection::new(
         Code::RouteNotFound,
-        format!("no route serves {decoded}"),
+        format!("no route serves {decoded}; {}", known_prefixes(routes)),
     ))
 }
+
+/// The prefixes a caller can use, to say where a request should have gone: prefixes only (no
+/// upstream, secret or rule), at most [`LISTED_PREFIXES`] of them.
+fn known_prefixes(routes: &[Route]) -> String {
+    let mut prefixes: Vec<&str> = routes.iter().map(|r| r.prefix.as_str()).collect();
+    prefixes.sort_unstable();
+    prefixes.dedup();
+    let more = prefixes.len().saturating_sub(LISTED_PREFIXES);
+    prefixes.truncate(LISTED_PREFIXES);
+    let mut text = format!("route prefixes: {}", prefixes.join(", "));
+    if more > 0 {
+        text.push_str(&format!(" and {more} more"));
+    }
+    text
+}
+
+/// A refusal stays short however many routes a config has.
+const LISTED_PREFIXES: usize = 16;
 
 fn strip_prefix<'a>(path: &'a str, prefix: &str) -> Option<&'a str> {
     if prefix == "/" {

@@ -5,8 +5,10 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use schemars::JsonSchema;
 use serde::Deserialize;
-use toml::Spanned;
+
+use super::schema::Spanned;
 
 use super::spec::{
     AgentSpec, At, ConnectionsSpec, Dur, ListenSpec, Pos, RouteSpec, RuleSpec, SecretSpecRaw, Spec,
@@ -14,8 +16,10 @@ use super::spec::{
 };
 use super::*;
 
-#[derive(Deserialize)]
+/// keygate's native config (`keygate.toml`).
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "NativeConfig")]
 struct Raw {
     listen: Option<Spanned<Vec<String>>>,
     allow_non_loopback: Option<bool>,
@@ -43,6 +47,8 @@ struct Raw {
     #[serde(default)]
     agents: BTreeMap<String, RawAgent>,
     run: Option<RawRun>,
+    /// `brief` (default): `/healthz` says only ok, version and mode; `detail` adds the routes.
+    healthz: Option<Healthz>,
     /// The forward proxy (issue 15): `proxy_listen`, `egress`, `egress_allow`, …
     proxy_listen: Option<Spanned<Vec<String>>>,
     egress: Option<Spanned<String>>,
@@ -53,8 +59,9 @@ struct Raw {
     proxy_ports: Option<Spanned<Vec<u16>>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Run")]
 struct RawRun {
     #[serde(default)]
     drop_env: Vec<String>,
@@ -62,16 +69,18 @@ struct RawRun {
     allow_ports: Vec<u16>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Tls")]
 struct RawTls {
     cert: String,
     key: String,
     client_ca: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "State")]
 struct RawState {
     backend: Spanned<String>,
     url: Option<Spanned<String>>,
@@ -82,8 +91,9 @@ struct RawState {
     max_stale: Option<Spanned<String>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Connections")]
 struct RawConnections {
     first_request_timeout: Option<Spanned<String>>,
     idle_timeout: Option<Spanned<String>>,
@@ -91,8 +101,9 @@ struct RawConnections {
     request_body_timeout: Option<Spanned<String>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Secret")]
 struct RawSecret {
     source: Spanned<String>,
     name: Option<String>,
@@ -147,7 +158,7 @@ struct RawSecret {
 }
 
 /// An id GitHub shows as a number and users may quote.
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(untagged)]
 enum IdText {
     Number(u64),
@@ -163,8 +174,9 @@ impl IdText {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Route")]
 struct RawRoute {
     prefix: Option<Spanned<String>>,
     upstream: Option<Spanned<String>>,
@@ -203,8 +215,9 @@ struct RawRoute {
     placeholder_in: Option<Spanned<Vec<String>>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Agent")]
 struct RawAgent {
     person: Option<String>,
     token_env: Option<String>,
@@ -220,8 +233,9 @@ struct RawAgent {
     budget_tokens_per_person: Option<Spanned<RawBudget>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Budget")]
 struct RawBudget {
     per: String,
     limit: u64,
@@ -256,6 +270,11 @@ impl Lines<'_> {
             .unwrap_or(0);
         Pos::new(line, header)
     }
+}
+
+/// The native format's schema, a definition in `generator`.
+pub(super) fn schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    generator.subschema_for::<Raw>()
 }
 
 pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
@@ -533,6 +552,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
                 allow_ports: r.allow_ports,
             })
             .unwrap_or_default(),
+        healthz: raw.healthz,
         proxy: super::spec::ProxySpec {
             listen: raw
                 .proxy_listen

@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use schemars::JsonSchema;
 use serde::Deserialize;
 
 use super::spec::{
@@ -17,8 +18,9 @@ use super::spec::{
 };
 use super::*;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "LabBrokerConfig")]
 struct Raw {
     #[serde(default = "default_host")]
     listen_host: String,
@@ -45,8 +47,9 @@ struct Raw {
     request_scan: Option<RequestScan>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[schemars(rename = "LabSecretSource")]
 enum RawSource {
     #[default]
     None,
@@ -75,8 +78,9 @@ const COMMAND_SECONDS: (f64, f64) = (0.001, 3600.0);
 
 /// The backend companion's config: the lab broker's listener and route keys, its own token and
 /// secret variables.
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "LabBackendConfig")]
 struct RawBackend {
     #[serde(default = "default_host")]
     listen_host: String,
@@ -97,6 +101,16 @@ const BACKEND_KEYS: [&str; 2] = ["backend_token_env", "secret_env"];
 
 /// The header the companion's front end names the person in.
 pub(crate) const BACKEND_PERSON_HEADER: &str = "x-user-id";
+
+/// The lab broker's and the backend companion's schemas, definitions in `generator`.
+pub(super) fn schemas(
+    generator: &mut schemars::SchemaGenerator,
+) -> (schemars::Schema, schemars::Schema) {
+    (
+        generator.subschema_for::<Raw>(),
+        generator.subschema_for::<RawBackend>(),
+    )
+}
 
 pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
     let is_backend = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text)
@@ -227,6 +241,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
             backend: None,
         }),
         run: Default::default(),
+        healthz: None,
         proxy: Default::default(),
     })
 }
@@ -381,6 +396,7 @@ fn parse_backend(file: &Path, text: &str) -> Result<Spec, ConfigError> {
             }),
         }),
         run: Default::default(),
+        healthz: None,
         proxy: Default::default(),
         state: None,
         instance: None,

@@ -15,7 +15,7 @@
 
 use std::path::PathBuf;
 
-use super::{Format, Mode, RequestScan};
+use super::{Format, Healthz, Mode, RequestScan};
 
 /// Where a value was written: `file:line: key`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -121,6 +121,8 @@ pub(crate) struct Spec {
     pub seed: Option<SeedSpec>,
     /// `[run]`: what `keygate run` drops and allows.
     pub run: RunSpec,
+    /// `healthz = "detail"`: `/healthz` lists routes (native format only).
+    pub healthz: Option<Healthz>,
     /// The forward-proxy keys; all absent in the lab format.
     pub proxy: ProxySpec,
 }

@@ -227,6 +227,7 @@ pub(super) fn validate(file: &Path, spec: Spec) -> Result<Config, ConfigError> {
             drop_env: spec.run.drop_env,
             allow_ports: spec.run.allow_ports,
         },
+        healthz: spec.healthz.unwrap_or(Healthz::Brief),
         proxy: proxy::settings(&cx, &spec.proxy)?,
     })
 }
@@ -592,10 +593,14 @@ fn openbao(
             (Some(e), None) => BaoToken::Env(e.clone()),
             (None, Some(f)) => BaoToken::File(expand_home(f)),
             _ => {
+                let source = match s.source.value.as_str() {
+                    "vault" => "source \"vault\" (an alias of openbao: Vault's HTTP API)",
+                    _ => "source \"openbao\"",
+                };
                 return cx.err(
                     &s.table.child("token_env"),
-                    "openbao needs exactly one of token_env or token_file (or auth = \"approle\" or \"jwt\")",
-                )
+                    format!("{source} logs in with keygate's own token: set exactly one of token_env = \"VAULT_TOKEN\" or token_file = \"PATH\", or auth = \"approle\" or \"jwt\""),
+                );
             }
         }),
         Some("approle") => Auth::AppRole {

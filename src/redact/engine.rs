@@ -18,10 +18,12 @@ use super::detectors::{self, DetectorSet, Detectors, Eval, Wake};
 use super::json_view::Escapes;
 use super::known::{self, Prefixes};
 use super::search::Searcher;
+use std::sync::Arc;
 
 // No Debug here or below: the automaton and prefixes hold every secret's spellings.
 pub(crate) struct Engine {
-    known: Option<Known>,
+    /// Shared by engines over the same held values (`with_detectors`).
+    known: Option<Arc<Known>>,
     detectors: Option<(&'static Detectors, Prefixes, DetectorSet)>,
 }
 
@@ -130,19 +132,26 @@ impl Engine {
             let mut lower: Vec<Vec<u8>> = patterns.iter().map(|p| p.to_ascii_lowercase()).collect();
             lower.sort();
             lower.dedup();
-            Known {
+            Arc::new(Known {
                 automaton,
                 label_of,
                 labels,
                 prefixes: Prefixes::new(patterns),
                 lower,
-            }
+            })
         });
-        let detectors = (!detectors.is_empty()).then(|| {
-            let d = detectors::get();
-            (d, Prefixes::new(d.literals.iter().cloned()), detectors)
-        });
-        Engine { known, detectors }
+        Engine {
+            known,
+            detectors: detector_parts(detectors),
+        }
+    }
+
+    /// This engine's known values (shared, not rebuilt) with other detectors.
+    pub(crate) fn with_detectors(&self, detectors: DetectorSet) -> Self {
+        Engine {
+            known: self.known.clone(),
+            detectors: detector_parts(detectors),
+        }
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -323,6 +332,13 @@ impl Engine {
         }
         (escapes, pending)
     }
+}
+
+fn detector_parts(set: DetectorSet) -> Option<(&'static Detectors, Prefixes, DetectorSet)> {
+    (!set.is_empty()).then(|| {
+        let d = detectors::get();
+        (d, Prefixes::new(d.literals.iter().cloned()), set)
+    })
 }
 
 /// Settles `safe` and the spans of one scan (see the module doc).

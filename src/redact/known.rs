@@ -115,7 +115,16 @@ fn lower_percent_hex(upper: &str) -> Vec<u8> {
 pub(crate) struct Prefixes {
     sorted: Vec<Vec<u8>>,
     first_byte: Vec<bool>,
+    /// A bit per hash of the first 4 bytes of every pattern longer than 4: with hundreds of
+    /// patterns (and hold-backs of hundreds of bytes) the sorted lookup at every trailing offset
+    /// cost more than the search itself; this rules out almost every offset first.
+    quad: Vec<u64>,
     longest: usize,
+}
+
+fn quad_slot(b: &[u8]) -> usize {
+    let w = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    (w.wrapping_mul(0x9E37_79B1) >> 16) as usize
 }
 
 impl Prefixes {
@@ -127,10 +136,16 @@ impl Prefixes {
         for p in &sorted {
             first_byte[usize::from(p[0])] = true;
         }
+        let mut quad = vec![0u64; 1 << 10];
+        for p in sorted.iter().filter(|p| p.len() > 4) {
+            let s = quad_slot(p);
+            quad[s / 64] |= 1 << (s % 64);
+        }
         let longest = sorted.iter().map(Vec::len).max().unwrap_or(0);
         Prefixes {
             sorted,
             first_byte,
+            quad,
             longest,
         }
     }
@@ -140,7 +155,14 @@ impl Prefixes {
     pub(crate) fn tail_start(&self, buf: &[u8]) -> usize {
         let from = buf.len().saturating_sub(self.longest.saturating_sub(1));
         (from..buf.len())
-            .find(|&i| self.first_byte[usize::from(buf[i])] && self.continues(&buf[i..]))
+            .find(|&i| {
+                // A tail of 4 bytes or more can only grow into a pattern longer than 4.
+                let possible = buf.len() - i < 4 || {
+                    let s = quad_slot(&buf[i..]);
+                    self.quad[s / 64] & (1 << (s % 64)) != 0
+                };
+                possible && self.first_byte[usize::from(buf[i])] && self.continues(&buf[i..])
+            })
             .unwrap_or(buf.len())
     }
 
@@ -186,6 +208,26 @@ mod tests {
         let p = spellings(b"pa ss/word+1234");
         assert!(p.contains(&b"pa%20ss%2Fword%2B1234".to_vec()));
         assert!(p.contains(&b"pa%20ss%2fword%2b1234".to_vec()));
+    }
+
+    proptest::proptest! {
+        /// The 4-byte filter rules out only offsets whose tail no pattern continues.
+        #[test]
+        fn tail_start_is_the_earliest_tail_some_pattern_continues(
+            patterns in proptest::collection::vec(
+                proptest::collection::vec(proptest::sample::select(&b"abZ9"[..]), 1..12), 1..30),
+            buf in proptest::collection::vec(proptest::sample::select(&b"abZ9 "[..]), 0..40),
+        ) {
+            let set = Prefixes::new(patterns.clone());
+            let want = (0..buf.len())
+                .find(|&i| {
+                    patterns
+                        .iter()
+                        .any(|p| p.len() > buf.len() - i && p.starts_with(&buf[i..]))
+                })
+                .unwrap_or(buf.len());
+            proptest::prop_assert_eq!(set.tail_start(&buf), want);
+        }
     }
 
     #[test]

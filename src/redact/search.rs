@@ -12,6 +12,12 @@
 use aho_corasick::automaton::{Automaton, Candidate, StateID};
 use aho_corasick::{dfa, AhoCorasick, Anchored, MatchKind, Span};
 
+use super::many::Many;
+
+/// From this many patterns on, aho-corasick's SIMD prefilter (Teddy) is gone and the skip
+/// search (`many.rs`) is faster; below, Teddy is several times faster than it.
+const MANY_FROM: usize = 64;
+
 /// A prefilter hop shorter than this costs more than walking the bytes it skips.
 const SHORT_HOP: usize = 32;
 /// Bytes walked without the prefilter after a short hop.
@@ -22,6 +28,8 @@ pub(crate) enum Searcher {
     /// The common case: a DFA whose transitions this module walks itself, and its unanchored
     /// start state.
     Dfa(Box<dfa::DFA>, StateID),
+    /// Many long patterns: the skip search.
+    Many(Box<Many>),
     /// Pattern sets too large for a DFA: the library's own search.
     Other(AhoCorasick),
 }
@@ -33,6 +41,11 @@ impl Searcher {
         // Invariant: patterns are non-empty and bounded (every held value is at most 64 KiB,
         // `secret::source`), so the default automaton, which has no size limit short of
         // memory, always builds; only the DFA can refuse, and then it is skipped.
+        if patterns.len() >= MANY_FROM {
+            if let Some(m) = Many::new(patterns) {
+                return Searcher::Many(Box::new(m));
+            }
+        }
         let total: usize = patterns.iter().map(Vec::len).sum();
         if total <= 256 * 1024 {
             if let Ok(d) = dfa::DFA::builder()
@@ -55,6 +68,7 @@ impl Searcher {
     pub(crate) fn max_pattern_len(&self) -> usize {
         match self {
             Searcher::Dfa(d, _) => d.max_pattern_len(),
+            Searcher::Many(m) => m.max_pattern_len(),
             Searcher::Other(a) => a.max_pattern_len(),
         }
     }
@@ -63,6 +77,7 @@ impl Searcher {
     pub(crate) fn for_each(&self, hay: &[u8], out: &mut dyn FnMut(usize, usize, usize)) {
         match self {
             Searcher::Dfa(d, start) => walk(d, *start, hay, out),
+            Searcher::Many(m) => m.for_each(hay, out),
             Searcher::Other(a) => {
                 for m in a.find_iter(hay) {
                     out(m.pattern().as_usize(), m.start(), m.end());
@@ -148,6 +163,18 @@ mod tests {
             .find_iter(hay)
             .map(|m| (m.pattern().as_usize(), m.start(), m.end()))
             .collect()
+    }
+
+    #[test]
+    fn many_long_patterns_take_the_skip_search_and_short_ones_the_automaton() {
+        let long: Vec<Vec<u8>> = (0..MANY_FROM)
+            .map(|i| format!("held-value-{i:04}-xyz").into_bytes())
+            .collect();
+        assert!(matches!(Searcher::new(&long), Searcher::Many(_)));
+        let mut short = long.clone();
+        short.push(b"seven77".to_vec());
+        assert!(matches!(Searcher::new(&short), Searcher::Dfa(..)));
+        assert!(matches!(Searcher::new(&long[..3]), Searcher::Dfa(..)));
     }
 
     proptest::proptest! {

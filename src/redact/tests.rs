@@ -601,6 +601,65 @@ proptest! {
     }
 }
 
+/// 40 held values that share prefixes, overlap and contain each other, and their redactor
+/// (built once: hundreds of spellings).
+fn many_held() -> &'static (Vec<Vec<u8>>, Arc<Redactor>) {
+    static M: std::sync::OnceLock<(Vec<Vec<u8>>, Arc<Redactor>)> = std::sync::OnceLock::new();
+    M.get_or_init(|| {
+        let stem = fake(60, 70);
+        let mut held: Vec<Vec<u8>> = Vec::new();
+        for i in 0..40 {
+            let v = match i % 4 {
+                // Prefixes of one another.
+                0 => stem[..8 + i].to_string(),
+                // Overlapping: a suffix of the stem and more.
+                1 => format!("{}{}", &stem[i..i + 12], fake(6, i as u64)),
+                2 => fake(8 + i % 30, 100 + i as u64),
+                _ => format!("{}{}", fake(5, 7), fake(10 + i, 200 + i as u64)),
+            };
+            held.push(v.into_bytes());
+        }
+        let mut b = Redactor::builder().detectors(true);
+        for (i, v) in held.iter().enumerate() {
+            b = b.known(&format!("m{i}"), v);
+        }
+        (held, Arc::new(b.build()))
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(100))]
+
+    /// With many held values (hundreds of spellings: the skip search of `many.rs`), values that
+    /// share prefixes, overlap and contain each other are redacted in a stream exactly as in one
+    /// buffer, and none survives.
+    #[test]
+    fn many_held_values_stream_as_whole_buffer_and_none_survives(
+        picks in proptest::collection::vec((0usize..40, 0usize..4), 1..30),
+        cuts in proptest::collection::vec(0usize..4096, 0..12),
+    ) {
+        let (held, r) = many_held();
+        let mut input = Vec::new();
+        for (i, how) in picks {
+            let v = &held[i];
+            match how {
+                0 => input.extend_from_slice(v),
+                1 => input.extend_from_slice(STANDARD.encode(v).as_bytes()),
+                2 => input.extend_from_slice(&v[..v.len() / 2]),
+                _ => input.extend_from_slice(b" the model said "),
+            }
+        }
+        let whole = r.redact(&input).into_owned();
+        let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (input.len() + 1)).collect();
+        cuts.sort_unstable();
+        prop_assert_eq!(&stream_all(r, &input, &cuts), &whole);
+        for v in held {
+            prop_assert!(!whole.windows(v.len()).any(|w| w == v.as_slice()));
+        }
+    }
+
+}
+
 #[test]
 fn debug_names_key_ids_but_never_a_pattern() {
     let value = b"sk-canary-debug-0123456789abcdef";

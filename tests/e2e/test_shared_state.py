@@ -350,7 +350,7 @@ def test_a_good_state_table_checks_and_its_password_comes_from_a_secret(keygate_
     cfg.write_text(
         'instance = "ci-1"\n'
         'state = { backend = "redis", url = "redis://127.0.0.1:6379", username = "keygate", password_from = "redis" }\n'
-        '[secrets.redis]\nsource = "env"\nname = "REDIS_PASSWORD"\n[agents.coder]\n'
+        '[secrets.redis]\nsource = "env"\nname = "REDIS_PASSWORD"\n[routes.r]\nprefix = "/r"\nupstream = "http://127.0.0.1:9"\n[agents.coder]\n'
     )
     out = run_keygate(keygate_bin, ["check", "--json", "--config", str(cfg)], tmp_path)
     assert out.returncode == 0, out.stderr
@@ -358,7 +358,7 @@ def test_a_good_state_table_checks_and_its_password_comes_from_a_secret(keygate_
     assert state["backend"] == "redis" and state["rate_limits"] == "fail-closed" and state["max_stale"] == "5s"
     assert state["tls"] is False and state["username"] == "keygate"
     # `tls = true` on a redis:// url is TLS, the same as rediss://.
-    cfg.write_text('state = { backend = "redis", url = "redis://127.0.0.1:6379", tls = true }\n[agents.coder]\n')
+    cfg.write_text('state = { backend = "redis", url = "redis://127.0.0.1:6379", tls = true }\n[routes.r]\nprefix = "/r"\nupstream = "http://127.0.0.1:9"\n[agents.coder]\n')
     out = run_keygate(keygate_bin, ["check", "--json", "--config", str(cfg)], tmp_path)
     assert out.returncode == 0, out.stderr
     state = json.loads(out.stdout)["state"]

@@ -648,7 +648,7 @@ fn dos_token_file_others_can_write_is_refused_by_serve_and_token_commands() {
     std::fs::write(
         &cfg,
         format!(
-            "listen = [\"127.0.0.1:0\"]\naudit_log = \"{}\"\nstate_dir = \"{}\"\n[agents.coder]\n",
+            "listen = [\"127.0.0.1:0\"]\naudit_log = \"{}\"\nstate_dir = \"{}\"\n[routes.r]\nprefix = \"/r\"\nupstream = \"http://127.0.0.1:9\"\n[agents.coder]\n",
             dir.path().join("audit.jsonl").display(),
             state.display()
         ),

@@ -8,6 +8,8 @@
 
 mod support;
 
+mod affinity;
+mod cli_output;
 mod dos;
 mod forward_proxy;
 mod hook_claude_code;
