@@ -282,6 +282,7 @@ def render(res):
     s = res["settings"]
     m = res["machine"]
     out = ["### Forward proxy: TLS termination, keygate vs nginx", "",
+           f"{m.get('date', '?')}, keygate {m.get('keygate_commit', '?')}, {m.get('nginx', '?')}; "
            f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores; {s['pinning']}; {s['seconds_per_point']} s per "
            f"point, median of {s['rounds']} interleaved rounds; load average before "
            f"{res['load_before'][0]:.1f}, after {res['load_after'][0]:.1f} (shared machine).", "",
@@ -295,7 +296,7 @@ def render(res):
                    f"{us(n['p50_us'])} (+{p['nginx_added_p50_us']:,.0f}) | {us(k['p50_us'])} "
                    f"(+{p['keygate_added_p50_us']:,.0f}) | {us(n['p99_us'])} | {us(k['p99_us'])} |")
     out += ["", "Per-round req/s (direct / nginx / keygate): " + "; ".join(
-        f"{p['conns']} conns: {p['direct']['rps_rounds']} / {p['nginx']['rps_rounds']} / {p['keygate']['rps_rounds']}"
+        f"{p['conns']} conn(s): {p['direct']['rps_rounds']} / {p['nginx']['rps_rounds']} / {p['keygate']['rps_rounds']}"
         for p in res["points"]),
         "", f"keygate audit: {res['keygate_audit']['request']} request records and "
             f"{res['keygate_audit']['CONNECT']} CONNECT records for {res['keygate_requests_measured']} measured "
