@@ -212,3 +212,17 @@ def test_doctor_passes_while_its_own_keygate_runs_on_the_port(keygate_bin, keyga
     [admin] = [f for f in findings(result) if f["check"] == "admin"]
     assert "is running" in admin["detail"], admin
     assert_no_secret_shown(result, secrets)
+
+
+def test_doctor_on_the_dry_run_example_without_a_token_warns_as_serve_does(keygate_bin, tmp_path):
+    # serve accepts a dry run whose agent token variable is unset (callers need no token), so
+    # doctor must not call that a failure; the same agent outside a dry run is one (test above).
+    config = Path(__file__).resolve().parents[2] / "examples" / "dry-run.toml"
+    text = config.read_text().replace("127.0.0.1:8791", "127.0.0.1:0")
+    copy = tmp_path / "dry-run.toml"
+    copy.write_text(text)
+    result = doctor(keygate_bin, tmp_path, copy, {})
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    [agents] = [f for f in findings(result) if f["check"] == "agents"]
+    assert agents["status"] == "warn" and "need no token" in agents["detail"], agents
