@@ -513,9 +513,10 @@ def main():
     ap.add_argument("--modes", default="pinned,unpinned")
     ap.add_argument("--profile", action="store_true", help="also perf-profile keygate (pinned, 32 conns)")
     ap.add_argument("--out", default=os.path.join(BENCH, "results"))
-    ap.add_argument("--only", choices=["budget"],
+    ap.add_argument("--only", choices=["budget", "tls"],
                     help="run one scenario instead of the full bench: budget = keygate with vs without "
-                         "budget_tokens + SQLite state_dir, 1 and 32 conns (writes OUT/budget.{md,json})")
+                         "budget_tokens + SQLite state_dir, 1 and 32 conns (writes OUT/budget.{md,json}); "
+                         "tls = forward proxy TLS termination vs nginx (bench/tls.py, OUT/tls.{md,json})")
     args = ap.parse_args()
     quick = args.quick
     dur = args.duration or (1 if quick else 5)
@@ -545,6 +546,10 @@ def main():
     log("run dir", RUN_DIR, "| load", res["load_before"])
     if args.only == "budget":
         budget_scenario(args, secrets, dur, rounds, modes)
+        return
+    if args.only == "tls":
+        import tls
+        tls.run(sys.modules[__name__], args, secrets, dur, rounds)
         return
 
     sv = Servers(args, secrets)

@@ -51,6 +51,8 @@ use crate::reload::Live;
 const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// Proxy connections open at once; past this new ones are closed unanswered.
 const MAX_CONNECTIONS: usize = 512;
+/// The caller every tunnel opened without proxy credentials counts against (all share the bound).
+const TOKENLESS_CALLER: &str = "(no proxy credential)";
 /// Tunnels one caller (token, else agent) may hold open at once.
 const MAX_TUNNELS_PER_CALLER: usize = 64;
 /// Time for a request head, from the connection's start or its last request.
@@ -366,7 +368,31 @@ impl Conn {
         state.control.check_state()?;
         state.control.check_frozen(None)?;
         let authority = req.uri().authority().map(|a| a.as_str().to_string());
-        // Who first: an unauthenticated caller learns nothing about targets.
+        // A tool that cannot send proxy credentials (it holds only its placeholder) may open a
+        // tunnel to a host a route names: keygate terminates it, and each request inside is then
+        // identified by a live placeholder or refused by the pipeline (401) and audited there.
+        // Egress tunnels, unrouted hosts and bad targets still get 407: a caller without a
+        // token learns only which hosts routes name, which the agent's own env already says.
+        if proxy_token(req.headers()).is_none() {
+            let routed = authority
+                .as_deref()
+                .and_then(|a| connect::authority(a, &config.proxy.ports).ok())
+                .filter(|t| {
+                    config.routes.iter().any(|r| {
+                        r.host.as_deref() == Some(t.host.as_str()) && r.placeholder_env.is_some()
+                    })
+                });
+            if let Some(target) = routed {
+                let via = Via {
+                    host: target.host.clone(),
+                    port: target.port,
+                    token: None,
+                };
+                pending.record().destination = Some(target.host);
+                return self.terminated(state, req, via, TOKENLESS_CALLER, pending, start);
+            }
+        }
+        // Who first: an unauthenticated caller learns nothing about other targets.
         let (mut via, who) = self.caller(state, req.headers(), "", 0, pending)?;
         let Some(authority) = authority else {
             return Err(Rejection::new(
@@ -382,28 +408,12 @@ impl Conn {
             .token_id
             .clone()
             .unwrap_or_else(|| config.agents[who.agent].name.clone());
-        let route = config
+        if config
             .routes
             .iter()
-            .find(|r| r.host.as_deref() == Some(target.host.as_str()));
-        if let Some(route) = route {
-            pending.record().route(route, config.secret_of(route));
-            let slot = self.tunnel_slot(&caller)?;
-            let on = hyper::upgrade::on(&mut req);
-            let r = pending.record();
-            r.decision = Decision::Allow;
-            r.reason = Reason::TunnelTerminated;
-            r.status = 200;
-            // The CONNECT's record is finished once the client's TLS handshake is known.
-            let record = pending.take();
-            let this = self.clone();
-            tokio::spawn(async move {
-                let _slot = slot;
-                if let Ok(up) = on.await {
-                    this.terminate(TokioIo::new(up), via, record, start).await;
-                }
-            });
-            return Ok(empty(StatusCode::OK));
+            .any(|r| r.host.as_deref() == Some(target.host.as_str()))
+        {
+            return self.terminated(state, req, via, &caller, pending, start);
         }
         let allowed = connect::allowed(&config.proxy.egress_allow, &target.host);
         if !allowed && config.proxy.egress == Egress::Deny {
@@ -432,6 +442,42 @@ impl Conn {
             let _slot = slot;
             if let Ok(up) = on.await {
                 egress::pass(TokioIo::new(up), upstream, TUNNEL_IDLE).await;
+            }
+        });
+        Ok(empty(StatusCode::OK))
+    }
+
+    /// Answers a CONNECT to a host a route names: 200, then the tunnel is terminated here.
+    fn terminated(
+        &self,
+        state: &Arc<State>,
+        mut req: Request<Incoming>,
+        via: Via,
+        caller: &str,
+        pending: &mut Pending,
+        start: Instant,
+    ) -> Result<Response<Body>, Rejection> {
+        let config = &state.config;
+        if let Some(route) = config
+            .routes
+            .iter()
+            .find(|r| r.host.as_deref() == Some(via.host.as_str()))
+        {
+            pending.record().route(route, config.secret_of(route));
+        }
+        let slot = self.tunnel_slot(caller)?;
+        let on = hyper::upgrade::on(&mut req);
+        let r = pending.record();
+        r.decision = Decision::Allow;
+        r.reason = Reason::TunnelTerminated;
+        r.status = 200;
+        // The CONNECT's record is finished once the client's TLS handshake is known.
+        let record = pending.take();
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Ok(up) = on.await {
+                this.terminate(TokioIo::new(up), via, record, start).await;
             }
         });
         Ok(empty(StatusCode::OK))
@@ -484,10 +530,27 @@ impl Conn {
         record.finish();
         let (tls, watch) = egress::Activity::new(tls);
         let this = self.clone();
+        // Without proxy credentials the tool is known only by its placeholder: a 401 carries a
+        // Basic challenge so that tools which send credentials only when asked (git's helper)
+        // retry with it.
+        let challenge = via.token.is_none();
         let svc = service_fn(move |mut req: Request<Incoming>| {
             req.extensions_mut().insert(via.clone());
             let state = this.shared.live.state.load_full();
-            pipeline::handle(state, this.peer.clone(), this.listener.clone(), req)
+            let answer = pipeline::handle(state, this.peer.clone(), this.listener.clone(), req);
+            async move {
+                let mut resp = answer.await?;
+                if challenge
+                    && resp.status() == StatusCode::UNAUTHORIZED
+                    && !resp.headers().contains_key(header::WWW_AUTHENTICATE)
+                {
+                    resp.headers_mut().insert(
+                        header::WWW_AUTHENTICATE,
+                        HeaderValue::from_static("Basic realm=\"keygate\""),
+                    );
+                }
+                Ok::<_, std::convert::Infallible>(resp)
+            }
         });
         let conn = http1().serve_connection(TokioIo::new(tls), svc);
         tokio::pin!(conn);

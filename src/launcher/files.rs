@@ -147,6 +147,9 @@ fn fill(
     let mut entries: Vec<(String, String)> = Vec::new();
     if let Some(url) = files["proxy_url"].as_str() {
         entries.push(("http.proxy".into(), url.into()));
+        // git (libcurl's anyauth) otherwise sends the token only after a 407, and a CONNECT to a
+        // placeholder route without one is served (identity by placeholder), so it never would.
+        entries.push(("http.proxyAuthMethod".into(), "basic".into()));
     }
     entries.push(("http.sslCAInfo".into(), ca));
     for pair in files["git"].as_array().into_iter().flatten() {

@@ -61,7 +61,7 @@ def status_of(done: subprocess.CompletedProcess) -> tuple[int, int, str]:
     return int(code), int(connect), body
 
 
-def start_bench(keygate, keygate_bin, tmp_path: Path, *, wrong_ca: bool = False, extra: str = "", listen_port: int = 0, mirror_at: str | None = None, key: str | None = None, env: dict | None = None) -> ProxyBench:
+def start_bench(keygate, keygate_bin, tmp_path: Path, *, wrong_ca: bool = False, extra: str = "", listen_port: int = 0, mirror_at: str | None = None, key: str | None = None, env: dict | None = None, route_extra: str = "") -> ProxyBench:
     ca = trustme.CA()
     upstream_ca = tmp_path / "upstream-ca.pem"
     ca.cert_pem.write_to_path(str(upstream_ca))
@@ -93,6 +93,7 @@ upstream = "{upstream.url}"
 upstream_ca = "{trusted}"
 secret = "gh"
 allow = ["GET /user", "GET /echo", "POST /v1/chat/completions"]
+{route_extra}
 
 [agents.coder]
 routes = ["gh"]

@@ -330,3 +330,66 @@ def test_canary_secret_never_leaves_keygate_through_the_forward_proxy(keygate, k
     finally:
         bench.upstream.stop()
         bench.mirror.stop()
+
+
+def test_canary_secret_never_leaves_keygate_through_the_forward_proxy_with_placeholders(keygate, keygate_bin, tmp_path):
+    """Proxy mode as `keygate run` sets it up: the agent's curl sends only its placeholder (the
+    test exports no key to it); the upstream gets the canary and echoes it back in headers, JSON
+    and a cut SSE stream; the canary is nowhere in what the agent saw, its env, or keygate's logs."""
+    import subprocess
+
+    from fake_upstream import credential_from
+    from proxy_setup import HOST, start_bench
+
+    bench = start_bench(
+        keygate, keygate_bin, tmp_path, key=CANARY, route_extra='placeholder_env = "GITHUB_TOKEN"',
+        env={"RUST_LOG": "trace", "KEYGATE_LOG": "trace"},
+    )
+    work = tmp_path / "work"
+    work.mkdir()
+    script = (
+        'env > env.txt; curl -sS -i -H "Authorization: Bearer $GITHUB_TOKEN" https://' + HOST + "/echo; echo; "
+        'curl -sS -N -i -H "Authorization: Bearer $GITHUB_TOKEN" -H "content-type: application/json" '
+        "--data '{\"stream\": true}' https://" + HOST + "/v1/chat/completions"
+    )
+    argv = [str(keygate_bin), "run", "--no-sandbox", "--config", str(bench.kg.config_path), "--", "sh", "-c", script]
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(work)}
+    try:
+        bench.upstream.echo_key = True
+        proc = subprocess.Popen(argv, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            lines = []
+            for line in proc.stdout:
+                lines.append(line)
+                if line.strip() == 'data: {"n":1}':
+                    bench.upstream.gates["n1"].set()
+                elif line.strip() == 'data: {"n":2}':
+                    bench.upstream.gates["n2"].set()
+            proc.wait(timeout=20)
+            err = proc.stderr.read()
+        finally:
+            proc.kill()
+            proc.wait()
+        out = "".join(lines)
+        assert proc.returncode == 0, err
+        assert "[REDACTED:" in out and any('"n":3' in line for line in lines), out
+        assert bench.upstream.gate_timeouts == [], "keygate held the stream back until the upstream gave up"
+        # The placeholder reached the upstream as the canary itself.
+        assert [credential_from(r) for r in bench.upstream.requests] == [CANARY, CANARY]
+        agent_env = (work / "env.txt").read_text()
+        assert "GITHUB_TOKEN=kgph_gh_" in agent_env
+
+        bench.kg.audit_records(n=4)
+        assert bench.kg.stop() == 0
+        places = {
+            "responses": out + err,
+            "agent env": agent_env,
+            "audit log": bench.kg.audit_path.read_text(),
+            "keygate stdout": bench.kg.stdout_text(),
+            "keygate stderr": bench.kg.stderr_text(),
+        }
+        found = {place: leaks(text) for place, text in places.items() if leaks(text)}
+        assert found == {}, f"the canary secret leaked: {found}"
+    finally:
+        bench.upstream.stop()
+        bench.mirror.stop()

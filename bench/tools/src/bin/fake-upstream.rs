@@ -10,8 +10,10 @@
 //! With `--expect-auth VALUE`, a POST whose `Authorization` header is not exactly VALUE gets 401,
 //! so a proxy that forgot to attach the key shows up as errors instead of fast answers.
 //!
-//! Usage: fake-upstream [--port 0] [--threads N] [--expect-auth 'Bearer sk-…'];
-//! prints `{"listen":"http://127.0.0.1:PORT","threads":N}`.
+//! With `--tls-cert PEM --tls-key PEM` it serves HTTPS (rustls, ALPN `http/1.1`) instead.
+//!
+//! Usage: fake-upstream [--port 0] [--threads N] [--expect-auth 'Bearer sk-…'] [--tls-cert C --tls-key K];
+//! prints `{"listen":"http://127.0.0.1:PORT","threads":N}` (`https://` with TLS).
 #![allow(clippy::unwrap_used)]
 use std::convert::Infallible;
 use std::time::Duration;
@@ -46,14 +48,29 @@ fn main() {
     rt.block_on(async move {
         let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let addr = listener.local_addr().unwrap();
-        println!("{{\"listen\":\"http://{addr}\",\"threads\":{threads}}}");
+        let tls = match (args.get("tls-cert"), args.get("tls-key")) {
+            (Some(c), Some(k)) => Some(tls_acceptor(c, k)),
+            _ => None,
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        println!("{{\"listen\":\"{scheme}://{addr}\",\"threads\":{threads}}}");
         loop {
             let Ok((stream, _)) = listener.accept().await else { continue };
             let _ = stream.set_nodelay(true);
+            let tls = tls.clone();
             tokio::spawn(async move {
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), hyper::service::service_fn(handle))
-                    .await;
+                let svc = hyper::service::service_fn(handle);
+                let http = hyper::server::conn::http1::Builder::new();
+                match tls {
+                    None => {
+                        let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                    }
+                    Some(acc) => {
+                        if let Ok(s) = acc.accept(stream).await {
+                            let _ = http.serve_connection(TokioIo::new(s), svc).await;
+                        }
+                    }
+                }
             });
         }
     });
@@ -123,6 +140,23 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
         .header("cache-control", "no-cache")
         .body(BodyExt::boxed(StreamBody::new(stream)))
         .unwrap())
+}
+
+fn tls_acceptor(cert: &str, key: &str) -> tokio_rustls::TlsAcceptor {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(cert).unwrap().collect::<Result<_, _>>().unwrap();
+    let key = PrivateKeyDer::from_pem_file(key).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg))
 }
 
 fn full(s: &'static str) -> Body {
