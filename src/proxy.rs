@@ -19,9 +19,10 @@ pub mod connect;
 mod egress;
 pub mod upstream;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,7 +36,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use zeroize::Zeroizing;
 
 use crate::audit::{self, Decision, Pending, Reason, Record};
@@ -49,8 +50,10 @@ use crate::reload::Live;
 
 /// Largest request head on the proxy listener and inside a tunnel.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
-/// Proxy connections open at once; past this new ones are closed unanswered.
+/// Proxy connections open at once; past this the longest-idle one is closed to make room.
 const MAX_CONNECTIONS: usize = 512;
+/// How long a new connection waits for the room an evicted idle one leaves.
+const EVICT_WAIT: Duration = Duration::from_secs(1);
 /// The caller every tunnel opened without proxy credentials counts against (all share the bound).
 const TOKENLESS_CALLER: &str = "(no proxy credential)";
 /// Tunnels one caller (token, else agent) may hold open at once.
@@ -126,8 +129,46 @@ pub async fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, String> {
     Ok(out)
 }
 
+/// Proxy connections with no request in progress, longest idle first. Idle connections are all
+/// a local process without a token can hold open, so when the listener is full the longest-idle
+/// one is closed to make room: a flood of them never locks out the next agent (as
+/// `listen::Slots` does for the reverse proxy).
+#[derive(Default)]
+struct IdleSet {
+    seq: AtomicU64,
+    idle: Mutex<BTreeMap<u64, Arc<Notify>>>,
+}
+
+impl IdleSet {
+    fn park(&self, kick: &Arc<Notify>) -> u64 {
+        let key = self.seq.fetch_add(1, Ordering::Relaxed);
+        self.lock().insert(key, kick.clone());
+        key
+    }
+
+    fn unpark(&self, key: u64) {
+        self.lock().remove(&key);
+    }
+
+    /// Closes the longest-idle connection; false when every connection is busy.
+    fn evict_oldest(&self) -> bool {
+        match self.lock().pop_first() {
+            Some((_, kick)) => {
+                kick.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<Notify>>> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// What every proxy connection shares.
 struct Shared {
+    idle: IdleSet,
     live: Arc<Live>,
     ca: Arc<ca::Ca>,
     /// keygate's own addresses: a tunnel never connects to them.
@@ -152,6 +193,7 @@ pub async fn run(
         own,
         tunnels: Mutex::new(HashMap::new()),
         tls: Mutex::new(HashMap::new()),
+        idle: IdleSet::default(),
     });
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
@@ -173,10 +215,22 @@ pub async fn run(
                 };
                 match accepted {
                     Ok((stream, addr)) => {
-                        // Full: closed unanswered, so refusing costs no descriptor for long.
-                        let Ok(permit) = slots.clone().try_acquire_owned() else {
-                            continue;
-                        };
+                        let permit =
+                            match slots.clone().try_acquire_owned() {
+                                Ok(p) => p,
+                                // Full: make room by closing the longest-idle connection; when all
+                                // are busy the new one is closed unanswered.
+                                Err(_) if shared.idle.evict_oldest() => match tokio::time::timeout(
+                                    EVICT_WAIT,
+                                    slots.clone().acquire_owned(),
+                                )
+                                .await
+                                {
+                                    Ok(Ok(p)) => p,
+                                    _ => continue,
+                                },
+                                Err(_) => continue,
+                            };
                         let _ = stream.set_nodelay(true);
                         let conn = Conn {
                             shared: shared.clone(),
@@ -227,21 +281,45 @@ fn http1() -> hyper::server::conn::http1::Builder {
 
 impl Conn {
     async fn serve(self, stream: tokio::net::TcpStream) {
+        let kick = Arc::new(Notify::new());
+        let parked = Arc::new(Mutex::new(Some(self.shared.idle.park(&kick))));
+        let set_parked =
+            |parked: &Mutex<Option<u64>>, shared: &Shared, park: Option<&Arc<Notify>>| {
+                let mut p = parked.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(key) = p.take() {
+                    shared.idle.unpark(key);
+                }
+                *p = park.map(|k| shared.idle.park(k));
+            };
         let this = self.clone();
+        let (svc_parked, svc_kick) = (parked.clone(), kick.clone());
         let svc = service_fn(move |req: Request<Incoming>| {
             let this = this.clone();
-            async move { Ok::<_, Infallible>(this.request(req).await) }
+            let (parked, kick) = (svc_parked.clone(), svc_kick.clone());
+            async move {
+                // Busy while its request runs: never evicted mid-request.
+                set_parked(&parked, &this.shared, None);
+                let resp = this.request(req).await;
+                set_parked(&parked, &this.shared, Some(&kick));
+                Ok::<_, Infallible>(resp)
+            }
         });
         let conn = http1()
             .serve_connection(TokioIo::new(stream), svc)
             .with_upgrades();
         tokio::pin!(conn);
         let mut stop = self.stop.clone();
-        tokio::select! {
-            _ = conn.as_mut() => return,
-            _ = stop.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
+        let stopping = tokio::select! {
+            _ = conn.as_mut() => false,
+            // Evicted while idle: dropping the connection closes it.
+            _ = kick.notified() => false,
+            _ = stop.wait_for(|s| *s) => true,
+        };
+        if stopping {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
         }
-        let _ = conn.await;
+        set_parked(&parked, &self.shared, None);
     }
 
     /// A request on the proxy listener itself: CONNECT, or absolute-form plain HTTP.

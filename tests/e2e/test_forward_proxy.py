@@ -173,3 +173,28 @@ def test_tls_inside_a_tunnel_must_name_the_connect_host(bench):
     assert _tls_in_tunnel(bench, HOST)
     recs = connects(bench.kg, 2)
     assert sorted(r["reason"] for r in recs) == ["tunnel_handshake_failed", "tunnel_terminated"]
+
+
+def test_idle_connections_without_a_token_cannot_lock_agents_out_of_the_proxy(bench):
+    # A local process holding nothing can fill every proxy connection slot with idle sockets;
+    # the longest-idle one is closed to make room, so an agent's CONNECT is still answered.
+    held = []
+    try:
+        for _ in range(530):  # more than the listener's 512 slots
+            s = socket.create_connection(("127.0.0.1", bench.proxy_port), timeout=5)
+            held.append(s)
+        done = bench.curl(f"https://{HOST}/user")
+        assert status_of(done)[:2] == (200, 200), done
+        # Evicted sockets were closed by keygate (read gives EOF), not left half-open.
+        closed = 0
+        for s in held[:40]:
+            s.settimeout(2)
+            try:
+                if s.recv(1) == b"":
+                    closed += 1
+            except (TimeoutError, OSError):
+                pass
+        assert closed > 0
+    finally:
+        for s in held:
+            s.close()
