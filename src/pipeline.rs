@@ -209,18 +209,7 @@ async fn process(
     }
     // Per-person limits key on the person the audit names.
     let person = pending.record().person.clone();
-    pending.record().token_id = who.token_id.clone();
-    if let Some(run) = who
-        .token_id
-        .as_deref()
-        .and_then(|t| state.control.runs.get(t))
-    {
-        pending.record().person = Some(run.person);
-        pending.record().run_id = Some(run.run_id);
-    }
-    state
-        .control
-        .check_frozen(Some(&config.agents[agent].name))?;
+    admit(state, pending.record(), &who)?;
 
     // route
     let via = head.extensions.get::<crate::proxy::Via>();
@@ -508,4 +497,26 @@ pub(crate) fn new_request_id() -> String {
     use rand::Rng;
     let n: u128 = rand::rng().random();
     format!("req_{:024x}", n >> 32)
+}
+
+/// Names the caller's run in the record (the run's person and id) and refuses a frozen agent:
+/// what every entry point does once it knows who calls (the reverse proxy here, CONNECT in
+/// `proxy`).
+pub(crate) fn admit(
+    state: &State,
+    record: &mut Record,
+    who: &authenticate::Identity,
+) -> Result<(), Rejection> {
+    record.token_id = who.token_id.clone();
+    if let Some(run) = who
+        .token_id
+        .as_deref()
+        .and_then(|t| state.control.runs.get(t))
+    {
+        record.person = Some(run.person);
+        record.run_id = Some(run.run_id);
+    }
+    state
+        .control
+        .check_frozen(Some(&state.config.agents[who.agent].name))
 }

@@ -215,22 +215,10 @@ pub async fn run(
                 };
                 match accepted {
                     Ok((stream, addr)) => {
-                        let permit =
-                            match slots.clone().try_acquire_owned() {
-                                Ok(p) => p,
-                                // Full: make room by closing the longest-idle connection; when all
-                                // are busy the new one is closed unanswered.
-                                Err(_) if shared.idle.evict_oldest() => match tokio::time::timeout(
-                                    EVICT_WAIT,
-                                    slots.clone().acquire_owned(),
-                                )
-                                .await
-                                {
-                                    Ok(Ok(p)) => p,
-                                    _ => continue,
-                                },
-                                Err(_) => continue,
-                            };
+                        // Full and every connection busy: closed unanswered.
+                        let Some(permit) = room(&slots, &shared.idle).await else {
+                            continue;
+                        };
                         let _ = stream.set_nodelay(true);
                         let conn = Conn {
                             shared: shared.clone(),
@@ -258,6 +246,21 @@ pub async fn run(
     let _ = shutdown.wait_for(|s| *s).await;
     while tasks.join_next().await.is_some() {}
     let _ = tokio::time::timeout(grace, alive_rx.recv()).await;
+}
+
+/// A connection slot: a free one, else the one the longest-idle connection leaves when it is
+/// closed to make room; `None` when every connection is busy with a request.
+async fn room(slots: &Arc<Semaphore>, idle: &IdleSet) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    if let Ok(p) = slots.clone().try_acquire_owned() {
+        return Some(p);
+    }
+    if !idle.evict_oldest() {
+        return None;
+    }
+    tokio::time::timeout(EVICT_WAIT, slots.clone().acquire_owned())
+        .await
+        .ok()?
+        .ok()
 }
 
 /// One connection to the proxy listener.
@@ -419,18 +422,7 @@ impl Conn {
         })?;
         let config = &state.config;
         pending.record().agent(&config.agents[who.agent]);
-        pending.record().token_id = who.token_id.clone();
-        if let Some(run) = who
-            .token_id
-            .as_deref()
-            .and_then(|t| state.control.runs.get(t))
-        {
-            pending.record().person = Some(run.person);
-            pending.record().run_id = Some(run.run_id);
-        }
-        state
-            .control
-            .check_frozen(Some(&config.agents[who.agent].name))?;
+        pipeline::admit(state, pending.record(), &who)?;
         Ok((via, who))
     }
 
