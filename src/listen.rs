@@ -481,11 +481,12 @@ impl Accepted {
             info,
         } = self;
         let leave = Leave(slots.clone(), id);
+        // The connection's task drives its upstream connection too (`host`); dropped with the
+        // connection, which returns the upstream connection to the pool.
+        let (affinity, host) = Affinity::hosted();
         let svc = {
             let tracked = tracked.clone();
             let slots = slots.clone();
-            // Dropped with the connection, which returns its upstream connection to the pool.
-            let affinity = Affinity::default();
             service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
                 let in_flight = InFlight::enter(&tracked, &slots);
                 req.extensions_mut().insert(tracked.close.clone());
@@ -512,6 +513,9 @@ impl Accepted {
         tokio::spawn(async move {
             let _leave = leave;
             let _alive = alive;
+            // Declared before `conn`, so it is dropped after it: the answers are done with the
+            // upstream connection by then.
+            let host = host;
             tokio::pin!(conn);
             // Set once the connection was asked to close: by then only its own end, a hard
             // close or (unless keygate is stopping, which has its own grace) a bound is awaited.
@@ -526,7 +530,7 @@ impl Accepted {
                     .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
                 tokio::select! {
                     // A connection error is the client's (reset, bad framing); nothing to report.
-                    _ = conn.as_mut() => break,
+                    _ = std::future::poll_fn(|cx| host.poll_with(cx, conn.as_mut())) => break,
                     _ = tracked.close.closed() => break,
                     _ = tokio::time::sleep_until(bound), if closing.flatten().is_some() => break,
                     _ = stop.changed(), if closing.is_none() => {
