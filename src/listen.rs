@@ -189,8 +189,8 @@ pub async fn run(
                         };
                         let h2c = conn.limits.h2c;
                         match io {
-                            Io::Tcp(s) => conn.serve(s, h2c),
-                            Io::Unix(s) => conn.serve(s, h2c),
+                            Io::Tcp(s) => conn.serve(Box::new(s), h2c),
+                            Io::Unix(s) => conn.serve(Box::new(s), h2c),
                             Io::Tls(s) => conn.handshake(s),
                         }
                     }
@@ -367,6 +367,15 @@ impl HttpBody for InFlightBody {
     }
 }
 
+/// An accepted connection of any kind (TCP, Unix, TLS): one type, so the HTTP server code is
+/// compiled once rather than once per kind (code size is most of keygate's idle RSS).
+type Stream = Box<dyn AnyStream>;
+
+/// What serving a connection needs of its stream.
+trait AnyStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> AnyStream for S {}
+
 enum Io {
     Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
@@ -464,7 +473,7 @@ impl Accepted {
                 Ok(Ok(tls)) => {
                     self.info.client_subject = tls::client_subject(tls.get_ref().1).map(Into::into);
                     // ALPN decides between HTTP/1.1 and h2 here, whatever `h2c` says.
-                    self.serve(tls, true);
+                    self.serve(Box::new(tls), true);
                 }
                 Ok(Err(e)) => {
                     tracing::info!(listener = %self.listener, peer = ?self.peer, error = %e, "TLS handshake refused")
@@ -477,10 +486,7 @@ impl Accepted {
     }
 
     /// Serves the connection: HTTP/1.1, and HTTP/2 too when `h2` (recognised by its preface).
-    fn serve<S>(self, stream: S, h2: bool)
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
+    fn serve(self, stream: Stream, h2: bool) {
         let Some((id, tracked)) = self.slots.admit() else {
             return self.refuse(stream);
         };
@@ -541,10 +547,7 @@ impl Accepted {
     }
     /// The listener is full of busy connections: answer this one's first request with 503
     /// `too_many_connections` (audited), then close it.
-    fn refuse<S>(self, stream: S)
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
+    fn refuse(self, stream: Stream) {
         if self.slots.refusing.fetch_add(1, Ordering::AcqRel) >= MAX_REFUSING {
             self.slots.refusing.fetch_sub(1, Ordering::AcqRel);
             return;
