@@ -47,6 +47,8 @@ KEYGATE_BIN = os.environ.get("KEYGATE_BENCH_BIN") or os.path.join(_TARGET or os.
 CACHE = os.environ.get("KEYGATE_BENCH_CACHE", os.path.expanduser("~/.cache/keygate-bench"))
 LITELLM_BIN = os.path.join(CACHE, "litellm-venv", "bin", "litellm")
 
+# Appended to the native TOML configs (ab-bin's NAME=PATH::TOML), e.g. `[connections]` keys.
+EXTRA_TOML = ""
 CLIENT_CPU = "0"
 SERVER_CPU = "1"
 CONCURRENCY = [1, 32, 256]
@@ -269,7 +271,7 @@ class Servers:
         attempts = []
         toml_full = fill("keygate.toml.in", os.path.join(RUN_DIR, "keygate.toml"), TMP=RUN_DIR,
                          UPSTREAM_PORT=self.upstream_port)
-        text = open(toml_full).read()
+        text = open(toml_full).read() + EXTRA_TOML
         with open(toml_full, "w") as f:
             f.write(text.replace("#POLICY# ", ""))
         with open(os.path.join(RUN_DIR, "keygate-nopolicy.toml"), "w") as f:

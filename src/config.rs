@@ -373,6 +373,24 @@ pub struct Connections {
     /// Time allowed between request body chunks (408 `request_body_timeout`).
     #[serde(with = "humantime_serde")]
     pub request_body_timeout: Duration,
+    /// Plain listeners also speak HTTP/2 with prior knowledge (h2c); when false they serve
+    /// HTTP/1.1 directly, without looking for the HTTP/2 preface first.
+    pub h2c: bool,
+    /// How the runtime serves connections (fixed at start-up).
+    pub runtime: Runtime,
+}
+
+/// `connections.runtime`: which async runtime serves connections.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Runtime {
+    /// One work-stealing runtime with a thread per CPU.
+    #[default]
+    Shared,
+    /// One single-threaded runtime per CPU; each connection stays on the thread it was given.
+    PerCore,
 }
 
 impl Default for Connections {
@@ -382,6 +400,8 @@ impl Default for Connections {
             idle_timeout: Duration::from_secs(90),
             max_per_listener: 1024,
             request_body_timeout: Duration::from_secs(30),
+            h2c: true,
+            runtime: Runtime::default(),
         }
     }
 }

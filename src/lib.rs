@@ -31,6 +31,7 @@ pub mod proxy;
 pub mod redact;
 pub mod reload;
 pub mod route;
+pub mod runtime;
 pub mod scan;
 pub mod secret;
 pub mod serve;

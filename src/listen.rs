@@ -41,6 +41,7 @@ use tokio::sync::{mpsc, watch};
 use crate::audit::{Decision, Reason, Record};
 use crate::config::{Connections, Listen};
 use crate::error::{Code, Rejection};
+use crate::forward::affinity::Host;
 use crate::forward::{Affinity, Body, BoxError};
 use crate::guard::timeout::Closer;
 use crate::guard::Peer;
@@ -186,9 +187,10 @@ pub async fn run(
                                 exposed,
                             },
                         };
+                        let h2c = conn.limits.h2c;
                         match io {
-                            Io::Tcp(s) => conn.serve(s),
-                            Io::Unix(s) => conn.serve(s),
+                            Io::Tcp(s) => conn.serve(Box::new(s), h2c),
+                            Io::Unix(s) => conn.serve(Box::new(s), h2c),
                             Io::Tls(s) => conn.handshake(s),
                         }
                     }
@@ -365,6 +367,15 @@ impl HttpBody for InFlightBody {
     }
 }
 
+/// An accepted connection of any kind (TCP, Unix, TLS): one type, so the HTTP server code is
+/// compiled once rather than once per kind (code size is most of keygate's idle RSS).
+type Stream = Box<dyn AnyStream>;
+
+/// What serving a connection needs of its stream.
+trait AnyStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> AnyStream for S {}
+
 enum Io {
     Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
@@ -412,6 +423,16 @@ struct Accepted {
     info: ConnInfo,
 }
 
+/// HTTP/1.1 only: no look for the HTTP/2 preface (a client that sends one gets an error).
+fn http1_builder() -> hyper::server::conn::http1::Builder {
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.keep_alive(true)
+        .max_buf_size(MAX_HEAD_BYTES.max(8192))
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
+    b
+}
+
 fn builder() -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -444,14 +465,15 @@ impl Accepted {
             return;
         }
         let within = self.limits.first_request_timeout;
-        tokio::spawn(async move {
+        crate::runtime::spawn_conn(async move {
             let acceptor = tokio_rustls::TlsAcceptor::from(config);
             let done = tokio::time::timeout(within, acceptor.accept(stream)).await;
             self.slots.handshaking.fetch_sub(1, Ordering::AcqRel);
             match done {
                 Ok(Ok(tls)) => {
                     self.info.client_subject = tls::client_subject(tls.get_ref().1).map(Into::into);
-                    self.serve(tls);
+                    // ALPN decides between HTTP/1.1 and h2 here, whatever `h2c` says.
+                    self.serve(Box::new(tls), true);
                 }
                 Ok(Err(e)) => {
                     tracing::info!(listener = %self.listener, peer = ?self.peer, error = %e, "TLS handshake refused")
@@ -463,10 +485,8 @@ impl Accepted {
         });
     }
 
-    fn serve<S>(self, stream: S)
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
+    /// Serves the connection: HTTP/1.1, and HTTP/2 too when `h2` (recognised by its preface).
+    fn serve(self, stream: Stream, h2: bool) {
         let Some((id, tracked)) = self.slots.admit() else {
             return self.refuse(stream);
         };
@@ -476,16 +496,17 @@ impl Accepted {
             state,
             slots,
             limits,
-            mut stop,
+            stop,
             alive,
             info,
         } = self;
         let leave = Leave(slots.clone(), id);
+        // The connection's task drives its upstream connection too (`host`); dropped with the
+        // connection, which returns the upstream connection to the pool.
+        let (affinity, host) = Affinity::hosted();
         let svc = {
             let tracked = tracked.clone();
             let slots = slots.clone();
-            // Dropped with the connection, which returns its upstream connection to the pool.
-            let affinity = Affinity::default();
             service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
                 let in_flight = InFlight::enter(&tracked, &slots);
                 req.extensions_mut().insert(tracked.close.clone());
@@ -506,50 +527,27 @@ impl Accepted {
                 }
             })
         };
-        let conn = builder()
-            .serve_connection(TokioIo::new(stream), svc)
-            .into_owned();
-        tokio::spawn(async move {
-            let _leave = leave;
-            let _alive = alive;
-            tokio::pin!(conn);
-            // Set once the connection was asked to close: by then only its own end, a hard
-            // close or (unless keygate is stopping, which has its own grace) a bound is awaited.
-            let mut closing: Option<Option<tokio::time::Instant>> = None;
-            loop {
-                let check = match closing {
-                    Some(_) => Duration::from_secs(3600),
-                    None => tracked.idle_check(&slots, &limits),
-                };
-                let bound = closing
-                    .flatten()
-                    .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
-                tokio::select! {
-                    // A connection error is the client's (reset, bad framing); nothing to report.
-                    _ = conn.as_mut() => break,
-                    _ = tracked.close.closed() => break,
-                    _ = tokio::time::sleep_until(bound), if closing.flatten().is_some() => break,
-                    _ = stop.changed(), if closing.is_none() => {
-                        conn.as_mut().graceful_shutdown();
-                        closing = Some(None);
-                    }
-                    _ = tokio::time::sleep(check), if closing.is_none() => {
-                        if tracked.idle_check(&slots, &limits).is_zero() {
-                            conn.as_mut().graceful_shutdown();
-                            closing = Some(Some(tokio::time::Instant::now() + CLOSE_WITHIN));
-                        }
-                    }
-                }
-            }
-        });
+        let io = TokioIo::new(stream);
+        if h2 {
+            let conn = builder().serve_connection(io, svc).into_owned();
+            let drain = |c: Pin<&mut _>| auto::Connection::graceful_shutdown(c);
+            let run = drive(
+                conn, drain, host, tracked, slots, limits, stop, leave, alive,
+            );
+            crate::runtime::spawn_conn(run);
+        } else {
+            let conn = http1_builder().serve_connection(io, svc);
+            let drain =
+                |c: Pin<&mut _>| hyper::server::conn::http1::Connection::graceful_shutdown(c);
+            let run = drive(
+                conn, drain, host, tracked, slots, limits, stop, leave, alive,
+            );
+            crate::runtime::spawn_conn(run);
+        }
     }
-
     /// The listener is full of busy connections: answer this one's first request with 503
     /// `too_many_connections` (audited), then close it.
-    fn refuse<S>(self, stream: S)
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
+    fn refuse(self, stream: Stream) {
         if self.slots.refusing.fetch_add(1, Ordering::AcqRel) >= MAX_REFUSING {
             self.slots.refusing.fetch_sub(1, Ordering::AcqRel);
             return;
@@ -575,6 +573,61 @@ impl Accepted {
             let _ = tokio::time::timeout(REFUSE_WITHIN, conn).await;
             slots.refusing.fetch_sub(1, Ordering::AcqRel);
         });
+    }
+}
+
+/// Serves one connection until it ends, is closed (stalled client, evicted), sits idle too long,
+/// or keygate stops (then it drains: the request in flight finishes).
+#[allow(clippy::too_many_arguments)]
+async fn drive<C, G>(
+    conn: C,
+    drain: G,
+    host: Host,
+    tracked: Arc<Tracked>,
+    slots: Arc<Slots>,
+    limits: Connections,
+    mut stop: watch::Receiver<bool>,
+    leave: Leave,
+    alive: mpsc::Sender<()>,
+) where
+    C: std::future::Future,
+    G: Fn(Pin<&mut C>),
+{
+    let _leave = leave;
+    let _alive = alive;
+    // Declared before `conn`, so it is dropped after it: the answers are done with the
+    // upstream connection by then.
+    let host = host;
+    tokio::pin!(conn);
+    // Set once the connection was asked to close: by then only its own end, a hard
+    // close or (unless keygate is stopping, which has its own grace) a bound is awaited.
+    let mut closing: Option<Option<tokio::time::Instant>> = None;
+    loop {
+        let check = match closing {
+            Some(_) => Duration::from_secs(3600),
+            None => tracked.idle_check(&slots, &limits),
+        };
+        let bound = closing
+            .flatten()
+            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            // The connection first: it is what most wake-ups are for.
+            biased;
+            // A connection error is the client's (reset, bad framing); nothing to report.
+            _ = std::future::poll_fn(|cx| host.poll_with(cx, conn.as_mut())) => break,
+            _ = tracked.close.closed() => break,
+            _ = tokio::time::sleep_until(bound), if closing.flatten().is_some() => break,
+            _ = stop.changed(), if closing.is_none() => {
+                drain(conn.as_mut());
+                closing = Some(None);
+            }
+            _ = tokio::time::sleep(check), if closing.is_none() => {
+                if tracked.idle_check(&slots, &limits).is_zero() {
+                    drain(conn.as_mut());
+                    closing = Some(Some(tokio::time::Instant::now() + CLOSE_WITHIN));
+                }
+            }
+        }
     }
 }
 

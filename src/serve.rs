@@ -26,8 +26,15 @@ pub fn serve_main(config_path: &Path, audit_log: Option<&Path>) -> ExitCode {
     };
     // With one CPU (pinned, a container quota of 1, a small VM) a work-stealing runtime only adds
     // cross-thread wake-ups; the current-thread runtime served ~45 % more in bench/ab-floor.
-    let one_cpu = std::thread::available_parallelism().is_ok_and(|n| n.get() == 1);
-    let mut builder = if one_cpu {
+    // `per-core` keeps that on every CPU: connections go to one current-thread runtime per CPU.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per_core = cpus > 1 && config.connections.runtime == crate::config::Runtime::PerCore;
+    if per_core {
+        if let Err(e) = crate::runtime::start(cpus) {
+            return fail(1, &e);
+        }
+    }
+    let mut builder = if cpus == 1 || per_core {
         tokio::runtime::Builder::new_current_thread()
     } else {
         tokio::runtime::Builder::new_multi_thread()
@@ -45,6 +52,7 @@ pub fn serve_main(config_path: &Path, audit_log: Option<&Path>) -> ExitCode {
     let (code, audit) = rt.block_on(serve(config, audit_log, signals));
     // Dropping the runtime drops every connection still open after the grace period; each
     // request's `audit::Pending` then writes its record (`aborted`) into the still-open log.
+    crate::runtime::stop();
     rt.shutdown_timeout(Duration::from_secs(2));
     if let Some((audit, mut stop)) = audit {
         stop.time = crate::audit::now_rfc3339();

@@ -99,6 +99,10 @@ struct RawConnections {
     idle_timeout: Option<Spanned<String>>,
     max_per_listener: Option<Spanned<usize>>,
     request_body_timeout: Option<Spanned<String>>,
+    /// `true` (default): plain listeners also speak h2c; `false`: HTTP/1.1 only.
+    h2c: Option<bool>,
+    /// `"shared"` (default) or `"per-core"`.
+    runtime: Option<crate::config::Runtime>,
 }
 
 #[derive(Deserialize, JsonSchema)]
@@ -539,6 +543,8 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
                     .map(|m| lines.spanned(m, key("max_per_listener"))),
                 request_body_timeout: lines
                     .dur(&c.request_body_timeout, key("request_body_timeout")),
+                h2c: c.h2c,
+                runtime: c.runtime,
             }
         }),
         secrets,

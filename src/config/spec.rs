@@ -313,6 +313,8 @@ pub(crate) struct ConnectionsSpec {
     pub idle_timeout: Option<At<Dur>>,
     pub max_per_listener: Option<At<usize>>,
     pub request_body_timeout: Option<At<Dur>>,
+    pub h2c: Option<bool>,
+    pub runtime: Option<crate::config::Runtime>,
 }
 
 /// The lab broker's own fields, echoed by `/healthz`.

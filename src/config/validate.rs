@@ -349,6 +349,8 @@ fn connections(cx: &Cx, c: &ConnectionsSpec) -> Result<Connections, ConfigError>
         idle_timeout: cx.duration_or(&c.idle_timeout, d.idle_timeout)?,
         max_per_listener,
         request_body_timeout: cx.duration_or(&c.request_body_timeout, d.request_body_timeout)?,
+        h2c: c.h2c.unwrap_or(d.h2c),
+        runtime: c.runtime.unwrap_or(d.runtime),
     })
 }
 

@@ -13,7 +13,10 @@
 //! An upstream that negotiates h2 (ALPN) is remembered and served by the pooled client instead.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use http::uri::{Authority, Scheme};
@@ -21,6 +24,7 @@ use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
+use hyper_util::rt::TokioIo;
 use tower_service::Service;
 
 use super::Body;
@@ -28,22 +32,43 @@ use super::Body;
 /// Which upstream a connection talks to.
 pub(super) type Key = (Scheme, Authority);
 
+/// An upstream connection's I/O half: it moves bytes only while something polls it, either the
+/// downstream connection's task ([`Host`]) or a task of its own.
+type Driver = Pin<
+    Box<
+        hyper::client::conn::http1::Connection<
+            hyper_rustls::MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>,
+            Body,
+        >,
+    >,
+>;
+
 /// How long an idle upstream connection stays in the pool.
 const IDLE_FOR: Duration = Duration::from_secs(60);
+/// How often the pool looks for idle connections the upstream closed (nothing polls them while
+/// they wait, so their sockets would otherwise stay open until the next checkout).
+const SWEEP_EVERY: Duration = Duration::from_secs(15);
 /// Idle connections kept per upstream.
 const IDLE_PER_UPSTREAM: usize = 256;
 /// How long a bound connection may take to become free again after the previous answer: the
-/// last body chunk reaches the agent a moment before the connection task marks itself idle.
+/// last body chunk reaches the agent a moment before the connection marks itself idle.
 const READY_WITHIN: Duration = Duration::from_secs(1);
 
 /// A downstream connection's upstream connection, if it has one yet. `listen` makes one per
 /// HTTP/1 downstream connection and puts a clone in each of its requests' extensions; the last
 /// clone dropped (the connection closed) returns the upstream connection to its pool.
+///
+/// Made with [`Affinity::hosted`], the downstream connection's own task also drives the upstream
+/// connection ([`Host::poll_with`]): a request and its answer then never cross tasks. Made with
+/// `default()`, each upstream connection runs in a task of its own.
 #[derive(Clone, Default)]
 pub struct Affinity(Arc<Slot>);
 
 #[derive(Default)]
-struct Slot(Mutex<Option<Held>>);
+struct Slot {
+    held: Mutex<Option<Held>>,
+    drive: Mutex<Drive>,
+}
 
 struct Held {
     pool: Arc<Pool>,
@@ -51,76 +76,276 @@ struct Held {
     sender: SendRequest<Body>,
 }
 
+/// Who polls the bound connection's I/O.
+#[derive(Default)]
+struct Drive {
+    /// A [`Host`] polls `conn`; when false every connection is detached into its own task.
+    hosted: bool,
+    /// The host is inside its poll and polls `conn` before returning, so no wake is needed.
+    in_poll: bool,
+    waker: Option<Waker>,
+    /// The I/O of the connection in `held` (or of the one out for a request).
+    conn: Option<Driver>,
+}
+
+/// The downstream connection task's side of an [`Affinity::hosted`]: it polls the bound
+/// upstream connection's I/O along with the downstream connection. Dropped (the task ends), it
+/// returns an idle upstream connection to its pool and detaches a busy one into its own task, so
+/// an answer still streaming elsewhere is not cut.
+pub struct Host(Affinity);
+
 impl Affinity {
+    /// An affinity whose upstream connections the returned [`Host`] drives.
+    pub fn hosted() -> (Affinity, Host) {
+        let a = Affinity::default();
+        lock(&a.0.drive).hosted = true;
+        (a.clone(), Host(a))
+    }
+
     /// Takes the bound connection if it talks to `key` through `pool`; one bound elsewhere (a
     /// request to another upstream, or a reload made a new pool) goes back to its pool.
     fn take(&self, pool: &Arc<Pool>, key: &Key) -> Option<SendRequest<Body>> {
-        let held = lock(&self.0 .0).take()?;
+        let held = lock(&self.0.held).take()?;
         if Arc::ptr_eq(&held.pool, pool) && held.key == *key {
             return Some(held.sender);
         }
-        held.pool.put(held.key, held.sender);
+        let conn = lock(&self.0.drive).conn.take();
+        Pool::put(&held.pool, held.key, held.sender, conn);
         None
     }
 
     fn bind(&self, pool: &Arc<Pool>, key: Key, sender: SendRequest<Body>) {
-        let old = lock(&self.0 .0).replace(Held {
+        // `send` took the bound connection before asking for another, so nothing is replaced.
+        *lock(&self.0.held) = Some(Held {
             pool: pool.clone(),
             key,
             sender,
         });
+    }
+
+    /// Makes `conn` the I/O to drive for the connection about to be bound; `None` when it
+    /// already runs in a task of its own. A previous one still here (its sender was dropped
+    /// after a failure or a slow finish) is detached so it can end by itself.
+    fn install(&self, conn: Option<Driver>) {
+        let mut d = lock(&self.0.drive);
+        let old = match conn {
+            Some(c) if d.hosted => {
+                let old = d.conn.replace(c);
+                if !d.in_poll {
+                    if let Some(w) = &d.waker {
+                        w.wake_by_ref();
+                    }
+                }
+                old
+            }
+            Some(c) => {
+                detach(c);
+                d.conn.take()
+            }
+            None => d.conn.take(),
+        };
+        drop(d);
         if let Some(old) = old {
-            old.pool.put(old.key, old.sender);
+            detach(old);
         }
+    }
+
+    /// Returns the bound connection to its pool (with its I/O) and stops hosting.
+    fn release(&self) {
+        let held = lock(&self.0.held).take();
+        let conn = {
+            let mut d = lock(&self.0.drive);
+            d.hosted = false;
+            d.waker = None;
+            d.conn.take()
+        };
+        match held {
+            Some(h) => Pool::put(&h.pool, h.key, h.sender, conn),
+            None => {
+                if let Some(c) = conn {
+                    detach(c);
+                }
+            }
+        }
+    }
+}
+
+impl Host {
+    /// Polls `conn` (the downstream connection) and the bound upstream connection's I/O
+    /// together; ready when `conn` is.
+    pub fn poll_with<F: Future + ?Sized>(
+        &self,
+        cx: &mut Context<'_>,
+        conn: Pin<&mut F>,
+    ) -> Poll<F::Output> {
+        let slot = &self.0 .0;
+        {
+            let mut d = lock(&slot.drive);
+            // An answer that arrived is taken in before the downstream side looks for it.
+            poll_driver(&mut d, cx);
+            d.in_poll = true;
+        }
+        let out = conn.poll(cx);
+        let mut d = lock(&slot.drive);
+        d.in_poll = false;
+        // A request the downstream side just queued is written now, not on the next wake.
+        poll_driver(&mut d, cx);
+        out
+    }
+}
+
+fn poll_driver(d: &mut Drive, cx: &mut Context<'_>) {
+    if !d.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+        d.waker = Some(cx.waker().clone());
+    }
+    if let Some(c) = d.conn.as_mut() {
+        // Ready means the connection ended (closed, or an error its request already got).
+        if c.as_mut().poll(cx).is_ready() {
+            d.conn = None;
+        }
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.0.release();
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let held = match self.0.get_mut() {
+        let held = match self.held.get_mut() {
             Ok(h) => h.take(),
             Err(p) => p.into_inner().take(),
         };
-        if let Some(h) = held {
-            h.pool.put(h.key, h.sender);
+        let conn = match self.drive.get_mut() {
+            Ok(d) => d.conn.take(),
+            Err(p) => p.into_inner().conn.take(),
+        };
+        match held {
+            Some(h) => Pool::put(&h.pool, h.key, h.sender, conn),
+            None => {
+                if let Some(c) = conn {
+                    detach(c);
+                }
+            }
         }
     }
 }
 
-/// An idle connection and when it became idle.
-type Idle = (SendRequest<Body>, Instant);
+/// Lets a connection's I/O run to its end in a task of its own (dropped when there is no
+/// runtime any more: keygate is stopping and the connection goes with it).
+fn detach(conn: Driver) {
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(async move {
+            // An error here is the upstream's (reset, bad framing); the request that was on
+            // the connection gets it from `send_request`.
+            let _ = conn.await;
+        });
+    }
+}
 
-/// Idle HTTP/1.1 upstream connections, most recently used last.
+/// Whether an idle connection nobody polls is still open; polling it also takes in the
+/// upstream's close.
+fn still_open(conn: &mut Driver) -> bool {
+    let mut cx = Context::from_waker(Waker::noop());
+    conn.as_mut().poll(&mut cx).is_pending()
+}
+
+/// An idle connection: its sender, its I/O unless that runs in a task of its own, and when it
+/// became idle.
+struct Idle {
+    sender: SendRequest<Body>,
+    conn: Option<Driver>,
+    since: Instant,
+}
+
+impl Idle {
+    fn usable(&mut self) -> bool {
+        if self.since.elapsed() >= IDLE_FOR {
+            return false;
+        }
+        match self.conn.as_mut() {
+            Some(c) => still_open(c) && self.sender.is_ready(),
+            None => self.sender.is_ready(),
+        }
+    }
+}
+
+/// Idle HTTP/1.1 upstream connections, most recently used last, per runtime thread (a
+/// connection's socket is served by the runtime that opened it, so another thread using it would
+/// be woken across threads).
 #[derive(Default)]
 pub(super) struct Pool {
-    idle: Mutex<HashMap<Key, Vec<Idle>>>,
+    idle: Mutex<HashMap<(usize, Key), Vec<Idle>>>,
     /// Upstreams that chose h2 in ALPN: the pooled client multiplexes those.
     h2: Mutex<HashSet<Key>>,
+    sweeping: std::sync::atomic::AtomicBool,
 }
 
 impl Pool {
-    fn checkout(&self, key: &Key) -> Option<SendRequest<Body>> {
+    fn checkout(&self, key: &Key) -> Option<(SendRequest<Body>, Option<Driver>)> {
         let mut idle = lock(&self.idle);
-        let list = idle.get_mut(key)?;
-        while let Some((sender, since)) = list.pop() {
-            if sender.is_ready() && since.elapsed() < IDLE_FOR {
-                return Some(sender);
+        let list = idle.get_mut(&(crate::runtime::worker(), key.clone()))?;
+        while let Some(mut i) = list.pop() {
+            if i.usable() {
+                return Some((i.sender, i.conn));
             }
         }
         None
     }
 
-    /// Keeps a connection only if it is idle and open; dropping one closes it.
-    fn put(&self, key: Key, sender: SendRequest<Body>) {
+    /// Keeps a connection only if it is idle and open; dropping one closes it. A busy one's I/O
+    /// is detached so its answer can finish.
+    fn put(this: &Arc<Pool>, key: Key, sender: SendRequest<Body>, conn: Option<Driver>) {
         if !sender.is_ready() {
+            if let Some(c) = conn {
+                detach(c);
+            }
             return;
         }
-        let mut idle = lock(&self.idle);
-        let list = idle.entry(key).or_default();
-        list.retain(|(s, since)| !s.is_closed() && since.elapsed() < IDLE_FOR);
+        let mut idle = lock(&this.idle);
+        let list = idle.entry((crate::runtime::worker(), key)).or_default();
+        list.retain(|i| {
+            i.since.elapsed() < IDLE_FOR && (i.conn.is_some() || !i.sender.is_closed())
+        });
         if list.len() < IDLE_PER_UPSTREAM {
-            list.push((sender, Instant::now()));
+            let undriven = conn.is_some();
+            list.push(Idle {
+                sender,
+                conn,
+                since: Instant::now(),
+            });
+            drop(idle);
+            if undriven {
+                this.start_sweeping();
+            }
         }
+    }
+
+    /// Starts the task that closes idle connections the upstream closed or that waited too long;
+    /// it ends with the pool (a reload makes a new one).
+    fn start_sweeping(self: &Arc<Pool>) {
+        use std::sync::atomic::Ordering;
+        if self.sweeping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            self.sweeping.store(false, Ordering::Release);
+            return;
+        };
+        let weak: Weak<Pool> = Arc::downgrade(self);
+        rt.spawn(async move {
+            loop {
+                tokio::time::sleep(SWEEP_EVERY).await;
+                let Some(pool) = weak.upgrade() else { return };
+                let mut idle = lock(&pool.idle);
+                for list in idle.values_mut() {
+                    list.retain_mut(Idle::usable);
+                }
+                idle.retain(|_, l| !l.is_empty());
+            }
+        });
     }
 
     pub(super) fn is_h2(&self, key: &Key) -> bool {
@@ -163,7 +388,10 @@ pub(super) async fn send(
         None => None,
     };
     if sender.is_none() {
-        sender = pool.checkout(&key);
+        if let Some((s, conn)) = pool.checkout(&key) {
+            affinity.install(conn);
+            sender = Some(s);
+        }
     }
     let mut req = req;
     if let Some(mut s) = sender {
@@ -175,10 +403,11 @@ pub(super) async fn send(
             },
         }
     }
-    let mut s = match connect(pool, connector, &key).await? {
+    let (mut s, conn) = match connect(pool, connector, &key).await? {
         Some(s) => s,
         None => return Err(Failed::H2(Box::new(req))),
     };
+    affinity.install(Some(conn));
     match s.send_request(req).await {
         Ok(resp) => Ok(keep(pool, affinity, key, s, resp)),
         Err(e) => Err(Failed::Request(e)),
@@ -200,12 +429,12 @@ fn keep(
     resp
 }
 
-/// A new HTTP/1.1 connection, or `None` when the upstream chose h2.
+/// A new HTTP/1.1 connection and its I/O, or `None` when the upstream chose h2.
 async fn connect(
     pool: &Pool,
     connector: &super::Connector,
     key: &Key,
-) -> Result<Option<SendRequest<Body>>, Failed> {
+) -> Result<Option<(SendRequest<Body>, Driver)>, Failed> {
     let uri = Uri::builder()
         .scheme(key.0.clone())
         .authority(key.1.clone())
@@ -224,10 +453,5 @@ async fn connect(
     let (sender, conn) = hyper::client::conn::http1::handshake(io)
         .await
         .map_err(Failed::Request)?;
-    tokio::spawn(async move {
-        // An error here is the upstream's (reset, bad framing); the request that was on the
-        // connection gets it from `send_request`.
-        let _ = conn.await;
-    });
-    Ok(Some(sender))
+    Ok(Some((sender, Box::pin(conn))))
 }

@@ -24,10 +24,13 @@ fn token(which: &str) -> String {
     format!("{}_affinity{which}token0123456789abcdef", "kg")
 }
 
-fn config(upstream: std::net::SocketAddr) -> String {
+fn config(upstream: std::net::SocketAddr, connections: &str) -> String {
     format!(
         r#"listen = ["127.0.0.1:0"]
 audit_log = "AUDIT"
+
+[connections]
+{connections}
 
 [secrets.ka]
 source = "env"
@@ -61,9 +64,14 @@ routes = ["rb"]
 }
 
 fn start(upstream: std::net::SocketAddr) -> Keygate {
+    start_with(upstream, "")
+}
+
+/// With `[connections]` keys (`h2c`, `runtime`).
+fn start_with(upstream: std::net::SocketAddr, connections: &str) -> Keygate {
     let (ka, kb, ta, tb) = (key("a"), key("b"), token("a"), token("b"));
     Keygate::start(
-        &config(upstream),
+        &config(upstream, connections),
         &[
             ("AFF_KEY_A", ka.as_str()),
             ("AFF_KEY_B", kb.as_str()),
@@ -407,4 +415,100 @@ async fn futures_join<F: std::future::Future<Output = u16> + Send + 'static>(
         out.push(h.await.unwrap());
     }
     out
+}
+
+#[tokio::test]
+async fn affinity_http1_only_listener_serves_http1_and_answers_an_h2_preface_without_serving_it() {
+    let up = numbered_upstream().await;
+    let kg = start_with(up.addr, "h2c = false");
+    // Attack-ish: an h2 prior-knowledge client is not served, and the connection ends promptly.
+    let host = kg.url.trim_start_matches("http://").to_string();
+    let mut raw = TcpStream::connect(&host).await.unwrap();
+    raw.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), raw.read_to_end(&mut got))
+        .await
+        .expect("an h2 preface on an HTTP/1-only listener left the connection open")
+        .ok();
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        got.is_empty() || text.starts_with("HTTP/1.1 4") || text.starts_with("HTTP/1.1 5"),
+        "{text}"
+    );
+    let h2 = h2c_client();
+    let tried = tokio::time::timeout(
+        Duration::from_secs(10),
+        h2.request(
+            hyper::Request::post(format!("{}/ra/v1/chat/completions", kg.url))
+                .header("authorization", format!("Bearer {}", token("a")))
+                .body(full("{}"))
+                .unwrap(),
+        ),
+    )
+    .await
+    .expect("the h2 client hung");
+    assert!(tried.is_err(), "h2c was served with h2c = false");
+    assert!(up.hits.lock().unwrap().is_empty());
+    // Benign neighbour: HTTP/1.1 on the same listener is served and audited.
+    let mut d = downstream(&kg).await;
+    assert_eq!(d.post("ra", &token("a")).await, 200);
+    assert_eq!(d.post("ra", &token("a")).await, 200);
+    assert_eq!(last_hit(&up).auth, format!("Bearer {}", key("a")));
+    let records = kg.audit_records(2);
+    assert!(records.iter().all(|r| r["status"] == 200), "{records:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn affinity_per_core_runtime_keeps_each_connection_on_its_own_upstream_connection_and_credential(
+) {
+    const CONNS: usize = 24;
+    const EACH: usize = 5;
+    let up = numbered_upstream().await;
+    let kg = start_with(up.addr, "runtime = \"per-core\"");
+    if std::thread::available_parallelism().unwrap().get() > 1 {
+        let cores = std::fs::read_dir(format!("/proc/{}/task", kg.pid()))
+            .unwrap()
+            .filter(|t| {
+                let comm = t.as_ref().unwrap().path().join("comm");
+                std::fs::read_to_string(comm)
+                    .unwrap_or_default()
+                    .starts_with("keygate-core-")
+            })
+            .count();
+        assert_eq!(cores, std::thread::available_parallelism().unwrap().get());
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..CONNS {
+        let mut d = downstream(&kg).await;
+        let (route, agent) = if i % 2 == 0 { ("ra", "a") } else { ("rb", "b") };
+        tasks.spawn(async move {
+            let mut statuses = Vec::new();
+            for _ in 0..EACH {
+                statuses.push(d.post(route, &token(agent)).await);
+            }
+            statuses
+        });
+    }
+    let all = tokio::time::timeout(Duration::from_secs(20), tasks.join_all())
+        .await
+        .expect("per-core runtime did not answer in time");
+    assert!(all.iter().flatten().all(|s| *s == 200), "{all:?}");
+    let hits = up.hits.lock().unwrap().clone();
+    assert_eq!(hits.len(), CONNS * EACH);
+    // Every upstream connection carried one caller's credential only.
+    let mut by_conn: std::collections::HashMap<usize, std::collections::HashSet<String>> =
+        Default::default();
+    for h in &hits {
+        by_conn.entry(h.conn).or_default().insert(h.auth.clone());
+    }
+    assert!(by_conn.values().all(|a| a.len() == 1), "{by_conn:?}");
+    assert!(
+        by_conn.len() >= CONNS,
+        "{} upstream connections",
+        by_conn.len()
+    );
+    let records = kg.audit_records(CONNS * EACH);
+    assert_eq!(records.len(), CONNS * EACH);
 }

@@ -702,11 +702,23 @@ fn dos_token_file_others_can_write_is_refused_by_serve_and_token_commands() {
 /// Two answered requests and one open stream, then `sig`; with `then_term`, keygate must still
 /// serve after `sig` and is stopped with SIGTERM. Every record is in the log, which verifies.
 async fn signal_drains(sig: nix::sys::signal::Signal, then_term: bool) {
+    signal_drains_with(sig, then_term, "").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dos_per_core_and_shared_runtimes_drain_on_sigterm_and_write_every_record() {
+    for runtime in ["per-core", "shared"] {
+        let top = format!("[connections]\nruntime = \"{runtime}\"");
+        signal_drains_with(nix::sys::signal::Signal::SIGTERM, false, &top).await;
+    }
+}
+
+async fn signal_drains_with(sig: nix::sys::signal::Signal, then_term: bool, top: &str) {
     use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;
     let release = Arc::new(tokio::sync::Notify::new());
     let up = upstream(upstream_handler(release.clone())).await;
-    let mut kg = Keygate::start(&config(up.addr, "", ""), &env());
+    let mut kg = Keygate::start(&config(up.addr, top, ""), &env());
     let pid = Pid::from_raw(kg.pid());
     let c = client();
     let ok = format!("{}/r/v1/chat/completions", kg.url);
