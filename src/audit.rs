@@ -523,12 +523,16 @@ impl AuditLog {
         let was_empty = batch.is_empty();
         // Someone waits for this batch to reach the file: no reason to let it gather.
         let urgent = ack.is_some() || lifecycle;
-        let overdue = if was_empty {
+        // Decided under the lock, so a record appended next by another thread sees the debt.
+        let owed = shared.owed.load(Ordering::Acquire);
+        let pay_now = !was_empty && owed && (urgent || batch.first_at.elapsed() >= BATCH_WINDOW);
+        let defer = was_empty && !urgent && wake::parks();
+        if was_empty {
             batch.first_at = Instant::now();
-            false
-        } else {
-            shared.owed.load(Ordering::Acquire) && batch.first_at.elapsed() >= BATCH_WINDOW
-        };
+            if defer {
+                shared.owed.store(true, Ordering::Release);
+            }
+        }
         batch.push(body, lifecycle && shared.chain);
         if shared.chain {
             if lifecycle {
@@ -545,10 +549,12 @@ impl AuditLog {
             batch.acks.push(ack);
         }
         drop(batch);
-        if overdue || (urgent && shared.owed.load(Ordering::Acquire)) {
-            wake::fire(shared);
-        } else if was_empty && (urgent || !wake::defer(&self.shared)) {
+        if defer {
+            wake::owe(&self.shared);
+        } else if was_empty {
             self.shared.wake.notify_one();
+        } else if pay_now {
+            wake::fire(shared);
         }
         Ok(())
     }

@@ -32,13 +32,14 @@ pub fn on_park() {
     }
 }
 
-/// Makes the wake-up for a batch that just got its first record owed by this thread, if it
-/// will park; false when the caller must wake the writer now.
-pub(super) fn defer(shared: &Arc<Shared>) -> bool {
-    if !PARKS.get() {
-        return false;
-    }
-    shared.owed.store(true, Ordering::Release);
+/// Whether this thread runs [`on_park`] before it goes idle, so it can owe a wake-up.
+pub(super) fn parks() -> bool {
+    PARKS.get()
+}
+
+/// Makes this thread owe the wake-up for `shared`'s batch, whose first record it just appended
+/// (and marked owed, under the batch lock); it is paid at this thread's next park.
+pub(super) fn owe(shared: &Arc<Shared>) {
     let before = OWED.replace(Some(Arc::downgrade(shared)));
     // Another log (a reload opened a new one) is owed too: pay that one now.
     if let Some(other) = before.and_then(|w| w.upgrade()) {
@@ -46,7 +47,6 @@ pub(super) fn defer(shared: &Arc<Shared>) -> bool {
             fire(&other);
         }
     }
-    true
 }
 
 /// Wakes the writer if a wake-up is still owed (another thread may have paid it).
