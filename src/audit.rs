@@ -23,6 +23,9 @@
 pub mod head;
 pub mod key;
 mod verify;
+mod wake;
+
+pub use wake::on_park;
 
 pub use head::{Head, HEAD_FILE};
 pub use key::AuditKey;
@@ -281,6 +284,8 @@ struct Shared {
     head: Option<(PathBuf, PathBuf)>,
     checkpoint_every: usize,
     checkpoint_interval: Duration,
+    /// A runtime thread owes the writer the wake-up for the current batch (see `wake`).
+    owed: AtomicBool,
 }
 
 struct Batch {
@@ -294,6 +299,9 @@ struct Batch {
     /// Records queued since the last `start`, `checkpoint` or `stop`.
     since_checkpoint: usize,
     last_checkpoint: Instant,
+    /// When the batch got its first record: a wake-up owed for longer is paid by the next
+    /// record appended.
+    first_at: Instant,
 }
 
 /// One record in a batch: the end of its bytes in `Batch::bodies`.
@@ -418,6 +426,7 @@ impl AuditLog {
                 closed: false,
                 since_checkpoint: 0,
                 last_checkpoint: Instant::now(),
+                first_at: Instant::now(),
             }),
             wake: Condvar::new(),
             healthy: AtomicBool::new(true),
@@ -426,6 +435,7 @@ impl AuditLog {
             head,
             checkpoint_every: options.checkpoint_every.max(1),
             checkpoint_interval: options.checkpoint_interval,
+            owed: AtomicBool::new(false),
         });
         let s = shared.clone();
         let writer = std::thread::Builder::new()
@@ -511,6 +521,18 @@ impl AuditLog {
             return Err(());
         }
         let was_empty = batch.is_empty();
+        // Someone waits for this batch to reach the file: no reason to let it gather.
+        let urgent = ack.is_some() || lifecycle;
+        // Decided under the lock, so a record appended next by another thread sees the debt.
+        let owed = shared.owed.load(Ordering::Acquire);
+        let pay_now = !was_empty && owed && (urgent || batch.first_at.elapsed() >= BATCH_WINDOW);
+        let defer = was_empty && !urgent && wake::parks();
+        if was_empty {
+            batch.first_at = Instant::now();
+            if defer {
+                shared.owed.store(true, Ordering::Release);
+            }
+        }
         batch.push(body, lifecycle && shared.chain);
         if shared.chain {
             if lifecycle {
@@ -527,8 +549,12 @@ impl AuditLog {
             batch.acks.push(ack);
         }
         drop(batch);
-        if was_empty {
+        if defer {
+            wake::owe(&self.shared);
+        } else if was_empty {
             self.shared.wake.notify_one();
+        } else if pay_now {
+            wake::fire(shared);
         }
         Ok(())
     }
@@ -783,6 +809,8 @@ fn write_loop(mut file: File, shared: &Shared, lines_before: u64, torn: bool, mu
             if batch.closed || batch.last_checkpoint.elapsed() >= shared.checkpoint_interval {
                 push_checkpoint(shared, &mut batch);
             }
+            // Whatever wake-up was owed for this batch is moot now (see `wake`).
+            shared.owed.store(false, Ordering::Release);
             std::mem::swap(&mut batch.bodies, &mut taken);
             std::mem::swap(&mut batch.entries, &mut entries);
             (std::mem::take(&mut batch.acks), batch.closed)
@@ -1568,5 +1596,102 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert!(!log.healthy());
+    }
+
+    /// Waits (bounded) until the log holds `n` lines.
+    fn wait_lines(path: &Path, n: usize) -> usize {
+        for _ in 0..500 {
+            let have = std::fs::read_to_string(path).map_or(0, |t| t.lines().count());
+            if have >= n {
+                return have;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::fs::read_to_string(path).map_or(0, |t| t.lines().count())
+    }
+
+    /// Lets the writer get back to waiting after the `start` record's batch: a record appended
+    /// before that is found by the writer itself, with no wake-up to owe.
+    fn settle() {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    #[test]
+    fn a_runtime_thread_owes_the_writer_its_wake_up_until_it_parks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path, true).unwrap();
+        log.lifecycle(lifecycle("start")).unwrap();
+        // This thread now runs as a tokio worker does: it parks, and says so first.
+        settle();
+        on_park();
+        log.begin(rec("r1")).finish();
+        assert!(
+            log.shared.owed.load(Ordering::Acquire),
+            "the wake-up is left for the park, not paid while the answer is still going out"
+        );
+        on_park();
+        assert!(!log.shared.owed.load(Ordering::Acquire));
+        assert_eq!(
+            wait_lines(&path, 2),
+            2,
+            "the record reached the file after the park"
+        );
+        log.close();
+    }
+
+    #[test]
+    fn a_thread_that_never_parks_wakes_the_writer_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path, true).unwrap();
+        log.lifecycle(lifecycle("start")).unwrap();
+        // A blocking-pool thread (or a test thread) has no park hook.
+        std::thread::scope(|s| {
+            s.spawn(|| log.begin(rec("r1")).finish());
+        });
+        assert!(!log.shared.owed.load(Ordering::Acquire));
+        assert_eq!(wait_lines(&path, 2), 2);
+        log.close();
+    }
+
+    #[test]
+    fn an_owed_wake_up_is_paid_by_a_later_record_once_the_batch_is_a_window_old() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path, true).unwrap();
+        log.lifecycle(lifecycle("start")).unwrap();
+        settle();
+        on_park();
+        log.begin(rec("r1")).finish();
+        assert!(log.shared.owed.load(Ordering::Acquire));
+        // This thread stays busy (never parks again); another one keeps appending.
+        std::thread::sleep(BATCH_WINDOW * 2);
+        std::thread::scope(|s| {
+            s.spawn(|| log.begin(rec("r2")).finish());
+        });
+        assert!(!log.shared.owed.load(Ordering::Acquire));
+        assert_eq!(
+            wait_lines(&path, 3),
+            3,
+            "both records reached the file without a park"
+        );
+        log.close();
+    }
+
+    #[test]
+    fn a_record_someone_waits_for_pays_an_owed_wake_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path, true).unwrap();
+        log.lifecycle(lifecycle("start")).unwrap();
+        settle();
+        on_park();
+        log.begin(rec("r1")).finish();
+        // keygate stopping: the `stop` record waits for its batch, which holds r1.
+        log.lifecycle(lifecycle("stop")).unwrap();
+        assert!(!log.shared.owed.load(Ordering::Acquire));
+        assert_eq!(lines(&path).len(), 3);
+        log.close();
     }
 }

@@ -43,6 +43,8 @@ pub fn start(n: usize) -> Result<(), String> {
     for i in 0..n {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
+            // Audit records queued here wake the writer once this thread idles (`audit::wake`).
+            .on_thread_park(crate::audit::on_park)
             .build()
             .map_err(|e| format!("cannot start the runtime: {e}"))?;
         handles.push(rt.handle().clone());

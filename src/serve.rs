@@ -39,6 +39,8 @@ pub fn serve_main(config_path: &Path, audit_log: Option<&Path>) -> ExitCode {
     } else {
         tokio::runtime::Builder::new_multi_thread()
     };
+    // A record's writer wake-up waits until the thread has answered and goes idle (`audit::wake`).
+    builder.on_thread_park(crate::audit::on_park);
     let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return fail(1, &format!("cannot start the runtime: {e}")),

@@ -72,35 +72,49 @@ pub fn plan_request(path: &str, body: &[u8], default_output: u64) -> RequestPlan
     };
     let streams = facts.stream == Some(true);
     if streams && path.ends_with("/chat/completions") && facts.include_usage != Some(true) {
-        // Only a stream that must be asked for usage is parsed into a tree, to edit it.
-        if let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(body) {
-            plan.body = Some(ask_for_usage(body, facts.stream_options, obj));
-            plan.strip_usage_chunk = true;
-        }
+        // `Facts::read` found one JSON object without `stream_options`: the member goes in
+        // front, with no tree of the body (whose parse grew with the conversation and sat
+        // before the stream's first byte). Only options to edit are parsed into a tree.
+        plan.body = if facts.stream_options {
+            match serde_json::from_slice::<Value>(body) {
+                Ok(Value::Object(obj)) => Some(set_include_usage(body, obj)),
+                _ => None,
+            }
+        } else {
+            insert_usage_member(body)
+        };
+        plan.strip_usage_chunk = plan.body.is_some();
     }
     plan
 }
 
-/// The body with `stream_options.include_usage: true`. Where the client sent no
-/// `stream_options`, the member is inserted in front so its bytes are otherwise forwarded as
-/// sent; where it did, the object is re-serialized (member order may change, meaning does not).
-fn ask_for_usage(body: &[u8], has_options: bool, mut obj: serde_json::Map<String, Value>) -> Bytes {
+/// The body with `"stream_options":{"include_usage":true}` inserted as its first member, its
+/// bytes otherwise forwarded as sent; `None` if it does not start with `{` (after blanks), which
+/// a body `Facts::read` accepted always does.
+fn insert_usage_member(body: &[u8]) -> Option<Bytes> {
     const MEMBER: &[u8] = br#""stream_options":{"include_usage":true}"#;
-    if !has_options {
-        // The body parsed as an object, so its first non-blank byte is `{`.
-        if let Some(open) = body.iter().position(|b| *b == b'{') {
-            let rest = &body[open + 1..];
-            let empty = rest.iter().all(|b| b.is_ascii_whitespace() || *b == b'}');
-            let mut out = BytesMut::with_capacity(body.len() + MEMBER.len() + 1);
-            out.extend_from_slice(&body[..=open]);
-            out.extend_from_slice(MEMBER);
-            if !empty {
-                out.extend_from_slice(b",");
-            }
-            out.extend_from_slice(rest);
-            return out.freeze();
-        }
+    let open = body.iter().position(|b| !b.is_ascii_whitespace())?;
+    if body[open] != b'{' {
+        return None;
     }
+    let rest = &body[open + 1..];
+    let empty = rest
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| *b == b'}');
+    let mut out = BytesMut::with_capacity(body.len() + MEMBER.len() + 1);
+    out.extend_from_slice(&body[..=open]);
+    out.extend_from_slice(MEMBER);
+    if !empty {
+        out.extend_from_slice(b",");
+    }
+    out.extend_from_slice(rest);
+    Some(out.freeze())
+}
+
+/// The body with the client's `stream_options` given `include_usage: true`, re-serialized
+/// (member order may change, meaning does not).
+fn set_include_usage(body: &[u8], mut obj: serde_json::Map<String, Value>) -> Bytes {
     let options = obj
         .entry("stream_options")
         .or_insert_with(|| Value::Object(serde_json::Map::new()));
@@ -657,5 +671,58 @@ mod tests {
             .unwrap()
             .to_bytes();
         assert_eq!(&out[..], [content, done].concat());
+    }
+
+    fn json_value() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            "[ -~]{0,12}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::btree_map("[a-z_]{1,8}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+
+        /// The member keygate inserts without parsing a tree gives exactly the object the
+        /// client sent plus `stream_options.include_usage`, whatever the object holds and
+        /// however it is spaced; a client's own `stream_options` keeps its other members.
+        #[test]
+        fn a_stream_asked_for_usage_is_the_clients_object_plus_include_usage(
+            members in proptest::collection::btree_map("[a-z_]{1,8}", json_value(), 0..6),
+            options in proptest::option::of(proptest::collection::btree_map("[a-y_]{1,8}", json_value(), 0..3)),
+            pretty in proptest::prelude::any::<bool>(),
+            lead in "[ \t\r\n]{0,3}",
+        ) {
+            let mut sent: serde_json::Map<String, Value> = members.into_iter().collect();
+            sent.insert("stream".into(), Value::Bool(true));
+            sent.remove("stream_options");
+            if let Some(o) = &options {
+                sent.insert("stream_options".into(), Value::Object(o.clone().into_iter().collect()));
+            }
+            let text = if pretty {
+                serde_json::to_string_pretty(&sent).unwrap()
+            } else {
+                serde_json::to_string(&sent).unwrap()
+            };
+            let body = format!("{lead}{text}");
+            let p = plan_request("/v1/chat/completions", body.as_bytes(), 16);
+            proptest::prop_assert!(p.strip_usage_chunk);
+            let got: Value = serde_json::from_slice(&p.body.unwrap()).unwrap();
+            let mut want = sent.clone();
+            let mut o: serde_json::Map<String, Value> = options.map(|o| o.into_iter().collect()).unwrap_or_default();
+            o.insert("include_usage".to_string(), Value::Bool(true));
+            want.insert("stream_options".into(), Value::Object(o));
+            proptest::prop_assert_eq!(got, Value::Object(want));
+        }
     }
 }
