@@ -52,13 +52,13 @@ pub struct Record {
     /// Keygate's id for the request, also sent to the client as `x-request-id` and in error bodies.
     pub request_id: String,
     /// The authenticated agent's name; absent when the request was refused before authentication.
-    pub agent: Option<String>,
+    pub agent: Option<Arc<str>>,
     /// The person the agent acts for (the agent's `person`, else the config's default).
-    pub person: Option<String>,
+    pub person: Option<Arc<str>>,
     /// The route's name; absent when no route matched.
-    pub route: Option<String>,
+    pub route: Option<Arc<str>>,
     /// The upstream host the route forwards to (not the full URL).
-    pub destination: Option<String>,
+    pub destination: Option<Arc<str>>,
     /// The request's HTTP method (kept as the method: a standard one costs no allocation).
     #[serde(serialize_with = "method_str")]
     pub method: http::Method,
@@ -74,9 +74,9 @@ pub struct Record {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub query_params: Vec<String>,
     /// The route's data classification label, as configured.
-    pub classification: Option<String>,
+    pub classification: Option<Arc<str>>,
     /// Which policy decided: a hash of everything in the config that decides requests.
-    pub policy_version: String,
+    pub policy_version: Arc<str>,
     /// Whether the request was allowed, denied, answered by dry-run, or ended in error.
     pub decision: Decision,
     /// The refusal code, or how an allowed exchange ended (`allowed`, `client_disconnected`, ...).
@@ -84,7 +84,7 @@ pub struct Record {
     /// The HTTP status keygate answered with (0 if the request ended before one was chosen).
     pub status: u16,
     /// The key id (`name#fingerprint`) of the credential attached, never its value.
-    pub key_id: Option<String>,
+    pub key_id: Option<Arc<str>>,
     /// Milliseconds keygate spent on the request, from its arrival to the end of the answer.
     pub latency_ms: f64,
     /// Request body bytes read from the client.
@@ -95,7 +95,7 @@ pub struct Record {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokens: Option<u64>,
     /// The listener the request came in on, as its URL (`http://addr:port` or `unix:path`).
-    pub listener: String,
+    pub listener: Arc<str>,
     /// The connecting process, on a Unix socket listener.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer: Option<PeerRecord>,

@@ -458,7 +458,7 @@ impl Conn {
                     port: target.port,
                     token: None,
                 };
-                pending.record().destination = Some(target.host);
+                pending.record().destination = Some(target.host.into());
                 return self.terminated(state, req, via, TOKENLESS_CALLER, pending, start);
             }
         }
@@ -471,7 +471,7 @@ impl Conn {
             ));
         };
         let target = connect::authority(&authority, &config.proxy.ports)?;
-        pending.record().destination = Some(target.host.clone());
+        pending.record().destination = Some(target.host.as_str().into());
         via.host = target.host.clone();
         via.port = target.port;
         let caller = who
@@ -533,7 +533,7 @@ impl Conn {
             .iter()
             .find(|r| r.host.as_deref() == Some(via.host.as_str()))
         {
-            pending.record().route(route, config.secret_of(route));
+            pending.record().route(route);
         }
         let slot = self.tunnel_slot(caller)?;
         let on = hyper::upgrade::on(&mut req);
@@ -681,7 +681,7 @@ impl Conn {
                 ))
             }
         };
-        pending.record().destination = Some(host.clone());
+        pending.record().destination = Some(host.as_str().into());
         if !state
             .config
             .routes

@@ -808,7 +808,18 @@ fn route(
             }
         }
     }
+    let classification = r
+        .classification
+        .clone()
+        .unwrap_or_else(|| "unclassified".into());
+    let recorded = crate::config::RouteNames {
+        route: r.name.as_str().into(),
+        destination: host.as_ref().unwrap_or(&upstream.host).as_str().into(),
+        classification: classification.as_str().into(),
+        secret: r.secret.as_ref().map(|s| s.value.as_str().into()),
+    };
     Ok(Route {
+        recorded,
         env,
         placeholder_env,
         placeholder_in,
@@ -820,10 +831,7 @@ fn route(
         secret,
         inject,
         allow,
-        classification: r
-            .classification
-            .clone()
-            .unwrap_or_else(|| "unclassified".into()),
+        classification,
         extra_headers,
         approval,
         timeout,
@@ -912,6 +920,10 @@ fn agent(cx: &Cx, a: &AgentSpec, routes: &[Route]) -> Result<Agent, ConfigError>
         );
     }
     Ok(Agent {
+        recorded: crate::config::AgentNames {
+            agent: a.name.as_str().into(),
+            person: a.person.as_deref().map(Into::into),
+        },
         name: a.name.clone(),
         person: a.person.clone(),
         token_env: a.token_env.clone(),
