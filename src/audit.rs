@@ -48,7 +48,7 @@ pub use request::{ms, Finishing, MAX_PATH};
 #[derive(Debug, Default, Serialize, Clone)]
 pub struct Record {
     /// When keygate received the request, RFC 3339 UTC.
-    pub time: String,
+    pub time: Stamp,
     /// Keygate's id for the request, also sent to the client as `x-request-id` and in error bodies.
     pub request_id: String,
     /// The authenticated agent's name; absent when the request was refused before authentication.
@@ -976,6 +976,31 @@ fn last_hash(path: &Path) -> io::Result<(Option<String>, bool)> {
     Ok((hash, torn))
 }
 
+/// A record's time, taken when the request arrives and written as RFC 3339 UTC (milliseconds)
+/// only when the record is serialized: straight into the record's buffer, with no string of
+/// its own per request.
+#[derive(Debug, Clone, Copy)]
+pub struct Stamp(pub SystemTime);
+
+impl Stamp {
+    /// This moment.
+    pub fn now() -> Stamp {
+        Stamp(SystemTime::now())
+    }
+}
+
+impl Default for Stamp {
+    fn default() -> Stamp {
+        Stamp(SystemTime::UNIX_EPOCH)
+    }
+}
+
+impl Serialize for Stamp {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_rfc3339_millis(self.0))
+    }
+}
+
 /// RFC 3339 UTC with milliseconds.
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
@@ -992,9 +1017,20 @@ mod tests {
             request_id: id.into(),
             decision: Decision::Allow,
             status: 200,
-            time: now_rfc3339(),
+            time: Stamp::now(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn record_time_is_written_as_rfc3339_utc_with_milliseconds() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        let r = Record {
+            time: Stamp(t),
+            ..Default::default()
+        };
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["time"], "2023-11-14T22:13:20.123Z");
     }
 
     fn lifecycle(event: &'static str) -> Lifecycle {

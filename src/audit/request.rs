@@ -33,7 +33,7 @@ impl Record {
         scanner: &Redactor,
     ) -> Record {
         let mut r = Record {
-            time: super::now_rfc3339(),
+            time: super::Stamp::now(),
             request_id: request_id.to_string(),
             method: head.method.clone(),
             policy_version: Arc::clone(policy_version),
