@@ -76,7 +76,7 @@ impl Guard {
                 (None, None) => None,
             };
             match host {
-                Some(h) if is_loopback_host(&h) => {}
+                Some(h) if is_loopback_host(h) => {}
                 Some(h) => {
                     return Err(Rejection::new(
                         Code::HostNotAllowed,
