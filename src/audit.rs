@@ -51,17 +51,17 @@ pub use request::{ms, Finishing, MAX_PATH};
 #[derive(Debug, Default, Serialize, Clone)]
 pub struct Record {
     /// When keygate received the request, RFC 3339 UTC.
-    pub time: String,
+    pub time: Stamp,
     /// Keygate's id for the request, also sent to the client as `x-request-id` and in error bodies.
     pub request_id: String,
     /// The authenticated agent's name; absent when the request was refused before authentication.
-    pub agent: Option<String>,
+    pub agent: Option<Arc<str>>,
     /// The person the agent acts for (the agent's `person`, else the config's default).
-    pub person: Option<String>,
+    pub person: Option<Arc<str>>,
     /// The route's name; absent when no route matched.
-    pub route: Option<String>,
+    pub route: Option<Arc<str>>,
     /// The upstream host the route forwards to (not the full URL).
-    pub destination: Option<String>,
+    pub destination: Option<Arc<str>>,
     /// The request's HTTP method (kept as the method: a standard one costs no allocation).
     #[serde(serialize_with = "method_str")]
     pub method: http::Method,
@@ -77,9 +77,9 @@ pub struct Record {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub query_params: Vec<String>,
     /// The route's data classification label, as configured.
-    pub classification: Option<String>,
+    pub classification: Option<Arc<str>>,
     /// Which policy decided: a hash of everything in the config that decides requests.
-    pub policy_version: String,
+    pub policy_version: Arc<str>,
     /// Whether the request was allowed, denied, answered by dry-run, or ended in error.
     pub decision: Decision,
     /// The refusal code, or how an allowed exchange ended (`allowed`, `client_disconnected`, ...).
@@ -87,7 +87,7 @@ pub struct Record {
     /// The HTTP status keygate answered with (0 if the request ended before one was chosen).
     pub status: u16,
     /// The key id (`name#fingerprint`) of the credential attached, never its value.
-    pub key_id: Option<String>,
+    pub key_id: Option<Arc<str>>,
     /// Milliseconds keygate spent on the request, from its arrival to the end of the answer.
     pub latency_ms: f64,
     /// Request body bytes read from the client.
@@ -98,7 +98,7 @@ pub struct Record {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokens: Option<u64>,
     /// The listener the request came in on, as its URL (`http://addr:port` or `unix:path`).
-    pub listener: String,
+    pub listener: Arc<str>,
     /// The connecting process, on a Unix socket listener.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer: Option<PeerRecord>,
@@ -1004,6 +1004,31 @@ fn last_hash(path: &Path) -> io::Result<(Option<String>, bool)> {
     Ok((hash, torn))
 }
 
+/// A record's time, taken when the request arrives and written as RFC 3339 UTC (milliseconds)
+/// only when the record is serialized: straight into the record's buffer, with no string of
+/// its own per request.
+#[derive(Debug, Clone, Copy)]
+pub struct Stamp(pub SystemTime);
+
+impl Stamp {
+    /// This moment.
+    pub fn now() -> Stamp {
+        Stamp(SystemTime::now())
+    }
+}
+
+impl Default for Stamp {
+    fn default() -> Stamp {
+        Stamp(SystemTime::UNIX_EPOCH)
+    }
+}
+
+impl Serialize for Stamp {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_rfc3339_millis(self.0))
+    }
+}
+
 /// RFC 3339 UTC with milliseconds.
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
@@ -1020,9 +1045,20 @@ mod tests {
             request_id: id.into(),
             decision: Decision::Allow,
             status: 200,
-            time: now_rfc3339(),
+            time: Stamp::now(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn record_time_is_written_as_rfc3339_utc_with_milliseconds() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        let r = Record {
+            time: Stamp(t),
+            ..Default::default()
+        };
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["time"], "2023-11-14T22:13:20.123Z");
     }
 
     fn lifecycle(event: &'static str) -> Lifecycle {

@@ -26,7 +26,7 @@ use subtle::ConstantTimeEq;
 use crate::config::{AgentId, Config, Mode};
 use crate::error::{Code, Rejection};
 
-pub use caller::CALLER_CREDENTIAL_HEADERS;
+pub use caller::{CALLER_CREDENTIAL_HEADERS, CALLER_CREDENTIAL_NAMES};
 
 /// The agents' tokens, matched in constant time; a request's token names its agent.
 pub struct Tokens {
@@ -387,8 +387,9 @@ impl Tokens {
         // The same token twice is what SDKs do (Anthropic's sends `Authorization` and `x-api-key`).
         // An open lab broker (no client token) takes whatever an SDK sends as its key: nothing
         // is a token there, so nothing is ambiguous.
+        let open = self.open_agent.is_some();
         let mut first: Option<&[u8]> = None;
-        for value in candidates(headers).filter(|_| self.open_agent.is_none()) {
+        for value in candidates(headers).filter(|_| !open) {
             match first {
                 None => first = Some(value),
                 Some(f) if f != value => {
@@ -403,7 +404,10 @@ impl Tokens {
         let mut presented = false;
         let mut expired = false;
         let issued = self.issued.load();
-        for value in candidates(headers) {
+        // Past the check above every candidate equals the first: it is hashed and looked up
+        // once, not once per header that repeats it. An open broker tries each in turn.
+        let every = open.then(|| candidates(headers));
+        for value in first.into_iter().chain(every.into_iter().flatten()) {
             presented = true;
             let h = hash(value);
             if let Some((stored, &agent)) = self.by_hash.get_key_value(&h) {
@@ -446,8 +450,16 @@ impl Tokens {
 }
 
 /// A token's public id: `tok_` + the first 12 hex digits of its SHA-256.
-fn token_id(hash: &[u8; 32]) -> String {
-    format!("tok_{}", &hex::encode(hash)[..12])
+pub(crate) fn token_id(hash: &[u8; 32]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    // Built in place: one allocation per request instead of three.
+    let mut id = String::with_capacity(16);
+    id.push_str("tok_");
+    for &b in &hash[..6] {
+        id.push(char::from(HEX[usize::from(b >> 4)]));
+        id.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    id
 }
 
 /// The person a front end names: one header instance, printable ASCII without spaces at the
@@ -479,10 +491,10 @@ fn hash(token: &[u8]) -> [u8; 32] {
 
 /// Token candidates in the order of precedence.
 fn candidates(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
-    CALLER_CREDENTIAL_HEADERS.iter().flat_map(move |name| {
-        headers.get_all(*name).iter().filter_map(move |v| {
+    CALLER_CREDENTIAL_NAMES.iter().flat_map(move |name| {
+        headers.get_all(name).iter().filter_map(move |v| {
             let v = v.as_bytes();
-            let v = if name == &"authorization" {
+            let v = if name == http::header::AUTHORIZATION {
                 strip_scheme(v)?
             } else {
                 v
@@ -500,8 +512,8 @@ fn strip_scheme(v: &[u8]) -> Option<&[u8]> {
 
 /// Removes every header that could carry the caller's own credential.
 pub fn strip_caller_credentials(headers: &mut HeaderMap) {
-    for name in CALLER_CREDENTIAL_HEADERS {
-        headers.remove(HeaderName::from_static(name));
+    for name in &CALLER_CREDENTIAL_NAMES {
+        headers.remove(name);
     }
     headers.remove(http::header::PROXY_AUTHORIZATION);
 }
@@ -511,6 +523,14 @@ pub fn strip_caller_credentials(headers: &mut HeaderMap) {
 mod tests {
     use super::*;
     use std::path::Path;
+
+    #[test]
+    fn token_id_is_tok_and_the_first_twelve_hex_digits_of_the_hash() {
+        for token in ["a", "kg_example", ""] {
+            let h = hash(token.as_bytes());
+            assert_eq!(token_id(&h), format!("tok_{}", &hex::encode(h)[..12]));
+        }
+    }
 
     fn tokens(token: &str) -> Tokens {
         let mut by_hash = HashMap::new();

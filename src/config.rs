@@ -19,6 +19,7 @@ mod tests;
 mod validate;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
@@ -301,6 +302,9 @@ pub struct TlsFiles {
 pub struct Route {
     /// `NAME` in `[routes.NAME]` (`default` for a lab config); audit records and errors show it.
     pub name: String,
+    /// What this route's audit records name, made once so that a record takes reference counts.
+    #[serde(skip)]
+    pub recorded: RouteNames,
     /// `/openai`; `/` for the lab's single route.
     pub prefix: String,
     /// Where matching requests go; the path after the prefix is appended to its base path.
@@ -579,12 +583,39 @@ impl Approval {
     }
 }
 
+/// A route's names in its audit records (`Record::route`): shared, since every request's
+/// record carries them.
+#[derive(Debug, Clone, Default)]
+pub struct RouteNames {
+    /// The route's name.
+    pub route: Arc<str>,
+    /// The host the route forwards to: the forward proxy's `host`, else the upstream's.
+    pub destination: Arc<str>,
+    /// The data classification label.
+    pub classification: Arc<str>,
+    /// The name of the route's secret, the key id until a value is fetched.
+    pub secret: Option<Arc<str>>,
+}
+
+/// An agent's names in its audit records (`Record::agent`).
+#[derive(Debug, Clone, Default)]
+pub struct AgentNames {
+    /// The agent's name.
+    pub agent: Arc<str>,
+    /// The person it acts for, if configured.
+    pub person: Option<Arc<str>>,
+}
+
 /// A caller of keygate (`[agents.NAME]`): who it is, the token that proves it, and what it may
 /// use.
 #[derive(Debug, Serialize)]
 pub struct Agent {
     /// `NAME` in `[agents.NAME]`; audit records show it as `agent`.
     pub name: String,
+    /// `name` and `person` as audit records carry them, made once so that a record takes
+    /// reference counts.
+    #[serde(skip)]
+    pub recorded: AgentNames,
     /// The person this agent acts for, recorded in audit.
     pub person: Option<String>,
     /// Environment variable holding this agent's token, read once at start-up.

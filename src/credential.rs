@@ -821,13 +821,18 @@ fn inject(
     };
     match &route.inject {
         Inject::Bearer => {
-            let mut v = zeroize::Zeroizing::new(b"Bearer ".to_vec());
+            // Sized once: a regrown buffer would leave a copy of the key behind unzeroized.
+            let mut v = zeroize::Zeroizing::new(Vec::with_capacity(7 + secret.len()));
+            v.extend_from_slice(b"Bearer ");
             v.extend_from_slice(secret.expose());
             headers.insert(header::AUTHORIZATION, value(&v)?);
         }
         Inject::Header { name, format } => {
             let (before, after) = format.split_once("{secret}").unwrap_or(("", ""));
-            let mut v = zeroize::Zeroizing::new(before.as_bytes().to_vec());
+            let mut v = zeroize::Zeroizing::new(Vec::with_capacity(
+                before.len() + secret.len() + after.len(),
+            ));
+            v.extend_from_slice(before.as_bytes());
             v.extend_from_slice(secret.expose());
             v.extend_from_slice(after.as_bytes());
             headers.insert(name.clone(), value(&v)?);

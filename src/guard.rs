@@ -71,12 +71,12 @@ impl Guard {
             via.check_host(head)?;
         } else if matches!(peer, Peer::Tcp(_)) && !exposed {
             let host = match (head.headers.get(header::HOST), uri.authority()) {
-                (Some(h), _) => h.to_str().ok().map(str::to_string),
-                (None, Some(a)) => Some(a.as_str().to_string()),
+                (Some(h), _) => h.to_str().ok(),
+                (None, Some(a)) => Some(a.as_str()),
                 (None, None) => None,
             };
             match host {
-                Some(h) if is_loopback_host(&h) => {}
+                Some(h) if is_loopback_host(h) => {}
                 Some(h) => {
                     return Err(Rejection::new(
                         Code::HostNotAllowed,
@@ -123,11 +123,15 @@ impl Guard {
 
 /// Headers some upstreams (and frameworks in front of them) read as the real method, so a request
 /// authorized as `POST` could act as `DELETE`.
-const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
-    "x-http-method-override",
-    "x-http-method",
-    "x-method-override",
+static METHOD_OVERRIDE_HEADERS: [HeaderName; 3] = [
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
 ];
+
+/// Hop-by-hop headers without a constant in `http`, named once rather than parsed per request.
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Every coding named in every instance of a coding header, trimmed and lower-cased; a value that
 /// is not text yields one token no check accepts.
@@ -191,9 +195,9 @@ fn override_refused(value: Option<&str>, method: &Method, what: &str) -> Result<
 /// Refuses a method-override header unless every instance names the request's own method;
 /// [`strip_request`] then drops it.
 fn check_method_override(headers: &HeaderMap, method: &Method) -> Result<(), Rejection> {
-    for name in METHOD_OVERRIDE_HEADERS {
+    for name in &METHOD_OVERRIDE_HEADERS {
         for v in headers.get_all(name) {
-            override_refused(v.to_str().ok(), method, name)?;
+            override_refused(v.to_str().ok(), method, name.as_str())?;
         }
     }
     Ok(())
@@ -252,7 +256,7 @@ pub fn check_form_override(head: &Parts, body: &[u8]) -> Result<(), Rejection> {
 /// What a checked request must not carry upstream: hop-by-hop headers and method overrides.
 pub fn strip_request(headers: &mut HeaderMap) {
     strip_hop_by_hop(headers);
-    for name in METHOD_OVERRIDE_HEADERS {
+    for name in &METHOD_OVERRIDE_HEADERS {
         headers.remove(name);
     }
 }
@@ -301,8 +305,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     ] {
         headers.remove(n);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
+    headers.remove(&KEEP_ALIVE);
+    headers.remove(&PROXY_CONNECTION);
 }
 
 /// Reads a whole request body, refusing one over `limit` (413) or one that breaks (400).
@@ -509,7 +513,7 @@ mod tests {
             h.extend_from_slice(hdrs);
             code(parts(method, "/x", &h))
         };
-        for name in METHOD_OVERRIDE_HEADERS {
+        for name in METHOD_OVERRIDE_HEADERS.iter().map(HeaderName::as_str) {
             assert_eq!(
                 with("POST", &[(name, "DELETE")]),
                 "method_override_not_allowed"

@@ -655,7 +655,7 @@ impl Tracked {
 fn refuse_overloaded(
     state: &State,
     peer: &Peer,
-    listener: &str,
+    listener: &Arc<str>,
     req: http::Request<hyper::body::Incoming>,
     max: usize,
 ) -> http::Response<Body> {

@@ -40,7 +40,7 @@ pub struct State {
     /// The validated config.
     pub config: Arc<Config>,
     /// A short hash of the effective policy, in every audit record.
-    pub policy_version: String,
+    pub policy_version: Arc<str>,
     /// The request-shape checks.
     pub guard: Guard,
     /// Who may call: configured and issued tokens.
@@ -54,7 +54,7 @@ pub struct State {
     /// The audit log.
     pub audit: Arc<AuditLog>,
     /// The person behind agents that name none: the user keygate runs as.
-    pub default_person: Option<String>,
+    pub default_person: Option<Arc<str>>,
     /// Listener URLs, for `/healthz`.
     pub listen_urls: Vec<String>,
     /// The first TCP listener's port, for the lab's `/healthz`.
@@ -122,11 +122,13 @@ pub async fn handle(
             resp.map(full)
         }
     };
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
-        resp.headers_mut().insert("x-request-id", v);
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(request_id)) {
+        resp.headers_mut().insert(X_REQUEST_ID.clone(), v);
     }
     Ok(resp)
 }
+
+static X_REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
 
 enum Answer {
     /// Answered by keygate itself (health, dry-run).
@@ -181,11 +183,15 @@ async fn process(
     // authenticate (a live placeholder is its run's capability: `placeholder`)
     let runs = &state.control.runs;
     let lifted = placeholder::lift(&mut head.headers, &runs.placeholders)?;
+    // Routed once, here: authentication needs to know whether the route takes placeholders,
+    // and the route's own refusal still comes after authentication's (below).
     let via_host = head
         .extensions
         .get::<crate::proxy::Via>()
-        .map(|v| v.host.clone());
-    let placeholder_route = route::select(&config.routes, via_host.as_deref(), &head.uri)
+        .map(|v| v.host.as_str());
+    let routed = route::select(&config.routes, via_host, &head.uri);
+    let placeholder_route = routed
+        .as_ref()
         .is_ok_and(|r| placeholder::enabled(&config.routes[r.route]));
     let who = placeholder::identify(
         state.tokens.identify(&mut head, peer),
@@ -194,7 +200,7 @@ async fn process(
         placeholder_route,
         |t| runs.get(t).is_some() && !runs.revoked().contains(t),
     )?;
-    let caller_token = who.token_id.clone();
+    let caller_token = who.token_id.as_deref();
     let agent = who.agent;
     authenticate::strip_caller_credentials(&mut head.headers);
     pending.record().agent(&config.agents[agent]);
@@ -205,7 +211,7 @@ async fn process(
             .scanner()
             .redact(p.as_bytes())
             .into_owned();
-        pending.record().person = Some(String::from_utf8_lossy(&named).into_owned());
+        pending.record().person = Some(String::from_utf8_lossy(&named).into());
     }
     // Per-person limits key on the person the audit names.
     let person = pending.record().person.clone();
@@ -215,17 +221,16 @@ async fn process(
     }
 
     // route
-    let via = head.extensions.get::<crate::proxy::Via>();
-    let routed = route::select(&config.routes, via.map(|v| v.host.as_str()), &head.uri)?;
+    let routed = routed?;
     let route = &config.routes[routed.route];
-    pending.record().route(route, config.secret_of(route));
+    pending.record().route(route);
 
     // authorize
     let authorized =
         state
             .policy
             .authorize_for(config, agent, person.as_deref(), &head.method, routed)?;
-    placeholder::check_foreign(route, &lifted, caller_token.as_deref(), &head.headers)?;
+    placeholder::check_foreign(route, &lifted, caller_token, &head.headers)?;
     // A shared store decides the rate on the server, for every keygate at once.
     pending.record().state = state.policy.shared_rate(config, agent).await?;
     // A budgeted request books what it may cost, which its body says.
@@ -276,7 +281,7 @@ async fn process(
 
     // authorize, last: a person's approval where the route asks for one (waits, blocking nothing)
     let approvals = state.control.approvals.clone();
-    let ask = approval::Ask::new(config, route, agent.0, who.token_id, &head.method, seen);
+    let ask = approval::Ask::new(config, route, agent.0, caller_token, &head.method, seen);
     approvals.check(ask, pending.record()).await?;
 
     // credential
@@ -290,9 +295,7 @@ async fn process(
         .and_then(|s| state.credentials.hold(config, &authorized, s));
     let mut query = head.uri.query().map(str::to_string);
     let mut whole = whole;
-    let ours = caller_token
-        .as_deref()
-        .and_then(|t| runs.placeholders.of_run(t, &route.name));
+    let ours = caller_token.and_then(|t| runs.placeholders.of_run(t, &route.name));
     let target = placeholder::Target {
         headers: &mut head.headers,
         query: &mut query,
@@ -304,7 +307,7 @@ async fn process(
         None => placeholder::substitute(route, lifted, None, b"", target)?,
     };
     if let Some(secret) = &secret {
-        pending.record().key_id = Some(secret.key_id().to_string());
+        pending.record().key_id = Some(secret.key_id().shared());
         if matches!(route.inject, crate::config::Inject::AwsSigV4 { .. }) {
             body_sha256 = whole.as_deref().map(crate::secret::aws::payload_sha256);
         }
@@ -495,11 +498,17 @@ fn full(b: Bytes) -> Body {
         .boxed()
 }
 
+const REQUEST_ID_LEN: usize = 4 + 24;
+
 /// `req_` + 24 hex digits: a request's id in its record, its answer and its errors.
 pub(crate) fn new_request_id() -> String {
     use rand::Rng;
+    use std::fmt::Write;
     let n: u128 = rand::rng().random();
-    format!("req_{:024x}", n >> 32)
+    // Sized exactly, so the id is one allocation and the `x-request-id` header takes it over.
+    let mut id = String::with_capacity(REQUEST_ID_LEN);
+    let _ = write!(id, "req_{:024x}", n >> 32);
+    id
 }
 
 /// Names the caller's run in the record (the run's person and id) and refuses a frozen agent:
@@ -516,7 +525,7 @@ pub(crate) fn admit(
         .as_deref()
         .and_then(|t| state.control.runs.get(t))
     {
-        record.person = Some(run.person);
+        record.person = Some(run.person.into());
         record.run_id = Some(run.run_id);
     }
     state

@@ -194,10 +194,10 @@ pub struct Lifted {
     headers: Vec<(HeaderName, Vec<HeaderValue>)>,
     /// The run the placeholders belong to.
     owner: Option<Owner>,
-    /// The SHA-256 of every other value in a caller-credential header (`Authorization` and the
-    /// SDK key headers), which `authenticate` strips: on a placeholder route each must be the
-    /// caller's own token.
-    others: Vec<[u8; 32]>,
+    /// Every other value in a caller-credential header (`Authorization` and the SDK key
+    /// headers), which `authenticate` strips: on a placeholder route each must be the caller's
+    /// own token. Hashed only there ([`check_foreign`]), not on every request.
+    others: Vec<HeaderValue>,
 }
 
 impl Lifted {
@@ -276,11 +276,13 @@ fn mismatch(message: impl Into<String>) -> Rejection {
 /// any other header it is ordinary text.
 pub fn lift(headers: &mut HeaderMap, registry: &Registry) -> Result<Lifted, Rejection> {
     let mut lifted = Lifted::default();
-    let names: Vec<HeaderName> = headers.keys().cloned().collect();
-    for name in names {
+    // Names are read in place and only live ones taken off afterwards: a request without
+    // placeholders (nearly all) costs no copy of its header names.
+    let mut live_names: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
         let credential_position = TOKEN_HEADERS.contains(&name.as_str());
         let mut live = false;
-        for value in headers.get_all(&name) {
+        for value in headers.get_all(name) {
             for candidate in candidates(value.as_bytes()) {
                 match registry.owner(&candidate) {
                     Some(owner) => {
@@ -302,14 +304,20 @@ pub fn lift(headers: &mut HeaderMap, registry: &Registry) -> Result<Lifted, Reje
             }
         }
         if live {
-            let values = headers.get_all(&name).iter().cloned().collect();
-            headers.remove(&name);
-            lifted.headers.push((name, values));
+            live_names.push(name.clone());
         } else if crate::authenticate::CALLER_CREDENTIAL_HEADERS.contains(&name.as_str()) {
-            for value in headers.get_all(&name) {
-                lifted.others.push(hash(credential_of(value.as_bytes())));
-            }
+            // A caller's token: marked so that `Debug` of a `Lifted` never prints it.
+            lifted.others.extend(headers.get_all(name).iter().map(|v| {
+                let mut v = v.clone();
+                v.set_sensitive(true);
+                v
+            }));
         }
+    }
+    for name in live_names {
+        let values = headers.get_all(&name).iter().cloned().collect();
+        headers.remove(&name);
+        lifted.headers.push((name, values));
     }
     Ok(lifted)
 }
@@ -429,8 +437,8 @@ pub fn check_foreign(
     if !enabled(route) {
         return Ok(());
     }
-    for h in &lifted.others {
-        let id = format!("tok_{}", &hex::encode(h)[..12]);
+    for v in &lifted.others {
+        let id = crate::authenticate::token_id(&hash(credential_of(v.as_bytes())));
         if caller_token_id != Some(id.as_str()) {
             return Err(mismatch(format!(
                 "route {} takes its placeholder or no credential; the request carries another credential",

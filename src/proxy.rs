@@ -476,7 +476,7 @@ impl Conn {
                     token: None,
                     proof: None,
                 };
-                pending.record().destination = Some(target.host);
+                pending.record().destination = Some(target.host.into());
                 return self.terminated(state, req, via, TOKENLESS_CALLER, pending, start);
             }
         }
@@ -489,7 +489,7 @@ impl Conn {
             ));
         };
         let target = connect::authority(&authority, &config.proxy.ports)?;
-        pending.record().destination = Some(target.host.clone());
+        pending.record().destination = Some(target.host.as_str().into());
         via.host = target.host.clone();
         via.port = target.port;
         let caller = who
@@ -584,7 +584,7 @@ impl Conn {
             .iter()
             .find(|r| r.host.as_deref() == Some(via.host.as_str()))
         {
-            pending.record().route(route, config.secret_of(route));
+            pending.record().route(route);
         }
         let mut via = via;
         // A tunnel without proxy credentials holds its place in the token-less pool through
@@ -749,7 +749,7 @@ impl Conn {
                 ))
             }
         };
-        pending.record().destination = Some(host.clone());
+        pending.record().destination = Some(host.as_str().into());
         if !state
             .config
             .routes

@@ -39,7 +39,7 @@ pub struct Fixed {
     /// Freezes, approvals and metrics, which outlive a reload.
     pub control: Arc<Control>,
     /// The person behind agents that name none: the user keygate runs as.
-    pub default_person: Option<String>,
+    pub default_person: Option<Arc<str>>,
     /// Listener URLs, for `/healthz`; listeners are bound once and not changed by a reload.
     pub listen_urls: Vec<String>,
     /// The first TCP listener's port, for the lab's `/healthz`.
@@ -76,7 +76,7 @@ pub fn build(config: Config, fixed: &Fixed) -> Result<State, String> {
         default_person: fixed.default_person.clone(),
         listen_urls: fixed.listen_urls.clone(),
         listen_port: fixed.listen_port,
-        policy_version: config.policy_version(),
+        policy_version: config.policy_version().into(),
         control: fixed.control.clone(),
         config,
     })
@@ -184,7 +184,7 @@ impl Live {
                 self.state.store(Arc::new(state));
                 control.metrics.reloaded();
                 tracing::info!(policy_version = %version, by = %by, "config reloaded");
-                Ok(version)
+                Ok(version.to_string())
             }
             Err(e) => {
                 tracing::error!(error = %e, "reload refused; the previous config keeps serving");

@@ -72,10 +72,21 @@ pub fn select(
                 "path refused: non-canonical route prefix",
             ));
         };
+        // The route's path is the decoded path's tail (or `/`): cut in place, not copied.
+        let cut = decoded.ends_with(rel).then(|| decoded.len() - rel.len());
+        let path = match cut {
+            Some(cut) => {
+                let mut path = decoded;
+                path.replace_range(..cut, "");
+                path
+            }
+            None => rel.to_string(),
+        };
+        let raw_path = raw_rel.to_string();
         return Ok(Routed {
             route: RouteId(i),
-            path: rel.to_string(),
-            raw_path: raw_rel.to_string(),
+            path,
+            raw_path,
             query: target.query().map(str::to_string),
         });
     }
@@ -114,5 +125,51 @@ fn strip_prefix<'a>(path: &'a str, prefix: &str) -> Option<&'a str> {
         Some(rest)
     } else {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn routes() -> Vec<Route> {
+        let text = "[routes.a]\nprefix = \"/openai\"\nupstream = \"http://127.0.0.1:9\"\n\
+                    [routes.b]\nprefix = \"/x/y\"\nupstream = \"http://127.0.0.1:9\"\n\
+                    [routes.c]\nprefix = \"/\"\nupstream = \"http://127.0.0.1:9\"\n";
+        crate::config::Config::from_text(std::path::Path::new("p.toml"), text)
+            .unwrap()
+            .routes
+    }
+
+    proptest! {
+        /// The route's path is the decoded path after the prefix (`/` when nothing follows),
+        /// and its raw path the same cut of the raw path, for any path the checks accept.
+        #[test]
+        fn routed_path_is_the_decoded_path_after_the_prefix(
+            segs in proptest::collection::vec(
+                prop_oneof![
+                    Just("openai"), Just("x"), Just("y"), Just("v1"), Just("%C3%A9"),
+                    Just("a%20b"), Just("openaix"), Just(""),
+                ],
+                0..6,
+            ),
+            trailing in any::<bool>(),
+        ) {
+            let routes = routes();
+            let mut raw = format!("/{}", segs.join("/"));
+            if trailing && !raw.ends_with('/') {
+                raw.push('/');
+            }
+            let uri: http::Uri = raw.parse().unwrap();
+            let Ok(decoded) = check_path(&raw) else {
+                prop_assert!(select(&routes, None, &uri).is_err());
+                return Ok(());
+            };
+            let got = select(&routes, None, &uri).unwrap();
+            let prefix = &routes[got.route.0].prefix;
+            prop_assert_eq!(Some(got.path.as_str()), strip_prefix(&decoded, prefix));
+            prop_assert_eq!(Some(got.raw_path.as_str()), strip_prefix(&raw, prefix));
+        }
     }
 }

@@ -44,11 +44,12 @@ pub fn labels(strong: &Redactor, bytes: &[u8]) -> (Vec<String>, Vec<String>) {
     (collect(s), collect(g))
 }
 
-/// Decides on what one place of the request holds, and records it.
+/// Decides on what one place of the request holds, and records it. `place` is formatted only
+/// into a refusal: naming each header must not cost every request an allocation per header.
 fn judge(
     mode: RequestScan,
     (strong, weak): (Vec<String>, Vec<String>),
-    place: &str,
+    place: std::fmt::Arguments<'_>,
     pending: &mut Pending,
 ) -> Result<(), Rejection> {
     let record = pending.record();
@@ -91,7 +92,7 @@ pub fn head(
         judge(
             url_mode,
             labels(scanner, pq.as_str().as_bytes()),
-            "URL",
+            format_args!("URL"),
             pending,
         )?;
     }
@@ -101,7 +102,7 @@ pub fn head(
         judge(
             RequestScan::RefuseStrict,
             labels(scanner, name.as_str().as_bytes()),
-            "header name",
+            format_args!("header name"),
             pending,
         )?;
     }
@@ -111,7 +112,7 @@ pub fn head(
             judge(
                 mode,
                 labels(scanner, value.as_bytes()),
-                &format!("header {name}"),
+                format_args!("header {name}"),
                 pending,
             )?;
         } else if let std::borrow::Cow::Owned(clean) = scanner.redact(value.as_bytes()) {
@@ -122,7 +123,7 @@ pub fn head(
             judge(
                 RequestScan::Redact,
                 (Vec::new(), labels(scanner, value.as_bytes()).1),
-                "header",
+                format_args!("header"),
                 pending,
             )?;
         }
@@ -150,7 +151,7 @@ pub fn lifted(
         judge(
             mode,
             labels(scanner, value),
-            &format!("header {name}"),
+            format_args!("header {name}"),
             pending,
         )?;
     }
@@ -192,11 +193,16 @@ pub async fn body(
         work()
     };
     if refusing {
-        judge(mode, found, "body", pending)?;
+        judge(mode, found, format_args!("body"), pending)?;
         return Ok((bytes, false));
     }
     // Redacting: strong findings are replaced, generic ones only reported.
-    judge(RequestScan::Redact, (Vec::new(), found.1), "body", pending)?;
+    judge(
+        RequestScan::Redact,
+        (Vec::new(), found.1),
+        format_args!("body"),
+        pending,
+    )?;
     let mut strong = found.0;
     if !strong.is_empty() {
         let record = pending.record();

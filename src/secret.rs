@@ -18,6 +18,7 @@ pub use openbao::BaoToken;
 pub use source::{FetchError, SecretSource, SecretSpec};
 
 use std::fmt;
+use std::sync::Arc;
 
 use zeroize::Zeroizing;
 
@@ -45,7 +46,7 @@ pub struct Secret {
 /// non-reversible fingerprint of its value, e.g. `openai#3f2a9c1d`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(transparent)]
-pub struct KeyId(String);
+pub struct KeyId(Arc<str>);
 
 impl Secret {
     /// Wraps a fetched value. Surrounding whitespace (a trailing newline from `op read`) is not
@@ -66,7 +67,7 @@ impl Secret {
     /// Names the value by the version its secret manager gives it (`openai#v7`, an AWS version
     /// id) instead of a fingerprint, so audit records match the manager's own history.
     pub fn versioned(mut self, name: &str, version: &str) -> Self {
-        self.key_id = KeyId(format!("{name}#{version}"));
+        self.key_id = KeyId(format!("{name}#{version}").into());
         self
     }
 
@@ -129,17 +130,22 @@ impl KeyId {
         h.update(b"keygate key-id v1\0");
         h.update(value);
         let digest = h.finalize();
-        KeyId(format!("{name}#{}", hex::encode(&digest[..4])))
+        KeyId(format!("{name}#{}", hex::encode(&digest[..4])).into())
     }
 
     /// The id of a secret that was not fetched (dry-run, `none`): just its name.
     pub fn unfetched(name: &str) -> Self {
-        KeyId(name.to_string())
+        KeyId(name.into())
     }
 
     /// The id as text, e.g. `openai#3f2a9c1d`.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The id shared, for an audit record: a reference count, not a copy.
+    pub fn shared(&self) -> Arc<str> {
+        Arc::clone(&self.0)
     }
 }
 

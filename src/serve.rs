@@ -122,7 +122,7 @@ async fn serve(
     let fixed = Fixed {
         audit: audit.clone(),
         control: control.clone(),
-        default_person: current_user(),
+        default_person: current_user().map(Into::into),
         listen_urls: urls.clone(),
         listen_port: port,
     };
@@ -165,7 +165,7 @@ async fn serve(
         pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION"),
         config: config_path.display().to_string(),
-        policy_version: policy_version.clone(),
+        policy_version: policy_version.to_string(),
         instance: instance.clone(),
     };
     // Written and confirmed before the first request, so a log that cannot be written is known

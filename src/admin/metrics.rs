@@ -9,12 +9,15 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use std::sync::Arc;
+
 use crate::audit::{Decision, Reason, Record};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    route: String,
-    agent: String,
+    // Shared with the audit record: a label costs a reference count, not a copy.
+    route: Arc<str>,
+    agent: Arc<str>,
     // Static and numeric labels cost no allocation per request.
     decision: &'static str,
     status: u16,
@@ -22,7 +25,7 @@ struct RequestLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
-    route: String,
+    route: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

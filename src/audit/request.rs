@@ -1,6 +1,7 @@
 //! A request's record from its first byte to its last: how it starts, and the observer that
 //! finishes it when the response body ends (or is abandoned).
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use http::request::Parts;
@@ -13,7 +14,6 @@ use crate::guard::timeout::Verdict;
 use crate::guard::Peer;
 use crate::redact::body::{End, Observer};
 use crate::redact::Redactor;
-use crate::secret::SecretSpec;
 
 /// Characters of a request path kept in its record.
 pub const MAX_PATH: usize = 2048;
@@ -28,16 +28,16 @@ impl Record {
         head: &Parts,
         request_id: &str,
         peer: &Peer,
-        listener: &str,
-        policy_version: &str,
+        listener: &Arc<str>,
+        policy_version: &Arc<str>,
         scanner: &Redactor,
     ) -> Record {
         let mut r = Record {
-            time: super::now_rfc3339(),
+            time: super::Stamp::now(),
             request_id: request_id.to_string(),
             method: head.method.clone(),
-            policy_version: policy_version.to_string(),
-            listener: listener.to_string(),
+            policy_version: Arc::clone(policy_version),
+            listener: Arc::clone(listener),
             peer: match peer {
                 Peer::Unix { uid, pid } => Some(PeerRecord {
                     uid: *uid,
@@ -90,19 +90,20 @@ impl Record {
 impl Record {
     /// Names the authenticated agent and the person behind it.
     pub fn agent(&mut self, agent: &Agent) {
-        self.agent = Some(agent.name.clone());
-        if agent.person.is_some() {
-            self.person = agent.person.clone();
+        self.agent = Some(Arc::clone(&agent.recorded.agent));
+        if agent.recorded.person.is_some() {
+            self.person.clone_from(&agent.recorded.person);
         }
     }
 
     /// Names the route, its upstream host and classification, and its secret.
-    pub fn route(&mut self, route: &Route, secret: Option<&SecretSpec>) {
-        self.route = Some(route.name.clone());
+    pub fn route(&mut self, route: &Route) {
+        let names = &route.recorded;
+        self.route = Some(Arc::clone(&names.route));
         // A forward-proxy route is recorded by the host the agent asked for.
-        self.destination = Some(route.host.as_ref().unwrap_or(&route.upstream.host).clone());
-        self.classification = Some(route.classification.clone());
-        self.key_id = secret.map(|s| s.name.clone());
+        self.destination = Some(Arc::clone(&names.destination));
+        self.classification = Some(Arc::clone(&names.classification));
+        self.key_id.clone_from(&names.secret);
     }
 }
 

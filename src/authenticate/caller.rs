@@ -12,3 +12,25 @@ pub const CALLER_CREDENTIAL_HEADERS: [&str; 6] = [
     "api-key",
     "x-goog-api-key",
 ];
+
+/// [`CALLER_CREDENTIAL_HEADERS`] as header names, made at compile time: a lookup by a `&str`
+/// parses and lower-case-checks the name again on every request.
+pub static CALLER_CREDENTIAL_NAMES: [http::HeaderName; 6] = [
+    http::HeaderName::from_static(CALLER_CREDENTIAL_HEADERS[0]),
+    http::HeaderName::from_static(CALLER_CREDENTIAL_HEADERS[1]),
+    http::header::AUTHORIZATION,
+    http::HeaderName::from_static(CALLER_CREDENTIAL_HEADERS[3]),
+    http::HeaderName::from_static(CALLER_CREDENTIAL_HEADERS[4]),
+    http::HeaderName::from_static(CALLER_CREDENTIAL_HEADERS[5]),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caller_credential_names_are_the_listed_headers_in_order() {
+        let names: Vec<&str> = CALLER_CREDENTIAL_NAMES.iter().map(|n| n.as_str()).collect();
+        assert_eq!(names, CALLER_CREDENTIAL_HEADERS);
+    }
+}

@@ -310,13 +310,13 @@ impl Approvals {
         let info = PendingApproval {
             id: new_id(),
             agent: ask.config.agents[ask.agent].name.clone(),
-            person: record.person.clone(),
+            person: record.person.as_deref().map(str::to_string),
             route: ask.route.name.clone(),
             method: ask.method.to_string(),
             path: record.path.clone(),
             model: ask.seen.model,
             body_bytes: ask.seen.body_bytes,
-            token_id: ask.token_id,
+            token_id: ask.token_id.map(str::to_string),
             request_id: record.request_id.clone(),
             created: crate::audit::now_rfc3339(),
             instance: self.instance.clone(),
@@ -495,7 +495,7 @@ pub struct Ask<'a> {
     config: &'a Config,
     route: &'a Route,
     agent: usize,
-    token_id: Option<String>,
+    token_id: Option<&'a str>,
     method: &'a http::Method,
     seen: Seen,
 }
@@ -506,7 +506,7 @@ impl<'a> Ask<'a> {
         config: &'a Config,
         route: &'a Route,
         agent: usize,
-        token_id: Option<String>,
+        token_id: Option<&'a str>,
         method: &'a http::Method,
         seen: Seen,
     ) -> Ask<'a> {

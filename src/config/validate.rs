@@ -810,7 +810,18 @@ fn route(
             }
         }
     }
+    let classification = r
+        .classification
+        .clone()
+        .unwrap_or_else(|| "unclassified".into());
+    let recorded = crate::config::RouteNames {
+        route: r.name.as_str().into(),
+        destination: host.as_ref().unwrap_or(&upstream.host).as_str().into(),
+        classification: classification.as_str().into(),
+        secret: r.secret.as_ref().map(|s| s.value.as_str().into()),
+    };
     Ok(Route {
+        recorded,
         env,
         placeholder_env,
         placeholder_in,
@@ -822,10 +833,7 @@ fn route(
         secret,
         inject,
         allow,
-        classification: r
-            .classification
-            .clone()
-            .unwrap_or_else(|| "unclassified".into()),
+        classification,
         extra_headers,
         approval,
         timeout,
@@ -914,6 +922,10 @@ fn agent(cx: &Cx, a: &AgentSpec, routes: &[Route]) -> Result<Agent, ConfigError>
         );
     }
     Ok(Agent {
+        recorded: crate::config::AgentNames {
+            agent: a.name.as_str().into(),
+            person: a.person.as_deref().map(Into::into),
+        },
         name: a.name.clone(),
         person: a.person.clone(),
         token_env: a.token_env.clone(),

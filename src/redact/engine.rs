@@ -293,7 +293,9 @@ impl Engine {
         if let (Some((_, prefixes, _)), false) = (&self.detectors, eof) {
             *safe = (*safe).min(prefixes.tail_start(buf));
         }
-        let mut st = d.state();
+        // Most inputs (header values, short paths) hold no anchor: the scan memory is made at
+        // the first one, so those cost no allocation.
+        let mut st = None;
         for (at, dets) in d.anchors(buf) {
             if at >= *safe {
                 // Rescanned with the next chunk.
@@ -303,7 +305,8 @@ impl Engine {
                 if !set.has(det) {
                     continue;
                 }
-                match d.eval(&mut st, det, buf, at, prev, eof) {
+                let st = st.get_or_insert_with(|| d.state());
+                match d.eval(st, det, buf, at, prev, eof) {
                     Eval::Pending(wake) => {
                         *safe = (*safe).min(at);
                         pending = Some(match pending {
