@@ -831,6 +831,13 @@ impl Iterator for Anchors<'_> {
             if self.from >= buf.len() {
                 return None;
             }
+            if buf.len() - self.from < super::search::SHORT_HAY {
+                // Too short for the SIMD prefilter (see `SHORT_HAY`): walk the rest. Every
+                // anchor before `from` is handed out, so the walk starts there.
+                let start = self.d.dense.start_state(Anchored::No).ok()?;
+                self.walk = Some((start, self.from, self.from));
+                return self.next();
+            }
             let m = self.d.anchors.find(Input::new(buf).range(self.from..))?;
             if m.start() - self.from < 32 {
                 // Every anchor starting after this one is still to be found: walk from here.

@@ -33,7 +33,8 @@ struct Known {
     label_of: Vec<u32>,
     labels: Vec<String>,
     prefixes: Prefixes,
-    /// Every spelling, ASCII-lower-cased, for header names (which arrive lower-cased).
+    /// Every spelling, ASCII-lower-cased, shortest first, for header names (which arrive
+    /// lower-cased).
     lower: Vec<Vec<u8>>,
 }
 
@@ -130,7 +131,7 @@ impl Engine {
         let known = (!patterns.is_empty()).then(|| {
             let automaton = Searcher::new(&patterns);
             let mut lower: Vec<Vec<u8>> = patterns.iter().map(|p| p.to_ascii_lowercase()).collect();
-            lower.sort();
+            lower.sort_by(|a, b| a.len().cmp(&b.len()).then_with(|| a.cmp(b)));
             lower.dedup();
             Arc::new(Known {
                 automaton,
@@ -175,10 +176,23 @@ impl Engine {
         let Some(k) = &self.known else {
             return false;
         };
-        let name = name.to_ascii_lowercase();
-        k.lower
+        // Sorted by length: a name (usually a dozen bytes) is shorter than every spelling of a
+        // held value (at least `MIN_KNOWN_LEN` bytes, usually far more), so this usually
+        // compares no bytes at all.
+        let fits = k.lower.partition_point(|p| p.len() <= name.len());
+        if fits == 0 {
+            return false;
+        }
+        let lowered;
+        let name = if name.iter().any(u8::is_ascii_uppercase) {
+            lowered = name.to_ascii_lowercase();
+            &lowered[..]
+        } else {
+            name
+        };
+        k.lower[..fits]
             .iter()
-            .any(|p| memchr::memmem::find(&name, p).is_some())
+            .any(|p| memchr::memmem::find(name, p).is_some())
     }
 
     /// The longest known pattern: one term of the stream hold-back bound.
@@ -293,7 +307,9 @@ impl Engine {
         if let (Some((_, prefixes, _)), false) = (&self.detectors, eof) {
             *safe = (*safe).min(prefixes.tail_start(buf));
         }
-        let mut st = d.state();
+        // Made at the first anchor: most buffers (header names and values, ordinary bodies)
+        // have none, and the state is a few KiB to allocate and clear.
+        let mut st = None;
         for (at, dets) in d.anchors(buf) {
             if at >= *safe {
                 // Rescanned with the next chunk.
@@ -303,7 +319,7 @@ impl Engine {
                 if !set.has(det) {
                     continue;
                 }
-                match d.eval(&mut st, det, buf, at, prev, eof) {
+                match d.eval(st.get_or_insert_with(|| d.state()), det, buf, at, prev, eof) {
                     Eval::Pending(wake) => {
                         *safe = (*safe).min(at);
                         pending = Some(match pending {
