@@ -276,16 +276,17 @@ impl StreamRedactor {
         // the first span, `plain` bytes of it unchanged.
         let mut plain = 0;
         let mut out: Option<Vec<u8>> = None;
-        self.scanner.push(chunk, false, |bytes, spans| match &mut out {
-            None if spans.is_empty() => plain += bytes.len(),
-            None => {
-                let mut v = Vec::with_capacity(chunk.len());
-                v.extend_from_slice(&chunk[..plain]);
-                engine.render(bytes, spans, &mut v);
-                out = Some(v);
-            }
-            Some(v) => engine.render(bytes, spans, v),
-        });
+        self.scanner
+            .push(chunk, false, |bytes, spans| match &mut out {
+                None if spans.is_empty() => plain += bytes.len(),
+                None => {
+                    let mut v = Vec::with_capacity(chunk.len());
+                    v.extend_from_slice(&chunk[..plain]);
+                    engine.render(bytes, spans, &mut v);
+                    out = Some(v);
+                }
+                Some(v) => engine.render(bytes, spans, v),
+            });
         match out {
             None => chunk.slice(..plain),
             Some(v) => Bytes::from(v),
@@ -294,6 +295,10 @@ impl StreamRedactor {
 
     /// The rest, at end of stream.
     pub fn finish(mut self) -> Bytes {
+        if self.sse.is_none() && self.scanner.pending.is_empty() {
+            // Nothing held: the final scan would be of no bytes.
+            return Bytes::new();
+        }
         let mut out = Vec::new();
         let engine = Arc::clone(&self.scanner.engine);
         self.scanner.push(&[], true, |bytes, spans| {

@@ -536,3 +536,35 @@ mod uncrossed_tests {
         }
     }
 }
+
+#[cfg(test)]
+mod name_tests {
+    use super::*;
+
+    proptest::proptest! {
+        /// Header names: a held spelling found in any ASCII case, in names shorter and longer
+        /// than the spellings, as lower-casing the name and searching every spelling finds it.
+        #[test]
+        fn holds_ignoring_case_agrees_with_searching_every_spelling(
+            value in proptest::collection::vec(proptest::sample::select(&b"aB3-x_Z/+="[..]), 8..24),
+            pieces in proptest::collection::vec((0usize..3, 0usize..30, proptest::bool::ANY), 0..6),
+        ) {
+            let engine = Engine::new(vec![("k".into(), value.clone())], DetectorSet::NONE);
+            let spellings = known::spellings(&value);
+            let mut name = Vec::new();
+            for (kind, n, upper) in pieces {
+                let piece: Vec<u8> = match kind {
+                    0 => b"x-header-".iter().copied().cycle().take(n).collect(),
+                    1 => spellings[n % spellings.len()].clone(),
+                    _ => spellings[n % spellings.len()][..n % 8].to_vec(),
+                };
+                name.extend(piece.iter().map(|b| if upper { b.to_ascii_uppercase() } else { *b }));
+            }
+            let lowered = name.to_ascii_lowercase();
+            let want = spellings.iter().any(|p| {
+                memchr::memmem::find(&lowered, &p.to_ascii_lowercase()).is_some()
+            });
+            proptest::prop_assert_eq!(engine.holds_ignoring_case(&name), want);
+        }
+    }
+}
