@@ -224,12 +224,17 @@ impl Lifted {
     }
 }
 
-/// `text` with every `kgph_…` string replaced by a space.
+/// `text` with every `kgph_…` string replaced by a space, where it stands: a global replace of
+/// each string would also cut into longer words around it and leave others whole.
 fn mask(text: &[u8]) -> Vec<u8> {
-    let mut out = text.to_vec();
-    for c in find_all(text) {
-        out = replace_bytes(&out, &c, b" ");
+    let mut out = Vec::with_capacity(text.len());
+    let mut from = 0;
+    for span in spans(text) {
+        out.extend_from_slice(&text[from..span.start]);
+        out.push(b' ');
+        from = span.end;
     }
+    out.extend_from_slice(&text[from..]);
     out
 }
 
@@ -340,6 +345,11 @@ fn basic_decoded(value: &[u8]) -> Option<Vec<u8>> {
 
 /// Every maximal `kgph_[A-Za-z0-9_-]+` in `text`.
 fn find_all(text: &[u8]) -> Vec<Vec<u8>> {
+    spans(text).into_iter().map(|r| text[r].to_vec()).collect()
+}
+
+/// Where each maximal `kgph_[A-Za-z0-9_-]+` of `text` stands.
+fn spans(text: &[u8]) -> Vec<std::ops::Range<usize>> {
     let word = |b: &u8| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'-';
     let mut out = Vec::new();
     let mut i = 0;
@@ -351,7 +361,7 @@ fn find_all(text: &[u8]) -> Vec<Vec<u8>> {
             continue;
         }
         let len = text[start..].iter().take_while(|b| word(b)).count();
-        out.push(text[start..start + len].to_vec());
+        out.push(start..start + len);
         i = start + len;
     }
     out

@@ -64,6 +64,9 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A tunnel with no byte in either direction for this long is closed.
 const TUNNEL_IDLE: Duration = Duration::from_secs(300);
+/// How often a tunnel keygate does not read is checked against revocation and freezes: inside
+/// a terminated tunnel every request is authorized anew, a passed-through one has no requests.
+const TUNNEL_RECHECK: Duration = Duration::from_secs(1);
 
 /// What a request that came through the forward proxy carries in its extensions: the host it
 /// was sent to and the proxy credential. `guard` checks `Host` against it, `authenticate`
@@ -508,13 +511,46 @@ impl Conn {
         r.decision = Decision::Allow;
         r.reason = Reason::TunnelPassed;
         r.status = 200;
+        let this = self.clone();
+        let request_id = r.request_id.clone();
         tokio::spawn(async move {
             let _slot = slot;
             if let Ok(up) = on.await {
-                egress::pass(TokioIo::new(up), upstream, TUNNEL_IDLE).await;
+                tokio::select! {
+                    _ = egress::pass(TokioIo::new(up), upstream, TUNNEL_IDLE) => {}
+                    why = this.until_withdrawn(&via) => {
+                        tracing::info!(request_id = %request_id, host = %via.host, why, "tunnel closed");
+                    }
+                }
             }
         });
         Ok(empty(StatusCode::OK))
+    }
+
+    /// Returns once the tunnel's caller may no longer use it: its token was revoked (or its
+    /// run ended), or keygate or its agent was frozen, or keygate is stopping. The state is
+    /// read afresh each time, so a reload that drops the token closes the tunnel too.
+    async fn until_withdrawn(&self, via: &Via) -> &'static str {
+        let mut stop = self.stop.clone();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(TUNNEL_RECHECK) => {}
+                _ = stop.wait_for(|s| *s) => return "keygate is stopping",
+            }
+            let state = self.shared.live.state.load_full();
+            let who = match state.tokens.proxied(via) {
+                Ok(who) => who,
+                Err(_) => return "its token was revoked or its run ended",
+            };
+            let agent = state
+                .config
+                .agents
+                .get(who.agent.0)
+                .map(|a| a.name.as_str());
+            if state.control.check_frozen(agent).is_err() {
+                return "keygate or its agent was frozen";
+            }
+        }
     }
 
     /// Answers a CONNECT to a host a route names: 200, then the tunnel is terminated here.

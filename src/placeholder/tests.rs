@@ -270,3 +270,13 @@ fn find_all_takes_whole_words_only() {
         vec![b"kgph_r_Ab1".to_vec(), b"kgph_s-1_Z".to_vec()]
     );
 }
+
+#[test]
+fn masking_blanks_each_placeholder_where_it_stands_not_every_copy_of_its_text() {
+    // Found by the placeholder_headers fuzz target: replacing each found string everywhere
+    // blanked `kgph_aB` inside `kgph_aBkgph_a` and left a whole `kgph_a` for the scan.
+    let text = b"kgph_aB \" kgph_aBkgph_a~ xkgph_a";
+    assert_eq!(mask(text), b"  \"  ~ xkgph_a".to_vec());
+    assert_eq!(mask(b"no placeholder"), b"no placeholder".to_vec());
+    assert_eq!(mask(b"kgph_a"), b" ".to_vec());
+}

@@ -7,10 +7,12 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import ssl
+import time
 
 import pytest
 
-from conftest import error_code, raw_request
+from conftest import DEADLINE, error_code, raw_request, run_keygate
 from fake_upstream import credential_from
 from proxy_setup import HOST, MIRROR, start_bench, status_of
 
@@ -198,3 +200,54 @@ def test_idle_connections_without_a_token_cannot_lock_agents_out_of_the_proxy(be
     finally:
         for s in held:
             s.close()
+
+
+def _blind_tunnel(b) -> socket.socket:
+    """A CONNECT to the allowlisted mirror (passed through, not terminated), 200 read."""
+    auth = base64.b64encode(f"keygate:{b.token}".encode()).decode()
+    s = socket.create_connection(("127.0.0.1", b.proxy_port), timeout=DEADLINE)
+    s.sendall(f"CONNECT {MIRROR}:443 HTTP/1.1\r\nHost: {MIRROR}:443\r\nProxy-Authorization: Basic {auth}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = s.recv(4096)
+        assert chunk, head
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return s
+
+
+def _status_of_get(tls: ssl.SSLSocket, path: str) -> int:
+    tls.sendall(f"GET {path} HTTP/1.1\r\nHost: {MIRROR}\r\nContent-Length: 0\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = tls.recv(65536)
+        assert chunk, head
+        head += chunk
+    return int(head.split(b" ", 2)[1])
+
+
+def _closed(tls: ssl.SSLSocket) -> bool:
+    """Reads until the tunnel ends; False if it is still open after DEADLINE."""
+    tls.settimeout(DEADLINE)
+    try:
+        while tls.recv(65536):
+            pass
+    except (ConnectionResetError, ssl.SSLError, BrokenPipeError):
+        pass
+    except TimeoutError:
+        return False
+    return True
+
+
+def test_a_passed_through_tunnel_is_closed_when_its_agent_is_frozen(bench, keygate_bin):
+    # keygate reads nothing in a passed-through tunnel, so no request in it can be refused: the
+    # tunnel itself must end when its caller loses the right to it.
+    ctx = ssl.create_default_context(cafile=str(bench.upstream_ca))
+    with ctx.wrap_socket(_blind_tunnel(bench), server_hostname=MIRROR) as tls:
+        # Benign: past several re-checks, a tunnel whose caller is still allowed is still open.
+        time.sleep(2.5)
+        assert _status_of_get(tls, "/first") == 200
+        frozen = run_keygate(keygate_bin, ["freeze", "--agent", "coder", "--config", str(bench.kg.config_path)], bench.tmp)
+        assert frozen.returncode == 0, frozen.stderr
+        assert _closed(tls), "the tunnel stayed open after its agent was frozen"
+    assert [r.path for r in bench.mirror.requests] == ["/first"]
