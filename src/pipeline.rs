@@ -210,6 +210,9 @@ async fn process(
     // Per-person limits key on the person the audit names.
     let person = pending.record().person.clone();
     admit(state, pending.record(), &who)?;
+    if let Some(via) = head.extensions.get::<crate::proxy::Via>() {
+        via.identified();
+    }
 
     // route
     let via = head.extensions.get::<crate::proxy::Via>();

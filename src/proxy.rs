@@ -78,6 +78,8 @@ pub struct Via {
     /// The port of the CONNECT (or of the absolute URL).
     pub port: u16,
     token: Option<Arc<Zeroizing<Vec<u8>>>>,
+    /// A token-less tunnel's place in the shared pool, proven by its first identified request.
+    proof: Option<Arc<Proof>>,
 }
 
 impl std::fmt::Debug for Via {
@@ -93,6 +95,15 @@ impl Via {
     /// The keygate token from `Proxy-Authorization`, if one was sent.
     pub fn token(&self) -> Option<&[u8]> {
         self.token.as_deref().map(|t| t.as_slice())
+    }
+
+    /// Notes that a request in this tunnel identified its caller (by a live placeholder, for a
+    /// tunnel opened without proxy credentials): the tunnel is no longer the first to make
+    /// room when the token-less pool is full.
+    pub fn identified(&self) {
+        if let Some(p) = &self.proof {
+            p.prove();
+        }
     }
 
     /// Refuses a request whose `Host` names another host than the tunnel's: the upstream must
@@ -177,6 +188,7 @@ struct Shared {
     /// keygate's own addresses: a tunnel never connects to them.
     own: Vec<SocketAddr>,
     tunnels: Mutex<HashMap<String, usize>>,
+    tokenless: Mutex<Tokenless>,
     tls: Mutex<HashMap<String, Arc<rustls::ServerConfig>>>,
 }
 
@@ -195,6 +207,7 @@ pub async fn run(
         ca,
         own,
         tunnels: Mutex::new(HashMap::new()),
+        tokenless: Mutex::new(Tokenless::default()),
         tls: Mutex::new(HashMap::new()),
         idle: IdleSet::default(),
     });
@@ -410,6 +423,7 @@ impl Conn {
             host: host.to_string(),
             port,
             token: proxy_token(headers).map(|t| Arc::new(Zeroizing::new(t))),
+            proof: None,
         };
         if via.token.is_none() {
             return Err(Rejection::new(
@@ -460,6 +474,7 @@ impl Conn {
                     host: target.host.clone(),
                     port: target.port,
                     token: None,
+                    proof: None,
                 };
                 pending.record().destination = Some(target.host);
                 return self.terminated(state, req, via, TOKENLESS_CALLER, pending, start);
@@ -571,7 +586,16 @@ impl Conn {
         {
             pending.record().route(route, config.secret_of(route));
         }
-        let slot = self.tunnel_slot(caller)?;
+        let mut via = via;
+        // A tunnel without proxy credentials holds its place in the token-less pool through
+        // its `Via` (dropped with the tunnel), one with them counts against its caller.
+        let slot = match via.token {
+            Some(_) => Some(self.tunnel_slot(caller)?),
+            None => {
+                via.proof = Some(self.tokenless_slot()?);
+                None
+            }
+        };
         let on = hyper::upgrade::on(&mut req);
         let r = pending.record();
         r.decision = Decision::Allow;
@@ -580,10 +604,18 @@ impl Conn {
         // The CONNECT's record is finished once the client's TLS handshake is known.
         let record = pending.take();
         let this = self.clone();
+        let proof = via.proof.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            if let Ok(up) = on.await {
-                this.terminate(TokioIo::new(up), via, record, start).await;
+            let serve = async {
+                if let Ok(up) = on.await {
+                    this.terminate(TokioIo::new(up), via, record, start).await;
+                }
+            };
+            tokio::select! {
+                _ = serve => {}
+                // The token-less pool was full and this tunnel had identified nobody yet.
+                _ = evicted(proof.as_deref()) => {}
             }
         });
         Ok(empty(StatusCode::OK))
@@ -745,6 +777,7 @@ impl Conn {
             host,
             port,
             token: via.token,
+            proof: None,
         });
         let req = Request::from_parts(head, body);
         let resp = pipeline::handle(state.clone(), self.peer.clone(), self.listener.clone(), req)
@@ -774,6 +807,37 @@ impl Conn {
         Ok(config)
     }
 
+    /// A place in the token-less pool, made by closing its oldest unidentified tunnel when the
+    /// pool is full; 429 when every one of them has identified its caller.
+    fn tokenless_slot(&self) -> Result<Arc<Proof>, Rejection> {
+        let mut t = self.shared.lock_tokenless();
+        if t.open.len() >= MAX_TUNNELS_PER_CALLER {
+            let oldest = t
+                .open
+                .iter()
+                .find(|(_, (proven, _))| !proven)
+                .map(|(k, _)| *k);
+            let Some(key) = oldest else {
+                return Err(Rejection::new(
+                    Code::TooManyTunnels,
+                    format!("{MAX_TUNNELS_PER_CALLER} tunnels without proxy credentials are open, each in use"),
+                ));
+            };
+            if let Some((_, kick)) = t.open.remove(&key) {
+                kick.notify_one();
+            }
+        }
+        let key = t.next;
+        t.next += 1;
+        let kick = Arc::new(Notify::new());
+        t.open.insert(key, (false, kick.clone()));
+        Ok(Arc::new(Proof {
+            shared: Arc::downgrade(&self.shared),
+            key,
+            kick,
+        }))
+    }
+
     fn tunnel_slot(&self, caller: &str) -> Result<TunnelSlot, Rejection> {
         let mut t = self
             .shared
@@ -792,6 +856,57 @@ impl Conn {
             shared: self.shared.clone(),
             caller: caller.to_string(),
         })
+    }
+}
+
+/// Tunnels opened without proxy credentials (tools that hold only a placeholder) share one
+/// pool, which a local process holding nothing could fill. When it is full, the oldest tunnel
+/// in which no request has identified its caller yet is closed to make room, so idle or
+/// unidentified tunnels never lock a tool with a live placeholder out.
+#[derive(Default)]
+struct Tokenless {
+    next: u64,
+    /// Open token-less tunnels by age: whether a request identified its caller, and how to
+    /// close it.
+    open: BTreeMap<u64, (bool, Arc<Notify>)>,
+}
+
+/// A token-less tunnel's place in [`Tokenless`]; dropping it frees the place.
+pub struct Proof {
+    shared: std::sync::Weak<Shared>,
+    key: u64,
+    kick: Arc<Notify>,
+}
+
+impl Proof {
+    fn prove(&self) {
+        if let Some(shared) = self.shared.upgrade() {
+            if let Some(entry) = shared.lock_tokenless().open.get_mut(&self.key) {
+                entry.0 = true;
+            }
+        }
+    }
+}
+
+impl Drop for Proof {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.upgrade() {
+            shared.lock_tokenless().open.remove(&self.key);
+        }
+    }
+}
+
+impl Shared {
+    fn lock_tokenless(&self) -> std::sync::MutexGuard<'_, Tokenless> {
+        self.tokenless.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Resolves when the tunnel was evicted from the token-less pool; never for other tunnels.
+async fn evicted(proof: Option<&Proof>) {
+    match proof {
+        Some(p) => p.kick.notified().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -909,6 +1024,7 @@ mod tests {
             host: "h.example".into(),
             port: 443,
             token: Some(Arc::new(Zeroizing::new(b"kg_secret_token".to_vec()))),
+            proof: None,
         };
         assert!(!format!("{via:?}").contains("kg_secret"));
     }

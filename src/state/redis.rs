@@ -267,7 +267,9 @@ impl RedisStore {
         }
     }
 
-    /// Runs `f` on the store's runtime; the future resolves on any runtime.
+    /// A decision on the request's own task: the multiplexed connection's driver (on the
+    /// store's runtime) does the I/O, so the request waits for one hand-off each way; spawning
+    /// the call on the store's runtime first added a third (issue 13's thread hops).
     fn decide<T, F, Fut>(&self, f: F) -> Decision<T>
     where
         T: Send + 'static,
@@ -277,14 +279,8 @@ impl RedisStore {
         let fut = f(self.conn.clone(), self.scripts.clone());
         let health = self.health.clone();
         let location = self.location.clone();
-        let task = self.rt.spawn(bounded(fut, health));
         Box::pin(async move {
-            let m = match task.await {
-                Ok(Ok(v)) => return Ok(v),
-                Ok(Err(m)) => m,
-                Err(e) => e.to_string(),
-            };
-            Err(StateError::Store {
+            bounded(fut, health).await.map_err(|m| StateError::Store {
                 path: location.into(),
                 message: m,
             })

@@ -207,23 +207,23 @@ def _blind_tunnel(b) -> socket.socket:
     auth = base64.b64encode(f"keygate:{b.token}".encode()).decode()
     s = socket.create_connection(("127.0.0.1", b.proxy_port), timeout=DEADLINE)
     s.sendall(f"CONNECT {MIRROR}:443 HTTP/1.1\r\nHost: {MIRROR}:443\r\nProxy-Authorization: Basic {auth}\r\n\r\n".encode())
+    head = _read_head(s)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return s
+
+
+def _read_head(s) -> bytes:
     head = b""
     while b"\r\n\r\n" not in head:
         chunk = s.recv(4096)
         assert chunk, head
         head += chunk
-    assert head.startswith(b"HTTP/1.1 200"), head
-    return s
+    return head
 
 
 def _status_of_get(tls: ssl.SSLSocket, path: str) -> int:
     tls.sendall(f"GET {path} HTTP/1.1\r\nHost: {MIRROR}\r\nContent-Length: 0\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = tls.recv(65536)
-        assert chunk, head
-        head += chunk
-    return int(head.split(b" ", 2)[1])
+    return int(_read_head(tls).split(b" ", 2)[1])
 
 
 def _closed(tls: ssl.SSLSocket) -> bool:

@@ -359,3 +359,58 @@ def test_tokenless_connect_to_anything_but_a_route_host_is_407_and_audited(bench
     (rec,) = [r for r in bench.kg.audit_records(1) if r["method"] == "CONNECT"]
     assert rec["decision"] == "deny" and rec["reason"] == "proxy_auth_required"
     assert bench.mirror.requests == []
+
+
+HOG_SCRIPT = r'''
+import http.client, os, socket, ssl
+port, ph, host = int(os.environ["PORT"]), os.environ["API_TOKEN"], "api.example.test"
+
+def tunnel():
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(f"CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n".encode())
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        c = s.recv(1)
+        if not c:
+            break
+        head += c
+    return s, int(head.split(b" ")[1]) if head else 0
+
+def get(conn):
+    conn.request("GET", "/user", headers={"Authorization": f"Bearer {ph}"})
+    r = conn.getresponse()
+    r.read()
+    return r.status
+
+hogs = [tunnel() for _ in range(64)]
+s, connect = tunnel()
+print("hogs", sorted({c for _, c in hogs}))
+print("connect", connect)
+conn = http.client.HTTPConnection(host)
+conn.sock = ssl.create_default_context().wrap_socket(s, server_hostname=host)
+print("first", get(conn))
+more = [tunnel() for _ in range(64)]
+print("more", sorted({c for _, c in more}))
+print("again", get(conn))
+hogs[0][0].settimeout(10)
+print("oldest hog closed", hogs[0][0].recv(1) == b"")
+'''
+
+
+def test_tunnels_without_proxy_credentials_cannot_lock_a_tool_with_a_placeholder_out(bench, keygate_bin):
+    # A local process holding nothing fills the pool of token-less tunnels; a tool with its
+    # run's placeholder still gets in (the oldest unidentified tunnel makes room), and once its
+    # request identified it, more tunnels from that process never push it out.
+    (bench.tmp / "hog.py").write_text(HOG_SCRIPT)
+    done = bench.run(f"python3 {bench.tmp / 'hog.py'} > out.txt 2> err.txt", keygate_bin, env={"PORT": str(bench.proxy_port)})
+    out = (bench.work / "out.txt").read_text()
+    assert done.returncode == 0, out + (bench.work / "err.txt").read_text()
+    assert out.splitlines() == [
+        "hogs [200]",
+        "connect 200",
+        "first 200",
+        "more [200]",
+        "again 200",
+        "oldest hog closed True",
+    ], out
+    assert [credential_from(r) for r in bench.api.requests] == [bench.key, bench.key]
