@@ -264,8 +264,41 @@ impl StreamRedactor {
         Bytes::from(out)
     }
 
+    /// [`StreamRedactor::push`] of a shared buffer: when nothing is held from earlier chunks
+    /// and nothing in this one is replaced, the bytes to emit are a slice of `chunk`, not a
+    /// copy (the usual case for a response body).
+    pub fn push_bytes(&mut self, chunk: &Bytes) -> Bytes {
+        if self.sse.is_some() || !self.scanner.pending.is_empty() {
+            return self.push(chunk);
+        }
+        let engine = Arc::clone(&self.scanner.engine);
+        // With nothing held, what the scanner emits is a prefix of `chunk`, in order: until
+        // the first span, `plain` bytes of it unchanged.
+        let mut plain = 0;
+        let mut out: Option<Vec<u8>> = None;
+        self.scanner
+            .push(chunk, false, |bytes, spans| match &mut out {
+                None if spans.is_empty() => plain += bytes.len(),
+                None => {
+                    let mut v = Vec::with_capacity(chunk.len());
+                    v.extend_from_slice(&chunk[..plain]);
+                    engine.render(bytes, spans, &mut v);
+                    out = Some(v);
+                }
+                Some(v) => engine.render(bytes, spans, v),
+            });
+        match out {
+            None => chunk.slice(..plain),
+            Some(v) => Bytes::from(v),
+        }
+    }
+
     /// The rest, at end of stream.
     pub fn finish(mut self) -> Bytes {
+        if self.sse.is_none() && self.scanner.pending.is_empty() {
+            // Nothing held: the final scan would be of no bytes.
+            return Bytes::new();
+        }
         let mut out = Vec::new();
         let engine = Arc::clone(&self.scanner.engine);
         self.scanner.push(&[], true, |bytes, spans| {

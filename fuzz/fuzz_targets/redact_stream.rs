@@ -34,9 +34,15 @@ fuzz_target!(|data: &[u8]| {
     let mut stream = Arc::clone(&r).stream();
     let mut out = Vec::new();
     let mut at = 0;
-    for &s in sizes {
+    for (i, &s) in sizes.iter().enumerate() {
         let end = (at + usize::from(s)).min(input.len());
-        out.extend_from_slice(&stream.push(&input[at..end]));
+        // Both entry points, in turn: `push_bytes` may answer with a slice of its chunk.
+        if i % 2 == 0 {
+            out.extend_from_slice(&stream.push(&input[at..end]));
+        } else {
+            let chunk = bytes::Bytes::copy_from_slice(&input[at..end]);
+            out.extend_from_slice(&stream.push_bytes(&chunk));
+        }
         at = end;
     }
     out.extend_from_slice(&stream.push(&input[at..]));

@@ -156,7 +156,7 @@ where
                         o.data(&data);
                     }
                     let out = match &mut this.redactor {
-                        Some(r) => r.push(&data),
+                        Some(r) => r.push_bytes(&data),
                         None => data,
                     };
                     if out.is_empty() {

@@ -263,8 +263,11 @@ const fn token(
     }
 }
 
+/// How many entries `SPECS` has: a scan's per-detector memory is an array of this length.
+const SPEC_COUNT: usize = 16;
+
 // Order matters: when two detectors redact the same span, the earlier name labels it.
-static SPECS: &[Spec] = &[
+static SPECS: [Spec; SPEC_COUNT] = [
     token(
         "anthropic_key",
         Class::Strong,
@@ -513,7 +516,7 @@ const DOCUMENTED_EXAMPLES: &[&str] = &[
 /// Every detector name, in priority order, for documentation and tests.
 pub(crate) fn names() -> Vec<&'static str> {
     let mut out: Vec<&'static str> = Vec::new();
-    for s in SPECS {
+    for s in &SPECS {
         if !out.contains(&s.name) {
             out.push(s.name);
         }
@@ -643,7 +646,9 @@ struct Memo {
 pub(crate) struct ScanState {
     newline: Next,
     non_token: Next,
-    memo: Vec<Memo>,
+    /// An array, not a `Vec`: a scan that meets an anchor (every body with `"…_tokens":`)
+    /// then allocates nothing.
+    memo: [Memo; SPEC_COUNT],
     jwt: [Next; 3],
     /// The first END line at or after `.0`, if any.
     pem_end: Option<(usize, Option<(usize, usize)>)>,
@@ -831,6 +836,13 @@ impl Iterator for Anchors<'_> {
             if self.from >= buf.len() {
                 return None;
             }
+            if buf.len() - self.from < super::search::SHORT_HAY {
+                // Too short for the SIMD prefilter (see `SHORT_HAY`): walk the rest. Every
+                // anchor before `from` is handed out, so the walk starts there.
+                let start = self.d.dense.start_state(Anchored::No).ok()?;
+                self.walk = Some((start, self.from, self.from));
+                return self.next();
+            }
             let m = self.d.anchors.find(Input::new(buf).range(self.from..))?;
             if m.start() - self.from < 32 {
                 // Every anchor starting after this one is still to be found: walk from here.
@@ -986,7 +998,7 @@ impl Detectors {
         ScanState {
             newline: Next::default(),
             non_token: Next::default(),
-            memo: vec![Memo::default(); SPECS.len()],
+            memo: [Memo::default(); SPEC_COUNT],
             jwt: [Next::default(); 3],
             pem_end: None,
             entropy: Window::default(),
@@ -1892,7 +1904,8 @@ mod tests {
             let mut buf = Vec::new();
             for (lit, gap) in pieces {
                 let fill = if gap >= 80 { 100 } else { gap % 4 };
-                buf.extend(std::iter::repeat_n(b'x', fill));
+                // Filler with the literals' bytes, so that literals half met are searched too.
+                buf.extend(b"xsEcrSwoaPikt-_".iter().cycle().skip(gap % 7).take(fill));
                 let l = &d.literals[lit % d.literals.len()];
                 // Sometimes only part of a literal, so that near misses are walked too.
                 let cut = if gap % 5 == 0 { l.len() - 1 } else { l.len() };
@@ -1955,7 +1968,7 @@ mod tests {
                 w.push_str(p);
             }
             let w = w.into_bytes();
-            for spec in SPECS {
+            for spec in &SPECS {
                 if let Shape::Run { head, parse: Some(parse), .. } = spec.shape {
                     let want = compile(head).find(&w).map(|m| m.end());
                     proptest::prop_assert_eq!(parse(&w), want, "{} on {:?}", spec.name, String::from_utf8_lossy(&w));

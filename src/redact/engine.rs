@@ -33,7 +33,8 @@ struct Known {
     label_of: Vec<u32>,
     labels: Vec<String>,
     prefixes: Prefixes,
-    /// Every spelling, ASCII-lower-cased, for header names (which arrive lower-cased).
+    /// Every spelling, ASCII-lower-cased, shortest first, for header names (which arrive
+    /// lower-cased).
     lower: Vec<Vec<u8>>,
 }
 
@@ -130,7 +131,7 @@ impl Engine {
         let known = (!patterns.is_empty()).then(|| {
             let automaton = Searcher::new(&patterns);
             let mut lower: Vec<Vec<u8>> = patterns.iter().map(|p| p.to_ascii_lowercase()).collect();
-            lower.sort();
+            lower.sort_by(|a, b| a.len().cmp(&b.len()).then_with(|| a.cmp(b)));
             lower.dedup();
             Arc::new(Known {
                 automaton,
@@ -175,10 +176,23 @@ impl Engine {
         let Some(k) = &self.known else {
             return false;
         };
-        let name = name.to_ascii_lowercase();
-        k.lower
+        // Sorted by length: a name (usually a dozen bytes) is shorter than every spelling of a
+        // held value (at least `MIN_KNOWN_LEN` bytes, usually far more), so this usually
+        // compares no bytes at all.
+        let fits = k.lower.partition_point(|p| p.len() <= name.len());
+        if fits == 0 {
+            return false;
+        }
+        let lowered;
+        let name = if name.iter().any(u8::is_ascii_uppercase) {
+            lowered = name.to_ascii_lowercase();
+            &lowered[..]
+        } else {
+            name
+        };
+        k.lower[..fits]
             .iter()
-            .any(|p| memchr::memmem::find(&name, p).is_some())
+            .any(|p| memchr::memmem::find(name, p).is_some())
     }
 
     /// The longest known pattern: one term of the stream hold-back bound.
@@ -293,8 +307,8 @@ impl Engine {
         if let (Some((_, prefixes, _)), false) = (&self.detectors, eof) {
             *safe = (*safe).min(prefixes.tail_start(buf));
         }
-        // Most inputs (header values, short paths) hold no anchor: the scan memory is made at
-        // the first one, so those cost no allocation.
+        // Made at the first anchor: most buffers (header names and values, ordinary bodies)
+        // have none, and the state is a few KiB to allocate and clear.
         let mut st = None;
         for (at, dets) in d.anchors(buf) {
             if at >= *safe {
@@ -305,8 +319,7 @@ impl Engine {
                 if !set.has(det) {
                     continue;
                 }
-                let st = st.get_or_insert_with(|| d.state());
-                match d.eval(st, det, buf, at, prev, eof) {
+                match d.eval(st.get_or_insert_with(|| d.state()), det, buf, at, prev, eof) {
                     Eval::Pending(wake) => {
                         *safe = (*safe).min(at);
                         pending = Some(match pending {
@@ -520,6 +533,38 @@ mod uncrossed_tests {
             let safe = (x >> 33) as usize % 50;
             let want = by_loop(&hits, safe);
             assert_eq!(uncrossed(&mut hits, safe), want);
+        }
+    }
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::*;
+
+    proptest::proptest! {
+        /// Header names: a held spelling found in any ASCII case, in names shorter and longer
+        /// than the spellings, as lower-casing the name and searching every spelling finds it.
+        #[test]
+        fn holds_ignoring_case_agrees_with_searching_every_spelling(
+            value in proptest::collection::vec(proptest::sample::select(&b"aB3-x_Z/+="[..]), 8..24),
+            pieces in proptest::collection::vec((0usize..3, 0usize..30, proptest::bool::ANY), 0..6),
+        ) {
+            let engine = Engine::new(vec![("k".into(), value.clone())], DetectorSet::NONE);
+            let spellings = known::spellings(&value);
+            let mut name = Vec::new();
+            for (kind, n, upper) in pieces {
+                let piece: Vec<u8> = match kind {
+                    0 => b"x-header-".iter().copied().cycle().take(n).collect(),
+                    1 => spellings[n % spellings.len()].clone(),
+                    _ => spellings[n % spellings.len()][..n % 8].to_vec(),
+                };
+                name.extend(piece.iter().map(|b| if upper { b.to_ascii_uppercase() } else { *b }));
+            }
+            let lowered = name.to_ascii_lowercase();
+            let want = spellings.iter().any(|p| {
+                memchr::memmem::find(&lowered, &p.to_ascii_lowercase()).is_some()
+            });
+            proptest::prop_assert_eq!(engine.holds_ignoring_case(&name), want);
         }
     }
 }

@@ -22,6 +22,10 @@ const MANY_FROM: usize = 64;
 const SHORT_HOP: usize = 32;
 /// Bytes walked without the prefilter after a short hop.
 const WALK: usize = 256;
+/// Fewer bytes than this are walked without the prefilter: below its SIMD minimum (19 bytes
+/// for Fat Teddy) the library's prefilter falls back on Rabin-Karp, which costs more per byte
+/// than the walk (header names and values, the end of every buffer).
+pub(crate) const SHORT_HAY: usize = 32;
 
 /// A leftmost-longest searcher over a set of patterns.
 pub(crate) enum Searcher {
@@ -96,7 +100,7 @@ fn walk(aut: &dfa::DFA, start: StateID, hay: &[u8], out: &mut dyn FnMut(usize, u
     // Asks the prefilter for the first candidate at or after `from`; notes a short hop.
     let ask = |from: usize, quiet_until: &mut usize| -> Candidate {
         match pre {
-            Some(pre) if from >= *quiet_until => {
+            Some(pre) if from >= *quiet_until && hay.len() - from >= SHORT_HAY => {
                 let c = pre.find_in(hay, Span::from(from..hay.len()));
                 if let Candidate::PossibleStartOfMatch(i) = c {
                     if i - from < SHORT_HOP {

@@ -42,9 +42,14 @@ fn stream_all(r: &Arc<Redactor>, input: &[u8], cuts: &[usize]) -> Vec<u8> {
     let mut s = Arc::clone(r).stream();
     let mut out = Vec::new();
     let mut at = 0;
-    for &c in cuts {
+    for (i, &c) in cuts.iter().enumerate() {
         let c = c.clamp(at, input.len());
-        out.extend_from_slice(&s.push(&input[at..c]));
+        // Both entry points, in turn: a shared chunk's output may be a slice of it.
+        if i % 2 == 0 {
+            out.extend_from_slice(&s.push(&input[at..c]));
+        } else {
+            out.extend_from_slice(&s.push_bytes(&Bytes::copy_from_slice(&input[at..c])));
+        }
         at = c;
     }
     out.extend_from_slice(&s.push(&input[at..]));
