@@ -1652,12 +1652,18 @@ mod tests {
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    #[test]
-    fn a_runtime_thread_owes_the_writer_its_wake_up_until_it_parks() {
+    /// An open log in a temporary directory that has written its start record.
+    fn started_log() -> (tempfile::TempDir, std::path::PathBuf, Arc<AuditLog>) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         let log = AuditLog::open(&path, true).unwrap();
         log.lifecycle(lifecycle("start")).unwrap();
+        (dir, path, log)
+    }
+
+    #[test]
+    fn a_runtime_thread_owes_the_writer_its_wake_up_until_it_parks() {
+        let (_dir, path, log) = started_log();
         // This thread now runs as a tokio worker does: it parks, and says so first.
         settle();
         on_park();
@@ -1678,10 +1684,7 @@ mod tests {
 
     #[test]
     fn a_thread_that_never_parks_wakes_the_writer_at_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.jsonl");
-        let log = AuditLog::open(&path, true).unwrap();
-        log.lifecycle(lifecycle("start")).unwrap();
+        let (_dir, path, log) = started_log();
         // A blocking-pool thread (or a test thread) has no park hook.
         std::thread::scope(|s| {
             s.spawn(|| log.begin(rec("r1")).finish());
@@ -1693,10 +1696,7 @@ mod tests {
 
     #[test]
     fn an_owed_wake_up_is_paid_by_a_later_record_once_the_batch_is_a_window_old() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.jsonl");
-        let log = AuditLog::open(&path, true).unwrap();
-        log.lifecycle(lifecycle("start")).unwrap();
+        let (_dir, path, log) = started_log();
         settle();
         on_park();
         log.begin(rec("r1")).finish();
@@ -1717,10 +1717,7 @@ mod tests {
 
     #[test]
     fn a_record_someone_waits_for_pays_an_owed_wake_up() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.jsonl");
-        let log = AuditLog::open(&path, true).unwrap();
-        log.lifecycle(lifecycle("start")).unwrap();
+        let (_dir, path, log) = started_log();
         settle();
         on_park();
         log.begin(rec("r1")).finish();
