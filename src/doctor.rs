@@ -165,14 +165,7 @@ fn default_config() -> Option<PathBuf> {
     if here.is_file() {
         return Some(here);
     }
-    let base = std::env::var_os("XDG_CONFIG_HOME")
-        .filter(|x| !x.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .filter(|h| !h.is_empty())
-                .map(|h| PathBuf::from(h).join(".config"))
-        })?;
+    let base = crate::service::config_home()?;
     Some(base.join("keygate/keygate.toml")).filter(|p| p.is_file())
 }
 

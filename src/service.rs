@@ -418,7 +418,7 @@ fn write_unit(path: &Path, unit: &str) -> std::io::Result<()> {
 }
 
 /// `$XDG_CONFIG_HOME`, else `~/.config`.
-fn config_home() -> Option<PathBuf> {
+pub(crate) fn config_home() -> Option<PathBuf> {
     std::env::var_os("XDG_CONFIG_HOME")
         .filter(|x| !x.is_empty())
         .map(PathBuf::from)
