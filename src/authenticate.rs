@@ -413,12 +413,12 @@ impl Tokens {
             if let Some((stored, &agent)) = self.by_hash.get_key_value(&h) {
                 // The map lookup found the entry by hash; confirming in constant time keeps the
                 // comparison itself from being a timing oracle should the lookup ever change.
-                if bool::from(stored.ct_eq(&h)) {
+                if same_hash(stored, &h) {
                     return Ok((agent, Some(h)));
                 }
             }
             if let Some((stored, &(agent, expires))) = issued.get_key_value(&h) {
-                if bool::from(stored.ct_eq(&h)) && !self.revoked.contains(&token_id(&h)) {
+                if same_hash(stored, &h) && !self.revoked.contains(&token_id(&h)) {
                     if store::now() < expires {
                         return Ok((agent, Some(h)));
                     }
@@ -485,13 +485,20 @@ fn person_in(headers: &HeaderMap, name: &HeaderName) -> Result<String, Rejection
     Ok(v.to_string())
 }
 
+/// Two token hashes compared in constant time: every byte is looked at, and the one decision is
+/// `subtle`'s (a byte-wise `ct_eq` makes one opaque choice per byte, 32 per request).
+fn same_hash(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    bool::from(diff.ct_eq(&0))
+}
+
 fn hash(token: &[u8]) -> [u8; 32] {
     Sha256::digest(token).into()
 }
 
 /// Token candidates in the order of precedence.
 fn candidates(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
-    CALLER_CREDENTIAL_NAMES.iter().flat_map(move |name| {
+    crate::headerset::held(headers, &CALLER_CREDENTIAL_NAMES).flat_map(move |name| {
         headers.get_all(name).iter().filter_map(move |v| {
             let v = v.as_bytes();
             let v = if name == http::header::AUTHORIZATION {
@@ -512,9 +519,7 @@ fn strip_scheme(v: &[u8]) -> Option<&[u8]> {
 
 /// Removes every header that could carry the caller's own credential.
 pub fn strip_caller_credentials(headers: &mut HeaderMap) {
-    for name in &CALLER_CREDENTIAL_NAMES {
-        headers.remove(name);
-    }
+    crate::headerset::remove_all(headers, &CALLER_CREDENTIAL_NAMES);
     headers.remove(http::header::PROXY_AUTHORIZATION);
 }
 
@@ -523,6 +528,17 @@ pub fn strip_caller_credentials(headers: &mut HeaderMap) {
 mod tests {
     use super::*;
     use std::path::Path;
+
+    #[test]
+    fn token_hashes_are_equal_only_when_every_byte_is() {
+        let a = hash(b"kg_one");
+        assert!(same_hash(&a, &a.clone()));
+        for i in 0..32 {
+            let mut b = a;
+            b[i] ^= 0x80;
+            assert!(!same_hash(&a, &b), "byte {i}");
+        }
+    }
 
     #[test]
     fn token_id_is_tok_and_the_first_twelve_hex_digits_of_the_hash() {

@@ -705,6 +705,22 @@ pub fn attach(
     inject(route, secret, headers, query)
 }
 
+/// The header value made of `v`'s buffer itself (one allocation per request, not a second
+/// copy of the key); a value a header may not hold is zeroized and refused.
+fn value_from(mut v: zeroize::Zeroizing<Vec<u8>>) -> Option<HeaderValue> {
+    // `HeaderValue`'s own rule: visible ASCII, space and tab, checked before the buffer is
+    // handed over, so a refused value is still zeroized on drop.
+    let valid = v.iter().all(|&b| (b >= 32 && b != 127) || b == b'\t');
+    if !valid {
+        return None;
+    }
+    let bytes = bytes::Bytes::from(std::mem::take(&mut *v));
+    let mut value = HeaderValue::from_maybe_shared(bytes).ok()?;
+    // Sensitive values are never put in HTTP/2's HPACK table, where they would outlive the request.
+    value.set_sensitive(true);
+    Some(value)
+}
+
 /// Puts the agent's placeholder headers back with the credential in place of the route's
 /// placeholder, and replaces it in the query and body where the route opted in
 /// (`placeholder::substitute`). Returns whether a header now carries the credential.
@@ -825,7 +841,7 @@ fn inject(
             let mut v = zeroize::Zeroizing::new(Vec::with_capacity(7 + secret.len()));
             v.extend_from_slice(b"Bearer ");
             v.extend_from_slice(secret.expose());
-            headers.insert(header::AUTHORIZATION, value(&v)?);
+            headers.insert(header::AUTHORIZATION, value_from(v).ok_or_else(bad)?);
         }
         Inject::Header { name, format } => {
             let (before, after) = format.split_once("{secret}").unwrap_or(("", ""));

@@ -41,7 +41,11 @@ use crate::redact::body::{find_body_error, BodyError};
 use crate::redact::Redactor;
 
 /// The request headers that ask for part of a body.
-const RANGE_HEADERS: [&str; 3] = ["range", "if-range", "request-range"];
+static RANGE_HEADERS: [http::HeaderName; 3] = [
+    header::RANGE,
+    header::IF_RANGE,
+    http::HeaderName::from_static("request-range"),
+];
 
 /// Any error a forwarded body can fail with.
 pub type BoxError = Box<dyn StdError + Send + Sync>;
@@ -58,6 +62,8 @@ pub struct Forwarder {
     pool: Arc<affinity::Pool>,
     /// Forward-proxy routes with their own TLS (`upstream_ca`, SNI = `host`).
     routes: crate::proxy::upstream::RouteClients,
+    /// Each route's `Host` value, made once: a clone is a reference count, not a copy.
+    hosts: Vec<Option<HeaderValue>>,
 }
 
 impl Forwarder {
@@ -92,12 +98,18 @@ impl Forwarder {
             connector: https,
             pool: Arc::default(),
             routes: Default::default(),
+            hosts: Vec::new(),
         })
     }
 
     /// Gives forward-proxy routes that need it their own TLS client (see `proxy::upstream`).
     pub fn with_routes(mut self, config: &Config) -> Result<Forwarder, String> {
         self.routes = crate::proxy::upstream::RouteClients::build(config, config.connect_timeout)?;
+        self.hosts = config
+            .routes
+            .iter()
+            .map(|r| HeaderValue::from_str(host_of(r)).ok())
+            .collect();
         Ok(self)
     }
 
@@ -123,8 +135,10 @@ impl Forwarder {
     ) -> Result<Response<Incoming>, Rejection> {
         let route = &config.routes[authorized.route()];
         let up = &route.upstream;
-        let mut path_and_query =
-            String::with_capacity(up.base_path.len() + authorized.raw_path().len() + 1);
+        // Sized exactly: `Uri` takes the buffer over as it is only when nothing is spare.
+        let len =
+            up.base_path.len() + authorized.raw_path().len() + query.map_or(0, |q| q.len() + 1);
+        let mut path_and_query = String::with_capacity(len);
         path_and_query.push_str(&up.base_path);
         path_and_query.push_str(authorized.raw_path());
         if let Some(q) = query {
@@ -139,9 +153,11 @@ impl Forwarder {
             .map_err(|_| Rejection::new(Code::InvalidPath, "the path cannot be sent upstream"))?;
         // hyper's client speaks HTTP/1.1 or negotiates h2 itself; the agent's version is its own.
         head.version = http::Version::HTTP_11;
-        // A forward-proxy route's upstream serves the host the agent asked for.
-        let host = route.host.as_deref().unwrap_or(up.authority.as_str());
-        if let Ok(v) = HeaderValue::from_str(host) {
+        let host = match self.hosts.get(authorized.route().0) {
+            Some(v) => v.clone(),
+            None => HeaderValue::from_str(host_of(route)).ok(),
+        };
+        if let Some(v) = host {
             head.headers.insert(header::HOST, v);
         }
         // Redaction reads the response bytes; a compressed body would hide a secret from it.
@@ -150,9 +166,7 @@ impl Forwarder {
             HeaderValue::from_static("identity"),
         );
         if !route.allow_range {
-            for name in RANGE_HEADERS {
-                head.headers.remove(name);
-            }
+            crate::headerset::remove_all(&mut head.headers, &RANGE_HEADERS);
         }
         for (k, v) in &route.extra_headers {
             head.headers.insert(k.clone(), v.clone());
@@ -203,6 +217,15 @@ impl Forwarder {
             )),
         }
     }
+}
+
+/// The `Host` a route's upstream is sent: a forward-proxy route's upstream serves the host the
+/// agent asked for.
+fn host_of(route: &crate::config::Route) -> &str {
+    route
+        .host
+        .as_deref()
+        .unwrap_or(route.upstream.authority.as_str())
 }
 
 impl Forwarder {

@@ -129,10 +129,6 @@ static METHOD_OVERRIDE_HEADERS: [HeaderName; 3] = [
     HeaderName::from_static("x-method-override"),
 ];
 
-/// Hop-by-hop headers without a constant in `http`, named once rather than parsed per request.
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-
 /// Every coding named in every instance of a coding header, trimmed and lower-cased; a value that
 /// is not text yields one token no check accepts.
 pub fn codings(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = String> + '_ {
@@ -195,7 +191,7 @@ fn override_refused(value: Option<&str>, method: &Method, what: &str) -> Result<
 /// Refuses a method-override header unless every instance names the request's own method;
 /// [`strip_request`] then drops it.
 fn check_method_override(headers: &HeaderMap, method: &Method) -> Result<(), Rejection> {
-    for name in &METHOD_OVERRIDE_HEADERS {
+    for name in crate::headerset::held(headers, &METHOD_OVERRIDE_HEADERS) {
         for v in headers.get_all(name) {
             override_refused(v.to_str().ok(), method, name.as_str())?;
         }
@@ -256,9 +252,7 @@ pub fn check_form_override(head: &Parts, body: &[u8]) -> Result<(), Rejection> {
 /// What a checked request must not carry upstream: hop-by-hop headers and method overrides.
 pub fn strip_request(headers: &mut HeaderMap) {
     strip_hop_by_hop(headers);
-    for name in &METHOD_OVERRIDE_HEADERS {
-        headers.remove(name);
-    }
+    crate::headerset::remove_all(headers, &METHOD_OVERRIDE_HEADERS);
 }
 
 /// `localhost`, `127.x.y.z` and `[::1]`, with or without a port.
@@ -284,30 +278,37 @@ fn is_loopback_host(host: &str) -> bool {
 
 /// Drops hop-by-hop headers (RFC 9110 §7.6.1), including any the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        headers.remove(n);
+    let found = crate::headerset::present(headers, &HOP_BY_HOP);
+    if found == 0 {
+        return;
     }
-    for n in [
-        header::CONNECTION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-    ] {
-        headers.remove(n);
+    if found & 1 != 0 {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
     }
-    headers.remove(&KEEP_ALIVE);
-    headers.remove(&PROXY_CONNECTION);
+    crate::headerset::remove_all(headers, &HOP_BY_HOP);
 }
+
+/// The hop-by-hop headers, `Connection` (which may name more) first.
+static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+];
 
 /// Reads a whole request body, refusing one over `limit` (413) or one that breaks (400).
 pub async fn read_body<B>(body: B, limit: u64) -> Result<bytes::Bytes, Rejection>
@@ -317,14 +318,43 @@ where
 {
     use http_body_util::BodyExt;
     let limited = http_body_util::Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
-    match limited.collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Rejection::too_large(limit)),
-        Err(_) => Err(Rejection::new(
-            Code::BadRequest,
-            "the request body could not be read",
-        )),
+    let mut limited = std::pin::pin!(limited);
+    // A body of one frame (nearly every request) is that frame's bytes, neither queued nor
+    // copied; more frames are joined in one buffer.
+    let mut first = bytes::Bytes::new();
+    let mut joined: Option<bytes::BytesMut> = None;
+    while let Some(frame) = limited.frame().await {
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(Rejection::too_large(limit))
+            }
+            Err(_) => {
+                return Err(Rejection::new(
+                    Code::BadRequest,
+                    "the request body could not be read",
+                ))
+            }
+        };
+        // Trailers carry no body bytes.
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if data.is_empty() {
+            continue;
+        }
+        match &mut joined {
+            Some(buf) => buf.extend_from_slice(&data),
+            None if first.is_empty() => first = data,
+            None => {
+                let mut buf = bytes::BytesMut::with_capacity(first.len() + data.len());
+                buf.extend_from_slice(&first);
+                buf.extend_from_slice(&data);
+                joined = Some(buf);
+            }
+        }
     }
+    Ok(joined.map_or(first, bytes::BytesMut::freeze))
 }
 
 /// The lab broker's rule: a route that takes JSON refuses a body that does not parse.
@@ -602,5 +632,35 @@ mod tests {
         );
         strip_hop_by_hop(&mut p.headers);
         assert_eq!(p.headers.len(), 1, "{:?}", p.headers);
+    }
+
+    proptest::proptest! {
+        /// However a body is cut into frames (empty ones and trailers included), `read_body`
+        /// gives its bytes joined, or 413 past the limit.
+        #[test]
+        fn read_body_joins_any_framing_and_refuses_past_the_limit(
+            chunks in proptest::collection::vec(proptest::collection::vec(0u8..=255, 0..40), 0..8),
+            trailers in proptest::prelude::any::<bool>(),
+            limit in 0u64..200,
+        ) {
+            use http_body_util::StreamBody;
+            let whole: Vec<u8> = chunks.concat();
+            let mut frames: Vec<Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>> =
+                chunks
+                    .iter()
+                    .map(|c| Ok(http_body::Frame::data(bytes::Bytes::from(c.clone()))))
+                    .collect();
+            if trailers {
+                frames.push(Ok(http_body::Frame::trailers(HeaderMap::new())));
+            }
+            let body = StreamBody::new(futures_util::stream::iter(frames));
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let got = rt.block_on(read_body(body, limit));
+            if whole.len() as u64 > limit {
+                proptest::prop_assert_eq!(got.unwrap_err().code, Code::RequestTooLarge);
+            } else {
+                proptest::prop_assert_eq!(got.unwrap(), bytes::Bytes::from(whole));
+            }
+        }
     }
 }

@@ -182,7 +182,6 @@ async fn process(
 
     // authenticate (a live placeholder is its run's capability: `placeholder`)
     let runs = &state.control.runs;
-    let lifted = placeholder::lift(&mut head.headers, &runs.placeholders)?;
     // Routed once, here: authentication needs to know whether the route takes placeholders,
     // and the route's own refusal still comes after authentication's (below).
     let via_host = head
@@ -193,6 +192,7 @@ async fn process(
     let placeholder_route = routed
         .as_ref()
         .is_ok_and(|r| placeholder::enabled(&config.routes[r.route]));
+    let lifted = placeholder::lift(&mut head.headers, &runs.placeholders, placeholder_route)?;
     let who = placeholder::identify(
         state.tokens.identify(&mut head, peer),
         &lifted,

@@ -17,7 +17,7 @@
 //! one place the value is exposed.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{LazyLock, Mutex};
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -274,8 +274,23 @@ fn mismatch(message: impl Into<String>) -> Rejection {
 /// mistakes it for a token nor strips it), and notes the other values of caller-credential
 /// headers. A `kgph_` string in a credential position that is no live placeholder is refused; in
 /// any other header it is ordinary text.
-pub fn lift(headers: &mut HeaderMap, registry: &Registry) -> Result<Lifted, Rejection> {
+///
+/// `foreign_check`: the request's route takes placeholders, so [`check_foreign`] will judge the
+/// caller-credential values; on any other route they are not kept (no copy per request).
+pub fn lift(
+    headers: &mut HeaderMap,
+    registry: &Registry,
+    foreign_check: bool,
+) -> Result<Lifted, Rejection> {
     let mut lifted = Lifted::default();
+    // Nearly every request holds no `kgph_` and no Basic credential: one search per value says
+    // so, and then nothing is looked up, hashed or copied.
+    if !headers.values().any(|v| may_hold_placeholder(v.as_bytes())) {
+        if foreign_check {
+            lifted.others = caller_credentials(headers);
+        }
+        return Ok(lifted);
+    }
     // Names are read in place and only live ones taken off afterwards: a request without
     // placeholders (nearly all) costs no copy of its header names.
     let mut live_names: Vec<HeaderName> = Vec::new();
@@ -305,13 +320,12 @@ pub fn lift(headers: &mut HeaderMap, registry: &Registry) -> Result<Lifted, Reje
         }
         if live {
             live_names.push(name.clone());
-        } else if crate::authenticate::CALLER_CREDENTIAL_HEADERS.contains(&name.as_str()) {
-            // A caller's token: marked so that `Debug` of a `Lifted` never prints it.
-            lifted.others.extend(headers.get_all(name).iter().map(|v| {
-                let mut v = v.clone();
-                v.set_sensitive(true);
-                v
-            }));
+        } else if foreign_check
+            && crate::authenticate::CALLER_CREDENTIAL_HEADERS.contains(&name.as_str())
+        {
+            lifted
+                .others
+                .extend(headers.get_all(name).iter().map(sensitive));
         }
     }
     for name in live_names {
@@ -320,6 +334,28 @@ pub fn lift(headers: &mut HeaderMap, registry: &Registry) -> Result<Lifted, Reje
         lifted.headers.push((name, values));
     }
     Ok(lifted)
+}
+
+/// Whether [`candidates`] could find anything in a header value: it holds `kgph_`, or it is a
+/// Basic credential (whose decoded pair may).
+fn may_hold_placeholder(value: &[u8]) -> bool {
+    find(value, PREFIX.as_bytes()).is_some() || basic_scheme(value).is_some()
+}
+
+/// Every value of the caller-credential headers, as [`lift`] keeps them for [`check_foreign`].
+fn caller_credentials(headers: &HeaderMap) -> Vec<HeaderValue> {
+    headers
+        .iter()
+        .filter(|(name, _)| crate::authenticate::CALLER_CREDENTIAL_NAMES.contains(name))
+        .map(|(_, v)| sensitive(v))
+        .collect()
+}
+
+/// A caller's token, marked so that `Debug` of a `Lifted` never prints it.
+fn sensitive(v: &HeaderValue) -> HeaderValue {
+    let mut v = v.clone();
+    v.set_sensitive(true);
+    v
 }
 
 /// A credential header's token, as `authenticate` reads it: a Bearer value without its scheme.
@@ -341,14 +377,18 @@ fn candidates(value: &[u8]) -> Vec<Vec<u8>> {
 }
 
 fn basic_decoded(value: &[u8]) -> Option<Vec<u8>> {
+    base64::engine::general_purpose::STANDARD
+        .decode(basic_scheme(value)?)
+        .ok()
+}
+
+/// The credential of a `Basic …` value, still encoded.
+fn basic_scheme(value: &[u8]) -> Option<&[u8]> {
     let v = value.trim_ascii();
     let i = v.iter().position(|&b| b == b' ')?;
-    if !v[..i].eq_ignore_ascii_case(b"basic") {
-        return None;
-    }
-    base64::engine::general_purpose::STANDARD
-        .decode(v[i..].trim_ascii())
-        .ok()
+    v[..i]
+        .eq_ignore_ascii_case(b"basic")
+        .then(|| v[i..].trim_ascii())
 }
 
 /// Every maximal `kgph_[A-Za-z0-9_-]+` in `text`.
@@ -376,6 +416,12 @@ fn spans(text: &[u8]) -> Vec<std::ops::Range<usize>> {
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    // The prefix is searched in every header value of every request: its searcher is built once.
+    static PREFIX_FINDER: LazyLock<memchr::memmem::Finder<'static>> =
+        LazyLock::new(|| memchr::memmem::Finder::new(PREFIX.as_bytes()));
+    if needle == PREFIX.as_bytes() {
+        return PREFIX_FINDER.find(hay);
+    }
     memchr::memmem::find(hay, needle)
 }
 

@@ -64,7 +64,7 @@ fn bearer_placeholder_is_lifted_before_authenticate_and_replaced_by_the_credenti
     let (reg, gh, _) = registry(&c);
     let bearer = HeaderValue::from_str(&format!("Bearer {gh}")).unwrap();
     let mut h = headers(&[("authorization", bearer)]);
-    let lifted = lift(&mut h, &reg).unwrap();
+    let lifted = lift(&mut h, &reg, true).unwrap();
     assert!(h.get("authorization").is_none());
     assert_eq!(lifted.owner().unwrap().token_id, "tok_run1");
     let mut q = None;
@@ -79,7 +79,7 @@ fn basic_placeholder_keeps_the_username_git_sent() {
     let c = config("");
     let (reg, gh, _) = registry(&c);
     let mut h = headers(&[("authorization", basic(&format!("x-access-token:{gh}")))]);
-    let lifted = lift(&mut h, &reg).unwrap();
+    let lifted = lift(&mut h, &reg, true).unwrap();
     let mut q = None;
     run(&c, lifted, Some(&gh), &mut h, &mut q, None).unwrap();
     assert_eq!(h["authorization"], basic("x-access-token:REAL/+="));
@@ -90,7 +90,7 @@ fn token_header_placeholder_is_replaced_in_place() {
     let c = config("");
     let (reg, gh, _) = registry(&c);
     let mut h = headers(&[("private-token", HeaderValue::from_str(&gh).unwrap())]);
-    let lifted = lift(&mut h, &reg).unwrap();
+    let lifted = lift(&mut h, &reg, true).unwrap();
     let mut q = None;
     assert!(run(&c, lifted, Some(&gh), &mut h, &mut q, None).unwrap());
     assert_eq!(h["private-token"], "REAL/+=");
@@ -101,7 +101,7 @@ fn placeholder_of_another_route_in_a_credential_header_is_refused() {
     let c = config("");
     let (reg, gh, other) = registry(&c);
     let mut h = headers(&[("x-api-key", HeaderValue::from_str(&other).unwrap())]);
-    let lifted = lift(&mut h, &reg).unwrap();
+    let lifted = lift(&mut h, &reg, true).unwrap();
     let mut q = None;
     let e = run(&c, lifted, Some(&gh), &mut h, &mut q, None).unwrap_err();
     assert_eq!(e.code, Code::PlaceholderMismatch);
@@ -115,12 +115,12 @@ fn ended_runs_placeholder_in_a_credential_header_is_refused_and_elsewhere_is_tex
     let bearer = HeaderValue::from_str(&format!("Bearer {gh}")).unwrap();
     let mut h = headers(&[("authorization", bearer)]);
     assert_eq!(
-        lift(&mut h, &reg).unwrap_err().code,
+        lift(&mut h, &reg, true).unwrap_err().code,
         Code::PlaceholderMismatch
     );
     // Benign: an ordinary header that mentions a kgph_ string is the agent's text.
     let mut h = headers(&[("x-note", HeaderValue::from_str(&gh).unwrap())]);
-    let lifted = lift(&mut h, &reg).unwrap();
+    let lifted = lift(&mut h, &reg, true).unwrap();
     assert!(lifted.owner().is_none());
     assert_eq!(h["x-note"], gh.as_str());
 }
@@ -142,7 +142,7 @@ fn placeholders_of_two_runs_in_one_request_are_refused() {
         ),
     ]);
     assert_eq!(
-        lift(&mut h, &reg).unwrap_err().code,
+        lift(&mut h, &reg, true).unwrap_err().code,
         Code::PlaceholderMismatch
     );
 }
@@ -152,7 +152,7 @@ fn a_request_with_only_a_placeholder_is_its_runs_and_a_token_must_be_the_same_ru
     let c = config("");
     let (reg, gh, _) = registry(&c);
     let mut h = headers(&[("x-api-key", HeaderValue::from_str(&gh).unwrap())]);
-    let lifted = lift(&mut h, &reg).unwrap();
+    let lifted = lift(&mut h, &reg, true).unwrap();
     let missing = Err(Rejection::new(Code::MissingToken, "none"));
     let who = identify(missing, &lifted, &c, true, |_| true).unwrap();
     assert_eq!(who.token_id.as_deref(), Some("tok_run1"));
@@ -184,7 +184,7 @@ fn foreign_token_on_a_placeholder_route_is_refused_and_the_callers_own_token_is_
     let id = format!("tok_{}", &hex::encode(hash(token.as_bytes()))[..12]);
     let bearer = HeaderValue::from_str(&format!("Bearer {token}")).unwrap();
     let mut h = headers(&[("authorization", bearer)]);
-    let lifted = lift(&mut h, &reg).unwrap();
+    let lifted = lift(&mut h, &reg, true).unwrap();
     crate::authenticate::strip_caller_credentials(&mut h);
     assert!(check_foreign(&c.routes[0], &lifted, Some(&id), &h).is_ok());
     let e = check_foreign(&c.routes[0], &lifted, Some("tok_other"), &h).unwrap_err();
