@@ -107,7 +107,7 @@ pub struct Record {
     pub blame: Option<crate::error::Blame>,
     /// The id of the token the agent presented (`tok_…`), never the token.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub token_id: Option<String>,
+    pub token_id: Option<std::sync::Arc<str>>,
     /// The `keygate run` the token was leased for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub run_id: Option<String>,

@@ -92,8 +92,9 @@ type SharedStore = Arc<dyn crate::state::StateStore>;
 pub struct Identity {
     /// The configured agent the token belongs to.
     pub agent: AgentId,
-    /// `tok_` + the first 12 hex digits of the token's SHA-256, as `token list` shows it.
-    pub token_id: Option<String>,
+    /// `tok_` + the first 12 hex digits of the token's SHA-256, as `token list` shows it;
+    /// shared with the audit record (a reference count, not a copy).
+    pub token_id: Option<Arc<str>>,
     /// The person a trusted front end named (`person_header`); `None` for other agents.
     pub person: Option<String>,
 }
@@ -331,7 +332,7 @@ impl Tokens {
         let (agent, hash) = self.by_token(&headers)?;
         Ok(Identity {
             agent: AgentId(agent),
-            token_id: hash.map(|h| token_id(&h)),
+            token_id: hash.map(|h| shared_token_id(&h)),
             person: None,
         })
     }
@@ -348,7 +349,7 @@ impl Tokens {
         };
         match self.by_token(&head.headers) {
             Ok((agent, hash)) => Ok(Identity {
-                token_id: hash.map(|h| token_id(&h)),
+                token_id: hash.map(|h| shared_token_id(&h)),
                 ..found(agent)
             }),
             // A refusal that is not about a missing or unknown token (two different tokens)
@@ -451,13 +452,20 @@ impl Tokens {
 
 /// A token's public id: `tok_` + the first 12 hex digits of its SHA-256.
 pub(crate) fn token_id(hash: &[u8; 32]) -> String {
+    String::from_utf8_lossy(&token_id_bytes(hash)).into_owned()
+}
+
+/// [`token_id`] in one allocation that the audit record then shares.
+fn shared_token_id(hash: &[u8; 32]) -> Arc<str> {
+    Arc::from(String::from_utf8_lossy(&token_id_bytes(hash)).as_ref())
+}
+
+fn token_id_bytes(hash: &[u8; 32]) -> [u8; 16] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    // Built in place: one allocation per request instead of three.
-    let mut id = String::with_capacity(16);
-    id.push_str("tok_");
-    for &b in &hash[..6] {
-        id.push(char::from(HEX[usize::from(b >> 4)]));
-        id.push(char::from(HEX[usize::from(b & 0xf)]));
+    let mut id = *b"tok_000000000000";
+    for (i, &b) in hash[..6].iter().enumerate() {
+        id[4 + 2 * i] = HEX[usize::from(b >> 4)];
+        id[5 + 2 * i] = HEX[usize::from(b & 0xf)];
     }
     id
 }

@@ -93,7 +93,17 @@ pub async fn handle(
     // hyper then closes it, and a pooled client must be told so rather than find out on reuse.
     let http1_with_body = head.version < http::Version::HTTP_2 && !body.is_end_stream();
     let mut body_read = false;
-    let mut resp = match process(&state, &peer, &mut pending, head, body, &mut body_read).await {
+    let mut resp = match process(
+        &state,
+        &peer,
+        &scanner,
+        &mut pending,
+        head,
+        body,
+        &mut body_read,
+    )
+    .await
+    {
         Ok(Answer::Local(resp, decision, reason)) => {
             let r = pending.record();
             r.decision = decision;
@@ -140,6 +150,8 @@ enum Answer {
 /// What the way back needs to know about an upstream answer.
 struct Upstream {
     resp: Response<Incoming>,
+    /// The response redactor, with every value held when the answer came.
+    redactor: Arc<redact::Redactor>,
     request_redacted: bool,
     route: RouteId,
     /// The tokens booked against the agent's budget, settled when the answer ends.
@@ -150,9 +162,12 @@ struct Upstream {
     hold: Option<crate::secret::openbao::LeaseHold>,
 }
 
+/// `scanner` is the request scan's engine, loaded once per request: a value held after it was
+/// loaded is in the next request's.
 async fn process(
     state: &State,
     peer: &Peer,
+    scanner: &Arc<redact::Redactor>,
     pending: &mut Pending,
     mut head: Parts,
     body: Incoming,
@@ -206,11 +221,7 @@ async fn process(
     pending.record().agent(&config.agents[agent]);
     if let Some(p) = &who.person {
         // The front end's header is agent-written text: the record gets it through the scan.
-        let named = state
-            .credentials
-            .scanner()
-            .redact(p.as_bytes())
-            .into_owned();
+        let named = scanner.redact(p.as_bytes()).into_owned();
         pending.record().person = Some(String::from_utf8_lossy(&named).into());
     }
     // Per-person limits key on the person the audit names.
@@ -238,8 +249,10 @@ async fn process(
 
     // scan (and read the body where policy needs all of it)
     let declared = approval::declared_length(&head);
+    let sent_length = head.headers.get(header::CONTENT_LENGTH).cloned();
     let (body, request_redacted) = request_body(
-        state,
+        config,
+        scanner,
         route,
         pending,
         &mut head,
@@ -249,8 +262,7 @@ async fn process(
     )
     .await?;
     if route.request_scan != RequestScan::Off {
-        let scanner = state.credentials.scanner();
-        scan::lifted(&scanner, route.request_scan, &lifted.masked(), pending)?;
+        scan::lifted(scanner, route.request_scan, &lifted.masked(), pending)?;
     }
     let mut body_sha256 = None;
     let mut plan = usage::RequestPlan::default();
@@ -328,7 +340,14 @@ async fn process(
         }
     }
     let body = match (whole, body) {
-        (Some(bytes), _) => full(bytes),
+        (Some(bytes), _) => {
+            // The agent's own `Content-Length`, where it is still the body's: hyper would
+            // otherwise format the same number into a new value (two allocations).
+            if let Some(v) = sent_length.filter(|v| states_length(v.as_bytes(), bytes.len())) {
+                head.headers.insert(header::CONTENT_LENGTH, v);
+            }
+            full(bytes)
+        }
         (None, Some(body)) => body,
         (None, None) => full(Bytes::new()),
     };
@@ -358,9 +377,12 @@ async fn process(
     state
         .credentials
         .after_answer(resp.status(), route, secret.as_deref());
-    forward::passable(&resp, &state.credentials.redactor(), &route.upstream.host)?;
+    // Loaded after the credential stage, so a value held for this request is in it.
+    let redactor = state.credentials.redactor();
+    forward::passable(&resp, &redactor, &route.upstream.host)?;
     Ok(Answer::Upstream(Upstream {
         resp,
+        redactor,
         request_redacted,
         route: route_id,
         reservation,
@@ -381,8 +403,11 @@ enum RequestBody {
 /// The scan stage: the URL and headers now; the body whole where policy needs all of it, else
 /// as it streams (`whole` asks for all of it). The body is re-framed, so its length is hyper's
 /// to set. Also says whether anything was redacted.
+// Each is borrowed on its own: the record is written while the head and body are read.
+#[allow(clippy::too_many_arguments)]
 async fn request_body(
-    state: &State,
+    config: &Config,
+    scanner: &Arc<redact::Redactor>,
     route: &Route,
     pending: &mut Pending,
     head: &mut Parts,
@@ -390,9 +415,8 @@ async fn request_body(
     whole: bool,
     body_read: &mut bool,
 ) -> Result<(RequestBody, bool), Rejection> {
-    let config = &*state.config;
     let mode = route.request_scan;
-    let scanner = (mode != RequestScan::Off).then(|| state.credentials.scanner());
+    let scanner = (mode != RequestScan::Off).then_some(scanner);
     let mut redacted = match &scanner {
         Some(scanner) => scan::head(scanner, mode, head, pending)?,
         None => false,
@@ -420,10 +444,14 @@ async fn request_body(
         return Ok((RequestBody::Whole(bytes), redacted));
     }
     let count = Arc::new(AtomicU64::new(0));
-    let body = RedactingBody::new(body, scanner.map(|s| s.stream()), CountIn(count.clone()))
-        .limit(limit)
-        .map_err(Into::into)
-        .boxed();
+    let body = RedactingBody::new(
+        body,
+        scanner.map(|s| s.clone().stream()),
+        CountIn(count.clone()),
+    )
+    .limit(limit)
+    .map_err(Into::into)
+    .boxed();
     Ok((RequestBody::Streamed(body, count), redacted))
 }
 
@@ -445,7 +473,7 @@ fn returning(
     };
     r.status = up.resp.status().as_u16();
     let bodiless = r.method == "HEAD" || matches!(r.status, 204 | 304);
-    let redactor = state.credentials.redactor();
+    let redactor = up.redactor;
     let (mut head, body) = up.resp.into_parts();
     let meter = Meter::new(head.status, &head.headers, up.reservation);
     guard::strip_hop_by_hop(&mut head.headers);
@@ -498,16 +526,36 @@ fn full(b: Bytes) -> Body {
         .boxed()
 }
 
+/// Whether `value` is `len` in decimal as hyper writes it (no sign, no leading zero).
+fn states_length(value: &[u8], len: usize) -> bool {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = len;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    value == &digits[at..]
+}
+
 const REQUEST_ID_LEN: usize = 4 + 24;
 
 /// `req_` + 24 hex digits: a request's id in its record, its answer and its errors.
 pub(crate) fn new_request_id() -> String {
     use rand::Rng;
-    use std::fmt::Write;
-    let n: u128 = rand::rng().random();
-    // Sized exactly, so the id is one allocation and the `x-request-id` header takes it over.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let n: u128 = rand::rng().random::<u128>() >> 32;
+    // Sized exactly, so the id is one allocation and the `x-request-id` header takes it over;
+    // written digit by digit (`{:024x}` goes through the formatting machinery).
     let mut id = String::with_capacity(REQUEST_ID_LEN);
-    let _ = write!(id, "req_{:024x}", n >> 32);
+    id.push_str("req_");
+    for shift in (0..24).rev() {
+        id.push(char::from(HEX[((n >> (shift * 4)) & 0xf) as usize]));
+    }
     id
 }
 
@@ -531,4 +579,41 @@ pub(crate) fn admit(
     state
         .control
         .check_frozen(Some(&state.config.agents[who.agent].name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn request_ids_are_req_and_24_hex_digits() {
+        let id = new_request_id();
+        assert_eq!(id.len(), REQUEST_ID_LEN);
+        assert!(id.starts_with("req_"));
+        assert!(id[4..]
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert_ne!(new_request_id(), id);
+    }
+
+    proptest! {
+        /// The agent's `Content-Length` is kept only when it spells the body's length the way
+        /// hyper would: a sign, a leading zero or another number is not the same value.
+        #[test]
+        fn content_length_is_reused_only_when_it_spells_the_length(
+            len in 0usize..1_000_000,
+            other in 0usize..1_000_000,
+        ) {
+            prop_assert!(states_length(len.to_string().as_bytes(), len));
+            prop_assert_eq!(states_length(other.to_string().as_bytes(), len), other == len);
+            let plus = format!("+{len}");
+            let zero = format!("0{len}");
+            let spaced = format!("{len} ");
+            prop_assert!(!states_length(plus.as_bytes(), len));
+            prop_assert!(!states_length(zero.as_bytes(), len));
+            prop_assert!(!states_length(spaced.as_bytes(), len));
+            prop_assert!(!states_length(b"", len));
+        }
+    }
 }

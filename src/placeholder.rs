@@ -464,7 +464,7 @@ pub fn identify(
                 .ok_or_else(|| mismatch("the placeholder's run has ended"))?;
             Ok(Identity {
                 agent: AgentId(agent),
-                token_id: Some(owner.token_id.clone()),
+                token_id: Some(owner.token_id.as_str().into()),
                 person: None,
             })
         }

@@ -494,8 +494,8 @@ impl Conn {
         via.port = target.port;
         let caller = who
             .token_id
-            .clone()
-            .unwrap_or_else(|| config.agents[who.agent].name.clone());
+            .as_deref()
+            .map_or_else(|| config.agents[who.agent].name.clone(), str::to_string);
         if config
             .routes
             .iter()
