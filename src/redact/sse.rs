@@ -24,8 +24,9 @@ use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::marker::PhantomData;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
+use memchr::memmem::Finder;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::Value;
@@ -38,6 +39,9 @@ use super::Redactor;
 pub(crate) const MAX_EVENT: usize = 64 * 1024;
 /// The most events held back behind an unfinished delta text.
 pub(crate) const MAX_HELD_EVENTS: usize = 256;
+
+/// Built once: `memmem::find` would build its searcher again for every event.
+static DELTA: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"delta\""));
 
 pub(crate) struct Events {
     redactor: Arc<Redactor>,
@@ -143,8 +147,7 @@ impl Events {
             deltas: Vec::new(),
         };
         // Only events that name a delta are parsed; the rest pass as they are.
-        let range = data_line(&held.raw)
-            .filter(|r| memchr::memmem::find(&held.raw[r.clone()], b"\"delta\"").is_some());
+        let range = data_line(&held.raw).filter(|r| DELTA.find(&held.raw[r.clone()]).is_some());
         if let Some(range) = range {
             for (key, slot, text) in deltas(&held.raw[range.clone()]) {
                 let t = self.text(key);
