@@ -242,10 +242,12 @@ impl Forwarder {
         {
             let key = (scheme.clone(), authority.clone());
             if !self.pool.is_h2(&key) {
-                let absolute = req.uri().clone();
-                // A connection of its own is sent origin-form, as the pooled client does.
-                if let Some(pq) = absolute.path_and_query() {
-                    *req.uri_mut() = Uri::from(pq.clone());
+                // A connection of its own is sent origin-form, as the pooled client does. The
+                // path moves into it rather than being cloned: a clone makes its buffer shared,
+                // an allocation per request.
+                let mut parts = std::mem::take(req.uri_mut()).into_parts();
+                if let Some(pq) = parts.path_and_query.take() {
+                    *req.uri_mut() = Uri::from(pq);
                 }
                 match affinity::send(&self.pool, &self.connector, a, key, req).await {
                     Ok(resp) => return Ok(resp),
@@ -253,7 +255,8 @@ impl Forwarder {
                     Err(affinity::Failed::Request(e)) => return Err((false, e.into())),
                     Err(affinity::Failed::H2(unsent)) => {
                         req = *unsent;
-                        *req.uri_mut() = absolute;
+                        parts.path_and_query = req.uri().path_and_query().cloned();
+                        *req.uri_mut() = Uri::from_parts(parts).map_err(|e| (false, e.into()))?;
                     }
                 }
             }
