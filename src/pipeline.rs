@@ -342,8 +342,11 @@ async fn process(
     let body = match (whole, body) {
         (Some(bytes), _) => {
             // The agent's own `Content-Length`, where it is still the body's: hyper would
-            // otherwise format the same number into a new value (two allocations).
-            if let Some(v) = sent_length.filter(|v| states_length(v.as_bytes(), bytes.len())) {
+            // otherwise format the same number into a new value (two allocations). An empty
+            // body is sent without one, as hyper does.
+            let same =
+                |v: &HeaderValue| !bytes.is_empty() && states_length(v.as_bytes(), bytes.len());
+            if let Some(v) = sent_length.filter(same) {
                 head.headers.insert(header::CONTENT_LENGTH, v);
             }
             full(bytes)
