@@ -395,3 +395,36 @@ async fn a_gemini_sdk_sending_its_token_in_x_goog_api_key_gets_the_key_injected_
     assert_eq!(resp.status(), 401);
     assert_eq!(*seen_key.lock().unwrap(), vec![vec![KEY.to_string()]]);
 }
+
+#[tokio::test]
+async fn upstream_gets_the_agents_content_length_for_a_whole_body_and_none_for_an_empty_one() {
+    let up = upstream(Arc::new(|req| {
+        let length = req
+            .headers()
+            .get("content-length")
+            .map(|v| v.to_str().unwrap().to_string());
+        hyper::Response::new(full(
+            serde_json::json!({"length": length, "len": req.body().len()}).to_string(),
+        ))
+    }))
+    .await;
+    let kg = Keygate::start(&config(up.addr, ""), &env());
+    let url = format!("{}/r/v1/chat/completions", kg.url);
+    let resp = client()
+        .request(post(&url, full(r#"{"model":"m"}"#)))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let v = body_json(resp).await;
+    assert_eq!(v["length"], "13", "{v}");
+    assert_eq!(v["len"], 13, "{v}");
+    // An empty body with the agent's `Content-Length: 0` goes on as hyper sends one: without it.
+    let mut req = post(&url, full(""));
+    req.headers_mut()
+        .insert("content-length", http::HeaderValue::from_static("0"));
+    let resp = client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let v = body_json(resp).await;
+    assert_eq!(v["length"], serde_json::Value::Null, "{v}");
+    assert_eq!(v["len"], 0, "{v}");
+}
