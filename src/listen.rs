@@ -731,3 +731,37 @@ fn refuse_overloaded(
             .boxed()
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_idle_http1_connection_gets_at_most_the_head_bound_and_an_http2_one_its_idle_timeout() {
+        let slots = Slots::new(4);
+        let limits = Connections {
+            idle_timeout: Duration::from_secs(90),
+            first_request_timeout: Duration::from_secs(45),
+            ..Connections::default()
+        };
+        let (_, t) = slots.admit().unwrap();
+        // Not served yet, protocol not known (h2c sniffing): the first-request deadline.
+        let first = t.idle_check(&slots, &limits);
+        assert!(
+            first > HEAD_WITHIN && first <= Duration::from_secs(45),
+            "{first:?}"
+        );
+        t.served.store(true, Ordering::Relaxed);
+        let h2 = t.idle_check(&slots, &limits);
+        assert!(h2 > HEAD_WITHIN && h2 <= Duration::from_secs(90), "{h2:?}");
+        t.http1.store(true, Ordering::Relaxed);
+        let h1 = t.idle_check(&slots, &limits);
+        assert!(h1 <= HEAD_WITHIN && h1 > HEAD_WITHIN / 2, "{h1:?}");
+        // A shorter configured idle time still wins.
+        let short = Connections {
+            idle_timeout: Duration::from_secs(5),
+            ..limits
+        };
+        assert!(t.idle_check(&slots, &short) <= Duration::from_secs(5));
+    }
+}
