@@ -204,7 +204,7 @@ impl Credentials {
         }
         if let (SecretSource::OpenBao(bao), Some(run)) = (&entry.spec.source, run) {
             if bao.per_run() {
-                return self.get_for_run(id.0, entry, bao, run).await;
+                return Box::pin(self.get_for_run(id.0, entry, bao, run)).await;
             }
         }
         if let SecretSource::OpenBao(bao) = &entry.spec.source {
@@ -217,10 +217,10 @@ impl Credentials {
                         return Err(Rejection::new(Code::SecretUnavailable, f.1.clone()));
                     }
                 }
-                return match bao.fetch(name).await {
+                return match Box::pin(bao.fetch(name)).await {
                     Ok(s) => {
                         let s = Arc::new(s);
-                        self.remember_coalesced(s.clone()).await;
+                        Box::pin(self.remember_coalesced(s.clone())).await;
                         Ok(Some(s))
                     }
                     Err(e) => {
@@ -250,7 +250,10 @@ impl Credentials {
                 return Err(Rejection::new(Code::SecretUnavailable, f.1.clone()));
             }
         }
-        let fetched = entry.spec.fetch().await;
+        // Fetching is boxed, as the other sources above: the cache hit is the hot path, and
+        // the sources' futures (HTTP clients, commands) would make every request's future,
+        // moved on each await, KBs larger.
+        let fetched = Box::pin(entry.spec.fetch()).await;
         self.keep(name, entry, fetched)
     }
 

@@ -43,7 +43,7 @@ use crate::config::{Connections, Listen};
 use crate::error::{Code, Rejection};
 use crate::forward::affinity::Host;
 use crate::forward::{Affinity, Body, BoxError};
-use crate::guard::timeout::Closer;
+use crate::guard::timeout::{Closer, WatchHost};
 use crate::guard::Peer;
 use crate::pipeline::{self, State};
 use crate::reload::Live;
@@ -230,6 +230,10 @@ const MAX_REFUSING: usize = 64;
 const REFUSE_WITHIN: Duration = Duration::from_secs(5);
 /// How long a connection closed for idleness may take to finish closing.
 const CLOSE_WITHIN: Duration = Duration::from_secs(2);
+/// An HTTP/1 connection's next request head must be complete this long after the previous
+/// answer (hyper's header read timeout, enforced by the connection's idle check instead, so no
+/// timer is made per request head).
+const HEAD_WITHIN: Duration = Duration::from_secs(30);
 
 /// One listener's open connections.
 struct Slots {
@@ -251,6 +255,9 @@ struct Tracked {
     /// Milliseconds after `Slots::epoch` when the connection last became idle.
     idle_since: AtomicU64,
     served: AtomicBool,
+    /// Speaks HTTP/1 (known from the start, or from its first request): its heads are bounded
+    /// by [`HEAD_WITHIN`].
+    http1: AtomicBool,
 }
 
 impl Slots {
@@ -292,6 +299,7 @@ impl Slots {
             in_flight: AtomicUsize::new(0),
             idle_since: AtomicU64::new(self.now_ms()),
             served: AtomicBool::new(false),
+            http1: AtomicBool::new(false),
         });
         open.insert(id, t.clone());
         Some((id, t))
@@ -428,8 +436,8 @@ fn http1_builder() -> hyper::server::conn::http1::Builder {
     let mut b = hyper::server::conn::http1::Builder::new();
     b.keep_alive(true)
         .max_buf_size(MAX_HEAD_BYTES.max(8192))
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
+        // `HEAD_WITHIN` in the idle check bounds the head instead.
+        .header_read_timeout(None);
     b
 }
 
@@ -439,8 +447,8 @@ fn builder() -> auto::Builder<TokioExecutor> {
         .http1()
         .keep_alive(true)
         .max_buf_size(MAX_HEAD_BYTES.max(8192))
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
+        // `HEAD_WITHIN` in the idle check bounds the head instead.
+        .header_read_timeout(None);
     builder
         .http2()
         .max_header_list_size(MAX_HEAD_BYTES as u32)
@@ -509,15 +517,27 @@ impl Accepted {
             let slots = slots.clone();
             service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
                 let in_flight = InFlight::enter(&tracked, &slots);
-                req.extensions_mut().insert(tracked.close.clone());
                 req.extensions_mut().insert(info.clone());
                 // HTTP/1 requests on one connection are sequential, so they can share one
-                // upstream connection; HTTP/2 streams run at once and use the pooled client.
+                // upstream connection, and their answers are written by the connection's own
+                // task, which watches them too (`drive`); HTTP/2 streams run at once, in tasks
+                // of their own, and use the pooled client.
                 if req.version() < http::Version::HTTP_2 {
+                    tracked.http1.store(true, Ordering::Relaxed);
+                    req.extensions_mut().insert(tracked.close.hosting());
                     req.extensions_mut().insert(affinity.clone());
+                } else {
+                    req.extensions_mut().insert(tracked.close.clone());
                 }
-                let answer =
-                    pipeline::handle(state.state.load_full(), peer.clone(), listener.clone(), req);
+                // Boxed: hyper moves the service's future into its connection state, and an async
+                // block keeps what it awaits beside what it captured; a pointer moves for free,
+                // the pipeline's future is several KB.
+                let answer = Box::pin(pipeline::handle(
+                    state.state.load_full(),
+                    peer.clone(),
+                    listener.clone(),
+                    req,
+                ));
                 async move {
                     let resp = answer.await?;
                     Ok::<_, std::convert::Infallible>(resp.map(|inner| InFlightBody {
@@ -536,6 +556,7 @@ impl Accepted {
             );
             crate::runtime::spawn_conn(run);
         } else {
+            tracked.http1.store(true, Ordering::Relaxed);
             let conn = http1_builder().serve_connection(io, svc);
             let drain =
                 |c: Pin<&mut _>| hyper::server::conn::http1::Connection::graceful_shutdown(c);
@@ -599,6 +620,7 @@ async fn drive<C, G>(
     // upstream connection by then.
     let host = host;
     tokio::pin!(conn);
+    let mut watch = WatchHost::new();
     // Set once the connection was asked to close: by then only its own end, a hard
     // close or (unless keygate is stopping, which has its own grace) a bound is awaited.
     let mut closing: Option<Option<tokio::time::Instant>> = None;
@@ -613,8 +635,13 @@ async fn drive<C, G>(
         tokio::select! {
             // The connection first: it is what most wake-ups are for.
             biased;
-            // A connection error is the client's (reset, bad framing); nothing to report.
-            _ = std::future::poll_fn(|cx| host.poll_with(cx, conn.as_mut())) => break,
+            // A connection error is the client's (reset, bad framing); nothing to report. The
+            // watch of the answer being written is checked after each poll of the connection,
+            // which is what changes it; it ends the connection when the client stopped reading.
+            _ = std::future::poll_fn(|cx| match host.poll_with(cx, conn.as_mut()) {
+                Poll::Ready(_) => Poll::Ready(()),
+                Poll::Pending => watch.poll(&tracked.close, cx),
+            }) => break,
             _ = tracked.close.closed() => break,
             _ = tokio::time::sleep_until(bound), if closing.flatten().is_some() => break,
             _ = stop.changed(), if closing.is_none() => {
@@ -634,11 +661,14 @@ async fn drive<C, G>(
 impl Tracked {
     /// Time left before this connection counts as idle too long; zero when it does.
     fn idle_check(&self, slots: &Slots, limits: &Connections) -> Duration {
-        let limit = if self.served.load(Ordering::Relaxed) {
+        let mut limit = if self.served.load(Ordering::Relaxed) {
             limits.idle_timeout
         } else {
             limits.first_request_timeout
         };
+        if self.http1.load(Ordering::Relaxed) {
+            limit = limit.min(HEAD_WITHIN);
+        }
         if self.in_flight.load(Ordering::Acquire) > 0 {
             return limit;
         }
@@ -700,4 +730,38 @@ fn refuse_overloaded(
             .map_err(|never: std::convert::Infallible| match never {})
             .boxed()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_idle_http1_connection_gets_at_most_the_head_bound_and_an_http2_one_its_idle_timeout() {
+        let slots = Slots::new(4);
+        let limits = Connections {
+            idle_timeout: Duration::from_secs(90),
+            first_request_timeout: Duration::from_secs(45),
+            ..Connections::default()
+        };
+        let (_, t) = slots.admit().unwrap();
+        // Not served yet, protocol not known (h2c sniffing): the first-request deadline.
+        let first = t.idle_check(&slots, &limits);
+        assert!(
+            first > HEAD_WITHIN && first <= Duration::from_secs(45),
+            "{first:?}"
+        );
+        t.served.store(true, Ordering::Relaxed);
+        let h2 = t.idle_check(&slots, &limits);
+        assert!(h2 > HEAD_WITHIN && h2 <= Duration::from_secs(90), "{h2:?}");
+        t.http1.store(true, Ordering::Relaxed);
+        let h1 = t.idle_check(&slots, &limits);
+        assert!(h1 <= HEAD_WITHIN && h1 > HEAD_WITHIN / 2, "{h1:?}");
+        // A shorter configured idle time still wins.
+        let short = Connections {
+            idle_timeout: Duration::from_secs(5),
+            ..limits
+        };
+        assert!(t.idle_check(&slots, &short) <= Duration::from_secs(5));
+    }
 }

@@ -403,7 +403,9 @@ pub(super) async fn send(
             },
         }
     }
-    let (mut s, conn) = match connect(pool, connector, &key).await? {
+    // Boxed: connecting is the cold branch, and its future (TCP, TLS, handshake) would make
+    // every request's future, moved on each await, several KB larger.
+    let (mut s, conn) = match Box::pin(connect(pool, connector, &key)).await? {
         Some(s) => s,
         None => return Err(Failed::H2(Box::new(req))),
     };

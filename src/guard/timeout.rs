@@ -107,15 +107,18 @@ where
                 Poll::Ready(f.map(|r| r.map_err(Into::into)))
             }
             Poll::Pending => {
-                let deadline = Instant::now() + this.idle;
-                let timer = this
-                    .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
                 if !this.waiting {
                     // A new wait: the idle time counts from now, not from the last frame.
-                    timer.as_mut().reset(deadline);
+                    let deadline = Instant::now() + this.idle;
+                    match &mut this.timer {
+                        Some(timer) => timer.as_mut().reset(deadline),
+                        None => this.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                    }
                     this.waiting = true;
                 }
+                let Some(timer) = this.timer.as_mut() else {
+                    return Poll::Pending;
+                };
                 if timer.as_mut().poll(cx).is_ready() {
                     this.fired.store(true, Ordering::Relaxed);
                     return Poll::Ready(Some(Err(Box::new(BodyTimedOut(this.idle)))));
@@ -136,17 +139,117 @@ where
 
 /// Closes the connection a request came on; put in the request's extensions by `listen`.
 #[derive(Clone, Default)]
-pub struct Closer(Arc<Notify>);
+pub struct Closer {
+    conn: Arc<Conn>,
+    /// The connection's own task polls this request's response body (HTTP/1), so it can also
+    /// watch it ([`WatchHost`]): no task of its own per response.
+    hosted: bool,
+}
+
+#[derive(Default)]
+struct Conn {
+    notify: Notify,
+    /// The response watch the connection's task hosts, if any.
+    watch: Mutex<Option<Arc<Shared>>>,
+}
 
 impl Closer {
     /// Tells `listen` to drop the connection now, without waiting for a graceful close.
     pub fn close(&self) {
-        self.0.notify_one();
+        self.conn.notify.notify_one();
     }
 
     /// Resolves once [`close`](Closer::close) is called; the connection's task waits on it.
     pub async fn closed(&self) {
-        self.0.notified().await
+        self.conn.notify.notified().await
+    }
+
+    /// The same connection's closer, for a request whose response body the connection's task
+    /// polls itself (HTTP/1): that task then watches the response ([`WatchHost`]) instead of
+    /// a task per response.
+    pub fn hosting(&self) -> Closer {
+        Closer {
+            conn: self.conn.clone(),
+            hosted: true,
+        }
+    }
+}
+
+/// The connection task's side of [`Closer::hosting`]: checks the current response's watch each
+/// time the connection was polled, with one timer per connection armed only while a deadline
+/// is pending (a frame handed to hyper and not yet taken, or `max_response_time`).
+pub struct WatchHost {
+    timer: Option<Pin<Box<Sleep>>>,
+    armed: Option<Instant>,
+}
+
+impl Default for WatchHost {
+    fn default() -> Self {
+        WatchHost::new()
+    }
+}
+
+impl WatchHost {
+    /// A host with no timer yet.
+    pub fn new() -> Self {
+        WatchHost {
+            timer: None,
+            armed: None,
+        }
+    }
+
+    /// Call after polling the connection: ready when the connection must be dropped now (the
+    /// client stopped reading); the verdict is then set for the audit record.
+    pub fn poll(&mut self, closer: &Closer, cx: &mut Context<'_>) -> Poll<()> {
+        let mut slot = lock(&closer.conn.watch);
+        let Some(shared) = slot.as_ref() else {
+            self.armed = None;
+            return Poll::Pending;
+        };
+        let mut s = lock(&shared.state);
+        let next = match (s.done, s.handed_at) {
+            (true, _) => None,
+            (false, Some(t)) => Some(
+                shared
+                    .deadline
+                    .map_or(t + shared.idle, |d| d.min(t + shared.idle)),
+            ),
+            (false, None) => shared.deadline,
+        };
+        let Some(next) = next else {
+            if s.done {
+                drop(s);
+                *slot = None;
+            }
+            self.armed = None;
+            return Poll::Pending;
+        };
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(next)));
+        if self.armed != Some(next) {
+            timer.as_mut().reset(next);
+            self.armed = Some(next);
+        }
+        if timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        self.armed = None;
+        let close = match check(&mut s, shared.idle, shared.deadline, Instant::now()) {
+            Some(close) => close,
+            None => {
+                // Not due after all (the clock's rounding): look again on the next poll.
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+        };
+        drop(s);
+        *slot = None;
+        if close {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
     }
 }
 
@@ -162,6 +265,11 @@ struct WatchState {
 struct Shared {
     state: Mutex<WatchState>,
     wake_task: Notify,
+    idle: Duration,
+    /// When `max_response_time` runs out.
+    deadline: Option<Instant>,
+    /// Watched by the connection's task ([`WatchHost`]), not a watchdog task.
+    hosted: bool,
 }
 
 /// The write side of one response: see the module docs.
@@ -172,17 +280,36 @@ pub struct ResponseWatch {
 impl ResponseWatch {
     /// Starts watching; `idle` is the route's idle time, `max_total` its `max_response_time`.
     pub fn start(idle: Duration, max_total: Option<Duration>, closer: Option<Closer>) -> Self {
+        let now = Instant::now();
+        let mut slot = closer
+            .as_ref()
+            .filter(|c| c.hosted)
+            .map(|c| lock(&c.conn.watch));
+        // HTTP/1 answers one request at a time, so the slot is free; should it not be, the
+        // response gets a watchdog task like an HTTP/2 one.
+        let hosted = slot
+            .as_ref()
+            .is_some_and(|w| w.as_ref().is_none_or(|w| lock(&w.state).done));
         let shared = Arc::new(Shared {
             state: Mutex::new(WatchState {
                 // hyper has the head and will ask for the body when it can write.
-                handed_at: Some(Instant::now()),
+                handed_at: Some(now),
                 ..WatchState::default()
             }),
             wake_task: Notify::new(),
+            idle,
+            deadline: max_total.map(|m| now + m),
+            hosted,
         });
-        let deadline = max_total.map(|m| Instant::now() + m);
+        if hosted {
+            if let Some(slot) = slot.as_mut() {
+                **slot = Some(shared.clone());
+            }
+            return ResponseWatch { shared };
+        }
+        drop(slot);
         let task = shared.clone();
-        tokio::spawn(async move { watchdog(task, idle, deadline, closer).await });
+        tokio::spawn(async move { watchdog(task, closer).await });
         ResponseWatch { shared }
     }
 
@@ -223,7 +350,9 @@ impl ResponseWatch {
     /// The response ended; the watchdog stops.
     pub fn done(&self) {
         lock(&self.shared.state).done = true;
-        self.shared.wake_task.notify_one();
+        if !self.shared.hosted {
+            self.shared.wake_task.notify_one();
+        }
     }
 }
 
@@ -293,19 +422,46 @@ where
     }
 }
 
-fn lock(m: &Mutex<WatchState>) -> std::sync::MutexGuard<'_, WatchState> {
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     match m.lock() {
         Ok(g) => g,
         Err(p) => p.into_inner(),
     }
 }
 
-async fn watchdog(
-    shared: Arc<Shared>,
+/// Whether the watch ends the response at `now`: `Some(true)` when the connection must be
+/// closed (hyper is blocked writing), `Some(false)` when the body ends itself on its next poll,
+/// `None` when nothing is due. Sets the verdict.
+fn check(
+    s: &mut WatchState,
     idle: Duration,
     deadline: Option<Instant>,
-    closer: Option<Closer>,
-) {
+    now: Instant,
+) -> Option<bool> {
+    let stalled = s.handed_at.is_some_and(|t| now >= t + idle);
+    let expired = deadline.is_some_and(|d| now >= d);
+    if !(stalled || expired) {
+        return None;
+    }
+    s.verdict = Some(if stalled {
+        Reason::ClientStalled
+    } else {
+        Reason::MaxResponseTimeExceeded
+    });
+    if s.handed_at.is_some() {
+        // hyper is blocked writing and will not poll the body again: only closing the
+        // connection frees it (and drops the body, which writes the record).
+        return Some(true);
+    }
+    if let Some(w) = s.waker.take() {
+        // Waiting on the upstream: the body ends itself on its next poll.
+        w.wake();
+    }
+    Some(false)
+}
+
+async fn watchdog(shared: Arc<Shared>, closer: Option<Closer>) {
+    let (idle, deadline) = (shared.idle, shared.deadline);
     loop {
         let next = {
             let mut s = lock(&shared.state);
@@ -313,25 +469,15 @@ async fn watchdog(
                 return;
             }
             let now = Instant::now();
-            let stalled = s.handed_at.is_some_and(|t| now >= t + idle);
-            let expired = deadline.is_some_and(|d| now >= d);
-            if stalled || expired {
-                s.verdict = Some(if stalled {
-                    Reason::ClientStalled
-                } else {
-                    Reason::MaxResponseTimeExceeded
-                });
-                if s.handed_at.is_some() {
-                    // hyper is blocked writing and will not poll the body again: only closing
-                    // the connection frees it (and drops the body, which writes the record).
+            match check(&mut s, idle, deadline, now) {
+                Some(true) => {
                     if let Some(c) = &closer {
                         c.close();
                     }
-                } else if let Some(w) = s.waker.take() {
-                    // Waiting on the upstream: the body ends itself on its next poll.
-                    w.wake();
+                    return;
                 }
-                return;
+                Some(false) => return,
+                None => {}
             }
             let mut next = s.handed_at.map_or(now + idle, |t| t + idle);
             if let Some(d) = deadline {
@@ -410,5 +556,104 @@ mod tests {
         }
         assert_eq!(watch.verdict(), None);
         watch.done();
+    }
+
+    fn alive_tasks() -> usize {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hosted_watch_needs_no_task_and_closes_a_connection_whose_client_stopped_reading() {
+        let closer = Closer::default().hosting();
+        let watch = ResponseWatch::start(Duration::from_secs(5), None, Some(closer.clone()));
+        assert_eq!(alive_tasks(), 0);
+        watch.handed();
+        let mut host = WatchHost::new();
+        let started = Instant::now();
+        tokio::time::timeout(
+            Duration::from_secs(6),
+            std::future::poll_fn(|cx| host.poll(&closer, cx)),
+        )
+        .await
+        .unwrap();
+        assert!(started.elapsed() >= Duration::from_secs(5));
+        assert_eq!(watch.verdict(), Some(Reason::ClientStalled));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hosted_watch_of_a_response_that_is_read_is_left_alone() {
+        let closer = Closer::default().hosting();
+        let watch = ResponseWatch::start(Duration::from_secs(5), None, Some(closer.clone()));
+        let mut host = WatchHost::new();
+        let cx = &mut Context::from_waker(Waker::noop());
+        for _ in 0..10 {
+            assert_eq!(watch.polled(cx), None);
+            assert!(host.poll(&closer, cx).is_pending());
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            watch.handed();
+            assert!(host.poll(&closer, cx).is_pending());
+        }
+        assert_eq!(watch.verdict(), None);
+        watch.done();
+        assert!(host.poll(&closer, cx).is_pending());
+        // The slot is free again for the connection's next answer.
+        let next = ResponseWatch::start(Duration::from_secs(5), None, Some(closer.clone()));
+        assert_eq!(alive_tasks(), 0);
+        drop(next);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hosted_watch_ends_a_response_past_max_response_time_through_its_body() {
+        let closer = Closer::default().hosting();
+        let watch = ResponseWatch::start(
+            Duration::from_secs(60),
+            Some(Duration::from_secs(2)),
+            Some(closer.clone()),
+        );
+        let woken = Arc::new(Woken::default());
+        let body_waker = Waker::from(woken.clone());
+        // hyper waits on the body, which waits on the upstream.
+        assert_eq!(watch.polled(&Context::from_waker(&body_waker)), None);
+        let mut host = WatchHost::new();
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(3),
+            std::future::poll_fn(|cx| match host.poll(&closer, cx) {
+                Poll::Ready(()) => Poll::Ready(true),
+                Poll::Pending if woken.0.load(Ordering::Relaxed) => Poll::Ready(false),
+                Poll::Pending => Poll::Pending,
+            }),
+        )
+        .await
+        .unwrap();
+        assert!(
+            !outcome,
+            "the connection is not closed: the body ends itself"
+        );
+        assert_eq!(watch.verdict(), Some(Reason::MaxResponseTimeExceeded));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_second_answer_on_a_hosting_connection_gets_a_watchdog_task() {
+        let closer = Closer::default().hosting();
+        let first = ResponseWatch::start(Duration::from_secs(5), None, Some(closer.clone()));
+        let second = ResponseWatch::start(Duration::from_secs(5), None, Some(closer.clone()));
+        assert_eq!(alive_tasks(), 1);
+        second.handed();
+        tokio::time::timeout(Duration::from_secs(6), closer.closed())
+            .await
+            .unwrap();
+        assert_eq!(second.verdict(), Some(Reason::ClientStalled));
+        drop(first);
+    }
+
+    #[derive(Default)]
+    struct Woken(AtomicBool);
+
+    impl std::task::Wake for Woken {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, Ordering::Relaxed);
+        }
     }
 }

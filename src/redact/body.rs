@@ -61,12 +61,36 @@ impl Observer for Ignore {
     fn end(&mut self, _: End, _: u64, _: u64) {}
 }
 
+/// The idle deadline: counted from the last frame (or the start), its timer made and armed only
+/// when the body has to wait, so a body whose frames are ready when asked for costs no timer.
+struct Idle {
+    idle: Duration,
+    since: tokio::time::Instant,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    armed: Option<tokio::time::Instant>,
+}
+
+impl Idle {
+    /// Ready when the deadline passed; else the task is woken when it does.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let deadline = self.since + self.idle;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if self.armed != Some(deadline) {
+            timer.as_mut().reset(deadline);
+            self.armed = Some(deadline);
+        }
+        timer.as_mut().poll(cx)
+    }
+}
+
 /// A body passed through the redactor, limited and observed; see the module docs.
 pub struct RedactingBody<B, O: Observer> {
     inner: B,
     redactor: Option<StreamRedactor>,
     limit: Option<u64>,
-    idle: Option<(Duration, Pin<Box<tokio::time::Sleep>>)>,
+    idle: Option<Idle>,
     observer: Option<O>,
     bytes_in: u64,
     bytes_out: u64,
@@ -94,7 +118,12 @@ impl<B, O: Observer> RedactingBody<B, O> {
 
     /// Ends the body with [`BodyError::Idle`] when no frame arrives for `idle`.
     pub fn idle_timeout(mut self, idle: Duration) -> Self {
-        self.idle = Some((idle, Box::pin(tokio::time::sleep(idle))));
+        self.idle = Some(Idle {
+            idle,
+            since: tokio::time::Instant::now(),
+            timer: None,
+            armed: None,
+        });
         self
     }
 
@@ -130,17 +159,17 @@ where
         loop {
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Pending => {
-                    if let Some((idle, timer)) = &mut this.idle {
-                        if timer.as_mut().poll(cx).is_ready() {
-                            let idle = *idle;
+                    if let Some(idle) = &mut this.idle {
+                        if idle.poll(cx).is_ready() {
+                            let idle = idle.idle;
                             return this.fail(End::Idle, BodyError::Idle(idle));
                         }
                     }
                     return Poll::Pending;
                 }
                 Poll::Ready(Some(Ok(frame))) => {
-                    if let Some((idle, timer)) = &mut this.idle {
-                        timer.as_mut().reset(tokio::time::Instant::now() + *idle);
+                    if let Some(idle) = &mut this.idle {
+                        idle.since = tokio::time::Instant::now();
                     }
                     // Trailers are not forwarded in either direction.
                     let Ok(data) = frame.into_data() else {

@@ -75,7 +75,8 @@ def secret_service(tmp_path):
                 return False
             return found.returncode == 0 and found.stdout == b"probe"
 
-        poll(round_trip_works, "a store and lookup through the Secret Service")
+        # gnome-keyring can take a while to come up on a loaded machine: a generous bound.
+        poll(round_trip_works, "a store and lookup through the Secret Service", timeout=3 * DEADLINE)
         yield env
     finally:
         for p in reversed(procs):
