@@ -177,7 +177,7 @@ fn reason(out: &mut Vec<u8>, r: &Reason) {
 fn string(out: &mut Vec<u8>, s: &str) {
     let bytes = s.as_bytes();
     out.push(b'"');
-    if !bytes.iter().any(|&b| needs_escape(b)) {
+    if !any_needs_escape(bytes) {
         out.extend_from_slice(bytes);
         out.push(b'"');
         return;
@@ -211,6 +211,29 @@ fn string(out: &mut Vec<u8>, s: &str) {
 
 fn needs_escape(b: u8) -> bool {
     b < 0x20 || b == b'"' || b == b'\\'
+}
+
+/// Whether any byte of `bytes` needs an escape, eight bytes per step: a byte below 0x20, or
+/// equal to `"` or `\`, sets its lane's high bit in one of the three masks (the classic "has a
+/// byte less than n" and "has a zero byte" tests, exact as a yes/no answer for the word).
+fn any_needs_escape(bytes: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let mut words = bytes.chunks_exact(8);
+    for w in &mut words {
+        let mut lanes = [0u8; 8];
+        lanes.copy_from_slice(w);
+        let x = u64::from_le_bytes(lanes);
+        let control = x.wrapping_sub(0x20 * ONES);
+        let quote =
+            (x ^ (u64::from(b'"') * ONES)).wrapping_sub(ONES) & !(x ^ (u64::from(b'"') * ONES));
+        let backslash =
+            (x ^ (u64::from(b'\\') * ONES)).wrapping_sub(ONES) & !(x ^ (u64::from(b'\\') * ONES));
+        if ((control & !x) | quote | backslash) & HIGH != 0 {
+            return true;
+        }
+    }
+    words.remainder().iter().any(|&b| needs_escape(b))
 }
 
 #[cfg(test)]
@@ -345,6 +368,16 @@ mod tests {
     }
 
     proptest! {
+        /// The word-at-a-time test answers as testing every byte does.
+        #[test]
+        fn escape_test_by_words_agrees_with_the_byte_test(
+            bytes in proptest::collection::vec(
+                prop_oneof![any::<u8>(), proptest::sample::select(vec![0x1f, 0x20, 0x21, 0x22, 0x23, 0x5b, 0x5c, 0x5d, 0x00, 0x80, 0xa2, 0xdc, 0xff])],
+                0..40),
+        ) {
+            prop_assert_eq!(any_needs_escape(&bytes), bytes.iter().any(|&b| needs_escape(b)));
+        }
+
         /// The chain hashes these bytes and readers parse them: they are serde_json's, for
         /// any record.
         #[test]
