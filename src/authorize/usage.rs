@@ -384,10 +384,15 @@ impl UsageChunkFilter {
     }
 }
 
+/// Searchers built once: `memmem::find` would build one again for every chunk.
+static LF: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\n\n"));
+static CRLF: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\r\n\r\n"));
+static USAGE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
+
 /// The length of the first complete SSE event in `buf`, its terminating blank line included.
 fn event_end(buf: &[u8]) -> Option<usize> {
-    let lf = memchr::memmem::find(buf, b"\n\n").map(|i| i + 2);
-    let crlf = memchr::memmem::find(buf, b"\r\n\r\n").map(|i| i + 4);
+    let lf = LF.find(buf).map(|i| i + 2);
+    let crlf = CRLF.find(buf).map(|i| i + 4);
     match (lf, crlf) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
@@ -397,7 +402,7 @@ fn event_end(buf: &[u8]) -> Option<usize> {
 /// Whether an SSE event is the chunk OpenAI sends for `include_usage`: no choices, a usage
 /// object.
 fn is_usage_only(event: &[u8]) -> bool {
-    if memchr::memmem::find(event, b"\"usage\"").is_none() {
+    if USAGE.find(event).is_none() {
         return false;
     }
     let Ok(text) = std::str::from_utf8(event) else {

@@ -20,10 +20,15 @@
 //! so a secret whose first pieces came before the cut and its rest after is redacted only in the
 //! part each side holds (see README, residuals).
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
+use std::marker::PhantomData;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
+use memchr::memmem::Finder;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
 use serde_json::Value;
 
 use super::engine::Label;
@@ -34,6 +39,9 @@ use super::Redactor;
 pub(crate) const MAX_EVENT: usize = 64 * 1024;
 /// The most events held back behind an unfinished delta text.
 pub(crate) const MAX_HELD_EVENTS: usize = 256;
+
+/// Built once: `memmem::find` would build its searcher again for every event.
+static DELTA: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"delta\""));
 
 pub(crate) struct Events {
     redactor: Arc<Redactor>,
@@ -46,21 +54,22 @@ pub(crate) struct Events {
 
 struct Held {
     raw: Vec<u8>,
-    /// Present when the event carries deltas: its parsed data and where it sits in `raw`.
-    data: Option<(Value, Range<usize>)>,
+    /// Present when the event carries deltas: where its JSON data sits in `raw`. It is parsed
+    /// into a tree again only when a finding changes one of its deltas.
+    data: Option<Range<usize>>,
     deltas: Vec<Delta>,
 }
 
 struct Delta {
     text: usize,
-    pointer: String,
+    slot: Slot,
     start: u64,
     end: u64,
 }
 
 /// One joined delta text and the stream scan over it.
 struct Text {
-    key: String,
+    key: Key<'static>,
     pending: Vec<u8>,
     /// Offset in the joined text of `pending[0]`: everything before it is final.
     base: u64,
@@ -138,28 +147,22 @@ impl Events {
             deltas: Vec::new(),
         };
         // Only events that name a delta are parsed; the rest pass as they are.
-        let range = data_line(&held.raw)
-            .filter(|r| memchr::memmem::find(&held.raw[r.clone()], b"\"delta\"").is_some());
+        let range = data_line(&held.raw).filter(|r| DELTA.find(&held.raw[r.clone()]).is_some());
         if let Some(range) = range {
-            if let Ok(value) = serde_json::from_slice::<Value>(&held.raw[range.clone()]) {
-                for (key, pointer) in delta_fields(&value) {
-                    let Some(text) = value.pointer(&pointer).and_then(Value::as_str) else {
-                        continue;
-                    };
-                    let t = self.text(key);
-                    let start = self.texts[t].base + self.texts[t].pending.len() as u64;
-                    self.texts[t].pending.extend_from_slice(text.as_bytes());
-                    held.deltas.push(Delta {
-                        text: t,
-                        pointer,
-                        start,
-                        end: start + text.len() as u64,
-                    });
-                    self.scan(t, false);
-                }
-                if !held.deltas.is_empty() {
-                    held.data = Some((value, range));
-                }
+            for (key, slot, text) in deltas(&held.raw[range.clone()]) {
+                let t = self.text(key);
+                let start = self.texts[t].base + self.texts[t].pending.len() as u64;
+                self.texts[t].pending.extend_from_slice(text.as_bytes());
+                held.deltas.push(Delta {
+                    text: t,
+                    slot,
+                    start,
+                    end: start + text.len() as u64,
+                });
+                self.scan(t, false);
+            }
+            if !held.deltas.is_empty() {
+                held.data = Some(range);
             }
         }
         self.held.push_back(held);
@@ -169,12 +172,12 @@ impl Events {
         self.drain(out);
     }
 
-    fn text(&mut self, key: String) -> usize {
+    fn text(&mut self, key: Key<'_>) -> usize {
         if let Some(i) = self.texts.iter().position(|t| t.key == key) {
             return i;
         }
         self.texts.push(Text {
-            key,
+            key: key.into_owned(),
             pending: Vec::new(),
             base: 0,
             prev: [None; 2],
@@ -246,9 +249,11 @@ impl Events {
     /// The event with the findings in its deltas applied; its own bytes when none touch it.
     fn render(&mut self, held: Held) -> Vec<u8> {
         let Held { raw, data, deltas } = held;
-        let Some((mut value, range)) = data else {
+        let Some(range) = data else {
             return raw;
         };
+        // Parsed only when a finding touches one of the deltas: the rare case.
+        let mut value: Option<Value> = None;
         let mut changed = false;
         for d in &deltas {
             let text = &self.texts[d.text];
@@ -261,7 +266,13 @@ impl Events {
             if touching.is_empty() {
                 continue;
             }
-            let Some(slot) = value.pointer_mut(&d.pointer) else {
+            if value.is_none() {
+                value = serde_json::from_slice::<Value>(&raw[range.clone()]).ok();
+            }
+            let Some(slot) = value
+                .as_mut()
+                .and_then(|v| v.pointer_mut(&d.slot.pointer()))
+            else {
                 continue;
             };
             let Some(piece) = slot.as_str() else {
@@ -289,9 +300,9 @@ impl Events {
             // Later deltas of this text start at or after `d.end`, so these spans are done.
             self.texts[d.text].spans.retain(|(_, b, _)| *b > d.end);
         }
-        if !changed {
+        let (true, Some(value)) = (changed, value) else {
             return raw;
-        }
+        };
         let mut out = Vec::with_capacity(raw.len());
         out.extend_from_slice(&raw[..range.start]);
         out.extend_from_slice(value.to_string().as_bytes());
@@ -321,68 +332,288 @@ fn data_line(raw: &[u8]) -> Option<Range<usize>> {
     found.filter(|r| raw.get(r.start) == Some(&b'{'))
 }
 
-/// The delta strings of one event: (key of the text they belong to, JSON pointer).
-fn delta_fields(v: &Value) -> Vec<(String, String)> {
+/// Which joined text a delta belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Key<'a> {
+    /// OpenAI Chat Completions: a choice's content, by choice index.
+    Chat(u64),
+    /// OpenAI Chat Completions: a tool call's arguments, by choice and call index.
+    Tool(u64, u64),
+    /// OpenAI Responses: by event type and output, content and summary index.
+    Response(Cow<'a, str>, [u64; 3]),
+    /// Anthropic Messages: by content block index and delta field.
+    Block(u64, &'static str),
+}
+
+impl Key<'_> {
+    fn into_owned(self) -> Key<'static> {
+        match self {
+            Key::Chat(i) => Key::Chat(i),
+            Key::Tool(i, j) => Key::Tool(i, j),
+            Key::Response(kind, n) => Key::Response(Cow::Owned(kind.into_owned()), n),
+            Key::Block(i, f) => Key::Block(i, f),
+        }
+    }
+}
+
+/// Where a delta text sits in its event's JSON, to change it there when a finding touches it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Slot {
+    /// `/choices/{i}/delta/content`
+    Content(usize),
+    /// `/choices/{i}/delta/tool_calls/{j}/function/arguments`
+    Arguments(usize, usize),
+    /// `/delta`
+    Delta,
+    /// `/delta/{field}`
+    Block(&'static str),
+}
+
+impl Slot {
+    fn pointer(self) -> String {
+        match self {
+            Slot::Content(i) => format!("/choices/{i}/delta/content"),
+            Slot::Arguments(i, j) => {
+                format!("/choices/{i}/delta/tool_calls/{j}/function/arguments")
+            }
+            Slot::Delta => "/delta".to_string(),
+            Slot::Block(field) => format!("/delta/{field}"),
+        }
+    }
+}
+
+/// The delta texts of one event's JSON data: which text each belongs to, where it sits, and the
+/// text (unescaped). Only the fields the three APIs use are read, straight from the bytes and
+/// borrowed where no escape had to be undone; data of another shape has none.
+fn deltas(data: &[u8]) -> Vec<(Key<'_>, Slot, Cow<'_, str>)> {
+    let Ok(d) = serde_json::from_slice::<Data<'_>>(data) else {
+        return Vec::new();
+    };
     let mut out = Vec::new();
-    let kind = v.get("type").and_then(Value::as_str).unwrap_or_default();
-    if let Some(choices) = v.get("choices").and_then(Value::as_array) {
-        for (i, choice) in choices.iter().enumerate() {
-            let index = choice
-                .get("index")
-                .and_then(Value::as_u64)
-                .unwrap_or(i as u64);
-            let Some(delta) = choice.get("delta") else {
+    if let Some(choices) = d.choices.0 {
+        for (i, choice) in choices.into_iter().enumerate() {
+            let Some(choice) = choice.0 else {
                 continue;
             };
-            if delta.get("content").is_some_and(Value::is_string) {
-                out.push((
-                    format!("chat/{index}"),
-                    format!("/choices/{i}/delta/content"),
-                ));
+            let index = choice.index.0.unwrap_or(i as u64);
+            let Some(delta) = choice.delta.0 else {
+                continue;
+            };
+            if let Some(Str(content)) = delta.content.0 {
+                out.push((Key::Chat(index), Slot::Content(i), content));
             }
-            if let Some(calls) = delta.get("tool_calls").and_then(Value::as_array) {
-                for (j, call) in calls.iter().enumerate() {
-                    let ti = call
-                        .get("index")
-                        .and_then(Value::as_u64)
-                        .unwrap_or(j as u64);
-                    if call
-                        .pointer("/function/arguments")
-                        .is_some_and(Value::is_string)
-                    {
-                        out.push((
-                            format!("chat/{index}/tool/{ti}"),
-                            format!("/choices/{i}/delta/tool_calls/{j}/function/arguments"),
-                        ));
-                    }
+            for (j, call) in delta.tool_calls.0.into_iter().flatten().enumerate() {
+                let Some(call) = call.0 else {
+                    continue;
+                };
+                let ti = call.index.0.unwrap_or(j as u64);
+                if let Some(Str(args)) = call.function.0.and_then(|f| f.arguments.0) {
+                    out.push((Key::Tool(index, ti), Slot::Arguments(i, j), args));
                 }
             }
         }
-    } else if kind.starts_with("response.") && kind.ends_with(".delta") {
-        if v.get("delta").is_some_and(Value::is_string) {
-            let n = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
-            out.push((
-                format!(
-                    "{kind}/{}/{}/{}",
-                    n("output_index"),
-                    n("content_index"),
-                    n("summary_index")
-                ),
-                "/delta".to_string(),
-            ));
+        return out;
+    }
+    let kind = d.kind.0.map(|k| k.0).unwrap_or_default();
+    match d.delta.0 {
+        Some(TopDelta::Text(text)) if kind.starts_with("response.") && kind.ends_with(".delta") => {
+            let n = [d.output_index, d.content_index, d.summary_index].map(|n| n.0.unwrap_or(0));
+            out.push((Key::Response(kind, n), Slot::Delta, text));
         }
-    } else if kind == "content_block_delta" {
-        let index = v.get("index").and_then(Value::as_u64).unwrap_or(0);
-        for field in ["text", "partial_json", "thinking"] {
-            if v.get("delta")
-                .and_then(|d| d.get(field))
-                .is_some_and(Value::is_string)
-            {
-                out.push((format!("block/{index}/{field}"), format!("/delta/{field}")));
+        Some(TopDelta::Block(block)) if kind == "content_block_delta" => {
+            let index = d.index.0.unwrap_or(0);
+            for (field, text) in [
+                ("text", block.text),
+                ("partial_json", block.partial_json),
+                ("thinking", block.thinking),
+            ] {
+                if let Some(Str(text)) = text.0 {
+                    out.push((Key::Block(index, field), Slot::Block(field), text));
+                }
             }
         }
+        _ => {}
     }
     out
+}
+
+/// The fields of an event's data that can carry deltas (all three APIs in one shape; serde skips
+/// the rest without building anything). Every field is [`Lenient`], as a tree lookup would be: a
+/// field of another shape is skipped and the event's other deltas still count.
+#[derive(Deserialize)]
+struct Data<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: Lenient<Str<'a>>,
+    #[serde(borrow, default)]
+    choices: Lenient<Vec<Lenient<Choice<'a>>>>,
+    #[serde(borrow, default)]
+    delta: Lenient<TopDelta<'a>>,
+    #[serde(default)]
+    index: Lenient<u64>,
+    #[serde(default)]
+    output_index: Lenient<u64>,
+    #[serde(default)]
+    content_index: Lenient<u64>,
+    #[serde(default)]
+    summary_index: Lenient<u64>,
+}
+
+#[derive(Deserialize)]
+struct Choice<'a> {
+    #[serde(default)]
+    index: Lenient<u64>,
+    #[serde(borrow, default)]
+    delta: Lenient<ChatDelta<'a>>,
+}
+
+#[derive(Deserialize)]
+struct ChatDelta<'a> {
+    #[serde(borrow, default)]
+    content: Lenient<Str<'a>>,
+    #[serde(borrow, default)]
+    tool_calls: Lenient<Vec<Lenient<Call<'a>>>>,
+}
+
+#[derive(Deserialize)]
+struct Call<'a> {
+    #[serde(default)]
+    index: Lenient<u64>,
+    #[serde(borrow, default)]
+    function: Lenient<Function<'a>>,
+}
+
+#[derive(Deserialize)]
+struct Function<'a> {
+    #[serde(borrow, default)]
+    arguments: Lenient<Str<'a>>,
+}
+
+#[derive(Deserialize)]
+struct BlockDelta<'a> {
+    #[serde(borrow, default)]
+    text: Lenient<Str<'a>>,
+    #[serde(borrow, default)]
+    partial_json: Lenient<Str<'a>>,
+    #[serde(borrow, default)]
+    thinking: Lenient<Str<'a>>,
+}
+
+/// A JSON string, borrowed when it has no escapes to undo.
+struct Str<'a>(Cow<'a, str>);
+
+/// The top-level `delta`: a string (OpenAI Responses) or an object (Anthropic).
+enum TopDelta<'a> {
+    Text(Cow<'a, str>),
+    Block(BlockDelta<'a>),
+}
+
+/// A value read when it has the JSON shape wanted and skipped (`None`) when not.
+struct Lenient<T>(Option<T>);
+
+impl<T> Default for Lenient<T> {
+    fn default() -> Self {
+        Lenient(None)
+    }
+}
+
+/// How a [`Lenient`] value is made from each JSON shape; `None` for the shapes it is not.
+trait Shape<'de>: Sized {
+    fn from_str(_: Cow<'de, str>) -> Option<Self> {
+        None
+    }
+    fn from_u64(_: u64) -> Option<Self> {
+        None
+    }
+    fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Option<Self>, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+    fn from_seq<A: SeqAccess<'de>>(mut seq: A) -> Result<Option<Self>, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+}
+
+impl<'de: 'a, 'a> Shape<'de> for Str<'a> {
+    fn from_str(s: Cow<'de, str>) -> Option<Self> {
+        Some(Str(s))
+    }
+}
+
+impl<'de> Shape<'de> for u64 {
+    fn from_u64(n: u64) -> Option<Self> {
+        Some(n)
+    }
+}
+
+impl<'de: 'a, 'a> Shape<'de> for TopDelta<'a> {
+    fn from_str(s: Cow<'de, str>) -> Option<Self> {
+        Some(TopDelta::Text(s))
+    }
+    fn from_map<A: MapAccess<'de>>(map: A) -> Result<Option<Self>, A::Error> {
+        BlockDelta::deserialize(de::value::MapAccessDeserializer::new(map))
+            .map(|b| Some(TopDelta::Block(b)))
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Shape<'de> for Vec<T> {
+    fn from_seq<A: SeqAccess<'de>>(seq: A) -> Result<Option<Self>, A::Error> {
+        Vec::deserialize(de::value::SeqAccessDeserializer::new(seq)).map(Some)
+    }
+}
+
+macro_rules! object_shape {
+    ($($t:ident),*) => {$(
+        impl<'de: 'a, 'a> Shape<'de> for $t<'a> {
+            fn from_map<A: MapAccess<'de>>(map: A) -> Result<Option<Self>, A::Error> {
+                $t::deserialize(de::value::MapAccessDeserializer::new(map)).map(Some)
+            }
+        }
+    )*};
+}
+object_shape!(Choice, ChatDelta, Call, Function);
+
+impl<'de, T: Shape<'de>> Deserialize<'de> for Lenient<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(PhantomData<T>);
+        impl<'de, T: Shape<'de>> Visitor<'de> for V<T> {
+            type Value = Lenient<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Lenient(T::from_str(Cow::Borrowed(v))))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Lenient(T::from_str(Cow::Owned(v.to_owned()))))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Lenient(T::from_str(Cow::Owned(v))))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(Lenient(T::from_u64(v)))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(Lenient(u64::try_from(v).ok().and_then(T::from_u64)))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                T::from_map(map).map(Lenient)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+                T::from_seq(seq).map(Lenient)
+            }
+        }
+        d.deserialize_any(V(PhantomData))
+    }
 }
 
 #[cfg(test)]
@@ -441,15 +672,8 @@ mod tests {
             let Some(data) = line.strip_prefix("data: ") else {
                 continue;
             };
-            let Ok(v) = serde_json::from_str::<Value>(data) else {
-                continue;
-            };
-            for (_, pointer) in delta_fields(&v) {
-                out.push_str(
-                    v.pointer(&pointer)
-                        .and_then(Value::as_str)
-                        .unwrap_or_default(),
-                );
+            for (_, _, text) in deltas(data.as_bytes()) {
+                out.push_str(&text);
             }
         }
         out
@@ -510,6 +734,236 @@ mod tests {
         assert_eq!(String::from_utf8_lossy(&out), input);
     }
 
+    /// The tree lookup the typed reading replaced: the oracle for what counts as a delta.
+    fn tree_deltas(data: &str) -> Vec<(String, String, String)> {
+        let Ok(v) = serde_json::from_str::<Value>(data) else {
+            return Vec::new();
+        };
+        let s = |v: &Value| v.as_str().map(str::to_string);
+        let mut out = Vec::new();
+        let kind = v.get("type").and_then(Value::as_str).unwrap_or_default();
+        if let Some(choices) = v.get("choices").and_then(Value::as_array) {
+            for (i, choice) in choices.iter().enumerate() {
+                let index = choice
+                    .get("index")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(i as u64);
+                let Some(delta) = choice.get("delta") else {
+                    continue;
+                };
+                if let Some(t) = delta.get("content").and_then(s) {
+                    out.push((
+                        format!("chat/{index}"),
+                        format!("/choices/{i}/delta/content"),
+                        t,
+                    ));
+                }
+                for (j, call) in delta
+                    .get("tool_calls")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .enumerate()
+                {
+                    let ti = call
+                        .get("index")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(j as u64);
+                    if let Some(t) = call.pointer("/function/arguments").and_then(s) {
+                        out.push((
+                            format!("chat/{index}/tool/{ti}"),
+                            format!("/choices/{i}/delta/tool_calls/{j}/function/arguments"),
+                            t,
+                        ));
+                    }
+                }
+            }
+        } else if kind.starts_with("response.") && kind.ends_with(".delta") {
+            if let Some(t) = v.get("delta").and_then(s) {
+                let n = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+                let key = format!(
+                    "{kind}/{}/{}/{}",
+                    n("output_index"),
+                    n("content_index"),
+                    n("summary_index")
+                );
+                out.push((key, "/delta".to_string(), t));
+            }
+        } else if kind == "content_block_delta" {
+            let index = v.get("index").and_then(Value::as_u64).unwrap_or(0);
+            for field in ["text", "partial_json", "thinking"] {
+                if let Some(t) = v.get("delta").and_then(|d| d.get(field)).and_then(s) {
+                    out.push((
+                        format!("block/{index}/{field}"),
+                        format!("/delta/{field}"),
+                        t,
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    fn typed_deltas(data: &str) -> Vec<(String, String, String)> {
+        deltas(data.as_bytes())
+            .into_iter()
+            .map(|(key, slot, text)| {
+                let key = match key {
+                    Key::Chat(i) => format!("chat/{i}"),
+                    Key::Tool(i, j) => format!("chat/{i}/tool/{j}"),
+                    Key::Response(kind, [a, b, c]) => format!("{kind}/{a}/{b}/{c}"),
+                    Key::Block(i, field) => format!("block/{i}/{field}"),
+                };
+                (key, slot.pointer(), text.into_owned())
+            })
+            .collect()
+    }
+
+    /// Any JSON value, or one of the shape a delta field wants, so that both the expected and
+    /// the odd shapes of every field are tried.
+    fn field(wanted: BoxedStrategy<Value>) -> BoxedStrategy<Option<Value>> {
+        prop_oneof![
+            Just(None),
+            Just(Some(Value::Null)),
+            any::<u8>().prop_map(|n| Some(json!(n))),
+            Just(Some(json!(-1))),
+            Just(Some(json!(1.5))),
+            Just(Some(json!(true))),
+            "[a-z\"\\\\\n\u{e9}]{0,6}".prop_map(|t| Some(json!(t))),
+            Just(Some(json!([1, {"a": "b"}]))),
+            Just(Some(json!({"x": [1, 2]}))),
+            wanted.prop_map(Some),
+        ]
+        .boxed()
+    }
+
+    fn object(fields: Vec<(&'static str, BoxedStrategy<Option<Value>>)>) -> BoxedStrategy<Value> {
+        let (names, strategies): (Vec<_>, Vec<_>) = fields.into_iter().unzip();
+        strategies
+            .prop_map(move |values| {
+                let mut m = serde_json::Map::new();
+                for (name, v) in names.iter().zip(values) {
+                    if let Some(v) = v {
+                        m.insert((*name).to_string(), v);
+                    }
+                }
+                Value::Object(m)
+            })
+            .boxed()
+    }
+
+    fn text() -> BoxedStrategy<Value> {
+        "[a-zQ7 \"\\\\/\n\u{e9}\u{1f600}]{0,8}"
+            .prop_map(Value::from)
+            .boxed()
+    }
+
+    fn index() -> BoxedStrategy<Value> {
+        (0u64..3).prop_map(Value::from).boxed()
+    }
+
+    fn event_data() -> BoxedStrategy<Value> {
+        let call = object(vec![
+            ("index", field(index())),
+            (
+                "function",
+                field(object(vec![("arguments", field(text()))])),
+            ),
+        ]);
+        let chat_delta = object(vec![
+            ("content", field(text())),
+            (
+                "tool_calls",
+                field(
+                    proptest::collection::vec(call, 0..3)
+                        .prop_map(Value::from)
+                        .boxed(),
+                ),
+            ),
+        ]);
+        let choice = object(vec![
+            ("index", field(index())),
+            ("delta", field(chat_delta)),
+        ]);
+        let block = object(vec![
+            ("type", field(Just(json!("text_delta")).boxed())),
+            ("text", field(text())),
+            ("partial_json", field(text())),
+            ("thinking", field(text())),
+        ]);
+        let kind = prop_oneof![
+            Just(json!("content_block_delta")),
+            Just(json!("response.output_text.delta")),
+            Just(json!("response.reasoning_summary_text.delta")),
+            Just(json!("response.completed")),
+            Just(json!("message_delta")),
+        ]
+        .boxed();
+        object(vec![
+            ("type", field(kind)),
+            (
+                "choices",
+                field(
+                    proptest::collection::vec(choice, 0..3)
+                        .prop_map(Value::from)
+                        .boxed(),
+                ),
+            ),
+            ("delta", field(prop_oneof![text(), block].boxed())),
+            ("index", field(index())),
+            ("output_index", field(index())),
+            ("content_index", field(index())),
+            ("summary_index", field(index())),
+        ])
+    }
+
+    #[test]
+    fn a_field_of_another_shape_does_not_hide_the_events_other_deltas() {
+        let data = json!({"choices": [
+            {"index": 0, "delta": {"content": 5}},
+            {"index": 1.5, "delta": "odd"},
+            {"index": 2, "delta": {"content": "kept", "tool_calls": [7, {"function": {"arguments": "a"}}]}},
+        ]})
+        .to_string();
+        let found = typed_deltas(&data);
+        assert_eq!(found, tree_deltas(&data));
+        assert_eq!(
+            found,
+            vec![
+                (
+                    "chat/2".into(),
+                    "/choices/2/delta/content".into(),
+                    "kept".into()
+                ),
+                (
+                    "chat/2/tool/1".into(),
+                    "/choices/2/delta/tool_calls/1/function/arguments".into(),
+                    "a".into()
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_secret_split_across_escaped_deltas_is_redacted() {
+        // The middle piece arrives JSON-escaped (`\u0053` is `S`): the text joined is unescaped.
+        let (a, rest) = HELD.split_at(4);
+        let (b, c) = rest.split_at(5);
+        let escaped: String = b
+            .chars()
+            .map(|ch| format!("\\u{:04x}", ch as u32))
+            .collect();
+        let middle = format!(
+            "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{escaped}\"}}}}]}}\n\n"
+        );
+        let mut s = redactor().response_stream(&sse_headers());
+        let mut out = s.push(chat(a).as_bytes()).to_vec();
+        out.extend_from_slice(&s.push(middle.as_bytes()));
+        out.extend_from_slice(&s.push(chat(c).as_bytes()));
+        out.extend_from_slice(&s.finish());
+        assert_eq!(joined(&out), "[REDACTED:k#s]");
+    }
+
     #[test]
     fn a_non_sse_body_is_not_parsed_as_events() {
         let r = redactor();
@@ -534,6 +988,14 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(200))]
+
+        /// The typed reading finds exactly the deltas a JSON tree lookup finds, whatever shape
+        /// each field has.
+        #[test]
+        fn typed_reading_finds_the_deltas_a_tree_lookup_finds(data in event_data()) {
+            let data = data.to_string();
+            prop_assert_eq!(typed_deltas(&data), tree_deltas(&data));
+        }
 
         /// However the events are cut into chunks, the output is the same as for the body in
         /// one piece, and no joined text holds the secret.

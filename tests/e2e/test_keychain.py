@@ -55,11 +55,27 @@ def secret_service(tmp_path):
         keyring.stdin.write(b"test-keyring-password")
         keyring.stdin.close()
 
-        def lookup_works():
-            p = subprocess.run(["secret-tool", "search", "service", "none"], env=env, capture_output=True, timeout=DEADLINE)
-            return p.returncode in (0, 1) and b"org.freedesktop.DBus.Error" not in p.stderr
+        # Answering on the bus is not enough: the login collection that `store` writes to is
+        # created a moment later, so wait until a stored probe item reads back.
+        def round_trip_works():
+            try:
+                stored = subprocess.run(
+                    ["secret-tool", "store", "--label", "keygate probe", "service", "keygate-probe"],
+                    input=b"probe",
+                    env=env,
+                    capture_output=True,
+                    timeout=DEADLINE,
+                )
+                if stored.returncode != 0:
+                    return False
+                found = subprocess.run(
+                    ["secret-tool", "lookup", "service", "keygate-probe"], env=env, capture_output=True, timeout=DEADLINE
+                )
+            except subprocess.TimeoutExpired:
+                return False
+            return found.returncode == 0 and found.stdout == b"probe"
 
-        poll(lookup_works, "the Secret Service on the session bus")
+        poll(round_trip_works, "a store and lookup through the Secret Service")
         yield env
     finally:
         for p in reversed(procs):
