@@ -257,7 +257,13 @@ impl Engine {
         };
         // JSON escapes are only looked at for known values: a detector's formats have no
         // characters that JSON escapes.
-        let escapes = self.known.as_ref().and_then(|_| Escapes::of(buf, eof));
+        // A whole buffer shorter than every spelling needs none either: its view is no longer
+        // than it, and at its end every escape is complete, so they cannot move `safe`.
+        let escapes = self
+            .known
+            .as_ref()
+            .filter(|k| !eof || buf.len() >= k.shortest)
+            .and_then(|_| Escapes::of(buf, eof));
         if let Some(k) = &self.known {
             if !eof {
                 *safe = (*safe).min(k.prefixes.tail_start(buf));
