@@ -360,18 +360,36 @@ struct UsageChunkFilter {
 
 impl UsageChunkFilter {
     fn push(&mut self, data: Bytes) -> Bytes {
-        self.held.extend_from_slice(&data);
-        let mut out = BytesMut::new();
-        while let Some(end) = event_end(&self.held) {
-            let event = self.held.split_to(end);
-            if !is_usage_only(&event) {
-                out.extend_from_slice(&event);
+        // The common chunk (whole events, none held before it) passes without a copy: bytes are
+        // copied only around a removed event and for an incomplete event's tail.
+        let buf = if self.held.is_empty() {
+            data
+        } else {
+            self.held.extend_from_slice(&data);
+            self.held.split().freeze()
+        };
+        let mut cut: Option<BytesMut> = None;
+        let (mut start, mut kept_from) = (0, 0);
+        while let Some(end) = event_end(&buf[start..]).map(|n| start + n) {
+            if is_usage_only(&buf[start..end]) {
+                cut.get_or_insert_with(BytesMut::new)
+                    .extend_from_slice(&buf[kept_from..start]);
+                kept_from = end;
             }
+            start = end;
         }
-        if self.held.len() > MAX_HELD_EVENT {
-            out.extend_from_slice(&self.held.split());
+        let out = match cut {
+            None => buf.slice(..start),
+            Some(mut out) => {
+                out.extend_from_slice(&buf[kept_from..start]);
+                out.freeze()
+            }
+        };
+        if buf.len() - start > MAX_HELD_EVENT {
+            return [&out[..], &buf[start..]].concat().into();
         }
-        out.freeze()
+        self.held.extend_from_slice(&buf[start..]);
+        out
     }
 
     fn finish(&mut self) -> Bytes {
@@ -590,6 +608,62 @@ mod tests {
             b"data: [DONE]\n\n"
         );
         assert_eq!(&f.finish()[..], b"");
+    }
+
+    /// The filter as it was before complete chunks passed uncopied: the oracle.
+    #[derive(Default)]
+    struct CopyingFilter {
+        held: BytesMut,
+    }
+
+    impl CopyingFilter {
+        fn push(&mut self, data: Bytes) -> Bytes {
+            self.held.extend_from_slice(&data);
+            let mut out = BytesMut::new();
+            while let Some(end) = event_end(&self.held) {
+                let event = self.held.split_to(end);
+                if !is_usage_only(&event) {
+                    out.extend_from_slice(&event);
+                }
+            }
+            if self.held.len() > MAX_HELD_EVENT {
+                out.extend_from_slice(&self.held.split());
+            }
+            out.freeze()
+        }
+    }
+
+    proptest::proptest! {
+        /// However a stream of events (usage chunks, ordinary ones, stray blank lines, either line
+        /// ending) is cut into chunks, each chunk comes out as the copying filter gave it.
+        #[test]
+        fn the_uncopied_filter_gives_what_the_copying_one_gave(
+            parts in proptest::collection::vec(0usize..6, 0..12),
+            cuts in proptest::collection::vec(0usize..2048, 0..10),
+        ) {
+            let pieces: [&[u8]; 6] = [
+                USAGE_CHUNK,
+                b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n",
+                b"data: {\"choices\":[],\"usage\":{\"total_tokens\":3}}\r\n\r\n",
+                b"\n",
+                b"data: [DONE]\n\n",
+                b": ping\r\n\r\n",
+            ];
+            let body: Vec<u8> = parts.iter().flat_map(|&i| pieces[i].iter().copied()).collect();
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (body.len() + 1)).collect();
+            cuts.sort_unstable();
+            let (mut new, mut old) = (UsageChunkFilter::default(), CopyingFilter::default());
+            let mut from = 0;
+            for c in cuts.into_iter().chain([body.len()]) {
+                let chunk = Bytes::copy_from_slice(&body[from..c]);
+                proptest::prop_assert_eq!(new.push(chunk.clone()), old.push(chunk));
+                from = c;
+            }
+            proptest::prop_assert_eq!(new.finish(), {
+                let rest = old.held.split().freeze();
+                if is_usage_only(&rest) { Bytes::new() } else { rest }
+            });
+        }
     }
 
     #[test]
