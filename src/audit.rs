@@ -44,6 +44,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Code, Rejection};
 
+mod json;
 mod request;
 pub use request::{ms, Finishing, MAX_PATH};
 
@@ -497,7 +498,7 @@ impl AuditLog {
             o(&record);
         }
         let appended = with_buffer(|buf| {
-            serialize_into(buf, &record, &record.request_id);
+            json::write_record(buf, &record);
             self.append(buf, None, false)
         });
         if let Err(()) = appended {
@@ -920,17 +921,6 @@ fn serialize<T: Serialize>(r: &T, id: &str) -> String {
     // Serializing plain strings and numbers cannot fail; keep a line (and the chain) if it does.
     serde_json::to_string(r)
         .unwrap_or_else(|e| serde_json::json!({"id": id, "error": e.to_string()}).to_string())
-}
-
-/// [`serialize`] into `buf`, straight from the record's fields (no intermediate value).
-fn serialize_into<T: Serialize>(buf: &mut Vec<u8>, r: &T, id: &str) {
-    let start = buf.len();
-    // Serializing plain strings and numbers cannot fail; keep a line (and the chain) if it does.
-    if let Err(e) = serde_json::to_writer(&mut *buf, r) {
-        buf.truncate(start);
-        let fallback = serde_json::json!({"id": id, "error": e.to_string()});
-        let _ = serde_json::to_writer(&mut *buf, &fallback);
-    }
 }
 
 #[cfg(test)]

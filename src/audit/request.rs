@@ -1,6 +1,7 @@
 //! A request's record from its first byte to its last: how it starts, and the observer that
 //! finishes it when the response body ends (or is abandoned).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -58,10 +59,15 @@ impl Record {
     /// what the scan of the URL does.
     pub fn set_target(&mut self, uri: &http::Uri, scanner: &Redactor) {
         let raw = uri.path();
-        let redacted = scanner.redact(raw.as_bytes());
-        let path = String::from_utf8_lossy(&redacted);
-        // Cut after redaction, so a long secret is found whole before any of it is kept.
-        match path.char_indices().nth(MAX_PATH) {
+        let path = redacted_str(scanner, raw);
+        // Cut after redaction, so a long secret is found whole before any of it is kept. A
+        // path of no more bytes than that has no more characters either.
+        let cut = if path.len() <= MAX_PATH {
+            None
+        } else {
+            path.char_indices().nth(MAX_PATH)
+        };
+        match cut {
             None => path.as_ref().clone_into(&mut self.path),
             Some((cut, _)) => {
                 self.path = path[..cut].to_string();
@@ -79,11 +85,18 @@ impl Record {
             .map(|p| p.split_once('=').map_or(p, |(name, _)| name));
         for name in names.take(MAX_QUERY_PARAMS) {
             // A bare `?sk-…` has a secret for a name.
-            let name = scanner.redact(name.as_bytes());
-            let name = String::from_utf8_lossy(&name);
+            let name = redacted_str(scanner, name);
             self.query_params
                 .push(name.chars().take(MAX_QUERY_NAME).collect());
         }
+    }
+}
+
+/// `s` through `scanner`: itself when nothing was replaced (no copy, no UTF-8 check).
+fn redacted_str<'a>(scanner: &Redactor, s: &'a str) -> Cow<'a, str> {
+    match scanner.redact(s.as_bytes()) {
+        Cow::Borrowed(_) => Cow::Borrowed(s),
+        Cow::Owned(v) => Cow::Owned(String::from_utf8_lossy(&v).into_owned()),
     }
 }
 

@@ -33,6 +33,9 @@ struct Known {
     label_of: Vec<u32>,
     labels: Vec<String>,
     prefixes: Prefixes,
+    /// The shortest pattern's length: a haystack shorter than it holds no match (most header
+    /// names and values, the request path), so it is not walked at all.
+    shortest: usize,
     /// Every spelling, ASCII-lower-cased, shortest first, for header names (which arrive
     /// lower-cased).
     lower: Vec<Vec<u8>>,
@@ -130,6 +133,7 @@ impl Engine {
         }
         let known = (!patterns.is_empty()).then(|| {
             let automaton = Searcher::new(&patterns);
+            let shortest = patterns.iter().map(Vec::len).min().unwrap_or(0);
             let mut lower: Vec<Vec<u8>> = patterns.iter().map(|p| p.to_ascii_lowercase()).collect();
             lower.sort_by(|a, b| a.len().cmp(&b.len()).then_with(|| a.cmp(b)));
             lower.dedup();
@@ -138,6 +142,7 @@ impl Engine {
                 label_of,
                 labels,
                 prefixes: Prefixes::new(patterns),
+                shortest,
                 lower,
             })
         });
@@ -252,12 +257,18 @@ impl Engine {
         };
         // JSON escapes are only looked at for known values: a detector's formats have no
         // characters that JSON escapes.
-        let escapes = self.known.as_ref().and_then(|_| Escapes::of(buf, eof));
+        // A whole buffer shorter than every spelling needs none either: its view is no longer
+        // than it, and at its end every escape is complete, so they cannot move `safe`.
+        let escapes = self
+            .known
+            .as_ref()
+            .filter(|k| !eof || buf.len() >= k.shortest)
+            .and_then(|_| Escapes::of(buf, eof));
         if let Some(k) = &self.known {
             if !eof {
                 *safe = (*safe).min(k.prefixes.tail_start(buf));
             }
-            k.automaton.for_each(buf, &mut |pattern, start, end| {
+            k.search(buf, &mut |pattern, start, end| {
                 out(
                     Hit {
                         key: start,
@@ -278,21 +289,20 @@ impl Engine {
                     if !eof {
                         *safe = (*safe).min(view.start_of(k.prefixes.tail_start(&view.bytes)));
                     }
-                    k.automaton
-                        .for_each(&view.bytes, &mut |pattern, start, end| {
-                            let start = view.start_of(start);
-                            out(
-                                Hit {
-                                    key: start,
-                                    start,
-                                    end: view.end_of(end),
-                                    label: Label::Known(k.label_of[pattern]),
-                                    priority: 0,
-                                    reach: view.end_of(end),
-                                },
-                                known_tier,
-                            );
-                        });
+                    k.search(&view.bytes, &mut |pattern, start, end| {
+                        let start = view.start_of(start);
+                        out(
+                            Hit {
+                                key: start,
+                                start,
+                                end: view.end_of(end),
+                                label: Label::Known(k.label_of[pattern]),
+                                priority: 0,
+                                reach: view.end_of(end),
+                            },
+                            known_tier,
+                        );
+                    });
                 }
             }
         }
@@ -347,6 +357,16 @@ impl Engine {
             }
         }
         (escapes, pending)
+    }
+}
+
+impl Known {
+    /// Every match in `hay` (see `Searcher::for_each`); none without a walk when `hay` is
+    /// shorter than every pattern.
+    fn search(&self, hay: &[u8], out: &mut dyn FnMut(usize, usize, usize)) {
+        if hay.len() >= self.shortest {
+            self.automaton.for_each(hay, out);
+        }
     }
 }
 
@@ -434,6 +454,10 @@ fn push_merging(hits: &mut Vec<Hit>, h: Hit) {
 /// Overlapping findings become one span (a secret must not leak through the gap between two
 /// partial redactions), labelled by the earliest, then longest, then highest-priority finding.
 fn merge(mut hits: Vec<Hit>) -> Vec<Span> {
+    // The usual case (a header, an ordinary body): no sort, no allocation.
+    if hits.is_empty() {
+        return Vec::new();
+    }
     hits.sort_by(|a, b| {
         a.start
             .cmp(&b.start)

@@ -357,4 +357,30 @@ mod tests {
         assert_eq!(e.boundary_at_or_before(4), 2);
         assert_eq!(e.boundary_at_or_before(8), 8);
     }
+
+    proptest::proptest! {
+        /// The engine relies on this (`Engine::collect`): no escape is rewritten longer than it
+        /// is spelled, so a view is never longer than its buffer, and a whole buffer shorter
+        /// than every held spelling has no match in its view either.
+        #[test]
+        fn a_view_is_never_longer_than_its_buffer(
+            pieces in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "a", "\\/", "\\u0001", "\\u001f", "\\u0022", "\\u005c", "\\u00e9", "\\u20ac",
+                    "\\ud83d\\ude00", "\\ud83d", "\\n", "\\\\", "&#1;", "&#x1;", "&#9;", "&#34;",
+                    "&#128;", "&#x80;", "&#2048;", "&#x10000;", "&#65536;", "&amp;", "&lt;", "&quot;",
+                    "&#0001;", "&", "\\", "\\u", ";", "#",
+                ]),
+                0..12),
+        ) {
+            let buf = pieces.concat();
+            if let Some(e) = Escapes::of(buf.as_bytes(), true) {
+                if let Some(v) = e.view(buf.as_bytes()) {
+                    proptest::prop_assert!(v.bytes.len() <= buf.len(), "{buf:?}");
+                }
+                proptest::prop_assert_eq!(e.incomplete, None);
+                proptest::prop_assert!(e.tokens.iter().all(|t| t.1 <= buf.len()));
+            }
+        }
+    }
 }

@@ -156,12 +156,14 @@ impl Prefixes {
         let from = buf.len().saturating_sub(self.longest.saturating_sub(1));
         (from..buf.len())
             .find(|&i| {
+                // The first byte first: one load rules out most offsets of ordinary text.
                 // A tail of 4 bytes or more can only grow into a pattern longer than 4.
-                let possible = buf.len() - i < 4 || {
-                    let s = quad_slot(&buf[i..]);
-                    self.quad[s / 64] & (1 << (s % 64)) != 0
-                };
-                possible && self.first_byte[usize::from(buf[i])] && self.continues(&buf[i..])
+                self.first_byte[usize::from(buf[i])]
+                    && (buf.len() - i < 4 || {
+                        let s = quad_slot(&buf[i..]);
+                        self.quad[s / 64] & (1 << (s % 64)) != 0
+                    })
+                    && self.continues(&buf[i..])
             })
             .unwrap_or(buf.len())
     }
