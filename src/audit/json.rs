@@ -76,10 +76,10 @@ pub(super) fn write_record(out: &mut Vec<u8>, r: &Record) {
         string(out, blame(b));
     }
     for (name, value) in [
-        ("token_id", &r.token_id),
-        ("run_id", &r.run_id),
-        ("approval_id", &r.approval_id),
-        ("approved_by", &r.approved_by),
+        ("token_id", r.token_id.as_deref()),
+        ("run_id", r.run_id.as_deref()),
+        ("approval_id", r.approval_id.as_deref()),
+        ("approved_by", r.approved_by.as_deref()),
     ] {
         if let Some(v) = value {
             field(out, name);
@@ -356,7 +356,7 @@ mod tests {
                 listener: listener.into(),
                 peer: peer.map(|(uid, pid)| PeerRecord { uid, pid }),
                 blame,
-                token_id,
+                token_id: token_id.map(Into::into),
                 run_id,
                 approval_id,
                 approved_by,
