@@ -110,7 +110,7 @@ fuzz_target!(|data: &[u8]| {
         headers.append(name, value);
     }
 
-    let Ok(lifted) = lift(&mut headers, &w.registry) else {
+    let Ok(lifted) = lift(&mut headers, &w.registry, true) else {
         return;
     };
     // A `kgph_` glued to a word before it is text, not a placeholder (and never replaced);
