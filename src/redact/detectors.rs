@@ -950,8 +950,12 @@ impl Detectors {
                 }
             }
         }
-        let literals: Vec<Vec<u8>> = map.keys().cloned().collect();
-        let by_anchor: Vec<Vec<usize>> = map.into_values().collect();
+        let mut entries: Vec<Option<(Vec<u8>, Vec<usize>)>> = map.into_iter().map(Some).collect();
+        let keys: Vec<Vec<u8>> = entries.iter().flatten().map(|e| e.0.clone()).collect();
+        let (literals, by_anchor): (Vec<Vec<u8>>, Vec<Vec<usize>>) = super::buckets::order(&keys)
+            .into_iter()
+            .filter_map(|i| entries[i].take())
+            .unzip();
         // Invariant: the literals are non-empty constants, so building cannot fail.
         // Leftmost-first, restarted one byte after each hit (see `anchors`): overlapping search
         // would find the same anchors but cannot use the SIMD prefilter, which is what keeps
