@@ -23,6 +23,7 @@
 //! redacted whole.
 
 pub mod body;
+mod buckets;
 pub mod cli;
 mod detectors;
 mod engine;
@@ -224,6 +225,12 @@ impl Redactor {
     }
 
     fn render(&self, input: &[u8], spans: &[Span], out: &mut Vec<u8>) {
+        // Sized once: a stream's output can be longer than its chunk (held bytes before it).
+        let grows: usize = spans
+            .iter()
+            .map(|s| b"[REDACTED:]".len() + self.engine.label(s.label).len())
+            .sum();
+        out.reserve(input.len() + grows);
         let mut at = 0;
         for s in spans {
             out.extend_from_slice(&input[at..s.start]);
@@ -251,11 +258,10 @@ pub struct StreamRedactor {
 impl StreamRedactor {
     /// The bytes that are safe to emit now.
     pub fn push(&mut self, chunk: &[u8]) -> Bytes {
-        let mut out = Vec::with_capacity(chunk.len());
         let engine = Arc::clone(&self.scanner.engine);
-        self.scanner.push(chunk, false, |bytes, spans| {
-            engine.render(bytes, spans, &mut out)
-        });
+        let mut out = self
+            .scanner
+            .push_owned(chunk, |bytes, spans, out| engine.render(bytes, spans, out));
         if let Some(sse) = &mut self.sse {
             let mut events = Vec::with_capacity(out.len());
             sse.push(&out, &mut events);
@@ -351,6 +357,71 @@ impl Scanner {
             emit(chunk, &[]);
             return;
         }
+        if self.held_whole(chunk, eof) {
+            return;
+        }
+        // The common case, nothing held back: scan the chunk in place and copy only its tail.
+        let held = !self.pending.is_empty();
+        if held {
+            self.pending.extend_from_slice(chunk);
+        }
+        let buf: &[u8] = if held { &self.pending } else { chunk };
+        let scan = self.engine.engine.scan(buf, self.prev, eof);
+        advance(&mut self.prev, &mut self.wake, buf, &scan);
+        emit(&buf[..scan.safe], &scan.spans);
+        if held {
+            self.pending.drain(..scan.safe);
+        } else {
+            self.pending.extend_from_slice(&chunk[scan.safe..]);
+        }
+    }
+
+    /// [`Scanner::push`] (not at the end) into a buffer of its own, for output that must be
+    /// owned anyway: when bytes are held from earlier chunks they and `chunk` are joined once,
+    /// and that joined buffer, cut at `safe`, is the output when nothing in it is replaced (a
+    /// copy fewer than joining, then rendering).
+    pub(crate) fn push_owned(
+        &mut self,
+        chunk: &[u8],
+        render: impl FnOnce(&[u8], &[Span], &mut Vec<u8>),
+    ) -> Vec<u8> {
+        if self.engine.is_empty() {
+            let mut out = std::mem::take(&mut self.pending);
+            out.extend_from_slice(chunk);
+            return out;
+        }
+        if self.held_whole(chunk, false) {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        if self.pending.is_empty() {
+            let scan = self.engine.engine.scan(chunk, self.prev, false);
+            advance(&mut self.prev, &mut self.wake, chunk, &scan);
+            render(&chunk[..scan.safe], &scan.spans, &mut out);
+            self.pending.extend_from_slice(&chunk[scan.safe..]);
+            return out;
+        }
+        self.pending.extend_from_slice(chunk);
+        let scan = self.engine.engine.scan(&self.pending, self.prev, false);
+        advance(&mut self.prev, &mut self.wake, &self.pending, &scan);
+        // Handing over the joined buffer pays when most of it leaves (a pending verdict can
+        // hold nearly all of it back: then only the emitted part is copied).
+        if scan.spans.is_empty() && scan.safe >= self.pending.len() / 2 {
+            // Room for a next chunk as large as this one, so that joining it does not grow.
+            let mut rest = Vec::with_capacity(self.pending.len() - scan.safe + chunk.len());
+            rest.extend_from_slice(&self.pending[scan.safe..]);
+            out = std::mem::replace(&mut self.pending, rest);
+            out.truncate(scan.safe);
+        } else {
+            render(&self.pending[..scan.safe], &scan.spans, &mut out);
+            self.pending.drain(..scan.safe);
+        }
+        out
+    }
+
+    /// Appends `chunk` without a scan when a rescan could not emit anything yet (see `wake`
+    /// and `BATCH_FROM`); true if it did.
+    fn held_whole(&mut self, chunk: &[u8], eof: bool) -> bool {
         if !eof && !self.pending.is_empty() {
             let asleep = self
                 .wake
@@ -360,34 +431,32 @@ impl Scanner {
             if asleep || batching {
                 self.pending.extend_from_slice(chunk);
                 self.since += chunk.len();
-                return;
+                return true;
             }
         }
         self.since = 0;
-        // The common case, nothing held back: scan the chunk in place and copy only its tail.
-        let held = !self.pending.is_empty();
-        if held {
-            self.pending.extend_from_slice(chunk);
-        }
-        let buf: &[u8] = if held { &self.pending } else { chunk };
-        let scan = self.engine.engine.scan(buf, self.prev, eof);
-        // The pending anchor is where the held bytes will start: its bound becomes relative.
-        self.wake = scan.wake.map(|w| detectors::Wake {
-            on: w.on,
-            bound: w.bound.saturating_sub(scan.safe),
-        });
-        emit(&buf[..scan.safe], &scan.spans);
-        if scan.safe > 0 {
-            self.prev = [
-                Some(buf[scan.safe - 1]),
-                scan.safe.checked_sub(2).map(|i| buf[i]).or(self.prev[0]),
-            ];
-        }
-        if held {
-            self.pending.drain(..scan.safe);
-        } else {
-            self.pending.extend_from_slice(&chunk[scan.safe..]);
-        }
+        false
+    }
+}
+
+/// A scan of `buf` (the held bytes and the new ones) emits `buf[..scan.safe]`: what the next
+/// scan needs to know of what went before.
+fn advance(
+    prev: &mut [Option<u8>; 2],
+    wake: &mut Option<detectors::Wake>,
+    buf: &[u8],
+    scan: &engine::Scan,
+) {
+    // The pending anchor is where the held bytes will start: its bound becomes relative.
+    *wake = scan.wake.map(|w| detectors::Wake {
+        on: w.on,
+        bound: w.bound.saturating_sub(scan.safe),
+    });
+    if scan.safe > 0 {
+        *prev = [
+            Some(buf[scan.safe - 1]),
+            scan.safe.checked_sub(2).map(|i| buf[i]).or(prev[0]),
+        ];
     }
 }
 

@@ -663,6 +663,39 @@ proptest! {
         }
     }
 
+    /// `push` hands over the joined held and new bytes as its output when nothing in them is
+    /// replaced: every push still emits exactly what the callback scanner emits at that
+    /// moment (no byte held longer, none early), for any chunking and chunk sizes.
+    #[test]
+    fn each_push_emits_what_the_scanner_emits_at_that_chunk(
+        picks in proptest::collection::vec(0usize..54, 1..24),
+        sizes in proptest::collection::vec(0usize..700, 1..16),
+    ) {
+        let (pieces, held) = corpus();
+        let mut input = Vec::new();
+        for p in picks {
+            input.extend_from_slice(pieces[p % pieces.len()].as_bytes());
+        }
+        let mut b = Redactor::builder().detectors(true);
+        for (l, v) in &held {
+            b = b.known(l, v);
+        }
+        let r = Arc::new(b.build());
+        let mut stream = Arc::clone(&r).stream();
+        let mut reference = Scanner::new(Arc::clone(&r));
+        let mut at = 0;
+        for size in sizes.iter().cycle().take(64) {
+            let end = (at + size).min(input.len());
+            let chunk = &input[at..end];
+            let mut want = Vec::new();
+            reference.push(chunk, false, |bytes, spans| r.render(bytes, spans, &mut want));
+            prop_assert_eq!(&stream.push(chunk)[..], &want[..]);
+            at = end;
+            if at == input.len() {
+                break;
+            }
+        }
+    }
 }
 
 #[test]
