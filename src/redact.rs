@@ -225,12 +225,13 @@ impl Redactor {
     }
 
     fn render(&self, input: &[u8], spans: &[Span], out: &mut Vec<u8>) {
-        // Sized once: a stream's output can be longer than its chunk (held bytes before it).
-        let grows: usize = spans
-            .iter()
-            .map(|s| b"[REDACTED:]".len() + self.engine.label(s.label).len())
-            .sum();
-        out.reserve(input.len() + grows);
+        // Sized once, exactly: a stream's output can be longer than its chunk (held bytes
+        // before it), and a replacement longer or shorter than what it replaces.
+        let (added, removed) = spans.iter().fold((0, 0), |(a, r), s| {
+            let label = self.engine.label(s.label).len();
+            (a + b"[REDACTED:]".len() + label, r + (s.end - s.start))
+        });
+        out.reserve((input.len() + added).saturating_sub(removed));
         let mut at = 0;
         for s in spans {
             out.extend_from_slice(&input[at..s.start]);
