@@ -68,7 +68,12 @@ pub struct Affinity(Arc<Slot>);
 struct Slot {
     held: Mutex<Option<Held>>,
     drive: Mutex<Drive>,
+    /// The deadline of the request in flight ([`Affinity::within`]), kept between requests.
+    timer: Mutex<Option<Pin<Box<tokio::time::Sleep>>>>,
 }
+
+/// A request bounded by [`Affinity::within`] did not finish in time.
+pub(super) struct TimedOut;
 
 struct Held {
     pool: Arc<Pool>,
@@ -100,6 +105,37 @@ impl Affinity {
         let a = Affinity::default();
         lock(&a.0.drive).hosted = true;
         (a.clone(), Host(a))
+    }
+
+    /// `fut` bounded by `limit`, as `tokio::time::timeout` bounds it, on a timer the connection
+    /// keeps: requests on an HTTP/1 connection are sequential, so each re-arms the previous one's
+    /// timer to a later deadline (tokio extends a registered timer without touching its wheel)
+    /// instead of making one, registering it and removing it again per request.
+    pub(super) async fn within<F: Future>(
+        &self,
+        limit: Duration,
+        fut: F,
+    ) -> Result<F::Output, TimedOut> {
+        let now = tokio::time::Instant::now();
+        // As `timeout` does for a limit past the clock's range: practically never.
+        let deadline = now
+            .checked_add(limit)
+            .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30));
+        let taken = lock(&self.0.timer).take();
+        let mut timer = match taken {
+            Some(mut t) => {
+                t.as_mut().reset(deadline);
+                t
+            }
+            None => Box::pin(tokio::time::sleep_until(deadline)),
+        };
+        let out = tokio::select! {
+            biased;
+            out = fut => Ok(out),
+            () = timer.as_mut() => Err(TimedOut),
+        };
+        *lock(&self.0.timer) = Some(timer);
+        out
     }
 
     /// Takes the bound connection if it talks to `key` through `pool`; one bound elsewhere (a
