@@ -47,8 +47,8 @@ pub(crate) fn order(literals: &[Vec<u8>]) -> Vec<usize> {
         }
         m
     };
-    // Costliest first, each to the bucket whose cost it raises least (an empty one while
-    // any is left); a bucket takes no more groups than ids with its residue exist.
+    // Costliest first, each to the bucket whose cost it raises least (in practice an empty
+    // one while any is left); a bucket takes no more groups than ids with its residue exist.
     let mut by_cost: Vec<usize> = (0..groups.len()).collect();
     let alone: Vec<f64> = groups.iter().map(|(_, m)| masks_of(m).cost()).collect();
     by_cost.sort_by(|&a, &b| alone[b].total_cmp(&alone[a]).then(a.cmp(&b)));
