@@ -175,12 +175,18 @@ impl Forwarder {
         let req = Request::from_parts(head, body);
         // A route with its own TLS (`upstream_ca`) keeps its own pooled client: the affine
         // connector trusts only the default roots.
-        let sent = match self.routes.get(authorized.route()) {
-            Some(own) => {
+        let sent = match (self.routes.get(authorized.route()), affinity) {
+            (Some(own), _) => {
                 let sent = async { own.request(req).await.map_err(legacy_error) };
-                tokio::time::timeout(route.timeout, sent).await
+                tokio::time::timeout(route.timeout, sent)
+                    .await
+                    .map_err(|_| affinity::TimedOut)
             }
-            None => tokio::time::timeout(route.timeout, self.request(req, affinity)).await,
+            // The connection's own timer, re-armed per request (see `within`).
+            (None, Some(a)) => a.within(route.timeout, self.request(req, affinity)).await,
+            (None, None) => tokio::time::timeout(route.timeout, self.request(req, affinity))
+                .await
+                .map_err(|_| affinity::TimedOut),
         };
         match sent {
             Ok(Ok(resp)) if resp.status() == StatusCode::PARTIAL_CONTENT && !ranged => {

@@ -61,7 +61,8 @@ pub enum Bound {
     Tls(TcpListener),
 }
 
-/// What the listener knows of a request's connection, in the request's extensions.
+/// What the listener knows of a request's connection, in the request's extensions when it is
+/// not the default (a local listener without client certificates).
 #[derive(Clone, Debug, Default)]
 pub struct ConnInfo {
     /// The subject of the client's verified certificate (TLS listener with `client_ca`).
@@ -239,7 +240,9 @@ const HEAD_WITHIN: Duration = Duration::from_secs(30);
 struct Slots {
     max: usize,
     epoch: Instant,
-    open: Mutex<HashMap<u64, Arc<Tracked>>>,
+    /// foldhash: the ids are our own counter, and SipHash cost every connection ~300
+    /// instructions to enter and leave.
+    open: Mutex<HashMap<u64, Arc<Tracked>, foldhash::fast::RandomState>>,
     next_id: AtomicU64,
     refusing: AtomicUsize,
     /// TLS handshakes under way; at most `max`, so silent peers cannot hold descriptors.
@@ -265,7 +268,7 @@ impl Slots {
         Slots {
             max,
             epoch: Instant::now(),
-            open: Mutex::new(HashMap::new()),
+            open: Mutex::new(HashMap::default()),
             next_id: AtomicU64::new(0),
             refusing: AtomicUsize::new(0),
             handshaking: AtomicUsize::new(0),
@@ -517,18 +520,28 @@ impl Accepted {
             let slots = slots.clone();
             service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
                 let in_flight = InFlight::enter(&tracked, &slots);
-                req.extensions_mut().insert(info.clone());
+                // Only a listener that differs from a local plain one puts what it knows in the
+                // extensions: their map costs a request five allocations (absent and default
+                // read the same, see `guard` and `authenticate`).
+                if info.exposed || info.client_subject.is_some() {
+                    req.extensions_mut().insert(info.clone());
+                }
                 // HTTP/1 requests on one connection are sequential, so they can share one
                 // upstream connection, and their answers are written by the connection's own
                 // task, which watches them too (`drive`); HTTP/2 streams run at once, in tasks
                 // of their own, and use the pooled client.
-                if req.version() < http::Version::HTTP_2 {
+                let conn = if req.version() < http::Version::HTTP_2 {
                     tracked.http1.store(true, Ordering::Relaxed);
-                    req.extensions_mut().insert(tracked.close.hosting());
-                    req.extensions_mut().insert(affinity.clone());
+                    pipeline::Conn {
+                        closer: Some(tracked.close.hosting()),
+                        affinity: Some(affinity.clone()),
+                    }
                 } else {
-                    req.extensions_mut().insert(tracked.close.clone());
-                }
+                    pipeline::Conn {
+                        closer: Some(tracked.close.clone()),
+                        affinity: None,
+                    }
+                };
                 // Boxed: hyper moves the service's future into its connection state, and an async
                 // block keeps what it awaits beside what it captured; a pointer moves for free,
                 // the pipeline's future is several KB.
@@ -536,6 +549,7 @@ impl Accepted {
                     state.state.load_full(),
                     peer.clone(),
                     listener.clone(),
+                    conn,
                     req,
                 ));
                 async move {
@@ -710,6 +724,7 @@ fn refuse_overloaded(
         listener,
         &state.policy_version,
         &scanner,
+        false,
     );
     record.person = state.default_person.clone();
     record.decision = Decision::Deny;

@@ -65,18 +65,30 @@ pub struct State {
     pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
+/// What a request's connection hands the pipeline with it: an argument, not the request's
+/// extensions, whose map costs a request five allocations (the map, its table, a box per value).
+#[derive(Default)]
+pub struct Conn {
+    /// Closes the connection (a stalled answer's watch); none through the forward proxy.
+    pub closer: Option<timeout::Closer>,
+    /// The HTTP/1 downstream connection's own upstream connection.
+    pub affinity: Option<forward::Affinity>,
+}
+
 /// Serves one request. Never fails: every outcome is an HTTP answer with one audit record.
 pub async fn handle(
     state: Arc<State>,
     peer: Arc<Peer>,
     listener: Arc<str>,
+    conn: Conn,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
     let request_id = new_request_id();
     let (head, body) = req.into_parts();
-    let closer = head.extensions.get::<timeout::Closer>().cloned();
+    let Conn { closer, affinity } = conn;
     let scanner = state.credentials.scanner();
+    let target = scan::Target::of(&scanner, &head.uri);
     let mut record = Record::request(
         &head,
         &request_id,
@@ -84,6 +96,7 @@ pub async fn handle(
         &listener,
         &state.policy_version,
         &scanner,
+        target.path_clean(&head.uri),
     );
     record.person = state.default_person.clone();
     record.instance = state.control.instance.clone();
@@ -100,6 +113,7 @@ pub async fn handle(
         &mut pending,
         head,
         body,
+        Carried { affinity, target },
         &mut body_read,
     )
     .await
@@ -162,8 +176,16 @@ struct Upstream {
     hold: Option<crate::secret::openbao::LeaseHold>,
 }
 
+/// What `handle` found or was handed before `process`, for its later stages.
+struct Carried {
+    affinity: Option<forward::Affinity>,
+    /// The URL's scan, made for the audit record and reused by the scan stage.
+    target: scan::Target,
+}
+
 /// `scanner` is the request scan's engine, loaded once per request: a value held after it was
 /// loaded is in the next request's.
+#[allow(clippy::too_many_arguments)]
 async fn process(
     state: &State,
     peer: &Peer,
@@ -171,8 +193,10 @@ async fn process(
     pending: &mut Pending,
     mut head: Parts,
     body: Incoming,
+    carried: Carried,
     body_read: &mut bool,
 ) -> Result<Answer, Rejection> {
+    let Carried { affinity, target } = carried;
     let config = &*state.config;
     let body = timeout::ReadTimeout::new(body, config.connections.request_body_timeout);
     let body_timeout = body.probe();
@@ -256,6 +280,7 @@ async fn process(
         route,
         pending,
         &mut head,
+        &target,
         body,
         budgeted || route.inject.needs_whole_body() || route.placeholder_in.body,
         body_read,
@@ -361,7 +386,6 @@ async fn process(
 
     // forward
     let route_id = authorized.route();
-    let affinity = head.extensions.remove::<forward::Affinity>();
     let resp = state
         .forwarder
         .send(
@@ -414,6 +438,7 @@ async fn request_body(
     route: &Route,
     pending: &mut Pending,
     head: &mut Parts,
+    target: &scan::Target,
     body: timeout::ReadTimeout<Incoming>,
     whole: bool,
     body_read: &mut bool,
@@ -421,7 +446,7 @@ async fn request_body(
     let mode = route.request_scan;
     let scanner = (mode != RequestScan::Off).then_some(scanner);
     let mut redacted = match &scanner {
-        Some(scanner) => scan::head(scanner, mode, head, pending)?,
+        Some(scanner) => scan::head(scanner, mode, head, target, pending)?,
         None => false,
     };
     head.headers.remove(header::CONTENT_LENGTH);

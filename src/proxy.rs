@@ -400,6 +400,7 @@ impl Conn {
             &self.listener,
             &state.policy_version,
             &scanner,
+            false,
         );
         if req.method() == Method::CONNECT {
             let target = req.uri().authority().map_or("", |a| a.as_str());
@@ -675,7 +676,13 @@ impl Conn {
         let svc = service_fn(move |mut req: Request<Incoming>| {
             req.extensions_mut().insert(via.clone());
             let state = this.shared.live.state.load_full();
-            let answer = pipeline::handle(state, this.peer.clone(), this.listener.clone(), req);
+            let answer = pipeline::handle(
+                state,
+                this.peer.clone(),
+                this.listener.clone(),
+                pipeline::Conn::default(),
+                req,
+            );
             async move {
                 let mut resp = answer.await?;
                 if challenge
@@ -780,9 +787,15 @@ impl Conn {
             proof: None,
         });
         let req = Request::from_parts(head, body);
-        let resp = pipeline::handle(state.clone(), self.peer.clone(), self.listener.clone(), req)
-            .await
-            .unwrap_or_else(|never| match never {});
+        let resp = pipeline::handle(
+            state.clone(),
+            self.peer.clone(),
+            self.listener.clone(),
+            pipeline::Conn::default(),
+            req,
+        )
+        .await
+        .unwrap_or_else(|never| match never {});
         Ok(Forwarded(resp))
     }
 

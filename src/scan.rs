@@ -31,9 +31,12 @@ use crate::redact::{Class, DetectorSet, Redactor};
 /// Bodies this large are scanned with `spawn_blocking`.
 pub const BLOCKING_FROM: usize = 64 * 1024;
 
+/// Strong and generic labels, each sorted and deduplicated.
+pub type Labels = (Vec<String>, Vec<String>);
+
 /// The labels found in `bytes`: strong (held values and strong detectors, from `strong`) and
 /// generic, each sorted and deduplicated. One pass for both.
-pub fn labels(strong: &Redactor, bytes: &[u8]) -> (Vec<String>, Vec<String>) {
+pub fn labels(strong: &Redactor, bytes: &[u8]) -> Labels {
     let (s, g) = strong.find_with(bytes, DetectorSet::class(Class::Generic));
     let collect = |found: Vec<crate::redact::Finding>| {
         let mut l: Vec<String> = found.into_iter().map(|f| f.label).collect();
@@ -44,11 +47,48 @@ pub fn labels(strong: &Redactor, bytes: &[u8]) -> (Vec<String>, Vec<String>) {
     (collect(s), collect(g))
 }
 
+/// The request target's labels (see [`labels`]), found once for both of its readers: the audit
+/// record's path (`Record::set_target` redacts what the strong set finds) and [`head`]'s
+/// judgement of the URL. Scanning the URL twice cost every request a second engine pass.
+pub struct Target {
+    /// The path and query scanned, and what it holds.
+    scanned: Option<(http::uri::PathAndQuery, Labels)>,
+}
+
+impl Target {
+    /// Scans `uri`'s path and query with the request scan's engine.
+    pub fn of(scanner: &Redactor, uri: &http::Uri) -> Target {
+        Target {
+            scanned: uri
+                .path_and_query()
+                .map(|pq| (pq.clone(), labels(scanner, pq.as_str().as_bytes()))),
+        }
+    }
+
+    /// Whether the strong set finds nothing in `uri`'s path, which is then recorded as it is:
+    /// known only when the path is the whole target scanned (no query), since a finding's
+    /// verdict reads the bytes around it. A strong finding in the whole buffer is exactly a
+    /// non-empty `Redactor::redact` of it (`Engine::find_with` equals `scan` per set).
+    pub fn path_clean(&self, uri: &http::Uri) -> bool {
+        self.scanned
+            .as_ref()
+            .is_some_and(|(pq, (strong, _))| strong.is_empty() && pq.as_str() == uri.path())
+    }
+
+    /// The labels of `pq`, if it is the target scanned.
+    fn labels_of(&self, pq: &http::uri::PathAndQuery) -> Option<Labels> {
+        match &self.scanned {
+            Some((scanned, found)) if scanned == pq => Some(found.clone()),
+            _ => None,
+        }
+    }
+}
+
 /// Decides on what one place of the request holds, and records it. `place` is formatted only
 /// into a refusal: naming each header must not cost every request an allocation per header.
 fn judge(
     mode: RequestScan,
-    (strong, weak): (Vec<String>, Vec<String>),
+    (strong, weak): Labels,
     place: std::fmt::Arguments<'_>,
     pending: &mut Pending,
 ) -> Result<(), Rejection> {
@@ -88,17 +128,16 @@ pub fn head(
     scanner: &Redactor,
     mode: RequestScan,
     head: &mut http::request::Parts,
+    target: &Target,
     pending: &mut Pending,
 ) -> Result<bool, Rejection> {
     let refusing = mode.refuses();
     let url_mode = if refusing { mode } else { RequestScan::Refuse };
     if let Some(pq) = head.uri.path_and_query() {
-        judge(
-            url_mode,
-            labels(scanner, pq.as_str().as_bytes()),
-            format_args!("URL"),
-            pending,
-        )?;
+        let found = target
+            .labels_of(pq)
+            .unwrap_or_else(|| labels(scanner, pq.as_str().as_bytes()));
+        judge(url_mode, found, format_args!("URL"), pending)?;
     }
     // Header names are lower-cased on the wire, which hides case-sensitive checksums and
     // formats; a name never carries a keyword assignment, so every finding there is refused.
@@ -220,4 +259,77 @@ pub async fn body(
         Some(c) => (c, true),
         None => (bytes, false),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::Record;
+    use proptest::prelude::*;
+
+    fn scanner() -> Redactor {
+        Redactor::builder()
+            .known("held#1", format!("held-{}", "x7Q".repeat(10)).as_bytes())
+            .detector_set(DetectorSet::class(Class::Strong))
+            .build()
+    }
+
+    /// URL pieces that make findings, near-findings and the bytes around them.
+    fn piece() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("/".to_string()),
+            Just("?".to_string()),
+            Just("&".to_string()),
+            Just("=".to_string()),
+            Just("v1".to_string()),
+            Just("%2F".to_string()),
+            Just(format!("held-{}", "x7Q".repeat(10))),
+            Just(format!("held-{}", "x7Q".repeat(9))),
+            Just(format!("sk-proj-{}", "Ab3dE".repeat(9))),
+            Just(format!("AKIA{}", "QZ7R".repeat(4))),
+            Just(format!("gh{}_{}", "p", "a1B2c3D4e5".repeat(4))),
+            Just("password=".to_string()),
+            "[a-zA-Z0-9_.-]{1,12}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        #[test]
+        fn a_url_scanned_once_records_and_judges_as_two_scans(
+            pieces in prop::collection::vec(piece(), 0..8)
+        ) {
+            let scanner = scanner();
+            let uri: http::Uri = match format!("/{}", pieces.concat()).parse() {
+                Ok(u) => u,
+                Err(_) => return Ok(()),
+            };
+            let target = Target::of(&scanner, &uri);
+            // The audit record's path: as `set_target` alone makes it.
+            let mut once = Record::default();
+            once.fill_target(&uri, &scanner, target.path_clean(&uri));
+            let mut twice = Record::default();
+            twice.set_target(&uri, &scanner);
+            prop_assert_eq!(
+                serde_json::to_string(&once).unwrap(),
+                serde_json::to_string(&twice).unwrap()
+            );
+            // Clean exactly when the path is the whole target and nothing strong is in it.
+            let whole = uri.path_and_query().map(|p| p.as_str()) == Some(uri.path());
+            let untouched = matches!(
+                scanner.redact(uri.path().as_bytes()),
+                std::borrow::Cow::Borrowed(_)
+            );
+            prop_assert_eq!(target.path_clean(&uri), whole && untouched);
+            // The scan stage's verdict: what a scan of the URL of its own finds.
+            let pq = uri.path_and_query().unwrap();
+            prop_assert_eq!(
+                target.labels_of(pq),
+                Some(labels(&scanner, pq.as_str().as_bytes()))
+            );
+            let other: http::uri::PathAndQuery = "/elsewhere".parse().unwrap();
+            prop_assert_eq!(target.labels_of(&other).is_none(), pq != &other);
+        }
+    }
 }

@@ -24,7 +24,8 @@ const MAX_QUERY_NAME: usize = 128;
 
 impl Record {
     /// The record of a request as it arrives, before any stage has looked at it. `scanner` is
-    /// the request scan's engine (see [`Record::set_target`]).
+    /// the request scan's engine (see [`Record::set_target`]); `path_clean` says that it finds
+    /// nothing in the path (`scan::Target::path_clean`), which is then not scanned again.
     pub fn request(
         head: &Parts,
         request_id: &str,
@@ -32,6 +33,7 @@ impl Record {
         listener: &Arc<str>,
         policy_version: &Arc<str>,
         scanner: &Redactor,
+        path_clean: bool,
     ) -> Record {
         let mut r = Record {
             time: super::Stamp::now(),
@@ -48,7 +50,7 @@ impl Record {
             },
             ..Record::default()
         };
-        r.set_target(&head.uri, scanner);
+        r.fill_target(&head.uri, scanner, path_clean);
         r
     }
 
@@ -58,8 +60,17 @@ impl Record {
     /// `scanner` is the request scan's own engine and the path is short, so this costs about
     /// what the scan of the URL does.
     pub fn set_target(&mut self, uri: &http::Uri, scanner: &Redactor) {
+        self.fill_target(uri, scanner, false);
+    }
+
+    /// [`Record::set_target`], where `path_clean` says that `scanner` finds nothing in the path.
+    pub(crate) fn fill_target(&mut self, uri: &http::Uri, scanner: &Redactor, path_clean: bool) {
         let raw = uri.path();
-        let path = redacted_str(scanner, raw);
+        let path = if path_clean {
+            Cow::Borrowed(raw)
+        } else {
+            redacted_str(scanner, raw)
+        };
         // Cut after redaction, so a long secret is found whole before any of it is kept. A
         // path of no more bytes than that has no more characters either.
         let cut = if path.len() <= MAX_PATH {

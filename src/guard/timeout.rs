@@ -137,7 +137,7 @@ where
     }
 }
 
-/// Closes the connection a request came on; put in the request's extensions by `listen`.
+/// Closes the connection a request came on; handed to the pipeline by `listen` (`pipeline::Conn`).
 #[derive(Clone, Default)]
 pub struct Closer {
     conn: Arc<Conn>,

@@ -128,3 +128,41 @@ def test_keep_alive_connection_serves_several_allowed_requests(proxy, fake_upstr
     finally:
         conn.close()
     assert len(fake_upstream.requests) == 3
+
+
+def test_each_request_on_a_keep_alive_connection_gets_its_own_upstream_deadline(keygate, fake_upstream):
+    """The upstream deadline is kept by the connection and re-armed per request: a request sent
+    after the previous one's deadline has passed is not cut by it, a hung upstream still gets
+    504 `upstream_timeout`, and the connection's next request gets a whole deadline again."""
+    import time
+
+    kg = keygate(
+        lab_config("env.example", fake_upstream.url, upstream_timeout_seconds=1),
+        env={"BROKER_CLIENT_TOKEN": CLIENT_TOKEN, "OPENAI_API_KEY": KEY},
+    )
+    conn = RawConnection(kg.port)
+    try:
+        conn.send(conn.head("/v1/chat/completions", CLIENT_TOKEN) + BODY)
+        status, _, body = conn.response()
+        assert status == 200, body
+        # Past the first request's deadline: the second must not inherit it.
+        time.sleep(1.3)
+        conn.send(conn.head("/v1/chat/completions", CLIENT_TOKEN) + BODY)
+        status, _, body = conn.response()
+        assert status == 200, body
+
+        fake_upstream.hang = True
+        conn.send(conn.head("/v1/chat/completions", CLIENT_TOKEN) + BODY)
+        status, headers, body = conn.response()
+        assert status == 504, body
+        assert json.loads(body)["error"]["code"] == "upstream_timeout"
+        fake_upstream.hang = False
+        if headers.get("connection", "").lower() == "close":
+            conn.close()
+            conn = RawConnection(kg.port)
+        conn.send(conn.head("/v1/chat/completions", CLIENT_TOKEN) + BODY)
+        status, _, body = conn.response()
+        assert status == 200, body
+    finally:
+        conn.close()
+    assert len(fake_upstream.requests) == 4
