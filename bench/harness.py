@@ -490,6 +490,8 @@ def machine_info():
                     if os.path.exists(LITELLM_BIN) else "not installed"),
         "keygate_commit": git("rev-parse", "--short", "HEAD"),
         "keygate_dirty": bool(git("status", "--porcelain", "--", "src", "Cargo.toml")),
+        # which build was measured: target/release (cargo build --release) or bench/pgo's target/pgo/...
+        "keygate_bin": os.path.relpath(KEYGATE_BIN, ROOT) if KEYGATE_BIN.startswith(ROOT) else KEYGATE_BIN,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
@@ -1061,7 +1063,8 @@ def render(res):
     L.append("")
     L.append(f"Machine: {m['cpu']}, {m['cores']} cores, {m['mem']} RAM, Linux {m['kernel']}. "
              f"Load average before {res['load_before'][0]:.2f}, after {res['load_after'][0]:.2f} (1-min). "
-             f"keygate `{m['keygate_commit']}`{' (+uncommitted src changes)' if m['keygate_dirty'] else ''}; "
+             f"keygate `{m['keygate_commit']}`{' (+uncommitted src changes)' if m['keygate_dirty'] else ''} "
+             f"(`{m.get('keygate_bin', '?')}`); "
              f"{m['nginx']}; wrk {m['wrk']}; LiteLLM {m['litellm']}.")
     s = res["settings"]
     L.append(f"Client: {s['client']}; {s['seconds_per_point']} s per point, median of {s['rounds']} "

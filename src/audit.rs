@@ -831,12 +831,15 @@ fn write_loop(mut file: File, shared: &Shared, lines_before: u64, torn: bool, mu
         taken.clear();
         entries.clear();
         let result = write_out(&mut file, &mut unwritten);
+        // Health first, then the acks: whoever waited on this batch (the start record) must
+        // find a failed write already refusing requests, or one could be forwarded unaudited
+        // before this thread got back to marking the log unhealthy.
+        let was_healthy = shared.healthy.swap(result.is_ok(), Ordering::Relaxed);
         for ack in acks {
             let _ = ack.send(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
         }
         match result {
             Ok(()) => {
-                shared.healthy.store(true, Ordering::Relaxed);
                 if let Some((hash, line)) = head_due.take() {
                     if let Err(e) = write_head(&file, shared, &hash, line) {
                         tracing::error!(error = %e, "audit head file could not be written; retried with the next signed record");
@@ -844,7 +847,7 @@ fn write_loop(mut file: File, shared: &Shared, lines_before: u64, torn: bool, mu
                 }
             }
             Err(e) => {
-                if shared.healthy.swap(false, Ordering::Relaxed) {
+                if was_healthy {
                     tracing::error!(error = %e, "audit log write failed; refusing requests until it succeeds");
                 }
                 if closed {
@@ -1622,6 +1625,18 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert!(!log.healthy());
+    }
+
+    /// serve refuses before its first request when the start record failed: the failure must be
+    /// visible the moment `lifecycle` returns, not once the writer gets back to it (a request
+    /// was once forwarded unaudited under load in that gap).
+    #[test]
+    fn a_failed_start_record_is_already_refusing_when_lifecycle_returns() {
+        let log = AuditLog::open(Path::new("/dev/full"), true).unwrap();
+        assert!(log.lifecycle(lifecycle("start")).is_err());
+        assert!(!log.healthy());
+        assert!(log.check_writable(true).is_err());
+        log.close();
     }
 
     /// Waits (bounded) until the log holds `n` lines.
