@@ -120,19 +120,28 @@ impl Rule {
         })
     }
 
-    /// Whether the rule allows this method on this path with this query string (`None`: the
-    /// target had no `?`).
-    pub fn matches(&self, method: &Method, path: &str, query: Option<&str>) -> bool {
+    /// Whether the rule's method and query-name conditions hold (the path is checked apart).
+    fn admits(&self, method: &Method, query: Option<&str>) -> bool {
         if self.method.as_ref().is_some_and(|m| m != method) {
             return false;
         }
-        if let (Query::Only(names), Some(q)) = (&self.query, query) {
+        match (&self.query, query) {
             // The lab compared the whole target, so even a bare `?` is another path there.
-            if names.is_empty() || !query_names(q).all(|n| n.is_some_and(|n| names.contains(&n))) {
-                return false;
+            (Query::Only(names), Some(q)) => {
+                !names.is_empty() && query_names(q).all(|n| n.is_some_and(|n| names.contains(&n)))
             }
+            _ => true,
         }
-        let Some(path) = path.strip_prefix('/') else {
+    }
+
+    /// Whether the rule allows this method on this path with this query string (`None`: the
+    /// target had no `?`).
+    pub fn matches(&self, method: &Method, path: &str, query: Option<&str>) -> bool {
+        let Some(path) = self
+            .admits(method, query)
+            .then(|| path.strip_prefix('/'))
+            .flatten()
+        else {
             return false;
         };
         // A byte split: `str::split`'s searcher cost more to set up than these short paths.
@@ -156,15 +165,11 @@ impl Rule {
     /// [`Rule::matches`] as it was, splitting the path with `str::split`.
     #[cfg(test)]
     fn matches_by_str_split(&self, method: &Method, path: &str, query: Option<&str>) -> bool {
-        if self.method.as_ref().is_some_and(|m| m != method) {
-            return false;
-        }
-        if let (Query::Only(names), Some(q)) = (&self.query, query) {
-            if names.is_empty() || !query_names(q).all(|n| n.is_some_and(|n| names.contains(&n))) {
-                return false;
-            }
-        }
-        let Some(path) = path.strip_prefix('/') else {
+        let Some(path) = self
+            .admits(method, query)
+            .then(|| path.strip_prefix('/'))
+            .flatten()
+        else {
             return false;
         };
         let mut parts = path.split('/');

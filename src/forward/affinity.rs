@@ -132,7 +132,9 @@ impl Affinity {
         let out = tokio::select! {
             biased;
             out = fut => Ok(out),
-            () = timer.as_mut() => Err(TimedOut),
+            // Outside the task's budget, as `tokio::time::timeout` polls its delay: a request
+            // that used the budget up must not postpone its own deadline.
+            () = tokio::task::unconstrained(timer.as_mut()) => Err(TimedOut),
         };
         *lock(&self.0.timer) = Some(timer);
         out
