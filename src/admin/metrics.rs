@@ -9,9 +9,59 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::audit::{Decision, Reason, Record};
+
+/// Label sets a thread keeps handles for (see [`Handles`]): a worker sees few routes and
+/// agents at a time; a miss costs only the family lookups it replaces.
+const CACHED: usize = 8;
+
+/// Makes each [`Metrics`] and each of its reloads an epoch of its own.
+static EPOCHS: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    static HANDLES: RefCell<Handles> = const {
+        RefCell::new(Handles {
+            epoch: 0,
+            entries: Vec::new(),
+            next: 0,
+        })
+    };
+}
+
+/// The request counter and latency histogram of the label sets this thread counted last,
+/// keyed by the identity of the record's route and agent names (config `Arc`s, shared by every
+/// record of a config generation): a request then costs no label hashing and no family lock
+/// (`Family::get_or_create` hashes every label with SipHash). A handle shares its value with the
+/// family's entry, which is never removed, so a handle is never stale; an entry holds its names,
+/// so their addresses are not reused while it is kept, and a reload (a new epoch) drops the
+/// entries so the names of a replaced config are not kept alive.
+struct Handles {
+    epoch: u64,
+    entries: Vec<Cached>,
+    /// The entry the next miss replaces once all are used.
+    next: usize,
+}
+
+struct Cached {
+    route: Option<Arc<str>>,
+    agent: Option<Arc<str>>,
+    decision: Decision,
+    status: u16,
+    requests: Counter,
+    latency: Histogram,
+}
+
+fn same(a: &Option<Arc<str>>, b: &Option<Arc<str>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -47,6 +97,8 @@ pub struct Metrics {
     pending_approvals: Gauge,
     frozen: Gauge,
     reloads: Counter,
+    /// Which thread-local [`Handles`] belong to this registry as it is now.
+    epoch: AtomicU64,
 }
 
 fn latency_histogram() -> Histogram {
@@ -114,24 +166,82 @@ impl Metrics {
             pending_approvals,
             frozen,
             reloads,
+            epoch: AtomicU64::new(EPOCHS.fetch_add(1, Ordering::Relaxed)),
         }
     }
 
-    /// Counts one finished request.
-    pub fn observe(&self, r: &Record) {
-        let route = r.route.clone().unwrap_or_default();
-        self.requests
+    /// Counts `r` in the request counter and latency histogram of its labels, their handles
+    /// from this thread's cache.
+    fn count(&self, r: &Record) {
+        let count = |requests: &Counter, latency: &Histogram| {
+            requests.inc();
+            latency.observe(r.latency_ms / 1000.0);
+        };
+        let epoch = self.epoch.load(Ordering::Relaxed);
+        let found = HANDLES.try_with(|h| {
+            let mut h = h.borrow_mut();
+            if h.epoch != epoch {
+                h.epoch = epoch;
+                h.entries.clear();
+                h.next = 0;
+            }
+            if let Some(c) = h.entries.iter().find(|c| {
+                c.status == r.status
+                    && c.decision == r.decision
+                    && same(&c.route, &r.route)
+                    && same(&c.agent, &r.agent)
+            }) {
+                return count(&c.requests, &c.latency);
+            }
+            let (requests, latency) = self.lookup(r);
+            count(&requests, &latency);
+            let c = Cached {
+                route: r.route.clone(),
+                agent: r.agent.clone(),
+                decision: r.decision,
+                status: r.status,
+                requests,
+                latency,
+            };
+            if h.entries.len() < CACHED {
+                h.entries.push(c);
+            } else {
+                let i = h.next;
+                if let Some(slot) = h.entries.get_mut(i) {
+                    *slot = c;
+                }
+                h.next = (i + 1) % CACHED;
+            }
+        });
+        if found.is_err() {
+            // A thread being torn down has no cache left: the families directly.
+            let (requests, latency) = self.lookup(r);
+            count(&requests, &latency);
+        }
+    }
+
+    fn lookup(&self, r: &Record) -> (Counter, Histogram) {
+        let requests = self
+            .requests
             .get_or_create(&RequestLabels {
-                route,
+                route: r.route.clone().unwrap_or_default(),
                 agent: r.agent.clone().unwrap_or_default(),
                 decision: r.decision.as_str(),
                 status: r.status,
             })
-            .inc();
-        let route = r.route.clone().unwrap_or_default();
-        self.latency
-            .get_or_create(&RouteLabels { route })
-            .observe(r.latency_ms / 1000.0);
+            .clone();
+        let latency = self
+            .latency
+            .get_or_create(&RouteLabels {
+                route: r.route.clone().unwrap_or_default(),
+            })
+            .clone();
+        (requests, latency)
+    }
+
+    /// Counts one finished request.
+    pub fn observe(&self, r: &Record) {
+        self.count(r);
         let upstream_failed = r.blame == Some(crate::error::Blame::Upstream)
             || (r.decision == Decision::Allow
                 && matches!(
@@ -150,6 +260,8 @@ impl Metrics {
     /// Counts one successful config reload.
     pub fn reloaded(&self) {
         self.reloads.inc();
+        self.epoch
+            .store(EPOCHS.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
     }
 
     /// The text exposition, with the gauges set to the values of this moment.
@@ -211,6 +323,84 @@ mod tests {
         assert!(
             text.contains(r#"keygate_budget_spent_tokens{agent="coder"} 5"#),
             "{text}"
+        );
+    }
+
+    fn record(route: &str, agent: &str, status: u16) -> Record {
+        Record {
+            route: Some(route.into()),
+            agent: Some(agent.into()),
+            decision: Decision::Allow,
+            status,
+            latency_ms: 1.0,
+            ..Record::default()
+        }
+    }
+
+    fn requests(text: &str, route: &str, agent: &str, status: u16) -> Option<u64> {
+        let series = format!(
+            r#"keygate_requests_total{{route="{route}",agent="{agent}",decision="allow",status="{status}"}} "#
+        );
+        let line = text.lines().find(|l| l.starts_with(&series))?;
+        line[series.len()..].parse().ok()
+    }
+
+    #[test]
+    fn requests_are_counted_in_one_series_across_reloads_and_new_name_allocations() {
+        let m = Metrics::new();
+        let first = record("openai", "coder", 200);
+        m.observe(&first);
+        m.observe(&first);
+        m.reloaded();
+        // A reload's config holds new `Arc`s with the same names.
+        let second = record("openai", "coder", 200);
+        m.observe(&second);
+        m.observe(&first);
+        let text = m.render(&[], 0, false);
+        assert_eq!(requests(&text, "openai", "coder", 200), Some(4), "{text}");
+        assert!(
+            text.contains("keygate_request_duration_seconds_count{route=\"openai\"} 4"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn more_label_sets_than_a_thread_caches_are_all_counted() {
+        let m = Metrics::new();
+        let records: Vec<Record> = (0..3 * CACHED as u16)
+            .map(|i| record("r", &format!("a{i}"), 200 + i % 3))
+            .collect();
+        for _ in 0..3 {
+            for r in &records {
+                m.observe(r);
+            }
+        }
+        let text = m.render(&[], 0, false);
+        for (i, _) in records.iter().enumerate() {
+            let i = i as u16;
+            assert_eq!(
+                requests(&text, "r", &format!("a{i}"), 200 + i % 3),
+                Some(3),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn two_registries_on_one_thread_count_apart() {
+        let a = Metrics::new();
+        let b = Metrics::new();
+        let r = record("openai", "coder", 200);
+        a.observe(&r);
+        b.observe(&r);
+        a.observe(&r);
+        assert_eq!(
+            requests(&a.render(&[], 0, false), "openai", "coder", 200),
+            Some(2)
+        );
+        assert_eq!(
+            requests(&b.render(&[], 0, false), "openai", "coder", 200),
+            Some(1)
         );
     }
 }

@@ -396,6 +396,39 @@ def test_metrics_parse_as_prometheus_text_and_count_the_requests_sent(make):
     assert [x.value for x in families["keygate_pending_approvals"].samples] == [0]
 
 
+def metrics_text(s: Setup) -> str:
+    sock = s.state_dir / "admin.sock"
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://keygate", timeout=DEADLINE) as c:
+        return c.get("/metrics").text
+
+
+def test_metrics_after_a_reload_still_count_requests_in_the_same_series(make):
+    # Each worker keeps the handles of the series it counted last: a reload (a config with new
+    # route and agent names) must not leave a request uncounted or counted apart.
+    s = make()
+    headers = {"Authorization": f"Bearer {s.env['KEYGATE_AGENT_TOKEN']}"}
+    with s.kg.client() as c:
+        for _ in range(3):
+            assert c.post("/openai/v1/chat/completions", json=CHAT, headers=headers).status_code == 200
+        s.kg.audit_records(3)
+        out = s.admin("reload")
+        assert "reloaded" in out.stdout
+        for _ in range(2):
+            assert c.post("/openai/v1/chat/completions", json=CHAT, headers=headers).status_code == 200
+    assert chat(s).status_code == 200
+    s.kg.audit_records(6)
+    families = {f.name: f for f in parse_openmetrics(metrics_text(s))}
+    requests = {
+        (x.labels["route"], x.labels["agent"], x.labels["decision"], x.labels["status"]): x.value
+        for x in families["keygate_requests"].samples
+        if x.name == "keygate_requests_total"
+    }
+    assert requests == {("openai", "coder", "allow", "200"): 6}
+    counts = [x.value for x in families["keygate_request_duration_seconds"].samples if x.name.endswith("_count")]
+    assert counts == [6]
+    assert [x.value for x in families["keygate_reloads"].samples if x.name == "keygate_reloads_total"] == [1]
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another user (nobody)")
 def test_admin_socket_refuses_a_connection_from_another_uid(make):
     s = make()
