@@ -29,6 +29,9 @@ pub struct TokenBudget {
 struct Window {
     /// Which period `charged` belongs to (periods since `origin`).
     period: u64,
+    /// When `period` ends (`origin + (period + 1) * per`; `None` past the clock's range): before
+    /// it, the period is known without dividing the time since `origin` (a `u128` division).
+    ends: Option<Instant>,
     /// Tokens settled in this period.
     charged: u64,
     /// Tokens booked by requests still in flight. They outlive a period change: a request
@@ -62,6 +65,7 @@ impl TokenBudget {
             origin,
             state: Mutex::new(Window {
                 period: 0,
+                ends: origin.checked_add(per.max(Duration::from_millis(1))),
                 charged: 0,
                 reserved: 0,
             }),
@@ -143,13 +147,27 @@ impl TokenBudget {
     fn window(&self, now: Instant) -> MutexGuard<'_, Window> {
         // Nothing under this lock can panic, so a poisoned lock still holds consistent numbers.
         let mut w = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let elapsed = now.saturating_duration_since(self.origin).as_nanos();
-        let period = u64::try_from(elapsed / self.per.as_nanos()).unwrap_or(u64::MAX);
+        // Periods only grow: before `ends` the one computed would be `w.period` or an earlier
+        // one (a caller's `now` read before another's), which changes nothing either way.
+        if w.ends.is_some_and(|ends| now < ends) {
+            return w;
+        }
+        let period = self.period_at(now);
         if period > w.period {
             w.period = period;
+            w.ends = u32::try_from(period.saturating_add(1))
+                .ok()
+                .and_then(|n| self.per.checked_mul(n))
+                .and_then(|d| self.origin.checked_add(d));
             w.charged = 0;
         }
         w
+    }
+
+    /// Which period `now` falls in (periods since `origin`).
+    fn period_at(&self, now: Instant) -> u64 {
+        let elapsed = now.saturating_duration_since(self.origin).as_nanos();
+        u64::try_from(elapsed / self.per.as_nanos()).unwrap_or(u64::MAX)
     }
 
     fn finish(&self, reserved: u64, charge: u64) {
@@ -343,5 +361,39 @@ mod tests {
         let refused = b.try_reserve_at(11, at).unwrap_err();
         assert_eq!(refused.secs(), 55);
         assert_eq!(RetryAfter(Duration::from_millis(1)).secs(), 1);
+    }
+
+    proptest::proptest! {
+        /// The window kept with its end rolls over exactly where dividing the time since the
+        /// origin by the period (the old way, every call) says, also for calls whose clock
+        /// readings arrive out of order.
+        #[test]
+        fn the_window_rolls_over_where_the_division_says(
+            per_ms in 1u64..5_000,
+            steps in proptest::collection::vec((0u64..4_000, proptest::bool::ANY), 1..60),
+        ) {
+            let origin = Instant::now();
+            let per = Duration::from_millis(per_ms);
+            let b = TokenBudget::starting_at(u64::MAX, per, origin);
+            let mut period = 0u64;
+            let mut charged = 0u64;
+            let mut at = 0u64;
+            for (step, back) in steps {
+                // Some readings are older than the last (another caller's earlier `now`).
+                let t = if back { at.saturating_sub(step) } else { at + step };
+                at = at.max(t);
+                let now = origin + Duration::from_millis(t);
+                let old = (u128::from(t) * 1_000_000 / per.as_nanos()) as u64;
+                if old > period {
+                    period = old;
+                    charged = 0;
+                }
+                let mut w = b.window(now);
+                proptest::prop_assert_eq!(w.period, period);
+                proptest::prop_assert_eq!(w.charged, charged);
+                w.charged += 1;
+                charged += 1;
+            }
+        }
     }
 }
