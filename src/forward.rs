@@ -183,7 +183,10 @@ impl Forwarder {
                     .map_err(|_| affinity::TimedOut)
             }
             // The connection's own timer, re-armed per request (see `within`).
-            (None, Some(a)) => a.within(route.timeout, self.request(req, affinity)).await,
+            (None, Some(a)) => {
+                let sent = std::pin::pin!(self.request(req, affinity));
+                a.within(route.timeout, sent).await
+            }
             (None, None) => tokio::time::timeout(route.timeout, self.request(req, affinity))
                 .await
                 .map_err(|_| affinity::TimedOut),

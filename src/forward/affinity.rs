@@ -111,10 +111,13 @@ impl Affinity {
     /// keeps: requests on an HTTP/1 connection are sequential, so each re-arms the previous one's
     /// timer to a later deadline (tokio extends a registered timer without touching its wheel)
     /// instead of making one, registering it and removing it again per request.
+    ///
+    /// `fut` comes pinned by the caller: the request's future is large, and taking it by value
+    /// moved it once more (into this future, then into the `select!`) than `timeout` did.
     pub(super) async fn within<F: Future>(
         &self,
         limit: Duration,
-        fut: F,
+        fut: Pin<&mut F>,
     ) -> Result<F::Output, TimedOut> {
         let now = tokio::time::Instant::now();
         // As `timeout` does for a limit past the clock's range: practically never.
