@@ -17,6 +17,7 @@
 //! Architecture invariant: plaintext TCP listeners are loopback unless config says otherwise
 //! (checked in `config`); Unix sockets are created mode 0600.
 
+mod sniff;
 pub mod tls;
 
 pub use tls::normalize_subject;
@@ -444,6 +445,13 @@ fn http1_builder() -> hyper::server::conn::http1::Builder {
     b
 }
 
+/// HTTP/2's settings (HTTP/1.1's are [`http1_builder`]'s).
+fn http2_builder() -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    // A peer that vanished without closing (a dead network path, a suspended laptop) is found
+    // by pings, not left holding its streams.
+    sniff::http2_builder(MAX_HEAD_BYTES as u32, Duration::from_secs(20))
+}
+
 fn builder() -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -561,17 +569,17 @@ impl Accepted {
                 }
             })
         };
-        let io = TokioIo::new(stream);
         if h2 {
-            let conn = builder().serve_connection(io, svc).into_owned();
-            let drain = |c: Pin<&mut _>| auto::Connection::graceful_shutdown(c);
+            // HTTP/1.1 or h2c, told by the first read (`sniff`): `auto` reads the preface alone.
+            let conn = sniff::Served::new(stream, svc, http1_builder(), http2_builder());
+            let drain = |c: Pin<&mut _>| sniff::Served::graceful_shutdown(c);
             let run = drive(
                 conn, drain, host, tracked, slots, limits, stop, leave, alive,
             );
             crate::runtime::spawn_conn(run);
         } else {
             tracked.http1.store(true, Ordering::Relaxed);
-            let conn = http1_builder().serve_connection(io, svc);
+            let conn = http1_builder().serve_connection(TokioIo::new(stream), svc);
             let drain =
                 |c: Pin<&mut _>| hyper::server::conn::http1::Connection::graceful_shutdown(c);
             let run = drive(
