@@ -92,6 +92,51 @@ async fn h2c_client_is_served_and_the_upstream_gets_the_real_key() {
 }
 
 #[tokio::test]
+async fn h2c_preface_and_http1_head_sent_in_pieces_are_each_served_in_their_protocol() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = upstream(echo()).await;
+    let kg = Keygate::start(&config(up.addr, ""), &env());
+    let host = kg.url.trim_start_matches("http://").to_string();
+    let pause = || tokio::time::sleep(Duration::from_millis(30));
+    // The preface cut inside, each part alone on the wire: still HTTP/2, whose first frame from
+    // the server is its SETTINGS (type 4, stream 0).
+    let mut h2 = tokio::net::TcpStream::connect(&host).await.unwrap();
+    h2.set_nodelay(true).unwrap();
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    for part in [&preface[..1], &preface[1..9], &preface[9..]] {
+        h2.write_all(part).await.unwrap();
+        pause().await;
+    }
+    h2.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    let mut head = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(10), h2.read_exact(&mut head))
+        .await
+        .expect("no answer to a preface sent in pieces")
+        .unwrap();
+    assert_eq!((head[3], &head[5..9]), (4, &[0u8, 0, 0, 0][..]), "{head:?}");
+    // Benign neighbour: an HTTP/1.1 request whose first byte is the preface's first byte, sent
+    // alone, is served as HTTP/1.1.
+    let mut h1 = tokio::net::TcpStream::connect(&host).await.unwrap();
+    h1.set_nodelay(true).unwrap();
+    let req = format!(
+        "POST /r/v1/chat/completions HTTP/1.1\r\nhost: {host}\r\nauthorization: Bearer {TOKEN}\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}"
+    );
+    for part in [&req[..1], &req[1..3], &req[3..]] {
+        h1.write_all(part.as_bytes()).await.unwrap();
+        pause().await;
+    }
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), h1.read_to_end(&mut got))
+        .await
+        .expect("no answer to an HTTP/1.1 request sent in pieces")
+        .unwrap();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("[REDACTED:"), "{text}");
+    assert_eq!(kg.audit_records(1).len(), 1);
+}
+
+#[tokio::test]
 async fn chunked_body_over_the_limit_is_refused_with_413() {
     // Buffered (the default scan reads the body whole) and streamed (scan off) both stop it.
     for scan in ["", "request_scan = \"off\""] {
