@@ -118,8 +118,10 @@ where
 
 pub(super) struct Sniffing<S, Svc> {
     io: S,
-    buf: Vec<u8>,
-    filled: usize,
+    /// The bytes read so far.
+    got: Vec<u8>,
+    /// Where they are read into: capacity only, so no read pays for zeroing it.
+    scratch: Vec<u8>,
     svc: Svc,
     http1: hyper::server::conn::http1::Builder,
     http2: hyper::server::conn::http2::Builder<TokioExecutor>,
@@ -138,8 +140,8 @@ where
     ) -> Self {
         Served::Sniffing(Some(Sniffing {
             io,
-            buf: Vec::new(),
-            filled: 0,
+            got: Vec::new(),
+            scratch: Vec::new(),
             svc,
             http1,
             http2,
@@ -204,12 +206,12 @@ where
                         *this = Served::Done;
                         continue;
                     };
-                    let mut seen_now = seen(sn.buf.get(..sn.filled).unwrap_or_default());
+                    let mut seen_now = seen(&sn.got);
                     if seen_now == Seen::More {
-                        if sn.buf.is_empty() {
-                            sn.buf = vec![0; FIRST_READ];
+                        if sn.scratch.capacity() == 0 {
+                            sn.scratch = Vec::with_capacity(FIRST_READ);
                         }
-                        let mut rb = ReadBuf::new(sn.buf.get_mut(sn.filled..).unwrap_or_default());
+                        let mut rb = ReadBuf::uninit(sn.scratch.spare_capacity_mut());
                         match ready!(Pin::new(&mut sn.io).poll_read(cx, &mut rb)) {
                             Err(_) => {
                                 // A connection error is the client's; nothing to report.
@@ -218,7 +220,7 @@ where
                             }
                             Ok(()) if rb.filled().is_empty() => seen_now = Seen::Http1,
                             Ok(()) => {
-                                sn.filled += rb.filled().len();
+                                sn.got.extend_from_slice(rb.filled());
                                 continue;
                             }
                         }
@@ -229,15 +231,14 @@ where
                     };
                     let Sniffing {
                         io,
-                        mut buf,
-                        filled,
+                        got,
                         svc,
                         http1,
                         http2,
+                        ..
                     } = sn;
-                    buf.truncate(filled);
                     let io = TokioIo::new(Rewind {
-                        pre: buf,
+                        pre: got,
                         at: 0,
                         io,
                     });
