@@ -106,13 +106,17 @@ type Io<S> = TokioIo<Rewind<S>>;
 
 /// One connection served as HTTP/1.1 or HTTP/2, whichever its first bytes show: the
 /// counterpart of hyper-util's `auto::Connection`, with the same builders as before.
+// HTTP/1.1 unboxed: the usual case, a box would cost every connection an allocation; the
+// enum sits once in its connection's task and the small variant only comes first.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Served<S, Svc>
 where
     Svc: HttpService<Incoming>,
 {
     Sniffing(Option<Sniffing<S, Svc>>),
     Http1(hyper::server::conn::http1::Connection<Io<S>, Svc>),
-    Http2(hyper::server::conn::http2::Connection<Io<S>, Svc, TokioExecutor>),
+    /// Boxed: twice HTTP/1.1's size, and rare (h2c clients are few).
+    Http2(Box<hyper::server::conn::http2::Connection<Io<S>, Svc, TokioExecutor>>),
     Done,
 }
 
@@ -179,7 +183,7 @@ where
         match this {
             Served::Sniffing(_) => *this = Served::Done,
             Served::Http1(c) => Pin::new(c).graceful_shutdown(),
-            Served::Http2(c) => Pin::new(c).graceful_shutdown(),
+            Served::Http2(c) => Pin::new(&mut **c).graceful_shutdown(),
             Served::Done => {}
         }
     }
@@ -243,7 +247,7 @@ where
                         io,
                     });
                     *this = if seen_now == Seen::Http2 {
-                        Served::Http2(http2.serve_connection(io, svc))
+                        Served::Http2(Box::new(http2.serve_connection(io, svc)))
                     } else {
                         Served::Http1(http1.serve_connection(io, svc))
                     };
