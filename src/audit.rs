@@ -35,7 +35,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -303,9 +303,6 @@ struct Batch {
     /// When the batch got its first record: a wake-up owed for longer is paid by the next
     /// record appended.
     first_at: Instant,
-    /// The writer is gathering the next batch on a timer of its own (`gather`): a record
-    /// appended now needs nobody to wake it, unless someone waits on it.
-    gathering: bool,
 }
 
 /// One record in a batch: the end of its bytes in `Batch::bodies`.
@@ -431,7 +428,6 @@ impl AuditLog {
                 since_checkpoint: 0,
                 last_checkpoint: Instant::now(),
                 first_at: Instant::now(),
-                gathering: false,
             }),
             wake: Condvar::new(),
             healthy: AtomicBool::new(true),
@@ -531,9 +527,7 @@ impl AuditLog {
         // Decided under the lock, so a record appended next by another thread sees the debt.
         let owed = shared.owed.load(Ordering::Acquire);
         let pay_now = !was_empty && owed && (urgent || batch.first_at.elapsed() >= BATCH_WINDOW);
-        // The writer looks at the batch by itself within a window: no wake-up to owe or pay.
-        let due = batch.gathering && !urgent;
-        let defer = was_empty && !urgent && !due && wake::parks();
+        let defer = was_empty && !urgent && wake::parks();
         if was_empty {
             batch.first_at = Instant::now();
             if defer {
@@ -556,9 +550,7 @@ impl AuditLog {
             batch.acks.push(ack);
         }
         drop(batch);
-        if due {
-            // The writer's own timer takes this batch.
-        } else if defer {
+        if defer {
             wake::owe(&self.shared);
         } else if was_empty {
             self.shared.wake.notify_one();
@@ -774,21 +766,12 @@ fn write_loop(mut file: File, shared: &Shared, lines_before: u64, torn: bool, mu
     // the head file names once it is on file.
     let mut lines_queued = lines_before + u64::from(torn);
     let mut head_due: Option<(String, u64)> = None;
-    // The last batch held more than one record: traffic is steady enough that the next one is
-    // gathered on the writer's own timer (see `gather`).
-    let mut steady = false;
     // Ends a torn line now; if that fails, the loop retries it before any record.
     let _ = write_out(&mut file, &mut unwritten);
     loop {
         let (acks, closed) = {
             let mut batch = lock(&shared.pending);
-            let gathered = unwritten.is_empty() && steady && {
-                batch = gather(shared, batch);
-                !batch.is_empty()
-            };
-            if gathered {
-                // Taken as it is: it gathered for a window already.
-            } else if unwritten.is_empty() {
+            if unwritten.is_empty() {
                 while batch.is_empty() && !batch.closed {
                     // Idle with records since the last checkpoint: wake when one is due.
                     let due = (batch.since_checkpoint > 0)
@@ -831,7 +814,6 @@ fn write_loop(mut file: File, shared: &Shared, lines_before: u64, torn: bool, mu
             shared.owed.store(false, Ordering::Release);
             std::mem::swap(&mut batch.bodies, &mut taken);
             std::mem::swap(&mut batch.entries, &mut entries);
-            steady = entries.len() > 1;
             (std::mem::take(&mut batch.acks), batch.closed)
         };
         // Chained here, off the requests' path, in the order the records were queued.
@@ -883,29 +865,6 @@ fn write_loop(mut file: File, shared: &Shared, lines_before: u64, torn: bool, mu
             return;
         }
     }
-}
-
-/// Waits one [`BATCH_WINDOW`] for the next batch with `gathering` set, so the records appended
-/// meanwhile wake nobody: under steady traffic the writer then runs once per window on its own
-/// timer, instead of being woken by a runtime thread's park and sleeping the window after it
-/// (two wake-ups per batch, and a futex call on a request thread). Ends early for a record
-/// someone waits on, or when keygate stops.
-#[allow(clippy::disallowed_methods)] // the writer's own thread waits, never a runtime worker
-fn gather<'a>(shared: &Shared, mut batch: MutexGuard<'a, Batch>) -> MutexGuard<'a, Batch> {
-    let until = Instant::now() + BATCH_WINDOW;
-    batch.gathering = true;
-    while batch.acks.is_empty() && !batch.closed {
-        let left = until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            break;
-        }
-        batch = match shared.wake.wait_timeout(batch, left) {
-            Ok((b, _)) => b,
-            Err(p) => p.into_inner().0,
-        };
-    }
-    batch.gathering = false;
-    batch
 }
 
 /// Points the head file at a signed record now on file. The log is synced first, so the head
@@ -1758,34 +1717,6 @@ mod tests {
             3,
             "both records reached the file without a park"
         );
-        log.close();
-    }
-
-    #[test]
-    fn under_steady_traffic_the_writer_gathers_the_next_batch_without_a_wake_up() {
-        let (_dir, path, log) = started_log();
-        settle();
-        // A runtime thread appending records back to back: once a batch of several reached
-        // the file, the writer waits out the next window by itself and is owed nothing.
-        let mut appended = 0;
-        let mut gathered = false;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while appended < 20_000 && Instant::now() < deadline {
-            on_park();
-            log.begin(rec(&format!("r{appended}"))).finish();
-            appended += 1;
-            // The first record of a batch, owed to nobody: the writer is due by itself.
-            let batch = lock(&log.shared.pending);
-            if batch.entries.len() == 1 && !log.shared.owed.load(Ordering::Acquire) {
-                gathered = true;
-                break;
-            }
-            drop(batch);
-            std::thread::sleep(Duration::from_micros(20));
-        }
-        assert!(gathered, "no record found the writer gathering");
-        // Never parks again: the writer's own timer writes the last record.
-        assert_eq!(wait_lines(&path, appended + 1), appended + 1);
         log.close();
     }
 
