@@ -52,7 +52,7 @@ EXTRA_TOML = ""
 CLIENT_CPU = "0"
 SERVER_CPU = "1"
 CONCURRENCY = [1, 32, 256]
-TARGETS = ["direct", "keygate", "nginx", "floor", "litellm"]
+TARGETS = ["direct", "keygate", "nginx", "floor", "rawfloor", "litellm"]
 
 PROCS = []  # (name, Popen)
 RUN_DIR = None
@@ -331,17 +331,19 @@ class Servers:
             log(f"probe {url} failed: {e}")
             return False
 
-    def start_floor(self, cpus):
-        """bench/tools floor-proxy: a bare hyper 1 proxy (token check + header swap), for reference."""
-        p = spawn("floor", [os.path.join(TOOLS, "floor-proxy"), "--upstream", f"http://127.0.0.1:{self.upstream_port}",
-                            "--token", self.s["agent_token"], "--key", self.s["provider_key"]], cpus=cpus)
+    def start_floor(self, cpus, name="floor", tool="floor-proxy"):
+        """bench/tools floor-proxy: a bare hyper 1 proxy (token check + header swap), for reference;
+        `tool="raw-floor"`: the same job without hyper (httparse, one upstream connection per
+        downstream connection)."""
+        p = spawn(name, [os.path.join(TOOLS, tool), "--upstream", f"http://127.0.0.1:{self.upstream_port}",
+                         "--token", self.s["agent_token"], "--key", self.s["provider_key"]], cpus=cpus)
         line = read_line(p, 10)
         if not line:
             return False
-        self.procs["floor"] = p
-        self.urls["floor"] = json.loads(line)["listen"] + "/openai/v1/chat/completions"
-        self.headers["floor"] = "Authorization: Bearer " + self.s["agent_token"]
-        return self._probe(self.urls["floor"], self.headers["floor"])
+        self.procs[name] = p
+        self.urls[name] = json.loads(line)["listen"] + "/openai/v1/chat/completions"
+        self.headers[name] = "Authorization: Bearer " + self.s["agent_token"]
+        return self._probe(self.urls[name], self.headers[name])
 
     def start_nginx(self, cpus):
         port = free_port()
@@ -390,9 +392,9 @@ class Servers:
         return self.litellm_ok
 
     def stop_mode_servers(self):
-        for n in ["keygate", "nginx", "floor", "upstream"]:
+        for n in ["keygate", "nginx", "floor", "rawfloor", "upstream"]:
             stop_named(n)
-        for n in ["direct", "keygate", "nginx", "floor"]:
+        for n in ["direct", "keygate", "nginx", "floor", "rawfloor"]:
             self.procs.pop(n, None)
             self.urls.pop(n, None)
 
@@ -513,7 +515,8 @@ def main():
     ap.add_argument("--rounds", type=int, help="rounds per point, median reported (default 3, quick 1)")
     ap.add_argument("--no-litellm", action="store_true")
     ap.add_argument("--floor", action=argparse.BooleanOptionalAction, default=None,
-                    help="also measure a bare hyper proxy (bench/tools floor-proxy); default: on unless --quick")
+                    help="also measure a bare hyper proxy (bench/tools floor-proxy) and the same without hyper "
+                         "(raw-floor); default: on unless --quick")
     ap.add_argument("--modes", default="pinned,unpinned")
     ap.add_argument("--profile", action="store_true", help="also perf-profile keygate (pinned, 32 conns)")
     ap.add_argument("--out", default=os.path.join(BENCH, "results"))
@@ -576,6 +579,7 @@ def main():
         sv.start_nginx(cpus)
         if args.floor:
             sv.start_floor(cpus)
+            sv.start_floor(cpus, "rawfloor", "raw-floor")
         if sv.litellm_ok:
             repin(sv.procs["litellm"].pid, SERVER_CPU if pinned else "0-%d" % (os.cpu_count() - 1))
         targets = [t for t in TARGETS if t in sv.urls and (t != "litellm" or sv.litellm_ok)]
@@ -1106,14 +1110,15 @@ def render(res):
     L.append("#### Throughput ratios (same run)")
     L.append("")
     L.append("| mode | conns | keygate / nginx | keygate / LiteLLM | keygate / direct | nginx / direct | "
-             "keygate / hyper floor |")
-    L.append("|---|---:|---:|---:|---:|---:|---:|")
+             "keygate / hyper floor | raw floor / nginx |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|")
     for mode in s["modes"]:
         for c in s["concurrency"]:
             g = lambda t: (idx.get((mode, c, t)) or {}).get("rps")  # noqa: E731
             L.append(f"| {mode} | {c} | {fmt_ratio(ratio(g('keygate'), g('nginx')))} | "
                      f"{fmt_ratio(ratio(g('keygate'), g('litellm')))} | {fmt_ratio(ratio(g('keygate'), g('direct')))} | "
-                     f"{fmt_ratio(ratio(g('nginx'), g('direct')))} | {fmt_ratio(ratio(g('keygate'), g('floor')))} |")
+                     f"{fmt_ratio(ratio(g('nginx'), g('direct')))} | {fmt_ratio(ratio(g('keygate'), g('floor')))} | "
+                     f"{fmt_ratio(ratio(g('rawfloor'), g('nginx')))} |")
     L.append("")
 
     L.append("#### SSE (1 connection, sequential streams, first event at once then one every "

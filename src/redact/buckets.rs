@@ -117,6 +117,16 @@ pub(crate) fn order(literals: &[Vec<u8>]) -> Vec<usize> {
             None => return (0..literals.len()).collect(),
         }
     }
+    // The caller keeps only the literals this names: an id missing or named twice would drop
+    // an anchor and silence its detectors, so anything but a permutation falls back to the
+    // given order (a slower search, never a weaker one).
+    let mut seen = vec![false; literals.len()];
+    for &i in &out {
+        match seen.get_mut(i) {
+            Some(s) if !*s => *s = true,
+            _ => return (0..literals.len()).collect(),
+        }
+    }
     out
 }
 

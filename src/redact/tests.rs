@@ -597,6 +597,32 @@ proptest! {
         }
     }
 
+    /// `find_with`'s own findings are `find`'s, whatever the extra set finds beside them: the
+    /// audit record keeps a URL's path as it is when the strong set found nothing there
+    /// (`scan::Target`), which is sound only if that means `redact` would change nothing.
+    #[test]
+    fn find_with_own_findings_are_find_whatever_the_extra_set_finds(
+        picks in proptest::collection::vec(0usize..54, 1..24),
+        noise in proptest::collection::vec(any::<u8>(), 0..16),
+    ) {
+        let (pieces, held) = corpus();
+        let mut input = Vec::new();
+        for p in picks {
+            input.extend_from_slice(pieces[p % pieces.len()].as_bytes());
+        }
+        input.extend_from_slice(&noise);
+        let mut b = Redactor::builder().detectors(true);
+        for (l, v) in &held {
+            b = b.known(l, v);
+        }
+        let strong = b.build().with_detector_set(DetectorSet::class(Class::Strong));
+        for extra in [DetectorSet::class(Class::Generic), DetectorSet::NONE, DetectorSet::ALL] {
+            let (own, _) = strong.find_with(&input, extra);
+            prop_assert_eq!(&own, &strong.find(&input));
+            prop_assert_eq!(own.is_empty(), matches!(strong.redact(&input), Cow::Borrowed(_)));
+        }
+    }
+
     /// Byte-at-a-time is the harshest chunking; random bytes must pass through untouched.
     #[test]
     fn stream_of_single_bytes_equals_whole_buffer(data in proptest::collection::vec(any::<u8>(), 0..600)) {
