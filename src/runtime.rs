@@ -16,6 +16,8 @@ use std::time::Duration;
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
+mod coalesce;
+
 thread_local! {
     static WORKER: Cell<usize> = const { Cell::new(0) };
 }
@@ -104,6 +106,8 @@ pub(crate) fn spawn_conn<F>(fut: F)
 where
     F: Future<Output = ()> + Send + 'static,
 {
+    // The connection's task wakes itself twice per request (`coalesce`).
+    let fut = coalesce::Coalesced::new(fut);
     let Some(w) = WORKERS.get() else {
         tokio::spawn(fut);
         return;
