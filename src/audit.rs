@@ -43,6 +43,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Code, Rejection};
+use crate::lock;
 
 mod json;
 mod request;
@@ -686,13 +687,6 @@ fn with_buffer<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
         // Only reachable if `f` re-entered (an observer that writes a record); a buffer of its own.
         Err(_) => f(&mut Vec::new()),
     })
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
 }
 
 /// A request's record, written exactly once: by [`Pending::finish`], or on drop.

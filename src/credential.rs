@@ -20,6 +20,7 @@ use http::{header, HeaderMap, HeaderValue};
 use crate::authorize::Authorized;
 use crate::config::{Config, Inject, Route, SecretId};
 use crate::error::{Code, Rejection};
+use crate::lock;
 use crate::redact::{Redactor, RedactorBuilder};
 use crate::secret::{KeyId, Secret, SecretSource, SecretSpec};
 
@@ -522,10 +523,6 @@ fn build_engines(held: &[Arc<Secret>]) -> (Redactor, Redactor) {
     let redactor = b.build();
     let scanner = redactor.with_detector_set(scan_detectors());
     (redactor, scanner)
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The request scan's strong half: held values are added to it; generic detectors run apart

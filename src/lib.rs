@@ -38,3 +38,10 @@ pub mod secret;
 pub mod serve;
 pub mod service;
 pub mod state;
+
+/// Takes `m`'s lock. A lock poisoned by a panicking holder is taken as it is: what keygate keeps
+/// under a `Mutex` stays usable after a panic, and refusing every later request over one panic
+/// would turn a bug into an outage.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

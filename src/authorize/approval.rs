@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 use crate::audit::Record;
 use crate::config::{Approval, Config, Route};
 use crate::error::{Code, Rejection};
+use crate::lock;
 use crate::state::{ApprovalRow, ApprovalState, StateStore};
 
 /// How long an `approval_notify` command may run.
@@ -85,10 +86,6 @@ pub struct Approvals {
     channel: std::sync::atomic::AtomicBool,
     /// This keygate's name in a shared store, written into each pending approval.
     instance: Option<String>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Approvals {

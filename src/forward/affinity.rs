@@ -15,7 +15,7 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,7 @@ use hyper_util::rt::TokioIo;
 use tower_service::Service;
 
 use super::Body;
+use crate::lock;
 
 /// Which upstream a connection talks to.
 pub(super) type Key = (Scheme, Authority);
@@ -395,13 +396,6 @@ impl Pool {
 
     pub(super) fn is_h2(&self, key: &Key) -> bool {
         lock(&self.h2).contains(key)
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
     }
 }
 

@@ -24,6 +24,7 @@ use tokio::time::{Instant, Sleep};
 use crate::audit::Reason;
 use crate::error::{Code, Rejection};
 use crate::forward::BoxError;
+use crate::lock;
 
 /// The request body sent nothing within the body timeout.
 #[derive(Debug, thiserror::Error)]
@@ -419,13 +420,6 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
     }
 }
 

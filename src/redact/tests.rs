@@ -566,6 +566,25 @@ fn corpus() -> (Vec<String>, Vec<(String, Vec<u8>)>) {
     )
 }
 
+/// Labelled held values.
+type Held = Vec<(String, Vec<u8>)>;
+
+/// The corpus pieces `picks` names, then `noise`, and a detecting builder holding the corpus's
+/// values.
+fn corpus_input(picks: &[usize], noise: &[u8]) -> (Vec<u8>, RedactorBuilder, Held) {
+    let (pieces, held) = corpus();
+    let mut input = Vec::new();
+    for p in picks {
+        input.extend_from_slice(pieces[p % pieces.len()].as_bytes());
+    }
+    input.extend_from_slice(noise);
+    let mut b = Redactor::builder().detectors(true);
+    for (l, v) in &held {
+        b = b.known(l, v);
+    }
+    (input, b, held)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(300))]
 
@@ -577,16 +596,7 @@ proptest! {
         noise in proptest::collection::vec(any::<u8>(), 0..16),
         cuts in proptest::collection::vec(0usize..4096, 0..12),
     ) {
-        let (pieces, held) = corpus();
-        let mut input = Vec::new();
-        for p in picks {
-            input.extend_from_slice(pieces[p % pieces.len()].as_bytes());
-        }
-        input.extend_from_slice(&noise);
-        let mut b = Redactor::builder().detectors(true);
-        for (l, v) in &held {
-            b = b.known(l, v);
-        }
+        let (input, b, held) = corpus_input(&picks, &noise);
         let r = Arc::new(b.build());
         let whole = r.redact(&input).into_owned();
         let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (input.len() + 1)).collect();
@@ -605,16 +615,7 @@ proptest! {
         picks in proptest::collection::vec(0usize..54, 1..24),
         noise in proptest::collection::vec(any::<u8>(), 0..16),
     ) {
-        let (pieces, held) = corpus();
-        let mut input = Vec::new();
-        for p in picks {
-            input.extend_from_slice(pieces[p % pieces.len()].as_bytes());
-        }
-        input.extend_from_slice(&noise);
-        let mut b = Redactor::builder().detectors(true);
-        for (l, v) in &held {
-            b = b.known(l, v);
-        }
+        let (input, b, _) = corpus_input(&picks, &noise);
         let strong = b.build().with_detector_set(DetectorSet::class(Class::Strong));
         for extra in [DetectorSet::class(Class::Generic), DetectorSet::NONE, DetectorSet::ALL] {
             let (own, _) = strong.find_with(&input, extra);

@@ -12,6 +12,7 @@
 //! task as before. After [`REPOLLS`] rounds in one poll the task yields as it would have, so a
 //! connection that keeps waking itself still lets the others run.
 
+use crate::lock;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -121,13 +122,6 @@ impl Wake for Signal {
                 }
             }
         }
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
     }
 }
 

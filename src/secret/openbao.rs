@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::lock;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use serde::Deserialize;
@@ -1116,13 +1117,6 @@ pub fn lease_fingerprint(lease_id: &str) -> String {
     h.update(b"keygate lease-id v1\0");
     h.update(lease_id.as_bytes());
     hex::encode(&h.finalize()[..4])
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
 }
 
 #[cfg(test)]
