@@ -37,8 +37,9 @@ thread_local! {
 /// record of a config generation): a request then costs no label hashing and no family lock
 /// (`Family::get_or_create` hashes every label with SipHash). A handle shares its value with the
 /// family's entry, which is never removed, so a handle is never stale; an entry holds its names,
-/// so their addresses are not reused while it is kept, and a reload (a new epoch) drops the
-/// entries so the names of a replaced config are not kept alive.
+/// so their addresses are not reused while it is kept. A reload starts a new epoch: each thread
+/// drops its entries, and with them the replaced config's names, the next time it counts a
+/// request (a thread that counts none keeps at most its eight entries' names).
 struct Handles {
     epoch: u64,
     entries: Vec<Cached>,
