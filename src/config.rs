@@ -382,6 +382,21 @@ pub struct Connections {
     pub h2c: bool,
     /// How the runtime serves connections (fixed at start-up).
     pub runtime: Runtime,
+    /// Who serves HTTP/1.1 connections (fixed at start-up).
+    pub http1: Http1,
+}
+
+/// `connections.http1`: which HTTP/1.1 server serves plain and TLS HTTP/1.1 connections.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Http1 {
+    /// keygate's own connection (`listen/h1.rs`) for ordinary requests, hyper for the rest.
+    #[default]
+    Keygate,
+    /// hyper's HTTP/1.1 server for every request.
+    Hyper,
 }
 
 /// `connections.runtime`: which async runtime serves connections.
@@ -406,6 +421,7 @@ impl Default for Connections {
             request_body_timeout: Duration::from_secs(30),
             h2c: true,
             runtime: Runtime::default(),
+            http1: Http1::default(),
         }
     }
 }

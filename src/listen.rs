@@ -17,8 +17,11 @@
 //! Architecture invariant: plaintext TCP listeners are loopback unless config says otherwise
 //! (checked in `config`); Unix sockets are created mode 0600.
 
+pub mod h1;
 mod sniff;
 pub mod tls;
+
+pub use h1::Incoming;
 
 pub use tls::normalize_subject;
 
@@ -40,7 +43,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, watch};
 
 use crate::audit::{Decision, Reason, Record};
-use crate::config::{Connections, Listen};
+use crate::config::{Connections, Http1, Listen};
 use crate::error::{Code, Rejection};
 use crate::forward::affinity::Host;
 use crate::forward::{Affinity, Body, BoxError};
@@ -356,7 +359,7 @@ impl Drop for InFlight {
 /// The response body, holding its request's [`InFlight`] until hyper is done with it.
 pub struct InFlightBody {
     inner: Body,
-    _in_flight: InFlight,
+    _in_flight: Option<InFlight>,
 }
 
 impl HttpBody for InFlightBody {
@@ -433,6 +436,86 @@ struct Accepted {
     stop: watch::Receiver<bool>,
     alive: mpsc::Sender<()>,
     info: ConnInfo,
+}
+
+/// What serves each request of one connection: the pipeline, with what the listener knows.
+struct Serve {
+    tracked: Arc<Tracked>,
+    slots: Arc<Slots>,
+    info: ConnInfo,
+    affinity: Affinity,
+    state: Arc<Live>,
+    peer: Arc<Peer>,
+    listener: Arc<str>,
+}
+
+/// The pipeline's answer to one request, holding its [`InFlight`] until the body takes it.
+struct Answer {
+    answer: Pin<
+        Box<
+            dyn std::future::Future<Output = Result<http::Response<Body>, std::convert::Infallible>>
+                + Send,
+        >,
+    >,
+    in_flight: Option<InFlight>,
+}
+
+impl std::future::Future for Answer {
+    type Output = http::Response<InFlightBody>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let resp = match std::task::ready!(self.answer.as_mut().poll(cx)) {
+            Ok(resp) => resp,
+            Err(never) => match never {},
+        };
+        let in_flight = self.in_flight.take();
+        Poll::Ready(resp.map(|inner| InFlightBody {
+            inner,
+            _in_flight: in_flight,
+        }))
+    }
+}
+
+impl h1::Service for Serve {
+    type Body = InFlightBody;
+    type Future = Answer;
+
+    fn call(&self, mut req: http::Request<Incoming>) -> Answer {
+        let in_flight = InFlight::enter(&self.tracked, &self.slots);
+        // Only a listener that differs from a local plain one puts what it knows in the
+        // extensions: their map costs a request five allocations (absent and default read the
+        // same, see `guard` and `authenticate`).
+        if self.info.exposed || self.info.client_subject.is_some() {
+            req.extensions_mut().insert(self.info.clone());
+        }
+        // HTTP/1 requests on one connection are sequential, so they can share one upstream
+        // connection, and their answers are written by the connection's own task, which
+        // watches them too (`drive`); HTTP/2 streams run at once, in tasks of their own, and
+        // use the pooled client.
+        let conn = if req.version() < http::Version::HTTP_2 {
+            self.tracked.http1.store(true, Ordering::Relaxed);
+            pipeline::Conn {
+                closer: Some(self.tracked.close.hosting()),
+                affinity: Some(self.affinity.clone()),
+            }
+        } else {
+            pipeline::Conn {
+                closer: Some(self.tracked.close.clone()),
+                affinity: None,
+            }
+        };
+        // Boxed: the pipeline's future is several KB, and a pointer moves for free.
+        Answer {
+            answer: Box::pin(pipeline::handle(
+                self.state.state.load_full(),
+                self.peer.clone(),
+                self.listener.clone(),
+                conn,
+                req,
+            )),
+            in_flight: Some(in_flight),
+        }
+    }
 }
 
 /// HTTP/1.1 only: no look for the HTTP/2 preface (a client that sends one gets an error).
@@ -523,54 +606,29 @@ impl Accepted {
         // The connection's task drives its upstream connection too (`host`); dropped with the
         // connection, which returns the upstream connection to the pool.
         let (affinity, host) = Affinity::hosted();
-        let svc = {
-            let tracked = tracked.clone();
-            let slots = slots.clone();
-            service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
-                let in_flight = InFlight::enter(&tracked, &slots);
-                // Only a listener that differs from a local plain one puts what it knows in the
-                // extensions: their map costs a request five allocations (absent and default
-                // read the same, see `guard` and `authenticate`).
-                if info.exposed || info.client_subject.is_some() {
-                    req.extensions_mut().insert(info.clone());
-                }
-                // HTTP/1 requests on one connection are sequential, so they can share one
-                // upstream connection, and their answers are written by the connection's own
-                // task, which watches them too (`drive`); HTTP/2 streams run at once, in tasks
-                // of their own, and use the pooled client.
-                let conn = if req.version() < http::Version::HTTP_2 {
-                    tracked.http1.store(true, Ordering::Relaxed);
-                    pipeline::Conn {
-                        closer: Some(tracked.close.hosting()),
-                        affinity: Some(affinity.clone()),
-                    }
-                } else {
-                    pipeline::Conn {
-                        closer: Some(tracked.close.clone()),
-                        affinity: None,
-                    }
-                };
-                // Boxed: hyper moves the service's future into its connection state, and an async
-                // block keeps what it awaits beside what it captured; a pointer moves for free,
-                // the pipeline's future is several KB.
-                let answer = Box::pin(pipeline::handle(
-                    state.state.load_full(),
-                    peer.clone(),
-                    listener.clone(),
-                    conn,
-                    req,
-                ));
-                async move {
-                    let resp = answer.await?;
-                    Ok::<_, std::convert::Infallible>(resp.map(|inner| InFlightBody {
-                        inner,
-                        _in_flight: in_flight,
-                    }))
-                }
-            })
+        let own = limits.http1 == Http1::Keygate;
+        if !h2 {
+            tracked.http1.store(true, Ordering::Relaxed);
+        }
+        let svc = Serve {
+            tracked: tracked.clone(),
+            slots: slots.clone(),
+            info,
+            affinity,
+            state,
+            peer,
+            listener,
         };
-        if h2 {
+        if own {
+            let conn = h1::Connection::new(stream, svc, h2);
+            let drain = |c: Pin<&mut h1::Connection>| c.graceful_shutdown();
+            let run = drive(
+                conn, drain, host, tracked, slots, limits, stop, leave, alive,
+            );
+            crate::runtime::spawn_conn(run);
+        } else if h2 {
             // HTTP/1.1 or h2c, told by the first read (`sniff`): `auto` reads the preface alone.
+            let svc = h1::ViaHyper(svc);
             let conn = sniff::Served::new(stream, svc, http1_builder(), http2_builder());
             let drain = |c: Pin<&mut _>| sniff::Served::graceful_shutdown(c);
             let run = drive(
@@ -578,8 +636,9 @@ impl Accepted {
             );
             crate::runtime::spawn_conn(run);
         } else {
-            tracked.http1.store(true, Ordering::Relaxed);
-            let conn = http1_builder().serve_connection(TokioIo::new(stream), svc);
+            // The type `h1` hands a connection over in: one copy of hyper's HTTP/1 server.
+            let io = TokioIo::new(sniff::Rewind::new(Vec::new(), stream));
+            let conn = http1_builder().serve_connection(io, h1::ViaHyper(svc));
             let drain =
                 |c: Pin<&mut _>| hyper::server::conn::http1::Connection::graceful_shutdown(c);
             let run = drive(
@@ -588,6 +647,7 @@ impl Accepted {
             crate::runtime::spawn_conn(run);
         }
     }
+
     /// The listener is full of busy connections: answer this one's first request with 503
     /// `too_many_connections` (audited), then close it.
     fn refuse(self, stream: Stream) {

@@ -81,7 +81,7 @@ pub async fn handle(
     peer: Arc<Peer>,
     listener: Arc<str>,
     conn: Conn,
-    req: Request<Incoming>,
+    req: Request<crate::listen::Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
     let request_id = new_request_id();
@@ -192,7 +192,7 @@ async fn process(
     scanner: &Arc<redact::Redactor>,
     pending: &mut Pending,
     mut head: Parts,
-    body: Incoming,
+    body: crate::listen::Incoming,
     carried: Carried,
     body_read: &mut bool,
 ) -> Result<Answer, Rejection> {
@@ -439,7 +439,7 @@ async fn request_body(
     pending: &mut Pending,
     head: &mut Parts,
     target: &scan::Target,
-    body: timeout::ReadTimeout<Incoming>,
+    body: timeout::ReadTimeout<crate::listen::Incoming>,
     whole: bool,
     body_read: &mut bool,
 ) -> Result<(RequestBody, bool), Rejection> {

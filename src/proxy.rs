@@ -681,7 +681,7 @@ impl Conn {
                 this.peer.clone(),
                 this.listener.clone(),
                 pipeline::Conn::default(),
-                req,
+                req.map(Into::into),
             );
             async move {
                 let mut resp = answer.await?;
@@ -786,7 +786,7 @@ impl Conn {
             token: via.token,
             proof: None,
         });
-        let req = Request::from_parts(head, body);
+        let req = Request::from_parts(head, body.into());
         let resp = pipeline::handle(
             state.clone(),
             self.peer.clone(),

@@ -103,6 +103,8 @@ struct RawConnections {
     h2c: Option<bool>,
     /// `"shared"` (default) or `"per-core"`.
     runtime: Option<crate::config::Runtime>,
+    /// `"keygate"` (default) or `"hyper"`.
+    http1: Option<crate::config::Http1>,
 }
 
 #[derive(Deserialize, JsonSchema)]
@@ -545,6 +547,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Spec, ConfigError> {
                     .dur(&c.request_body_timeout, key("request_body_timeout")),
                 h2c: c.h2c,
                 runtime: c.runtime,
+                http1: c.http1,
             }
         }),
         secrets,

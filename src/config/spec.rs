@@ -315,6 +315,7 @@ pub(crate) struct ConnectionsSpec {
     pub request_body_timeout: Option<At<Dur>>,
     pub h2c: Option<bool>,
     pub runtime: Option<crate::config::Runtime>,
+    pub http1: Option<crate::config::Http1>,
 }
 
 /// The lab broker's own fields, echoed by `/healthz`.

@@ -351,6 +351,7 @@ fn connections(cx: &Cx, c: &ConnectionsSpec) -> Result<Connections, ConfigError>
         request_body_timeout: cx.duration_or(&c.request_body_timeout, d.request_body_timeout)?,
         h2c: c.h2c.unwrap_or(d.h2c),
         runtime: c.runtime.unwrap_or(d.runtime),
+        http1: c.http1.unwrap_or(d.http1),
     })
 }
 

@@ -50,6 +50,13 @@ pub(super) struct Rewind<S> {
     io: S,
 }
 
+impl<S> Rewind<S> {
+    /// `io`, whose first reads return `pre`.
+    pub(super) fn new(pre: Vec<u8>, io: S) -> Self {
+        Rewind { pre, at: 0, io }
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -142,9 +149,20 @@ where
         http1: hyper::server::conn::http1::Builder,
         http2: hyper::server::conn::http2::Builder<TokioExecutor>,
     ) -> Self {
+        Self::with_first(io, Vec::new(), svc, http1, http2)
+    }
+
+    /// As [`Served::new`], `first` being bytes already read from `io` (`h1` read them).
+    pub(super) fn with_first(
+        io: S,
+        first: Vec<u8>,
+        svc: Svc,
+        http1: hyper::server::conn::http1::Builder,
+        http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    ) -> Self {
         Served::Sniffing(Some(Sniffing {
             io,
-            got: Vec::new(),
+            got: first,
             scratch: Vec::new(),
             svc,
             http1,
