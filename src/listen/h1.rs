@@ -463,6 +463,9 @@ struct Head {
 }
 
 /// What the buffer holds.
+// Not boxed: the head is moved once into the request, and a box would cost every request an
+// allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Parsed {
     /// Not a whole head yet.
@@ -523,67 +526,58 @@ fn parse_head(rd: &mut BytesMut) -> Parsed {
     let mut keep_alive = true;
     let mut length: Option<u64> = None;
     let mut chunked = false;
-    let mut names = Vec::with_capacity(count);
-    for &(ns, ne, _, _) in headers_at {
-        let Some(Ok(name)) = rd.get(ns..ne).map(HeaderName::from_bytes) else {
-            return Parsed::HandOff;
-        };
-        names.push(name);
-    }
-    for (name, &(_, _, vs, ve)) in names.iter().zip(headers_at) {
+    for &(ns, ne, vs, ve) in headers_at {
+        let name = rd.get(ns..ne).unwrap_or_default();
         let value = rd.get(vs..ve).unwrap_or_default();
-        match *name {
-            header::TRANSFER_ENCODING => {
-                if chunked || !value.eq_ignore_ascii_case(b"chunked") {
-                    return Parsed::HandOff;
-                }
-                chunked = true;
+        let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+        if is("transfer-encoding") {
+            if chunked || !value.eq_ignore_ascii_case(b"chunked") {
+                return Parsed::HandOff;
             }
-            header::CONTENT_LENGTH => {
-                if length.is_some()
-                    || value.is_empty()
-                    || value.len() > 18
-                    || !value.iter().all(u8::is_ascii_digit)
-                {
-                    return Parsed::HandOff;
-                }
-                length = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok());
-                if length.is_none() {
-                    return Parsed::HandOff;
-                }
+            chunked = true;
+        } else if is("content-length") {
+            if length.is_some()
+                || value.is_empty()
+                || value.len() > 18
+                || !value.iter().all(u8::is_ascii_digit)
+            {
+                return Parsed::HandOff;
             }
-            header::CONNECTION => {
-                if has_token(value, b"close") {
-                    keep_alive = false;
-                }
+            length = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok());
+            if length.is_none() {
+                return Parsed::HandOff;
             }
-            header::EXPECT | header::UPGRADE => return Parsed::HandOff,
-            _ => {}
+        } else if is("connection") {
+            if has_token(value, b"close") {
+                keep_alive = false;
+            }
+        } else if is("expect") || is("upgrade") {
+            return Parsed::HandOff;
         }
     }
     if chunked && length.is_some() {
         return Parsed::HandOff;
     }
     let head = rd.split_to(len).freeze();
-    let Ok(uri) = Uri::from_maybe_shared(head.slice(path.0..path.1)) else {
-        // Nothing was served from these bytes yet: put them back for hyper.
+    // Nothing was served from these bytes yet: on a surprise they go back for hyper.
+    let put_back = |rd: &mut BytesMut| {
         let rest = rd.split();
         rd.extend_from_slice(&head);
         rd.extend_from_slice(&rest);
-        return Parsed::HandOff;
+        Parsed::HandOff
+    };
+    let Ok(uri) = Uri::from_maybe_shared(head.slice(path.0..path.1)) else {
+        return put_back(rd);
     };
     let mut map = HeaderMap::with_capacity(count);
-    for (name, &(_, _, vs, ve)) in names.into_iter().zip(headers_at) {
-        match HeaderValue::from_maybe_shared(head.slice(vs..ve)) {
-            Ok(v) => {
-                map.append(name, v);
+    for &(ns, ne, vs, ve) in headers_at {
+        let name = HeaderName::from_bytes(head.get(ns..ne).unwrap_or_default());
+        let value = HeaderValue::from_maybe_shared(head.slice(vs..ve));
+        match (name, value) {
+            (Ok(n), Ok(v)) => {
+                map.append(n, v);
             }
-            Err(_) => {
-                let rest = rd.split();
-                rd.extend_from_slice(&head);
-                rd.extend_from_slice(&rest);
-                return Parsed::HandOff;
-            }
+            _ => return put_back(rd),
         }
     }
     let body = match (chunked, length) {
@@ -666,6 +660,7 @@ impl Future for Connection {
 }
 
 /// How waiting for a head ended.
+#[allow(clippy::large_enum_variant)]
 enum Next {
     Request(Head),
     HandOff,
@@ -973,15 +968,13 @@ fn encode_head(
     for (name, value) in head.headers.iter() {
         let same = prev == Some(name);
         prev = Some(name);
-        if !same {
-            if open.take().is_some() {
-                dst.extend_from_slice(if must_write_chunked {
-                    b", chunked\r\n"
-                } else {
-                    b"\r\n"
-                });
-                must_write_chunked = false;
-            }
+        if !same && open.take().is_some() {
+            dst.extend_from_slice(if must_write_chunked {
+                b", chunked\r\n"
+            } else {
+                b"\r\n"
+            });
+            must_write_chunked = false;
         }
         let joined = open.is_some();
         match *name {
@@ -1152,13 +1145,26 @@ async fn write_body<B>(
 where
     B: HttpBody<Data = Bytes, Error = BoxError> + Unpin,
 {
-    let mut size_line = Vec::with_capacity(20);
+    let mut size_line = [0u8; 18];
     loop {
         let done = matches!(enc, Encoder::Length(0));
         let frame = if done {
             None
         } else if out.is_empty() {
-            poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
+            // Waiting on the answer: a client that hangs up meanwhile ends it (hyper's
+            // `mid_message_detect_eof`), which the audit record tells as `client_disconnected`.
+            let got = poll_fn(|cx| {
+                if let Poll::Ready(f) = Pin::new(&mut *body).poll_frame(cx) {
+                    return Poll::Ready(Some(f));
+                }
+                ready!(poll_hangup(shared, cx));
+                Poll::Ready(None)
+            })
+            .await;
+            match got {
+                Some(f) => f,
+                None => return false,
+            }
         } else {
             // The head waits for the first frame only if it is there now.
             match poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await {
@@ -1242,13 +1248,12 @@ where
                         write_all(shared, &mut [IoSlice::new(out), IoSlice::new(data)]).await
                     }
                     Encoder::Chunked(_) => {
-                        size_line.clear();
-                        let _ = write!(size_line, "{:X}\r\n", frame.len());
+                        let line = hex_line(frame.len(), &mut size_line);
                         write_all(
                             shared,
                             &mut [
                                 IoSlice::new(out),
-                                IoSlice::new(&size_line),
+                                IoSlice::new(line),
                                 IoSlice::new(&frame),
                                 IoSlice::new(b"\r\n"),
                             ],
@@ -1263,6 +1268,22 @@ where
             }
         }
     }
+}
+
+/// `n` in hex and CRLF, a chunk's size line, written at the end of `buf`.
+fn hex_line(mut n: usize, buf: &mut [u8; 18]) -> &[u8] {
+    let mut at = buf.len() - 2;
+    buf[at] = b'\r';
+    buf[at + 1] = b'\n';
+    loop {
+        at -= 1;
+        buf[at] = b"0123456789ABCDEF"[n & 0xf];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    &buf[at..]
 }
 
 /// The `date` header's value, formatted once a second per thread (hyper caches it too).
@@ -1556,6 +1577,8 @@ mod tests {
 
     // ---- the differential against hyper's HTTP/1.1 server ----
 
+    type Fields = Vec<(String, Vec<u8>)>;
+
     /// What the service saw of one request.
     #[derive(Debug, Clone, PartialEq)]
     struct Seen {
@@ -1564,7 +1587,7 @@ mod tests {
         version: String,
         headers: Vec<(String, Vec<u8>)>,
         /// The body and trailers, or that reading it failed; `None` while it is being read.
-        body: Option<Result<(Vec<u8>, Vec<(String, Vec<u8>)>), ()>>,
+        body: Option<Result<(Vec<u8>, Fields), ()>>,
     }
 
     type BoxBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
@@ -1815,6 +1838,16 @@ mod tests {
         assert_eq!(own_seen, hyper_seen);
         assert_eq!(own_out, hyper_out);
         assert!(own_out.contains("\r\n\r\nabcHTTP/1.1 200 OK\r\ncontent-length: 0\r\ndate: -\r\n\r\nHTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ndate: -\r\n\r\n2\r\nxy\r\n1\r\n!\r\n0\r\n\r\n"), "{own_out}");
+    }
+
+    #[test]
+    fn a_head_answer_of_unknown_length_keeps_the_connection_for_the_next_request() {
+        // Found by the differential: the bodiless answer must not close the connection.
+        let input = b"HEAD /a?stream HTTP/1.1\r\n\r\n0\r\n\r\n";
+        let (seen, out, via) = run_via(input, true);
+        assert_eq!(via, [true]);
+        assert!(out.ends_with("HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\ndate: -\r\n\r\n"), "{out}");
+        assert_eq!((seen, out), run(input, false));
     }
 
     #[test]

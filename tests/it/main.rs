@@ -12,6 +12,7 @@ mod affinity;
 mod cli_output;
 mod dos;
 mod forward_proxy;
+mod h1;
 mod hook_claude_code;
 mod launcher;
 mod placeholder;
