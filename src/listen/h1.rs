@@ -1864,6 +1864,19 @@ mod tests {
     }
 
     #[test]
+    fn a_body_with_broken_framing_is_answered_and_the_connection_closed_like_hyper() {
+        for input in [
+            &b"POST /v1/a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nGET /v1/b HTTP/1.1\r\n\r\n"[..],
+            b"POST /v1/a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabX\r\n0\r\n\r\nGET /v1/b HTTP/1.1\r\n\r\n",
+        ] {
+            let (seen, out, via) = run_via(input, true);
+            assert_eq!(via, [true], "{out}");
+            assert_eq!(seen[0].body, Some(Err(())));
+            assert_eq!((seen, out), run(input, false));
+        }
+    }
+
+    #[test]
     fn a_request_after_an_unusual_one_is_served_by_hyper_as_before() {
         // HTTP/1.0 with keep-alive, then an ordinary request: hyper has the connection by then.
         let input = b"GET /v1/a HTTP/1.1\r\n\r\nGET /v1/b HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /v1/c HTTP/1.1\r\n\r\n";
