@@ -1147,8 +1147,22 @@ fn encode_head(
     Ok((enc, is_last))
 }
 
-/// Writes the answer's body after its head (in `out`): the head with the first frame when that
-/// is ready at once, every later frame as it comes. False when the connection must close.
+/// Gathered answer bytes past this go out at once (and a frame this large is not copied).
+const GATHER_MAX: usize = 16 * 1024;
+
+/// Writes `out` (and `more` after it), then empties `out`.
+async fn flush(shared: &Mutex<Shared>, out: &mut Vec<u8>, more: &[u8]) -> bool {
+    let ok = write_all(shared, &mut [IoSlice::new(out), IoSlice::new(more)])
+        .await
+        .is_ok();
+    out.clear();
+    ok
+}
+
+/// Writes the answer's body after its head (in `out`). What the body has ready at once is
+/// gathered with the head into one write (hyper's buffer does the same); the moment it has
+/// nothing ready, what was gathered goes out, so a stream's events are never held back.
+/// False when the connection must close.
 async fn write_body<B>(
     shared: &Mutex<Shared>,
     out: &mut Vec<u8>,
@@ -1160,10 +1174,14 @@ where
 {
     let mut size_line = [0u8; 18];
     loop {
-        let done = matches!(enc, Encoder::Length(0));
-        let frame = if done {
-            None
-        } else if out.is_empty() {
+        if matches!(enc, Encoder::Length(0)) {
+            // All of it (or a bodiless answer): the body is not polled again, as with hyper.
+            return flush(shared, out, &[]).await;
+        }
+        if out.len() >= GATHER_MAX && !flush(shared, out, &[]).await {
+            return false;
+        }
+        let frame = if out.is_empty() {
             // Waiting on the answer: a client that hangs up meanwhile ends it (hyper's
             // `mid_message_detect_eof`), which the audit record tells as `client_disconnected`.
             let got = poll_fn(|cx| {
@@ -1179,105 +1197,96 @@ where
                 None => return false,
             }
         } else {
-            // The head waits for the first frame only if it is there now.
             match poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await {
                 Poll::Ready(f) => f,
                 Poll::Pending => {
-                    if write_all(shared, &mut [IoSlice::new(out)]).await.is_err() {
+                    if !flush(shared, out, &[]).await {
                         return false;
                     }
-                    out.clear();
                     continue;
                 }
             }
         };
-        match frame {
+        let frame = match frame {
             None => {
-                let tail: &[u8] = match enc {
-                    Encoder::Chunked(_) => b"0\r\n\r\n",
-                    Encoder::Close => b"",
+                match enc {
+                    Encoder::Chunked(_) => out.extend_from_slice(b"0\r\n\r\n"),
                     // Shorter than its length: hyper closes the connection.
-                    Encoder::Length(n) if *n > 0 => {
-                        let _ = write_all(shared, &mut [IoSlice::new(out)]).await;
+                    Encoder::Length(_) => {
+                        let _ = flush(shared, out, &[]).await;
                         return false;
                     }
-                    Encoder::Length(_) => b"",
-                };
-                return write_all(shared, &mut [IoSlice::new(out), IoSlice::new(tail)])
-                    .await
-                    .is_ok();
+                    Encoder::Close => {}
+                }
+                return flush(shared, out, &[]).await;
             }
             Some(Err(_)) => {
-                let _ = write_all(shared, &mut [IoSlice::new(out)]).await;
+                let _ = flush(shared, out, &[]).await;
                 return false;
             }
-            Some(Ok(frame)) => {
-                let frame = match frame.into_data() {
-                    Ok(data) => data,
-                    Err(frame) => {
-                        // Trailers end the body: sent when the head announced them.
-                        let mut tail = b"0\r\n".to_vec();
-                        match (enc, frame.into_trailers()) {
-                            (Encoder::Chunked(Some(allowed)), Ok(trailers)) => {
-                                for (name, value) in trailers.iter() {
-                                    if allowed.contains(name) {
-                                        tail.extend_from_slice(name.as_str().as_bytes());
-                                        tail.extend_from_slice(b": ");
-                                        tail.extend_from_slice(value.as_bytes());
-                                        tail.extend_from_slice(b"\r\n");
-                                    }
-                                }
+            Some(Ok(frame)) => frame,
+        };
+        let data = match frame.into_data() {
+            Ok(data) => data,
+            Err(frame) => {
+                // Trailers end the body: sent when the head announced them.
+                match (&*enc, frame.into_trailers()) {
+                    (Encoder::Chunked(allowed), Ok(trailers)) => {
+                        out.extend_from_slice(b"0\r\n");
+                        for (name, value) in trailers.iter() {
+                            if allowed.as_ref().is_some_and(|a| a.contains(name)) {
+                                out.extend_from_slice(name.as_str().as_bytes());
+                                out.extend_from_slice(b": ");
+                                out.extend_from_slice(value.as_bytes());
+                                out.extend_from_slice(b"\r\n");
                             }
-                            (Encoder::Chunked(None), _) => {}
-                            (Encoder::Close, _) => tail.clear(),
-                            (Encoder::Length(n), _) => {
-                                if *n > 0 {
-                                    let _ = write_all(shared, &mut [IoSlice::new(out)]).await;
-                                    return false;
-                                }
-                                tail.clear();
-                            }
-                            (Encoder::Chunked(Some(_)), Err(_)) => {}
                         }
-                        if !tail.is_empty() {
-                            tail.extend_from_slice(b"\r\n");
-                        }
-                        return write_all(shared, &mut [IoSlice::new(out), IoSlice::new(&tail)])
-                            .await
-                            .is_ok();
+                        out.extend_from_slice(b"\r\n");
                     }
-                };
-                if frame.is_empty() {
-                    continue;
+                    (Encoder::Chunked(_), Err(_)) => out.extend_from_slice(b"0\r\n\r\n"),
+                    (Encoder::Length(n), _) if *n > 0 => {
+                        let _ = flush(shared, out, &[]).await;
+                        return false;
+                    }
+                    _ => {}
                 }
-                let ok = match enc {
-                    Encoder::Close => {
-                        write_all(shared, &mut [IoSlice::new(out), IoSlice::new(&frame)]).await
-                    }
-                    Encoder::Length(n) => {
-                        let take = usize::try_from(*n).unwrap_or(usize::MAX).min(frame.len());
-                        *n -= take as u64;
-                        let data = frame.get(..take).unwrap_or_default();
-                        write_all(shared, &mut [IoSlice::new(out), IoSlice::new(data)]).await
-                    }
-                    Encoder::Chunked(_) => {
-                        let line = hex_line(frame.len(), &mut size_line);
-                        write_all(
-                            shared,
-                            &mut [
-                                IoSlice::new(out),
-                                IoSlice::new(line),
-                                IoSlice::new(&frame),
-                                IoSlice::new(b"\r\n"),
-                            ],
-                        )
-                        .await
-                    }
-                };
-                out.clear();
-                if ok.is_err() {
-                    return false;
-                }
+                return flush(shared, out, &[]).await;
+            }
+        };
+        if data.is_empty() {
+            continue;
+        }
+        let data = match enc {
+            Encoder::Length(n) => {
+                // Past its length: cut, as hyper does.
+                let take = usize::try_from(*n).unwrap_or(usize::MAX).min(data.len());
+                *n -= take as u64;
+                data.slice(..take)
+            }
+            Encoder::Chunked(_) => {
+                out.extend_from_slice(hex_line(data.len(), &mut size_line));
+                data
+            }
+            Encoder::Close => data,
+        };
+        let crlf: &[u8] = if matches!(enc, Encoder::Chunked(_)) {
+            b"\r\n"
+        } else {
+            b""
+        };
+        if data.len() <= GATHER_MAX {
+            out.extend_from_slice(&data);
+            out.extend_from_slice(crlf);
+        } else {
+            let ok = write_all(
+                shared,
+                &mut [IoSlice::new(out), IoSlice::new(&data), IoSlice::new(crlf)],
+            )
+            .await
+            .is_ok();
+            out.clear();
+            if !ok {
+                return false;
             }
         }
     }
