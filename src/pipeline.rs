@@ -163,7 +163,7 @@ enum Answer {
 
 /// What the way back needs to know about an upstream answer.
 struct Upstream {
-    resp: Response<Incoming>,
+    resp: Response<forward::Incoming>,
     /// The response redactor, with every value held when the answer came.
     redactor: Arc<redact::Redactor>,
     request_redacted: bool,

@@ -1,0 +1,808 @@
+//! keygate's own HTTP/1.1 client, on the upstream connection an HTTP/1 downstream connection
+//! keeps ([`super::affinity`]).
+//!
+//! hyper's client connection needs a dispatcher polled beside the request (a "driver") and
+//! crosses a channel per request; requests on one downstream connection are sequential, so the
+//! exchange is a plain write then read on the connection itself, and the answer's body reads
+//! straight from the socket when the downstream side polls it.
+//!
+//! Request: the head in one buffer; a body of known length that comes as one frame goes out with
+//! it in one `writev`; otherwise known lengths go with `content-length`, unknown ones chunked,
+//! frame by frame (the framing headers hyper's client would add, no others).
+//!
+//! Answer: parsed with `httparse`, bounded as hyper's client bounds it (head size, header count);
+//! 1xx informational answers are skipped (a 101 is handed back, and the connection not kept);
+//! the body is framed per RFC 9112 §6.3. The connection is kept only when the answer was
+//! HTTP/1.1 without `Connection: close`, length- or chunk-delimited (not both), the request went
+//! out whole, and nothing followed the body.
+
+use std::fmt;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Method, StatusCode, Version};
+use http_body::{Body as _, Frame};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{Body, BoxError};
+
+/// The most bytes an answer's head may take (hyper's client default: its read buffer's limit).
+pub(crate) const MAX_HEAD: usize = 8192 + 4096 * 100;
+/// The most header fields in an answer's head or its trailers (hyper's client default).
+pub(crate) const MAX_HEADERS: usize = 100;
+/// The most bytes of one chunk-size line, and of all chunk extensions of a body (hyper's limit).
+const MAX_CHUNK_EXT: usize = 16 * 1024;
+/// The most bytes of a body's trailer section (hyper's limit).
+const MAX_TRAILERS: usize = 16 * 1024;
+/// How much room a read asks for.
+const READ_ROOM: usize = 8 * 1024;
+
+/// The byte stream an upstream connection runs on (TCP, or TLS over it).
+pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Sync + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Sync + Unpin> Io for T {}
+
+/// One upstream HTTP/1.1 connection: its stream and its read buffer, kept between requests.
+pub(crate) struct Conn {
+    io: Box<dyn Io>,
+    buf: BytesMut,
+    /// The request head, reused so a request does not allocate one.
+    wbuf: Vec<u8>,
+    /// Whether a request was already answered on it: only then may an unsent request be retried.
+    used: bool,
+}
+
+impl Conn {
+    pub(crate) fn new(io: impl Io + 'static) -> Box<Conn> {
+        Box::new(Conn {
+            io: Box::new(io),
+            buf: BytesMut::new(),
+            wbuf: Vec::new(),
+            used: false,
+        })
+    }
+
+    /// Whether an idle connection is still open and quiet: a non-blocking read that finds no
+    /// readiness costs no system call. The upstream closing it, or sending anything unasked,
+    /// makes it unusable.
+    pub(crate) fn is_open(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        matches!(self.poll_fill(&mut cx), Poll::Pending)
+    }
+
+    /// Decodes what the buffer holds of an answer's body.
+    pub(crate) fn decode(&mut self, decoder: &mut Decoder) -> Result<Decoded, Error> {
+        decoder.decode(&mut self.buf)
+    }
+
+    /// Reads more of the answer; false when the upstream closed the connection.
+    pub(crate) fn poll_more(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        self.poll_fill(cx).map_ok(|n| n > 0)
+    }
+
+    /// Whether nothing is left in the buffer (bytes after an answer's end forbid reuse).
+    pub(crate) fn is_drained(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < 1024 {
+            self.buf.reserve(READ_ROOM);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+    }
+}
+
+/// Why an exchange or an answer's body failed. Never carries upstream bytes: the messages are
+/// keygate's own.
+#[derive(Debug)]
+pub(crate) enum Error {
+    Io(io::Error),
+    /// The upstream's bytes are not a valid HTTP/1.1 answer.
+    Parse(&'static str),
+    /// The upstream closed the connection before the answer was complete.
+    Closed,
+    /// The request body failed (its own error, e.g. too large, kept for `forward` to read).
+    Body(BoxError),
+    /// The request body did not match the length the request stated.
+    Length,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Io(e) => write!(f, "upstream connection: {e}"),
+            Error::Parse(what) => write!(f, "invalid upstream answer: {what}"),
+            Error::Closed => f.write_str("the upstream closed the connection mid-answer"),
+            Error::Body(e) => write!(f, "request body: {e}"),
+            Error::Length => f.write_str("the request body does not match its content-length"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io(e) => Some(e),
+            Error::Body(e) => Some(&**e),
+            _ => None,
+        }
+    }
+}
+
+/// How an answer's body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Framing {
+    Length(u64),
+    Chunked,
+    /// Until the upstream closes the connection.
+    Close,
+}
+
+/// An answer's head, parsed.
+#[derive(Debug)]
+pub(crate) struct Head {
+    pub(crate) status: StatusCode,
+    pub(crate) version: Version,
+    pub(crate) headers: HeaderMap,
+    pub(crate) framing: Framing,
+    /// Whether the head lets the connection carry another request.
+    pub(crate) reusable: bool,
+}
+
+/// Parses an answer's head from the start of `buf`, skipping 1xx informational answers (not
+/// 101), and consumes it. `None`: more bytes are needed. `head_request`: the request was `HEAD`,
+/// so the answer has no body whatever its headers say.
+pub(crate) fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Error> {
+    loop {
+        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut slots);
+        let n = match resp.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
+                return Err(Error::Parse("the answer's head is too large"))
+            }
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(Error::Parse("the answer has too many header fields"))
+            }
+            Err(_) => return Err(Error::Parse("the answer's head is malformed")),
+        };
+        if n > MAX_HEAD {
+            return Err(Error::Parse("the answer's head is too large"));
+        }
+        let code = resp.code.unwrap_or(0);
+        if matches!(code, 100 | 102..=199) {
+            buf.advance(n);
+            continue;
+        }
+        let status =
+            StatusCode::from_u16(code).map_err(|_| Error::Parse("the status code is invalid"))?;
+        let version = if resp.version == Some(0) {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        // Where each field lies in the head, so the values can share its buffer (no copy each).
+        let base = buf.as_ptr() as usize;
+        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+        let count = resp.headers.len();
+        for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
+            let name = h.name.as_ptr() as usize - base;
+            let value = h.value.as_ptr() as usize - base;
+            *span = (name, name + h.name.len(), value, value + h.value.len());
+        }
+        let head = buf.split_to(n).freeze();
+        let mut headers = HeaderMap::with_capacity(count);
+        for &(ns, ne, vs, ve) in &spans[..count] {
+            let name = HeaderName::from_bytes(&head[ns..ne])
+                .map_err(|_| Error::Parse("a header name is invalid"))?;
+            let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
+                .map_err(|_| Error::Parse("a header value is invalid"))?;
+            headers.append(name, value);
+        }
+        return framing(status, version, headers, head_request).map(Some);
+    }
+}
+
+/// RFC 9112 §6.3, as hyper's client applies it.
+fn framing(
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+    head_request: bool,
+) -> Result<Head, Error> {
+    let mut reusable =
+        version == Version::HTTP_11 && !has_token(&headers, header::CONNECTION, "close");
+    let framing = if status == StatusCode::SWITCHING_PROTOCOLS {
+        // The connection is no longer HTTP; `forward` refuses the answer.
+        reusable = false;
+        Framing::Length(0)
+    } else if matches!(status.as_u16(), 204 | 304) || head_request {
+        Framing::Length(0)
+    } else if headers.contains_key(header::TRANSFER_ENCODING) {
+        if version == Version::HTTP_10 {
+            return Err(Error::Parse("an HTTP/1.0 answer has a transfer-encoding"));
+        }
+        // With both, the transfer coding wins; the length may be a smuggling attempt, so the
+        // connection is not trusted with another request.
+        if headers.contains_key(header::CONTENT_LENGTH) {
+            reusable = false;
+        }
+        if last_coding_is_chunked(&headers) {
+            Framing::Chunked
+        } else {
+            reusable = false;
+            Framing::Close
+        }
+    } else if headers.contains_key(header::CONTENT_LENGTH) {
+        match content_length(&headers) {
+            Some(n) if n < u64::MAX - 1 => Framing::Length(n),
+            _ => return Err(Error::Parse("the content-length is invalid")),
+        }
+    } else {
+        reusable = false;
+        Framing::Close
+    };
+    Ok(Head {
+        status,
+        version,
+        headers,
+        framing,
+        reusable,
+    })
+}
+
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+fn last_coding_is_chunked(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.rsplit(',').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"))
+}
+
+/// Every `content-length` value and list member, which must all be the same decimal number.
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    let mut found = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        for part in v.to_str().ok()?.split(',') {
+            let part = part.trim();
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            let n: u64 = part.parse().ok()?;
+            if found.is_some_and(|f| f != n) {
+                return None;
+            }
+            found = Some(n);
+        }
+    }
+    found
+}
+
+/// What the body decoder made of the buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Decoded {
+    Data(Bytes),
+    /// The body ended.
+    Done,
+    /// More bytes are needed.
+    More,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Length(u64),
+    Close,
+    ChunkSize,
+    ChunkData(u64),
+    ChunkEnd,
+    Trailers,
+    Done,
+}
+
+/// Decodes an answer's body from the connection's buffer, consuming what it used.
+#[derive(Debug)]
+pub(crate) struct Decoder {
+    state: State,
+    /// Chunk-extension bytes seen so far.
+    ext: usize,
+}
+
+impl Decoder {
+    pub(crate) fn new(framing: Framing) -> Decoder {
+        let state = match framing {
+            Framing::Length(0) => State::Done,
+            Framing::Length(n) => State::Length(n),
+            Framing::Chunked => State::ChunkSize,
+            Framing::Close => State::Close,
+        };
+        Decoder { state, ext: 0 }
+    }
+
+    pub(crate) fn is_done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    /// Bytes still to come, when the framing says.
+    pub(crate) fn remaining(&self) -> Option<u64> {
+        match self.state {
+            State::Length(n) => Some(n),
+            State::Done => Some(0),
+            _ => None,
+        }
+    }
+
+    /// The upstream closed the connection: the end of a close-delimited body, else an error.
+    pub(crate) fn eof(&mut self) -> Result<(), Error> {
+        match self.state {
+            State::Close | State::Done => {
+                self.state = State::Done;
+                Ok(())
+            }
+            _ => Err(Error::Closed),
+        }
+    }
+
+    pub(crate) fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, Error> {
+        loop {
+            match self.state {
+                State::Done => return Ok(Decoded::Done),
+                State::Length(n) | State::ChunkData(n) => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::More);
+                    }
+                    let take = usize::try_from(n).unwrap_or(usize::MAX).min(buf.len());
+                    let data = buf.split_to(take).freeze();
+                    let left = n - take as u64;
+                    self.state = match self.state {
+                        State::Length(_) if left == 0 => State::Done,
+                        State::Length(_) => State::Length(left),
+                        _ if left == 0 => State::ChunkEnd,
+                        _ => State::ChunkData(left),
+                    };
+                    // The framing after a chunk is read now when it is here, so the answer
+                    // ends (and its connection is free) with its last data.
+                    if self.state == State::ChunkEnd {
+                        self.framing_ahead(buf);
+                    }
+                    return Ok(Decoded::Data(data));
+                }
+                State::Close => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::More);
+                    }
+                    return Ok(Decoded::Data(buf.split().freeze()));
+                }
+                _ => {
+                    if !self.step(buf)? {
+                        return Ok(Decoded::More);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Steps through framing (not data) as far as `buf` allows; an error is left for `decode`
+    /// to find again, as nothing it covers was consumed.
+    fn framing_ahead(&mut self, buf: &mut BytesMut) {
+        while matches!(
+            self.state,
+            State::ChunkEnd | State::ChunkSize | State::Trailers
+        ) {
+            match self.step(buf) {
+                Ok(true) => {}
+                _ => return,
+            }
+        }
+    }
+
+    /// One framing step; false when `buf` holds too little for it.
+    fn step(&mut self, buf: &mut BytesMut) -> Result<bool, Error> {
+        match self.state {
+            State::ChunkEnd => {
+                if buf.len() < 2 {
+                    if buf.first().is_some_and(|b| *b != b'\r') {
+                        return Err(Error::Parse("a chunk does not end with CRLF"));
+                    }
+                    return Ok(false);
+                }
+                if &buf[..2] != b"\r\n" {
+                    return Err(Error::Parse("a chunk does not end with CRLF"));
+                }
+                buf.advance(2);
+                self.state = State::ChunkSize;
+                Ok(true)
+            }
+            State::ChunkSize => {
+                let Some(lf) = memchr::memchr(b'\n', buf) else {
+                    if buf.len() > MAX_CHUNK_EXT {
+                        return Err(Error::Parse("a chunk-size line is too long"));
+                    }
+                    return Ok(false);
+                };
+                let (size, ext) = chunk_size(&buf[..lf])?;
+                self.ext += ext;
+                if self.ext > MAX_CHUNK_EXT {
+                    return Err(Error::Parse("the chunk extensions are too long"));
+                }
+                buf.advance(lf + 1);
+                self.state = if size == 0 {
+                    State::Trailers
+                } else {
+                    State::ChunkData(size)
+                };
+                Ok(true)
+            }
+            State::Trailers => {
+                if buf.len() >= 2 && &buf[..2] == b"\r\n" {
+                    buf.advance(2);
+                    self.state = State::Done;
+                    return Ok(true);
+                }
+                if buf.len() < 2 {
+                    if buf.first().is_some_and(|b| *b == b'\n') {
+                        return Err(Error::Parse("the trailer section is malformed"));
+                    }
+                    return Ok(false);
+                }
+                let Some(end) = memchr::memmem::find(buf, b"\r\n\r\n") else {
+                    if buf.len() > MAX_TRAILERS {
+                        return Err(Error::Parse("the trailer section is too large"));
+                    }
+                    return Ok(false);
+                };
+                let len = end + 4;
+                if len > MAX_TRAILERS {
+                    return Err(Error::Parse("the trailer section is too large"));
+                }
+                // Trailers are not passed on (neither were hyper's), but they must be fields.
+                let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                match httparse::parse_headers(&buf[..len], &mut slots) {
+                    Ok(httparse::Status::Complete((n, _))) if n == len => {}
+                    _ => return Err(Error::Parse("the trailer section is malformed")),
+                }
+                buf.advance(len);
+                self.state = State::Done;
+                Ok(true)
+            }
+            _ => Ok(true),
+        }
+    }
+}
+
+/// A chunk-size line without its LF: hex digits, optional spaces or tabs, optional extensions
+/// (`;` and anything but CR), then CR. Returns the size and the extensions' length.
+fn chunk_size(line: &[u8]) -> Result<(u64, usize), Error> {
+    let bad = || Error::Parse("a chunk-size line is malformed");
+    let Some((&b'\r', line)) = line.split_last() else {
+        return Err(bad());
+    };
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 {
+        return Err(bad());
+    }
+    let mut size: u64 = 0;
+    for &b in &line[..digits] {
+        let d = (b as char).to_digit(16).ok_or_else(bad)?;
+        size = size
+            .checked_mul(16)
+            .and_then(|s| s.checked_add(u64::from(d)))
+            .ok_or(Error::Parse("a chunk size overflows"))?;
+    }
+    let rest = &line[digits..];
+    let lws = rest
+        .iter()
+        .take_while(|b| matches!(b, b' ' | b'\t'))
+        .count();
+    let rest = &rest[lws..];
+    match rest.split_first() {
+        None => Ok((size, 0)),
+        Some((b';', ext)) if !ext.contains(&b'\r') => Ok((size, ext.len() + 1)),
+        _ => Err(bad()),
+    }
+}
+
+/// A request on its way, kept whole until its first byte is accepted (so an unsent one can be
+/// retried): its head, a frame of its body already read, and the rest of the body.
+pub(crate) struct Outgoing {
+    pub(crate) parts: http::request::Parts,
+    pub(crate) first: Option<Bytes>,
+    pub(crate) body: Body,
+}
+
+/// Why an exchange produced no answer.
+pub(crate) enum Failure {
+    /// Not a byte of the request was accepted on a connection that had served one before (so
+    /// the upstream may have closed it while idle): it may go again on a new connection.
+    Unsent(Box<Outgoing>),
+    Failed(Error),
+}
+
+/// How the request body is framed, decided as hyper's client decides it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sending {
+    Nothing,
+    Length(u64),
+    Chunked,
+}
+
+fn request_framing(out: &mut Outgoing) -> Sending {
+    let headers = &mut out.parts.headers;
+    if let Some(te) = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+    {
+        // The caller set a transfer coding: it is sent, made to end in chunked.
+        if !last_coding_is_chunked(headers) {
+            let mut v = te.as_bytes().to_vec();
+            v.extend_from_slice(b", chunked");
+            if let Ok(v) = HeaderValue::from_bytes(&v) {
+                let mut all: Vec<HeaderValue> = headers
+                    .get_all(header::TRANSFER_ENCODING)
+                    .iter()
+                    .cloned()
+                    .collect();
+                all.pop();
+                all.push(v);
+                headers.remove(header::TRANSFER_ENCODING);
+                for v in all {
+                    headers.append(header::TRANSFER_ENCODING, v);
+                }
+            }
+        }
+        headers.remove(header::CONTENT_LENGTH);
+        return Sending::Chunked;
+    }
+    if out.first.is_none() && out.body.is_end_stream() {
+        return Sending::Nothing;
+    }
+    if headers.contains_key(header::CONTENT_LENGTH) {
+        if let Some(n) = content_length(headers) {
+            return Sending::Length(n);
+        }
+    }
+    let first = out.first.as_ref().map_or(0, |f| f.len() as u64);
+    if let Some(n) = out.body.size_hint().exact() {
+        let n = n + first;
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        return Sending::Length(n);
+    }
+    // GET, HEAD and CONNECT almost never have bodies: hyper sends none rather than a chunked one.
+    if matches!(
+        out.parts.method,
+        Method::GET | Method::HEAD | Method::CONNECT
+    ) {
+        return Sending::Nothing;
+    }
+    headers.insert(
+        header::TRANSFER_ENCODING,
+        HeaderValue::from_static("chunked"),
+    );
+    Sending::Chunked
+}
+
+fn encode_head(parts: &http::request::Parts, to: &mut Vec<u8>) {
+    to.clear();
+    to.extend_from_slice(parts.method.as_str().as_bytes());
+    to.push(b' ');
+    match parts.uri.path_and_query() {
+        Some(pq) => to.extend_from_slice(pq.as_str().as_bytes()),
+        None => to.push(b'/'),
+    }
+    to.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &parts.headers {
+        to.extend_from_slice(name.as_str().as_bytes());
+        to.extend_from_slice(b": ");
+        to.extend_from_slice(value.as_bytes());
+        to.extend_from_slice(b"\r\n");
+    }
+    to.extend_from_slice(b"\r\n");
+}
+
+/// What is still to be written: a part of `wbuf` (head or chunk-size line), a data frame, and a
+/// static tail (a chunk's CRLF, the last chunk).
+struct Out {
+    wpos: usize,
+    data: Bytes,
+    tail: &'static [u8],
+}
+
+impl Out {
+    fn is_empty(&self, wbuf: &[u8]) -> bool {
+        self.wpos >= wbuf.len() && self.data.is_empty() && self.tail.is_empty()
+    }
+
+    fn advance(&mut self, wbuf: &[u8], mut n: usize) {
+        let h = n.min(wbuf.len().saturating_sub(self.wpos));
+        self.wpos += h;
+        n -= h;
+        let d = n.min(self.data.len());
+        self.data.advance(d);
+        n -= d;
+        self.tail = &self.tail[n.min(self.tail.len())..];
+    }
+}
+
+/// What an exchange hands back: the answer's head, the connection (its buffer holding what
+/// arrived of the body), and whether the request went out whole.
+pub(crate) struct Exchanged {
+    pub(crate) head: Head,
+    pub(crate) conn: Box<Conn>,
+    pub(crate) request_whole: bool,
+}
+
+/// Writes the request and reads the answer's head. The answer may come before the request
+/// body is all sent (an upstream refusing early): the rest is then not sent, and the connection
+/// not kept.
+pub(crate) async fn exchange(mut conn: Box<Conn>, mut out: Outgoing) -> Result<Exchanged, Failure> {
+    let sending = request_framing(&mut out);
+    let head_request = out.parts.method == Method::HEAD;
+    let mut wbuf = std::mem::take(&mut conn.wbuf);
+    encode_head(&out.parts, &mut wbuf);
+    let Outgoing {
+        parts,
+        first,
+        mut body,
+    } = out;
+    let mut parts = Some(parts);
+    let mut pending = Out {
+        wpos: 0,
+        data: Bytes::new(),
+        tail: b"",
+    };
+    let mut left = match sending {
+        Sending::Length(n) => n,
+        _ => 0,
+    };
+    let mut body_done = sending == Sending::Nothing;
+    let mut first = first;
+    let mut flushed = false;
+    let mut written_any = false;
+    let retryable = conn.used;
+
+    let result = std::future::poll_fn(|cx| {
+        // Write as far as the socket and the body allow.
+        while !flushed {
+            let idle = pending.data.is_empty() && pending.tail.is_empty();
+            // The next frame of the body: taken while the head is still unsent too, so a body
+            // that is ready goes out with it in one write.
+            if idle && !body_done {
+                let frame = match first.take() {
+                    Some(f) => Poll::Ready(Some(Ok(Frame::data(f)))),
+                    None => Pin::new(&mut body).poll_frame(cx),
+                };
+                if pending.wpos >= wbuf.len() {
+                    wbuf.clear();
+                    pending.wpos = 0;
+                }
+                match frame {
+                    Poll::Ready(Some(Ok(f))) => {
+                        // Trailers are not sent upstream; empty frames carry nothing.
+                        let Ok(data) = f.into_data() else { continue };
+                        if data.is_empty() {
+                            continue;
+                        }
+                        let end = body.is_end_stream();
+                        match sending {
+                            Sending::Length(_) => {
+                                if data.len() as u64 > left {
+                                    return Poll::Ready(Err(Error::Length));
+                                }
+                                left -= data.len() as u64;
+                                if end && left != 0 {
+                                    return Poll::Ready(Err(Error::Length));
+                                }
+                            }
+                            _ => {
+                                use std::io::Write as _;
+                                let _ = write!(wbuf, "{:x}\r\n", data.len());
+                                pending.tail = if end { b"\r\n0\r\n\r\n" } else { b"\r\n" };
+                            }
+                        }
+                        pending.data = data;
+                        body_done = end;
+                        continue;
+                    }
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(Error::Body(e))),
+                    Poll::Ready(None) => {
+                        body_done = true;
+                        match sending {
+                            Sending::Length(_) if left != 0 => {
+                                return Poll::Ready(Err(Error::Length))
+                            }
+                            Sending::Chunked => wbuf.extend_from_slice(b"0\r\n\r\n"),
+                            _ => {}
+                        }
+                        continue;
+                    }
+                    // Nothing of the body yet: what there is (the head) goes alone.
+                    Poll::Pending if pending.is_empty(&wbuf) => break,
+                    Poll::Pending => {}
+                }
+            }
+            if !pending.is_empty(&wbuf) {
+                let slices = [
+                    IoSlice::new(wbuf.get(pending.wpos..).unwrap_or_default()),
+                    IoSlice::new(&pending.data),
+                    IoSlice::new(pending.tail),
+                ];
+                match Pin::new(&mut conn.io).poll_write_vectored(cx, &slices) {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Err(Error::Io(io::ErrorKind::WriteZero.into())))
+                    }
+                    Poll::Ready(Ok(n)) => {
+                        written_any = true;
+                        parts = None;
+                        pending.advance(&wbuf, n);
+                        continue;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(Error::Io(e))),
+                    Poll::Pending => break,
+                }
+            }
+            if body_done {
+                match Pin::new(&mut conn.io).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => flushed = true,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(Error::Io(e))),
+                    Poll::Pending => break,
+                }
+            }
+        }
+        // Read whatever answer there is, also while the request is still going out.
+        loop {
+            match parse_head(&mut conn.buf, head_request) {
+                Ok(Some(head)) => return Poll::Ready(Ok(head)),
+                Ok(None) => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+            match conn.poll_fill(cx) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(Error::Closed)),
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(Error::Io(e))),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    })
+    .await;
+    match result {
+        Ok(head) => {
+            wbuf.clear();
+            conn.wbuf = wbuf;
+            conn.used = true;
+            Ok(Exchanged {
+                head,
+                conn,
+                request_whole: flushed,
+            })
+        }
+        Err(e) => match parts {
+            Some(parts)
+                if retryable && !written_any && !matches!(e, Error::Body(_) | Error::Length) =>
+            {
+                let first = match (first, pending.data.is_empty()) {
+                    (Some(f), _) => Some(f),
+                    (None, false) => Some(pending.data),
+                    (None, true) => None,
+                };
+                Err(Failure::Unsent(Box::new(Outgoing { parts, first, body })))
+            }
+            _ => Err(Failure::Failed(e)),
+        },
+    }
+}
