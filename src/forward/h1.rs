@@ -806,3 +806,538 @@ pub(crate) async fn exchange(mut conn: Box<Conn>, mut out: Outgoing) -> Result<E
         },
     }
 }
+
+/// An answer read from `pieces` as the connection would receive them: its head, its body, and
+/// whether the connection could carry another request. Runs of pieces past the answer count as
+/// junk after it; running out before the end is the upstream closing.
+pub(crate) fn read_answer<'a>(
+    pieces: impl IntoIterator<Item = &'a [u8]>,
+    head_request: bool,
+) -> Result<(Head, Vec<u8>, bool), Error> {
+    let mut pieces = pieces.into_iter();
+    let mut buf = BytesMut::new();
+    let head = loop {
+        if let Some(h) = parse_head(&mut buf, head_request)? {
+            break h;
+        }
+        match pieces.next() {
+            Some(p) => buf.extend_from_slice(p),
+            None => return Err(Error::Closed),
+        }
+    };
+    let mut decoder = Decoder::new(head.framing);
+    let mut body = Vec::new();
+    let mut closed = false;
+    loop {
+        match decoder.decode(&mut buf)? {
+            Decoded::Data(d) => body.extend_from_slice(&d),
+            Decoded::Done => break,
+            Decoded::More => match pieces.next() {
+                Some(p) => buf.extend_from_slice(p),
+                None => {
+                    decoder.eof()?;
+                    closed = true;
+                }
+            },
+        }
+    }
+    let rest = pieces.any(|p| !p.is_empty());
+    let reusable = head.reusable && !closed && buf.is_empty() && !rest;
+    Ok((head, body, reusable))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn whole(bytes: &[u8]) -> Result<(Head, Vec<u8>, bool), Error> {
+        read_answer([bytes], false)
+    }
+
+    /// Every way of cutting `bytes` in two gives the same outcome as reading it whole.
+    fn same_at_every_split(
+        bytes: &[u8],
+        head_request: bool,
+    ) -> Result<(Head, Vec<u8>, bool), Error> {
+        let want = read_answer([bytes], head_request);
+        for at in 0..=bytes.len() {
+            let (a, b) = bytes.split_at(at);
+            let got = read_answer([a, b], head_request);
+            match (&want, &got) {
+                (Ok(w), Ok(g)) => {
+                    assert_eq!(w.0.status, g.0.status, "split at {at}");
+                    assert_eq!(w.0.headers, g.0.headers, "split at {at}");
+                    assert_eq!(w.1, g.1, "split at {at}");
+                    assert_eq!(w.2, g.2, "split at {at}");
+                }
+                (Err(_), Err(_)) => {}
+                _ => panic!("split at {at}: {want:?} vs {got:?}"),
+            }
+        }
+        // And one byte at a time.
+        let bytewise = read_answer(bytes.chunks(1), head_request);
+        assert_eq!(bytewise.is_ok(), want.is_ok());
+        want
+    }
+
+    #[test]
+    fn chunked_body_with_extensions_and_trailers_decodes_at_every_split() {
+        let answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;name=value;x\r\nhello\r\n7 ; ext\r\n, world\r\n0\r\nx-trailer: t\r\nx-other: u\r\n\r\n";
+        let (head, body, reusable) = same_at_every_split(answer, false).unwrap();
+        assert_eq!(head.status, StatusCode::OK);
+        assert_eq!(body, b"hello, world");
+        assert!(reusable);
+    }
+
+    #[test]
+    fn chunked_framing_errors_are_errors_never_data() {
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5 5\r\nhello\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n10000000000000000\r\nx\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\nnot a field\r\n\r\n",
+        ] {
+            assert!(same_at_every_split(bad, false).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+        // A chunk-size line that never ends is bounded.
+        let mut long = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1;".to_vec();
+        long.extend(std::iter::repeat_n(b'a', MAX_CHUNK_EXT + 10));
+        assert!(matches!(whole(&long), Err(Error::Parse(_))));
+    }
+
+    #[test]
+    fn content_length_must_be_one_valid_number() {
+        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 5\r\n\r\nhello";
+        let (_, body, reusable) = same_at_every_split(ok, false).unwrap();
+        assert_eq!(body, b"hello");
+        assert!(reusable);
+        let listed = b"HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\n\r\nhello";
+        assert_eq!(whole(listed).unwrap().1, b"hello");
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!"[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: -5\r\n\r\nhello",
+            b"HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\nhello",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 0x5\r\n\r\nhello",
+            b"HTTP/1.1 200 OK\r\ncontent-length: \r\n\r\nhello",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999999\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 18446744073709551615\r\n\r\n",
+        ] {
+            assert!(
+                matches!(whole(bad), Err(Error::Parse(_))),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        // Shorter than stated, then closed: an error, not a short body passed as whole.
+        assert!(matches!(
+            whole(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello"),
+            Err(Error::Closed)
+        ));
+    }
+
+    #[test]
+    fn transfer_encoding_with_content_length_is_chunked_and_the_connection_not_reused() {
+        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+        let (head, body, reusable) = same_at_every_split(answer, false).unwrap();
+        assert_eq!(head.framing, Framing::Chunked);
+        assert_eq!(body, b"hello");
+        assert!(!reusable);
+        // Benign neighbour: chunked alone keeps the connection.
+        let plain = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+        assert!(whole(plain).unwrap().2);
+        // A transfer coding that does not end in chunked reads until close.
+        let gz = b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nabc";
+        let (head, body, reusable) = whole(gz).unwrap();
+        assert_eq!(
+            (head.framing, body.as_slice(), reusable),
+            (Framing::Close, &b"abc"[..], false)
+        );
+        // HTTP/1.0 has no transfer codings.
+        assert!(whole(b"HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn informational_answers_are_skipped_but_101_is_handed_back_unreusable() {
+        let answer = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok";
+        let (head, body, reusable) = same_at_every_split(answer, false).unwrap();
+        assert_eq!(head.status, StatusCode::CREATED);
+        assert!(!head.headers.contains_key("link"));
+        assert_eq!(body, b"ok");
+        assert!(reusable);
+        let switch = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n";
+        let (head, body, reusable) = whole(switch).unwrap();
+        assert_eq!(head.status, StatusCode::SWITCHING_PROTOCOLS);
+        assert!(body.is_empty() && !reusable);
+    }
+
+    #[test]
+    fn head_204_and_304_answers_have_no_body_and_a_tail_after_them_forbids_reuse() {
+        let head_answer = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n";
+        let (_, body, reusable) = read_answer([&head_answer[..]], true).unwrap();
+        assert!(body.is_empty() && reusable);
+        for status in ["204 No Content", "304 Not Modified"] {
+            let clean = format!("HTTP/1.1 {status}\r\ncontent-length: 5\r\n\r\n");
+            let (_, body, reusable) = whole(clean.as_bytes()).unwrap();
+            assert!(body.is_empty() && reusable, "{status}");
+            let tail = format!("{clean}hello");
+            let (_, body, reusable) = whole(tail.as_bytes()).unwrap();
+            assert!(body.is_empty() && !reusable, "{status}");
+        }
+    }
+
+    #[test]
+    fn close_delimited_http10_and_connection_close_answers_are_not_reused() {
+        let (head, body, reusable) = whole(b"HTTP/1.1 200 OK\r\n\r\nuntil close").unwrap();
+        assert_eq!(
+            (head.framing, body.as_slice(), reusable),
+            (Framing::Close, &b"until close"[..], false)
+        );
+        let (_, _, reusable) = whole(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok").unwrap();
+        assert!(!reusable);
+        let (_, _, reusable) = whole(
+            b"HTTP/1.1 200 OK\r\nconnection: keep-alive, Close\r\ncontent-length: 2\r\n\r\nok",
+        )
+        .unwrap();
+        assert!(!reusable);
+        let (_, _, reusable) =
+            whole(b"HTTP/1.1 200 OK\r\nconnection: keep-alive\r\ncontent-length: 2\r\n\r\nok")
+                .unwrap();
+        assert!(reusable);
+    }
+
+    #[test]
+    fn bytes_after_the_body_forbid_reuse() {
+        let (_, body, reusable) =
+            whole(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n\r\n")
+                .unwrap();
+        assert_eq!(body, b"ok");
+        assert!(!reusable);
+        let junk = read_answer(
+            [&b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"[..], b"x"],
+            false,
+        );
+        assert!(!junk.unwrap().2);
+    }
+
+    #[test]
+    fn oversize_heads_and_too_many_fields_are_errors_not_growth() {
+        let mut big = b"HTTP/1.1 200 OK\r\nx-big: ".to_vec();
+        big.extend(std::iter::repeat_n(b'a', MAX_HEAD));
+        assert!(matches!(whole(&big), Err(Error::Parse(_))));
+        // Fed in pieces, the buffer stops at the bound.
+        let pieces: Vec<&[u8]> = big.chunks(4096).collect();
+        assert!(matches!(read_answer(pieces, false), Err(Error::Parse(_))));
+        let mut many = b"HTTP/1.1 200 OK\r\n".to_vec();
+        for i in 0..=MAX_HEADERS {
+            many.extend_from_slice(format!("x-h{i}: v\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"content-length: 0\r\n\r\n");
+        assert!(matches!(whole(&many), Err(Error::Parse(_))));
+        // Benign neighbour: a hundred fields in all is fine.
+        let mut fine = b"HTTP/1.1 200 OK\r\n".to_vec();
+        for i in 0..MAX_HEADERS - 1 {
+            fine.extend_from_slice(format!("x-h{i}: v\r\n").as_bytes());
+        }
+        fine.extend_from_slice(b"content-length: 0\r\n\r\n");
+        assert!(whole(&fine).is_ok());
+    }
+
+    #[test]
+    fn eof_mid_head_or_mid_body_is_an_error() {
+        assert!(matches!(
+            whole(b"HTTP/1.1 200 OK\r\ncontent-le"),
+            Err(Error::Closed)
+        ));
+        assert!(matches!(whole(b""), Err(Error::Closed)));
+        assert!(matches!(
+            whole(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhel"),
+            Err(Error::Closed)
+        ));
+        assert!(matches!(
+            whole(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n"),
+            Err(Error::Closed)
+        ));
+        assert!(whole(b"garbage\r\n\r\n").is_err());
+        assert!(whole(b"HTTP/1.1 99 Low\r\ncontent-length: 0\r\n\r\n").is_err());
+    }
+
+    /// The request as the upstream reads it, and the answer it is sent.
+    async fn exchange_with(
+        req: http::Request<Body>,
+        answer: &'static [u8],
+    ) -> (Vec<u8>, Result<Exchanged, Failure>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (ours, mut theirs) = tokio::io::duplex(1 << 16);
+        let (parts, body) = req.into_parts();
+        let out = Outgoing {
+            parts,
+            first: None,
+            body,
+        };
+        let upstream = async move {
+            let mut got = Vec::new();
+            let mut b = [0u8; 4096];
+            // Reads until the request's end (the tests' requests end with their last CRLF).
+            loop {
+                let n = theirs.read(&mut b).await.unwrap();
+                got.extend_from_slice(&b[..n]);
+                if n == 0 || got.ends_with(b"\r\n\r\n") || got.ends_with(b"hello") {
+                    break;
+                }
+            }
+            theirs.write_all(answer).await.unwrap();
+            (got, theirs)
+        };
+        let (x, (got, _theirs)) = tokio::join!(exchange(Conn::new(ours), out), upstream);
+        (got, x)
+    }
+
+    fn boxed<B>(b: B) -> Body
+    where
+        B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
+        use http_body_util::BodyExt;
+        b.map_err(Into::into).boxed()
+    }
+
+    #[tokio::test]
+    async fn a_whole_body_goes_with_content_length_and_a_streamed_one_chunked() {
+        let req = http::Request::post("/v1/x")
+            .header("host", "up.example")
+            .body(boxed(http_body_util::Full::new(Bytes::from_static(
+                b"hello",
+            ))))
+            .unwrap();
+        let (got, x) = exchange_with(req, b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await;
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            "POST /v1/x HTTP/1.1\r\nhost: up.example\r\ncontent-length: 5\r\n\r\nhello"
+        );
+        assert!(x.is_ok_and(|x| x.request_whole && x.head.reusable));
+
+        let frames = futures_util::stream::iter([
+            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"hel"))),
+            Ok(Frame::data(Bytes::from_static(b"lo"))),
+        ]);
+        let req = http::Request::post("/s?q=1")
+            .body(boxed(http_body_util::StreamBody::new(frames)))
+            .unwrap();
+        let (got, _) = exchange_with(req, b"HTTP/1.1 204 No Content\r\n\r\n").await;
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            "POST /s?q=1 HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n3\r\nhel\r\n2\r\nlo\r\n0\r\n\r\n"
+        );
+
+        // No body: no framing header at all, as hyper sends it.
+        let req = http::Request::get("/g")
+            .body(boxed(http_body_util::Empty::<Bytes>::new()))
+            .unwrap();
+        let (got, _) = exchange_with(req, b"HTTP/1.1 204 No Content\r\n\r\n").await;
+        assert_eq!(String::from_utf8_lossy(&got), "GET /g HTTP/1.1\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_reused_connection_found_closed_hands_the_request_back_unsent() {
+        let (ours, theirs) = tokio::io::duplex(1024);
+        drop(theirs);
+        let mut conn = Conn::new(ours);
+        assert!(!conn.is_open());
+        conn.used = true;
+        let req = http::Request::post("/v1/x")
+            .body(boxed(http_body_util::Full::new(Bytes::from_static(
+                b"hello",
+            ))))
+            .unwrap();
+        let (parts, body) = req.into_parts();
+        let out = Outgoing {
+            parts,
+            first: None,
+            body,
+        };
+        match exchange(conn, out).await {
+            Err(Failure::Unsent(o)) => assert_eq!(o.first.as_deref(), Some(&b"hello"[..])),
+            _ => panic!("expected the request back"),
+        }
+        // A fresh connection's failure is final: nothing says the upstream did not get it.
+        let (ours, theirs) = tokio::io::duplex(1024);
+        drop(theirs);
+        let req = http::Request::post("/v1/x")
+            .body(boxed(http_body_util::Full::new(Bytes::from_static(
+                b"hello",
+            ))))
+            .unwrap();
+        let (parts, body) = req.into_parts();
+        let out = Outgoing {
+            parts,
+            first: None,
+            body,
+        };
+        assert!(matches!(
+            exchange(Conn::new(ours), out).await,
+            Err(Failure::Failed(_))
+        ));
+    }
+
+    /// What hyper's client connection makes of `pieces` as the answer to a GET: status,
+    /// headers and body, or an error anywhere.
+    fn hyper_reads(pieces: &[Vec<u8>]) -> Result<(StatusCode, HeaderMap, Vec<u8>), ()> {
+        use http_body_util::BodyExt;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let pieces = pieces.to_vec();
+        rt.block_on(async move {
+            let (ours, mut theirs) = tokio::io::duplex(1 << 20);
+            let upstream = tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut b = [0u8; 1024];
+                while !got.ends_with(b"\r\n\r\n") {
+                    let n = theirs.read(&mut b).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&b[..n]);
+                }
+                for p in pieces {
+                    if theirs.write_all(&p).await.is_err() {
+                        return;
+                    }
+                    tokio::task::yield_now().await;
+                }
+            });
+            let run = async {
+                let (mut send, conn) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(ours))
+                        .await
+                        .map_err(|_| ())?;
+                tokio::spawn(conn);
+                let req = http::Request::get("/")
+                    .header("host", "up.example")
+                    .body(http_body_util::Empty::<Bytes>::new())
+                    .unwrap();
+                let resp = send.send_request(req).await.map_err(|_| ())?;
+                let (head, body) = resp.into_parts();
+                let body = body.collect().await.map_err(|_| ())?.to_bytes();
+                Ok((head.status, head.headers, body.to_vec()))
+            };
+            let out = tokio::time::timeout(std::time::Duration::from_secs(10), run)
+                .await
+                .expect("hyper finished");
+            upstream.abort();
+            out
+        })
+    }
+
+    /// A well-formed answer: status, version, fields, and a body framed by length, chunks
+    /// (with extensions and trailers) or the connection's close.
+    fn answer_strategy() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        let status = prop::sample::select(vec![
+            200u16, 201, 204, 206, 301, 304, 400, 404, 429, 500, 502,
+        ]);
+        let fields = prop::collection::vec(("x-[a-z]{1,8}", "[ -~]{0,12}"), 0..4);
+        let body = prop::collection::vec(any::<u8>(), 0..200);
+        let chunks = prop::collection::vec(1usize..40, 0..6);
+        let informational = prop::sample::select(vec![None, Some(100u16), Some(103)]);
+        (
+            status,
+            any::<bool>(),
+            fields,
+            body,
+            0u8..3,
+            chunks,
+            any::<bool>(),
+            informational,
+        )
+            .prop_map(
+                |(status, http10, fields, body, framing, chunks, trailers, info)| {
+                    let mut out = Vec::new();
+                    if let Some(i) = info {
+                        out.extend_from_slice(
+                            format!("HTTP/1.1 {i} Info\r\nx-info: 1\r\n\r\n").as_bytes(),
+                        );
+                    }
+                    let version = if http10 { "1.0" } else { "1.1" };
+                    out.extend_from_slice(format!("HTTP/{version} {status} Reason\r\n").as_bytes());
+                    for (k, v) in &fields {
+                        out.extend_from_slice(format!("{k}: {}\r\n", v.trim()).as_bytes());
+                    }
+                    match framing {
+                        0 => {
+                            out.extend_from_slice(
+                                format!("content-length: {}\r\n\r\n", body.len()).as_bytes(),
+                            );
+                            out.extend_from_slice(&body);
+                        }
+                        1 if !http10 => {
+                            out.extend_from_slice(b"transfer-encoding: chunked\r\n\r\n");
+                            let mut rest = &body[..];
+                            let mut sizes = chunks.iter().cycle();
+                            while !rest.is_empty() {
+                                let n = (*sizes.next().unwrap_or(&7)).min(rest.len());
+                                out.extend_from_slice(format!("{n:x};e=1\r\n").as_bytes());
+                                out.extend_from_slice(&rest[..n]);
+                                out.extend_from_slice(b"\r\n");
+                                rest = &rest[n..];
+                            }
+                            out.extend_from_slice(b"0\r\n");
+                            if trailers {
+                                out.extend_from_slice(b"x-trailer: t\r\n");
+                            }
+                            out.extend_from_slice(b"\r\n");
+                        }
+                        _ => {
+                            out.extend_from_slice(b"\r\n");
+                            out.extend_from_slice(&body);
+                        }
+                    }
+                    out
+                },
+            )
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(160))]
+
+        /// Differential: hyper's client and keygate's own read the same bytes, in the same
+        /// pieces, to the same status, fields and body, or both fail. Mutations (a byte
+        /// changed, dropped or added) probe the error paths.
+        #[test]
+        fn own_client_reads_answers_as_hyper_does(
+            answer in answer_strategy(),
+            edits in proptest::collection::vec((proptest::prelude::any::<proptest::sample::Index>(), 0u8..3, proptest::prelude::any::<u8>()), 0..3),
+            cuts in proptest::collection::vec(proptest::prelude::any::<proptest::sample::Index>(), 0..4),
+        ) {
+            let mut bytes = answer;
+            for (at, op, b) in edits {
+                let i = at.index(bytes.len() + 1);
+                match op {
+                    0 if i < bytes.len() => bytes[i] = b,
+                    1 if i < bytes.len() => { bytes.remove(i); }
+                    _ => bytes.insert(i, b),
+                }
+            }
+            let mut at: Vec<usize> = cuts.iter().map(|c| c.index(bytes.len() + 1)).collect();
+            at.sort_unstable();
+            let mut pieces = Vec::new();
+            let mut from = 0;
+            for a in at.into_iter().chain([bytes.len()]) {
+                pieces.push(bytes[from..a].to_vec());
+                from = a;
+            }
+            let ours = read_answer(pieces.iter().map(Vec::as_slice), false)
+                .map(|(h, body, _)| (h.status, h.headers, body));
+            let theirs = hyper_reads(&pieces);
+            match (&ours, &theirs) {
+                (Ok(o), Ok(t)) => proptest::prop_assert_eq!(o, t),
+                (Err(_), Err(())) => {}
+                _ => proptest::prop_assert!(false, "ours {:?} hyper {:?} for {:?}", ours.as_ref().map(|o| o.0), theirs.as_ref().map(|t| t.0), String::from_utf8_lossy(&bytes)),
+            }
+        }
+    }
+}
