@@ -90,6 +90,19 @@ impl http_body::Body for Incoming {
     }
 }
 
+/// Reads `pieces` as an upstream's HTTP/1.1 answer the way keygate's own client does: its
+/// status, its body, and whether the connection could carry another request. For the fuzz
+/// target (`fuzz/fuzz_targets/h1_answer.rs`).
+#[doc(hidden)]
+pub fn read_h1_answer<'a>(
+    pieces: impl IntoIterator<Item = &'a [u8]>,
+    head_request: bool,
+) -> Result<(u16, Vec<u8>, bool), String> {
+    h1::read_answer(pieces, head_request)
+        .map(|(head, body, reusable)| (head.status.as_u16(), body, reusable))
+        .map_err(|e| e.to_string())
+}
+
 /// How upstream connections are made: TCP (with the connect timeout), then TLS for `https`.
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 
