@@ -13,8 +13,9 @@
 //! A 101 is refused too: keygate proxies no upgrade.
 //!
 //! Requests from an HTTP/1 downstream connection go over that connection's own upstream
-//! HTTP/1.1 connection ([`Affinity`], see [`affinity`]); the pooled client serves HTTP/2
-//! downstream connections and upstreams that choose h2.
+//! HTTP/1.1 connection ([`Affinity`], see [`affinity`]), spoken by keygate's own client (`h1`);
+//! the pooled client serves HTTP/2 downstream connections, routes with their own TLS and
+//! upstreams that choose h2.
 
 pub mod affinity;
 mod h1;
