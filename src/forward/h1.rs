@@ -162,6 +162,9 @@ pub(crate) struct Head {
 /// so the answer has no body whatever its headers say.
 pub(crate) fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Error> {
     loop {
+        if buf.is_empty() {
+            return Ok(None);
+        }
         // Uninitialised slots: zeroing a hundred of them cost more than parsing the head.
         let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut resp = httparse::Response::new(&mut []);
@@ -286,12 +289,18 @@ fn last_coding_is_chunked(headers: &HeaderMap) -> bool {
 fn content_length(headers: &HeaderMap) -> Option<u64> {
     let mut found = None;
     for v in headers.get_all(header::CONTENT_LENGTH) {
-        for part in v.to_str().ok()?.split(',') {
-            let part = part.trim();
-            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+        for part in v.as_bytes().split(|b| *b == b',') {
+            let part = part.trim_ascii();
+            if part.is_empty() {
                 return None;
             }
-            let n: u64 = part.parse().ok()?;
+            let mut n: u64 = 0;
+            for &b in part {
+                if !b.is_ascii_digit() {
+                    return None;
+                }
+                n = n.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+            }
             if found.is_some_and(|f| f != n) {
                 return None;
             }
