@@ -13,10 +13,12 @@
 //! A 101 is refused too: keygate proxies no upgrade.
 //!
 //! Requests from an HTTP/1 downstream connection go over that connection's own upstream
-//! HTTP/1.1 connection ([`Affinity`], see [`affinity`]); the pooled client serves HTTP/2
-//! downstream connections and upstreams that choose h2.
+//! HTTP/1.1 connection ([`Affinity`], see [`affinity`]), spoken by keygate's own client (`h1`);
+//! the pooled client serves HTTP/2 downstream connections, routes with their own TLS and
+//! upstreams that choose h2.
 
 pub mod affinity;
+mod h1;
 
 pub use affinity::Affinity;
 
@@ -29,7 +31,6 @@ use http::header::{self, HeaderValue};
 use http::request::Parts;
 use http::{HeaderMap, Request, Response, StatusCode, Uri};
 use http_body_util::combinators::BoxBody;
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -51,6 +52,57 @@ static RANGE_HEADERS: [http::HeaderName; 3] = [
 pub type BoxError = Box<dyn StdError + Send + Sync>;
 /// The body type sent upstream and back: boxed, so adapters (timeouts, redaction) can wrap it.
 pub type Body = BoxBody<Bytes, BoxError>;
+
+/// An upstream answer's body: read by keygate's own HTTP/1.1 client (the affine connection) or
+/// by hyper's pooled client (h2, routes with their own TLS, HTTP/2 downstream connections).
+pub enum Incoming {
+    /// From the downstream connection's own upstream connection.
+    Own(affinity::Answer),
+    /// From the pooled client.
+    Pooled(hyper::body::Incoming),
+}
+
+impl http_body::Body for Incoming {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Incoming::Own(b) => std::pin::Pin::new(b).poll_frame(cx),
+            Incoming::Pooled(b) => std::pin::Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Incoming::Own(b) => b.is_end_stream(),
+            Incoming::Pooled(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            Incoming::Own(b) => b.size_hint(),
+            Incoming::Pooled(b) => b.size_hint(),
+        }
+    }
+}
+
+/// Reads `pieces` as an upstream's HTTP/1.1 answer the way keygate's own client does: its
+/// status, its body, and whether the connection could carry another request. For the fuzz
+/// target (`fuzz/fuzz_targets/h1_answer.rs`).
+#[doc(hidden)]
+pub fn read_h1_answer<'a>(
+    pieces: impl IntoIterator<Item = &'a [u8]>,
+    head_request: bool,
+) -> Result<(u16, Vec<u8>, bool), String> {
+    h1::read_answer(pieces, head_request)
+        .map(|(head, body, reusable)| (head.status.as_u16(), body, reusable))
+        .map_err(|e| e.to_string())
+}
 
 /// How upstream connections are made: TCP (with the connect timeout), then TLS for `https`.
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
@@ -177,7 +229,12 @@ impl Forwarder {
         // connector trusts only the default roots.
         let sent = match (self.routes.get(authorized.route()), affinity) {
             (Some(own), _) => {
-                let sent = async { own.request(req).await.map_err(legacy_error) };
+                let sent = async {
+                    own.request(req)
+                        .await
+                        .map(|r| r.map(Incoming::Pooled))
+                        .map_err(legacy_error)
+                };
                 tokio::time::timeout(route.timeout, sent)
                     .await
                     .map_err(|_| affinity::TimedOut)
@@ -259,9 +316,9 @@ impl Forwarder {
                     *req.uri_mut() = Uri::from(pq);
                 }
                 match affinity::send(&self.pool, &self.connector, a, key, req).await {
-                    Ok(resp) => return Ok(resp),
+                    Ok(resp) => return Ok(resp.map(Incoming::Own)),
                     Err(affinity::Failed::Connect(e)) => return Err((true, e)),
-                    Err(affinity::Failed::Request(e)) => return Err((false, e.into())),
+                    Err(affinity::Failed::Request(e)) => return Err((false, e)),
                     Err(affinity::Failed::H2(unsent)) => {
                         req = *unsent;
                         parts.path_and_query = req.uri().path_and_query().cloned();
@@ -270,7 +327,11 @@ impl Forwarder {
                 }
             }
         }
-        self.client.request(req).await.map_err(legacy_error)
+        self.client
+            .request(req)
+            .await
+            .map(|r| r.map(Incoming::Pooled))
+            .map_err(legacy_error)
     }
 }
 
@@ -285,11 +346,7 @@ fn legacy_error(e: hyper_util::client::legacy::Error) -> (bool, BoxError) {
 /// or a `Transfer-Encoding` other than plain `chunked`. hyper decodes only `chunked` and the header
 /// is dropped as hop-by-hop, so a gzip transfer coding would reach the agent as unlabelled
 /// compressed bytes the redactor never saw as text.
-pub fn passable(
-    resp: &Response<Incoming>,
-    redactor: &Redactor,
-    host: &str,
-) -> Result<(), Rejection> {
+pub fn passable<B>(resp: &Response<B>, redactor: &Redactor, host: &str) -> Result<(), Rejection> {
     check_codings(resp.headers(), host, !redactor.is_empty())
 }
 

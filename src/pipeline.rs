@@ -19,7 +19,6 @@ use http::request::Parts;
 use http::{Request, Response};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 
 use crate::audit::{self, AuditLog, Decision, Finishing, Pending, Reason, Record};
 use crate::authenticate::{self, Tokens};
@@ -31,6 +30,7 @@ use crate::credential::{self, Credentials};
 use crate::error::Rejection;
 use crate::forward::{self, Body, Forwarder};
 use crate::guard::{self, timeout, Guard, Peer};
+use crate::listen::Incoming;
 use crate::redact;
 use crate::redact::body::{End, Observer, RedactingBody};
 use crate::{local, placeholder, route, scan};
@@ -81,7 +81,7 @@ pub async fn handle(
     peer: Arc<Peer>,
     listener: Arc<str>,
     conn: Conn,
-    req: Request<crate::listen::Incoming>,
+    req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
     let request_id = new_request_id();
@@ -163,7 +163,7 @@ enum Answer {
 
 /// What the way back needs to know about an upstream answer.
 struct Upstream {
-    resp: Response<Incoming>,
+    resp: Response<forward::Incoming>,
     /// The response redactor, with every value held when the answer came.
     redactor: Arc<redact::Redactor>,
     request_redacted: bool,
@@ -192,7 +192,7 @@ async fn process(
     scanner: &Arc<redact::Redactor>,
     pending: &mut Pending,
     mut head: Parts,
-    body: crate::listen::Incoming,
+    body: Incoming,
     carried: Carried,
     body_read: &mut bool,
 ) -> Result<Answer, Rejection> {
@@ -439,7 +439,7 @@ async fn request_body(
     pending: &mut Pending,
     head: &mut Parts,
     target: &scan::Target,
-    body: timeout::ReadTimeout<crate::listen::Incoming>,
+    body: timeout::ReadTimeout<Incoming>,
     whole: bool,
     body_read: &mut bool,
 ) -> Result<(RequestBody, bool), Rejection> {

@@ -10,101 +10,75 @@
 //! connection serves one downstream connection at a time: callers are never mixed on it, and
 //! each request carries its own headers (the credential is attached per request).
 //!
+//! The exchange itself is keygate's own HTTP/1.1 client ([`super::h1`]): no dispatcher task or
+//! driver, the answer's body reads from the socket when the downstream side polls it, and the
+//! connection comes back here when the body ends.
+//!
 //! An upstream that negotiates h2 (ALPN) is remembered and served by the pooled client instead.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
+use http_body::{Frame, SizeHint};
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::rt::TokioIo;
 use tower_service::Service;
 
-use super::Body;
+use super::h1::{self, Conn, Decoded, Decoder};
+use super::{Body, BoxError};
 use crate::lock;
 
 /// Which upstream a connection talks to.
 pub(super) type Key = (Scheme, Authority);
 
-/// An upstream connection's I/O half: it moves bytes only while something polls it, either the
-/// downstream connection's task ([`Host`]) or a task of its own.
-type Driver = Pin<
-    Box<
-        hyper::client::conn::http1::Connection<
-            hyper_rustls::MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>,
-            Body,
-        >,
-    >,
->;
-
 /// How long an idle upstream connection stays in the pool.
 const IDLE_FOR: Duration = Duration::from_secs(60);
-/// How often the pool looks for idle connections the upstream closed (nothing polls them while
+/// How often the pool looks for idle connections the upstream closed (nothing reads them while
 /// they wait, so their sockets would otherwise stay open until the next checkout).
 const SWEEP_EVERY: Duration = Duration::from_secs(15);
 /// Idle connections kept per upstream.
 const IDLE_PER_UPSTREAM: usize = 256;
-/// How long a bound connection may take to become free again after the previous answer: the
-/// last body chunk reaches the agent a moment before the connection marks itself idle.
-const READY_WITHIN: Duration = Duration::from_secs(1);
 
 /// A downstream connection's upstream connection, if it has one yet. `listen` makes one per
-/// HTTP/1 downstream connection and hands a clone to each of its requests (`pipeline::Conn`); the last
-/// clone dropped (the connection closed) returns the upstream connection to its pool.
-///
-/// Made with [`Affinity::hosted`], the downstream connection's own task also drives the upstream
-/// connection ([`Host::poll_with`]): a request and its answer then never cross tasks. Made with
-/// `default()`, each upstream connection runs in a task of its own.
+/// HTTP/1 downstream connection and hands a clone to each of its requests (`pipeline::Conn`);
+/// when the downstream connection ends ([`Host`] dropped), or the last clone is dropped, the
+/// upstream connection goes back to its pool.
 #[derive(Clone, Default)]
 pub struct Affinity(Arc<Slot>);
 
 #[derive(Default)]
 struct Slot {
-    held: Mutex<Option<Held>>,
-    drive: Mutex<Drive>,
+    held: Mutex<Held>,
     /// The deadline of the request in flight ([`Affinity::within`]), kept between requests.
     timer: Mutex<Option<Pin<Box<tokio::time::Sleep>>>>,
+}
+
+#[derive(Default)]
+struct Held {
+    conn: Option<(Arc<Pool>, Key, Box<Conn>)>,
+    /// The downstream connection ended: a connection whose answer ends later goes to the pool.
+    released: bool,
 }
 
 /// A request bounded by [`Affinity::within`] did not finish in time.
 pub(super) struct TimedOut;
 
-struct Held {
-    pool: Arc<Pool>,
-    key: Key,
-    sender: SendRequest<Body>,
-}
-
-/// Who polls the bound connection's I/O.
-#[derive(Default)]
-struct Drive {
-    /// A [`Host`] polls `conn`; when false every connection is detached into its own task.
-    hosted: bool,
-    /// The host is inside its poll and polls `conn` before returning, so no wake is needed.
-    in_poll: bool,
-    waker: Option<Waker>,
-    /// The I/O of the connection in `held` (or of the one out for a request).
-    conn: Option<Driver>,
-}
-
-/// The downstream connection task's side of an [`Affinity::hosted`]: it polls the bound
-/// upstream connection's I/O along with the downstream connection. Dropped (the task ends), it
-/// returns an idle upstream connection to its pool and detaches a busy one into its own task, so
-/// an answer still streaming elsewhere is not cut.
+/// The downstream connection task's side of an [`Affinity::hosted`]. Dropped (the connection
+/// ended), it returns the idle upstream connection to its pool; one still carrying an answer
+/// goes there when the answer ends.
 pub struct Host(Affinity);
 
 impl Affinity {
-    /// An affinity whose upstream connections the returned [`Host`] drives.
+    /// An affinity whose upstream connection is released when the returned [`Host`] drops.
     pub fn hosted() -> (Affinity, Host) {
         let a = Affinity::default();
-        lock(&a.0.drive).hosted = true;
         (a.clone(), Host(a))
     }
 
@@ -146,105 +120,53 @@ impl Affinity {
 
     /// Takes the bound connection if it talks to `key` through `pool`; one bound elsewhere (a
     /// request to another upstream, or a reload made a new pool) goes back to its pool.
-    fn take(&self, pool: &Arc<Pool>, key: &Key) -> Option<SendRequest<Body>> {
-        let held = lock(&self.0.held).take()?;
-        if Arc::ptr_eq(&held.pool, pool) && held.key == *key {
-            return Some(held.sender);
+    fn take(&self, pool: &Arc<Pool>, key: &Key) -> Option<Box<Conn>> {
+        let (p, k, conn) = lock(&self.0.held).conn.take()?;
+        if Arc::ptr_eq(&p, pool) && k == *key {
+            return Some(conn);
         }
-        let conn = lock(&self.0.drive).conn.take();
-        Pool::put(&held.pool, held.key, held.sender, conn);
+        Pool::put(&p, k, conn);
         None
     }
 
-    fn bind(&self, pool: &Arc<Pool>, key: Key, sender: SendRequest<Body>) {
-        // `send` took the bound connection before asking for another, so nothing is replaced.
-        *lock(&self.0.held) = Some(Held {
-            pool: pool.clone(),
-            key,
-            sender,
-        });
-    }
-
-    /// Makes `conn` the I/O to drive for the connection about to be bound; `None` when it
-    /// already runs in a task of its own. A previous one still here (its sender was dropped
-    /// after a failure or a slow finish) is detached so it can end by itself.
-    fn install(&self, conn: Option<Driver>) {
-        let mut d = lock(&self.0.drive);
-        let old = match conn {
-            Some(c) if d.hosted => {
-                let old = d.conn.replace(c);
-                if !d.in_poll {
-                    if let Some(w) = &d.waker {
-                        w.wake_by_ref();
-                    }
-                }
-                old
-            }
-            Some(c) => {
-                detach(c);
-                d.conn.take()
-            }
-            None => d.conn.take(),
-        };
-        drop(d);
-        if let Some(old) = old {
-            detach(old);
+    /// A connection whose answer ended cleanly: kept for the downstream connection's next
+    /// request, or pooled when that connection has gone.
+    fn give_back(&self, pool: Arc<Pool>, key: Key, conn: Box<Conn>) {
+        let mut held = lock(&self.0.held);
+        if held.released {
+            drop(held);
+            Pool::put(&pool, key, conn);
+            return;
+        }
+        let old = held.conn.replace((pool, key, conn));
+        drop(held);
+        if let Some((p, k, c)) = old {
+            Pool::put(&p, k, c);
         }
     }
 
-    /// Returns the bound connection to its pool (with its I/O) and stops hosting.
+    /// Returns the bound connection to its pool; later ones go there directly.
     fn release(&self) {
-        let held = lock(&self.0.held).take();
-        let conn = {
-            let mut d = lock(&self.0.drive);
-            d.hosted = false;
-            d.waker = None;
-            d.conn.take()
+        let old = {
+            let mut held = lock(&self.0.held);
+            held.released = true;
+            held.conn.take()
         };
-        match held {
-            Some(h) => Pool::put(&h.pool, h.key, h.sender, conn),
-            None => {
-                if let Some(c) = conn {
-                    detach(c);
-                }
-            }
+        if let Some((p, k, c)) = old {
+            Pool::put(&p, k, c);
         }
     }
 }
 
 impl Host {
-    /// Polls `conn` (the downstream connection) and the bound upstream connection's I/O
-    /// together; ready when `conn` is.
+    /// Polls `conn` (the downstream connection). The upstream connection needs no polling of
+    /// its own: its answer is read when the downstream side polls the body.
     pub fn poll_with<F: Future + ?Sized>(
         &self,
         cx: &mut Context<'_>,
         conn: Pin<&mut F>,
     ) -> Poll<F::Output> {
-        let slot = &self.0 .0;
-        {
-            let mut d = lock(&slot.drive);
-            // An answer that arrived is taken in before the downstream side looks for it.
-            poll_driver(&mut d, cx);
-            d.in_poll = true;
-        }
-        let out = conn.poll(cx);
-        let mut d = lock(&slot.drive);
-        d.in_poll = false;
-        // A request the downstream side just queued is written now, not on the next wake.
-        poll_driver(&mut d, cx);
-        out
-    }
-}
-
-fn poll_driver(d: &mut Drive, cx: &mut Context<'_>) {
-    if !d.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-        d.waker = Some(cx.waker().clone());
-    }
-    if let Some(c) = d.conn.as_mut() {
-        // Ready means the connection ended (closed, or an error its request already got).
-        if c.as_mut().poll(cx).is_ready() {
-            d.conn = None;
-        }
+        conn.poll(cx)
     }
 }
 
@@ -257,60 +179,24 @@ impl Drop for Host {
 impl Drop for Slot {
     fn drop(&mut self) {
         let held = match self.held.get_mut() {
-            Ok(h) => h.take(),
-            Err(p) => p.into_inner().take(),
-        };
-        let conn = match self.drive.get_mut() {
-            Ok(d) => d.conn.take(),
+            Ok(h) => h.conn.take(),
             Err(p) => p.into_inner().conn.take(),
         };
-        match held {
-            Some(h) => Pool::put(&h.pool, h.key, h.sender, conn),
-            None => {
-                if let Some(c) = conn {
-                    detach(c);
-                }
-            }
+        if let Some((p, k, c)) = held {
+            Pool::put(&p, k, c);
         }
     }
 }
 
-/// Lets a connection's I/O run to its end in a task of its own (dropped when there is no
-/// runtime any more: keygate is stopping and the connection goes with it).
-fn detach(conn: Driver) {
-    if let Ok(rt) = tokio::runtime::Handle::try_current() {
-        rt.spawn(async move {
-            // An error here is the upstream's (reset, bad framing); the request that was on
-            // the connection gets it from `send_request`.
-            let _ = conn.await;
-        });
-    }
-}
-
-/// Whether an idle connection nobody polls is still open; polling it also takes in the
-/// upstream's close.
-fn still_open(conn: &mut Driver) -> bool {
-    let mut cx = Context::from_waker(Waker::noop());
-    conn.as_mut().poll(&mut cx).is_pending()
-}
-
-/// An idle connection: its sender, its I/O unless that runs in a task of its own, and when it
-/// became idle.
+/// An idle connection and when it became idle.
 struct Idle {
-    sender: SendRequest<Body>,
-    conn: Option<Driver>,
+    conn: Box<Conn>,
     since: Instant,
 }
 
 impl Idle {
     fn usable(&mut self) -> bool {
-        if self.since.elapsed() >= IDLE_FOR {
-            return false;
-        }
-        match self.conn.as_mut() {
-            Some(c) => still_open(c) && self.sender.is_ready(),
-            None => self.sender.is_ready(),
-        }
+        self.since.elapsed() < IDLE_FOR && self.conn.is_open()
     }
 }
 
@@ -330,42 +216,32 @@ pub(super) struct Pool {
 }
 
 impl Pool {
-    fn checkout(&self, key: &Key) -> Option<(SendRequest<Body>, Option<Driver>)> {
+    fn checkout(&self, key: &Key) -> Option<Box<Conn>> {
         let mut idle = lock(&self.idle);
         let list = idle.get_mut(&(crate::runtime::worker(), key.clone()))?;
         while let Some(mut i) = list.pop() {
             if i.usable() {
-                return Some((i.sender, i.conn));
+                return Some(i.conn);
             }
         }
         None
     }
 
-    /// Keeps a connection only if it is idle and open; dropping one closes it. A busy one's I/O
-    /// is detached so its answer can finish.
-    fn put(this: &Arc<Pool>, key: Key, sender: SendRequest<Body>, conn: Option<Driver>) {
-        if !sender.is_ready() {
-            if let Some(c) = conn {
-                detach(c);
-            }
+    /// Keeps a connection only while it is open; dropping one closes it.
+    fn put(this: &Arc<Pool>, key: Key, mut conn: Box<Conn>) {
+        if !conn.is_open() {
             return;
         }
         let mut idle = lock(&this.idle);
         let list = idle.entry((crate::runtime::worker(), key)).or_default();
-        list.retain(|i| {
-            i.since.elapsed() < IDLE_FOR && (i.conn.is_some() || !i.sender.is_closed())
-        });
+        list.retain(|i| i.since.elapsed() < IDLE_FOR);
         if list.len() < IDLE_PER_UPSTREAM {
-            let undriven = conn.is_some();
             list.push(Idle {
-                sender,
                 conn,
                 since: Instant::now(),
             });
             drop(idle);
-            if undriven {
-                this.start_sweeping();
-            }
+            this.start_sweeping();
         }
     }
 
@@ -404,9 +280,9 @@ pub(super) enum Failed {
     /// The upstream chose h2: send this request through the pooled client.
     H2(Box<Request<Body>>),
     /// Connecting failed (TCP, TLS, or the connect timeout).
-    Connect(super::BoxError),
+    Connect(BoxError),
     /// The request failed on an open connection.
-    Request(hyper::Error),
+    Request(BoxError),
 }
 
 /// Sends `req` (origin-form URI, `Host` set) on the connection bound to `affinity`, else on one
@@ -418,64 +294,206 @@ pub(super) async fn send(
     affinity: &Affinity,
     key: Key,
     req: Request<Body>,
-) -> Result<Response<Incoming>, Failed> {
-    let mut sender = match affinity.take(pool, &key) {
-        Some(mut s) => match tokio::time::timeout(READY_WITHIN, s.ready()).await {
-            Ok(Ok(())) => Some(s),
-            _ => None,
-        },
-        None => None,
+) -> Result<Response<Answer>, Failed> {
+    // An upstream that closed the connection while it idled is found out here, before a byte
+    // is written (a readiness check: no system call unless the socket became readable).
+    let mut conn = affinity
+        .take(pool, &key)
+        .and_then(|mut c| c.is_open().then_some(c));
+    if conn.is_none() {
+        conn = pool.checkout(&key);
+    }
+    let (parts, body) = req.into_parts();
+    let mut out = h1::Outgoing {
+        parts,
+        first: None,
+        body,
     };
-    if sender.is_none() {
-        if let Some((s, conn)) = pool.checkout(&key) {
-            affinity.install(conn);
-            sender = Some(s);
+    if let Some(c) = conn {
+        match h1::exchange(c, out).await {
+            Ok(x) => return Ok(answer(pool, affinity, key, x)),
+            Err(h1::Failure::Unsent(unsent)) => out = *unsent,
+            Err(h1::Failure::Failed(e)) => return Err(Failed::Request(e.into())),
         }
     }
-    let mut req = req;
-    if let Some(mut s) = sender {
-        match s.try_send_request(req).await {
-            Ok(resp) => return Ok(keep(pool, affinity, key, s, resp)),
-            Err(mut e) => match e.take_message() {
-                Some(unsent) => req = unsent,
-                None => return Err(Failed::Request(e.into_error())),
-            },
-        }
-    }
-    // Boxed: connecting is the cold branch, and its future (TCP, TLS, handshake) would make
-    // every request's future, moved on each await, several KB larger.
-    let (mut s, conn) = match Box::pin(connect(pool, connector, &key)).await? {
-        Some(s) => s,
-        None => return Err(Failed::H2(Box::new(req))),
+    // Boxed: connecting is the cold branch, and its future (TCP, TLS) would make every
+    // request's future, moved on each await, several KB larger.
+    let c = match Box::pin(connect(pool, connector, &key)).await? {
+        Some(c) => c,
+        None => return Err(Failed::H2(Box::new(out.into_request()))),
     };
-    affinity.install(Some(conn));
-    match s.send_request(req).await {
-        Ok(resp) => Ok(keep(pool, affinity, key, s, resp)),
-        Err(e) => Err(Failed::Request(e)),
+    match h1::exchange(c, out).await {
+        Ok(x) => Ok(answer(pool, affinity, key, x)),
+        Err(h1::Failure::Unsent(_)) => Err(Failed::Request(
+            "the upstream closed a new connection before the request".into(),
+        )),
+        Err(h1::Failure::Failed(e)) => Err(Failed::Request(e.into())),
     }
 }
 
-/// Binds the connection to the downstream connection unless the answer ends its use: a 101
-/// (refused by `forward`, and the connection is no longer HTTP).
-fn keep(
-    pool: &Arc<Pool>,
-    affinity: &Affinity,
-    key: Key,
-    sender: SendRequest<Body>,
-    resp: Response<Incoming>,
-) -> Response<Incoming> {
-    if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
-        affinity.bind(pool, key, sender);
+/// The answer with its body reading from the connection; a body already complete (none, or
+/// all of it here) frees the connection now.
+fn answer(pool: &Arc<Pool>, affinity: &Affinity, key: Key, x: h1::Exchanged) -> Response<Answer> {
+    let h1::Exchanged {
+        head,
+        conn,
+        request_whole,
+    } = x;
+    let mut resp = Response::new(());
+    *resp.status_mut() = head.status;
+    *resp.version_mut() = head.version;
+    *resp.headers_mut() = head.headers;
+    let mut body = Answer {
+        conn: Some(conn),
+        decoder: Decoder::new(head.framing),
+        reusable: head.reusable && request_whole,
+        home: Some((affinity.clone(), pool.clone(), key)),
+    };
+    if body.decoder.is_done() {
+        body.finish();
     }
-    resp
+    resp.map(|()| body)
 }
 
-/// A new HTTP/1.1 connection and its I/O, or `None` when the upstream chose h2.
+/// An answer's body, read from the upstream connection as it is polled. Ended cleanly, the
+/// connection goes back to the downstream connection (or the pool); dropped before its end, the
+/// connection is closed.
+pub struct Answer {
+    conn: Option<Box<Conn>>,
+    decoder: Decoder,
+    reusable: bool,
+    home: Option<(Affinity, Arc<Pool>, Key)>,
+}
+
+impl Answer {
+    fn finish(&mut self) {
+        let Some(conn) = self.conn.take() else { return };
+        if let Some((a, p, k)) = self.home.take() {
+            if self.reusable && conn.is_drained() {
+                a.give_back(p, k, conn);
+            }
+        }
+    }
+}
+
+impl http_body::Body for Answer {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match conn.decode(&mut this.decoder) {
+                Ok(Decoded::Data(d)) => {
+                    if this.decoder.is_done() {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
+                }
+                Ok(Decoded::Done) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(Decoded::More) => {}
+                Err(e) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+            }
+            match conn.poll_more(cx) {
+                Poll::Ready(Ok(true)) => {}
+                Poll::Ready(Ok(false)) => {
+                    // The upstream closed the connection: the end of a close-delimited body.
+                    this.reusable = false;
+                    if let Err(e) = this.decoder.eof() {
+                        this.conn = None;
+                        return Poll::Ready(Some(Err(e.into())));
+                    }
+                }
+                Poll::Ready(Err(e)) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(h1::Error::Io(e).into())));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.conn.is_none() || self.decoder.is_done()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.decoder.remaining() {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+impl h1::Outgoing {
+    /// The request again, for the pooled client: a frame already read goes first.
+    fn into_request(self) -> Request<Body> {
+        use http_body_util::BodyExt;
+        let body = match self.first {
+            Some(first) => Prepended {
+                first: Some(first),
+                rest: self.body,
+            }
+            .boxed(),
+            None => self.body,
+        };
+        Request::from_parts(self.parts, body)
+    }
+}
+
+/// A body with a frame put back in front.
+struct Prepended {
+    first: Option<Bytes>,
+    rest: Body,
+}
+
+impl http_body::Body for Prepended {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(f) = self.first.take() {
+            return Poll::Ready(Some(Ok(Frame::data(f))));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let first = self.first.as_ref().map_or(0, |f| f.len() as u64);
+        let mut h = self.rest.size_hint();
+        h.set_lower(h.lower() + first);
+        if let Some(u) = h.upper() {
+            h.set_upper(u + first);
+        }
+        h
+    }
+}
+
+/// A new HTTP/1.1 connection, or `None` when the upstream chose h2.
 async fn connect(
     pool: &Pool,
     connector: &super::Connector,
     key: &Key,
-) -> Result<Option<(SendRequest<Body>, Driver)>, Failed> {
+) -> Result<Option<Box<Conn>>, Failed> {
     let uri = Uri::builder()
         .scheme(key.0.clone())
         .authority(key.1.clone())
@@ -491,8 +509,5 @@ async fn connect(
         lock(&pool.h2).insert(key.clone());
         return Ok(None);
     }
-    let (sender, conn) = hyper::client::conn::http1::handshake(io)
-        .await
-        .map_err(Failed::Request)?;
-    Ok(Some((sender, Box::pin(conn))))
+    Ok(Some(Conn::new(TokioIo::new(io))))
 }

@@ -512,3 +512,104 @@ async fn affinity_per_core_runtime_keeps_each_connection_on_its_own_upstream_con
     let records = kg.audit_records(CONNS * EACH);
     assert_eq!(records.len(), CONNS * EACH);
 }
+
+/// A raw HTTP/1.1 upstream that answers every request on a connection with `answer` and keeps
+/// the connection open; counts connections and requests.
+async fn scripted_upstream(
+    answer: &'static [u8],
+) -> (
+    std::net::SocketAddr,
+    Arc<AtomicUsize>,
+    Arc<AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (conns, reqs) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (c, r) = (conns.clone(), reqs.clone());
+    let task = tokio::spawn(async move {
+        let mut set = tokio::task::JoinSet::new();
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            c.fetch_add(1, Ordering::Relaxed);
+            let r = r.clone();
+            set.spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let n = s.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if request_complete(&buf) {
+                        buf.clear();
+                        r.fetch_add(1, Ordering::Relaxed);
+                        if s.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, conns, reqs, task)
+}
+
+#[tokio::test]
+async fn affinity_an_answer_with_both_transfer_encoding_and_content_length_does_not_keep_its_connection(
+) {
+    // The chunked framing wins (the agent gets the whole body), but an upstream (or a proxy
+    // before it) that frames an answer two ways may be desynchronised: the next request goes on
+    // a new connection.
+    let (addr, conns, reqs, task) = scripted_upstream(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    )
+    .await;
+    let kg = start(addr);
+    let ta = token("a");
+    let mut a = downstream(&kg).await;
+    for i in 1..=2 {
+        assert_eq!(a.post("ra", &ta).await, 200, "request {i}");
+    }
+    assert_eq!(reqs.load(Ordering::Relaxed), 2);
+    assert_eq!(conns.load(Ordering::Relaxed), 2);
+    task.abort();
+
+    // Benign neighbour: chunked alone keeps the connection for the next request.
+    let (addr, conns, reqs, task) = scripted_upstream(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    )
+    .await;
+    let kg = start(addr);
+    let mut a = downstream(&kg).await;
+    for i in 1..=2 {
+        assert_eq!(a.post("ra", &ta).await, 200, "request {i}");
+    }
+    assert_eq!(reqs.load(Ordering::Relaxed), 2);
+    assert_eq!(conns.load(Ordering::Relaxed), 1);
+    let recs = kg.audit_records(2);
+    assert!(recs.iter().all(|r| r["status"] == 200), "{recs:?}");
+    task.abort();
+}
+
+#[tokio::test]
+async fn affinity_bytes_after_an_answer_do_not_reach_the_next_request() {
+    // An upstream that sends a second answer nobody asked for: it must not become the answer
+    // to the next request (a response-queue desync), and the connection is not kept.
+    let (addr, conns, reqs, task) = scripted_upstream(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}HTTP/1.1 418 I'm a teapot\r\ncontent-length: 0\r\n\r\n",
+    )
+    .await;
+    let kg = start(addr);
+    let ta = token("a");
+    let mut a = downstream(&kg).await;
+    for i in 1..=2 {
+        assert_eq!(a.post("ra", &ta).await, 200, "request {i}");
+    }
+    assert_eq!(reqs.load(Ordering::Relaxed), 2);
+    assert_eq!(conns.load(Ordering::Relaxed), 2);
+    task.abort();
+}
