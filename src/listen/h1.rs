@@ -736,7 +736,16 @@ async fn write_all(shared: &Mutex<Shared>, mut bufs: &mut [IoSlice<'_>]) -> io::
         }
         IoSlice::advance_slices(&mut bufs, n);
     }
-    Ok(())
+    // A TLS stream takes the bytes and may hold records the socket would not take yet: they
+    // leave only when flushed (hyper flushes after each write too; free on TCP and Unix).
+    poll_fn(|cx| {
+        let mut g = lock(shared);
+        match g.io.as_mut() {
+            Some(io) => Pin::new(io).poll_flush(cx),
+            None => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+        }
+    })
+    .await
 }
 
 async fn serve<S: Service>(io: Stream, svc: S, draining: Arc<AtomicBool>, h2: bool) {
@@ -813,10 +822,15 @@ async fn serve<S: Service>(io: Stream, svc: S, draining: Arc<AtomicBool>, h2: bo
         else {
             break;
         };
-        if !write_body(&shared, &mut out, &mut enc, &mut body).await {
+        let ended = write_body(&shared, &mut out, &mut enc, &mut body).await;
+        // The body (and with it the request's `InFlight`) goes before its last bytes are
+        // written: a client that stops reading then holds an idle connection, which the idle
+        // check closes, not a request in flight, which nothing would.
+        drop(body);
+        let written = ended != Ended::Failed && flush(&shared, &mut out, &[]).await;
+        if ended != Ended::Whole || !written {
             break;
         }
-        drop(body);
         if is_last {
             break;
         }
@@ -1147,6 +1161,17 @@ fn encode_head(
     Ok((enc, is_last))
 }
 
+/// How an answer's body ended.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// All of it: the connection may serve the next request.
+    Whole,
+    /// Short of its length, or failed: what was gathered goes out, then the connection closes.
+    Cut,
+    /// Writing failed, or the client hung up: nothing more can be written.
+    Failed,
+}
+
 /// Gathered answer bytes past this go out at once (and a frame this large is not copied).
 const GATHER_MAX: usize = 16 * 1024;
 
@@ -1162,13 +1187,13 @@ async fn flush(shared: &Mutex<Shared>, out: &mut Vec<u8>, more: &[u8]) -> bool {
 /// Writes the answer's body after its head (in `out`). What the body has ready at once is
 /// gathered with the head into one write (hyper's buffer does the same); the moment it has
 /// nothing ready, what was gathered goes out, so a stream's events are never held back.
-/// False when the connection must close.
+/// What is left of the answer stays in `out` for the caller to write once the body is dropped.
 async fn write_body<B>(
     shared: &Mutex<Shared>,
     out: &mut Vec<u8>,
     enc: &mut Encoder,
     body: &mut B,
-) -> bool
+) -> Ended
 where
     B: HttpBody<Data = Bytes, Error = BoxError> + Unpin,
 {
@@ -1176,10 +1201,10 @@ where
     loop {
         if matches!(enc, Encoder::Length(0)) {
             // All of it (or a bodiless answer): the body is not polled again, as with hyper.
-            return flush(shared, out, &[]).await;
+            return Ended::Whole;
         }
         if out.len() >= GATHER_MAX && !flush(shared, out, &[]).await {
-            return false;
+            return Ended::Failed;
         }
         let frame = if out.is_empty() {
             // Waiting on the answer: a client that hangs up meanwhile ends it (hyper's
@@ -1194,14 +1219,14 @@ where
             .await;
             match got {
                 Some(f) => f,
-                None => return false,
+                None => return Ended::Failed,
             }
         } else {
             match poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await {
                 Poll::Ready(f) => f,
                 Poll::Pending => {
                     if !flush(shared, out, &[]).await {
-                        return false;
+                        return Ended::Failed;
                     }
                     continue;
                 }
@@ -1212,18 +1237,12 @@ where
                 match enc {
                     Encoder::Chunked(_) => out.extend_from_slice(b"0\r\n\r\n"),
                     // Shorter than its length: hyper closes the connection.
-                    Encoder::Length(_) => {
-                        let _ = flush(shared, out, &[]).await;
-                        return false;
-                    }
+                    Encoder::Length(_) => return Ended::Cut,
                     Encoder::Close => {}
                 }
-                return flush(shared, out, &[]).await;
+                return Ended::Whole;
             }
-            Some(Err(_)) => {
-                let _ = flush(shared, out, &[]).await;
-                return false;
-            }
+            Some(Err(_)) => return Ended::Cut,
             Some(Ok(frame)) => frame,
         };
         let data = match frame.into_data() {
@@ -1244,13 +1263,10 @@ where
                         out.extend_from_slice(b"\r\n");
                     }
                     (Encoder::Chunked(_), Err(_)) => out.extend_from_slice(b"0\r\n\r\n"),
-                    (Encoder::Length(n), _) if *n > 0 => {
-                        let _ = flush(shared, out, &[]).await;
-                        return false;
-                    }
+                    (Encoder::Length(n), _) if *n > 0 => return Ended::Cut,
                     _ => {}
                 }
-                return flush(shared, out, &[]).await;
+                return Ended::Whole;
             }
         };
         if data.is_empty() {
@@ -1286,7 +1302,7 @@ where
             .is_ok();
             out.clear();
             if !ok {
-                return false;
+                return Ended::Failed;
             }
         }
     }

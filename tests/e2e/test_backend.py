@@ -292,6 +292,49 @@ def test_tls_listener_serves_the_openai_sdk_over_https_and_reloads_its_certifica
         http.get(f"{https_url(kg)}/healthz")
 
 
+def test_tls_listener_delivers_a_large_answer_whole_to_a_slow_reader_and_keeps_the_connection(
+    keygate, fake_upstream, tmp_path
+):
+    # TLS takes bytes it cannot send yet and sends them only when flushed: an answer whose last
+    # records waited there would leave a kept-alive client waiting for its end (until the idle
+    # check closed the connection). A small receive buffer, a pause before reading and a slow
+    # reader make keygate's writes wait on the socket.
+    import http.client
+    import socket
+    import time
+
+    ca = trustme.CA()
+    token = new_token()
+    kg = keygate(tls_config(fake_upstream.url, tmp_path, ca), env={"AGENT_TOKEN": token, "OPENAI_API_KEY": fake_secret("sk-proj-big")})
+    size = 4 * 1024 * 1024
+    fake_upstream.raw_body = b'{"data":"' + b"x" * size + b'"}'
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    raw.settimeout(10)
+    raw.connect(("127.0.0.1", kg.port))
+    with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+        body = json.dumps(CHAT).encode()
+        for i in range(2):
+            head = (
+                f"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            )
+            tls.sendall(head.encode() + body)
+            time.sleep(0.3)
+            resp = http.client.HTTPResponse(tls)
+            resp.begin()
+            got = b""
+            while chunk := resp.read(16 * 1024):  # a socket timeout (10 s) here is the defect
+                got += chunk
+                time.sleep(0.002)
+            assert resp.status == 200, (i, got[:200])
+            assert len(got) == len(fake_upstream.raw_body), (i, len(got))
+            assert not resp.will_close, i
+    assert len(fake_upstream.requests) == 2
+
+
 CERT_AGENTS = """[agents.ci]
 client_cert_subject = "CN=ci-runner"
 """
