@@ -278,13 +278,33 @@ impl StreamRedactor {
         if self.sse.is_some() || !self.scanner.pending.is_empty() {
             return self.push(chunk);
         }
+        self.push_slice(chunk, false)
+    }
+
+    /// [`StreamRedactor::push_bytes`] of a body's last chunk (its source says no more will
+    /// come): scanned as the end of the stream, so nothing is held back for a next chunk and
+    /// [`StreamRedactor::finish`] has nothing left to emit. What it emits is what
+    /// `push_bytes` and `finish` would emit together (the stream's output is its input's
+    /// `redact`, however it is cut), in one frame; a length-delimited answer arrives whole in
+    /// one chunk, and its last bytes are then not rescanned at its end.
+    pub fn push_last(&mut self, chunk: &Bytes) -> Bytes {
+        if self.sse.is_some() || !self.scanner.pending.is_empty() {
+            // Held bytes or SSE events: the ordinary way, with `finish` to follow.
+            return self.push(chunk);
+        }
+        self.push_slice(chunk, true)
+    }
+
+    /// `push_bytes` with nothing held and no SSE events: `chunk` scanned in place (`eof`: as
+    /// the stream's end).
+    fn push_slice(&mut self, chunk: &Bytes, eof: bool) -> Bytes {
         let engine = Arc::clone(&self.scanner.engine);
         // With nothing held, what the scanner emits is a prefix of `chunk`, in order: until
         // the first span, `plain` bytes of it unchanged.
         let mut plain = 0;
         let mut out: Option<Vec<u8>> = None;
         self.scanner
-            .push(chunk, false, |bytes, spans| match &mut out {
+            .push(chunk, eof, |bytes, spans| match &mut out {
                 None if spans.is_empty() => plain += bytes.len(),
                 None => {
                     let mut v = Vec::with_capacity(chunk.len());

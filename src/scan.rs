@@ -38,6 +38,10 @@ pub type Labels = (Vec<String>, Vec<String>);
 /// generic, each sorted and deduplicated. One pass for both.
 pub fn labels(strong: &Redactor, bytes: &[u8]) -> Labels {
     let (s, g) = strong.find_with(bytes, DetectorSet::class(Class::Generic));
+    if s.is_empty() && g.is_empty() {
+        // Almost every header and path: nothing to collect, sort or deduplicate.
+        return (Vec::new(), Vec::new());
+    }
     let collect = |found: Vec<crate::redact::Finding>| {
         let mut l: Vec<String> = found.into_iter().map(|f| f.label).collect();
         l.sort_unstable();

@@ -185,6 +185,8 @@ where
                         o.data(&data);
                     }
                     let out = match &mut this.redactor {
+                        // The source says nothing follows: nothing need be held back.
+                        Some(r) if this.inner.is_end_stream() => r.push_last(&data),
                         Some(r) => r.push_bytes(&data),
                         None => data,
                     };

@@ -1032,6 +1032,23 @@ impl Detectors {
         .map(move |(at, pid)| (at, self.by_anchor[pid.as_usize()].as_slice()))
     }
 
+    /// Whether some anchor literal occurs in `buf`; without one no detector can find anything
+    /// there (every verdict is made at an anchor). For short buffers (header names and
+    /// values): the overlapping DFA walked byte by byte, stopping at the first literal's end.
+    pub(crate) fn any_anchor(&self, buf: &[u8]) -> bool {
+        let Ok(mut sid) = self.dense.start_state(Anchored::No) else {
+            // Cannot happen for an unanchored DFA; "maybe" sends the caller the whole way.
+            return true;
+        };
+        for &b in buf {
+            sid = self.dense.next_state(Anchored::No, sid, b);
+            if self.dense.is_match(sid) {
+                return true;
+            }
+        }
+        false
+    }
+
     /// `anchors` through the walk's queue, as if some literal were nested in another.
     #[cfg(test)]
     fn anchors_queued<'a>(&'a self, buf: &'a [u8]) -> impl Iterator<Item = usize> + 'a {

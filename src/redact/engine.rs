@@ -210,6 +210,19 @@ impl Engine {
     /// Scans `buf`, whose first byte follows `prev` (nearest first) in the input. See the
     /// module doc.
     pub(crate) fn scan(&self, buf: &[u8], prev: [Option<u8>; 2], eof: bool) -> Scan {
+        if eof && self.nothing_fits(buf, DetectorSet::NONE) {
+            // What `collect` and `settle` make of it: no hit, all of it final.
+            return Scan {
+                spans: Vec::new(),
+                safe: buf.len(),
+                wake: None,
+            };
+        }
+        self.scan_collected(buf, prev, eof)
+    }
+
+    /// [`Engine::scan`] without the short-buffer shortcut.
+    fn scan_collected(&self, buf: &[u8], prev: [Option<u8>; 2], eof: bool) -> Scan {
         let mut safe = buf.len();
         let mut hits = Vec::new();
         let (escapes, pending) =
@@ -225,6 +238,14 @@ impl Engine {
     /// not depend on which other detectors ran (the request scan splits strong from generic
     /// findings this way instead of scanning twice).
     pub(crate) fn find_with(&self, buf: &[u8], extra: DetectorSet) -> (Vec<Span>, Vec<Span>) {
+        if self.nothing_fits(buf, extra) {
+            return (Vec::new(), Vec::new());
+        }
+        self.find_with_collected(buf, extra)
+    }
+
+    /// [`Engine::find_with`] without the short-buffer shortcut.
+    fn find_with_collected(&self, buf: &[u8], extra: DetectorSet) -> (Vec<Span>, Vec<Span>) {
         let mut safe = buf.len();
         let mut own = Vec::new();
         let mut other = Vec::new();
@@ -237,6 +258,26 @@ impl Engine {
             }
         });
         (merge(own), merge(other))
+    }
+
+    /// Whether a whole buffer (`eof`) is certain to hold no finding of this engine's nor of the
+    /// detectors in `extra`: shorter than every held spelling (so no known value fits, and
+    /// its JSON view, no longer than it, is not looked at) and without a detector anchor
+    /// (every detector verdict is made at one). `collect` would then hand out no hit and leave
+    /// `safe` at the end; this answers without its set-up, for the short buffers that are
+    /// most of what is scanned (header names and values, the request path).
+    fn nothing_fits(&self, buf: &[u8], extra: DetectorSet) -> bool {
+        if buf.len() >= super::search::SHORT_HAY
+            || self.known.as_ref().is_some_and(|k| buf.len() >= k.shortest)
+        {
+            return false;
+        }
+        let own = self.detectors.as_ref().map_or(DetectorSet::NONE, |d| d.2);
+        if own.union(extra).is_empty() {
+            return true;
+        }
+        let d = self.detectors.as_ref().map_or_else(detectors::get, |d| d.0);
+        !d.any_anchor(buf)
     }
 
     /// Every hit in `buf`, with the detectors of this engine and of `extra`, handed to `out`
@@ -557,6 +598,72 @@ mod uncrossed_tests {
             let safe = (x >> 33) as usize % 50;
             let want = by_loop(&hits, safe);
             assert_eq!(uncrossed(&mut hits, safe), want);
+        }
+    }
+}
+
+#[cfg(test)]
+mod short_tests {
+    use super::*;
+    use crate::redact::detectors::Class;
+
+    /// Pieces of short buffers: every anchor literal and parts of them, keyword assignments,
+    /// the held value and parts of it, token bytes and stop bytes.
+    fn pieces(held: &[u8]) -> Vec<Vec<u8>> {
+        let mut out: Vec<Vec<u8>> = Vec::new();
+        for l in &detectors::get().literals {
+            out.push(l.clone());
+            out.push(l[..l.len() / 2].to_vec());
+            out.push(l[l.len() / 2..].to_vec());
+        }
+        for p in [
+            "=", ":", ": ", "\"", " ", "\n", "-", "_", "/", "a1B2c3D4", "Zq9", "0", "x", "%2F",
+            "\\u0041", "&amp;",
+        ] {
+            out.push(p.as_bytes().to_vec());
+        }
+        for p in known::spellings(held) {
+            out.push(p[..p.len().min(12)].to_vec());
+            out.push(p);
+        }
+        out
+    }
+
+    proptest::proptest! {
+        /// The shortcut for short buffers answers exactly what the whole scan finds, in every
+        /// set, with and without held values: whatever it calls empty is.
+        #[test]
+        fn short_buffers_find_what_the_whole_scan_finds(
+            picks in proptest::collection::vec(proptest::num::usize::ANY, 0..8),
+            with_held in proptest::bool::ANY,
+            own_strong in proptest::bool::ANY,
+        ) {
+            let held = b"Hv7-qK2m".to_vec();
+            let ps = pieces(&held);
+            let mut buf = Vec::new();
+            for p in picks {
+                buf.extend_from_slice(&ps[p % ps.len()]);
+            }
+            let held = if with_held { vec![("k".to_string(), held)] } else { Vec::new() };
+            let own = if own_strong { DetectorSet::class(Class::Strong) } else { DetectorSet::NONE };
+            let engine = Engine::new(held, own);
+            for extra in [
+                DetectorSet::NONE,
+                DetectorSet::class(Class::Generic),
+                DetectorSet::class(Class::Strong),
+                DetectorSet::ALL,
+            ] {
+                proptest::prop_assert_eq!(
+                    engine.find_with(&buf, extra),
+                    engine.find_with_collected(&buf, extra)
+                );
+            }
+            let short = engine.scan(&buf, [None; 2], true);
+            let whole = engine.scan_collected(&buf, [None; 2], true);
+            proptest::prop_assert_eq!(
+                (short.spans, short.safe, short.wake),
+                (whole.spans, whole.safe, whole.wake)
+            );
         }
     }
 }

@@ -52,7 +52,13 @@ fn stream_all(r: &Arc<Redactor>, input: &[u8], cuts: &[usize]) -> Vec<u8> {
         }
         at = c;
     }
-    out.extend_from_slice(&s.push(&input[at..]));
+    // The last piece as the body adapter hands it over when its source says it is the last
+    // (`push_last`), or not.
+    if cuts.len() % 2 == 0 {
+        out.extend_from_slice(&s.push(&input[at..]));
+    } else {
+        out.extend_from_slice(&s.push_last(&Bytes::copy_from_slice(&input[at..])));
+    }
     out.extend_from_slice(&s.finish());
     out
 }
