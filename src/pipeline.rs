@@ -463,7 +463,10 @@ async fn request_body(
         if route.require_json {
             guard::check_json(&bytes)?;
         }
-        guard::check_form_override(head, &bytes)?;
+        if form {
+            // Not a form (the headers are as `form` read them): there is no field to check.
+            guard::check_form_override(head, &bytes)?;
+        }
         if let Some(scanner) = &scanner {
             let body_redacted;
             (bytes, body_redacted) = scan::body(scanner, mode, bytes, pending).await?;

@@ -162,6 +162,9 @@ impl Redactor {
     /// (the request scan: strong findings from this redactor, generic ones from `extra`).
     pub fn find_with(&self, input: &[u8], extra: DetectorSet) -> (Vec<Finding>, Vec<Finding>) {
         let (own, other) = self.engine.find_with(input, extra);
+        if own.is_empty() && other.is_empty() {
+            return (Vec::new(), Vec::new());
+        }
         let findings = |spans: Vec<Span>| -> Vec<Finding> {
             spans
                 .iter()
