@@ -207,13 +207,11 @@ impl Meter {
     }
 }
 
-static USAGE_KEYS: LazyLock<[Finder<'static>; 3]> = LazyLock::new(|| {
-    [
-        Finder::new(b"\"total_tokens\":"),
-        Finder::new(b"\"input_tokens\":"),
-        Finder::new(b"\"output_tokens\":"),
-    ]
-});
+/// What the three usage keys (`"total_tokens":`, `"input_tokens":`, `"output_tokens":`) end
+/// with: one search finds them all, and the bytes before each find say which it is.
+static TOKENS_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"_tokens\":"));
+/// The keys' first parts, by slot (total, input, output).
+const KEY_HEADS: [&[u8]; 3] = [b"\"total", b"\"input", b"\"output"];
 
 /// Bytes kept from the end of one chunk and taken from the start of the next, so a key and its
 /// number cut across two chunks are still read whole.
@@ -248,29 +246,39 @@ impl UsageScan {
         self.tail = seam;
     }
 
+    /// Every usage key in `buf`, found in one pass (a pass per key cost three): no key's
+    /// occurrences overlap one another, nor those of `_tokens":`, so each key's every
+    /// occurrence is one of the shared ending's, told apart by the bytes before it.
     fn scan(&mut self, buf: &[u8]) {
-        for (slot, key) in USAGE_KEYS.iter().enumerate() {
-            for at in key.find_iter(buf) {
-                let mut digits = buf[at + key.needle().len()..]
-                    .iter()
-                    .skip_while(|b| **b == b' ')
-                    .take_while(|b| b.is_ascii_digit())
-                    .peekable();
-                if digits.peek().is_none() {
-                    continue; // `null`, or the number is in the next chunk
-                }
-                let n = digits.fold(0u64, |n, d| {
-                    n.saturating_mul(10).saturating_add(u64::from(d - b'0'))
-                });
-                self.seen = true;
-                let s = match slot {
-                    0 => &mut self.total,
-                    1 => &mut self.input,
-                    _ => &mut self.output,
-                };
-                *s = (*s).max(n);
-            }
+        let tail = TOKENS_KEY.needle().len();
+        for at in TOKENS_KEY.find_iter(buf) {
+            let Some(slot) = KEY_HEADS.iter().position(|h| buf[..at].ends_with(h)) else {
+                continue;
+            };
+            self.read_number(slot, &buf[at + tail..]);
         }
+    }
+
+    /// The number right after a usage key (spaces allowed), into its slot.
+    fn read_number(&mut self, slot: usize, after: &[u8]) {
+        let mut digits = after
+            .iter()
+            .skip_while(|b| **b == b' ')
+            .take_while(|b| b.is_ascii_digit())
+            .peekable();
+        if digits.peek().is_none() {
+            return; // `null`, or the number is in the next chunk
+        }
+        let n = digits.fold(0u64, |n, d| {
+            n.saturating_mul(10).saturating_add(u64::from(d - b'0'))
+        });
+        self.seen = true;
+        let s = match slot {
+            0 => &mut self.total,
+            1 => &mut self.input,
+            _ => &mut self.output,
+        };
+        *s = (*s).max(n);
     }
 
     /// Tokens the answer reported so far, or `None` if it reported no usage.
@@ -445,6 +453,43 @@ mod tests {
     use super::*;
     use crate::authorize::budget::TokenBudget;
     use std::time::Duration;
+
+    /// `UsageScan::scan` as it was: a search per key.
+    fn scan_by_key(s: &mut UsageScan, buf: &[u8]) {
+        let keys: [&[u8]; 3] = [
+            b"\"total_tokens\":",
+            b"\"input_tokens\":",
+            b"\"output_tokens\":",
+        ];
+        for (slot, key) in keys.iter().enumerate() {
+            for at in memchr::memmem::find_iter(buf, key) {
+                s.read_number(slot, &buf[at + key.len()..]);
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// One pass for the three keys reads what a search per key read.
+        #[test]
+        fn one_pass_reads_the_usage_a_search_per_key_read(
+            picks in proptest::collection::vec(0usize..14, 0..40)
+        ) {
+            const PIECES: [&[u8]; 14] = [
+                b"\"total_tokens\":", b"\"input_tokens\":", b"\"output_tokens\":",
+                b"_tokens\":", b"\"", b"total", b"output", b"input", b" ", b"12", b"7",
+                b"null", b"x", b"\"prompt_tokens\":",
+            ];
+            let buf: Vec<u8> = picks.iter().flat_map(|&p| PIECES[p].iter().copied()).collect();
+            let mut one = UsageScan::default();
+            one.scan(&buf);
+            let mut each = UsageScan::default();
+            scan_by_key(&mut each, &buf);
+            proptest::prop_assert_eq!(
+                (one.total, one.input, one.output, one.seen),
+                (each.total, each.input, each.output, each.seen)
+            );
+        }
+    }
 
     #[test]
     fn usage_is_found_across_chunks_in_json_and_sse() {
