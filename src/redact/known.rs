@@ -120,6 +120,8 @@ pub(crate) struct Prefixes {
     /// cost more than the search itself; this rules out almost every offset first.
     quad: Vec<u64>,
     longest: usize,
+    /// Every byte some pattern holds somewhere.
+    any_byte: Vec<bool>,
 }
 
 fn quad_slot(b: &[u8]) -> usize {
@@ -133,8 +135,12 @@ impl Prefixes {
         sorted.sort();
         sorted.dedup();
         let mut first_byte = vec![false; 256];
+        let mut any_byte = vec![false; 256];
         for p in &sorted {
             first_byte[usize::from(p[0])] = true;
+            for &b in p {
+                any_byte[usize::from(b)] = true;
+            }
         }
         let mut quad = vec![0u64; 1 << 10];
         for p in sorted.iter().filter(|p| p.len() > 4) {
@@ -147,13 +153,23 @@ impl Prefixes {
             first_byte,
             quad,
             longest,
+            any_byte,
         }
     }
 
     /// The earliest offset whose suffix of `buf` is a proper prefix of some pattern, or
     /// `buf.len()` when none is: bytes before it can never be part of a longer match.
     pub(crate) fn tail_start(&self, buf: &[u8]) -> usize {
-        let from = buf.len().saturating_sub(self.longest.saturating_sub(1));
+        let mut from = buf.len().saturating_sub(self.longest.saturating_sub(1));
+        // A tail that could still grow into a pattern holds only bytes patterns hold, so it
+        // starts after the last byte none holds: a chunk that ends in one (an SSE event's
+        // blank line, a JSON answer's closing brace) has no tail to test.
+        if let Some(k) = buf[from..]
+            .iter()
+            .rposition(|&b| !self.any_byte[usize::from(b)])
+        {
+            from += k + 1;
+        }
         (from..buf.len())
             .find(|&i| {
                 // The first byte first: one load rules out most offsets of ordinary text.
