@@ -124,7 +124,7 @@ fn rfc3339_millis(out: &mut Vec<u8>, t: std::time::SystemTime) {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + u64::from(month <= 2);
-    let millis = u64::from(d.subsec_nanos() / 1_000_000);
+    let millis = u64::from(d.subsec_millis());
     let mut buf = *b"0000-00-00T00:00:00.000Z";
     let mut put = |at: usize, width: usize, mut n: u64| {
         for i in (at..at + width).rev() {
