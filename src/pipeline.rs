@@ -463,8 +463,9 @@ async fn request_body(
         if route.require_json {
             guard::check_json(&bytes)?;
         }
+        // A body that is not a form has no field to check (`form` read the headers as they
+        // still are).
         if form {
-            // Not a form (the headers are as `form` read them): there is no field to check.
             guard::check_form_override(head, &bytes)?;
         }
         if let Some(scanner) = &scanner {

@@ -6,8 +6,6 @@
 //! The hash chain is over these bytes, so a change here must keep them equal to serde's: the
 //! derive stays the definition, for the record's other readers (the metrics observer, tests).
 
-use std::io::Write as _;
-
 use serde_json::ser::{CompactFormatter, Formatter as _};
 
 use super::{PeerRecord, Reason, Record};
@@ -102,15 +100,16 @@ pub(super) fn write_record(out: &mut Vec<u8>, r: &Record) {
 }
 
 /// What `humantime::format_rfc3339_millis(t)` displays (`2026-12-08T00:44:17.123Z`), written
-/// digit by digit: through `write!` the formatting machinery cost more than the date. A time
-/// it would not write the same way (before 1970, after 9999) is left to it.
+/// digit by digit: through `write!` the formatting machinery cost more than the date. A clock
+/// outside what RFC 3339 can say (before 1970 here, after 9999) is written as the nearest end
+/// of that range: humantime panics on the one and fails on the other, and a record is never
+/// lost to a wrong clock.
 fn rfc3339_millis(out: &mut Vec<u8>, t: std::time::SystemTime) {
+    const LAST: u64 = 253_402_300_800;
     let d = match t.duration_since(std::time::UNIX_EPOCH) {
-        Ok(d) if d.as_secs() < 253_402_300_800 => d,
-        _ => {
-            let _ = write!(out, "{}", humantime::format_rfc3339_millis(t));
-            return;
-        }
+        Ok(d) if d.as_secs() < LAST => d,
+        Ok(_) => std::time::Duration::new(LAST - 1, 999_000_000),
+        Err(_) => std::time::Duration::ZERO,
     };
     let secs = d.as_secs();
     let (days, of_day) = (secs / 86_400, secs % 86_400);
@@ -283,6 +282,7 @@ mod tests {
     use crate::audit::{Decision, Stamp};
     use crate::error::Code;
     use proptest::prelude::*;
+    use std::io::Write as _;
     use std::sync::Arc;
     use std::time::{Duration, SystemTime};
 
@@ -297,8 +297,8 @@ mod tests {
     }
 
     proptest! {
-        /// The record's time, as humantime displays it, from 1970 to the end of 9999 (the
-        /// rest is humantime's own: it does not display those).
+        /// The record's time, as humantime displays it, from 1970 to the end of 9999 (outside
+        /// it humantime displays nothing: see the clamp's test).
         #[test]
         fn time_is_written_as_humantime_displays_it(
             secs in prop_oneof![0u64..4_102_444_800, 0u64..253_402_300_800, 253_402_300_000u64..253_402_300_800],
@@ -310,6 +310,29 @@ mod tests {
             let mut theirs = Vec::new();
             let _ = write!(theirs, "{}", humantime::format_rfc3339_millis(t));
             prop_assert_eq!(String::from_utf8(ours).unwrap(), String::from_utf8(theirs).unwrap());
+        }
+    }
+
+    #[test]
+    fn a_clock_outside_rfc3339_is_written_as_the_nearest_end_not_a_panic() {
+        let cases = [
+            (
+                SystemTime::UNIX_EPOCH - Duration::from_secs(1),
+                "1970-01-01T00:00:00.000Z",
+            ),
+            (
+                SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_800),
+                "9999-12-31T23:59:59.999Z",
+            ),
+            (
+                SystemTime::UNIX_EPOCH + Duration::from_secs(400_000_000_000),
+                "9999-12-31T23:59:59.999Z",
+            ),
+        ];
+        for (t, want) in cases {
+            let mut out = Vec::new();
+            rfc3339_millis(&mut out, t);
+            assert_eq!(String::from_utf8(out).unwrap(), want);
         }
     }
 

@@ -94,6 +94,10 @@ pub struct RedactingBody<B, O: Observer> {
     observer: Option<O>,
     bytes_in: u64,
     bytes_out: u64,
+    /// A chunk went through [`StreamRedactor::push_last`] (the source said it had ended), so
+    /// nothing is held back for a next one: a source that sends more anyway broke its word, and
+    /// its bytes are refused rather than scanned without the end of the chunk before them.
+    pushed_last: bool,
 }
 
 impl<B, O: Observer> RedactingBody<B, O> {
@@ -107,6 +111,7 @@ impl<B, O: Observer> RedactingBody<B, O> {
             observer: Some(observer),
             bytes_in: 0,
             bytes_out: 0,
+            pushed_last: false,
         }
     }
 
@@ -175,6 +180,9 @@ where
                     let Ok(data) = frame.into_data() else {
                         continue;
                     };
+                    if this.pushed_last && !data.is_empty() {
+                        return this.fail(End::Broken, BodyError::Inner(AFTER_END.into()));
+                    }
                     this.bytes_in += data.len() as u64;
                     if let Some(limit) = this.limit {
                         if this.bytes_in > limit {
@@ -186,7 +194,10 @@ where
                     }
                     let out = match &mut this.redactor {
                         // The source says nothing follows: nothing need be held back.
-                        Some(r) if this.inner.is_end_stream() => r.push_last(&data),
+                        Some(r) if this.inner.is_end_stream() => {
+                            this.pushed_last = true;
+                            r.push_last(&data)
+                        }
                         Some(r) => r.push_bytes(&data),
                         None => data,
                     };
@@ -234,6 +245,9 @@ impl<B, O: Observer> Drop for RedactingBody<B, O> {
     }
 }
 
+/// Why a body that went on after its source said it had ended was cut.
+const AFTER_END: &str = "the body went on after its source said it had ended";
+
 /// Finds a [`BodyError`] in an error's source chain (hyper wraps a body's error in its own).
 pub fn find_body_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a BodyError> {
     let mut cause = Some(e);
@@ -244,4 +258,58 @@ pub fn find_body_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&
         cause = c.source();
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::redact::Redactor;
+    use http_body_util::BodyExt;
+    use std::collections::VecDeque;
+    use std::sync::Arc;
+
+    /// A source that hands out its chunks and, wrongly, says it has ended all along.
+    struct Lying(VecDeque<Bytes>);
+
+    impl HttpBody for Lying {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
+        }
+
+        fn is_end_stream(&self) -> bool {
+            true
+        }
+    }
+
+    #[tokio::test]
+    async fn a_source_that_goes_on_after_saying_it_ended_is_cut_not_passed_unscanned() {
+        let secret = "sk-live-Zq9rT4wX8mN2pL6vB3cH7";
+        let redactor = Arc::new(Redactor::builder().known("k#1", secret.as_bytes()).build());
+        let (first, second) = secret.split_at(14);
+        let source = Lying(VecDeque::from([
+            Bytes::from(format!("{{\"echo\":\"{first}")),
+            Bytes::from(format!("{second}\"}}")),
+        ]));
+        let mut body = RedactingBody::new(source, Some(redactor.stream()), Ignore);
+        let mut out = Vec::new();
+        let mut failed = false;
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) => out.extend_from_slice(f.data_ref().map_or(&[][..], |d| &d[..])),
+                Err(_) => {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        assert!(failed, "the body must end in an error");
+        let out = String::from_utf8_lossy(&out);
+        assert!(!out.contains(second), "the second half went out: {out}");
+    }
 }
