@@ -33,12 +33,63 @@ pub(crate) enum Framing {
     Close,
 }
 
+/// Why a body's framing is broken: hyper's messages, kept as a byte so a failed decoder says
+/// the same again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Broken {
+    SizeOverflow,
+    MissingSizeDigit,
+    InvalidSize,
+    InvalidSizeLws,
+    ExtensionNewline,
+    ExtensionsOverLimit,
+    SizeLf,
+    BodyCr,
+    BodyLf,
+    TrailersCount,
+    TrailerLf,
+    EndLf,
+    State,
+    TrailersBytes,
+    HeaderName,
+    HeaderValue,
+    PartialHeader,
+    Trailer,
+    Unreadable,
+}
+
+impl Broken {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Broken::SizeOverflow => "invalid chunk size: overflow",
+            Broken::MissingSizeDigit => "Invalid chunk size line: missing size digit",
+            Broken::InvalidSize => "Invalid chunk size line: Invalid Size",
+            Broken::InvalidSizeLws => "Invalid chunk size linear white space",
+            Broken::ExtensionNewline => "invalid chunk extension contains newline",
+            Broken::ExtensionsOverLimit => "chunk extensions over limit",
+            Broken::SizeLf => "Invalid chunk size LF",
+            Broken::BodyCr => "Invalid chunk body CR",
+            Broken::BodyLf => "Invalid chunk body LF",
+            Broken::TrailersCount => "chunk trailers count overflow",
+            Broken::TrailerLf => "Invalid trailer end LF",
+            Broken::EndLf => "Invalid chunk end LF",
+            Broken::State => "chunked state",
+            Broken::TrailersBytes => "chunk trailers bytes over limit",
+            Broken::HeaderName => "Invalid header name",
+            Broken::HeaderValue => "Invalid header value",
+            Broken::PartialHeader => "Partial header",
+            Broken::Trailer => "invalid trailer",
+            Broken::Unreadable => "the body could not be read",
+        }
+    }
+}
+
 /// Why a body could not be read. The messages are keygate's (hyper's wording): never the
 /// peer's bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum BodyError {
     /// The framing is broken or over a limit.
-    Invalid(&'static str),
+    Invalid(Broken),
     /// The connection ended inside the body.
     Incomplete,
 }
@@ -46,7 +97,7 @@ pub(crate) enum BodyError {
 impl std::fmt::Display for BodyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            BodyError::Invalid(what) => f.write_str(what),
+            BodyError::Invalid(what) => f.write_str(what.as_str()),
             BodyError::Incomplete => f.write_str("end of file before message length reached"),
         }
     }
@@ -87,8 +138,8 @@ enum State {
     /// The last chunk and the trailer section are read: the trailers (if any) are next.
     End,
     Done,
-    /// A broken body: every later call says so again.
-    Failed,
+    /// A broken body: every later call says the same again.
+    Failed(BodyError),
 }
 
 impl State {
@@ -111,9 +162,6 @@ impl State {
         )
     }
 }
-
-/// What a later call says of a body that failed (the first error said why).
-const FAILED: BodyError = BodyError::Invalid("the body's framing was broken");
 
 /// Decodes a message body from the connection's read buffer, taking out what it used and
 /// leaving what follows the body (the next message, or bytes that forbid reusing the
@@ -168,7 +216,7 @@ impl Decoder {
 
     /// The connection failed under the body: it is not read further.
     pub(crate) fn fail(&mut self) {
-        self.state = State::Failed;
+        self.state = State::Failed(BodyError::Invalid(Broken::Unreadable));
     }
 
     /// The peer closed the connection: the end of a close-delimited body, an error for any other
@@ -179,9 +227,9 @@ impl Decoder {
                 self.state = State::Done;
                 Ok(())
             }
-            State::Failed => Err(FAILED),
+            State::Failed(e) => Err(e),
             _ => {
-                self.state = State::Failed;
+                self.state = State::Failed(BodyError::Incomplete);
                 Err(BodyError::Incomplete)
             }
         }
@@ -192,7 +240,7 @@ impl Decoder {
         loop {
             match self.state {
                 State::Done => return Ok(Decoded::Done),
-                State::Failed => return Err(FAILED),
+                State::Failed(e) => return Err(e),
                 State::Length => {
                     if buf.is_empty() {
                         return Ok(Decoded::More);
@@ -220,8 +268,8 @@ impl Decoder {
                         self.state = State::BodyCr;
                         // The framing after the chunk is read now when it is here: an error in
                         // it is said by the next call, after this data.
-                        if self.framing(buf).is_err() {
-                            self.state = State::Failed;
+                        if let Err(e) = self.framing(buf) {
+                            self.state = State::Failed(e);
                         }
                     }
                     return Ok(Decoded::Data(data));
@@ -234,7 +282,7 @@ impl Decoder {
                     return match trailers(&mut t.bytes, t.count) {
                         Ok(map) => Ok(Decoded::Trailers(map)),
                         Err(e) => {
-                            self.state = State::Failed;
+                            self.state = State::Failed(e);
                             Err(e)
                         }
                     };
@@ -243,7 +291,7 @@ impl Decoder {
                     Ok(true) => {}
                     Ok(false) => return Ok(Decoded::More),
                     Err(e) => {
-                        self.state = State::Failed;
+                        self.state = State::Failed(e);
                         return Err(e);
                     }
                 },
@@ -280,33 +328,31 @@ impl Decoder {
                         .size
                         .checked_mul(16)
                         .and_then(|s| s.checked_add(hex(b).unwrap_or_default()))
-                        .ok_or(invalid("invalid chunk size: overflow"))?;
+                        .ok_or(invalid(Broken::SizeOverflow))?;
                     Size
                 }
-                (Start, _) => return Err(invalid("Invalid chunk size line: missing size digit")),
+                (Start, _) => return Err(invalid(Broken::MissingSizeDigit)),
                 (Size | SizeLws, b'\t' | b' ') => SizeLws,
                 (Size | SizeLws, b';') => Extension,
                 (Size | SizeLws, b'\r') => SizeLf,
-                (Size, _) => return Err(invalid("Invalid chunk size line: Invalid Size")),
-                (SizeLws, _) => return Err(invalid("Invalid chunk size linear white space")),
+                (Size, _) => return Err(invalid(Broken::InvalidSize)),
+                (SizeLws, _) => return Err(invalid(Broken::InvalidSizeLws)),
                 (Extension, b'\r') => SizeLf,
-                (Extension, b'\n') => {
-                    return Err(invalid("invalid chunk extension contains newline"))
-                }
+                (Extension, b'\n') => return Err(invalid(Broken::ExtensionNewline)),
                 (Extension, _) => {
                     self.extensions += 1;
                     if u64::from(self.extensions) >= EXTENSIONS_LIMIT {
-                        return Err(invalid("chunk extensions over limit"));
+                        return Err(invalid(Broken::ExtensionsOverLimit));
                     }
                     Extension
                 }
                 (SizeLf, b'\n') if self.size == 0 => EndCr,
                 (SizeLf, b'\n') => Body,
-                (SizeLf, _) => return Err(invalid("Invalid chunk size LF")),
+                (SizeLf, _) => return Err(invalid(Broken::SizeLf)),
                 (BodyCr, b'\r') => BodyLf,
-                (BodyCr, _) => return Err(invalid("Invalid chunk body CR")),
+                (BodyCr, _) => return Err(invalid(Broken::BodyCr)),
                 (BodyLf, b'\n') => Start,
-                (BodyLf, _) => return Err(invalid("Invalid chunk body LF")),
+                (BodyLf, _) => return Err(invalid(Broken::BodyLf)),
                 (Trailer, b) => {
                     self.push_trailer(b)?;
                     if b == b'\r' {
@@ -318,13 +364,13 @@ impl Decoder {
                 (TrailerLf, b'\n') => {
                     let t = self.trailers_mut();
                     if t.count >= MAX_HEADERS {
-                        return Err(invalid("chunk trailers count overflow"));
+                        return Err(invalid(Broken::TrailersCount));
                     }
                     t.count += 1;
                     self.push_trailer(b)?;
                     EndCr
                 }
-                (TrailerLf, _) => return Err(invalid("Invalid trailer end LF")),
+                (TrailerLf, _) => return Err(invalid(Broken::TrailerLf)),
                 (EndCr, b'\r') => {
                     if self.trailers.is_some() {
                         self.push_trailer(b)?;
@@ -341,10 +387,10 @@ impl Decoder {
                     }
                     End
                 }
-                (EndLf, _) => return Err(invalid("Invalid chunk end LF")),
+                (EndLf, _) => return Err(invalid(Broken::EndLf)),
                 // Not framing states: the loop does not run in them.
-                (Length | Close | Body | End | Done | Failed, _) => {
-                    return Err(invalid("chunked state"))
+                (Length | Close | Body | End | Done | Failed(_), _) => {
+                    return Err(invalid(Broken::State))
                 }
             };
         }
@@ -365,7 +411,7 @@ impl Decoder {
         let t = &mut self.trailers_mut().bytes;
         t.put_u8(b);
         if t.len() >= TRAILER_LIMIT {
-            return Err(BodyError::Invalid("chunk trailers bytes over limit"));
+            return Err(BodyError::Invalid(Broken::TrailersBytes));
         }
         Ok(())
     }
@@ -395,15 +441,15 @@ fn trailers(buf: &mut BytesMut, count: usize) -> Result<HeaderMap, BodyError> {
         Ok(httparse::Status::Complete((_, headers))) => {
             for h in headers {
                 let name = HeaderName::from_bytes(h.name.as_bytes())
-                    .map_err(|_| BodyError::Invalid("Invalid header name"))?;
+                    .map_err(|_| BodyError::Invalid(Broken::HeaderName))?;
                 let value = HeaderValue::from_bytes(h.value)
-                    .map_err(|_| BodyError::Invalid("Invalid header value"))?;
+                    .map_err(|_| BodyError::Invalid(Broken::HeaderValue))?;
                 out.append(name, value);
             }
             Ok(out)
         }
-        Ok(httparse::Status::Partial) => Err(BodyError::Invalid("Partial header")),
-        Err(_) => Err(BodyError::Invalid("invalid trailer")),
+        Ok(httparse::Status::Partial) => Err(BodyError::Invalid(Broken::PartialHeader)),
+        Err(_) => Err(BodyError::Invalid(Broken::Trailer)),
     }
 }
 
@@ -576,6 +622,14 @@ mod tests {
         assert!(d.decode(&mut buf).is_err());
         buf.extend_from_slice(b"\r\n0\r\n\r\n");
         assert!(d.decode(&mut buf).is_err(), "sticky");
+        // Found by the h1_server fuzz target: the error is the same (and says why) however the
+        // bytes are cut, read ahead after the data or found on the next call.
+        let body = b"2\r\nabXX\r\n0\r\n\r\n";
+        let whole = decode(Framing::Chunked, body, &[]);
+        assert_eq!(whole.2, "error Invalid chunk body CR");
+        for cut in 0..body.len() {
+            assert_eq!(decode(Framing::Chunked, body, &[cut]), whole, "{cut}");
+        }
     }
 
     #[test]

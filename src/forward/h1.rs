@@ -127,7 +127,7 @@ impl fmt::Display for Error {
 impl From<BodyError> for Error {
     fn from(e: BodyError) -> Self {
         match e {
-            BodyError::Invalid(what) => Error::Parse(what),
+            BodyError::Invalid(what) => Error::Parse(what.as_str()),
             BodyError::Incomplete => Error::Closed,
         }
     }

@@ -202,7 +202,9 @@ fn read_body(body: &mut Decoder, rd: &mut BytesMut, eof: bool) -> io::Result<Ste
         Ok(Decoded::Trailers(t)) => Ok(Step::Frame(Frame::trailers(t))),
         Ok(Decoded::Done) => Ok(Step::End),
         Ok(Decoded::More) => Ok(Step::More),
-        Err(BodyError::Invalid(what)) => Err(io::Error::new(io::ErrorKind::InvalidInput, what)),
+        Err(BodyError::Invalid(what)) => {
+            Err(io::Error::new(io::ErrorKind::InvalidInput, what.as_str()))
+        }
         Err(e @ BodyError::Incomplete) => Err(io::Error::new(io::ErrorKind::UnexpectedEof, e)),
     }
 }
