@@ -5,9 +5,10 @@
 //!
 //! Two hand-rolled chunked decoders were two request-smuggling surfaces to audit; this is the
 //! only one. It is hyper's (`proto/h1/decode.rs`), state for state and limit for limit, but it
-//! runs over the bytes already in the connection's buffer instead of pulling them one at a time,
-//! and after a chunk's data it reads the framing that follows when it is already there, so a
-//! body ends (and its connection is free) with its last data. Both ends are held to hyper by
+//! runs over the bytes already in the connection's buffer instead of pulling them one at a time
+//! (the common `\r\n`, hex digits, `\r\n` a run at a time, each run the same transitions
+//! composed), and after a chunk's data it reads the framing that follows when it is already
+//! there, so a body ends (and its connection is free) with its last data. Both ends are held to hyper by
 //! differential proptests (`own_client_reads_answers_as_hyper_does`,
 //! `serves_every_byte_sequence_as_hyper_s_http1_server_does`) and fuzzed (`h1_answer`,
 //! `h1_server`).
@@ -318,6 +319,37 @@ impl Decoder {
         use State::*;
         let invalid = BodyError::Invalid;
         while self.state.is_framing() {
+            // The common framing, `\r\n` after a chunk's data and a size line of hex digits and
+            // `\r\n`, taken a run at a time: each step below is exactly the byte transitions of
+            // the match that follows it, composed.
+            let rest = bytes.get(*used..).unwrap_or_default();
+            if matches!(self.state, BodyCr | EndCr)
+                && self.trailers.is_none()
+                && rest.starts_with(b"\r\n")
+            {
+                *used += 2;
+                self.state = if self.state == BodyCr { Start } else { End };
+                continue;
+            }
+            if matches!(self.state, Start | Size) {
+                let digits = rest.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+                if digits > 0 {
+                    for &b in &rest[..digits] {
+                        self.size = self
+                            .size
+                            .checked_mul(16)
+                            .and_then(|s| s.checked_add(hex(b).unwrap_or_default()))
+                            .ok_or(invalid(Broken::SizeOverflow))?;
+                    }
+                    *used += digits;
+                    self.state = Size;
+                    if rest[digits..].starts_with(b"\r\n") {
+                        *used += 2;
+                        self.state = if self.size == 0 { EndCr } else { Body };
+                    }
+                    continue;
+                }
+            }
             let Some(&b) = bytes.get(*used) else {
                 return Ok(false);
             };
