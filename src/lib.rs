@@ -20,6 +20,7 @@ pub mod error;
 pub mod findkeys;
 pub mod forward;
 pub mod guard;
+pub(crate) mod h1;
 pub mod headerset;
 pub mod hook;
 pub mod init;

@@ -396,6 +396,8 @@ impl http_body::Body for Answer {
                     }
                     return Poll::Ready(Some(Ok(Frame::data(d))));
                 }
+                // Trailers are not passed on (neither were hyper's).
+                Ok(Decoded::Trailers(_)) => continue,
                 Ok(Decoded::Done) => {
                     this.finish();
                     return Poll::Ready(None);
@@ -413,7 +415,7 @@ impl http_body::Body for Answer {
                     this.reusable = false;
                     if let Err(e) = this.decoder.eof() {
                         this.conn = None;
-                        return Poll::Ready(Some(Err(e.into())));
+                        return Poll::Ready(Some(Err(h1::Error::from(e).into())));
                     }
                 }
                 Poll::Ready(Err(e)) => {

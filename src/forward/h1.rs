@@ -12,7 +12,8 @@
 //!
 //! Answer: parsed with `httparse`, bounded as hyper's client bounds it (head size, header count);
 //! 1xx informational answers are skipped (a 101 is handed back, and the connection not kept);
-//! the body is framed per RFC 9112 §6.3. The connection is kept only when the answer was
+//! the body is framed per RFC 9112 §6.3 and decoded by the codec both ends share
+//! ([`crate::h1`]). The connection is kept only when the answer was
 //! HTTP/1.1 without `Connection: close`, length- or chunk-delimited (not both), the request went
 //! out whole, and nothing followed the body.
 
@@ -30,15 +31,11 @@ use smallvec::SmallVec;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{Body, BoxError};
+use crate::h1::{self as codec, BodyError, MAX_HEADERS};
+pub(crate) use crate::h1::{Decoded, Decoder, Framing};
 
 /// The most bytes an answer's head may take (hyper's client default: its read buffer's limit).
 pub(crate) const MAX_HEAD: usize = 8192 + 4096 * 100;
-/// The most header fields in an answer's head or its trailers (hyper's client default).
-pub(crate) const MAX_HEADERS: usize = 100;
-/// The most bytes of one chunk-size line, and of all chunk extensions of a body (hyper's limit).
-const MAX_CHUNK_EXT: usize = 16 * 1024;
-/// The most bytes of a body's trailer section (hyper's limit).
-const MAX_TRAILERS: usize = 16 * 1024;
 /// How much room a read asks for.
 const READ_ROOM: usize = 8 * 1024;
 
@@ -79,7 +76,7 @@ impl Conn {
 
     /// Decodes what the buffer holds of an answer's body.
     pub(crate) fn decode(&mut self, decoder: &mut Decoder) -> Result<Decoded, Error> {
-        decoder.decode(&mut self.buf)
+        decoder.decode(&mut self.buf).map_err(Error::from)
     }
 
     /// Reads more of the answer; false when the upstream closed the connection.
@@ -127,6 +124,15 @@ impl fmt::Display for Error {
     }
 }
 
+impl From<BodyError> for Error {
+    fn from(e: BodyError) -> Self {
+        match e {
+            BodyError::Invalid(what) => Error::Parse(what.as_str()),
+            BodyError::Incomplete => Error::Closed,
+        }
+    }
+}
+
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
@@ -135,15 +141,6 @@ impl std::error::Error for Error {
             _ => None,
         }
     }
-}
-
-/// How an answer's body is delimited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Framing {
-    Length(u64),
-    Chunked,
-    /// Until the upstream closes the connection.
-    Close,
 }
 
 /// An answer's head, parsed.
@@ -271,10 +268,10 @@ fn framing(
 }
 
 fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers.get_all(name).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-    })
+    headers
+        .get_all(name)
+        .iter()
+        .any(|v| codec::has_token(v.as_bytes(), token.as_bytes()))
 }
 
 fn last_coding_is_chunked(headers: &HeaderMap) -> bool {
@@ -282,257 +279,12 @@ fn last_coding_is_chunked(headers: &HeaderMap) -> bool {
         .get_all(header::TRANSFER_ENCODING)
         .iter()
         .next_back()
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.rsplit(',').next())
-        .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"))
+        .is_some_and(|v| codec::ends_in_chunked(v.as_bytes()))
 }
 
 /// Every `content-length` value and list member, which must all be the same decimal number.
 fn content_length(headers: &HeaderMap) -> Option<u64> {
-    let mut found = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
-        for part in v.as_bytes().split(|b| *b == b',') {
-            let part = part.trim_ascii();
-            if part.is_empty() {
-                return None;
-            }
-            let mut n: u64 = 0;
-            for &b in part {
-                if !b.is_ascii_digit() {
-                    return None;
-                }
-                n = n.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
-            }
-            if found.is_some_and(|f| f != n) {
-                return None;
-            }
-            found = Some(n);
-        }
-    }
-    found
-}
-
-/// What the body decoder made of the buffer.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Decoded {
-    Data(Bytes),
-    /// The body ended.
-    Done,
-    /// More bytes are needed.
-    More,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    Length(u64),
-    Close,
-    ChunkSize,
-    ChunkData(u64),
-    ChunkEnd,
-    Trailers,
-    Done,
-}
-
-/// Decodes an answer's body from the connection's buffer, consuming what it used.
-#[derive(Debug)]
-pub(crate) struct Decoder {
-    state: State,
-    /// Chunk-extension bytes seen so far.
-    ext: usize,
-}
-
-impl Decoder {
-    pub(crate) fn new(framing: Framing) -> Decoder {
-        let state = match framing {
-            Framing::Length(0) => State::Done,
-            Framing::Length(n) => State::Length(n),
-            Framing::Chunked => State::ChunkSize,
-            Framing::Close => State::Close,
-        };
-        Decoder { state, ext: 0 }
-    }
-
-    pub(crate) fn is_done(&self) -> bool {
-        self.state == State::Done
-    }
-
-    /// Bytes still to come, when the framing says.
-    pub(crate) fn remaining(&self) -> Option<u64> {
-        match self.state {
-            State::Length(n) => Some(n),
-            State::Done => Some(0),
-            _ => None,
-        }
-    }
-
-    /// The upstream closed the connection: the end of a close-delimited body, else an error.
-    pub(crate) fn eof(&mut self) -> Result<(), Error> {
-        match self.state {
-            State::Close | State::Done => {
-                self.state = State::Done;
-                Ok(())
-            }
-            _ => Err(Error::Closed),
-        }
-    }
-
-    pub(crate) fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, Error> {
-        loop {
-            match self.state {
-                State::Done => return Ok(Decoded::Done),
-                State::Length(n) | State::ChunkData(n) => {
-                    if buf.is_empty() {
-                        return Ok(Decoded::More);
-                    }
-                    let take = usize::try_from(n).unwrap_or(usize::MAX).min(buf.len());
-                    let data = buf.split_to(take).freeze();
-                    let left = n - take as u64;
-                    self.state = match self.state {
-                        State::Length(_) if left == 0 => State::Done,
-                        State::Length(_) => State::Length(left),
-                        _ if left == 0 => State::ChunkEnd,
-                        _ => State::ChunkData(left),
-                    };
-                    // The framing after a chunk is read now when it is here, so the answer
-                    // ends (and its connection is free) with its last data.
-                    if self.state == State::ChunkEnd {
-                        self.framing_ahead(buf);
-                    }
-                    return Ok(Decoded::Data(data));
-                }
-                State::Close => {
-                    if buf.is_empty() {
-                        return Ok(Decoded::More);
-                    }
-                    return Ok(Decoded::Data(buf.split().freeze()));
-                }
-                _ => {
-                    if !self.step(buf)? {
-                        return Ok(Decoded::More);
-                    }
-                }
-            }
-        }
-    }
-
-    /// Steps through framing (not data) as far as `buf` allows; an error is left for `decode`
-    /// to find again, as nothing it covers was consumed.
-    fn framing_ahead(&mut self, buf: &mut BytesMut) {
-        while matches!(
-            self.state,
-            State::ChunkEnd | State::ChunkSize | State::Trailers
-        ) {
-            match self.step(buf) {
-                Ok(true) => {}
-                _ => return,
-            }
-        }
-    }
-
-    /// One framing step; false when `buf` holds too little for it.
-    fn step(&mut self, buf: &mut BytesMut) -> Result<bool, Error> {
-        match self.state {
-            State::ChunkEnd => {
-                if buf.len() < 2 {
-                    if buf.first().is_some_and(|b| *b != b'\r') {
-                        return Err(Error::Parse("a chunk does not end with CRLF"));
-                    }
-                    return Ok(false);
-                }
-                if &buf[..2] != b"\r\n" {
-                    return Err(Error::Parse("a chunk does not end with CRLF"));
-                }
-                buf.advance(2);
-                self.state = State::ChunkSize;
-                Ok(true)
-            }
-            State::ChunkSize => {
-                let Some(lf) = memchr::memchr(b'\n', buf) else {
-                    if buf.len() > MAX_CHUNK_EXT {
-                        return Err(Error::Parse("a chunk-size line is too long"));
-                    }
-                    return Ok(false);
-                };
-                let (size, ext) = chunk_size(&buf[..lf])?;
-                self.ext += ext;
-                if self.ext > MAX_CHUNK_EXT {
-                    return Err(Error::Parse("the chunk extensions are too long"));
-                }
-                buf.advance(lf + 1);
-                self.state = if size == 0 {
-                    State::Trailers
-                } else {
-                    State::ChunkData(size)
-                };
-                Ok(true)
-            }
-            State::Trailers => {
-                if buf.len() >= 2 && &buf[..2] == b"\r\n" {
-                    buf.advance(2);
-                    self.state = State::Done;
-                    return Ok(true);
-                }
-                if buf.len() < 2 {
-                    if buf.first().is_some_and(|b| *b == b'\n') {
-                        return Err(Error::Parse("the trailer section is malformed"));
-                    }
-                    return Ok(false);
-                }
-                let Some(end) = memchr::memmem::find(buf, b"\r\n\r\n") else {
-                    if buf.len() > MAX_TRAILERS {
-                        return Err(Error::Parse("the trailer section is too large"));
-                    }
-                    return Ok(false);
-                };
-                let len = end + 4;
-                if len > MAX_TRAILERS {
-                    return Err(Error::Parse("the trailer section is too large"));
-                }
-                // Trailers are not passed on (neither were hyper's), but they must be fields.
-                let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                match httparse::parse_headers(&buf[..len], &mut slots) {
-                    Ok(httparse::Status::Complete((n, _))) if n == len => {}
-                    _ => return Err(Error::Parse("the trailer section is malformed")),
-                }
-                buf.advance(len);
-                self.state = State::Done;
-                Ok(true)
-            }
-            _ => Ok(true),
-        }
-    }
-}
-
-/// A chunk-size line without its LF: hex digits, optional spaces or tabs, optional extensions
-/// (`;` and anything but CR), then CR. Returns the size and the extensions' length.
-fn chunk_size(line: &[u8]) -> Result<(u64, usize), Error> {
-    let bad = || Error::Parse("a chunk-size line is malformed");
-    let Some((&b'\r', line)) = line.split_last() else {
-        return Err(bad());
-    };
-    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
-    if digits == 0 {
-        return Err(bad());
-    }
-    let mut size: u64 = 0;
-    for &b in &line[..digits] {
-        let d = (b as char).to_digit(16).ok_or_else(bad)?;
-        size = size
-            .checked_mul(16)
-            .and_then(|s| s.checked_add(u64::from(d)))
-            .ok_or(Error::Parse("a chunk size overflows"))?;
-    }
-    let rest = &line[digits..];
-    let lws = rest
-        .iter()
-        .take_while(|b| matches!(b, b' ' | b'\t'))
-        .count();
-    let rest = &rest[lws..];
-    match rest.split_first() {
-        None => Ok((size, 0)),
-        Some((b';', ext)) if !ext.contains(&b'\r') => Ok((size, ext.len() + 1)),
-        _ => Err(bad()),
-    }
+    codec::content_length(headers.get_all(header::CONTENT_LENGTH))
 }
 
 /// A request on its way, kept whole until its first byte is accepted (so an unsent one can be
@@ -625,10 +377,7 @@ fn encode_head(parts: &http::request::Parts, to: &mut Vec<u8>) {
     }
     to.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in &parts.headers {
-        to.extend_from_slice(name.as_str().as_bytes());
-        to.extend_from_slice(b": ");
-        to.extend_from_slice(value.as_bytes());
-        to.extend_from_slice(b"\r\n");
+        codec::put_field(to, name.as_str().as_bytes(), value.as_bytes());
     }
     to.extend_from_slice(b"\r\n");
 }
@@ -728,9 +477,16 @@ pub(crate) async fn exchange(mut conn: Box<Conn>, mut out: Outgoing) -> Result<E
                                 }
                             }
                             _ => {
-                                use std::io::Write as _;
-                                let _ = write!(wbuf, "{:x}\r\n", data.len());
-                                pending.tail = if end { b"\r\n0\r\n\r\n" } else { b"\r\n" };
+                                let mut line = [0u8; 18];
+                                wbuf.extend_from_slice(codec::chunk_size_line(
+                                    data.len(),
+                                    &mut line,
+                                ));
+                                pending.tail = if end {
+                                    codec::CHUNK_END_LAST
+                                } else {
+                                    codec::CHUNK_END
+                                };
                             }
                         }
                         pending.data = data;
@@ -744,7 +500,7 @@ pub(crate) async fn exchange(mut conn: Box<Conn>, mut out: Outgoing) -> Result<E
                             Sending::Length(_) if left != 0 => {
                                 return Poll::Ready(Err(Error::Length))
                             }
-                            Sending::Chunked => wbuf.extend_from_slice(b"0\r\n\r\n"),
+                            Sending::Chunked => wbuf.extend_from_slice(codec::LAST_CHUNK),
                             _ => {}
                         }
                         continue;
@@ -859,6 +615,8 @@ pub(crate) fn read_answer<'a>(
     loop {
         match decoder.decode(&mut buf)? {
             Decoded::Data(d) => body.extend_from_slice(&d),
+            // Trailers are not passed on (neither were hyper's), but they must be fields.
+            Decoded::Trailers(_) => {}
             Decoded::Done => break,
             Decoded::More => match pieces.next() {
                 Some(p) => buf.extend_from_slice(p),
@@ -931,7 +689,10 @@ mod tests {
         }
         // A chunk-size line that never ends is bounded.
         let mut long = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1;".to_vec();
-        long.extend(std::iter::repeat_n(b'a', MAX_CHUNK_EXT + 10));
+        long.extend(std::iter::repeat_n(
+            b'a',
+            codec::EXTENSIONS_LIMIT as usize + 10,
+        ));
         assert!(matches!(whole(&long), Err(Error::Parse(_))));
     }
 

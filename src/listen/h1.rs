@@ -11,7 +11,8 @@
 //! `Expect` or `Upgrade`. Anything else (HTTP/1.0, CONNECT, odd framing, TE with CL, a head that
 //! does not parse or is large, the HTTP/2 preface) is handed to hyper at that request boundary,
 //! the bytes already read replayed ([`super::sniff::Rewind`]), and hyper serves the rest of the
-//! connection exactly as it did before: never a guess on framing.
+//! connection exactly as it did before: never a guess on framing. Bodies are decoded by the
+//! codec both ends share ([`crate::h1`]).
 
 use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice, Write as _};
@@ -21,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -30,18 +31,13 @@ use tokio::io::AsyncWrite;
 use super::sniff::Rewind;
 use super::Stream;
 use crate::forward::BoxError;
+use crate::h1::{self as codec, BodyError, Decoded, Decoder, Framing, MAX_HEADERS};
 use crate::lock;
 
-/// hyper's default header count limit: more is hyper's to refuse (431).
-const MAX_HEADERS: usize = 100;
 /// A head (or a partial one) this large goes to hyper, whose buffer limit decides on it.
 const OWN_HEAD_MAX: usize = 32 * 1024;
 /// hyper's request-target limit.
 const MAX_URI_LEN: usize = (u16::MAX - 1) as usize;
-/// hyper's bound on one chunked body's extension bytes.
-const EXTENSIONS_LIMIT: u64 = 16 * 1024;
-/// hyper's bound on one chunked body's trailer bytes.
-const TRAILER_LIMIT: usize = 16 * 1024;
 /// Room made in the buffer before a read.
 const READ_CHUNK: usize = 8 * 1024;
 
@@ -154,50 +150,35 @@ impl HttpBody for Body {
         }
         loop {
             let s = &mut *g;
-            match s.body.decode(&mut s.rd, s.eof) {
+            match read_body(&mut s.body, &mut s.rd, s.eof) {
                 Ok(Step::Frame(f)) => return Poll::Ready(Some(Ok(f))),
                 Ok(Step::End) => return Poll::Ready(None),
                 Ok(Step::More) => match ready!(s.poll_fill(cx)) {
                     Ok(_) => {}
                     Err(e) => {
-                        s.body = Decoder::Failed;
+                        s.body.fail();
                         return Poll::Ready(Some(Err(Box::new(e))));
                     }
                 },
-                Err(e) => {
-                    s.body = Decoder::Failed;
-                    return Poll::Ready(Some(Err(Box::new(e))));
-                }
+                // The decoder stays failed: the connection is not reused.
+                Err(e) => return Poll::Ready(Some(Err(Box::new(e)))),
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
         let g = lock(&self.shared);
-        g.gen == self.gen && matches!(g.body, Decoder::Done | Decoder::Length(0))
+        g.gen == self.gen && g.body.is_done()
     }
 
     fn size_hint(&self) -> SizeHint {
         let g = lock(&self.shared);
-        match g.body {
+        match g.body.remaining() {
             _ if g.gen != self.gen => SizeHint::default(),
-            Decoder::Length(n) => SizeHint::with_exact(n),
-            Decoder::Done => SizeHint::with_exact(0),
-            _ => SizeHint::default(),
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
         }
     }
-}
-
-/// A request body's framing, decoded from the connection's buffer.
-#[derive(Debug)]
-enum Decoder {
-    /// `Content-Length`: bytes left.
-    Length(u64),
-    Chunked(Box<Chunked>),
-    /// Read to its end (or there was none).
-    Done,
-    /// Broken framing or connection: the connection is not reused.
-    Failed,
 }
 
 /// What one decode step gives.
@@ -209,248 +190,22 @@ enum Step {
     End,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum CState {
-    Start,
-    Size,
-    SizeLws,
-    Extension,
-    SizeLf,
-    Body,
-    BodyCr,
-    BodyLf,
-    Trailer,
-    TrailerLf,
-    EndCr,
-    EndLf,
-    End,
-}
-
-/// hyper's chunked decoder (`proto/h1/decode.rs`), state for state, over a buffer.
-#[derive(Debug)]
-struct Chunked {
-    state: CState,
-    size: u64,
-    extensions: u64,
-    trailers: Option<BytesMut>,
-    trailer_count: usize,
-}
-
-fn invalid(what: &'static str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidInput, what)
-}
-
-fn incomplete() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::UnexpectedEof,
-        "end of file before message length reached",
-    )
-}
-
-impl Decoder {
-    fn chunked() -> Self {
-        Decoder::Chunked(Box::new(Chunked {
-            state: CState::Start,
-            size: 0,
-            extensions: 0,
-            trailers: None,
-            trailer_count: 0,
-        }))
-    }
-
-    fn decode(&mut self, rd: &mut BytesMut, eof: bool) -> io::Result<Step> {
-        match self {
-            Decoder::Done => Ok(Step::End),
-            Decoder::Failed => Err(invalid("the request body could not be read")),
-            Decoder::Length(0) => {
-                *self = Decoder::Done;
-                Ok(Step::End)
-            }
-            Decoder::Length(left) => {
-                if rd.is_empty() {
-                    return if eof {
-                        Err(incomplete())
-                    } else {
-                        Ok(Step::More)
-                    };
-                }
-                let take = usize::try_from(*left).unwrap_or(usize::MAX).min(rd.len());
-                let data = rd.split_to(take).freeze();
-                *left -= take as u64;
-                if *left == 0 {
-                    *self = Decoder::Done;
-                }
-                Ok(Step::Frame(Frame::data(data)))
-            }
-            Decoder::Chunked(c) => {
-                let step = c.decode(rd, eof)?;
-                if matches!(step, Step::End) || (matches!(&step, Step::Frame(f) if f.is_trailers()))
-                {
-                    *self = Decoder::Done;
-                }
-                Ok(step)
-            }
+/// One step of the current request body, from the connection's buffer; `eof`: the client
+/// closed its side, so a body that needs more is cut short.
+fn read_body(body: &mut Decoder, rd: &mut BytesMut, eof: bool) -> io::Result<Step> {
+    let decoded = match body.decode(rd) {
+        Ok(Decoded::More) if eof => body.eof().map(|()| Decoded::Done),
+        d => d,
+    };
+    match decoded {
+        Ok(Decoded::Data(d)) => Ok(Step::Frame(Frame::data(d))),
+        Ok(Decoded::Trailers(t)) => Ok(Step::Frame(Frame::trailers(t))),
+        Ok(Decoded::Done) => Ok(Step::End),
+        Ok(Decoded::More) => Ok(Step::More),
+        Err(BodyError::Invalid(what)) => {
+            Err(io::Error::new(io::ErrorKind::InvalidInput, what.as_str()))
         }
-    }
-}
-
-fn hex(b: u8) -> Option<u64> {
-    match b {
-        b'0'..=b'9' => Some(u64::from(b - b'0')),
-        b'a'..=b'f' => Some(u64::from(b + 10 - b'a')),
-        b'A'..=b'F' => Some(u64::from(b + 10 - b'A')),
-        _ => None,
-    }
-}
-
-impl Chunked {
-    fn push_trailer(&mut self, b: u8) -> io::Result<()> {
-        let t = self
-            .trailers
-            .get_or_insert_with(|| BytesMut::with_capacity(64));
-        t.put_u8(b);
-        if t.len() >= TRAILER_LIMIT {
-            return Err(invalid("chunk trailers bytes over limit"));
-        }
-        Ok(())
-    }
-
-    fn decode(&mut self, rd: &mut BytesMut, eof: bool) -> io::Result<Step> {
-        use CState::*;
-        loop {
-            if self.state == End {
-                return match self.trailers.take() {
-                    Some(mut t) => Ok(Step::Frame(Frame::trailers(trailers(
-                        &mut t,
-                        self.trailer_count,
-                    )?))),
-                    None => Ok(Step::End),
-                };
-            }
-            if self.state == Body {
-                if rd.is_empty() {
-                    return if eof {
-                        Err(incomplete())
-                    } else {
-                        Ok(Step::More)
-                    };
-                }
-                let take = usize::try_from(self.size)
-                    .unwrap_or(usize::MAX)
-                    .min(rd.len());
-                let data = rd.split_to(take).freeze();
-                self.size -= take as u64;
-                if self.size == 0 {
-                    self.state = BodyCr;
-                }
-                return Ok(Step::Frame(Frame::data(data)));
-            }
-            let Some(&b) = rd.first() else {
-                return if eof {
-                    Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "unexpected EOF during chunk size line",
-                    ))
-                } else {
-                    Ok(Step::More)
-                };
-            };
-            let _ = rd.split_to(1);
-            let overflow =
-                || io::Error::new(io::ErrorKind::InvalidData, "invalid chunk size: overflow");
-            self.state = match (self.state, b) {
-                (Start | Size, b) if hex(b).is_some() => {
-                    let d = hex(b).unwrap_or_default();
-                    self.size = self
-                        .size
-                        .checked_mul(16)
-                        .and_then(|s| s.checked_add(d))
-                        .ok_or_else(overflow)?;
-                    Size
-                }
-                (Start, _) => return Err(invalid("Invalid chunk size line: missing size digit")),
-                (Size | SizeLws, b'\t' | b' ') => SizeLws,
-                (Size | SizeLws, b';') => Extension,
-                (Size | SizeLws, b'\r') => SizeLf,
-                (Size | SizeLws, _) => return Err(invalid("Invalid chunk size line")),
-                (Extension, b'\r') => SizeLf,
-                (Extension, b'\n') => {
-                    return Err(invalid("invalid chunk extension contains newline"))
-                }
-                (Extension, _) => {
-                    self.extensions += 1;
-                    if self.extensions >= EXTENSIONS_LIMIT {
-                        return Err(invalid("chunk extensions over limit"));
-                    }
-                    Extension
-                }
-                (SizeLf, b'\n') if self.size == 0 => EndCr,
-                (SizeLf, b'\n') => Body,
-                (SizeLf, _) => return Err(invalid("Invalid chunk size LF")),
-                (BodyCr, b'\r') => BodyLf,
-                (BodyCr, _) => return Err(invalid("Invalid chunk body CR")),
-                (BodyLf, b'\n') => {
-                    self.size = 0;
-                    Start
-                }
-                (BodyLf, _) => return Err(invalid("Invalid chunk body LF")),
-                (Trailer, b) => {
-                    self.push_trailer(b)?;
-                    if b == b'\r' {
-                        TrailerLf
-                    } else {
-                        Trailer
-                    }
-                }
-                (TrailerLf, b'\n') => {
-                    if self.trailer_count >= MAX_HEADERS {
-                        return Err(invalid("chunk trailers count overflow"));
-                    }
-                    self.trailer_count += 1;
-                    self.push_trailer(b)?;
-                    EndCr
-                }
-                (TrailerLf, _) => return Err(invalid("Invalid trailer end LF")),
-                (EndCr, b'\r') => {
-                    if self.trailers.is_some() {
-                        self.push_trailer(b)?;
-                    }
-                    EndLf
-                }
-                (EndCr, b) => {
-                    self.push_trailer(b)?;
-                    Trailer
-                }
-                (EndLf, b'\n') => {
-                    if self.trailers.is_some() {
-                        self.push_trailer(b)?;
-                    }
-                    End
-                }
-                (EndLf, _) => return Err(invalid("Invalid chunk end LF")),
-                (Body | End, _) => return Err(invalid("chunked state")),
-            };
-        }
-    }
-}
-
-/// hyper's `decode_trailers`.
-fn trailers(buf: &mut BytesMut, count: usize) -> io::Result<HeaderMap> {
-    let mut out = HeaderMap::new();
-    let mut headers = vec![httparse::EMPTY_HEADER; count];
-    match httparse::parse_headers(buf, &mut headers) {
-        Ok(httparse::Status::Complete((_, headers))) => {
-            for h in headers {
-                let name = HeaderName::from_bytes(h.name.as_bytes())
-                    .map_err(|_| invalid("Invalid header name"))?;
-                let value = HeaderValue::from_bytes(h.value)
-                    .map_err(|_| invalid("Invalid header value"))?;
-                out.append(name, value);
-            }
-            Ok(out)
-        }
-        Ok(httparse::Status::Partial) => Err(invalid("Partial header")),
-        Err(_) => Err(invalid("invalid trailer")),
+        Err(e @ BodyError::Incomplete) => Err(io::Error::new(io::ErrorKind::UnexpectedEof, e)),
     }
 }
 
@@ -460,7 +215,7 @@ struct Head {
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Decoder,
+    body: Framing,
     keep_alive: bool,
 }
 
@@ -479,13 +234,6 @@ enum Parsed {
 
 /// Where a header's name and value are in the buffer.
 type Span = (usize, usize, usize, usize);
-
-/// `value` as a list names `token` (`Connection: close`), as hyper reads it.
-fn has_token(value: &[u8], token: &[u8]) -> bool {
-    value
-        .split(|&b| b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-}
 
 /// Parses the request head at the start of `rd`, taking it out of the buffer when it is served
 /// here (the buffer is left as it was otherwise).
@@ -554,12 +302,12 @@ fn parse_head(rd: &mut BytesMut, at: &mut Vec<Span>) -> Parsed {
             {
                 return Parsed::HandOff;
             }
-            length = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok());
+            length = codec::from_digits(value);
             if length.is_none() {
                 return Parsed::HandOff;
             }
         } else if is("connection") {
-            if has_token(value, b"close") {
+            if codec::has_token(value, b"close") {
                 keep_alive = false;
             }
         } else if is("expect") || is("upgrade") {
@@ -592,9 +340,9 @@ fn parse_head(rd: &mut BytesMut, at: &mut Vec<Span>) -> Parsed {
         }
     }
     let body = match (chunked, length) {
-        (true, _) => Decoder::chunked(),
-        (false, Some(n)) if n > 0 => Decoder::Length(n),
-        _ => Decoder::Done,
+        (true, _) => Framing::Chunked,
+        (false, Some(n)) => Framing::Length(n),
+        (false, None) => Framing::Length(0),
     };
     Parsed::Request(Head {
         method,
@@ -711,7 +459,7 @@ fn poll_head(shared: &Mutex<Shared>, draining: &AtomicBool, cx: &mut Context<'_>
 /// (hyper's `mid_message_detect_eof`; the answer is then dropped, as hyper drops it).
 fn poll_hangup(shared: &Mutex<Shared>, cx: &mut Context<'_>) -> Poll<()> {
     let mut g = lock(shared);
-    if !matches!(g.body, Decoder::Done) || !g.rd.is_empty() || g.eof {
+    if !g.body.is_done() || !g.rd.is_empty() || g.eof {
         return Poll::Pending;
     }
     match ready!(g.poll_fill(cx)) {
@@ -752,7 +500,7 @@ async fn serve<S: Service>(io: Stream, svc: S, draining: Arc<AtomicBool>, h2: bo
     let shared = Arc::new(Mutex::new(Shared {
         io: Some(io),
         rd: BytesMut::new(),
-        body: Decoder::Done,
+        body: Decoder::new(Framing::Length(0)),
         gen: 0,
         eof: false,
         spans: Vec::new(),
@@ -783,7 +531,7 @@ async fn serve<S: Service>(io: Stream, svc: S, draining: Arc<AtomicBool>, h2: bo
         let gen = {
             let mut g = lock(&shared);
             g.gen += 1;
-            g.body = body;
+            g.body = Decoder::new(body);
             g.gen
         };
         let mut req = Request::new(Incoming::Own(Body {
@@ -834,16 +582,28 @@ async fn serve<S: Service>(io: Stream, svc: S, draining: Arc<AtomicBool>, h2: bo
         if is_last {
             break;
         }
-        // A body not read to its end: what is buffered of it is skipped (as hyper drains it);
-        // anything more closes the connection, never parsed as the next head.
+        // A body not read to its end is drained as hyper drains it: hyper has read one frame
+        // ahead into the body's channel and reads one more when the body is dropped
+        // (`poll_drain_or_close_read`), and keeps the connection only if the body ended by
+        // then. A length-delimited body ends with its data; a chunked one only at a read of
+        // its own (hyper's decoder takes the framing after a chunk on the next read). Anything
+        // more closes the connection, never parsed as the next head.
         let clean = {
             let mut g = lock(&shared);
             g.gen += 1;
             let s = &mut *g;
+            let by_length = s.body.remaining().is_some();
+            let mut reads = 2;
             loop {
-                match s.body.decode(&mut s.rd, false) {
-                    Ok(Step::Frame(_)) => {}
+                if reads == 0 {
+                    break false;
+                }
+                reads -= 1;
+                match read_body(&mut s.body, &mut s.rd, false) {
                     Ok(Step::End) => break true,
+                    Ok(Step::Frame(f)) if f.is_trailers() => break true,
+                    Ok(Step::Frame(_)) if by_length && s.body.is_done() => break true,
+                    Ok(Step::Frame(_)) => {}
                     Ok(Step::More) | Err(_) => break false,
                 }
             }
@@ -926,19 +686,6 @@ fn can_have_content_length(status: StatusCode) -> bool {
         && !matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED)
 }
 
-/// Only hyper's reading of a length: digits, or a list of equal ones.
-fn content_length(value: &HeaderValue) -> Option<u64> {
-    let mut found = None;
-    for part in value.as_bytes().split(|&b| b == b',') {
-        let n: u64 = std::str::from_utf8(part.trim_ascii()).ok()?.parse().ok()?;
-        if found.is_some_and(|f| f != n) {
-            return None;
-        }
-        found = Some(n);
-    }
-    found
-}
-
 /// The answer's head as hyper's server writes it (`role.rs`, `Server::encode`, lower-case
 /// names): status line, headers in the map's order, the length or `chunked`, `date`.
 fn encode_head(
@@ -955,7 +702,7 @@ fn encode_head(
     if !keep_alive {
         match head.headers.entry(header::CONNECTION) {
             header::Entry::Occupied(mut e) => {
-                if !e.iter().any(|v| has_token(v.as_bytes(), b"close")) {
+                if !e.iter().any(|v| codec::has_token(v.as_bytes(), b"close")) {
                     e.append(HeaderValue::from_static("close"));
                 }
             }
@@ -1021,7 +768,8 @@ fn encode_head(
                         continue;
                     }
                     BodyLen::Unknown => {
-                        let n = content_length(value).ok_or(BadHead)?;
+                        // Digits, or a list of equal ones.
+                        let n = codec::content_length([value]).ok_or(BadHead)?;
                         if let Some(p) = prev_len {
                             if p != n {
                                 return Err(BadHead);
@@ -1052,11 +800,7 @@ fn encode_head(
                     continue;
                 }
                 wrote_len = true;
-                must_write_chunked = !value
-                    .as_bytes()
-                    .rsplit(|&b| b == b',')
-                    .next()
-                    .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                must_write_chunked = !codec::ends_in_chunked(value.as_bytes());
                 if joined {
                     dst.extend_from_slice(b", ");
                 } else {
@@ -1068,7 +812,7 @@ fn encode_head(
                 continue;
             }
             header::CONNECTION => {
-                if !is_last && has_token(value.as_bytes(), b"close") {
+                if !is_last && codec::has_token(value.as_bytes(), b"close") {
                     is_last = true;
                 }
                 if joined {
@@ -1102,10 +846,7 @@ fn encode_head(
             }
             _ => {}
         }
-        dst.extend_from_slice(name.as_str().as_bytes());
-        dst.extend_from_slice(b": ");
-        dst.extend_from_slice(value.as_bytes());
-        dst.extend_from_slice(b"\r\n");
+        codec::put_field(dst, name.as_str().as_bytes(), value.as_bytes());
     }
     if open.is_some() {
         dst.extend_from_slice(if must_write_chunked {
@@ -1235,7 +976,7 @@ where
         let frame = match frame {
             None => {
                 match enc {
-                    Encoder::Chunked(_) => out.extend_from_slice(b"0\r\n\r\n"),
+                    Encoder::Chunked(_) => out.extend_from_slice(codec::LAST_CHUNK),
                     // Shorter than its length: hyper closes the connection.
                     Encoder::Length(_) => return Ended::Cut,
                     Encoder::Close => {}
@@ -1254,15 +995,12 @@ where
                         out.extend_from_slice(b"0\r\n");
                         for (name, value) in trailers.iter() {
                             if allowed.as_ref().is_some_and(|a| a.contains(name)) {
-                                out.extend_from_slice(name.as_str().as_bytes());
-                                out.extend_from_slice(b": ");
-                                out.extend_from_slice(value.as_bytes());
-                                out.extend_from_slice(b"\r\n");
+                                codec::put_field(out, name.as_str().as_bytes(), value.as_bytes());
                             }
                         }
                         out.extend_from_slice(b"\r\n");
                     }
-                    (Encoder::Chunked(_), Err(_)) => out.extend_from_slice(b"0\r\n\r\n"),
+                    (Encoder::Chunked(_), Err(_)) => out.extend_from_slice(codec::LAST_CHUNK),
                     (Encoder::Length(n), _) if *n > 0 => return Ended::Cut,
                     _ => {}
                 }
@@ -1280,13 +1018,13 @@ where
                 data.slice(..take)
             }
             Encoder::Chunked(_) => {
-                out.extend_from_slice(hex_line(data.len(), &mut size_line));
+                out.extend_from_slice(codec::chunk_size_line(data.len(), &mut size_line));
                 data
             }
             Encoder::Close => data,
         };
         let crlf: &[u8] = if matches!(enc, Encoder::Chunked(_)) {
-            b"\r\n"
+            codec::CHUNK_END
         } else {
             b""
         };
@@ -1306,22 +1044,6 @@ where
             }
         }
     }
-}
-
-/// `n` in hex and CRLF, a chunk's size line, written at the end of `buf`.
-fn hex_line(mut n: usize, buf: &mut [u8; 18]) -> &[u8] {
-    let mut at = buf.len() - 2;
-    buf[at] = b'\r';
-    buf[at + 1] = b'\n';
-    loop {
-        at -= 1;
-        buf[at] = b"0123456789ABCDEF"[n & 0xf];
-        n >>= 4;
-        if n == 0 {
-            break;
-        }
-    }
-    &buf[at..]
 }
 
 /// The `date` header's value, formatted once a second per thread (hyper caches it too).
@@ -1389,7 +1111,7 @@ fn describe_parse(data: &[u8]) -> String {
 /// Decodes `data` as a chunked body arriving in reads cut at `cuts`: the data, the trailers and
 /// how it ended.
 fn decode_chunked(data: &[u8], cuts: &[usize]) -> (Vec<u8>, Option<HeaderMap>, String) {
-    let mut d = Decoder::chunked();
+    let mut d = Decoder::new(Framing::Chunked);
     let mut rd = BytesMut::new();
     let mut out = Vec::new();
     let mut trailers = None;
@@ -1404,7 +1126,7 @@ fn decode_chunked(data: &[u8], cuts: &[usize]) -> (Vec<u8>, Option<HeaderMap>, S
     let mut next = cuts.into_iter();
     let mut eof = false;
     loop {
-        match d.decode(&mut rd, eof) {
+        match read_body(&mut d, &mut rd, eof) {
             Ok(Step::Frame(f)) => match f.into_data() {
                 Ok(b) => out.extend_from_slice(&b),
                 Err(f) => trailers = f.into_trailers().ok(),
@@ -1462,16 +1184,16 @@ mod tests {
         assert_eq!(h.method, Method::POST);
         assert_eq!(h.uri, "/openai/v1/chat?x=1");
         assert_eq!(h.headers.get_all("x-a").iter().count(), 2);
-        assert!(matches!(h.body, Decoder::Length(5)) && h.keep_alive);
+        assert!(matches!(h.body, Framing::Length(5)) && h.keep_alive);
         assert_eq!(&rest[..], b"helloGET / HTTP/1.1\r\n\r\n");
     }
 
     #[test]
     fn chunked_alone_and_connection_close_are_read_as_hyper_reads_them() {
         let h = request(b"POST / HTTP/1.1\r\nTransfer-Encoding: Chunked\r\nConnection: keep-alive, Close\r\n\r\n");
-        assert!(matches!(h.body, Decoder::Chunked(_)) && !h.keep_alive);
+        assert!(matches!(h.body, Framing::Chunked) && !h.keep_alive);
         let h = request(b"GET / HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
-        assert!(matches!(h.body, Decoder::Done) && h.keep_alive);
+        assert!(matches!(h.body, Framing::Length(0)) && h.keep_alive);
     }
 
     #[test]
@@ -1547,9 +1269,9 @@ mod tests {
     fn broken_or_oversize_chunk_framing_is_an_error() {
         let long_ext = format!(
             "1;{}\r\na\r\n0\r\n\r\n",
-            "e".repeat(EXTENSIONS_LIMIT as usize)
+            "e".repeat(codec::EXTENSIONS_LIMIT as usize)
         );
-        let long_trailer = format!("0\r\nX: {}\r\n\r\n", "t".repeat(TRAILER_LIMIT));
+        let long_trailer = format!("0\r\nX: {}\r\n\r\n", "t".repeat(codec::TRAILER_LIMIT));
         for bad in [
             "x\r\n".to_string(),
             "\r\n".into(),
@@ -1897,6 +1619,32 @@ mod tests {
             let (seen, out, via) = run_via(input, true);
             assert_eq!(via, [true], "{out}");
             assert_eq!(seen[0].body, Some(Err(())));
+            assert_eq!((seen, out), run(input, false));
+        }
+    }
+
+    #[test]
+    fn an_unread_body_is_drained_as_far_as_hyper_drains_it() {
+        // Found by the differential: hyper reads an unread body two reads deep (one frame ahead,
+        // one when the body is dropped) and closes the connection if that did not end it.
+        for input in [
+            &b"GET /skip HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n1\r\na\r\n0\r\n\r\nGET /v1/chat/completions HTTP/1.1\r\n\r\n"[..],
+            b"GET /skip HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n2\r\nbc\r\n0\r\nX: 1\r\n\r\nGET /v1/chat/completions HTTP/1.1\r\n\r\n",
+        ] {
+            let (seen, out, via) = run_via(input, true);
+            assert_eq!(via, [true], "{out}");
+            assert_eq!((seen, out), run(input, false));
+        }
+        // Benign neighbours: a chunked body of one chunk (trailers or not) or none, or a whole
+        // length-delimited one, is drained and the next request served.
+        for input in [
+            &b"GET /skip HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /v1/chat/completions HTTP/1.1\r\n\r\n"[..],
+            b"GET /skip HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\nGET /v1/chat/completions HTTP/1.1\r\n\r\n",
+            b"GET /skip HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2;e\r\nab\r\n0\r\nX: 1\r\n\r\nGET /v1/chat/completions HTTP/1.1\r\n\r\n",
+            b"POST /skip HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcGET /v1/chat/completions HTTP/1.1\r\n\r\n",
+        ] {
+            let (seen, out, via) = run_via(input, true);
+            assert_eq!(via, [true, true], "{out}");
             assert_eq!((seen, out), run(input, false));
         }
     }

@@ -613,3 +613,162 @@ async fn affinity_bytes_after_an_answer_do_not_reach_the_next_request() {
     assert_eq!(conns.load(Ordering::Relaxed), 2);
     task.abort();
 }
+
+/// What an upstream does to a connection after answering its first request, while keygate's
+/// side of it idles (the downstream connection waits between an agent's calls).
+#[derive(Clone, Copy, Debug)]
+enum WhenIdle {
+    /// Closes it (FIN), as an upstream whose keep-alive timeout ran out does.
+    Close,
+    /// Resets it (RST), as an upstream that drops its state does.
+    Reset,
+    /// Answers a request nobody sent with a 408 and closes, as nginx and node do on idle
+    /// timeout.
+    Send408AndClose,
+    /// Sends bytes nobody asked for and keeps the connection open.
+    Junk,
+}
+
+/// An upstream that answers each connection's first request with a 200, then does `then` to
+/// the connection a moment later. Counts connections, and requests answered on a connection
+/// after its first (which must stay 0: keygate must not reuse such a connection).
+async fn idle_misbehaving_upstream(
+    then: WhenIdle,
+) -> (
+    std::net::SocketAddr,
+    Arc<AtomicUsize>,
+    Arc<AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (conns, reused) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (c, r) = (conns.clone(), reused.clone());
+    let task = tokio::spawn(async move {
+        let mut set = tokio::task::JoinSet::new();
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            c.fetch_add(1, Ordering::Relaxed);
+            let r = r.clone();
+            set.spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let mut answered = 0;
+                loop {
+                    let n = s.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if !request_complete(&buf) {
+                        continue;
+                    }
+                    buf.clear();
+                    if answered > 0 {
+                        r.fetch_add(1, Ordering::Relaxed);
+                    }
+                    answered += 1;
+                    if s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    if answered > 1 {
+                        continue;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    match then {
+                        WhenIdle::Close => {
+                            let _ = s.shutdown().await;
+                            return;
+                        }
+                        WhenIdle::Reset => {
+                            // A zero linger resets at once: nothing blocks on the drop.
+                            #[allow(deprecated)]
+                            let _ = s.set_linger(Some(Duration::ZERO));
+                            return;
+                        }
+                        WhenIdle::Send408AndClose => {
+                            let _ = s
+                                .write_all(
+                                    b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+                                )
+                                .await;
+                            let _ = s.shutdown().await;
+                            return;
+                        }
+                        WhenIdle::Junk => {
+                            let _ = s.write_all(b"HTTP/1.1 418 unasked\r\n\r\njunk").await;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, conns, reused, task)
+}
+
+#[tokio::test]
+async fn affinity_an_upstream_that_closes_resets_or_speaks_while_idle_never_fails_or_answers_the_next_request(
+) {
+    for then in [
+        WhenIdle::Close,
+        WhenIdle::Reset,
+        WhenIdle::Send408AndClose,
+        WhenIdle::Junk,
+    ] {
+        let (addr, conns, reused, task) = idle_misbehaving_upstream(then).await;
+        let kg = start(addr);
+        let ta = token("a");
+        // The connection bound to the downstream connection, between two of its requests.
+        let mut a = downstream(&kg).await;
+        for i in 1..=3 {
+            assert_eq!(a.post("ra", &ta).await, 200, "{then:?}: request {i}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        // Each request went on a fresh connection; none was written to the spoiled one.
+        assert_eq!(conns.load(Ordering::Relaxed), 3, "{then:?}");
+        assert_eq!(reused.load(Ordering::Relaxed), 0, "{then:?}");
+        // The connection idling in the pool (its downstream connection closed), taken by the
+        // next downstream connection.
+        drop(a);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let mut b = downstream(&kg).await;
+        assert_eq!(b.post("ra", &ta).await, 200, "{then:?}: from the pool");
+        assert_eq!(conns.load(Ordering::Relaxed), 4, "{then:?}");
+        assert_eq!(reused.load(Ordering::Relaxed), 0, "{then:?}");
+        let recs = kg.audit_records(4);
+        assert!(
+            recs.iter().all(|r| r["status"] == 200),
+            "{then:?}: {recs:?}"
+        );
+        drop(b);
+        task.abort();
+    }
+}
+
+#[tokio::test]
+async fn affinity_a_quiet_upstream_keeps_one_connection_between_requests() {
+    // Benign neighbour of the test above: an upstream that leaves the idle connection alone
+    // serves every request of the downstream connection, and the next one's, on it.
+    let (addr, conns, reqs, task) =
+        scripted_upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}").await;
+    let kg = start(addr);
+    let ta = token("a");
+    let mut a = downstream(&kg).await;
+    for i in 1..=3 {
+        assert_eq!(a.post("ra", &ta).await, 200, "request {i}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut b = downstream(&kg).await;
+    assert_eq!(b.post("ra", &ta).await, 200, "from the pool");
+    assert_eq!(reqs.load(Ordering::Relaxed), 4);
+    assert_eq!(conns.load(Ordering::Relaxed), 1);
+    task.abort();
+}
