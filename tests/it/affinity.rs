@@ -772,3 +772,108 @@ async fn affinity_a_quiet_upstream_keeps_one_connection_between_requests() {
     assert_eq!(conns.load(Ordering::Relaxed), 1);
     task.abort();
 }
+
+#[tokio::test]
+async fn affinity_an_upstream_that_dribbles_an_endless_chunk_size_line_is_cut_at_the_idle_deadline_and_not_reused(
+) {
+    // The chunk-size line is not bounded in length (hyper's decoder does not bound it either:
+    // each byte is consumed as it comes), so what stops an upstream that sends `0` after `0`
+    // without ever ending the line is time: no frame comes, so the idle deadline passes.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let c = conns.clone();
+    let task = tokio::spawn(async move {
+        let mut set = tokio::task::JoinSet::new();
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let nth = c.fetch_add(1, Ordering::Relaxed);
+            set.spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !request_complete(&buf) {
+                    let n = s.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                if nth > 0 {
+                    // Any later connection answers properly.
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+                        .await;
+                    let _ = s.read(&mut chunk).await;
+                    return;
+                }
+                let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n";
+                if s.write_all(head).await.is_err() {
+                    return;
+                }
+                // At most 10 s of zeros, so the test stops it whatever happens.
+                for _ in 0..200 {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    if s.write_all(b"0").await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let cfg = config(addr, "").replace(
+        "prefix = \"/ra\"\n",
+        "prefix = \"/ra\"\ntimeout = \"400ms\"\n",
+    );
+    let (ka, kb, ta, tb) = (key("a"), key("b"), token("a"), token("b"));
+    let kg = Keygate::start(
+        &cfg,
+        &[
+            ("AFF_KEY_A", ka.as_str()),
+            ("AFF_KEY_B", kb.as_str()),
+            ("AFF_TOKEN_A", ta.as_str()),
+            ("AFF_TOKEN_B", tb.as_str()),
+        ],
+    );
+    let mut a = downstream(&kg).await;
+    let req = hyper::Request::post("/ra/v1/chat/completions")
+        .header("host", &a.host)
+        .header("authorization", format!("Bearer {ta}"))
+        .body(full("{}"))
+        .unwrap();
+    a.send.ready().await.unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), a.send.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(8), async {
+        loop {
+            match body.frame().await {
+                Some(Ok(f)) => got.extend_from_slice(f.data_ref().map_or(&[][..], |d| &d[..])),
+                Some(Err(_)) | None => return,
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "keygate must cut the answer at its idle deadline"
+    );
+    assert_eq!(
+        &got[..],
+        b"hello",
+        "the data before the endless line passes"
+    );
+    let recs = kg.audit_records(1);
+    assert_eq!(recs[0]["reason"], "upstream_idle_timeout", "{recs:?}");
+    // The cut connection is not reused: the next request, on a new downstream connection,
+    // gets a proper answer on a new upstream connection.
+    let mut b = downstream(&kg).await;
+    assert_eq!(b.post("ra", &ta).await, 200);
+    assert_eq!(conns.load(Ordering::Relaxed), 2);
+    task.abort();
+}
