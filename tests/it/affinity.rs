@@ -69,9 +69,14 @@ fn start(upstream: std::net::SocketAddr) -> Keygate {
 
 /// With `[connections]` keys (`h2c`, `runtime`).
 fn start_with(upstream: std::net::SocketAddr, connections: &str) -> Keygate {
+    start_config(&config(upstream, connections))
+}
+
+/// A whole config with this file's keys and tokens in the environment.
+fn start_config(cfg: &str) -> Keygate {
     let (ka, kb, ta, tb) = (key("a"), key("b"), token("a"), token("b"));
     Keygate::start(
-        &config(upstream, connections),
+        cfg,
         &[
             ("AFF_KEY_A", ka.as_str()),
             ("AFF_KEY_B", kb.as_str()),
@@ -513,6 +518,49 @@ async fn affinity_per_core_runtime_keeps_each_connection_on_its_own_upstream_con
     assert_eq!(records.len(), CONNS * EACH);
 }
 
+/// A raw HTTP/1.1 upstream: each accepted connection, numbered from 0, is served by `serve`.
+/// Counts connections.
+async fn raw_upstream<F, Fut>(
+    serve: F,
+) -> (
+    std::net::SocketAddr,
+    Arc<AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+)
+where
+    F: Fn(TcpStream, usize) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let c = conns.clone();
+    let task = tokio::spawn(async move {
+        let mut set = tokio::task::JoinSet::new();
+        loop {
+            let Ok((s, _)) = listener.accept().await else {
+                return;
+            };
+            set.spawn(serve(s, c.fetch_add(1, Ordering::Relaxed)));
+        }
+    });
+    (addr, conns, task)
+}
+
+/// Reads the connection's next whole request (headers and body); false at its end.
+async fn next_request(s: &mut TcpStream) -> bool {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !request_complete(&buf) {
+        let n = s.read(&mut chunk).await.unwrap_or(0);
+        if n == 0 {
+            return false;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    true
+}
+
 /// A raw HTTP/1.1 upstream that answers every request on a connection with `answer` and keeps
 /// the connection open; counts connections and requests.
 async fn scripted_upstream(
@@ -523,38 +571,20 @@ async fn scripted_upstream(
     Arc<AtomicUsize>,
     tokio::task::JoinHandle<()>,
 ) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (conns, reqs) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let (c, r) = (conns.clone(), reqs.clone());
-    let task = tokio::spawn(async move {
-        let mut set = tokio::task::JoinSet::new();
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                return;
-            };
-            c.fetch_add(1, Ordering::Relaxed);
-            let r = r.clone();
-            set.spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    let n = s.read(&mut chunk).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    if request_complete(&buf) {
-                        buf.clear();
-                        r.fetch_add(1, Ordering::Relaxed);
-                        if s.write_all(answer).await.is_err() {
-                            return;
-                        }
-                    }
+    let reqs = Arc::new(AtomicUsize::new(0));
+    let r = reqs.clone();
+    let (addr, conns, task) = raw_upstream(move |mut s, _| {
+        let r = r.clone();
+        async move {
+            while next_request(&mut s).await {
+                r.fetch_add(1, Ordering::Relaxed);
+                if s.write_all(answer).await.is_err() {
+                    return;
                 }
-            });
+            }
         }
-    });
+    })
+    .await;
     (addr, conns, reqs, task)
 }
 
@@ -640,75 +670,56 @@ async fn idle_misbehaving_upstream(
     Arc<AtomicUsize>,
     tokio::task::JoinHandle<()>,
 ) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (conns, reused) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let (c, r) = (conns.clone(), reused.clone());
-    let task = tokio::spawn(async move {
-        let mut set = tokio::task::JoinSet::new();
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                return;
-            };
-            c.fetch_add(1, Ordering::Relaxed);
-            let r = r.clone();
-            set.spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                let mut answered = 0;
-                loop {
-                    let n = s.read(&mut chunk).await.unwrap_or(0);
-                    if n == 0 {
+    let reused = Arc::new(AtomicUsize::new(0));
+    let r = reused.clone();
+    let (addr, conns, task) = raw_upstream(move |mut s, _| {
+        let r = r.clone();
+        async move {
+            let mut answered = 0;
+            while next_request(&mut s).await {
+                if answered > 0 {
+                    r.fetch_add(1, Ordering::Relaxed);
+                }
+                answered += 1;
+                if s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                if answered > 1 {
+                    continue;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                match then {
+                    WhenIdle::Close => {
+                        let _ = s.shutdown().await;
                         return;
                     }
-                    buf.extend_from_slice(&chunk[..n]);
-                    if !request_complete(&buf) {
-                        continue;
-                    }
-                    buf.clear();
-                    if answered > 0 {
-                        r.fetch_add(1, Ordering::Relaxed);
-                    }
-                    answered += 1;
-                    if s
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
-                        .await
-                        .is_err()
-                    {
+                    WhenIdle::Reset => {
+                        // A zero linger resets at once: nothing blocks on the drop.
+                        #[allow(deprecated)]
+                        let _ = s.set_linger(Some(Duration::ZERO));
                         return;
                     }
-                    if answered > 1 {
-                        continue;
+                    WhenIdle::Send408AndClose => {
+                        let _ = s
+                            .write_all(
+                                b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+                            )
+                            .await;
+                        let _ = s.shutdown().await;
+                        return;
                     }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    match then {
-                        WhenIdle::Close => {
-                            let _ = s.shutdown().await;
-                            return;
-                        }
-                        WhenIdle::Reset => {
-                            // A zero linger resets at once: nothing blocks on the drop.
-                            #[allow(deprecated)]
-                            let _ = s.set_linger(Some(Duration::ZERO));
-                            return;
-                        }
-                        WhenIdle::Send408AndClose => {
-                            let _ = s
-                                .write_all(
-                                    b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
-                                )
-                                .await;
-                            let _ = s.shutdown().await;
-                            return;
-                        }
-                        WhenIdle::Junk => {
-                            let _ = s.write_all(b"HTTP/1.1 418 unasked\r\n\r\njunk").await;
-                        }
+                    WhenIdle::Junk => {
+                        let _ = s.write_all(b"HTTP/1.1 418 unasked\r\n\r\njunk").await;
                     }
                 }
-            });
+            }
         }
-    });
+    })
+    .await;
     (addr, conns, reused, task)
 }
 
@@ -779,63 +790,37 @@ async fn affinity_an_upstream_that_dribbles_an_endless_chunk_size_line_is_cut_at
     // The chunk-size line is not bounded in length (hyper's decoder does not bound it either:
     // each byte is consumed as it comes), so what stops an upstream that sends `0` after `0`
     // without ever ending the line is time: no frame comes, so the idle deadline passes.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let conns = Arc::new(AtomicUsize::new(0));
-    let c = conns.clone();
-    let task = tokio::spawn(async move {
-        let mut set = tokio::task::JoinSet::new();
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                return;
-            };
-            let nth = c.fetch_add(1, Ordering::Relaxed);
-            set.spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while !request_complete(&buf) {
-                    let n = s.read(&mut chunk).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                }
-                if nth > 0 {
-                    // Any later connection answers properly.
-                    let _ = s
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
-                        .await;
-                    let _ = s.read(&mut chunk).await;
-                    return;
-                }
-                let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n";
-                if s.write_all(head).await.is_err() {
-                    return;
-                }
-                // At most 10 s of zeros, so the test stops it whatever happens.
-                for _ in 0..200 {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    if s.write_all(b"0").await.is_err() {
-                        return;
-                    }
-                }
-            });
+    let (addr, conns, task) = raw_upstream(|mut s, nth| async move {
+        if !next_request(&mut s).await {
+            return;
         }
-    });
+        if nth > 0 {
+            // Any later connection answers properly.
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+                .await;
+            let _ = next_request(&mut s).await;
+            return;
+        }
+        let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n";
+        if s.write_all(head).await.is_err() {
+            return;
+        }
+        // At most 10 s of zeros, so the test stops it whatever happens.
+        for _ in 0..200 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if s.write_all(b"0").await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
     let cfg = config(addr, "").replace(
         "prefix = \"/ra\"\n",
         "prefix = \"/ra\"\ntimeout = \"400ms\"\n",
     );
-    let (ka, kb, ta, tb) = (key("a"), key("b"), token("a"), token("b"));
-    let kg = Keygate::start(
-        &cfg,
-        &[
-            ("AFF_KEY_A", ka.as_str()),
-            ("AFF_KEY_B", kb.as_str()),
-            ("AFF_TOKEN_A", ta.as_str()),
-            ("AFF_TOKEN_B", tb.as_str()),
-        ],
-    );
+    let kg = start_config(&cfg);
+    let ta = token("a");
     let mut a = downstream(&kg).await;
     let req = hyper::Request::post("/ra/v1/chat/completions")
         .header("host", &a.host)
